@@ -1,0 +1,220 @@
+"""Typed configs shared by every method.
+
+A run's config is ``Config`` with ``method`` replaced by the method's own dataclass (see
+``ldmkit.methods``). YAML recipes and ``--section.key=value`` overrides are parsed by jsonargparse,
+which rejects unknown keys and wrong types; field docstrings become ``ldmkit train --help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from ldmkit.errors import UserError
+from ldmkit.methods.base import MethodConfig
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""
+    """Local diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    vae: Optional[str] = None
+    """Separate VAE folder (e.g. the fp16-safe SDXL VAE); default: <pretrained>/vae."""
+    variant: Optional[str] = None
+    """Weight variant to load (e.g. fp16), as in diffusers from_pretrained."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Image folder, metadata.jsonl folder, WebDataset shards (path, brace pattern or URL), a PaddleMIX *.filelist.list, or a feature folder."""
+    format: Literal["auto", "folder", "wds", "filelist", "features"] = "auto"
+    """Source format; auto detects it from the path."""
+    resolution: int = 512
+    """Training resolution (square): shorter side is resized to this, then cropped."""
+    center_crop: bool = True
+    """Centre crop (true) or random crop (false)."""
+    random_flip: bool = False
+    """Random horizontal flip."""
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    """Resize filter."""
+    proportion_empty_prompts: float = 0.0
+    """Share of captions replaced by the empty prompt (classifier-free guidance dropout)."""
+    caption_column: str = "text"
+    """Caption field in metadata.jsonl (a string or a list of strings)."""
+    image_column: str = "file_name"
+    """Image path field in metadata.jsonl."""
+    max_samples: Optional[int] = None
+    """Use only the first N samples (debugging)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    allow_shell: bool = False
+    """Allow WebDataset 'pipe:' URLs, which run a shell command (opt-in for safety)."""
+    shuffle_buffer: int = 1000
+    """Shuffle buffer of streamed WebDataset samples."""
+    num_samples: Optional[int] = None
+    """Samples per epoch of a streamed WebDataset (for epoch accounting); default: count the shards once."""
+    cache: bool = False
+    """Encode VAE latents and text embeddings once and train from the cache (the VAE and text encoder are then not loaded)."""
+    cache_dir: Optional[str] = None
+    """Where caches live; default: <output_dir>/cache. Caches are keyed by model, data and transform settings."""
+    encode_batch_size: int = 32
+    """Batch size when building the cache (vae_encode_batch_size of the references)."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1
+    """Per-device batch size."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 1000
+    """Optimizer steps."""
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    scale_lr: bool = False
+    """Multiply the learning rate by batch_size * gradient_accumulation_steps * num_processes."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "polynomial", "cosine_with_restarts"] = "constant"
+    """LR schedule (diffusers get_scheduler)."""
+    lr_warmup_steps: int = 0
+    """Linear warmup steps."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    """bitsandbytes AdamW8bit (needs bitsandbytes and a GPU)."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this; null disables clipping."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast dtype; frozen models are stored in it, trainable weights stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    allow_tf32: bool = False
+    """Allow TF32 matmuls on Ampere+ GPUs."""
+    seed: int = 0
+    """Seed of everything random: data order, augmentation, noise."""
+    checkpoint_every: int = 500
+    """Save resume state every N steps (0: only at the end)."""
+    checkpoints_total_limit: Optional[int] = None
+    """Keep at most this many checkpoints (oldest removed)."""
+    validate_every: int = 0
+    """Write a validation grid every N steps (0: only at the end)."""
+    validation_prompts: list[str] = field(default_factory=list)
+    """Fixed prompts of the validation grids."""
+    validation_seed: int = 0
+    """Fixed seed of the validation grids."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    """Tracker besides metrics.jsonl."""
+
+
+@dataclass
+class Config:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """Method and its knobs; method.name selects it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "outputs/run"
+    """Run folder: config.yaml, metrics.jsonl, samples/, checkpoints/, export/."""
+
+
+SHARED_GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _parser(method_cls: type[MethodConfig], prog: str = "ldmkit train"):
+    """jsonargparse parser of a run's config for one method's config class."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Train with a YAML recipe; override any key with --section.key=value.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe.")
+    parser.add_class_arguments(method_cls, "method", help=f"Options of method {method_cls.name!r}.")
+    for group, cls in SHARED_GROUPS.items():
+        parser.add_class_arguments(cls, group)
+    parser.add_argument("--output_dir", type=str, default=Config.output_dir, help="Run folder: config.yaml, metrics.jsonl, samples/, checkpoints/, export/.")
+    return parser
+
+
+def _method_name(path: str | None, overrides: list[str]) -> str:
+    name = None
+    if path:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a recipe must be a YAML mapping")
+        name = (data.get("method") or {}).get("name")
+    for i, arg in enumerate(overrides):
+        if arg.startswith("--method.name="):
+            name = arg.split("=", 1)[1]
+        elif arg == "--method.name" and i + 1 < len(overrides):
+            name = overrides[i + 1]
+    if not name:
+        raise UserError("the config names no method: set method.name (finetune, lora, lcm_lora, lcd, uvit, vae)")
+    return name
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Resolve a recipe plus ``--section.key=value`` overrides into a typed Config.
+
+    Unknown keys and wrong types raise UserError with one line naming the key.
+    """
+    from ldmkit.methods import METHODS, get_method
+
+    from ldmkit.methods import _plugins
+
+    METHODS.update(_plugins())
+    overrides = list(overrides or [])
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"config file not found: {path}")
+    name = _method_name(path, overrides)
+    if name not in METHODS:
+        raise UserError(f"unknown method.name {name!r}; choose one of: {', '.join(METHODS)}")
+    method_cls = get_method(name).Config
+    parser = _parser(method_cls)
+    args = (["--config", str(path)] if path else []) + overrides
+    try:
+        ns = parser.parse_args(args)
+    except Exception as e:  # jsonargparse.ArgumentError and friends: reduce to one line
+        raise UserError("bad config: " + " ".join(str(e).split())) from None
+    init = parser.instantiate(ns)
+    cfg = Config(method=init.method, model=init.model, data=init.data, train=init.train, output_dir=init.output_dir)
+    cfg.method.name = name
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Checks that are about values rather than types (types are checked by the parser)."""
+    t = cfg.train
+    for key, value, low in (("train.batch_size", t.batch_size, 1), ("train.max_steps", t.max_steps, 1),
+                            ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+                            ("data.resolution", cfg.data.resolution, 8)):
+        if value < low:
+            raise UserError(f"{key} must be >= {low}, got {value}")
+    if not 0.0 <= cfg.data.proportion_empty_prompts <= 1.0:
+        raise UserError(f"data.proportion_empty_prompts must be in [0, 1], got {cfg.data.proportion_empty_prompts}")
+    check = getattr(cfg.method, "check", None)
+    if check is not None:
+        check(cfg)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def method_help(name: str) -> str:
+    """Help text of one method's options (for ``ldmkit train --help``)."""
+    from ldmkit.methods import get_method
+
+    return _parser(get_method(name).Config).format_help()

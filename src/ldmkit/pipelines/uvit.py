@@ -1,0 +1,133 @@
+"""Text-to-image pipeline for a U-ViT (models/uvit.py): diffusers has none, so this is ours (STYLE.md 9).
+
+It follows diffusers' StableDiffusionPipeline: same component names, classifier-free guidance
+``uncond + g * (cond - uncond)`` (the original U-ViT's ``cond + s * (cond - uncond)`` is g = s + 1), latents
+divided by ``vae.config.scaling_factor`` before decoding (the exported VAE config carries the factor the
+model was trained with), and for a U-ViT with ``time_cond_proj_dim`` (an LCM student) the embedding of
+``guidance_scale - 1`` as ``timestep_cond`` instead of CFG.
+
+The denoiser component is named ``unet`` although it is a transformer: diffusers code and tools
+(schedulers' helpers, ``pipe.unet.config.time_cond_proj_dim`` checks, LCM recipes) and ppdiffusers'
+LDMTextToImageUViTPipeline all address the denoiser as ``unet``. model_index.json records it as
+``["ldmkit.models.uvit", "UViT"]``; diffusers imports that module when loading (a library that is not
+diffusers/transformers is recorded by its full module path), so ``UViTPipeline.from_pretrained(dir)`` works
+in a fresh process without ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Union
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldmkit.models.uvit import UViT
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM guidance-scale embedding of ``w`` [B] -> [B, dim]: sinusoid of ``w * 1000`` with
+    ``freq = exp(-log(10000) / (dim/2 - 1) * k)`` and [sin, cos] order, equal to diffusers'
+    ``StableDiffusionPipeline.get_guidance_scale_embedding`` (VDM, Kingma et al. 2021)."""
+    return get_timestep_embedding(w * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
+
+
+class UViTPipeline(DiffusionPipeline):
+    """vae (AutoencoderKL), text_encoder (CLIPTextModel), tokenizer (CLIPTokenizer), unet (UViT), scheduler."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UViT,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """CLIP last hidden state [B, 77, D] (what U-ViT's MS-COCO features store)."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(device))[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, list[str]],
+        negative_prompt: Optional[Union[str, list[str]]] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
+        num_images_per_prompt: int = 1,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        output_type: str = "pil",
+        latents: Optional[torch.Tensor] = None,
+        eta: float = 0.0,
+        return_dict: bool = True,
+    ):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cfg = self.unet.config
+        native = cfg.sample_size * self.vae_scale_factor
+        height, width = height or native, width or native
+        if (height, width) != (native, native):
+            # The learned position embedding fixes the token grid.
+            raise ValueError(f"this U-ViT generates {native}x{native} images only, got {height}x{width}")
+        device = self._execution_device
+        batch = len(prompts) * num_images_per_prompt
+
+        # 1. Text conditions; the unconditional one is the empty prompt (U-ViT's empty_context) unless given.
+        cond = self.encode_prompt(prompts, device).repeat_interleave(num_images_per_prompt, dim=0)
+        timestep_cond = None
+        do_cfg = guidance_scale > 1.0 and cfg.time_cond_proj_dim is None
+        if cfg.time_cond_proj_dim is not None:
+            w = torch.full((batch,), guidance_scale - 1.0, device=device)
+            timestep_cond = guidance_scale_embedding(w, cfg.time_cond_proj_dim).to(cond.dtype)
+        if do_cfg:
+            negative = negative_prompt if negative_prompt is not None else ""
+            negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            uncond = self.encode_prompt(negatives, device).repeat_interleave(num_images_per_prompt, dim=0)
+            cond = torch.cat([uncond, cond])
+
+        # 2. Initial noise and timesteps.
+        shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_params = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+
+        # 3. Denoise.
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x = torch.cat([latents] * 2) if do_cfg else latents
+            x = self.scheduler.scale_model_input(x, t)
+            pred = self.unet(x, t, encoder_hidden_states=cond, timestep_cond=timestep_cond, return_dict=False)[0]
+            if do_cfg:
+                pred_uncond, pred_cond = pred.chunk(2)
+                pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+            latents = self.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+
+        # 4. Decode with the factor the model was trained with.
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

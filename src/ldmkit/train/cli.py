@@ -1,0 +1,64 @@
+"""``ldmkit train CONFIG.yaml [--section.key=value ...] [--dry-run]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ldmkit.config import dump_config, load_config, method_help
+
+DESCRIPTION = """Train with a YAML recipe. The method is named inside the recipe (method.name: finetune | lora |
+lcm_lora | lcd | uvit | vae) and its knobs live under method. Override any key with --section.key=value
+(e.g. --method.lora_rank=16 --train.max_steps=2000). Unknown keys and wrong types are rejected.
+Re-running the same command resumes from the latest complete checkpoint in output_dir/checkpoints.
+Multi-GPU / multi-node: accelerate launch [--num_processes N ...] -m ldmkit train CONFIG.yaml
+Show one method's options: ldmkit train --help --method.name=lcm_lora (or CONFIG.yaml --help)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML recipe (configs/<method>/<recipe>.yaml).")
+    parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="--section.key=value overrides of any config key (see the options below).")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    from ldmkit.train.loop import train
+
+    export = train(cfg)
+    print(f"export: {export}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry for ``ldmkit train``: argparse takes the recipe and flags, the rest are config overrides."""
+    parser = argparse.ArgumentParser(prog="ldmkit train", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser.add_argument("-h", "--help", action="store_true", help="Show this help (and the method's options).")
+    parser.add_argument("config", nargs="?", help="YAML recipe (configs/<method>/<recipe>.yaml).")
+    parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
+    args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        from ldmkit.config import _method_name
+        from ldmkit.errors import UserError
+        from ldmkit.methods import METHODS
+
+        parser.print_help()
+        try:
+            names = [_method_name(args.config, overrides)]
+        except (UserError, OSError):
+            names = list(METHODS)
+        for name in names:
+            print(f"\n===== options of method {name!r} (and the shared sections) =====")
+            print(method_help(name))
+            if len(names) > 1:
+                break  # the shared sections are the same for all; list the other methods' own options briefly
+        if len(names) > 1:
+            for name in names[1:]:
+                print(f"\n(method {name!r}: ldmkit train --help --method.name={name})")
+        return 0
+    return run(argparse.Namespace(config=args.config, dry_run=args.dry_run, overrides=overrides))
