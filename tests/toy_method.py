@@ -22,6 +22,8 @@ class ToyConfig(MethodConfig):
     """Hidden channels."""
     use_ema: bool = False
     """Keep an EMA of the weights (checks that EMA state survives resume)."""
+    crash_at_step: int = 0
+    """Raise in loss() at this step (simulates a killed run; 0 = never)."""
 
 
 class ToyMethod(Method):
@@ -34,12 +36,16 @@ class ToyMethod(Method):
         w = self.mcfg.width
         self.net = torch.nn.Sequential(torch.nn.Conv2d(3, w, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(w, 3, 3, padding=1))
         self.ema = None
+        self.calls = 0
         if self.mcfg.use_ema:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.net.parameters(), decay=0.9)
 
     def loss(self, batch):
+        self.calls += 1
+        if self.mcfg.crash_at_step and self.calls > (self.mcfg.crash_at_step - 1) * self.cfg.train.gradient_accumulation_steps:
+            raise RuntimeError("simulated crash")
         x = batch["pixel_values"]
         rng = SampleRNG(batch["seed"], x.device)
         noise = rng.randn(*x.shape[1:])

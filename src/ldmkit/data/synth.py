@@ -75,30 +75,37 @@ def _check(attrs: dict[str, Any]) -> None:
             raise UserError(f"shape attribute {key}={attrs.get(key)!r} is not one of {', '.join(vocab)}")
 
 
+def coverage(shape: str, cx: float, cy: float, r: float, height: int, width: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """(height, width) fraction of each pixel inside the shape; centre and radius in pixels.
+
+    Squares are axis-aligned; triangles point up, with base and height both 2 * r and the bounding box
+    centred on (cx, cy). Coverage is the mean of an inside test over supersample^2 points per pixel.
+    """
+    y = ((np.arange(height * supersample) + 0.5) / supersample)[:, None]
+    x = ((np.arange(width * supersample) + 0.5) / supersample)[None, :]
+    if shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= r**2
+    elif shape == "square":
+        inside = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
+    elif shape == "triangle":  # apex (cx, cy - r), base from (cx - r, cy + r) to (cx + r, cy + r)
+        inside = (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return inside.reshape(height, supersample, width, supersample).mean(axis=(1, 3))
+
+
 def render(attrs: dict[str, Any], size: int) -> Image.Image:
     """Draw the shape described by ``attrs`` on a ``size`` x ``size`` black RGB image.
 
-    Missing jitter keys mean no jitter (the nominal position and radius). Squares are axis-aligned;
-    triangles point up, with base and height both 2 * radius and the bounding box centred on the position.
+    Missing jitter keys mean no jitter (the nominal position and radius).
     """
     _check(attrs)
     cx, cy = POSITIONS[attrs["position"]]
     cx, cy = cx + float(attrs.get("dx", 0.0)), cy + float(attrs.get("dy", 0.0))
     r = RADII[attrs["size"]] * float(attrs.get("scale", 1.0))
-    # Sub-pixel sample centres in image-side units; coverage = mean of the inside test per pixel.
-    n = size * SUPERSAMPLE
-    t = (np.arange(n) + 0.5) / n
-    x, y = t[None, :], t[:, None]
-    shape = attrs["shape"]
-    if shape == "circle":
-        inside = (x - cx) ** 2 + (y - cy) ** 2 <= r**2
-    elif shape == "square":
-        inside = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
-    else:  # triangle: apex (cx, cy - r), base from (cx - r, cy + r) to (cx + r, cy + r)
-        inside = (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
-    cover = inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))  # (H, W)
+    cover = coverage(attrs["shape"], cx * size, cy * size, r * size, size, size)[..., None]  # (H, W, 1)
     fg, bg = np.array(PALETTE[attrs["color"]], float), np.array(BACKGROUND, float)
-    img = cover[..., None] * fg + (1 - cover[..., None]) * bg  # (H, W, 3)
+    img = cover * fg + (1 - cover) * bg  # (H, W, 3)
     return Image.fromarray(np.round(img).astype(np.uint8), "RGB")
 
 

@@ -5,11 +5,12 @@ Classical image analysis, no learned weights, so the number means the same in ev
 2. foreground = the largest 8-connected blob of pixels far from the background;
 3. colour = palette entry whose direction from the background best matches the blob's core colour
    (cosine, so a dim or washed-out red is still red);
-4. per-pixel coverage ``alpha`` = projection onto that core colour (anti-aliased edges count partially);
-5. width / height = the largest row / column sum of alpha; fill = area / (width * height):
-   square ~1, circle ~pi/4, triangle ~1/2;
-6. size from the larger extent (small shapes span ~0.2 of the side, large ~0.39);
-7. position = nearest grid centre to the bounding-box centre (a triangle's centroid lies h/6 below it).
+4. coverage map ``a`` = every pixel's projection onto that core colour, in a window around the blob;
+5. shape, radius and blur are fitted together: each shape's template (rendered like the data, centred
+   on the blob's centroid) over a grid of radii, Gaussian-blurred over a grid of widths, is scaled by
+   least squares to ``a``; the smallest residual wins. Fitting the blur makes the decision hold for
+   soft, decoder-blurred samples where corner or fill-ratio heuristics mistake squares for circles;
+6. size from the fitted radius, position = nearest grid centre to the fitted bounding-box centre.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ldmkit.data.synth import ATTRIBUTES, BACKGROUND, PALETTE, POSITIONS, parse_caption
+from ldmkit.data.synth import ATTRIBUTES, BACKGROUND, PALETTE, POSITIONS, RADII, coverage, parse_caption
 from ldmkit.errors import UserError
 
 KEYS = tuple(ATTRIBUTES)  # color, shape, size, position
 MIN_CONTRAST = 0.15  # a blob must differ from the background by this much (RGB distance, 0..1 scale)
-SKEW_TRIANGLE = -0.3  # vertical skewness below: triangle (apex up: -0.57; circle, square: 0)
-FILL_SQUARE = 0.89  # otherwise fill above: square (1), else circle (pi/4)
-SIZE_SPLIT = 0.28  # extent / side above: large (nominal extents 0.2 and 0.39, geometric mean 0.28)
+# Template grids, as fractions of the image side: radii span both sizes with margin; blur up to ~2 px at 32 px.
+FIT_RADII = np.arange(0.06, 0.2601, 0.01)
+FIT_BLURS = (0.0, 0.02, 0.035, 0.05, 0.065)
+SIZE_SPLIT = float(np.sqrt(RADII["small"] * RADII["large"]))  # geometric mean of the nominal radii
+TEMPLATE_SUPERSAMPLE = 4
 
 
 def _array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -40,10 +43,36 @@ def _array(image: Image.Image | np.ndarray) -> np.ndarray:
     return arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
 
 
+def _fit(a: np.ndarray, cx: float, cy: float, side: float) -> tuple[str, float, float, float]:
+    """Best (shape, radius px, residual, blur px) of blurred templates scaled to the coverage map ``a``.
+
+    ``cx, cy`` is the centroid of ``a`` in its own pixel coordinates; blur keeps centroids, and an
+    upright triangle's centroid lies r/3 below its bounding-box centre.
+    """
+    h, w = a.shape
+    best = ("circle", 0.0, np.inf, 0.0)
+    for shape in ATTRIBUTES["shape"]:
+        for rf in FIT_RADII:
+            r = rf * side
+            cy_box = cy - r / 3 if shape == "triangle" else cy
+            t = coverage(shape, cx, cy_box, r, h, w, TEMPLATE_SUPERSAMPLE)
+            for bf in FIT_BLURS:
+                tb = ndimage.gaussian_filter(t, bf * side, mode="constant") if bf else t
+                tt = float((tb * tb).sum())
+                if tt == 0.0:
+                    continue
+                ta = float((tb * a).sum())
+                resid = float((a * a).sum()) - max(ta, 0.0) ** 2 / tt  # least-squares amplitude ta / tt
+                if resid < best[2]:
+                    best = (shape, r, resid, bf * side)
+    return best
+
+
 def detect(image: Image.Image | np.ndarray) -> dict[str, Any] | None:
     """The attributes of the most prominent shape (plus measurements), or None when there is no shape."""
     x = _array(image)  # (H, W, 3)
     h_px, w_px = x.shape[:2]
+    side = float(min(h_px, w_px))
     border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])  # (2H + 2W, 3)
     bg = np.median(border, axis=0)
     d = x - bg  # (H, W, 3)
@@ -62,27 +91,23 @@ def detect(image: Image.Image | np.ndarray) -> dict[str, Any] | None:
     cos = dirs @ ref / (np.linalg.norm(dirs, axis=1) * np.linalg.norm(ref) + 1e-12)
     color = names[int(np.argmax(cos))]
 
-    region = ndimage.binary_dilation(blob, structure=np.ones((3, 3)))
-    alpha = np.clip(d @ ref / (ref @ ref), 0.0, 1.0) * region  # (H, W) coverage
-    area = alpha.sum()
-    width, height = alpha.sum(axis=1).max(), alpha.sum(axis=0).max()  # largest row / column coverage
-    fill = float(area / (width * height))
-    ys, xs = np.mgrid[0:h_px, 0:w_px]
-    cx = float((alpha * (xs + 0.5)).sum() / area / w_px)
-    cy = float((alpha * (ys + 0.5)).sum() / area / h_px)
-    dy = (ys + 0.5) / h_px - cy
-    skew = float((alpha * dy**3).sum() / area / ((alpha * dy**2).sum() / area) ** 1.5)
-    if skew < SKEW_TRIANGLE:
-        shape = "triangle"
-    else:
-        shape = "square" if fill > FILL_SQUARE else "circle"
-    extent = float(max(width / w_px, height / h_px))
-    size = "large" if extent > SIZE_SPLIT else "small"
+    # Window: the blob's bounding box grown by the largest blur and radius error the fit allows for.
+    ys, xs = np.nonzero(blob)
+    m = int(np.ceil(0.12 * side)) + 1
+    y0, y1 = max(ys.min() - m, 0), min(ys.max() + m + 1, h_px)
+    x0, x1 = max(xs.min() - m, 0), min(xs.max() + m + 1, w_px)
+    a = d[y0:y1, x0:x1] @ ref / (ref @ ref)  # (h, w) coverage estimate, unclipped
+    pos = np.clip(a, 0.0, None)
+    gy, gx = np.mgrid[0 : y1 - y0, 0 : x1 - x0] + 0.5
+    cx, cy = float((pos * gx).sum() / pos.sum()), float((pos * gy).sum() / pos.sum())
+    shape, r, resid, blur = _fit(a, cx, cy, side)
     if shape == "triangle":
-        cy -= float(height / h_px) / 6.0  # centroid of an upright triangle -> its bounding-box centre
-    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
-    return {"color": color, "shape": shape, "size": size, "position": position,
-            "fill": fill, "skew": skew, "extent": extent, "x": cx, "y": cy}
+        cy -= r / 3
+    fx, fy = (cx + x0) / w_px, (cy + y0) / h_px
+    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - fx) ** 2 + (POSITIONS[p][1] - fy) ** 2)
+    return {"color": color, "shape": shape, "size": "large" if r / side > SIZE_SPLIT else "small",
+            "position": position, "radius": r / side, "blur": blur / side, "x": fx, "y": fy,
+            "residual": resid / max(float((a * a).sum()), 1e-12)}
 
 
 def _target(prompt_or_attrs: str | dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,15 @@ class UViTOutput(BaseOutput):
     """Predicted noise (or velocity) [B, C, H, W]."""
 
 
+def unpatchify(x: torch.Tensor, channels: int, rows: int) -> torch.Tensor:
+    """Patch tokens (B, rows*cols, p*p*C) -> image (B, C, rows*p, cols*p), in the original's order
+    ``B (h w) (p1 p2 C) -> B C (h p1) (w p2)``."""
+    B, N, P = x.shape
+    cols, p = N // rows, int(round((P // channels) ** 0.5))
+    x = x.reshape(B, rows, cols, p, p, channels)  # (B, h, w, p1, p2, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, rows * p, cols * p)  # (B, C, h*p1, w*p2)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -151,20 +160,20 @@ class UViT(ModelMixin, ConfigMixin):
         """``unused`` swallows UNet-only keywords a diffusers pipeline may pass (cross_attention_kwargs, ...)."""
         B, C, H, W = sample.shape
         p, D = self.config.patch_size, self.config.embed_dim
+        if H != self.config.sample_size or W != self.config.sample_size:
+            raise ValueError(f"U-ViT expects {self.config.sample_size}x{self.config.sample_size} latents, got {H}x{W}")
         if encoder_hidden_states.shape[1] + 1 != self.extras:
             raise ValueError(f"U-ViT expects {self.extras - 1} text tokens, got {encoder_hidden_states.shape[1]}")
+        x = self.patch_embed(sample).flatten(2).transpose(1, 2)  # (B, HW/p^2, D)
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)  # (B,)
         # Original convention n = t + 1 (module docstring); sinusoid as the original: [cos, sin], no MLP.
-        time_token = get_timestep_embedding(t + 1, D, flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, D)
-        time_token = time_token.to(sample.dtype)
+        time_token = get_timestep_embedding(t + 1, D, flip_sin_to_cos=True, downscale_freq_shift=0).to(x.dtype)  # (B, D)
         if self.cond_proj is not None:
             if timestep_cond is None:
                 raise ValueError("this U-ViT has time_cond_proj_dim set and needs timestep_cond")
-            time_token = time_token + self.cond_proj(timestep_cond.to(sample.dtype))  # (B, D)
-
-        x = self.patch_embed(sample).flatten(2).transpose(1, 2)  # (B, HW/p^2, D)
+            time_token = time_token + self.cond_proj(timestep_cond.to(x.dtype)).to(x.dtype)  # (B, D)
         context = self.context_embed(encoder_hidden_states.to(x.dtype))  # (B, L, D)
-        x = torch.cat([time_token[:, None].to(x.dtype), context, x], dim=1)  # (B, 1+L+HW/p^2, D)
+        x = torch.cat([time_token[:, None], context.to(x.dtype), x], dim=1)  # (B, 1+L+HW/p^2, D)
         x = x + self.pos_embed  # (B, N, D)
 
         skips = []
@@ -176,9 +185,7 @@ class UViT(ModelMixin, ConfigMixin):
             x = self._block(block, x, skips.pop())  # (B, N, D); last in, first out
 
         x = self.decoder_pred(self.norm(x))  # (B, N, p*p*C)
-        x = x[:, self.extras :]  # (B, HW/p^2, p*p*C)
-        # Unpatchify with the original's channel order "B (h w) (p1 p2 C) -> B C (h p1) (w p2)".
-        x = x.reshape(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)  # (B, C, H, W)
+        x = unpatchify(x[:, self.extras :], C, H // p)  # (B, C, H, W)
         x = self.final_layer(x)  # (B, C, H, W)
         return UViTOutput(sample=x) if return_dict else (x,)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,11 @@ def make_accelerator(cfg: Config):
     from accelerate.utils import ProjectConfiguration
 
     out = Path(cfg.output_dir)
+    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
+    # machine): accelerate only forms a gloo process group when told to use the CPU.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,

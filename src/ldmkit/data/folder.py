@@ -1,0 +1,162 @@
+"""Image folders: ``img.png`` + ``img.txt`` sidecars, or a Hugging Face imagefolder ``metadata.jsonl``.
+
+Also holds ``ImageDataset``, the base of every map-style image reader (folder, filelist): it turns
+``dataset[(index, seed)]`` into a batch-contract sample and deals with unreadable images.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+from torch.utils.data import Dataset
+
+from ldmkit.data.transforms import DECODE_ERRORS, IMAGE_EXTENSIONS, RawSample, SampleBuilder, decode_image, split_captions
+from ldmkit.errors import UserError
+
+if TYPE_CHECKING:
+    from ldmkit.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Map-style reader base: subclasses build an index and implement ``load(index) -> RawSample``.
+
+    An unreadable sample (broken or truncated image, undecodable caption) is replaced by the next
+    readable one (index + 1, + 2, ... modulo len), keeping the seed, so the batch stays the same on any
+    number of processes; the sample dict then carries ``_skipped`` (how many were passed over), which the
+    loader removes from the batch and adds to ``Loader.skipped``.
+    """
+
+    def __init__(self, cfg: "DataConfig", path: str):
+        self.path = path
+        self.builder = SampleBuilder.from_config(cfg)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> RawSample:
+        """The decoded sample; raises one of transforms.DECODE_ERRORS when it is unreadable."""
+        raise NotImplementedError
+
+    def files(self) -> list[str]:
+        """Every file the samples are read from (cache keys stat them)."""
+        raise NotImplementedError
+
+    def try_load(self, index: int) -> Optional[RawSample]:
+        try:
+            return self.load(index)
+        except DECODE_ERRORS as e:
+            logger.debug("unreadable sample %d of %s: %s", index, self.path, e)
+            return None
+
+    def lazy_samples(self) -> Iterator[tuple[int, Callable[[], Optional[RawSample]]]]:
+        """(position, load) for every sample in index order; load() decodes (None if unreadable).
+
+        The cache builder iterates these and decodes only the positions it encodes.
+        """
+        for i in range(len(self)):
+            yield i, functools.partial(self.try_load, i)
+
+    def first_readable(self) -> int:
+        """Index of the first readable sample; UserError when there is none (checked once at start-up)."""
+        for i in range(len(self)):
+            if self.try_load(i) is not None:
+                if i:
+                    logger.warning("%s: the first %d samples are unreadable", self.path, i)
+                return i
+        raise UserError(f"no readable image in {self.path} ({len(self)} samples, all unreadable)")
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, seed = item
+        n = len(self)
+        for j in range(n):
+            raw = self.try_load((index + j) % n)
+            if raw is not None:
+                sample = self.builder(raw, seed)
+                if j:
+                    sample["_skipped"] = j
+                return sample
+        raise UserError(f"no readable image in {self.path}")
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+class FolderDataset(ImageDataset):
+    """A folder of images with captions.
+
+    - ``metadata.jsonl`` present (HF imagefolder): one JSON object a line with the image path relative to
+      the folder in ``cfg.image_column`` (``file_name``) and the caption in ``cfg.caption_column``
+      (``text``): a string or a list of strings (several captions: one is picked per step).
+    - otherwise every ``*.png|jpg|jpeg|webp`` below the folder, captions in the ``.txt`` of the same
+      name: one caption per non-empty line. A missing ``.txt`` means the empty caption.
+    Keys are the image paths relative to the folder without the extension; order is sorted by path
+    (sidecars) or the order of metadata.jsonl.
+    """
+
+    def __init__(self, root: str | Path, cfg: "DataConfig"):
+        super().__init__(cfg, str(root))
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"data.path {root} is not a folder")
+        self.metadata = self.root / "metadata.jsonl"
+        self.images: list[Path] = []
+        self.captions: list[list[str]] = []  # metadata.jsonl captions (sidecars are read per sample)
+        if self.metadata.is_file():
+            self._index_metadata(cfg.image_column, cfg.caption_column)
+        else:
+            self.images = _image_files(self.root)
+            missing = sum(not p.with_suffix(".txt").is_file() for p in self.images)
+            if missing:
+                logger.warning("%s: %d images have no .txt caption file (empty caption)", root, missing)
+        if cfg.max_samples is not None:
+            self.images = self.images[: cfg.max_samples]
+            self.captions = self.captions[: cfg.max_samples]
+        if not self.images:
+            raise UserError(f"no images (png/jpg/jpeg/webp) found in {root}")
+
+    def _index_metadata(self, image_column: str, caption_column: str) -> None:
+        with open(self.metadata, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{self.metadata}:{lineno}: invalid JSON ({e.msg})") from None
+                for col in (image_column, caption_column):
+                    if col not in row:
+                        raise UserError(f"{self.metadata}:{lineno}: no '{col}' field (set data.image_column / data.caption_column)")
+                self.images.append(self.root / row[image_column])
+                self.captions.append(split_captions(row[caption_column]))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def key(self, index: int) -> str:
+        return self.images[index].relative_to(self.root).with_suffix("").as_posix()
+
+    def load(self, index: int) -> RawSample:
+        path = self.images[index]
+        if self.captions:
+            captions = self.captions[index]
+        else:
+            txt = path.with_suffix(".txt")
+            captions = split_captions(txt.read_text(encoding="utf-8")) if txt.is_file() else [""]
+        return RawSample(decode_image(path), captions, self.key(index))
+
+    def files(self) -> list[str]:
+        out = [str(p) for p in self.images]
+        if self.captions:
+            out.append(str(self.metadata))
+        else:
+            out += [str(p.with_suffix(".txt")) for p in self.images if p.with_suffix(".txt").is_file()]
+        return out

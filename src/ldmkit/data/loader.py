@@ -1,0 +1,188 @@
+"""``build_loader``: data config -> an infinite iterator of collated batches (the batch contract)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ldmkit.data.sampler import GlobalBatchSampler
+from ldmkit.errors import UserError
+
+if TYPE_CHECKING:
+    from ldmkit.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+
+def detect_format(path: str) -> str:
+    """folder | wds | filelist | features, from the shape of ``data.path``."""
+    if not path:
+        raise UserError("data.path is empty: give an image folder, WebDataset shards, a file list or a feature folder")
+    if path.startswith("pipe:") or "://" in path or "{" in path or "::" in path:
+        return "wds"
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"data.path {path} does not exist")
+    if p.is_file():
+        if p.name.endswith(".tar"):
+            return "wds"
+        if p.name.endswith((".filelist.list", ".filelist")):
+            return "filelist"
+        raise UserError(f"data.path {path}: cannot tell the format of this file (expected *.tar or *.filelist.list)")
+    if (p / "empty_context.npy").is_file():
+        return "features"
+    if (p / "metadata.jsonl").is_file():
+        return "folder"
+    if any(p.glob("*.tar")):
+        return "wds"
+    return "folder"
+
+
+def open_dataset(cfg: "DataConfig", *, seed: int = 0, rank: int = 0, world_size: int = 1, batch_size: int = 1,
+                 start_batch: int = 0) -> Dataset:
+    """The reader for ``cfg.path``: map-style (folder, filelist, features) or streamed (wds).
+
+    The keyword arguments only matter for WebDataset (its split and resume position).
+    """
+    fmt = detect_format(cfg.path) if cfg.format == "auto" else cfg.format
+    if fmt == "folder":
+        from ldmkit.data.folder import FolderDataset
+
+        return FolderDataset(cfg.path, cfg)
+    if fmt == "filelist":
+        from ldmkit.data.filelist import FileListDataset
+
+        return FileListDataset(cfg.path, cfg)
+    if fmt == "wds":
+        from ldmkit.data.wds import WdsDataset
+
+        return WdsDataset(cfg.path, cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
+                          start_batch=start_batch)
+    if fmt == "features":
+        from ldmkit.data.features import FeatureDataset
+
+        return FeatureDataset.from_config(cfg)
+    raise UserError(f"unknown data.format {fmt}")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tensors and arrays stacked, ints to int64 tensors, strings (and anything else) to lists.
+
+    ``_skipped`` (unreadable samples a reader passed over) is summed, for ``Loader.skipped``.
+    """
+    skipped = sum(s.pop("_skipped", 0) for s in samples)
+    batch: dict[str, Any] = {}
+    for k in samples[0]:
+        values = [s[k] for s in samples]
+        v = values[0]
+        if isinstance(v, torch.Tensor):
+            batch[k] = torch.stack(values)
+        elif isinstance(v, np.ndarray):
+            batch[k] = torch.from_numpy(np.stack(values))
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            batch[k] = torch.tensor([int(x) for x in values], dtype=torch.int64)
+        else:
+            batch[k] = list(values)
+    if skipped:
+        batch["_skipped"] = skipped
+    return batch
+
+
+class Loader:
+    """Infinite iterator of collated batches of this rank.
+
+    Attributes: ``epoch`` (completed epochs, from the batch position), ``batches_per_epoch`` (None when
+    unknown), ``num_samples``, ``skipped`` (unreadable samples passed over so far), ``position`` (global
+    micro-batch index of the next batch).
+    """
+
+    def __init__(self, dataloader: DataLoader, *, num_samples: Optional[int], batches_per_epoch: Optional[int],
+                 start_batch: int = 0):
+        self.dataloader = dataloader
+        self.num_samples = num_samples
+        self.batches_per_epoch = batches_per_epoch
+        self.position = start_batch
+        self.skipped = 0
+        self._it: Optional[Iterator[dict[str, Any]]] = None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.batches_per_epoch if self.batches_per_epoch else 0
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = iter(self.dataloader)
+        batch = next(self._it)
+        skipped = batch.pop("_skipped", 0)
+        if skipped:
+            self.skipped += skipped
+            logger.warning("skipped %d unreadable samples so far (replaced by readable ones)", self.skipped)
+        self.position += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def build_loader(data_cfg: "DataConfig", *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0, encoders: Any = None, cache_root: Optional[str | Path] = None) -> Loader:
+    """The training data of this rank from global micro-batch ``start_batch`` on.
+
+    Map-style sources go through GlobalBatchSampler (1 process with batch B*W sees the same samples as W
+    processes with batch B; resume skips without loading). WebDataset streams are split per rank and
+    worker (data/wds.py). With ``data_cfg.cache`` and ``encoders``, the source is encoded once
+    (data/cache.py) and batches carry ``latent_moments`` / ``prompt_embeds`` instead of pixels.
+    """
+    dataset = open_dataset(data_cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
+                           start_batch=start_batch)
+    if data_cfg.cache and encoders is not None:
+        from ldmkit.data.cache import build_cache
+
+        root = cache_root or data_cfg.cache_dir
+        if root is None:
+            raise UserError("data.cache is true but no cache folder is known: set data.cache_dir")
+        accelerator = None
+        if world_size > 1:
+            from accelerate import PartialState
+
+            accelerator = PartialState()
+        dataset = build_cache(dataset, encoders, root, data_cfg, batch_size=data_cfg.encode_batch_size,
+                              accelerator=accelerator)
+    elif data_cfg.cache:
+        logger.info("data.cache is set but this method has no encoders to cache with: reading the source")
+
+    workers = data_cfg.num_workers
+    common = dict(num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+                  pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        num_samples = data_cfg.num_samples if data_cfg.num_samples is not None else dataset.count()
+        if num_samples == 0:
+            raise UserError(f"no samples with an image in {data_cfg.path}")
+        dataset.first_readable()  # UserError when nothing is readable
+        per_epoch = num_samples // (batch_size * world_size) or None
+        loader = DataLoader(dataset, batch_size=batch_size, **common)
+        return Loader(loader, num_samples=num_samples, batches_per_epoch=per_epoch, start_batch=start_batch)
+
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise UserError(f"no usable samples in {data_cfg.path}")
+    check = getattr(dataset, "first_readable", None)
+    if check is not None:
+        check()  # UserError when nothing is readable
+    sampler = GlobalBatchSampler(num_samples, batch_size, seed=seed, rank=rank, world_size=world_size,
+                                 start_batch=start_batch)
+    loader = DataLoader(dataset, batch_sampler=sampler, **common)
+    return Loader(loader, num_samples=num_samples, batches_per_epoch=sampler.batches_per_epoch,
+                  start_batch=start_batch)

@@ -1,0 +1,151 @@
+"""``ldmkit prepare features``: encode a dataset into U-ViT's MS-COCO feature layout (data/features.py).
+
+Like baofff/U-ViT ``scripts/extract_mscoco_feature.py``: every image is resized (shorter side) and
+centre-cropped to ``--resolution``, scaled to [-1, 1] and encoded to VAE posterior moments; every caption
+of it is encoded by the text encoder (last hidden state); ``empty_context.npy`` is the embedding of "".
+Any source of the data layer works (image folder, metadata.jsonl, WebDataset, PaddleMIX file list):
+the sample at position i of the source becomes ``{i}.npy`` / ``{i}_{k}.npy``.
+
+Resumable: a sample whose ``{i}.npy`` exists is skipped without decoding its image. ``{i}.npy`` is
+written last for each sample and atomically, so its presence means the sample is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ldmkit.data.features import CAPTIONS_FILE, EMPTY_CONTEXT, META_FILE
+from ldmkit.data.transforms import Draws, ImageTransform, RawSample
+from ldmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through a temporary file and an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def prepare_features(
+    encoders: Any,
+    samples: Iterator[tuple[int, Callable[[], Optional[RawSample]]]],
+    out: str | Path,
+    *,
+    transform: ImageTransform,
+    split: str = "train",
+    batch_size: int = 32,
+    total: Optional[int] = None,
+) -> dict[str, int]:
+    """Encode ``samples`` ((position, load) pairs of a data-layer reader's ``lazy_samples()``) with
+    ``encoders`` (``encode_images`` / ``encode_prompts``, e.g. SDModels) into ``out``.
+
+    Returns counts: ``written``, ``skipped`` (already present), ``unreadable``.
+    """
+    out = Path(out)
+    split_dir = out / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    done = {int(p.stem) for p in split_dir.glob("*.npy") if p.stem.isdigit()}
+    counts = {"written": 0, "skipped": 0, "unreadable": 0}
+
+    with torch.no_grad():
+        if not (out / EMPTY_CONTEXT).is_file():
+            _save_npy(out / EMPTY_CONTEXT, encoders.encode_prompts([""])["prompt_embeds"][0].float().cpu().numpy())
+        pending: list[tuple[int, RawSample]] = []
+
+        def flush() -> None:
+            pixels = torch.stack([transform(raw.image, Draws.from_seed(0), flip=False).pixel_values for _, raw in pending])
+            moments = encoders.encode_images(pixels).float().cpu().numpy()  # (B, 2C, h, w)
+            texts = [c for _, raw in pending for c in raw.captions]
+            contexts = encoders.encode_prompts(texts)["prompt_embeds"].float().cpu().numpy()  # (sum K, L, D)
+            row = 0
+            with open(split_dir / CAPTIONS_FILE, "a", encoding="utf-8") as captions_file:
+                for (i, raw), m in zip(pending, moments):
+                    for k in range(len(raw.captions)):
+                        _save_npy(split_dir / f"{i}_{k}.npy", contexts[row + k])
+                    row += len(raw.captions)
+                    captions_file.write(json.dumps({"id": i, "key": raw.key, "captions": raw.captions}) + "\n")
+                    captions_file.flush()
+                    _save_npy(split_dir / f"{i}.npy", m)  # last: marks sample i complete
+            counts["written"] += len(pending)
+            pending.clear()
+
+        for i, load in tqdm(samples, total=total, desc=f"features {split}", unit="img", dynamic_ncols=True):
+            if i in done:
+                counts["skipped"] += 1
+                continue
+            raw = load()
+            if raw is None:
+                counts["unreadable"] += 1
+                continue
+            pending.append((i, raw))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+    if counts["unreadable"]:
+        logger.warning("%d unreadable samples were left out", counts["unreadable"])
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Diffusers folder with vae/, text_encoder/, tokenizer/ (e.g. SD1.5).")
+    parser.add_argument("--data", required=True, help="Image folder, metadata.jsonl folder, WebDataset shards or a *.filelist.list.")
+    parser.add_argument("--out", required=True, help="Feature folder to write (train/, val/, empty_context.npy).")
+    parser.add_argument("--resolution", type=int, default=256, help="Square size the images are resized and centre-cropped to.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Images per VAE / text-encoder batch.")
+    parser.add_argument("--split", choices=["train", "val"], default="train", help="Split folder to write.")
+    parser.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"], default="bicubic",
+                        help="Resize filter (the original extraction resizes with bicubic).")
+    parser.add_argument("--caption-column", default="text", help="Caption field of metadata.jsonl / WebDataset json.")
+    parser.add_argument("--max-samples", type=int, default=None, help="Encode only the first N samples.")
+    parser.add_argument("--device", default=None, help="Device for the encoders (default: cuda if available, else cpu).")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldmkit.config import DataConfig
+    from ldmkit.data.loader import detect_format, open_dataset
+    from ldmkit.models.sd import SDModels
+
+    if args.batch_size < 1 or args.resolution < 8:
+        raise UserError("--batch-size must be >= 1 and --resolution >= 8")
+    cfg = DataConfig(path=args.data, resolution=args.resolution, center_crop=True, random_flip=False,
+                     interpolation=args.interpolation, caption_column=args.caption_column,
+                     max_samples=args.max_samples, allow_shell=False)
+    if detect_format(args.data) == "features":
+        raise UserError(f"--data {args.data} is already a feature folder")
+    dataset = open_dataset(cfg)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = SDModels.load(args.model, unet=False, device=device)
+    if models.is_sdxl:
+        raise UserError("prepare features needs a single-text-encoder (SD1.x-style) model, got SDXL")
+    models.vae_batch_size = args.batch_size
+    # A resumed or second-split run must use the same encoders and resolution as the files already there.
+    meta = {"resolution": args.resolution, "fingerprint": models.fingerprint(), "model": str(Path(args.model).resolve()),
+            "scaling_factor": models.vae_scale}
+    meta_path = Path(args.out) / META_FILE
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        for key in ("resolution", "fingerprint"):
+            if old.get(key) != meta[key]:
+                raise UserError(f"{args.out} holds features with another {key} ({old.get(key)} vs {meta[key]}); use a new --out")
+    else:
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    counts = prepare_features(models, dataset.lazy_samples(), args.out, transform=ImageTransform.from_config(cfg),
+                              split=args.split, batch_size=args.batch_size, total=total)
+    print(f"{args.out}/{args.split}: {counts['written']} written, {counts['skipped']} already there, "
+          f"{counts['unreadable']} unreadable")
+    return 0

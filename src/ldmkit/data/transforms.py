@@ -1,0 +1,184 @@
+"""From a decoded (image, captions) pair to one sample of the batch contract (docs/DESIGN.md).
+
+Every random choice a sample needs (crop position, flip, which caption, caption dropout) is one uniform
+number of ``Draws.from_seed(seed)``, drawn in a fixed order from ``random.Random(seed)``. Because each
+decision reads its own number, turning one option on or off never shifts the others, and an encoded
+cache (data/cache.py) reproduces the same flip and caption choices as the image path.
+
+Geometry follows the torchvision transforms of the reference scripts (diffusers
+``examples/text_to_image/train_text_to_image_sdxl.py``): ``Resize(resolution)`` of the shorter side
+(longer side ``int(resolution * long / short)``), ``CenterCrop`` (offset ``round((size - res) / 2)``) or
+``RandomCrop``, then ``RandomHorizontalFlip``; pixels ``x / 127.5 - 1`` (ToTensor + Normalize(0.5, 0.5)).
+
+SDXL micro-conditioning: ``original_size`` is (height, width) before the resize, ``crop_top_left`` is
+(top, left) of the crop in the resized image. After a flip we report the crop in the coordinates of the
+flipped resized image, ``left = width - left - resolution``: the flipped sample is exactly that crop of
+the mirrored image, so the conditioning still says where the training window sits. (The reference
+script computes ``x1 = image.width - x1`` on the already cropped image, which gives ``resolution - x1``,
+a value that describes no crop.)
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from ldmkit.config import DataConfig
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+# What a broken image file raises in PIL (UnidentifiedImageError and "image file is truncated" are
+# OSErrors; bad base64 is a ValueError) - caught by the readers, which skip and count the sample.
+DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, zlib.error, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """A decoded source sample: the image, ALL its captions, and its id."""
+
+    image: Image.Image
+    captions: list[str]
+    key: str
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The uniform numbers behind one sample's random choices, in a fixed order."""
+
+    flip: float
+    crop_top: float
+    crop_left: float
+    caption: float
+    drop: float
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "Draws":
+        r = random.Random(seed)
+        return cls(r.random(), r.random(), r.random(), r.random(), r.random())
+
+
+@dataclass(frozen=True)
+class Transformed:
+    pixel_values: torch.Tensor  # (3, res, res) float32 in [-1, 1]
+    original_size: tuple[int, int]  # (height, width) before resize
+    crop_top_left: tuple[int, int]  # (top, left) in the (possibly flipped) resized image
+    flipped: bool
+
+
+def decode_image(source: Union[bytes, str, Path]) -> Image.Image:
+    """Fully decoded RGB image (EXIF orientation applied); raises one of DECODE_ERRORS when broken."""
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    with Image.open(fp) as im:
+        im.load()  # decode now, so truncated files fail here and not later in a transform
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+def split_captions(text: Any) -> list[str]:
+    """Captions from a caption file or field: a string (one caption per non-empty line) or a list."""
+    items = text if isinstance(text, (list, tuple)) else str(text).splitlines()
+    caps = [str(c).strip() for c in items]
+    return [c for c in caps if c] or [""]
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 CHW in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())  # (H, W, 3)
+    return (x / 127.5 - 1.0).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize shorter side, crop a square, maybe flip; see the module docstring for the geometry."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_config(cls, cfg: "DataConfig") -> "ImageTransform":
+        return cls(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.interpolation)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        res = self.resolution
+        size = (res, int(res * h / w)) if w <= h else (int(res * w / h), res)  # (width, height)
+        if size == image.size:
+            return image
+        return image.resize(size, INTERPOLATIONS[self.interpolation])
+
+    def crop_offsets(self, height: int, width: int, draws: Draws) -> tuple[int, int]:
+        """(top, left) of the square crop in a resized image of this size."""
+        dy, dx = height - self.resolution, width - self.resolution
+        if self.center_crop:
+            return int(round(dy / 2.0)), int(round(dx / 2.0))
+        return min(int(draws.crop_top * (dy + 1)), dy), min(int(draws.crop_left * (dx + 1)), dx)
+
+    def wants_flip(self, draws: Draws) -> bool:
+        return self.random_flip and draws.flip < 0.5
+
+    def __call__(self, image: Image.Image, draws: Draws, flip: bool | None = None) -> Transformed:
+        """Transform with the draws' crop; ``flip`` overrides the drawn flip (the cache stores both)."""
+        original_size = (image.height, image.width)
+        image = self.resize(image)
+        top, left = self.crop_offsets(image.height, image.width, draws)
+        res = self.resolution
+        image = image.crop((left, top, left + res, top + res))
+        flip = self.wants_flip(draws) if flip is None else flip
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = self.resize_width(original_size) - left - res
+        return Transformed(to_tensor(image), original_size, (top, left), flip)
+
+    def resize_width(self, original_size: tuple[int, int]) -> int:
+        h, w = original_size
+        return self.resolution if w <= h else int(self.resolution * w / h)
+
+
+def choose_caption(captions: list[str], draws: Draws, proportion_empty: float) -> tuple[str, int | None]:
+    """The caption for this step and its index among ``captions`` (None when dropped to "")."""
+    if draws.drop < proportion_empty:
+        return "", None
+    i = min(int(draws.caption * len(captions)), len(captions) - 1)
+    return captions[i], i
+
+
+class SampleBuilder:
+    """RawSample + seed -> the sample dict of the batch contract."""
+
+    def __init__(self, transform: ImageTransform, proportion_empty_prompts: float = 0.0):
+        self.transform = transform
+        self.proportion_empty_prompts = proportion_empty_prompts
+
+    @classmethod
+    def from_config(cls, cfg: "DataConfig") -> "SampleBuilder":
+        return cls(ImageTransform.from_config(cfg), cfg.proportion_empty_prompts)
+
+    def __call__(self, raw: RawSample, seed: int) -> dict[str, Any]:
+        draws = Draws.from_seed(seed)
+        t = self.transform(raw.image, draws)
+        caption, _ = choose_caption(raw.captions, draws, self.proportion_empty_prompts)
+        return {
+            "pixel_values": t.pixel_values,
+            "captions": caption,
+            "original_size": torch.tensor(t.original_size, dtype=torch.int64),
+            "crop_top_left": torch.tensor(t.crop_top_left, dtype=torch.int64),
+            "seed": int(seed),
+            "key": raw.key,
+        }

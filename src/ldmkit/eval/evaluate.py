@@ -1,0 +1,384 @@
+"""``ldmkit evaluate``: generate at several step counts and report speed and quality per setting.
+
+Per step count: images/s, seconds per image, denoiser evaluations per image, and quality: shapes
+prompt adherence (``ldmkit.eval.scorer``, when every prompt is a shapes caption), FD and KID against
+reference images (``ldmkit.eval.fid``), CLIP score with a local CLIP folder. Every setting uses the
+same per-prompt seeds (image i: CPU generator seeded ``seed + i``, as ``ldmkit generate``), so the
+settings differ only in the sampler's step count.
+
+Denoiser evaluations are counted with a forward pre-hook on ``pipe.unet`` (``pipe.transformer`` for
+pipelines that have one): ``unet_evals_per_image`` adds up the batch rows of every forward call and
+divides by the number of images, so classifier-free guidance run as one doubled batch (diffusers'
+SD pipelines) counts 2 per step, and an LCM (guidance through the w-embedding, no CFG) counts 1 per
+step. ``unet_calls_per_batch`` is the number of forward calls per pipeline call (= steps when CFG is
+batched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from ldmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def parse_steps(text: str) -> list[int]:
+    """"1,2,4,8" -> [1, 2, 4, 8]; UserError on anything but positive integers."""
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise UserError(f"--steps must be comma-separated integers like 1,2,4,8, got {text!r}") from e
+    if not steps or min(steps) < 1:
+        raise UserError(f"--steps must list positive step counts, got {text!r}")
+    return steps
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The network the sampler calls once per step (``unet``, or ``transformer`` for DiT-style pipelines)."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise UserError(f"{type(pipe).__name__} has neither a unet nor a transformer to count evaluations of")
+
+
+class EvalCounter:
+    """Counts forward calls of a module and the batch rows they process (a forward pre-hook)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.calls = 0
+        self.rows = 0
+        self._handle = None
+
+    def _hook(self, module, args, kwargs) -> None:
+        sample = args[0] if args else next(
+            (kwargs[k] for k in ("sample", "hidden_states", "x") if k in kwargs),
+            next(v for v in kwargs.values() if isinstance(v, torch.Tensor)),
+        )
+        self.calls += 1
+        self.rows += int(sample.shape[0])
+
+    def __enter__(self) -> "EvalCounter":
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def generate_batched(pipe, prompts: Sequence[str], steps: int, guidance: float | None, seed: int, *,
+                     batch_size: int = 8, height: int | None = None, width: int | None = None) -> tuple[list[Image.Image], int]:
+    """PIL images for ``prompts`` (image i from a CPU generator seeded ``seed + i``) and the number of pipeline calls."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    images: list[Image.Image] = []
+    calls = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        gens = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
+        kwargs: dict[str, Any] = dict(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance,
+                                      generator=gens, height=height, width=width, output_type="pil")
+        # Only what this pipeline takes; None means "the pipeline's default".
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+        images += pipe(**kwargs).images
+        calls += 1
+    return images, calls
+
+
+class ClipScorer:
+    """CLIP score of (image, prompt) pairs with a local transformers CLIP folder: mean of 100 * max(cos, 0)
+    between image and text embeddings (the torchmetrics convention; Hessel et al. 2021 scale by 2.5 instead)."""
+
+    def __init__(self, path: str | Path, device: torch.device | str | None = None):
+        from transformers import CLIPModel, CLIPProcessor
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise UserError(f"--clip is not a local CLIP model folder (no config.json): {path}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
+        self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        self.name = path.name
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str], batch_size: int = 32) -> float:
+        scores = []
+        for i in range(0, len(images), batch_size):
+            inputs = self.processor(text=list(prompts[i : i + batch_size]), images=list(images[i : i + batch_size]),
+                                    return_tensors="pt", padding=True, truncation=True).to(self.device)
+            out = self.model(**inputs)
+            img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)  # (B, D)
+            txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)  # (B, D)
+            scores.append((100.0 * (img * txt).sum(-1).clamp(min=0)).cpu())
+        return float(torch.cat(scores).mean())
+
+
+def _match_size(images: Sequence[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Resize (shorter side) and centre-crop to ``size`` = (width, height), so features see one size."""
+    out = []
+    for im in images:
+        im = im.convert("RGB")
+        if im.size != size:
+            scale = max(size[0] / im.width, size[1] / im.height)
+            im = im.resize((max(size[0], round(im.width * scale)), max(size[1], round(im.height * scale))), Image.BICUBIC)
+            left, top = (im.width - size[0]) // 2, (im.height - size[1]) // 2
+            im = im.crop((left, top, left + size[0], top + size[1]))
+        out.append(im)
+    return out
+
+
+def image_grid(images: Sequence[Image.Image], cols: int = 4) -> Image.Image:
+    """The images tiled row-major in ``cols`` columns."""
+    w, h = images[0].size
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def evaluate_pipeline(
+    pipe,
+    prompts: Sequence[str],
+    steps_list: Sequence[int],
+    guidance: float | None = None,
+    seed: int = 0,
+    *,
+    batch_size: int = 8,
+    reference: Sequence[Image.Image] | None = None,
+    feature_extractor=None,
+    clip: ClipScorer | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    out_dir: str | Path | None = None,
+    save_images: bool = False,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """Generate ``prompts`` at every step count and measure speed and quality; returns the metrics dict.
+
+    ``reference`` images enable FD/KID (features from ``feature_extractor``, default the weight-free
+    ``RandomConvFeatures``); they are resized and centre-cropped to the generated size first.
+    With ``out_dir``, a 4-column sample grid of the first 16 images per setting is written
+    (``grid-steps-N.png``), and with ``save_images`` every image (``steps-N/IIIII.png``).
+    One untimed warm-up call (one prompt, fewest steps) comes first unless ``warmup`` is False.
+    """
+    from ldmkit.data.synth import parse_caption
+    from ldmkit.eval.fid import frechet_distance, kernel_inception_distance, load_feature_extractor
+    from ldmkit.eval.scorer import adherence
+
+    if not prompts:
+        raise UserError("no prompts to evaluate")
+    prompts = list(prompts)
+    shapes = all(parse_caption(p) is not None for p in prompts)
+    if guidance is None:
+        default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+        guidance_used = default.default if default is not None else None
+    else:
+        guidance_used = guidance
+    ref_feats = None
+    if reference is not None:
+        if len(reference) < 2 or len(prompts) < 2:
+            raise UserError("FD/KID need at least 2 reference and 2 generated images")
+        feature_extractor = feature_extractor or load_feature_extractor(None)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    counter_module = denoiser(pipe)
+    if warmup:
+        generate_batched(pipe, prompts[:1], min(steps_list), guidance, seed, batch_size=1, height=height, width=width)
+
+    settings = []
+    for steps in steps_list:
+        with EvalCounter(counter_module) as counter:
+            t0 = time.perf_counter()
+            images, pipe_calls = generate_batched(pipe, prompts, steps, guidance, seed, batch_size=batch_size,
+                                                  height=height, width=width)
+            seconds = time.perf_counter() - t0
+        n = len(images)
+        result: dict[str, Any] = {
+            "steps": steps,
+            "images": n,
+            "seconds": seconds,
+            "seconds_per_image": seconds / n,
+            "images_per_second": n / seconds,
+            "unet_evals_per_image": counter.rows / n,
+            "unet_calls_per_batch": counter.calls / pipe_calls,
+            "adherence": adherence(images, prompts) if shapes else None,
+            "fd": None,
+            "kid": None,
+            "kid_std": None,
+            "clip_score": clip(images, prompts) if clip is not None else None,
+        }
+        if reference is not None:
+            if ref_feats is None:
+                ref_feats = feature_extractor(_match_size(reference, images[0].size))
+            feats = feature_extractor(_match_size(images, images[0].size))
+            result["fd"] = frechet_distance(feats, ref_feats)
+            result["kid"], result["kid_std"] = kernel_inception_distance(
+                feats, ref_feats, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+        logger.info("steps %d: %.3f s/image, %.1f evals/image%s", steps, result["seconds_per_image"],
+                    result["unet_evals_per_image"],
+                    f", adherence {result['adherence']['all']:.3f}" if result["adherence"] else "")
+        if out is not None:
+            image_grid(images[:16]).save(out / f"grid-steps-{steps}.png")
+            if save_images:
+                (out / f"steps-{steps}").mkdir(exist_ok=True)
+                for i, im in enumerate(images):
+                    im.save(out / f"steps-{steps}" / f"{i:05d}.png")
+        settings.append(result)
+
+    return {
+        "num_images": len(prompts),
+        "seed": seed,
+        "guidance": guidance_used,
+        "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
+        "shapes_prompts": shapes,
+        "feature_net": getattr(feature_extractor, "name", None) if reference is not None else None,
+        "reference_images": len(reference) if reference is not None else 0,
+        "clip_model": clip.name if clip is not None else None,
+        "settings": settings,
+    }
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--prompts file not found: {p}")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts file has no prompts: {p}")
+    return prompts
+
+
+def read_data(path: str | Path, limit: int) -> tuple[list[Image.Image], list[str]]:
+    """The first ``limit`` (image, first caption) pairs of any dataset ldmkit trains on (folder, wds, filelist)."""
+    from ldmkit.config import DataConfig
+    from ldmkit.data.loader import open_dataset
+
+    ds = open_dataset(DataConfig(path=str(path), max_samples=limit, num_workers=0))
+    if not hasattr(ds, "lazy_samples"):
+        raise UserError(f"--data {path}: feature folders hold no images; pass an image dataset")
+    images, captions = [], []
+    for _, load in ds.lazy_samples():
+        if len(images) >= limit:
+            break
+        sample = load()
+        if sample is not None:
+            images.append(sample.image.convert("RGB"))
+            captions.append(sample.captions[0] if sample.captions else "")
+    if not images:
+        raise UserError(f"--data {path} has no readable samples")
+    return images, captions
+
+
+def read_images(path: str | Path, limit: int) -> list[Image.Image]:
+    """Up to ``limit`` images of a folder (sorted, recursive)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"--reference folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
+    if not files:
+        raise UserError(f"--reference folder has no images: {root}")
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
+    parser.add_argument("--lora", default=None, help="LoRA file or folder to load on top (e.g. an LCM-LoRA).")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", default=None, help="Text file with one prompt per line.")
+    src.add_argument("--data", default=None, help="Dataset (folder, WebDataset shards, file list): its captions are the prompts and its images the FD/KID reference.")
+    src.add_argument("--shapes", action="store_true", help="Held-out synthetic-shapes prompts (ldmkit data synth vocabulary).")
+    parser.add_argument("--steps", default="1,2,4,8", help="Comma-separated step counts to evaluate.")
+    parser.add_argument("--scheduler", choices=("lcm", "ddim", "dpm", "euler"), default=None, help="Sampler; default: the folder's own.")
+    parser.add_argument("--guidance", type=float, default=None, help="Guidance scale; default: the pipeline's default.")
+    parser.add_argument("--num-images", type=int, default=100, help="Number of prompts (one image each); fewer if the file or data has fewer.")
+    parser.add_argument("--seed", type=int, default=0, help="Image i of every setting uses seed + i.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per pipeline call.")
+    parser.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
+    parser.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
+    parser.add_argument("--reference", default=None, help="Folder of reference images for FD/KID (default with --data: the data's images).")
+    parser.add_argument("--max-reference", type=int, default=2000, help="Use at most this many reference images.")
+    parser.add_argument("--feature-net", default=None,
+                        help="Local TorchScript (.pt) or torch.export (.pt2) feature network for FD/KID, e.g. StyleGAN2-ADA's "
+                             "inception-2015-12-05.pt; default: ldmkit's weight-free random conv features (comparable only within ldmkit).")
+    parser.add_argument("--clip", default=None, help="Local transformers CLIP folder for CLIP score.")
+    parser.add_argument("--save-images", action="store_true", help="Also write every generated image (steps-N/IIIII.png).")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="Weights dtype; auto: fp16 on CUDA, else fp32.")
+    parser.add_argument("--out", required=True, help="Output folder: metrics.json, quality_vs_steps.png, grid-steps-N.png.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldmkit.data.synth import heldout_prompts
+    from ldmkit.eval.fid import load_feature_extractor
+    from ldmkit.eval.plot import quality_vs_steps
+    from ldmkit.generate import load_lora, load_pipeline, resolve_device, set_scheduler
+
+    steps = parse_steps(args.steps)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
+    device = resolve_device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
+
+    reference = None
+    if args.prompts:
+        prompts = read_prompts(args.prompts)[: args.num_images]
+    elif args.data:
+        data_images, prompts = read_data(args.data, max(args.num_images, args.max_reference))
+        prompts = prompts[: args.num_images]
+        reference = data_images[: args.max_reference]
+    else:
+        prompts = heldout_prompts(args.num_images, args.seed)
+    if args.reference:
+        reference = read_images(args.reference, args.max_reference)
+    features = load_feature_extractor(args.feature_net, device) if reference is not None else None
+    clip = ClipScorer(args.clip, device) if args.clip else None
+
+    pipe = load_pipeline(args.model, dtype)
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
+    if args.lora:
+        load_lora(pipe, args.lora)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    out = Path(args.out)
+    metrics = evaluate_pipeline(pipe, prompts, steps, args.guidance, args.seed, batch_size=args.batch_size,
+                                reference=reference, feature_extractor=features, clip=clip, height=args.height,
+                                width=args.width, out_dir=out, save_images=args.save_images)
+    metrics.update(model=str(args.model), lora=args.lora, device=str(device), dtype=str(dtype).removeprefix("torch."))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    label = (metrics["scheduler"] or "pipeline") + (" + LoRA" if args.lora else "")
+    quality_vs_steps({label: metrics["settings"]}).save(out / "quality_vs_steps.png")
+    print(f"{'steps':>5} {'s/img':>8} {'evals/img':>9} {'adherence':>9} {'FD':>9} {'KID':>9} {'CLIP':>6}")
+    for s in metrics["settings"]:
+        adh = s["adherence"]["all"] if s["adherence"] else None
+        cells = [_cell(adh, 9, ".3f"), _cell(s["fd"], 9, ".3f"), _cell(s["kid"], 9, ".4f"), _cell(s["clip_score"], 6, ".2f")]
+        print(f"{s['steps']:>5} {s['seconds_per_image']:>8.4f} {s['unet_evals_per_image']:>9.1f} " + " ".join(cells))
+    print(f"wrote {out / 'metrics.json'} and {out / 'quality_vs_steps.png'}")
+    return 0
+
+
+def _cell(v: float | None, width: int, fmt: str) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"

@@ -1,0 +1,91 @@
+"""Quality-vs-steps charts drawn with Pillow alone (matplotlib is not a dependency of ldmkit)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75))
+
+# (title, value of one setting or None, fixed y range or None). Panels whose values are all None are left out.
+PANELS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], tuple[float, float] | None], ...] = (
+    ("prompt adherence (all attributes)", lambda s: (s.get("adherence") or {}).get("all"), (0.0, 1.0)),
+    ("FD (lower is better)", lambda s: s.get("fd"), None),
+    ("KID (lower is better)", lambda s: s.get("kid"), None),
+    ("CLIP score", lambda s: s.get("clip_score"), None),
+    ("seconds per image", lambda s: s.get("seconds_per_image"), None),
+)
+
+
+def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, size: tuple[int, int] = (440, 300),
+               y_range: tuple[float, float] | None = None) -> Image.Image:
+    """One panel: a line per series of (steps, value) points; x on a log2 axis, ticks at the steps used.
+
+    ``y_range`` fixes the y axis (e.g. 0..1 for accuracies); otherwise it spans the data.
+    """
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 58, 12, 26, 40
+    draw.text((left, 6), title, fill="black", font=font)
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return img
+    xs = sorted({p[0] for p in pts})
+    lx = [math.log2(x) for x in xs]
+    x_lo, x_hi = lx[0], lx[-1] if lx[-1] > lx[0] else lx[0] + 1
+    y_lo, y_hi = y_range or (min(p[1] for p in pts), max(p[1] for p in pts))
+    if y_hi - y_lo < 1e-12:
+        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    if y_range is None:
+        pad = 0.05 * (y_hi - y_lo)
+        y_lo, y_hi = y_lo - pad, y_hi + pad
+    decimals = max(0, math.ceil(-math.log10((y_hi - y_lo) / 4)) + 1)
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        px = left + (math.log2(x) - x_lo) / (x_hi - x_lo) * (w - left - right)
+        py = h - bottom - (y - y_lo) / (y_hi - y_lo) * (h - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for x in xs:
+        px, _ = to_px(x, y_lo)
+        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
+        draw.text((px - 4, h - bottom + 6), f"{x:g}", fill="black", font=font)
+    for i in range(5):
+        y = y_lo + (y_hi - y_lo) * i / 4
+        _, py = to_px(xs[0], y)
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{y:.{decimals}f}", fill="black", font=font)
+    draw.text(((left + w - right) // 2 - 14, h - 16), "steps", fill="black", font=font)
+    for k, (label, pts_s) in enumerate(series.items()):
+        color = COLORS[k % len(COLORS)]
+        line = [to_px(x, y) for x, y in sorted(pts_s)]
+        if len(line) > 1:
+            draw.line(line, fill=color, width=2)
+        for px, py in line:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.text((w - right - 150, top + 4 + 12 * k), label, fill=color, font=font)
+    return img
+
+
+def quality_vs_steps(runs: dict[str, Sequence[dict[str, Any]]]) -> Image.Image:
+    """All available panels for one or more runs (label -> ``evaluate_pipeline(...)["settings"]``), two per row."""
+    panels = []
+    for title, get, y_range in PANELS:
+        series = {label: [(s["steps"], get(s)) for s in settings if get(s) is not None] for label, settings in runs.items()}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            panels.append(line_chart(series, title, y_range=y_range))
+    if not panels:
+        panels.append(line_chart({}, "no metrics"))
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    pw, ph = panels[0].size
+    sheet = Image.new("RGB", (cols * pw, rows * ph), "white")
+    for i, p in enumerate(panels):
+        sheet.paste(p, ((i % cols) * pw, (i // cols) * ph))
+    return sheet

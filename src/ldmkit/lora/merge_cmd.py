@@ -1,0 +1,68 @@
+"""``ldmkit merge-lora --model DIR --lora FILE_OR_DIR [--scale S] --out DIR``: bake a LoRA into the UNet.
+
+The result is a complete diffusers pipeline folder that needs no LoRA loading (e.g. for export to
+other runtimes). For an LCM-LoRA the scheduler matters as much as the weights: ``--scheduler auto``
+uses the LCMScheduler saved next to the LoRA by ``ldmkit train`` (it carries the run's
+original_inference_steps and timestep_scaling), ``lcm`` builds one from the model's noise schedule and
+the flags, ``keep`` leaves the model's scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ldmkit.errors import UserError
+from ldmkit.lora import formats
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Base diffusers pipeline folder (SD1.x/2.x or SDXL).")
+    parser.add_argument("--lora", required=True,
+                        help="LoRA .safetensors (diffusers, peft or kohya layout) or a folder with pytorch_lora_weights.safetensors.")
+    parser.add_argument("--scale", type=float, default=1.0, help="Multiplier of the LoRA update (W += scale * alpha/r * up @ down).")
+    parser.add_argument("--out", required=True, help="Folder to write the merged pipeline to.")
+    parser.add_argument("--scheduler", choices=("auto", "lcm", "keep"), default="auto",
+                        help="auto: the LCMScheduler saved with the LoRA if any, else keep; lcm: an LCMScheduler "
+                             "from the model's schedule and the two flags below; keep: the model's scheduler.")
+    parser.add_argument("--original-inference-steps", type=int, default=None,
+                        help="LCMScheduler original_inference_steps (the run's num_ddim_timesteps); default: from the LoRA's scheduler, else 50.")
+    parser.add_argument("--timestep-scaling", type=float, default=None,
+                        help="LCMScheduler timestep_scaling (the run's timestep_scaling_factor); default: from the LoRA's scheduler, else 10.")
+
+
+def _saved_lcm_config(lora: Path) -> dict | None:
+    path = lora / "scheduler" / "scheduler_config.json" if lora.is_dir() else None
+    if path is None or not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config if config.get("_class_name") == "LCMScheduler" else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    from ldmkit.diffusion.lcm import lcm_scheduler
+
+    model, lora = Path(args.model), Path(args.lora)
+    if not (model / "model_index.json").is_file():
+        raise UserError(f"--model is not a diffusers pipeline folder (no model_index.json): {model}")
+    state_dict = formats.load_lora_file(lora)
+    pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True)
+    n = formats.merge_lora_into_unet(pipe.unet, state_dict, scale=args.scale)
+
+    saved = _saved_lcm_config(lora)
+    mode = args.scheduler if args.scheduler != "auto" else ("lcm" if saved else "keep")
+    if mode == "lcm":
+        steps = args.original_inference_steps or (saved or {}).get("original_inference_steps", 50)
+        scaling = args.timestep_scaling or (saved or {}).get("timestep_scaling", 10.0)
+        pipe.scheduler = lcm_scheduler(saved or dict(pipe.scheduler.config), steps, scaling)
+    pipe.save_pretrained(args.out)
+    kind = type(pipe.scheduler).__name__
+    extra = ""
+    if isinstance(pipe.scheduler, LCMScheduler):
+        c = pipe.scheduler.config
+        extra = f" (original_inference_steps={c.original_inference_steps}, timestep_scaling={c.timestep_scaling})"
+    print(f"merged {n} LoRA modules (scale {args.scale}) into {model.name}; saved to {args.out} with {kind}{extra}")
+    return 0

@@ -1,0 +1,404 @@
+"""Fine-tuning Stable Diffusion 1.x/2.x and SDXL: the full UNet (``finetune``) or LoRA adapters (``lora``).
+
+The denoising loss of diffusers' examples/text_to_image (train_text_to_image*.py), without their bugs
+(REFERENCE.md sec 2): min-SNR weights per sample, and no VAE / text-encoder work per step when the
+batch carries cached latents and embeddings.
+
+Cached data (``data.cache`` or a ``features`` source): the VAE and text encoders are not loaded for
+training. Validation and export load the missing parts from ``model.pretrained`` when they need them
+and drop them afterwards, so the memory they take is only used for the few seconds of a validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
+from ldmkit.errors import UserError
+from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.models.sd import SDModels
+from ldmkit.train.rng import SampleRNG, sample_seed
+
+log = logging.getLogger(__name__)
+
+# diffusers' train_text_to_image_lora.py adapts the attention projections only.
+DEFAULT_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# CLIP attention projections (diffusers' text-encoder LoRA default).
+DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class _SDTrainConfig(MethodConfig):
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    """Train for this prediction type instead of the scheduler's (written into exported schedulers)."""
+    snr_gamma: Optional[float] = None
+    """Min-SNR-gamma loss weighting (5.0 recommended by the paper); null: plain MSE."""
+    noise_offset: float = 0.0
+    """Add noise_offset * N(0, 1) per channel to the noise (brighter/darker images; 0.05-0.1)."""
+    input_perturbation: float = 0.0
+    """Perturb the noise fed to the UNet (not the target) by this much (0.1 in the reference)."""
+    train_text_encoder: bool = False
+    """Also train the text encoder(s) (full weights for finetune, LoRA for lora). Needs uncached text."""
+    use_fix_crop_and_size: bool = False
+    """SDXL: condition on (res, res, 0, 0, res, res) instead of each image's original size and crop."""
+    validation_inference_steps: int = 25
+    """Sampling steps of the validation images (the folder's own scheduler)."""
+    validation_guidance: float = 7.5
+    """Guidance scale of the validation images."""
+
+    def check(self, cfg) -> None:
+        """Value checks (ldmkit.config.validate_config calls this)."""
+        if self.train_text_encoder and (cfg.data.cache or cfg.data.format == "features"):
+            raise UserError("method.train_text_encoder needs captions, but data.cache / features data give fixed text embeddings; disable one")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"method.snr_gamma must be positive (or null), got {self.snr_gamma}")
+        if self.validation_inference_steps < 1:
+            raise UserError(f"method.validation_inference_steps must be at least 1, got {self.validation_inference_steps}")
+
+
+@dataclass
+class FinetuneConfig(_SDTrainConfig):
+    name: str = "finetune"
+    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+    use_ema: bool = False
+    """Keep an EMA of the UNet weights, used for validation and export."""
+    ema_decay: float = 0.9999
+    """EMA decay (diffusers EMAModel: ramps up as (1 + step) / (10 + step) until it reaches this)."""
+
+
+@dataclass
+class LoraMethodConfig(_SDTrainConfig):
+    name: str = "lora"
+    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+    lora_rank: int = 4
+    """LoRA rank r."""
+    lora_alpha: Optional[float] = None
+    """LoRA alpha (scale = alpha / rank); null: equal to the rank (scale 1, the diffusers default)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
+    """UNet modules that get adapters (name suffixes, e.g. to_q, to_out.0, conv1, time_emb_proj)."""
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_TARGETS))
+    """Text-encoder modules that get adapters when train_text_encoder is true."""
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if self.lora_rank < 1:
+            raise UserError(f"method.lora_rank must be at least 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise UserError(f"method.lora_alpha must be positive (or null), got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise UserError("method.lora_target_modules is empty")
+
+
+class _SDMethod(Method):
+    """What finetune and lora share: loading, the loss, validation images."""
+
+    Config: type[_SDTrainConfig] = _SDTrainConfig
+
+    def __init__(self, cfg, accelerator):
+        super().__init__(cfg, accelerator)
+        m = self.mcfg
+        m.check(cfg)  # also when the config was built in code rather than by load_config
+        self.cached = bool(cfg.data.cache or cfg.data.format == "features")
+        self.sd = SDModels.load(
+            cfg.model.pretrained,
+            vae=cfg.model.vae,
+            variant=cfg.model.variant,
+            dtype=self.weight_dtype,
+            device=self.device,
+            vae_model=not self.cached,
+            text=not self.cached or m.train_text_encoder,
+            unet_dtype=self._unet_load_dtype(),
+            text_dtype=self._text_load_dtype(),
+        )
+        self.sd.vae_batch_size = cfg.data.encode_batch_size
+        if m.prediction_type:
+            self.sd.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
+        self.unet = self.sd.unet
+        self.text_encoder_names: tuple[str, ...] = ()
+        if m.train_text_encoder:
+            self.text_encoder_names = ("text_encoder", "text_encoder_2")[: len(self.sd.text_encoders)]
+            for name, te in zip(self.text_encoder_names, self.sd.text_encoders):
+                setattr(self, name, te)
+        self.trainable_names = ("unet", *self.text_encoder_names)
+        self._make_trainable()  # gradient checkpointing of trainable modules is enabled by the loop
+        for name in self.trainable_names:
+            getattr(self, name).train()
+
+    # Hooks for the subclasses.
+    def _unet_load_dtype(self) -> torch.dtype:
+        return self.weight_dtype
+
+    def _text_load_dtype(self) -> torch.dtype:
+        return self.weight_dtype
+
+    def _make_trainable(self) -> None:
+        raise NotImplementedError
+
+    def _dropout_seeded(self) -> bool:
+        return False
+
+    # ---- training ---------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        m, sched = self.mcfg, self.sd.noise_scheduler
+        rng = SampleRNG(batch["seed"], self.device)
+        # 1. x0 ~ q(z | image): cached moments or the VAE; then the per-sample noise and timestep.
+        latents = self.sd.latents(batch, rng)  # (B, C, h, w) fp32, scaled
+        noise = rng.randn(*latents.shape[1:])  # (B, C, h, w)
+        if m.noise_offset:
+            noise = noise + m.noise_offset * rng.randn(latents.shape[1], 1, 1)  # (B, C, 1, 1) per channel
+        model_noise = noise
+        if m.input_perturbation:
+            model_noise = noise + m.input_perturbation * rng.randn(*latents.shape[1:])
+        t = rng.randint(0, sched.config.num_train_timesteps)  # (B,)
+        # 2. z_t = alpha_t x0 + sigma_t eps.
+        noisy = sched.add_noise(latents, model_noise, t)
+        # 3. Conditioning: cached embeddings or the (maybe trained) text encoders.
+        encoders = [getattr(self, n) for n in self.text_encoder_names] or None
+        text = self.sd.text(batch, text_encoders=encoders)
+        added = None
+        if self.sd.is_sdxl:
+            time_ids = self.sd.add_time_ids(batch, self.cfg.data.resolution, m.use_fix_crop_and_size)
+            added = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": time_ids}
+        # 4. Prediction vs. target, MSE in fp32, per-sample min-SNR weights.
+        with self._forward_rng(batch["seed"]), self.accelerator.autocast():
+            pred = self.unet(noisy, t, text["prompt_embeds"], added_cond_kwargs=added).sample
+        target = diffusion_target(sched, latents, noise, t)
+        mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        logs = {"mse": mse.detach().mean().item()}
+        if m.snr_gamma:
+            mse = mse * min_snr_weights(sched, t, m.snr_gamma, sched.config.prediction_type)
+        return mse.mean(), logs
+
+    @contextlib.contextmanager
+    def _forward_rng(self, seeds: torch.Tensor):
+        """Dropout inside the models (LoRA dropout) draws from torch's global RNG, which cannot take
+        per-sample generators; seeding it from the batch's seeds at least makes it resume-exact."""
+        if not self._dropout_seeded():
+            yield
+            return
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            torch.manual_seed(sample_seed(*seeds.tolist()))
+            yield
+
+    # ---- validation / export ----------------------------------------------------------------------
+    def _frozen_parts(self) -> SDModels:
+        """VAE and text encoders for inference: the loaded ones, or (cached data) a fresh load."""
+        if self.sd.vae is not None and self.sd.text_encoders:
+            return self.sd
+        return self.encoders()
+
+    def _pipeline(self, parts: SDModels):
+        """A stock diffusers pipeline around the in-memory UNet (+ trained text encoders)."""
+        import diffusers
+
+        root = Path(self.cfg.model.pretrained)
+        sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+        if self.mcfg.prediction_type:
+            scheduler.register_to_config(prediction_type=self.mcfg.prediction_type)
+        text = [self.unwrap(getattr(self, n)) for n in self.text_encoder_names] or parts.text_encoders
+        common = dict(unet=self.unwrap(self.unet), vae=parts.vae, scheduler=scheduler, text_encoder=text[0], tokenizer=parts.tokenizers[0])
+        if self.sd.is_sdxl:
+            pipe = diffusers.StableDiffusionXLPipeline(text_encoder_2=text[1], tokenizer_2=parts.tokenizers[1], **common)
+        else:
+            pipe = diffusers.StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @contextlib.contextmanager
+    def _inference_weights(self):
+        """Trainable modules in eval mode (and EMA weights in finetune) for the duration."""
+        modules = [self.unwrap(getattr(self, n)) for n in self.trainable_names]
+        for mod in modules:
+            mod.eval()
+        try:
+            yield
+        finally:
+            for mod in modules:
+                mod.train()
+
+    def validate(self, step: int):
+        from diffusers.utils import make_image_grid
+
+        from ldmkit.generate import generate_images
+
+        prompts = self.cfg.train.validation_prompts
+        if not prompts:
+            return None
+        parts = self._frozen_parts()
+        with self._inference_weights(), torch.no_grad(), self.accelerator.autocast():
+            pipe = self._pipeline(parts)
+            res = self.cfg.data.resolution
+            images = generate_images(
+                pipe, prompts, self.mcfg.validation_inference_steps, self.mcfg.validation_guidance, self.cfg.train.validation_seed, height=res, width=res
+            )
+        del pipe, parts
+        gc.collect()
+        return make_image_grid(images, rows=1, cols=len(images))
+
+    def encoders(self) -> SDModels:
+        """VAE + text encoders for building the cache (loaded on demand when training did not load them)."""
+        if self.sd.vae is not None and self.sd.text_encoders and not self.text_encoder_names:
+            return self.sd
+        cfg = self.cfg.model
+        enc = SDModels.load(cfg.pretrained, vae=cfg.vae, variant=cfg.variant, dtype=self.weight_dtype, device=self.device, unet=False)
+        enc.vae_batch_size = self.cfg.data.encode_batch_size
+        return enc
+
+
+class FinetuneMethod(_SDMethod):
+    """Full UNet fine-tuning (optionally the text encoders too), with an optional EMA of the UNet."""
+
+    Config = FinetuneConfig
+
+    def _unet_load_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def _text_load_dtype(self) -> torch.dtype:
+        return torch.float32 if self.mcfg.train_text_encoder else self.weight_dtype
+
+    def _make_trainable(self) -> None:
+        from diffusers.training_utils import EMAModel
+
+        for name in self.trainable_names:
+            getattr(self, name).requires_grad_(True)
+        self.ema = None
+        if self.mcfg.use_ema:
+            # Tracks the UNet only, like diffusers' train_text_to_image.py.
+            self.ema = EMAModel(self.unet.parameters(), decay=self.mcfg.ema_decay)
+
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.step(self.unwrap(self.unet).parameters())
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        return {"ema_unet": self.ema} if self.ema is not None else {}
+
+    @contextlib.contextmanager
+    def _inference_weights(self):
+        with super()._inference_weights():
+            if self.ema is None:
+                yield
+                return
+            params = list(self.unwrap(self.unet).parameters())
+            self.ema.store(params)
+            self.ema.copy_to(params)
+            try:
+                yield
+            finally:
+                self.ema.restore(params)
+
+    def export(self, out_dir: Path) -> None:
+        """A complete diffusers pipeline folder: the trained (EMA) UNet and text encoders, everything
+        else copied from model.pretrained as stored there (not the fp16 training copies)."""
+        from diffusers import AutoencoderKL, DiffusionPipeline
+
+        cfg = self.cfg.model
+        parts: dict[str, Any] = {}
+        for name in self.text_encoder_names:
+            parts[name] = self.unwrap(getattr(self, name))
+        if cfg.vae:
+            sub = "vae" if (Path(cfg.vae) / "vae" / "config.json").exists() else None
+            parts["vae"] = AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, variant=cfg.variant)
+        with self._inference_weights():
+            pipe = DiffusionPipeline.from_pretrained(cfg.pretrained, unet=self.unwrap(self.unet), variant=cfg.variant, **parts)
+            if self.mcfg.prediction_type:
+                pipe.scheduler.register_to_config(prediction_type=self.mcfg.prediction_type)
+            pipe.save_pretrained(out_dir)
+        log.info("exported pipeline to %s", out_dir)
+
+
+class LoraMethod(_SDMethod):
+    """LoRA adapters (peft) on the UNet, optionally on the text encoders; the base weights stay frozen
+    in the mixed-precision dtype and only the adapters are trained, in fp32."""
+
+    Config = LoraMethodConfig
+
+    def _dropout_seeded(self) -> bool:
+        return self.mcfg.lora_dropout > 0
+
+    def _lora_config(self, targets: list[str]):
+        from peft import LoraConfig
+
+        m = self.mcfg
+        alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
+        # Gaussian A, zero B (diffusers' LoRA scripts): the adapted model starts equal to the base.
+        return LoraConfig(r=m.lora_rank, lora_alpha=alpha, lora_dropout=m.lora_dropout, init_lora_weights="gaussian", target_modules=list(targets))
+
+    def _make_trainable(self) -> None:
+        from diffusers.training_utils import cast_training_params
+
+        m = self.mcfg
+        try:
+            self.unet.add_adapter(self._lora_config(m.lora_target_modules))
+        except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+            raise UserError(f"method.lora_target_modules: {e}") from e
+        modules = [self.unet]
+        for name in self.text_encoder_names:
+            te = getattr(self, name)
+            te.add_adapter(self._lora_config(m.text_encoder_target_modules))
+            modules.append(te)
+        cast_training_params(modules, dtype=torch.float32)
+        n = sum(p.numel() for mod in modules for p in mod.parameters() if p.requires_grad)
+        log.info("LoRA rank %d: %d trainable parameters", m.lora_rank, n)
+
+    def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """peft-format adapter weights per trained module (keys ``<module path>.lora_A.weight`` /
+        ``lora_B``), with alpha / rank folded into lora_B: loaders assume alpha = rank for peft files
+        without metadata, so the file means the same to every tool (as ldmkit.lora.formats writes)."""
+        from peft.utils import get_peft_model_state_dict
+
+        from ldmkit.lora.formats import layers_from_peft_model
+
+        out = {}
+        for name in self.trainable_names:
+            model = self.unwrap(getattr(self, name))
+            sd = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+            for module, layer in layers_from_peft_model(model).items():
+                sd[f"{module}.lora_B.weight"] = sd[f"{module}.lora_B.weight"] * layer.scale
+            out[name] = sd
+        return out
+
+    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
+        """The same adapters in kohya keys (``lora_unet_*``; text encoders ``lora_te_*``, SDXL
+        ``lora_te1_*`` / ``lora_te2_*``, the prefixes A1111, ComfyUI and diffusers read)."""
+        from ldmkit.lora.formats import KOHYA_PREFIX, layers_from_peft_model, to_kohya
+
+        te = ("lora_te1_", "lora_te2_") if self.sd.is_sdxl else ("lora_te_",)
+        prefixes = dict(zip(("unet", "text_encoder", "text_encoder_2"), (KOHYA_PREFIX, *te)))
+        out = {}
+        for name in self.trainable_names:
+            kohya = to_kohya(layers_from_peft_model(self.unwrap(getattr(self, name))))
+            out.update({prefixes[name] + k.removeprefix(KOHYA_PREFIX): v.detach().float().cpu().contiguous() for k, v in kohya.items()})
+        return out
+
+    def export(self, out_dir: Path) -> None:
+        """``pytorch_lora_weights.safetensors`` for ``load_lora_weights``, written by the pipeline's own
+        ``save_lora_weights`` from peft keys (converting them with convert_state_dict_to_diffusers makes
+        diffusers skip the attention LoRAs, REFERENCE.md sec 1), and a kohya copy
+        ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from safetensors.torch import save_file
+
+        from ldmkit.lora.formats import KOHYA_WEIGHT_NAME
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        layers = {f"{name}_lora_layers": sd for name, sd in self.lora_state_dicts().items()}
+        cls = StableDiffusionXLPipeline if self.sd.is_sdxl else StableDiffusionPipeline
+        cls.save_lora_weights(out_dir, **layers)
+        save_file(self.kohya_state_dict(), out_dir / KOHYA_WEIGHT_NAME, metadata={"format": "pt"})
+        log.info("exported LoRA to %s", out_dir)

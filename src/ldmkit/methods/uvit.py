@@ -1,0 +1,203 @@
+"""``uvit``: train a text-to-image U-ViT from scratch in the latent space of a frozen VAE (REFERENCE.md
+sec. 3; Bao et al., "All are Worth Words", CVPR 2023; baofff/U-ViT ``train_t2i_discrete.py``).
+
+Loss: epsilon (or v) MSE under SD's scaled-linear DDPM schedule; t ~ U{0..999} in diffusers' convention
+(the original's 1..1000 is converted inside the model, see models/uvit.py). Latents are sampled from the
+VAE posterior (cached moments or the VAE) and multiplied by ``scale_factor``; the exported VAE config
+carries that same factor, so decoding divides by exactly what training multiplied by.
+
+Classifier-free guidance dropout is the data layer's ``proportion_empty_prompts`` (the dropped caption
+becomes "" and cached text becomes ``empty_context``, as the original's CFGDataset does): ``p_uncond`` is
+copied into it when the config is resolved, so --dry-run and config.yaml show the value in effect.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+
+from ldmkit.diffusion.losses import diffusion_target
+from ldmkit.errors import UserError
+from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.models.uvit import UViT
+from ldmkit.train.rng import SampleRNG
+
+if TYPE_CHECKING:
+    from ldmkit.config import Config
+
+logger = logging.getLogger(__name__)
+
+Arch = Literal["uvit-tiny", "uvit-s", "uvit-s-deep", "uvit-m", "uvit-l", "uvit-h"]
+
+
+@dataclass
+class UViTConfig(MethodConfig):
+    name: str = "uvit"
+    arch: Arch = "uvit-s"
+    """U-ViT size preset (models/uvit.py UVIT_PRESETS): uvit-s is U-ViT-S/2 (~45M), uvit-s-deep ~58M."""
+    embed_dim: Optional[int] = None
+    """Override the preset's token width."""
+    depth: Optional[int] = None
+    """Override the preset's depth (in + out blocks; even)."""
+    num_heads: Optional[int] = None
+    """Override the preset's attention heads."""
+    patch_size: int = 2
+    """Latent patch size of the patch embedding."""
+    sample_size: Optional[int] = None
+    """Latent side length; default: data.resolution / the VAE's downsampling factor."""
+    context_dim: Optional[int] = None
+    """Width of the text embeddings; default (and required value): the text encoder's hidden size."""
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the network predicts (the original: epsilon)."""
+    p_uncond: Optional[float] = 0.1
+    """Classifier-free guidance dropout; written into data.proportion_empty_prompts (null: leave that as set)."""
+    scale_factor: Optional[float] = None
+    """Latent scale; default: the VAE config's scaling_factor. U-ViT's MS-COCO runs use 0.23010 (SD: 0.18215)."""
+    ema_decay: float = 0.9999
+    """Maximum EMA decay of the exported weights."""
+    ema_power: float = 0.6666666666666666
+    """EMA warmup power (diffusers EMAModel use_ema_warmup): decay = 1 - (1 + step)^-power, capped at ema_decay."""
+    validation_steps: int = 50
+    """DPM-Solver steps of the validation grids."""
+    validation_guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the validation grids (diffusers convention)."""
+    validation_images_per_prompt: int = 2
+    """Columns of the validation grid."""
+
+    def check(self, cfg: "Config") -> None:
+        """Called when the config is resolved: apply p_uncond to the data layer."""
+        if self.p_uncond is None:
+            return
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise UserError(f"method.p_uncond must be in [0, 1], got {self.p_uncond}")
+        current = cfg.data.proportion_empty_prompts
+        if current not in (0.0, self.p_uncond):
+            raise UserError(f"method.p_uncond={self.p_uncond} conflicts with data.proportion_empty_prompts={current}; "
+                            "set one of them (or method.p_uncond=null)")
+        cfg.data.proportion_empty_prompts = self.p_uncond
+
+
+class _EMA(EMAModel):
+    """EMAModel whose shadow weights return to the model's device after a resume (checkpoints load on CPU)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        device = self.shadow_params[0].device
+        super().load_state_dict(state_dict)
+        self.to(device=device)
+
+
+def training_scheduler(prediction_type: str) -> DDPMScheduler:
+    """SD's training schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps (REFERENCE.md sec. 3)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, prediction_type=prediction_type)
+
+
+class UViTMethod(Method):
+    Config = UViTConfig
+    trainable_names = ("unet",)
+
+    def __init__(self, cfg: "Config", accelerator):
+        super().__init__(cfg, accelerator)
+        from ldmkit.models.sd import SDModels
+
+        m = self.mcfg
+        m.check(cfg)  # idempotent; covers configs built in code rather than by load_config
+        self.models = SDModels.load(cfg.model.pretrained, vae=cfg.model.vae, variant=cfg.model.variant,
+                                    dtype=self.weight_dtype, device=self.device, unet=False)
+        if self.models.is_sdxl:
+            raise UserError("method uvit needs a single-text-encoder (SD1.x-style) model.pretrained, got SDXL")
+        vae, text_encoder = self.models.vae, self.models.text_encoders[0]
+        self.scale = m.scale_factor if m.scale_factor is not None else self.models.vae_scale
+        # The factor lives in the VAE config from here on: validation and export decode with it.
+        vae.register_to_config(scaling_factor=self.scale)
+
+        width = text_encoder.config.hidden_size
+        if m.context_dim is not None and m.context_dim != width:
+            raise UserError(f"method.context_dim={m.context_dim} but the text encoder of model.pretrained is {width} wide")
+        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        if m.sample_size is None and cfg.data.resolution % down:
+            raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor {down}")
+        overrides = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads)) if v is not None}
+        try:
+            self.unet = UViT.from_preset(
+                m.arch, **overrides, patch_size=m.patch_size, in_channels=vae.config.latent_channels,
+                sample_size=m.sample_size or cfg.data.resolution // down, context_dim=width,
+                num_text_tokens=self.models.tokenizers[0].model_max_length,
+            ).to(self.device)
+        except ValueError as e:
+            raise UserError(f"method uvit: {e}") from None
+        self.unet.train()
+        logger.info("U-ViT %s: %.1fM parameters, scale factor %.5f", m.arch,
+                    sum(p.numel() for p in self.unet.parameters()) / 1e6, self.scale)
+        self.noise_scheduler = training_scheduler(m.prediction_type)
+        self.ema = _EMA(self.unet.parameters(), decay=m.ema_decay, use_ema_warmup=True, power=m.ema_power)
+
+    def loss(self, batch):
+        rng = SampleRNG(batch["seed"], self.device)
+        # SDModels scales by the VAE config's factor; rescale to ours.
+        x0 = self.models.latents(batch, rng) * (self.scale / self.models.vae_scale)  # (B, C, h, w)
+        context = self.models.text(batch)["prompt_embeds"]  # (B, L, D); empty context when dropped
+        noise = rng.randn(*x0.shape[1:])
+        t = rng.randint(0, self.noise_scheduler.config.num_train_timesteps)  # (B,), diffusers 0..999
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        pred = self.unet(xt, t, encoder_hidden_states=context).sample
+        target = diffusion_target(self.noise_scheduler, x0, noise, t)
+        return F.mse_loss(pred.float(), target.float()), {}
+
+    def after_step(self, step: int) -> None:
+        self.ema.step(self.unwrap(self.unet).parameters())
+
+    def checkpoint_objects(self):
+        return {"ema": self.ema}
+
+    def encoders(self):
+        return self.models
+
+    def _pipeline(self, unet: UViT, vae=None, text_encoder=None, tokenizer=None):
+        from ldmkit.pipelines.uvit import UViTPipeline
+
+        return UViTPipeline(vae=vae or self.models.vae, text_encoder=text_encoder or self.models.text_encoders[0],
+                            tokenizer=tokenizer or self.models.tokenizers[0], unet=unet,
+                            scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config))
+
+    @torch.no_grad()
+    def validate(self, step: int):
+        prompts = self.cfg.train.validation_prompts
+        if not prompts:
+            return None
+        m = self.mcfg
+        unet = self.unwrap(self.unet)
+        self.ema.store(unet.parameters())
+        self.ema.copy_to(unet.parameters())
+        try:
+            pipe = self._pipeline(unet)
+            pipe.set_progress_bar_config(disable=True)
+            generator = torch.Generator(self.device).manual_seed(self.cfg.train.validation_seed)
+            with self.accelerator.autocast():
+                images = pipe(prompts, num_inference_steps=m.validation_steps, guidance_scale=m.validation_guidance_scale,
+                              generator=generator, num_images_per_prompt=m.validation_images_per_prompt).images
+        finally:
+            self.ema.restore(unet.parameters())
+        return make_image_grid(images, rows=len(prompts), cols=m.validation_images_per_prompt)
+
+    def export(self, out_dir: Path) -> None:
+        """A UViTPipeline folder with the EMA weights, the VAE (config carrying the training scale factor),
+        text encoder and tokenizer of model.pretrained, and a DPM-Solver scheduler with the training betas."""
+        from ldmkit.models.sd import SDModels
+
+        unet = UViT.from_config(self.unwrap(self.unet).config)
+        self.ema.copy_to(unet.parameters())
+        parts = SDModels.load(self.cfg.model.pretrained, vae=self.cfg.model.vae, variant=self.cfg.model.variant, unet=False)
+        parts.vae.register_to_config(scaling_factor=self.scale)
+        pipe = self._pipeline(unet, parts.vae, parts.text_encoders[0], parts.tokenizers[0])
+        pipe.save_pretrained(out_dir)
+        logger.info("exported UViTPipeline to %s", out_dir)
+

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny data and models are built locally; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["LDMKIT_METHODS"] = "toy=toy_method:ToyMethod"
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory) -> Path:
+    """32 synthetic shape images with captions (image folder + metadata.jsonl)."""
+    from ldmkit.data.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_dataset(out, num=32, fmt="folder", size=32, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    from ldmkit.models.tiny import build_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-sd15")
+    build_tiny_pipeline("sd15", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from ldmkit.models.tiny import build_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_pipeline("sdxl", out)
+    return out

@@ -1,0 +1,46 @@
+"""Helpers shared by the LCM / LoRA tests (test_lora_formats.py, test_lcd.py); tiny models come from
+conftest.py's ``tiny_sd15`` / ``tiny_sdxl`` fixtures."""
+
+from __future__ import annotations
+
+import torch
+
+from ldmkit.methods.lcd import LCM_LORA_TARGET_MODULES
+
+
+def lora_unet(model_dir, rank: int = 4, alpha: float = 8.0, seed: int = 0):
+    """The tiny UNet with an LCM-LoRA adapter whose up weights are random (so the LoRA changes outputs)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LCM_LORA_TARGET_MODULES)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return unet.eval()
+
+
+def unet_inputs(unet, batch: int = 2, seed: int = 0) -> dict:
+    """Random inputs for any tiny UNet (SDXL added conditions included)."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(
+        sample=torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+        timestep=torch.tensor([999, 259][:batch] + [500] * max(0, batch - 2)),
+        encoder_hidden_states=torch.randn(batch, 7, cfg.cross_attention_dim, generator=g),
+    )
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1),
+        }
+    return kw
+
+
+@torch.no_grad()
+def unet_out(unet, inputs: dict) -> torch.Tensor:
+    return unet(**inputs).sample
