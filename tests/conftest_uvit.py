@@ -1,5 +1,6 @@
 """Shared fixtures of the U-ViT, VAE and feature tests (imported by tests/test_uvit*.py, test_vae.py,
-test_features.py). Folders are built once per session under pytest's base temp, whichever module asks first."""
+test_features.py). Folders are built once per session under pytest's base temp, whichever module asks
+first; the tiny SD1.5 folder is conftest.py's ``tiny_sd15``."""
 
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ def _once(tmp_path_factory, name: str, build) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> Path:
-    """A tiny random SD1.5 folder: vae/, text_encoder/, tokenizer/, unet/, scheduler/."""
-    from ldmkit.models.tiny import build_tiny_pipeline
-
-    return _once(tmp_path_factory, "uvit_tiny_sd15", lambda p: build_tiny_pipeline("sd15", p))
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (see conftest_sd.py: 2 OpenMP threads on a busy 2-core
+    machine spin against each other)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +64,9 @@ def run_prepare(model: Path, data: Path, out: Path, *extra: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def features_dir(tmp_path_factory, tiny_sd, shapes_dir) -> Path:
-    return _once(tmp_path_factory, "uvit_features", lambda p: run_prepare(tiny_sd, shapes_dir, p))
+def features_dir(tmp_path_factory, tiny_sd15, shapes_dir) -> Path:
+    """``prepare features`` of shapes_dir with the tiny SD1.5 (conftest.py's tiny_sd15)."""
+    return _once(tmp_path_factory, "uvit_features", lambda p: run_prepare(tiny_sd15, shapes_dir, p))
 
 
 def tiny_uvit(**overrides):

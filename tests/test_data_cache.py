@@ -155,6 +155,7 @@ Path({out!r}, f"rank{{acc.process_index}}.json").write_text(json.dumps(dict(batc
 """
 
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_launch(layouts, tmp_path):
     import json
     import subprocess
@@ -167,7 +168,7 @@ def test_two_processes_with_accelerate_launch(layouts, tmp_path):
     script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).parent), data=str(layouts["folder"]),
                                          cache=str(tmp_path / "cache"), out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -188,3 +189,22 @@ def test_two_processes_with_accelerate_launch(layouts, tmp_path):
             torch.testing.assert_close(b["latent_moments"].sum((1, 2, 3)), torch.tensor(sums), rtol=1e-5, atol=1e-4)
     finally:
         ldmkit.data.cache.SHARD_SIZE = old
+
+
+@pytest.mark.slow
+def test_cache_with_sdxl_models(layouts, tmp_path, tiny_sdxl):
+    """The real encoders (SDModels, tiny SDXL: prompt + pooled embeddings) through the cache."""
+    from ldmkit.models.sd import SDModels
+
+    models = SDModels.load(str(tiny_sdxl), unet=False)
+    cfg = data_cfg(layouts["folder"], random_flip=True, proportion_empty_prompts=0.3)
+    source = open_dataset(cfg)
+    cache = build_cache(source, models, tmp_path / "cache", cfg, batch_size=4)
+    for i in range(8):
+        seed = sample_seed(1, 0, i)
+        ref, got = source[(i, seed)], cache[(i, seed)]
+        torch.testing.assert_close(got["latent_moments"], models.encode_images(ref["pixel_values"][None])[0], **TOL)
+        text = models.encode_prompts([ref["captions"]])
+        assert set(text) == {"prompt_embeds", "pooled_prompt_embeds"}
+        for k, v in text.items():
+            torch.testing.assert_close(got[k], v[0].float(), **TOL)

@@ -178,3 +178,17 @@ def test_filelist_round_trip(tmp_path, items):
     weighted = FileListDataset(write_filelist(tmp_path / "w", items, parts=2, weights=[3, 1]), data_cfg(path))
     assert len(weighted) == 8
     assert [weighted.load(i).captions[0][-3] for i in range(8)] == list("00122346")
+
+
+def test_wds_brace_patterns_and_fsspec_urls(layouts, items):
+    import fsspec
+
+    pattern = f"{layouts['wds']}/shard-{{000..002}}.tar"
+    local = build_loader(data_cfg(pattern, shuffle_buffer=0), batch_size=8, seed=0)
+    assert local.num_samples == 8 and sorted(next(local)["key"]) == [k for k, *_ in items]
+    fs = fsspec.filesystem("memory")
+    for shard in sorted(layouts["wds"].glob("*.tar")):
+        fs.pipe(f"/h2-test/{shard.name}", shard.read_bytes())
+    remote = build_loader(data_cfg("memory://h2-test/shard-{000..002}.tar", shuffle_buffer=0), batch_size=8, seed=0)
+    a, b = next(remote), next(build_loader(data_cfg(pattern, shuffle_buffer=0), batch_size=8, seed=0))
+    assert remote.num_samples == 8 and a["key"] == b["key"] and torch.equal(a["pixel_values"], b["pixel_values"])

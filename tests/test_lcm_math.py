@@ -140,3 +140,11 @@ def test_lcm_scheduler_carries_run_settings(n, scaling):
     assert s.get_scalings_for_boundary_condition_discrete(259)[1] == pytest.approx(
         lcm.scalings_for_boundary_conditions(259, timestep_scaling=scaling)[1].item(), rel=1e-6
     )
+
+
+def test_lcm_scheduler_overrides_and_defaults():
+    # a folder config without clip_sample / prediction_type: LCMScheduler's defaults, not DDPM's clip_sample=True
+    ddpm = DDPMScheduler.from_config({**SD_SCHEDULE, "skip_prk_steps": True})
+    s = lcm.lcm_scheduler(ddpm.config, 50, 10.0, prediction_type="v_prediction")
+    assert s.config.clip_sample is False and s.config.prediction_type == "v_prediction"
+    assert "skip_prk_steps" not in s.config

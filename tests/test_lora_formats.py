@@ -6,6 +6,7 @@ only part of its modules with nothing but a warning, so "the output changed" pro
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -16,10 +17,21 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ldmkit.cli import main as cli
 from ldmkit.errors import UserError
-from ldmkit.lora import formats
+from ldmkit.lora import convert_cmd, formats, merge_cmd
 from ldmkit.methods.lcd import LCM_LORA_TARGET_MODULES
+
+
+def cli(argv: list[str]) -> int:
+    """Run ``ldmkit merge-lora|convert-lora ARGS`` through the modules' own add_arguments/run (as cli.py does),
+    returning 2 on UserError like the CLI."""
+    module = {"merge-lora": merge_cmd, "convert-lora": convert_cmd}[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"ldmkit {argv[0]}")
+    module.add_arguments(parser)
+    try:
+        return module.run(parser.parse_args(argv[1:])) or 0
+    except UserError:
+        return 2
 
 
 def _pipe(model_dir, sdxl: bool = False):
@@ -108,6 +120,7 @@ def test_reads_stock_reference_and_legacy_layouts(tmp_path, sd15_scale1):
     _same_weights(formats.read_lora(old), ours)
 
 
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
 def test_mixed_and_prefixed_files_are_fixed_by_convert(tmp_path, tiny_sd15, sd15_scale1):
     unet, _ = sd15_scale1
     n = formats.count_lora_modules(unet)
@@ -121,6 +134,8 @@ def test_mixed_and_prefixed_files_are_fixed_by_convert(tmp_path, tiny_sd15, sd15
 
     prefixed = {f"unet.base_model.model.{k}": v for k, v in peft_sd.items()}
     save_file(prefixed, str(tmp_path / "prefixed.safetensors"))
+    with pytest.raises(ValueError, match="not found in the base model"):  # stock diffusers rejects it
+        _loaded(tiny_sd15, tmp_path / "prefixed.safetensors")
     assert cli(["convert-lora", "--in", str(tmp_path / "prefixed.safetensors"), "--to", "diffusers",
                 "--out", str(tmp_path / "fixed2")]) == 0
     pipe = _loaded(tiny_sd15, tmp_path / "fixed2")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest_uvit import TEXT_TOKENS, TEXT_WIDTH, tiny_uvit
+from conftest_uvit import TEXT_TOKENS, TEXT_WIDTH, one_thread, tiny_uvit  # noqa: F401
 from ldmkit.models.uvit import UVIT_PRESETS, UViT, unpatchify
 
 

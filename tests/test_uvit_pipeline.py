@@ -11,14 +11,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, StableDiffusionPipeline
 
-from conftest_uvit import RESOLUTION, seeded, tiny_pipeline, tiny_sd, tiny_uvit  # noqa: F401
+from conftest_uvit import RESOLUTION, one_thread, seeded, tiny_pipeline, tiny_uvit  # noqa: F401
 from ldmkit.pipelines.uvit import UViTPipeline
 
 
 @pytest.fixture(scope="module")
-def saved_pipeline(tiny_sd, tmp_path_factory):
+def saved_pipeline(tiny_sd15, tmp_path_factory):
     torch.manual_seed(0)
-    pipe = tiny_pipeline(tiny_sd, tiny_uvit())
+    pipe = tiny_pipeline(tiny_sd15, tiny_uvit())
     out = tmp_path_factory.mktemp("uvit_pipe")
     pipe.save_pretrained(out)
     return out
@@ -61,10 +61,10 @@ def test_generates_with_stock_schedulers(saved_pipeline, scheduler_cls):
     assert np.array_equal(np.asarray(images[3]), np.asarray(again[3]))
 
 
-def test_guidance_with_negative_equal_to_prompt_is_a_no_op(tiny_sd):
+def test_guidance_with_negative_equal_to_prompt_is_a_no_op(tiny_sd15):
     """uncond + g (cond - uncond) == cond when uncond == cond, for any g; a different uncond changes it."""
     torch.manual_seed(0)
-    pipe = tiny_pipeline(tiny_sd, tiny_uvit())
+    pipe = tiny_pipeline(tiny_sd15, tiny_uvit())
     kw = dict(num_inference_steps=3, output_type="np")
     plain = pipe("a red circle", guidance_scale=1.0, generator=seeded(), **kw).images
     same = pipe("a red circle", negative_prompt="a red circle", guidance_scale=6.0, generator=seeded(), **kw).images
@@ -73,9 +73,9 @@ def test_guidance_with_negative_equal_to_prompt_is_a_no_op(tiny_sd):
     assert np.abs(guided - plain).max() > 1e-3
 
 
-def test_decodes_with_the_vae_scaling_factor(tiny_sd):
+def test_decodes_with_the_vae_scaling_factor(tiny_sd15):
     torch.manual_seed(0)
-    pipe = tiny_pipeline(tiny_sd, tiny_uvit())
+    pipe = tiny_pipeline(tiny_sd15, tiny_uvit())
     pipe.vae.register_to_config(scaling_factor=0.2301)
     latents = pipe("x", num_inference_steps=2, generator=seeded(), output_type="latent").images
     images = pipe("x", num_inference_steps=2, generator=seeded(), output_type="pt").images
@@ -83,9 +83,9 @@ def test_decodes_with_the_vae_scaling_factor(tiny_sd):
     torch.testing.assert_close(images, (ref / 2 + 0.5).clamp(0, 1))
 
 
-def test_lcm_student_gets_the_guidance_embedding_and_no_cfg(tiny_sd):
+def test_lcm_student_gets_the_guidance_embedding_and_no_cfg(tiny_sd15):
     torch.manual_seed(0)
-    pipe = tiny_pipeline(tiny_sd, tiny_uvit(time_cond_proj_dim=16))
+    pipe = tiny_pipeline(tiny_sd15, tiny_uvit(time_cond_proj_dim=16))
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     calls = []
     pipe.unet.register_forward_pre_hook(lambda mod, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
@@ -98,7 +98,7 @@ def test_lcm_student_gets_the_guidance_embedding_and_no_cfg(tiny_sd):
     torch.testing.assert_close(kwargs["timestep_cond"], ref)
 
 
-def test_other_sizes_are_rejected(tiny_sd):
-    pipe = tiny_pipeline(tiny_sd, tiny_uvit())
+def test_other_sizes_are_rejected(tiny_sd15):
+    pipe = tiny_pipeline(tiny_sd15, tiny_uvit())
     with pytest.raises(ValueError, match="32x32"):
         pipe("x", height=64, width=64, num_inference_steps=1)

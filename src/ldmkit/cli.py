@@ -26,32 +26,35 @@ GROUPS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
-def _add(sub, name: str, module: str, help_text: str) -> None:
+def _add(sub, name: str, module: str, help_text: str, load: bool) -> None:
+    """Add one command; its module is imported only when that command is the one being run."""
     p = sub.add_parser(name, help=help_text, description=help_text)
-    mod = importlib.import_module(module)
-    mod.add_arguments(p)
-    p.set_defaults(_run=mod.run)
+    if load:
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion training and latent consistency distillation.")
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="Train or distill with a YAML recipe (ldmkit train --help).", add_help=False)
+    first, second = (argv + ["", ""])[:2]
     for name, (module, help_text) in COMMANDS.items():
-        _add(sub, name, module, help_text)
+        _add(sub, name, module, help_text, load=first == name)
     for group, commands in GROUPS.items():
         g = sub.add_parser(group, help=f"{group} commands: {', '.join(commands)}")
         gsub = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
         for name, (module, help_text) in commands.items():
-            _add(gsub, name, module, help_text)
+            _add(gsub, name, module, help_text, load=first == group and second == name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "-v" in argv[:1] or "--verbose" in argv[:1]
+    verbose = argv[:1] in (["-v"], ["--verbose"])
     if verbose:
         argv = argv[1:]
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             from ldmkit.train.cli import main as train_main
 
             return train_main(argv[1:])
-        parser = build_parser()
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         if getattr(args, "_run", None) is None:
             parser.print_help()

@@ -44,9 +44,12 @@ def is_feature_dir(path: str | Path) -> bool:
 
 
 def scan_split(split_dir: Path) -> dict[int, int]:
-    """{sample id: number of contexts} of a split folder, from one directory listing."""
+    """{sample id: number of contexts K} of a split folder, from one directory listing.
+
+    Contexts must be ``{i}_0.npy .. {i}_{K-1}.npy`` without gaps (UserError otherwise).
+    """
     ids: set[int] = set()
-    contexts: dict[int, int] = {}
+    contexts: dict[int, list[int]] = {}
     with os.scandir(split_dir) as it:
         for entry in it:
             stem, ext = os.path.splitext(entry.name)
@@ -57,8 +60,14 @@ def scan_split(split_dir: Path) -> dict[int, int]:
             else:
                 i, _, k = stem.partition("_")
                 if i.isdigit() and k.isdigit():
-                    contexts[int(i)] = contexts.get(int(i), 0) + 1
-    return {i: contexts.get(i, 0) for i in ids}
+                    contexts.setdefault(int(i), []).append(int(k))
+    counts = {}
+    for i in ids:
+        ks = contexts.get(i, [])
+        if ks and max(ks) + 1 != len(ks):
+            raise UserError(f"{split_dir}: sample {i} has contexts {sorted(ks)}; expected {i}_0.npy .. {i}_{len(ks) - 1}.npy")
+        counts[i] = len(ks)
+    return counts
 
 
 def read_captions(split_dir: Path) -> dict[int, list[str]]:

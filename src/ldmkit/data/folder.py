@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from torch.utils.data import Dataset
 
-from ldmkit.data.transforms import DECODE_ERRORS, IMAGE_EXTENSIONS, RawSample, SampleBuilder, decode_image, split_captions
+from ldmkit.data.transforms import (
+    DECODE_ERRORS, IMAGE_EXTENSIONS, RawSample, SampleBuilder, decode_image, split_captions,
+)
 from ldmkit.errors import UserError
 
 if TYPE_CHECKING:
@@ -134,7 +136,8 @@ class FolderDataset(ImageDataset):
                     raise UserError(f"{self.metadata}:{lineno}: invalid JSON ({e.msg})") from None
                 for col in (image_column, caption_column):
                     if col not in row:
-                        raise UserError(f"{self.metadata}:{lineno}: no '{col}' field (set data.image_column / data.caption_column)")
+                        raise UserError(f"{self.metadata}:{lineno}: no '{col}' field "
+                                        "(set data.image_column / data.caption_column)")
                 self.images.append(self.root / row[image_column])
                 self.captions.append(split_captions(row[caption_column]))
 

@@ -129,11 +129,22 @@ class Loader:
         return batch
 
     def close(self) -> None:
-        """Stop the worker processes."""
+        """Stop the worker processes now (persistent workers otherwise live until the DataLoader is
+        garbage collected, which an infinite sampler never lets it finish on its own)."""
         it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator
         if shutdown is not None:
             shutdown()
+
+
+class _Ranks:
+    """rank/world as given, barrier from accelerate's process group (set up by the training loop)."""
+
+    def __init__(self, rank: int, world_size: int):
+        from accelerate import PartialState
+
+        self.process_index, self.num_processes = rank, world_size
+        self.wait_for_everyone = PartialState().wait_for_everyone
 
 
 def build_loader(data_cfg: "DataConfig", *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -147,21 +158,16 @@ def build_loader(data_cfg: "DataConfig", *, batch_size: int, seed: int, rank: in
     """
     dataset = open_dataset(data_cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
                            start_batch=start_batch)
-    if data_cfg.cache and encoders is not None:
+    if data_cfg.cache and encoders is not None and hasattr(dataset, "lazy_samples"):
         from ldmkit.data.cache import build_cache
 
         root = cache_root or data_cfg.cache_dir
         if root is None:
             raise UserError("data.cache is true but no cache folder is known: set data.cache_dir")
-        accelerator = None
-        if world_size > 1:
-            from accelerate import PartialState
-
-            accelerator = PartialState()
         dataset = build_cache(dataset, encoders, root, data_cfg, batch_size=data_cfg.encode_batch_size,
-                              accelerator=accelerator)
+                              accelerator=_Ranks(rank, world_size) if world_size > 1 else None)
     elif data_cfg.cache:
-        logger.info("data.cache is set but this method has no encoders to cache with: reading the source")
+        logger.info("data.cache: nothing to encode (no encoders, or the source is already encoded)")
 
     workers = data_cfg.num_workers
     common = dict(num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,

@@ -2,9 +2,9 @@
 
 Per epoch e, one permutation of range(N) seeded by (seed, e), the same on every rank. The tail is
 dropped so an epoch is a whole number of global batches of B*W samples; global batch g of the epoch is
-``perm[g*B*W:(g+1)*B*W]`` and rank r takes its slice ``[r*B:(r+1)*B]``. With gradient accumulation the
-loop consumes micro-batches in order, so an optimizer step sees the same samples for any split of
-B*W*accumulation into processes of equal B*W. Each index is paired with
+``perm[g*B*W:(g+1)*B*W]`` and rank r takes its slice ``[r*B:(r+1)*B]``. So one process with batch B*W
+and W processes with batch B see the same samples at every step (micro-batches of gradient
+accumulation are consecutive global batches either way). Each index is paired with
 ``sample_seed(seed, epoch, index)``, the seed of all of that sample's randomness this epoch.
 
 Positions count micro-batches per rank (= global batches) from the start of training, across epochs;

@@ -75,12 +75,14 @@ def _check(attrs: dict[str, Any]) -> None:
             raise UserError(f"shape attribute {key}={attrs.get(key)!r} is not one of {', '.join(vocab)}")
 
 
-def coverage(shape: str, cx: float, cy: float, r: float, height: int, width: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
-    """(height, width) fraction of each pixel inside the shape; centre and radius in pixels.
+def coverage(shape: str, cx: Any, cy: Any, r: Any, height: int, width: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """(..., height, width) fraction of each pixel inside the shape; centre and radius in pixels.
 
+    ``cx, cy, r`` may be arrays (broadcast together) to render a batch of templates at once.
     Squares are axis-aligned; triangles point up, with base and height both 2 * r and the bounding box
     centred on (cx, cy). Coverage is the mean of an inside test over supersample^2 points per pixel.
     """
+    cx, cy, r = (np.asarray(v, dtype=np.float64)[..., None, None] for v in (cx, cy, r))
     y = ((np.arange(height * supersample) + 0.5) / supersample)[:, None]
     x = ((np.arange(width * supersample) + 0.5) / supersample)[None, :]
     if shape == "circle":
@@ -91,7 +93,8 @@ def coverage(shape: str, cx: float, cy: float, r: float, height: int, width: int
         inside = (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    return inside.reshape(height, supersample, width, supersample).mean(axis=(1, 3))
+    lead = inside.shape[:-2]
+    return inside.reshape(*lead, height, supersample, width, supersample).mean(axis=(-3, -1))
 
 
 def render(attrs: dict[str, Any], size: int) -> Image.Image:

@@ -137,18 +137,14 @@ class ImageTransform:
         """Transform with the draws' crop; ``flip`` overrides the drawn flip (the cache stores both)."""
         original_size = (image.height, image.width)
         image = self.resize(image)
-        top, left = self.crop_offsets(image.height, image.width, draws)
-        res = self.resolution
+        width, res = image.width, self.resolution
+        top, left = self.crop_offsets(image.height, width, draws)
         image = image.crop((left, top, left + res, top + res))
         flip = self.wants_flip(draws) if flip is None else flip
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = self.resize_width(original_size) - left - res
+            left = width - left - res  # the same window, in the mirrored resized image
         return Transformed(to_tensor(image), original_size, (top, left), flip)
-
-    def resize_width(self, original_size: tuple[int, int]) -> int:
-        h, w = original_size
-        return self.resolution if w <= h else int(self.resolution * w / h)
 
 
 def choose_caption(captions: list[str], draws: Draws, proportion_empty: float) -> tuple[str, int | None]:

@@ -39,7 +39,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from ldmkit.data.transforms import DECODE_ERRORS, IMAGE_EXTENSIONS, RawSample, SampleBuilder, decode_image, split_captions
+from ldmkit.data.transforms import (
+    DECODE_ERRORS, IMAGE_EXTENSIONS, RawSample, SampleBuilder, decode_image, split_captions,
+)
 from ldmkit.errors import UserError
 from ldmkit.train.rng import sample_seed
 
@@ -63,7 +65,8 @@ def expand_shards(path: str, allow_shell: bool = False) -> list[str]:
     if not urls:
         raise UserError(f"no WebDataset shards (*.tar) at {path}")
     if any(u.startswith("pipe:") for u in urls) and not allow_shell:
-        raise UserError(f"data.path {path} is a 'pipe:' URL, which runs a shell command; set data.allow_shell: true to allow it")
+        raise UserError(f"data.path {path} is a 'pipe:' URL, which runs a shell command; "
+                        "set data.allow_shell: true to allow it")
     for u in urls:
         if not _is_url(u) and not u.startswith("pipe:") and not Path(u.removeprefix("file://")).is_file():
             raise UserError(f"WebDataset shard {u} does not exist")
@@ -194,7 +197,8 @@ class WdsDataset(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def iter_unit(self, unit: int, num_units: int, skip: int = 0, epochs: Optional[int] = None) -> Iterator[dict[str, Any]]:
+    def iter_unit(self, unit: int, num_units: int, skip: int = 0,
+                  epochs: Optional[int] = None) -> Iterator[dict[str, Any]]:
         """Samples of one unit: forever (or ``epochs`` epochs), after skipping ``skip`` of them."""
         if len(self.urls) < num_units or self.max_samples is not None:
             logger.info("%d shards for %d loader units: every unit reads all shards and keeps its share",
@@ -207,13 +211,11 @@ class WdsDataset(IterableDataset):
                 if skip:
                     skip -= 1
                     continue
-                try:
-                    sample = self.builder(decode_sample(raw, self.caption_column),
-                                          sample_seed(self.seed, epoch, raw["__key__"]))
-                except DECODE_ERRORS as e:
-                    logger.debug("unreadable sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)
+                decoded = self._try_decode(raw)
+                if decoded is None:
                     unreadable += 1
                     continue
+                sample = self.builder(decoded, sample_seed(self.seed, epoch, decoded.key))
                 if unreadable:
                     sample["_skipped"], unreadable = unreadable, 0
                 yielded += 1

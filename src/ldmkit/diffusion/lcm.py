@@ -12,7 +12,9 @@ alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t]).
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
 from diffusers import LCMScheduler
@@ -146,12 +148,20 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Te
     return torch.mean(torch.sqrt(diff**2 + c**2) - c)
 
 
-def lcm_scheduler(scheduler_config: dict, original_inference_steps: int, timestep_scaling: float) -> LCMScheduler:
+def lcm_scheduler(
+    scheduler_config: dict, original_inference_steps: int, timestep_scaling: float, **overrides: Any
+) -> LCMScheduler:
     """An ``LCMScheduler`` on the teacher's noise schedule carrying the run's N and s.
 
     Inference must use the same N (``original_inference_steps``) and s (``timestep_scaling``) as
     distillation, so every export writes them into the scheduler config (the references do not).
+    ``overrides`` (e.g. prediction_type) win over the config.
     """
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    # Drop keys LCMScheduler does not take (SD folders carry those of the scheduler they were saved from);
+    # keep private ones: ``_use_default_values`` makes from_config use LCMScheduler's own defaults there
+    # (e.g. clip_sample=False rather than DDPMScheduler's True).
+    config = {k: v for k, v in dict(scheduler_config).items() if k in accepted or k.startswith("_")}
     return LCMScheduler.from_config(
-        dict(scheduler_config), original_inference_steps=original_inference_steps, timestep_scaling=timestep_scaling
+        config, original_inference_steps=original_inference_steps, timestep_scaling=timestep_scaling, **overrides
     )

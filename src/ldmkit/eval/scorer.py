@@ -43,28 +43,39 @@ def _array(image: Image.Image | np.ndarray) -> np.ndarray:
     return arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
 
 
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix of a 1-D Gaussian blur with zero padding (kernel cut at 4 sigma, sums to 1)."""
+    if sigma == 0:
+        return np.eye(n)
+    radius = int(4 * sigma + 0.5)
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    offsets = np.arange(n)[:, None] - np.arange(n)[None, :]  # (n, n) output row - input column
+    return np.where(np.abs(offsets) <= radius, k[np.clip(offsets + radius, 0, 2 * radius)], 0.0)
+
+
 def _fit(a: np.ndarray, cx: float, cy: float, side: float) -> tuple[str, float, float, float]:
     """Best (shape, radius px, residual, blur px) of blurred templates scaled to the coverage map ``a``.
 
     ``cx, cy`` is the centroid of ``a`` in its own pixel coordinates; blur keeps centroids, and an
-    upright triangle's centroid lies r/3 below its bounding-box centre.
+    upright triangle's centroid lies r/3 below its bounding-box centre. For each template t the
+    least-squares amplitude is <t, a> / <t, t>, leaving the residual |a|^2 - <t, a>^2 / <t, t>.
     """
     h, w = a.shape
+    radii = FIT_RADII * side  # (R,)
+    shapes = ATTRIBUTES["shape"]
+    templates = np.concatenate([  # (S * R, h, w)
+        coverage(s, cx, cy - radii / 3 if s == "triangle" else cy, radii, h, w, TEMPLATE_SUPERSAMPLE) for s in shapes
+    ])
     best = ("circle", 0.0, np.inf, 0.0)
-    for shape in ATTRIBUTES["shape"]:
-        for rf in FIT_RADII:
-            r = rf * side
-            cy_box = cy - r / 3 if shape == "triangle" else cy
-            t = coverage(shape, cx, cy_box, r, h, w, TEMPLATE_SUPERSAMPLE)
-            for bf in FIT_BLURS:
-                tb = ndimage.gaussian_filter(t, bf * side, mode="constant") if bf else t
-                tt = float((tb * tb).sum())
-                if tt == 0.0:
-                    continue
-                ta = float((tb * a).sum())
-                resid = float((a * a).sum()) - max(ta, 0.0) ** 2 / tt  # least-squares amplitude ta / tt
-                if resid < best[2]:
-                    best = (shape, r, resid, bf * side)
+    for bf in FIT_BLURS:
+        tb = np.einsum("ij,njk,lk->nil", _blur_matrix(h, bf * side), templates, _blur_matrix(w, bf * side))
+        ta = np.einsum("nij,ij->n", tb, a)
+        tt = np.einsum("nij,nij->n", tb, tb)
+        resid = float((a * a).sum()) - np.clip(ta, 0.0, None) ** 2 / np.maximum(tt, 1e-12)  # (S * R,)
+        i = int(np.argmin(resid))
+        if resid[i] < best[2]:
+            best = (shapes[i // len(radii)], float(radii[i % len(radii)]), float(resid[i]), bf * side)
     return best
 
 

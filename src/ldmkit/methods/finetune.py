@@ -342,15 +342,18 @@ class LoraMethod(_SDMethod):
         from diffusers.training_utils import cast_training_params
 
         m = self.mcfg
-        try:
-            self.unet.add_adapter(self._lora_config(m.lora_target_modules))
-        except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-            raise UserError(f"method.lora_target_modules: {e}") from e
         modules = [self.unet]
-        for name in self.text_encoder_names:
-            te = getattr(self, name)
-            te.add_adapter(self._lora_config(m.text_encoder_target_modules))
-            modules.append(te)
+        # The adapters' random init comes from train.seed, whatever the global RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            try:
+                self.unet.add_adapter(self._lora_config(m.lora_target_modules))
+            except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+                raise UserError(f"method.lora_target_modules: {e}") from e
+            for name in self.text_encoder_names:
+                te = getattr(self, name)
+                te.add_adapter(self._lora_config(m.text_encoder_target_modules))
+                modules.append(te)
         cast_training_params(modules, dtype=torch.float32)
         n = sum(p.numel() for mod in modules for p in mod.parameters() if p.requires_grad)
         log.info("LoRA rank %d: %d trainable parameters", m.lora_rank, n)

@@ -312,8 +312,8 @@ class _LCDBase(Method):
 
     # ---- validation -------------------------------------------------------------------------------
     def _lcm_scheduler(self):
-        config = {**self.models.noise_scheduler.config, "prediction_type": self.prediction_type}
-        return lcm.lcm_scheduler(config, self.mcfg.num_ddim_timesteps, self.mcfg.timestep_scaling_factor)
+        return lcm.lcm_scheduler(self.models.noise_scheduler.config, self.mcfg.num_ddim_timesteps,
+                                 self.mcfg.timestep_scaling_factor, prediction_type=self.prediction_type)
 
     def _sampling_unet(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -332,8 +332,10 @@ class _LCDBase(Method):
 
     @torch.no_grad()
     def validate(self, step: int):
-        """Rows: cfg.train.validation_prompts; columns: LCM samples at method.validation_steps, fixed seed."""
+        """Rows: cfg.train.validation_prompts; columns: LCM samples at method.validation_steps (fixed seed)."""
         from diffusers.utils import make_image_grid
+
+        from ldmkit.generate import generate_images
 
         prompts = self.cfg.train.validation_prompts
         if not prompts:
@@ -345,18 +347,14 @@ class _LCDBase(Method):
         pipe.set_progress_bar_config(disable=True)
         guidance = self.mcfg.validation_guidance
         guidance = self._default_guidance() if guidance is None else guidance
-        res = self.cfg.data.resolution
-        images = []
+        res, seed, steps = self.cfg.data.resolution, self.cfg.train.validation_seed, self.mcfg.validation_steps
         try:
-            for prompt in prompts:
-                for steps in self.mcfg.validation_steps:
-                    g = torch.Generator("cpu").manual_seed(self.cfg.train.validation_seed)
-                    with self.accelerator.autocast():
-                        images += pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                                       height=res, width=res).images
+            with self.accelerator.autocast():
+                columns = [generate_images(pipe, prompts, n, guidance, seed, height=res, width=res) for n in steps]
         finally:
             unet.train(was_training)
-        return make_image_grid(images, rows=len(prompts), cols=len(self.mcfg.validation_steps))
+        images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
+        return make_image_grid(images, rows=len(prompts), cols=len(steps))
 
     # ---- export helpers ---------------------------------------------------------------------------
     def _model_card(self, kind: str, how_to_load: str) -> str:

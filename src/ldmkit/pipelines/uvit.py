@@ -22,20 +22,13 @@ from typing import Optional, Union
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldmkit.diffusion.lcm import guidance_scale_embedding
 from ldmkit.models.uvit import UViT
-
-
-def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """LCM guidance-scale embedding of ``w`` [B] -> [B, dim]: sinusoid of ``w * 1000`` with
-    ``freq = exp(-log(10000) / (dim/2 - 1) * k)`` and [sin, cos] order, equal to diffusers'
-    ``StableDiffusionPipeline.get_guidance_scale_embedding`` (VDM, Kingma et al. 2021)."""
-    return get_timestep_embedding(w * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
 
 
 class UViTPipeline(DiffusionPipeline):
@@ -95,7 +88,7 @@ class UViTPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0 and cfg.time_cond_proj_dim is None
         if cfg.time_cond_proj_dim is not None:
             w = torch.full((batch,), guidance_scale - 1.0, device=device)
-            timestep_cond = guidance_scale_embedding(w, cfg.time_cond_proj_dim).to(cond.dtype)
+            timestep_cond = guidance_scale_embedding(w, cfg.time_cond_proj_dim).to(cond.dtype)  # as the LCD student saw it
         if do_cfg:
             negative = negative_prompt if negative_prompt is not None else ""
             negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
