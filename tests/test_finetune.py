@@ -226,3 +226,10 @@ def test_debug_recipes_train_end_to_end(recipe, arch, extra, request, shapes_fol
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert train(load_config(str(ROOT / "configs" / recipe), overrides)) == export
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_training_the_text_encoder_refuses_precomputed_embeddings(tiny_sd15):
+    method = LoraMethod(make_cfg(tiny_sd15, LoraMethodConfig(train_text_encoder=True)), accelerator())
+    batch = make_batch(2) | {"prompt_embeds": torch.zeros(2, 77, 32)}
+    with pytest.raises(UserError, match="train_text_encoder"):
+        method.loss(batch)

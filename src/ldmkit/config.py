@@ -81,9 +81,13 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     """Linear warmup steps."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2 (U-ViT uses 0.9)."""
     adam_weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
     use_8bit_adam: bool = False
     """bitsandbytes AdamW8bit (needs bitsandbytes and a GPU)."""
     max_grad_norm: Optional[float] = 1.0
@@ -117,8 +121,11 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     """Method and its knobs; method.name selects it."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Pretrained weights."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Data source, transforms and caches."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, precision, logging, validation and checkpoints."""
     output_dir: str = "outputs/run"
     """Run folder: config.yaml, metrics.jsonl, samples/, checkpoints/, export/."""
 
@@ -128,8 +135,10 @@ SHARED_GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 def _parser(method_cls: type[MethodConfig], prog: str = "ldmkit train"):
     """jsonargparse parser of a run's config for one method's config class."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+    # Field docstrings (the string under each dataclass field) become the --help text.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=prog, exit_on_error=False, description="Train with a YAML recipe; override any key with --section.key=value.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe.")
     parser.add_class_arguments(method_cls, "method", help=f"Options of method {method_cls.name!r}.")

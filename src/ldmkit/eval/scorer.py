@@ -69,7 +69,7 @@ def _fit(a: np.ndarray, cx: float, cy: float, side: float) -> tuple[str, float, 
     ])
     best = ("circle", 0.0, np.inf, 0.0)
     for bf in FIT_BLURS:
-        tb = np.einsum("ij,njk,lk->nil", _blur_matrix(h, bf * side), templates, _blur_matrix(w, bf * side))
+        tb = _blur_matrix(h, bf * side) @ templates @ _blur_matrix(w, bf * side).T  # (S * R, h, w)
         ta = np.einsum("nij,ij->n", tb, a)
         tt = np.einsum("nij,nij->n", tb, tb)
         resid = float((a * a).sum()) - np.clip(ta, 0.0, None) ** 2 / np.maximum(tt, 1e-12)  # (S * R,)

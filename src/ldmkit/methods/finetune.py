@@ -167,6 +167,8 @@ class _SDMethod(Method):
         noisy = sched.add_noise(latents, model_noise, t)
         # 3. Conditioning: cached embeddings or the (maybe trained) text encoders.
         encoders = [getattr(self, n) for n in self.text_encoder_names] or None
+        if encoders and "prompt_embeds" in batch:  # e.g. a features folder found by format: auto
+            raise UserError("method.train_text_encoder needs captions, but the data gives fixed prompt_embeds")
         text = self.sd.text(batch, text_encoders=encoders)
         added = None
         if self.sd.is_sdxl:

@@ -491,8 +491,12 @@ class LCDMethod(_LCDBase):
 
         out_dir = Path(out_dir)
         extra: dict[str, Any] = {}
-        if self.cfg.model.vae:
-            extra["vae"] = self._aux().vae
+        if self.cfg.model.vae:  # the separate VAE as stored (not the weight-dtype training copy)
+            from diffusers import AutoencoderKL
+
+            vae = Path(self.cfg.model.vae)
+            sub = "vae" if (vae / "vae" / "config.json").is_file() else None
+            extra["vae"] = AutoencoderKL.from_pretrained(vae, subfolder=sub, variant=self.cfg.model.variant)
         if not self.is_sdxl:
             extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = DiffusionPipeline.from_pretrained(self.cfg.model.pretrained, unet=self.target_unet,

@@ -32,6 +32,7 @@ from ldmkit.train.rng import SampleRNG
 
 if TYPE_CHECKING:
     from ldmkit.config import Config
+    from ldmkit.pipelines.uvit import UViTPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +162,11 @@ class UViTMethod(Method):
     def encoders(self):
         return self.models
 
-    def _pipeline(self, unet: UViT, vae=None, text_encoder=None, tokenizer=None):
+    def _pipeline(self, unet: UViT, parts) -> "UViTPipeline":
+        """UViTPipeline of ``unet`` with the VAE / text encoder / tokenizer of ``parts`` (an SDModels)."""
         from ldmkit.pipelines.uvit import UViTPipeline
 
-        return UViTPipeline(vae=vae or self.models.vae, text_encoder=text_encoder or self.models.text_encoders[0],
-                            tokenizer=tokenizer or self.models.tokenizers[0], unet=unet,
+        return UViTPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=unet,
                             scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config))
 
     @torch.no_grad()
@@ -178,7 +179,7 @@ class UViTMethod(Method):
         self.ema.store(unet.parameters())
         self.ema.copy_to(unet.parameters())
         try:
-            pipe = self._pipeline(unet)
+            pipe = self._pipeline(unet, self.models)
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator(self.device).manual_seed(self.cfg.train.validation_seed)
             with self.accelerator.autocast():
@@ -195,9 +196,10 @@ class UViTMethod(Method):
 
         unet = UViT.from_config(self.unwrap(self.unet).config)
         self.ema.copy_to(unet.parameters())
+        # Fresh fp32 copies: the training ones may be stored in the mixed-precision dtype.
         parts = SDModels.load(self.cfg.model.pretrained, vae=self.cfg.model.vae, variant=self.cfg.model.variant, unet=False)
         parts.vae.register_to_config(scaling_factor=self.scale)
-        pipe = self._pipeline(unet, parts.vae, parts.text_encoders[0], parts.tokenizers[0])
+        pipe = self._pipeline(unet, parts)
         pipe.save_pretrained(out_dir)
         logger.info("exported UViTPipeline to %s", out_dir)
 

@@ -246,6 +246,7 @@ class SDModels:
         folders = [vae_root / vae_sub if vae_sub else vae_root, *self._text_dirs]
         h = hashlib.sha256(f"{self._dtype}|{self._variant}|sdxl={self.is_sdxl}".encode())
         for folder in folders:
+            _require(folder, "model folder part")
             for f in sorted(p for p in folder.iterdir() if p.is_file()):
                 h.update(f.name.encode())
                 h.update(f.read_bytes() if f.suffix in (".json", ".txt") else _file_identity(f))

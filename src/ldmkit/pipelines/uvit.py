@@ -6,9 +6,10 @@ divided by ``vae.config.scaling_factor`` before decoding (the exported VAE confi
 model was trained with), and for a U-ViT with ``time_cond_proj_dim`` (an LCM student) the embedding of
 ``guidance_scale - 1`` as ``timestep_cond`` instead of CFG.
 
-The denoiser component is named ``unet`` although it is a transformer: diffusers code and tools
-(schedulers' helpers, ``pipe.unet.config.time_cond_proj_dim`` checks, LCM recipes) and ppdiffusers'
-LDMTextToImageUViTPipeline all address the denoiser as ``unet``. model_index.json records it as
+The denoiser component is named ``unet`` although it is a transformer: code written for diffusers'
+pipelines (ldmkit's generate/evaluate, LCD's ``pipe.unet.config.time_cond_proj_dim`` checks, offload
+sequences) reaches the denoiser as ``pipe.unet``, and ppdiffusers' LDMTextToImageUViTPipeline, the
+reference U-ViT pipeline, names it ``unet`` too. model_index.json records it as
 ``["ldmkit.models.uvit", "UViT"]``; diffusers imports that module when loading (a library that is not
 diffusers/transformers is recorded by its full module path), so ``UViTPipeline.from_pretrained(dir)`` works
 in a fresh process without ``trust_remote_code``.
@@ -72,6 +73,8 @@ class UViTPipeline(DiffusionPipeline):
         eta: float = 0.0,
         return_dict: bool = True,
     ):
+        """Generate images; arguments as in diffusers' StableDiffusionPipeline. Returns ImagePipelineOutput
+        (``.images``: PIL list, or an array/tensor for output_type "np"/"pt", latents for "latent")."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         cfg = self.unet.config
         native = cfg.sample_size * self.vae_scale_factor
@@ -101,7 +104,7 @@ class UViTPipeline(DiffusionPipeline):
         shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = latents.to(device=device, dtype=cond.dtype) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}

@@ -99,6 +99,41 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def install_trainable_only_checkpoints(accelerator) -> None:
+    """Checkpoint only the parameters being trained (LoRA adapters, not the 10 GB SDXL UNet around them).
+
+    The frozen rest is re-created from ``model.pretrained`` on resume. accelerate's save/load pre-hooks
+    let us store the trainable tensors as safetensors and tell accelerate to skip the full state dicts.
+    DeepSpeed and FSDP shard their own state and keep accelerate's default.
+    """
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file, save_file
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return
+
+    def trainable(model) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters()
+                if p.requires_grad}
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                save_file(trainable(model), str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            state = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
+            result = accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+            if result.unexpected_keys:
+                raise UserError(f"checkpoint {input_dir} does not match the model: unexpected {result.unexpected_keys[:3]}")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
 def save_checkpoint(accelerator, method, lr_scheduler, cfg: Config, step: int, samples_seen: int) -> None:
     root = Path(cfg.output_dir) / "checkpoints"
     if accelerator.is_main_process:
@@ -163,6 +198,7 @@ def train(cfg: Config, accelerator=None) -> Path:
     for name, module in zip(method.trainable_names, prepared[:-1]):
         setattr(method, name, module)
     optimizer = prepared[-1]
+    install_trainable_only_checkpoints(accelerator)
 
     # Resume from the latest complete checkpoint, if any.
     step, samples_seen = 0, 0

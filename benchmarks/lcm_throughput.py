@@ -1,0 +1,192 @@
+"""Throughput of one LCD / LCM-LoRA training step, and what the optimisations buy.
+
+    python benchmarks/lcm_throughput.py [--batch 8] [--resolution 64] [--steps 5]
+
+For lcm_lora and lcd, on a small SD1.5-architecture model built locally (UNet block_out_channels
+(64, 128, 256), so the UNet dominates as in the real model), it measures every combination of
+- data cache off (VAE + text encoder run every step) / on (precomputed latent moments + prompt embeds),
+- teacher passes unbatched (cond and uncond as two forwards, as the references) / batched (one forward),
+and prints samples/s, the ratio to the unoptimised form (cache off, unbatched), peak memory and the
+UNet's share of the step time (UNet forwards timed with hooks + the backward, which only runs through
+the UNet). Each combination runs in its own process so peak memory (ru_maxrss on CPU,
+torch.cuda.max_memory_allocated on GPU) is that combination's alone. It also prints how many UNets each
+method keeps in memory (LCM-LoRA: one; its teacher is the same UNet with the adapters disabled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("lcm_lora", "lcd")
+VARIANTS = [(False, False), (False, True), (True, False), (True, True)]  # (cache, batched teacher)
+
+
+def build_model(out: Path) -> Path:
+    """A small random SD1.5-architecture pipeline: 3-level UNet (64, 128, 256), CLIP 4x64, KL-f8 VAE."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldmkit.models.tiny import _SCHEDULERS, byte_tokenizer, byte_vocab
+
+    torch.manual_seed(0)
+    n = len(byte_vocab())
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=64, intermediate_size=256, num_attention_heads=4,
+                                        num_hidden_layers=4, max_position_embeddings=77, bos_token_id=n - 2,
+                                        eos_token_id=n - 1, pad_token_id=n - 1))
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(64, 128, 256), layers_per_block=2,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4,
+                        sample_size=64)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=byte_tokenizer(),
+                                   scheduler=PNDMScheduler.from_config(_SCHEDULERS["sd15"]), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+def _batch(n: int, res: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.rand(n, 3, res, res, generator=g) * 2 - 1,
+            "captions": [f"a small red circle number {i} in the top left" for i in range(n)],
+            "original_size": torch.tensor([[res, res]] * n), "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
+            "seed": torch.arange(n), "key": [str(i) for i in range(n)]}
+
+
+def run_one(model: str, method_name: str, cache: bool, batched: bool, args) -> dict:
+    """One combination, in this process: warm up, then time ``args.steps`` optimizer steps."""
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    from ldmkit.config import load_config
+    from ldmkit.methods import get_method
+
+    cuda = torch.cuda.is_available()
+    overrides = [f"--method.name={method_name}", f"--model.pretrained={model}", f"--data.resolution={args.resolution}",
+                 f"--data.cache={str(cache).lower()}", f"--method.batch_teacher_passes={str(batched).lower()}",
+                 "--train.report_to=none", f"--train.mixed_precision={args.mixed_precision}"]
+    cfg = load_config(None, overrides)
+    method = get_method(method_name)(cfg, Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision))
+    gc.collect()
+    num_unets = sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects())
+
+    batch = _batch(args.batch, args.resolution)
+    if cache:  # what the data cache would hand over: VAE moments and prompt embeddings
+        enc = method.encoders()
+        with torch.no_grad():
+            batch = {**{k: v for k, v in batch.items() if k not in ("pixel_values",)},
+                     "latent_moments": enc.encode_images(batch["pixel_values"]).cpu(),
+                     "prompt_embeds": enc.encode_prompts(batch["captions"])["prompt_embeds"].cpu()}
+        del enc
+        gc.collect()
+    batch = {k: v.to(method.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    unet_time = [0.0]
+    started: dict[int, float] = {}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def pre(module, *_):
+        sync()
+        started[id(module)] = time.perf_counter()
+
+    def post(module, *_):
+        sync()
+        unet_time[0] += time.perf_counter() - started.pop(id(module))
+
+    for unet in {id(m): m for m in (method.unet, getattr(method, "teacher_unet", None), getattr(method, "target_unet", None))
+                 if m is not None}.values():
+        unet.register_forward_pre_hook(pre)
+        unet.register_forward_hook(post)
+
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-6)
+
+    def step() -> float:
+        loss, _ = method.loss(batch)
+        sync()
+        t0 = time.perf_counter()
+        loss.backward()  # the backward runs through the student UNet only
+        sync()
+        backward = time.perf_counter() - t0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.after_step(1)
+        return backward
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    unet_time[0] = 0.0
+    sync()
+    t0 = time.perf_counter()
+    backward = sum(step() for _ in range(args.steps))
+    sync()
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method_name, "cache": cache, "batched": batched, "samples_per_s": args.batch * args.steps / elapsed,
+            "unet_share": (unet_time[0] + backward) / elapsed, "peak_mb": peak / 2**20, "num_unets": num_unets,
+            "memory": "cuda allocated" if cuda else "process RSS"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="Samples per step.")
+    p.add_argument("--resolution", type=int, default=64, help="Image side in pixels (latents are 1/8).")
+    p.add_argument("--steps", type=int, default=5, help="Timed steps per combination.")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="accelerate mixed precision.")
+    p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of lcm_lora,lcd.")
+    p.add_argument("--model", default=None, help="Use this pipeline folder instead of building the small model.")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: method,cache,batched in a child process
+    args = p.parse_args()
+
+    if args.one:
+        name, cache, batched = args.one.split(",")
+        print(json.dumps(run_one(args.model, name, cache == "1", batched == "1", args)))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(build_model(Path(tmp) / "model"))
+        results = []
+        for name in args.methods.split(","):
+            for cache, batched in VARIANTS:
+                cmd = [sys.executable, __file__, "--one", f"{name},{int(cache)},{int(batched)}", "--model", model,
+                       "--batch", str(args.batch), "--resolution", str(args.resolution), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--mixed-precision", args.mixed_precision]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                results.append(json.loads(out.strip().splitlines()[-1]))
+                print(f"  measured {name} cache={cache} batched_teacher={batched}", file=sys.stderr)
+
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"LCD training step, batch {args.batch}, {args.resolution} px, {device}, mixed precision {args.mixed_precision}")
+    print(f"{'method':9} {'cache':6} {'teacher':10} {'samples/s':>10} {'vs base':>8} {'peak MB':>9} {'UNet share':>11}")
+    for name in args.methods.split(","):
+        rows = [r for r in results if r["method"] == name]
+        base = next(r for r in rows if not r["cache"] and not r["batched"])["samples_per_s"]
+        for r in rows:
+            print(f"{name:9} {'on' if r['cache'] else 'off':6} {'batched' if r['batched'] else 'unbatched':10} "
+                  f"{r['samples_per_s']:10.2f} {r['samples_per_s'] / base:7.2f}x {r['peak_mb']:9.0f} {r['unet_share']:10.0%}")
+    for name in args.methods.split(","):
+        r = next(r for r in results if r["method"] == name)
+        print(f"UNet modules in memory for {name}: {r['num_unets']}")
+    print(f"(peak memory = {results[0]['memory']}; 'vs base' = samples/s relative to cache off + unbatched teacher)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

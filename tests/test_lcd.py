@@ -1,0 +1,231 @@
+"""The lcm_lora and lcd methods on tiny SD1.5 / SDXL teachers: Algorithm 1, roles, exports, recipes, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest_lcm import unet_inputs, unet_out
+from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from ldmkit.config import load_config
+from ldmkit.errors import UserError
+from ldmkit.lora import formats
+from ldmkit.methods import get_method
+from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod, _adapters_disabled
+
+ROOT = Path(__file__).parents[1]
+RES = 32
+STEPS = {"sd15": 20, "sdxl": 12}
+LR = {"lcm_lora": 1e-3, "lcd": 3e-5}
+
+
+def make_method(name: str, model_dir, out_dir, *extra: str):
+    from accelerate import Accelerator
+
+    small = ["--method.lora_rank=4", "--method.lora_alpha=4"] if name == "lcm_lora" else ["--method.unet_time_cond_proj_dim=32"]
+    cfg = load_config(None, [f"--method.name={name}", f"--model.pretrained={model_dir}", f"--data.resolution={RES}",
+                             "--train.report_to=none", f"--output_dir={out_dir}", *small, *extra])
+    return get_method(name)(cfg, Accelerator(cpu=True))
+
+
+def fixed_batch(n: int = 2) -> dict:
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=RES, mode="bilinear") * 2 - 1
+    return {"pixel_values": smooth, "captions": ["a large red circle", ""][:n] + ["x"] * max(0, n - 2),
+            "original_size": torch.tensor([[RES, RES]] * n), "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
+            "seed": torch.arange(n) + 7, "key": [str(i) for i in range(n)]}
+
+
+def train_steps(method, batch: dict, steps: int, lr: float) -> list[float]:
+    opt = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for i in range(steps):
+        loss, _ = method.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(i + 1)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_sd15, tiny_sdxl):
+    """(arch, method name) -> (method trained on a fixed batch, losses); trained once, on first use."""
+    runs: dict = {}
+
+    def get(arch: str, name: str):
+        if (arch, name) not in runs:
+            model = tiny_sd15 if arch == "sd15" else tiny_sdxl
+            extra = ["--method.num_ddim_timesteps=25", "--method.timestep_scaling_factor=5"] if name == "lcd" else []
+            method = make_method(name, model, tmp_path_factory.mktemp(f"{arch}-{name}"), "--method.loss_type=huber", *extra)
+            runs[arch, name] = method, train_steps(method, fixed_batch(), STEPS[arch], LR[name])
+        return runs[arch, name]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name", ["lcm_lora", "lcd"])
+def test_loss_decreases_on_a_fixed_batch(trained, arch, name):
+    _, losses = trained(arch, name)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_lcm_lora_keeps_one_unet_and_its_teacher_is_the_base(trained, tiny_sd15):
+    method, _ = trained("sd15", "lcm_lora")
+    unets = {id(v) for v in vars(method).values() if isinstance(v, UNet2DConditionModel)}
+    assert unets == {id(method.unet)} and method.models.unet is method.unet
+    assert method._teacher_model() is method._target_model() is method.unet
+    inputs = unet_inputs(method.unet)
+    base = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    with _adapters_disabled(method.unet):
+        teacher = unet_out(method.unet, inputs)
+    torch.testing.assert_close(teacher, unet_out(base, inputs))
+    assert not torch.allclose(unet_out(method.unet, inputs), teacher, atol=1e-4)  # the trained LoRA is back on
+    assert formats.count_lora_modules(method.unet) == len(formats.layers_from_peft_model(method.unet)) > 0
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_lcd_student_equals_teacher_at_step_0_and_ema(tmp_path, request, arch):
+    method = make_method("lcd", request.getfixturevalue(f"tiny_{arch}"), tmp_path)
+    assert method.unet.config.time_cond_proj_dim == 32 and method.teacher_unet.config.time_cond_proj_dim is None
+    assert method.unet.dtype == method.target_unet.dtype == torch.float32
+    inputs = unet_inputs(method.teacher_unet)
+    w_emb = method._w_embedding(torch.tensor([3.0, 12.0]))
+    student = method.unet(**inputs, timestep_cond=w_emb).sample
+    torch.testing.assert_close(student, unet_out(method.teacher_unet, inputs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(method.target_unet(**inputs, timestep_cond=w_emb).sample, student, rtol=0, atol=0)
+    # one step, then target = 0.95 target + 0.05 student
+    before = {k: v.clone() for k, v in method.target_unet.state_dict().items()}
+    opt = torch.optim.SGD(method.parameters(), lr=1.0)
+    method.loss(fixed_batch())[0].backward()
+    opt.step()
+    method.after_step(1)
+    online = method.unet.state_dict()
+    moved = 0
+    for k, v in method.target_unet.state_dict().items():
+        torch.testing.assert_close(v, 0.95 * before[k] + 0.05 * online[k])
+        moved += int(not torch.equal(v, before[k]))
+    assert moved > 0
+    assert set(method.checkpoint_objects()) == {"target_unet"}
+
+
+@pytest.mark.parametrize("arch,name", [("sd15", "lcm_lora"), ("sdxl", "lcd")])
+def test_batched_teacher_passes_equal_unbatched(tmp_path, request, arch, name):
+    method = make_method(name, request.getfixturevalue(f"tiny_{arch}"), tmp_path)
+    batch = fixed_batch(3)
+    with torch.no_grad():
+        batched = method.loss(batch)[0]
+        method.mcfg.batch_teacher_passes = False
+        unbatched = method.loss(batch)[0]
+    torch.testing.assert_close(batched, unbatched, rtol=1e-5, atol=1e-7)
+
+
+def _generate(pipe, guidance: float) -> None:
+    pipe.set_progress_bar_config(disable=True)
+    for steps in (1, 2, 4, 8):
+        image = pipe("a red circle", num_inference_steps=steps, guidance_scale=guidance, height=RES, width=RES,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert image.shape == (1, RES, RES, 3) and torch.isfinite(torch.from_numpy(image)).all()
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_lcm_lora_export_loads_in_stock_pipeline(trained, tmp_path, request, arch):
+    method, _ = trained(arch, "lcm_lora")
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    method.export(tmp_path)
+    assert (tmp_path / "README.md").read_text().startswith("# LCM-LoRA")
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    inputs = unet_inputs(method.unet)
+    expected = unet_out(method.unet, inputs)
+    n = formats.count_lora_modules(method.unet)
+    for weights in (tmp_path, tmp_path / formats.KOHYA_WEIGHT_NAME):  # the diffusers file, then the kohya copy
+        pipe = cls.from_pretrained(model_dir)
+        pipe.load_lora_weights(str(weights))
+        assert formats.count_lora_modules(pipe.unet) == n
+        torch.testing.assert_close(unet_out(pipe.unet, inputs), expected, rtol=1e-5, atol=1e-5)
+    assert all(k.startswith("lora_unet_") for k in load_file(str(tmp_path / formats.KOHYA_WEIGHT_NAME)))
+    pipe.scheduler = LCMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert pipe.scheduler.config.original_inference_steps == 50 and pipe.scheduler.config.timestep_scaling == 10.0
+    _generate(pipe, guidance=0.0 if arch == "sdxl" else 1.0)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_lcd_export_is_a_stock_lcm_pipeline(trained, tmp_path, arch):
+    method, _ = trained(arch, "lcd")
+    method.export(tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(pipe) is (StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.scheduler.config.original_inference_steps == 25 and pipe.scheduler.config.timestep_scaling == 5.0
+    assert pipe.unet.config.time_cond_proj_dim == 32
+    target = method.target_unet.state_dict()
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(v, target[k], rtol=0, atol=0)
+    assert "guidance_scale" in (tmp_path / "README.md").read_text()
+    _generate(pipe, guidance=8.0)
+
+
+def test_validate_grid(trained):
+    method, _ = trained("sd15", "lcm_lora")
+    method.cfg.train.validation_prompts = ["a red circle", "a blue square"]
+    method.mcfg.validation_steps = [1, 2]
+    grid = method.validate(0)
+    assert grid.size == (2 * RES, 2 * RES)
+    assert method.unet.training  # restored after sampling
+
+
+RECIPES = sorted((ROOT / "configs" / "lcm_lora").glob("*.yaml")) + sorted((ROOT / "configs" / "lcd").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipes_validate(path):
+    cfg = load_config(str(path))
+    assert cfg.method.name == path.parent.name
+    assert isinstance(cfg.method, LCMLoraMethod.Config if cfg.method.name == "lcm_lora" else LCDMethod.Config)
+    if not path.stem.startswith("debug"):
+        assert cfg.method.loss_type == "huber" and cfg.method.num_ddim_timesteps == 50
+        assert cfg.method.w_min == (3.0 if "sdxl" in path.stem else 5.0)
+        assert cfg.train.learning_rate == (1e-4 if cfg.method.name == "lcm_lora" else 1e-6)
+
+
+def test_recipe_set_is_complete():
+    assert {f"{p.parent.name}/{p.stem}" for p in RECIPES} == {
+        f"{m}/{r}" for m in ("lcm_lora", "lcd") for r in ("sd15", "sdxl", "debug", "debug_sdxl")}
+
+
+@pytest.mark.parametrize("override", ["--method.w_min=16", "--method.validation_steps=[1,80]", "--method.huber_c=0",
+                                      "--method.lora_rank=0", "--method.loss_type=l1"])
+def test_bad_knobs_are_user_errors(override):
+    with pytest.raises(UserError):
+        load_config(str(ROOT / "configs" / "lcm_lora" / "debug.yaml"), [override])
+
+
+def test_lcd_resume_equals_uninterrupted(tmp_path, tiny_sd15, shapes_folder):
+    """Through the training loop, from the data cache: EMA target and student survive a restart exactly."""
+    from ldmkit.train.loop import train
+
+    def cfg(name: str, steps: int):
+        return load_config(str(ROOT / "configs" / "lcd" / "debug.yaml"), [
+            f"--model.pretrained={tiny_sd15}", f"--data.path={shapes_folder}", f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--train.max_steps={steps}", "--train.checkpoint_every=2", "--train.validate_every=0",
+            "--train.validation_prompts=[]", "--train.batch_size=2", f"--output_dir={tmp_path / name}"])
+
+    train(cfg("full", 4))
+    train(cfg("resumed", 2))
+    train(cfg("resumed", 4))
+    a = load_file(str(tmp_path / "full" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], load_file(str(tiny_sd15 / "unet" / "diffusion_pytorch_model.safetensors")).get(k, a[k]))
+               for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
