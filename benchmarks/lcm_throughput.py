@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ def run_one(model: str, method_name: str, cache: bool, batched: bool, args) -> d
     cfg = load_config(None, overrides)
     method = get_method(method_name)(cfg, Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision))
     gc.collect()
-    num_unets = sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects())
+    with warnings.catch_warnings():  # isinstance on some lazily imported objects warns
+        warnings.simplefilter("ignore")
+        num_unets = sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects())
 
     batch = _batch(args.batch, args.resolution)
     if cache:  # what the data cache would hand over: VAE moments and prompt embeddings

@@ -11,7 +11,7 @@ import torch
 
 from conftest_data import FakeEncoders, data_cfg, fake_encoders, items, layouts, make_items, write_folder  # noqa: F401
 from ldmkit.data import Draws, build_loader, open_dataset
-from ldmkit.data.cache import CacheDataset, build_cache
+from ldmkit.data.cache import CacheDataset, LazyEncoders, build_cache
 from ldmkit.train.rng import sample_seed
 
 TOL = dict(rtol=3e-3, atol=3e-3)  # float16 storage
@@ -74,6 +74,26 @@ def test_cache_reused_and_invalidated(multi_folder, tmp_path):
     changed = _build(open_dataset(cfg), enc, tmp_path / "cache", cfg)
     assert enc.image_calls > 0 and changed.folder not in (first.folder, other.folder)
     assert changed.captions[1][0] == ["a new caption"]  # sample 3 = shard 1, row 0
+
+
+def test_lazy_encoders_load_only_to_build(multi_folder, tmp_path):
+    """Finding a finished cache needs the fingerprint only: the models are not loaded."""
+    cfg = data_cfg(multi_folder)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return FakeEncoders()
+
+    def lazy():
+        return LazyEncoders(lambda: FakeEncoders().fingerprint(), load)
+
+    enc = lazy()
+    first = _build(open_dataset(cfg), enc, tmp_path / "cache", cfg)
+    assert enc.is_loaded and len(loads) == 1 and enc.image_calls > 0  # attributes come from the loaded object
+    enc = lazy()
+    again = _build(open_dataset(cfg), enc, tmp_path / "cache", cfg)
+    assert not enc.is_loaded and len(loads) == 1 and again.folder == first.folder
 
 
 def test_cache_build_resumes(multi_folder, tmp_path):

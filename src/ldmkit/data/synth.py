@@ -180,7 +180,8 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_dataset(out: str | Path, num: int, fmt: str = "folder", size: int = 32, seed: int = 0, shard_size: int = 1000) -> list[Path]:
+def write_dataset(out: str | Path, num: int, fmt: str = "folder", size: int = 32, seed: int = 0,
+                  shard_size: int = 1000) -> list[Path]:
     """Write ``num`` samples to ``out`` and return the written image files (folder) or shards (wds).
 
     folder: ``NNNNN.png`` + ``NNNNN.txt`` + ``metadata.jsonl`` (``file_name``, ``text`` and the attributes),

@@ -11,7 +11,11 @@ pipelines that have one): ``unet_evals_per_image`` adds up the batch rows of eve
 divides by the number of images, so classifier-free guidance run as one doubled batch (diffusers'
 SD pipelines) counts 2 per step, and an LCM (guidance through the w-embedding, no CFG) counts 1 per
 step. ``unet_calls_per_batch`` is the number of forward calls per pipeline call (= steps when CFG is
-batched).
+batched; multistep warm-ups such as PNDM's show up here too).
+
+FD is biased upward when there are fewer images than feature dimensions (368 for the default features,
+2048 for Inception): compare FD only between runs with the same number of images. KID is unbiased and
+the better number for small sets.
 """
 
 from __future__ import annotations
@@ -287,13 +291,13 @@ def read_data(path: str | Path, limit: int) -> tuple[list[Image.Image], list[str
 
 
 def read_images(path: str | Path, limit: int) -> list[Image.Image]:
-    """Up to ``limit`` images of a folder (sorted, recursive)."""
+    """Up to ``limit`` reference images: a folder's image files (sorted, recursive), else a dataset's images."""
     root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"--reference folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
+    if not root.exists():
+        raise UserError(f"--reference not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit] if root.is_dir() else []
     if not files:
-        raise UserError(f"--reference folder has no images: {root}")
+        return read_data(root, limit)[0]
     images = []
     for f in files:
         with Image.open(f) as im:
@@ -302,30 +306,34 @@ def read_images(path: str | Path, limit: int) -> list[Image.Image]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
-    parser.add_argument("--lora", default=None, help="LoRA file or folder to load on top (e.g. an LCM-LoRA).")
+    add = parser.add_argument
+    add("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
+    add("--lora", default=None, help="LoRA file or folder to load on top (e.g. an LCM-LoRA).")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", default=None, help="Text file with one prompt per line.")
-    src.add_argument("--data", default=None, help="Dataset (folder, WebDataset shards, file list): its captions are the prompts and its images the FD/KID reference.")
+    src.add_argument("--data", default=None,
+                     help="Dataset (folder, WebDataset shards, file list): its captions are the prompts and its "
+                          "images the FD/KID reference.")
     src.add_argument("--shapes", action="store_true", help="Held-out synthetic-shapes prompts (ldmkit data synth vocabulary).")
-    parser.add_argument("--steps", default="1,2,4,8", help="Comma-separated step counts to evaluate.")
-    parser.add_argument("--scheduler", choices=("lcm", "ddim", "dpm", "euler"), default=None, help="Sampler; default: the folder's own.")
-    parser.add_argument("--guidance", type=float, default=None, help="Guidance scale; default: the pipeline's default.")
-    parser.add_argument("--num-images", type=int, default=100, help="Number of prompts (one image each); fewer if the file or data has fewer.")
-    parser.add_argument("--seed", type=int, default=0, help="Image i of every setting uses seed + i.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per pipeline call.")
-    parser.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
-    parser.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
-    parser.add_argument("--reference", default=None, help="Folder of reference images for FD/KID (default with --data: the data's images).")
-    parser.add_argument("--max-reference", type=int, default=2000, help="Use at most this many reference images.")
-    parser.add_argument("--feature-net", default=None,
-                        help="Local TorchScript (.pt) or torch.export (.pt2) feature network for FD/KID, e.g. StyleGAN2-ADA's "
-                             "inception-2015-12-05.pt; default: ldmkit's weight-free random conv features (comparable only within ldmkit).")
-    parser.add_argument("--clip", default=None, help="Local transformers CLIP folder for CLIP score.")
-    parser.add_argument("--save-images", action="store_true", help="Also write every generated image (steps-N/IIIII.png).")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="Weights dtype; auto: fp16 on CUDA, else fp32.")
-    parser.add_argument("--out", required=True, help="Output folder: metrics.json, quality_vs_steps.png, grid-steps-N.png.")
+    add("--steps", default="1,2,4,8", help="Comma-separated step counts to evaluate.")
+    add("--scheduler", choices=("lcm", "ddim", "dpm", "euler"), default=None, help="Sampler; default: the folder's own.")
+    add("--guidance", type=float, default=None, help="Guidance scale; default: the pipeline's default.")
+    add("--num-images", type=int, default=100, help="Number of prompts (one image each); fewer if the file or data has fewer.")
+    add("--seed", type=int, default=0, help="Image i of every setting uses seed + i.")
+    add("--batch-size", type=int, default=8, help="Prompts per pipeline call.")
+    add("--height", type=int, default=None, help="Image height; default: the model's.")
+    add("--width", type=int, default=None, help="Image width; default: the model's.")
+    add("--reference", default=None,
+        help="Reference images for FD/KID: an image folder or a dataset (default with --data: the data's images).")
+    add("--max-reference", type=int, default=2000, help="Use at most this many reference images.")
+    add("--feature-net", default=None,
+        help="Local TorchScript (.pt) or torch.export (.pt2) feature network for FD/KID, e.g. StyleGAN2-ADA's "
+             "inception-2015-12-05.pt; default: ldmkit's weight-free random conv features (comparable only within ldmkit).")
+    add("--clip", default=None, help="Local transformers CLIP folder for CLIP score.")
+    add("--save-images", action="store_true", help="Also write every generated image (steps-N/IIIII.png).")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
+    add("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="Weights dtype; auto: fp16 on CUDA, else fp32.")
+    add("--out", required=True, help="Output folder: metrics.json, quality_vs_steps.png, grid-steps-N.png.")
 
 
 def run(args: argparse.Namespace) -> int:

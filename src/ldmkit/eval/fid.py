@@ -104,16 +104,22 @@ def _uint8_batch(images: Sequence[Image.Image]) -> torch.Tensor:
 
 
 class RandomConvFeatures:
-    """A fixed random conv net: 64x64 input, three 4x4 stride-2 convs + ReLU, 2x2 average pool -> 256 features.
+    """A fixed random conv net: 64x64 input, three 4x4 stride-2 convs + ReLU -> 368 features.
+
+    Features: every layer's per-channel mean and standard deviation (texture statistics of random
+    filters, which see colour, edges and sharpness), plus the first layer's activations averaged on
+    a 3x3 grid and scaled by 0.3 (coarse layout; the weight keeps it from drowning the rest). On
+    shapes data this separates blurred, recoloured, re-shaped and re-positioned sets from a fresh
+    sample of the same distribution (tests/test_eval_fid.py).
 
     Weights are He-scaled normals from ``np.random.RandomState(seed)`` (NumPy keeps that stream
-    frozen across versions), so the network is identical in every install and needs no file. Random
-    conv features still separate colour, shape and layout statistics, which is what the shapes
-    benchmark needs; the numbers are NOT comparable with Inception-based FID.
+    frozen across versions), so the network is identical in every install and needs no file. The
+    numbers are NOT comparable with Inception-based FID, only with ldmkit numbers of the same ``name``.
     """
 
     CHANNELS = (3, 16, 32, 64)
     INPUT = 64
+    LAYOUT_GRID, LAYOUT_WEIGHT = 3, 0.3
 
     def __init__(self, seed: int = 0, device: torch.device | str | None = None, batch_size: int = 64):
         self.name = f"random-conv-v1-seed{seed}"
@@ -131,9 +137,13 @@ class RandomConvFeatures:
         for i in range(0, len(images), self.batch_size):
             x = _uint8_batch(images[i : i + self.batch_size]).to(self.device, torch.float32) / 127.5 - 1.0  # (B, 3, H, W)
             x = F.interpolate(x, size=(self.INPUT, self.INPUT), mode="bilinear", align_corners=False, antialias=True)
-            for w in self.weights:
+            feats = []
+            for k, w in enumerate(self.weights):
                 x = F.relu(F.conv2d(x, w, stride=2, padding=1))  # (B, C, H/2, W/2)
-            out.append(F.adaptive_avg_pool2d(x, 2).flatten(1).cpu().numpy())  # (B, 64 * 4)
+                feats += [x.mean(dim=(2, 3)), x.std(dim=(2, 3))]  # (B, C) each
+                if k == 0:
+                    feats.append(self.LAYOUT_WEIGHT * F.adaptive_avg_pool2d(x, self.LAYOUT_GRID).flatten(1))  # (B, C * 9)
+            out.append(torch.cat(feats, dim=1).cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
 

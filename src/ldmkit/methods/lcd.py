@@ -256,7 +256,7 @@ class _LCDBase(Method):
             # 1. Data: z = E(x) (scaled latents) and the text condition c; uncond for the teacher's CFG.
             z = self.models.latents(batch, rng)  # cached VAE moments, or the VAE (loaded unless data.cache)
             cond, uncond = self._conditions(batch)
-            bsz, nd = z.shape[0], z.ndim
+            nd = z.ndim
 
             # 2. Sample n ~ U{0..N-1}: t_{n+k} = ddim_timesteps[n] and t_n = max(t_{n+k} - k, 0).
             index = rng.randint(0, m.num_ddim_timesteps).to(self.device)  # (B,)

@@ -13,8 +13,9 @@ Tokenizer: the byte-level vocabulary of models/tiny.py (every text still tokenis
 byte-pair merges learned on the captions' words until each of them is a single token (Sennrich et al.
 2016, "Neural Machine Translation of Rare Words with Subword Units", Algorithm 1, run to completion).
 The merges are applied by the stock BPE of ``tokenizers`` / transformers' ``CLIPTokenizer``, which
-applies the lowest-ranked pair first; because every merge creates a token that did not exist before,
-encoding a training word replays the training merges in order and ends in the same single token.
+applies the lowest-ranked pair first; a pair can only involve tokens made by earlier merges, so
+encoding a training word replays the training merges in order and ends in the same single token. (The
+one exception, the same token reached by two merge paths, is checked for and logged.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import random
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,11 +82,14 @@ def learn_merges(words: Counter[str]) -> list[tuple[str, str]]:
     heap = [(-c, p) for p, c in counts.items()]
     heapq.heapify(heap)
     merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
     while heap:
         neg, pair = heapq.heappop(heap)
         if counts.get(pair, 0) != -neg or neg == 0:
             continue  # stale entry: the count changed since it was pushed
-        merges.append(pair)
+        if pair not in seen:  # a pair can re-form only via another path to the same token; rank it once
+            merges.append(pair)
+            seen.add(pair)
         merged = pair[0] + pair[1]
         changed: set[tuple[str, str]] = set()
         for i in where.pop(pair):
@@ -135,8 +140,12 @@ def build_word_tokenizer(captions: list[str], max_length: int = 32, max_words: i
     vocab = byte_vocab()
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    split = [w for w in words if len(tokenizer.backend_tokenizer.model.tokenize(w)) != 1]
+    if split:  # not expected (see the module docstring); the tokenizer still works, with sub-words
+        log.warning("%d caption words are not single tokens, e.g. %r", len(split), split[:5])
     log.info("word tokenizer: %d caption words, %d merges, vocabulary %d", len(words), len(merges), len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return tokenizer
 
 
 def _write_slow_files(tokenizer: Any, out_dir: Path) -> None:
@@ -269,6 +278,7 @@ def caption_separation(
     captions: list[str],
     attributes: Mapping[str, Mapping[str, str] | None] | None = None,
     ridge: float = PROBE_RIDGE,
+    max_captions: int = 2048,
 ) -> dict[str, float]:
     """How well the frozen encoder tells ``captions`` apart, from its last hidden state flattened over
     the token positions (what the U-ViT attends to).
@@ -278,13 +288,17 @@ def caption_separation(
     - ``empty_to_median_distance``: distance of the empty prompt (the classifier-free guidance
       unconditional input) to its nearest caption, over the same median.
     - ``truncated_fraction``: share of distinct captions longer than the tokenizer's max length.
+    - ``num_captions``: distinct captions measured; above ``max_captions``, a fixed random subset of
+      that many (the distances are quadratic in it).
     - ``probe_<attribute>``: with ``attributes`` (caption -> {attribute: value}, e.g.
       ``ldmkit.data.synth.parse_caption``; captions mapped to None or missing are left out), the
       leave-one-out accuracy of a linear (ridge) probe predicting each attribute from the embedding.
     """
-    distinct = list(dict.fromkeys(captions))
+    distinct = [c for c in dict.fromkeys(captions) if c]  # "" is measured separately, as the empty prompt
     if len(distinct) < 2:
         raise UserError(f"caption separation needs at least 2 distinct captions, got {len(distinct)}")
+    if len(distinct) > max_captions:
+        distinct = random.Random(0).sample(distinct, max_captions)
     emb = embed_captions(text_encoder, tokenizer, distinct + [""]).flatten(1).double()  # (N+1, L*D)
     x, empty = emb[:-1], emb[-1:]
     dist = torch.cdist(x, x)
@@ -292,7 +306,8 @@ def caption_separation(
     median = upper.median()
     i, j = divmod(int((dist + torch.diag(torch.full((len(x),), float("inf"), dtype=dist.dtype))).argmin()), len(x))
     log.info("closest captions: %r / %r (distance %.3g, median %.3g)", distinct[i], distinct[j], dist[i, j], median)
-    lengths = [len(ids) for ids in tokenizer(distinct).input_ids]
+    # Tokenised one past the limit: longer means truncated (and no over-length warning).
+    lengths = [len(ids) for ids in tokenizer(distinct, truncation=True, max_length=tokenizer.model_max_length + 1).input_ids]
     result = {
         "num_captions": float(len(distinct)),
         "min_to_median_distance": float(upper.min() / median),

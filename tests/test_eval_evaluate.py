@@ -1,0 +1,163 @@
+"""``ldmkit evaluate`` end to end on the tiny SD1.5 pipeline (fixtures tiny_sd15, shapes_folder in conftest.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldmkit.data import synth
+from ldmkit.errors import UserError
+from ldmkit.eval import evaluate
+
+
+@pytest.fixture(scope="module")
+def ddim_pipe(tiny_sd15):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_evaluate_pipeline_counts_and_quality(ddim_pipe, shapes_folder):
+    prompts = synth.heldout_prompts(4, seed=0)
+    reference = [Image.open(p).convert("RGB") for p in sorted(shapes_folder.glob("*.png"))]
+    m = evaluate.evaluate_pipeline(ddim_pipe, prompts, [1, 2], guidance=7.5, seed=3, batch_size=3,
+                                   reference=reference, kid_subsets=5, warmup=False)
+    assert [s["steps"] for s in m["settings"]] == [1, 2]
+    assert m["shapes_prompts"] and m["feature_net"] == "random-conv-v1-seed0" and m["reference_images"] == 32
+    assert m["scheduler"] == "DDIMScheduler" and m["guidance"] == 7.5
+    for s in m["settings"]:
+        # CFG runs as one doubled batch: 2 rows per step per image, one UNet call per step per pipeline call.
+        assert s["unet_evals_per_image"] == 2 * s["steps"]
+        assert s["unet_calls_per_batch"] == s["steps"]
+        assert s["images"] == 4 and s["seconds_per_image"] == pytest.approx(1 / s["images_per_second"])
+        assert set(s["adherence"]) == {"color", "shape", "size", "position", "all"}
+        assert s["fd"] > 0 and s["kid"] is not None and s["kid_std"] >= 0 and s["clip_score"] is None
+    # Without CFG (guidance 1): one evaluation per step; same seeds -> the same images and numbers.
+    m1 = evaluate.evaluate_pipeline(ddim_pipe, prompts[:2], [2], guidance=1.0, seed=3, reference=reference[:8], warmup=False)
+    m2 = evaluate.evaluate_pipeline(ddim_pipe, prompts[:2], [2], guidance=1.0, seed=3, reference=reference[:8], warmup=False)
+    assert m1["settings"][0]["unet_evals_per_image"] == 2
+    assert m1["settings"][0]["fd"] == m2["settings"][0]["fd"]
+
+
+def test_images_do_not_depend_on_batch_size(ddim_pipe):
+    prompts = ["a", "b", "c"]
+    one, _ = evaluate.generate_batched(ddim_pipe, prompts, 2, 1.0, seed=5, batch_size=1)
+    three, calls = evaluate.generate_batched(ddim_pipe, prompts, 2, 1.0, seed=5, batch_size=3)
+    assert calls == 1
+    for a, b in zip(one, three):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+
+
+def _run(args: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return evaluate.run(parser.parse_args(args))
+
+
+def test_command_with_data(tiny_sd15, shapes_folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert _run(["--model", str(tiny_sd15), "--data", str(shapes_folder), "--steps", "1,2", "--num-images", "3",
+                 "--scheduler", "lcm", "--guidance", "1.0", "--max-reference", "16", "--device", "cpu",
+                 "--save-images", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["scheduler"] == "LCMScheduler" and m["num_images"] == 3 and m["reference_images"] == 16
+    assert m["model"] == str(tiny_sd15) and m["device"] == "cpu" and m["dtype"] == "float32"
+    for s in m["settings"]:
+        assert s["unet_evals_per_image"] == s["steps"]  # LCM sampling at guidance 1: no CFG
+        assert set(s) >= {"images_per_second", "seconds_per_image", "unet_calls_per_batch", "adherence", "fd", "kid"}
+        assert s["adherence"] is not None and s["fd"] is not None
+        with Image.open(out / f"grid-steps-{s['steps']}.png") as g:
+            assert g.size == (4 * 64, 64)  # 3 images of 64 px in a 4-column grid
+        assert len(list((out / f"steps-{s['steps']}").glob("*.png"))) == 3
+    with Image.open(out / "quality_vs_steps.png") as plot:
+        assert plot.width > 400 and plot.height > 250
+    printed = capsys.readouterr().out
+    assert "adherence" in printed and "metrics.json" in printed
+
+
+def test_command_with_prompt_file(tiny_sd15, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na red car\n")
+    ref = tmp_path / "ref"
+    synth.write_dataset(ref, num=4, size=32)
+    out = tmp_path / "eval"
+    assert _run(["--model", str(tiny_sd15), "--prompts", str(prompts), "--steps", "1", "--reference", str(ref),
+                 "--device", "cpu", "--out", str(out)]) == 0
+    s = json.loads((out / "metrics.json").read_text())["settings"][0]
+    assert s["adherence"] is None and s["fd"] is not None and s["images"] == 2
+
+
+def test_errors(tiny_sd15, tmp_path):
+    for bad in ("1,x", "0,2", ""):
+        with pytest.raises(UserError, match="--steps"):
+            evaluate.parse_steps(bad)
+    with pytest.raises(UserError, match="model_index.json"):
+        _run(["--model", str(tmp_path), "--shapes", "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="--prompts file not found"):
+        _run(["--model", str(tiny_sd15), "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="--reference not found"):
+        evaluate.read_images(tmp_path / "nowhere", 10)
+    with pytest.raises(SystemExit):  # --prompts, --data and --shapes are exclusive
+        _run(["--model", str(tiny_sd15), "--shapes", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_clip_score(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from ldmkit.models.tiny import byte_tokenizer, byte_vocab
+
+    n = len(byte_vocab())
+    config = CLIPConfig(
+        text_config=dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                         max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=byte_tokenizer())
+    model.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+
+    images = [synth.make_sample(i, 32, 0)[0] for i in range(3)]
+    prompts = [synth.caption(synth.make_sample(i, 32, 0)[1]) for i in range(3)]
+    got = evaluate.ClipScorer(tmp_path / "clip")(images, prompts, batch_size=2)
+    with torch.no_grad():
+        inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        img = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
+        expected = (100 * torch.cosine_similarity(img, txt).clamp(min=0)).mean().item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(UserError, match="CLIP"):
+        evaluate.ClipScorer(tmp_path)
+
+
+def test_uvit_pipeline(ddim_pipe):
+    """The quickstart's pipeline: U-ViT denoiser (``pipe.unet``), CFG batched; an LCM U-ViT takes w as an embedding."""
+    from ldmkit.models.uvit import UViT
+    from ldmkit.pipelines.uvit import UViTPipeline
+
+    def build(**kw):
+        unet = UViT.from_preset("uvit-tiny", sample_size=8, in_channels=4, context_dim=32, **kw)
+        pipe = UViTPipeline(vae=ddim_pipe.vae, text_encoder=ddim_pipe.text_encoder, tokenizer=ddim_pipe.tokenizer,
+                            unet=unet, scheduler=ddim_pipe.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    prompts = synth.heldout_prompts(2)
+    m = evaluate.evaluate_pipeline(build(), prompts, [1, 3], guidance=3.0, warmup=False)
+    assert [s["unet_evals_per_image"] for s in m["settings"]] == [2, 6]
+    assert m["settings"][0]["adherence"] is not None
+    m = evaluate.evaluate_pipeline(build(time_cond_proj_dim=16), prompts, [2], guidance=8.0, warmup=False)
+    assert m["settings"][0]["unet_evals_per_image"] == 2 and m["guidance"] == 8.0
