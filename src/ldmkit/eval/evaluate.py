@@ -31,7 +31,12 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from ldmkit.data.synth import heldout_prompts, parse_caption
 from ldmkit.errors import UserError
+from ldmkit.eval.fid import frechet_distance, kernel_inception_distance, load_feature_extractor
+from ldmkit.eval.plot import quality_vs_steps
+from ldmkit.eval.scorer import adherence
+from ldmkit.generate import load_lora, load_pipeline, resolve_device, set_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -180,10 +185,6 @@ def evaluate_pipeline(
     (``grid-steps-N.png``), and with ``save_images`` every image (``steps-N/IIIII.png``).
     One untimed warm-up call (one prompt, fewest steps) comes first unless ``warmup`` is False.
     """
-    from ldmkit.data.synth import parse_caption
-    from ldmkit.eval.fid import frechet_distance, kernel_inception_distance, load_feature_extractor
-    from ldmkit.eval.scorer import adherence
-
     if not prompts:
         raise UserError("no prompts to evaluate")
     prompts = list(prompts)
@@ -337,11 +338,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldmkit.data.synth import heldout_prompts
-    from ldmkit.eval.fid import load_feature_extractor
-    from ldmkit.eval.plot import quality_vs_steps
-    from ldmkit.generate import load_lora, load_pipeline, resolve_device, set_scheduler
-
     steps = parse_steps(args.steps)
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")

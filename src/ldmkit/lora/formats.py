@@ -43,13 +43,15 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 KOHYA_PREFIX = "lora_unet_"
 
-# Attribute names of diffusers UNets that contain underscores: kohya keys turn every dot into an
+# Attribute names of diffusers UNets (and ldmkit's U-ViT) that contain underscores: kohya keys turn every dot into an
 # underscore, so without the model at hand these are re-joined greedily (longest first).
 _COMPOUND_NAMES = {
     "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
     "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "time_embedding", "linear_1", "linear_2",
     "conv_in", "conv_out", "conv_norm_out", "add_embedding", "cond_proj", "time_proj", "class_embedding",
     "encoder_hid_proj", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_out",
+    # ldmkit's U-ViT (models/uvit.py)
+    "in_blocks", "out_blocks", "skip_linear", "patch_embed", "context_embed", "decoder_pred", "final_layer",
 }  # fmt: skip
 _SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 

@@ -1,7 +1,8 @@
-"""``ldmkit merge-lora --model DIR --lora FILE_OR_DIR [--scale S] --out DIR``: bake a LoRA into the UNet.
+"""``ldmkit merge-lora --model DIR --lora FILE_OR_DIR [--scale S] --out DIR``: bake a LoRA into the UNet
+(or the U-ViT of a UViTPipeline folder).
 
-The result is a complete diffusers pipeline folder that needs no LoRA loading (e.g. for export to
-other runtimes). For an LCM-LoRA the scheduler matters as much as the weights: ``--scheduler auto``
+The result is a complete pipeline folder of the model's class that needs no LoRA loading (e.g. for
+export to other runtimes). For an LCM-LoRA the scheduler matters as much as the weights: ``--scheduler auto``
 uses the LCMScheduler saved next to the LoRA by ``ldmkit train`` (it carries the run's
 original_inference_steps and timestep_scaling), ``lcm`` builds one from the model's noise schedule and
 the flags, ``keep`` leaves the model's scheduler.
@@ -18,7 +19,7 @@ from ldmkit.lora import formats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Base diffusers pipeline folder (SD1.x/2.x or SDXL).")
+    parser.add_argument("--model", required=True, help="Base pipeline folder (SD1.x/2.x, SDXL, or an ldmkit UViTPipeline).")
     parser.add_argument("--lora", required=True,
                         help="LoRA .safetensors (diffusers, peft or kohya layout) or a folder with pytorch_lora_weights.safetensors.")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiplier of the LoRA update (W += scale * alpha/r * up @ down).")
@@ -41,15 +42,16 @@ def _saved_lcm_config(lora: Path) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import DiffusionPipeline, LCMScheduler
+    from diffusers import LCMScheduler
 
     from ldmkit.diffusion.lcm import lcm_scheduler
+    from ldmkit.generate import load_pipeline
 
     model, lora = Path(args.model), Path(args.lora)
     if not (model / "model_index.json").is_file():
         raise UserError(f"--model is not a diffusers pipeline folder (no model_index.json): {model}")
     state_dict = formats.load_lora_file(lora)
-    pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True)
+    pipe = load_pipeline(model)  # the class in model_index.json, UViTPipeline included
     n = formats.merge_lora_into_unet(pipe.unet, state_dict, scale=args.scale)
 
     saved = _saved_lcm_config(lora)

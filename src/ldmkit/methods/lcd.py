@@ -13,6 +13,13 @@ Differences from the references, on purpose:
 - every random draw comes from the samples' own seeds (``SampleRNG``), so runs resume exactly;
 - exports carry the run's ``num_ddim_timesteps`` and ``timestep_scaling_factor`` in an LCMScheduler
   config, and the LoRA loads in stock diffusers (all modules) and as a kohya file.
+
+Any teacher: the algorithm needs only an epsilon- or v-predicting denoiser called as
+``model(x_t, t, encoder_hidden_states=..., timestep_cond=...)``. Besides SD1.x/SDXL UNets, a
+``UViTPipeline`` folder (ldmkit's U-ViT, e.g. the export of a ``uvit`` run) is a teacher: its U-ViT takes
+the same call, its scheduler/ gives the DDPM training schedule, and its exports are a LoRA for
+``UViTPipeline.load_lora_weights`` or a full ``UViTPipeline`` folder. The U-ViT-specific code is the
+loader (``_load_teacher_denoiser``), the pipeline class and the LoRA target names.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 
 from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
+from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.methods.base import Method, MethodConfig
 from ldmkit.train.rng import SampleRNG
 
@@ -46,6 +54,9 @@ LCM_LORA_TARGET_MODULES = (
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 )  # fmt: skip
 """The UNet modules LCM-LoRA adapts (diffusers' train_lcm_distill_lora_* scripts)."""
+UVIT_LORA_TARGET_MODULES = ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")
+"""The U-ViT modules LCM-LoRA adapts: every attention and MLP projection (models/uvit.py Block), the
+counterpart of the UNet list's transformer-block entries."""
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -101,8 +112,9 @@ class LCMLoraConfig(LCDCommonConfig):
     """LoRA alpha; the update is scaled by alpha / r (diffusers 64/64; PaddleMIX 8/64 = 0.125)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input (draws from torch's global RNG, not the per-sample seeds)."""
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGET_MODULES))
-    """UNet module names (suffixes) that get a LoRA."""
+    lora_target_modules: Optional[list[str]] = None
+    """Module names (suffixes) that get a LoRA; null: the 14 UNet module kinds of diffusers' LCM-LoRA scripts,
+    or for a U-ViT teacher its attention and MLP projections (attn.qkv, attn.proj, mlp.0, mlp.2)."""
 
     def check(self, cfg: "Config") -> None:
         super().check(cfg)
@@ -110,8 +122,8 @@ class LCMLoraConfig(LCDCommonConfig):
             raise UserError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_target_modules:
-            raise UserError("method.lora_target_modules is empty")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise UserError("method.lora_target_modules is empty (null selects the teacher's defaults)")
 
 
 @dataclass
@@ -134,11 +146,11 @@ class LCDConfig(LCDCommonConfig):
 
 # ------------------------------------------------------------------------------------------- denoiser
 class SDDenoiser:
-    """How LCD calls a Stable Diffusion UNet: (model, x_t, t, cond, w embedding) -> raw model output.
+    """How LCD calls the denoiser: (model, x_t, t, cond, w embedding) -> raw model output.
 
-    ``cond`` holds ``prompt_embeds`` and, for SDXL, ``pooled_prompt_embeds`` and ``time_ids``. This is
-    the only model-specific call of the method: another teacher (e.g. U-ViT) plugs in by providing an
-    object with the same ``__call__``.
+    ``cond`` holds ``prompt_embeds`` and, for SDXL, ``pooled_prompt_embeds`` and ``time_ids``. Serves
+    UNet2DConditionModel and ldmkit's U-ViT alike (its forward takes the UNet's arguments and returns
+    ``.sample``); another teacher plugs in by providing an object with the same ``__call__``.
     """
 
     def __call__(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], w_emb=None):
@@ -146,6 +158,22 @@ class SDDenoiser:
         if "pooled_prompt_embeds" in cond:
             added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]}
         return model(x, t, encoder_hidden_states=cond["prompt_embeds"], timestep_cond=w_emb, added_cond_kwargs=added).sample
+
+
+def is_uvit_pipeline(folder: str | Path) -> bool:
+    """Whether ``folder`` is a UViTPipeline (model_index.json ``_class_name``)."""
+    index = Path(folder) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "UViTPipeline"
+
+
+def _load_teacher_denoiser(pretrained: str, variant: Optional[str], dtype: torch.dtype) -> torch.nn.Module:
+    """The U-ViT of a UViTPipeline folder, frozen (SDModels loads UNets; this is the one U-ViT branch)."""
+    from ldmkit.models.uvit import UViT
+
+    if not (Path(pretrained) / "unet" / "config.json").is_file():
+        raise UserError(f"unet of model.pretrained not found: {Path(pretrained) / 'unet'}")
+    model = UViT.from_pretrained(pretrained, subfolder="unet", variant=variant, torch_dtype=dtype)
+    return model.requires_grad_(False).eval()
 
 
 def _cat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -165,12 +193,15 @@ class _LCDBase(Method):
 
         m = self.mcfg
         cache = cfg.data.cache
+        self.is_uvit = is_uvit_pipeline(cfg.model.pretrained)
         # With a data cache the VAE and text encoders are not needed per step (REFERENCE sec. 1: then
         # only the 4 UNet forwards run); they are loaded on demand for caching and validation.
         self.models: SDModels = SDModels.load(
             cfg.model.pretrained, vae=cfg.model.vae, variant=cfg.model.variant, dtype=self.weight_dtype,
-            device=self.device, vae_model=not cache, text=not cache,
+            device=self.device, vae_model=not cache, text=not cache, unet=not self.is_uvit,
         )
+        if self.is_uvit:
+            self.models.unet = _load_teacher_denoiser(cfg.model.pretrained, cfg.model.variant, self.weight_dtype).to(self.device)
         self.models.vae_batch_size = cfg.data.encode_batch_size
         self.is_sdxl = self.models.is_sdxl
         self.denoiser = SDDenoiser()
@@ -257,6 +288,9 @@ class _LCDBase(Method):
             z = self.models.latents(batch, rng)  # cached VAE moments, or the VAE (loaded unless data.cache)
             cond, uncond = self._conditions(batch)
             nd = z.ndim
+            if self.is_uvit and z.shape[-1] != self.models.unet.config.sample_size:  # a fixed token grid
+                raise UserError(f"the U-ViT teacher takes {self.models.unet.config.sample_size}px-wide latents, data.resolution="
+                                f"{self.cfg.data.resolution} gives {z.shape[-1]}; set data.resolution to the teacher's")
 
             # 2. Sample n ~ U{0..N-1}: t_{n+k} = ddim_timesteps[n] and t_n = max(t_{n+k} - k, 0).
             index = rng.randint(0, m.num_ddim_timesteps).to(self.device)  # (B,)
@@ -326,6 +360,10 @@ class _LCDBase(Method):
 
         parts = dict(vae=aux.vae, unet=unet, scheduler=self._lcm_scheduler(), text_encoder=aux.text_encoders[0],
                      tokenizer=aux.tokenizers[0])
+        if self.is_uvit:
+            from ldmkit.pipelines.uvit import UViTPipeline
+
+            return UViTPipeline(**parts)
         if self.is_sdxl:
             return StableDiffusionXLPipeline(text_encoder_2=aux.text_encoders[1], tokenizer_2=aux.tokenizers[1], **parts)
         return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
@@ -373,7 +411,14 @@ class _LCDBase(Method):
         )
 
     def _pipeline_class_name(self) -> str:
+        if self.is_uvit:
+            return "UViTPipeline"
         return "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
+
+    def _pipeline_import(self) -> str:
+        if self.is_uvit:
+            return "from ldmkit.pipelines.uvit import UViTPipeline\n"
+        return f"from diffusers import {self._pipeline_class_name()}\n"
 
 
 class LCMLoraMethod(_LCDBase):
@@ -388,10 +433,13 @@ class LCMLoraMethod(_LCDBase):
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
+        from ldmkit.lora import adapters
+
         m = self.mcfg
-        self.unet = self.models.unet  # the one UNet: frozen base in weight dtype + trainable LoRA
-        self.unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                         target_modules=list(m.lora_target_modules), init_lora_weights="gaussian"))
+        targets = m.lora_target_modules or list(UVIT_LORA_TARGET_MODULES if self.is_uvit else LCM_LORA_TARGET_MODULES)
+        self.unet = self.models.unet  # the one denoiser: frozen base in weight dtype + trainable LoRA
+        adapters.add_lora(self.unet, LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                                target_modules=list(targets), init_lora_weights="gaussian"))
         cast_training_params(self.unet, dtype=torch.float32)  # LoRA weights train in fp32
         self.unet.train()
 
@@ -399,7 +447,7 @@ class LCMLoraMethod(_LCDBase):
         return self.unwrap(self.unet)
 
     def _teacher_context(self):
-        return _adapters_disabled(self.unwrap(self.unet))
+        return adapters_disabled(self.unwrap(self.unet))
 
     def _target_model(self):
         return self.unwrap(self.unet)
@@ -418,13 +466,15 @@ class LCMLoraMethod(_LCDBase):
         out_dir = Path(out_dir)
         layers = formats.layers_from_peft_model(self.unwrap(self.unet))
         formats.save_lora(layers, out_dir / formats.LORA_WEIGHT_NAME, to="diffusers")
-        formats.save_lora(layers, out_dir / formats.KOHYA_WEIGHT_NAME, to="kohya")
+        if not self.is_uvit:  # A1111/ComfyUI know UNets only
+            formats.save_lora(layers, out_dir / formats.KOHYA_WEIGHT_NAME, to="kohya")
         self._lcm_scheduler().save_pretrained(out_dir / "scheduler")
+        kohya = "" if self.is_uvit else f"  # or {formats.KOHYA_WEIGHT_NAME} in A1111/ComfyUI"
         load = (
-            f"from diffusers import {self._pipeline_class_name()}, LCMScheduler\n\n"
+            f"from diffusers import LCMScheduler\n{self._pipeline_import()}\n"
             f"pipe = {self._pipeline_class_name()}.from_pretrained(\"{self.cfg.model.pretrained}\")\n"
             f"pipe.scheduler = LCMScheduler.from_pretrained(\"{out_dir}\", subfolder=\"scheduler\")\n"
-            f"pipe.load_lora_weights(\"{out_dir}\")  # or {formats.KOHYA_WEIGHT_NAME} in A1111/ComfyUI\n"
+            f"pipe.load_lora_weights(\"{out_dir}\"){kohya}\n"
             f"image = pipe(\"a prompt\", num_inference_steps=4, guidance_scale={self._default_guidance()}).images[0]\n"
             f"# or bake it in: ldmkit merge-lora --model {self.cfg.model.pretrained} --lora {out_dir} --out merged"
         )
@@ -439,23 +489,25 @@ class LCDMethod(_LCDBase):
 
     def __init__(self, cfg: "Config", accelerator: "Accelerator"):
         super().__init__(cfg, accelerator)
-        from diffusers import UNet2DConditionModel
-
         m = self.mcfg
         self.teacher_unet = self.models.unet  # frozen, weight dtype
         have = self.teacher_unet.config.time_cond_proj_dim
         if have is not None and have != m.unet_time_cond_proj_dim:
             raise UserError(f"teacher already has time_cond_proj_dim={have}; set method.unet_time_cond_proj_dim={have}")
-        student = UNet2DConditionModel.from_config(self.teacher_unet.config, time_cond_proj_dim=m.unet_time_cond_proj_dim)
+        # The student: the teacher's class and config plus the w-embedding projection (UNet
+        # time_embedding.cond_proj, U-ViT cond_proj).
+        cls = type(self.teacher_unet)
+        student = cls.from_config(self.teacher_unet.config, time_cond_proj_dim=m.unet_time_cond_proj_dim)
         source = self.teacher_unet
         if self.teacher_unet.dtype != torch.float32:  # initialise the fp32 student from the fp32 weights on disk
-            source = UNet2DConditionModel.from_pretrained(cfg.model.pretrained, subfolder="unet", variant=cfg.model.variant)
+            source = cls.from_pretrained(cfg.model.pretrained, subfolder="unet", variant=cfg.model.variant)
         missing, unexpected = student.load_state_dict(source.state_dict(), strict=False)
-        if unexpected or set(missing) - {"time_embedding.cond_proj.weight"}:
+        if unexpected or any("cond_proj" not in k for k in missing):
             raise RuntimeError(f"student/teacher mismatch: missing {missing}, unexpected {unexpected}")
-        if missing:
+        params = dict(student.named_parameters())
+        for key in missing:
             # Zero-init: the w-embedding starts with no effect, so the student equals the teacher at step 0.
-            torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+            torch.nn.init.zeros_(params[key])
         del source
         self.unet = student.to(self.device).train()
         self.target_unet = copy.deepcopy(student).requires_grad_(False).to(self.device).eval()
@@ -473,7 +525,10 @@ class LCDMethod(_LCDBase):
         return self.target_unet
 
     def _default_guidance(self) -> float:
-        return 8.0
+        """8.0 (w = 7) as the references when w = 7 was trained, else the middle of the trained range."""
+        if self.w_min <= 7.0 <= self.mcfg.w_max:
+            return 8.0
+        return 1.0 + (self.w_min + self.mcfg.w_max) / 2
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -486,8 +541,11 @@ class LCDMethod(_LCDBase):
         return {"target_unet": self.target_unet}
 
     def export(self, out_dir: Path) -> None:
-        """A full pipeline folder: the EMA target UNet (with time_cond_proj_dim) + LCMScheduler with N and s."""
+        """A full pipeline folder (the teacher's pipeline class: SD, SDXL or UViTPipeline): the EMA target
+        denoiser (with time_cond_proj_dim) + LCMScheduler with N and s."""
         from diffusers import DiffusionPipeline
+
+        from ldmkit.pipelines.uvit import UViTPipeline
 
         out_dir = Path(out_dir)
         extra: dict[str, Any] = {}
@@ -497,14 +555,15 @@ class LCDMethod(_LCDBase):
             vae = Path(self.cfg.model.vae)
             sub = "vae" if (vae / "vae" / "config.json").is_file() else None
             extra["vae"] = AutoencoderKL.from_pretrained(vae, subfolder=sub, variant=self.cfg.model.variant)
-        if not self.is_sdxl:
+        if not self.is_sdxl and not self.is_uvit:
             extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = DiffusionPipeline.from_pretrained(self.cfg.model.pretrained, unet=self.target_unet,
-                                                 scheduler=self._lcm_scheduler(), variant=self.cfg.model.variant, **extra)
+        pipeline_cls = UViTPipeline if self.is_uvit else DiffusionPipeline
+        pipe = pipeline_cls.from_pretrained(self.cfg.model.pretrained, unet=self.target_unet,
+                                            scheduler=self._lcm_scheduler(), variant=self.cfg.model.variant, **extra)
         pipe.save_pretrained(out_dir)
         g = self._default_guidance()
         load = (
-            f"from diffusers import {self._pipeline_class_name()}\n\n"
+            f"{self._pipeline_import()}\n"
             f"pipe = {self._pipeline_class_name()}.from_pretrained(\"{out_dir}\")  # scheduler: LCMScheduler\n"
             f"# guidance_scale is embedded as w = guidance_scale - 1 (no classifier-free guidance pass)\n"
             f"image = pipe(\"a prompt\", num_inference_steps=4, guidance_scale={g}).images[0]"
@@ -512,11 +571,4 @@ class LCDMethod(_LCDBase):
         (out_dir / "README.md").write_text(self._model_card("Latent Consistency Model", load))
 
 
-@contextlib.contextmanager
-def _adapters_disabled(unet):
-    """The base model (teacher) for the duration: diffusers' disable_adapters / enable_adapters."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
+_adapters_disabled = adapters_disabled  # the name tests/test_lcd.py imports

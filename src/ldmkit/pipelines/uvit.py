@@ -13,11 +13,17 @@ reference U-ViT pipeline, names it ``unet`` too. model_index.json records it as
 ``["ldmkit.models.uvit", "UViT"]``; diffusers imports that module when loading (a library that is not
 diffusers/transformers is recorded by its full module path), so ``UViTPipeline.from_pretrained(dir)`` works
 in a fresh process without ``trust_remote_code``.
+
+LoRA: ``load_lora_weights`` / ``set_adapters`` / ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights``
+take the arguments of diffusers' ``StableDiffusionLoraLoaderMixin`` (the denoiser only; files in the
+layouts of ``ldmkit.lora.formats``, e.g. an ldmkit LCM-LoRA export), so code written for diffusers'
+pipelines (ldmkit.generate.load_lora) works unchanged.
 """
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -49,6 +55,47 @@ class UViTPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ---- LoRA (diffusers' StableDiffusionLoraLoaderMixin interface, denoiser only) ------------------
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: Union[str, Path, dict[str, torch.Tensor]],
+        weight_name: Optional[str] = None,
+        adapter_name: str = "default",
+    ) -> None:
+        """Add a LoRA to the U-ViT: a state dict, a ``.safetensors`` file, or a folder (with ``weight_name``,
+        else its pytorch_lora_weights.safetensors). Keys: ``unet.<module>.lora_A/B.weight`` or kohya."""
+        from ldmkit.lora import adapters, formats
+
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, dict):
+            source = formats.load_lora_file(Path(source) / weight_name if weight_name else source)
+        adapters.load_lora(self.unet, source, adapter_name)
+
+    def set_adapters(self, adapter_names: Union[str, list[str]], adapter_weights: Optional[Union[float, list[float]]] = None) -> None:
+        """Activate the named adapters with the given strengths (default 1.0)."""
+        from ldmkit.lora import adapters
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else adapter_weights
+        adapters.set_adapters(self.unet, names, weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge the active LoRA into the U-ViT weights (faster sampling; ``unfuse_lora`` undoes it)."""
+        from ldmkit.lora import adapters
+
+        adapters.fuse_lora(self.unet, lora_scale, adapter_names)
+
+    def unfuse_lora(self) -> None:
+        from ldmkit.lora import adapters
+
+        adapters.unfuse_lora(self.unet)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA (the plain U-ViT again)."""
+        from ldmkit.lora import adapters
+
+        adapters.unload_lora(self.unet)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
