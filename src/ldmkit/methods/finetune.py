@@ -251,14 +251,13 @@ class _SDMethod(Method):
         gc.collect()
         return make_image_grid(images, rows=1, cols=len(images))
 
-    def encoders(self) -> SDModels:
-        """VAE + text encoders for building the cache (loaded on demand when training did not load them)."""
+    def encoders(self):
+        """VAE + text encoders for building the cache (loaded only when the cache must be built)."""
         if self.sd.vae is not None and self.sd.text_encoders and not self.text_encoder_names:
             return self.sd
         cfg = self.cfg.model
-        enc = SDModels.load(cfg.pretrained, vae=cfg.vae, variant=cfg.variant, dtype=self.weight_dtype, device=self.device, unet=False)
-        enc.vae_batch_size = self.cfg.data.encode_batch_size
-        return enc
+        return SDModels.lazy_encoders(cfg.pretrained, vae=cfg.vae, variant=cfg.variant, dtype=self.weight_dtype,
+                                      device=self.device, batch_size=self.cfg.data.encode_batch_size)
 
 
 class FinetuneMethod(_SDMethod):

@@ -145,6 +145,26 @@ class SDModels:
         log.info("loaded %s from %s (unet=%s vae=%s text=%s)", "SDXL" if self.is_sdxl else "SD", root, unet, vae_model, text)
         return self
 
+    @classmethod
+    def lazy_encoders(cls, pretrained: str, *, vae: str | None = None, variant: str | None = None,
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch_size: int = 32):
+        """VAE + text encoders for the data cache, loaded only if something must be encoded.
+
+        The cache key needs just ``fingerprint()``, which reads files; so training from a finished
+        cache (and every resume) never loads the VAE or the text encoders.
+        """
+        from ldmkit.data.cache import LazyEncoders
+
+        probe = cls.load(pretrained, vae=vae, variant=variant, dtype=dtype, device=device, unet=False,
+                         vae_model=False, text=False)
+
+        def load() -> "SDModels":
+            enc = cls.load(pretrained, vae=vae, variant=variant, dtype=dtype, device=device, unet=False)
+            enc.vae_batch_size = batch_size
+            return enc
+
+        return LazyEncoders(probe.fingerprint, load)
+
     def modules(self) -> list[torch.nn.Module]:
         """The loaded torch modules."""
         return [m for m in [self.unet, self.vae, *self.text_encoders] if m is not None]
