@@ -96,10 +96,12 @@ def _captions(data: Path, limit: int = 20000) -> list[str]:
 
     ds = open_dataset(DataConfig(path=str(data), num_workers=0), seed=0, rank=0, world_size=1, batch_size=1, start_batch=0)
     captions: list[str] = []
-    for i, sample in enumerate(ds.lazy_samples()):
+    for i, load in ds.lazy_samples():
         if i >= limit:
             break
-        captions += list(sample.captions)
+        sample = load()
+        if sample is not None:
+            captions += list(sample.captions)
     return captions
 
 
@@ -296,8 +298,13 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], pla
             im = Image.open(folder / f"{c:05d}.png").convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
             grid.paste(im, (label_w + c * w * scale, y))
     for c in range(cols):
-        draw.text((label_w + c * w * scale + 2, 4), results["prompts"][c][:22], fill="black")
-        draw.text((label_w + c * w * scale + 2, 18), results["prompts"][c][22:44], fill="black")
+        words, lines = results["prompts"][c].split(), [""]
+        for word in words:  # wrap the prompt over the column
+            if len(lines[-1]) + len(word) > 14 and lines[-1]:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {word}".strip()
+        for k, line in enumerate(lines[:3]):
+            draw.text((label_w + c * w * scale + 2, 2 + 12 * k), line, fill="black")
     grid.save(out / "grids.png")
 
     figs = report["figures"]
@@ -308,8 +315,8 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], pla
     y_range = (0.0, 1.0) if quality_key == "adherence" else None
     chart_steps = line_chart({"teacher (DDIM)": teacher_pts, "LCM": lcm_pts}, f"{quality_key} vs steps",
                              y_range=y_range)
-    teacher_t = [(figs[n]["seconds_per_image"] * 1000, figs[n][quality_key]) for n in ("teacher_4", "teacher_50")]
-    lcm_t = [(figs[f"lcm_{s}"]["seconds_per_image"] * 1000, figs[f"lcm_{s}"][quality_key]) for s in plan.lcm_steps]
+    teacher_t = [(round(figs[n]["seconds_per_image"] * 1000), figs[n][quality_key]) for n in ("teacher_4", "teacher_50")]
+    lcm_t = [(round(figs[f"lcm_{s}"]["seconds_per_image"] * 1000), figs[f"lcm_{s}"][quality_key]) for s in plan.lcm_steps]
     chart_time = line_chart({"teacher (DDIM)": teacher_t, "LCM": lcm_t},
                             f"{quality_key} vs milliseconds per image", y_range=y_range)
     plot = Image.new("RGB", (chart_steps.width + chart_time.width, max(chart_steps.height, chart_time.height)), "white")
