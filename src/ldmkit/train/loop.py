@@ -177,6 +177,11 @@ def train(cfg: Config, accelerator=None) -> Path:
 
     t = cfg.train
     out = Path(cfg.output_dir)
+    export_dir = out / "export"
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    if latest is not None and latest[0] >= t.max_steps and (export_dir / "ldmkit_config.yaml").is_file():
+        logger.info("%s is finished (step %d): nothing to do", out, latest[0])
+        return export_dir
     out.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or make_accelerator(cfg)
     set_seed(t.seed)
@@ -214,7 +219,6 @@ def train(cfg: Config, accelerator=None) -> Path:
         if accelerator.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", step)
 
-    export_dir = out / "export"
     if step >= t.max_steps:
         if not (export_dir / "ldmkit_config.yaml").exists():
             _export(accelerator, method, cfg, export_dir)
