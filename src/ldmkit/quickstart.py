@@ -47,9 +47,9 @@ class Plan:
     lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
 
 
-FULL = Plan(num_images=3000, image_size=32, vae_steps=1500, teacher_steps=4000, distill_steps=800, eval_prompts=120,
+FULL = Plan(num_images=3000, image_size=32, vae_steps=400, teacher_steps=1200, distill_steps=400, eval_prompts=120,
             teacher_guidance=3.0)
-QUICK = Plan(num_images=600, image_size=32, vae_steps=150, teacher_steps=400, distill_steps=100, eval_prompts=24,
+QUICK = Plan(num_images=400, image_size=32, vae_steps=100, teacher_steps=150, distill_steps=40, eval_prompts=24,
              teacher_guidance=3.0, lcm_steps=(1, 2, 4))
 
 
