@@ -49,7 +49,7 @@ class Plan:
 
 FULL = Plan(num_images=3000, image_size=32, vae_steps=400, teacher_steps=1200, distill_steps=400, eval_prompts=120,
             teacher_guidance=3.0)
-QUICK = Plan(num_images=400, image_size=32, vae_steps=100, teacher_steps=150, distill_steps=40, eval_prompts=24,
+QUICK = Plan(num_images=300, image_size=32, vae_steps=60, teacher_steps=120, distill_steps=30, eval_prompts=16,
              teacher_guidance=3.0, lcm_steps=(1, 2, 4))
 
 

@@ -7,7 +7,7 @@ and PaddleMIX's ``lcm_trainer``; the facts we match are collected in REFERENCE.m
 Differences from the references, on purpose:
 - the teacher's conditional and unconditional passes run as one batched forward
   (``batch_teacher_passes``; the unbatched form stays for the benchmark);
-- LCM-LoRA keeps ONE UNet: the teacher is the same UNet with its adapters disabled;
+- LCM-LoRA keeps ONE denoiser: the teacher is the same UNet (or U-ViT) with its adapters disabled;
 - the full-LCD student's new ``time_embedding.cond_proj`` is zero-initialised, so the student equals
   the teacher at step 0 (the references leave it random);
 - every random draw comes from the samples' own seeds (``SampleRNG``), so runs resume exactly;
@@ -103,7 +103,7 @@ class LCDCommonConfig(MethodConfig):
 
 @dataclass
 class LCMLoraConfig(LCDCommonConfig):
-    """LCM-LoRA: distil the teacher into a LoRA of itself (the base UNet with adapters off is the teacher)."""
+    """LCM-LoRA: distil the teacher into a LoRA of itself (the base model with adapters off is the teacher)."""
 
     name: str = "lcm_lora"
     lora_rank: int = 64
@@ -128,7 +128,7 @@ class LCMLoraConfig(LCDCommonConfig):
 
 @dataclass
 class LCDConfig(LCDCommonConfig):
-    """Full LCD: a student UNet with a guidance-scale embedding, an EMA target and a frozen teacher."""
+    """Full LCD: a student denoiser with a guidance-scale embedding, an EMA target and a frozen teacher."""
 
     name: str = "lcd"
     unet_time_cond_proj_dim: int = 256
@@ -422,7 +422,7 @@ class _LCDBase(Method):
 
 
 class LCMLoraMethod(_LCDBase):
-    """LCM-LoRA: one UNet; teacher = base weights (adapters disabled), student = base + LoRA,
+    """LCM-LoRA: one denoiser (UNet or U-ViT); teacher = base weights (adapters disabled), student = base + LoRA,
     target = the online student under no_grad (LCM-LoRA report; diffusers train_lcm_distill_lora_*)."""
 
     Config = LCMLoraConfig
