@@ -2,8 +2,7 @@
 
     python benchmarks/lcm_throughput.py [--batch 8] [--resolution 64] [--steps 5]
 
-For lcm_lora and lcd, on a small SD1.5-architecture model built locally (UNet block_out_channels
-(64, 128, 256), so the UNet dominates as in the real model), it measures every combination of
+For lcm_lora and lcd, on a small SD1.5-architecture model built locally, it measures every combination of
 - data cache off (VAE + text encoder run every step) / on (precomputed latent moments + prompt embeds),
 - teacher passes unbatched (cond and uncond as two forwards, as the references) / batched (one forward),
 and prints samples/s, the ratio to the unoptimised form (cache off, unbatched), peak memory and the
@@ -11,6 +10,12 @@ UNet's share of the step time (UNet forwards timed with hooks + the backward, wh
 the UNet). Each combination runs in its own process so peak memory (ru_maxrss on CPU,
 torch.cuda.max_memory_allocated on GPU) is that combination's alone. It also prints how many UNets each
 method keeps in memory (LCM-LoRA: one; its teacher is the same UNet with the adapters disabled).
+
+What the cache can save depends on what the VAE and text encoder cost next to the UNet, so the small
+model keeps SD1.5's proportions: the script counts FLOPs per sample (torch FlopCounterMode on the meta
+device) of SD1.5 at 512 px (UNet 803 GFLOPs per forward, VAE encoder 1117, CLIP ViT-L 13: encoders =
+1.41 UNet forwards) and of the small model at 64 px (VAE (32, 32, 64, 64) x 2 layers and the 4-layer
+text encoder = 1.40 UNet forwards), and prints both.
 """
 
 from __future__ import annotations
@@ -48,14 +53,48 @@ def build_model(out: Path) -> Path:
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                                 cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+    # SD's VAE layout (4 levels, 2 layers per block, mid attention) at widths that give it SD1.5's cost
+    # relative to the UNet (see encoder_cost).
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4,
+                        block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=32, latent_channels=4,
                         sample_size=64)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=byte_tokenizer(),
                                    scheduler=PNDMScheduler.from_config(_SCHEDULERS["sd15"]), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
     return out
+
+
+def _gflops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def encoder_cost(unet, vae, text_encoder, resolution: int) -> dict[str, float]:
+    """GFLOPs per sample of one UNet forward, one VAE encode and one prompt encode (77 tokens)."""
+    ctx = unet.config.cross_attention_dim
+    lat = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    return {"unet": _gflops(lambda: unet(torch.randn(1, 4, lat, lat), torch.tensor([500]), torch.randn(1, 77, ctx))),
+            "vae": _gflops(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))),
+            "text": _gflops(lambda: text_encoder(torch.zeros(1, 77, dtype=torch.long)))}
+
+
+def sd15_cost() -> dict[str, float]:
+    """The same for SD1.5 at 512 px, built on the meta device (no weights, no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                    attention_head_dim=8, sample_size=64)
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                            num_hidden_layers=12, max_position_embeddings=77))
+        return encoder_cost(unet, vae, text, 512)
 
 
 def _batch(n: int, res: int) -> dict:
@@ -165,6 +204,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_model(Path(tmp) / "model"))
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        ours = encoder_cost(UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+                            AutoencoderKL.from_pretrained(model, subfolder="vae"),
+                            CLIPTextModel.from_pretrained(model, subfolder="text_encoder"), args.resolution)
         results = []
         for name in args.methods.split(","):
             for cache, batched in VARIANTS:
@@ -188,6 +233,10 @@ def main() -> int:
         r = next(r for r in results if r["method"] == name)
         print(f"UNet modules in memory for {name}: {r['num_unets']}")
     print(f"(peak memory = {results[0]['memory']}; 'vs base' = samples/s relative to cache off + unbatched teacher)")
+    sd = sd15_cost()
+    for label, c in ((f"this model, {args.resolution} px", ours), ("SD1.5, 512 px", sd)):
+        print(f"GFLOPs per sample, {label}: UNet forward {c['unet']:.3g}, VAE encode {c['vae']:.3g} "
+              f"({c['vae'] / c['unet']:.2f} UNet), text encoder {c['text']:.3g} ({c['text'] / c['unet']:.3f} UNet)")
     return 0
 
 

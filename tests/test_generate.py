@@ -128,8 +128,8 @@ def test_uvit_folders_go_to_ldmkit_pipeline(tmp_path, monkeypatch):
 
     class FakeUViTPipeline:
         @classmethod
-        def from_pretrained(cls, path, torch_dtype=None):
-            calls.append((path, torch_dtype))
+        def from_pretrained(cls, path, **kwargs):  # dtype= or torch_dtype= (ldmkit.compat)
+            calls.append((path, kwargs.get("dtype", kwargs.get("torch_dtype"))))
             return cls()
 
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "UViTPipeline"}))

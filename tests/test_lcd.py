@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest_lcm import unet_inputs, unet_out
 from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
@@ -229,3 +231,56 @@ def test_lcd_resume_equals_uninterrupted(tmp_path, tiny_sd15, shapes_folder):
     la = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lcm_lora", "lcd"])
+def test_evaluate_on_exports(trained, tmp_path, tiny_sd15, name):
+    """``ldmkit evaluate`` on an LCM-LoRA export (on its base model) and on a full-LCD export: one UNet pass
+    per step at the guidance each kind is sampled with, the run's LCM grid, images that the LoRA changes."""
+    import argparse
+
+    from ldmkit.eval import evaluate
+
+    method, _ = trained("sd15", name)
+    export = tmp_path / "export"
+    method.export(export)
+
+    def run(out, *model_args: str, guidance: str) -> dict:
+        parser = argparse.ArgumentParser()
+        evaluate.add_arguments(parser)
+        args = parser.parse_args([*model_args, "--shapes", "--num-images", "2", "--steps", "1,4", "--scheduler", "lcm",
+                                  "--guidance", guidance, "--height", str(RES), "--width", str(RES), "--device", "cpu",
+                                  "--save-images", "--out", str(out)])
+        assert evaluate.run(args) == 0
+        return json.loads((out / "metrics.json").read_text())
+
+    if name == "lcm_lora":
+        # The export's LCMScheduler settings are adopted when a LoRA loads onto an LCM-sampling pipeline.
+        from ldmkit.generate import load_lora, load_pipeline, set_scheduler
+
+        cfg_file = export / "scheduler" / "scheduler_config.json"
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "original_inference_steps": 25}))
+        pipe = load_pipeline(tiny_sd15)
+        set_scheduler(pipe, "lcm")
+        load_lora(pipe, export)
+        assert pipe.scheduler.config.original_inference_steps == 25
+        assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+        m = run(tmp_path / "eval", "--model", str(tiny_sd15), "--lora", str(export), guidance="1.0")
+        base = run(tmp_path / "base", "--model", str(tiny_sd15), guidance="1.0")
+        changed = [np.abs(np.asarray(Image.open(tmp_path / "eval" / "steps-4" / f)).astype(int)
+                          - np.asarray(Image.open(tmp_path / "base" / "steps-4" / f)).astype(int)).max()
+                   for f in ("00000.png", "00001.png")]
+        assert min(changed) > 0, "the LoRA did not change the images"
+        assert base["lora"] is None and m["lora"] == str(export) and m["lora_fused"]
+        run(tmp_path / "unfused", "--model", str(tiny_sd15), "--lora", str(export), "--no-fuse-lora", guidance="1.0")
+        for f in ("00000.png", "00001.png"):  # fusing changes float rounding only
+            a, b = (np.asarray(Image.open(tmp_path / d / "steps-4" / f)).astype(int) for d in ("eval", "unfused"))
+            assert np.abs(a - b).max() <= 2
+    else:
+        m = run(tmp_path / "eval", "--model", str(export), guidance="8.0")
+    assert m["scheduler"] == "LCMScheduler"
+    for s in m["settings"]:
+        # LCM sampling never runs classifier-free guidance: w is baked in (LoRA) or embedded (LCD).
+        assert s["unet_evals_per_image"] == s["steps"]
+        assert s["seconds_per_image"] > 0 and 0.0 <= s["adherence"]["all"] <= 1.0
+        assert len(list((tmp_path / "eval" / f"steps-{s['steps']}").glob("*.png"))) == 2

@@ -240,3 +240,19 @@ def test_quickstart_recipes_validate(name):
     cfg = load_config(str(ROOT / "configs" / name / "quickstart.yaml"))
     assert cfg.method.name == name and cfg.method.loss_type == "huber" and cfg.method.num_ddim_timesteps == 50
     assert cfg.method.w_min <= 2.0 <= cfg.method.w_max  # the quickstart's teacher guidance 3.0 = w 2.0
+
+
+def test_kohya_copy_of_a_uvit_lora_loads_the_same(trained, uvit_teacher, tmp_path):
+    """convert-lora's kohya names resolve back to U-ViT module paths, with and without the model at hand."""
+    from safetensors.torch import load_file
+
+    method, _ = trained("lcm_lora")
+    method.export(tmp_path)
+    peft_file = load_file(str(tmp_path / formats.LORA_WEIGHT_NAME))
+    kohya = formats.convert(peft_file, to="kohya")  # no module names: compound-name rejoining
+    assert set(formats.read_lora(kohya)) == set(formats.read_lora(peft_file))
+    pipe = UViTPipeline.from_pretrained(uvit_teacher)
+    pipe.load_lora_weights(kohya)
+    inputs = uvit_inputs(method.unet)
+    assert formats.count_lora_modules(pipe.unet) == LORA_MODULES
+    torch.testing.assert_close(out(pipe.unet, inputs), out(method.unet, inputs), rtol=1e-5, atol=1e-5)

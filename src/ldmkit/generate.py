@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ldmkit.compat import dtype_kwargs
 from ldmkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32):
     if cls_name == "UViTPipeline":
         from ldmkit.pipelines.uvit import UViTPipeline  # optional component, imported only when needed
 
-        return UViTPipeline.from_pretrained(root, torch_dtype=dtype)
-    return DiffusionPipeline.from_pretrained(root, torch_dtype=dtype)
+        return UViTPipeline.from_pretrained(root, **dtype_kwargs(dtype))
+    return DiffusionPipeline.from_pretrained(root, **dtype_kwargs(dtype))
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -85,6 +86,23 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
     pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="default")
     if scale != 1.0:
         pipe.set_adapters(["default"], adapter_weights=[scale])
+    _adopt_lcm_settings(pipe, folder)
+
+
+def _adopt_lcm_settings(pipe, lora_folder: Path) -> None:
+    """An ldmkit LCM-LoRA export carries the LCMScheduler of its run (original_inference_steps = the
+    distillation's num_ddim_timesteps, timestep_scaling): sampling with a different grid or boundary
+    scaling than the LoRA was trained on degrades few-step images. Adopt those two settings when the
+    pipeline samples with an LCMScheduler; the base model's betas and prediction type stay."""
+    from diffusers import LCMScheduler
+
+    cfg_file = lora_folder / "scheduler" / "scheduler_config.json"
+    if not isinstance(pipe.scheduler, LCMScheduler) or not cfg_file.is_file():
+        return
+    trained = json.loads(cfg_file.read_text())
+    keep = {k: trained[k] for k in ("original_inference_steps", "timestep_scaling") if k in trained}
+    if keep:
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **keep)
 
 
 def generate_images(

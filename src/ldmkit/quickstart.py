@@ -43,11 +43,12 @@ class Plan:
     distill_steps: int
     eval_prompts: int
     teacher_guidance: float
+    reference_images: int = 1000
     teacher_steps_full: int = 50
     lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
 
 
-FULL = Plan(num_images=3000, image_size=32, vae_steps=400, teacher_steps=1200, distill_steps=400, eval_prompts=120,
+FULL = Plan(num_images=4000, image_size=32, vae_steps=600, teacher_steps=2000, distill_steps=400, eval_prompts=120,
             teacher_guidance=3.0)
 QUICK = Plan(num_images=300, image_size=32, vae_steps=60, teacher_steps=120, distill_steps=30, eval_prompts=16,
              teacher_guidance=3.0, lcm_steps=(1, 2, 4))
@@ -130,9 +131,8 @@ def stage_text(out: Path, data: Path, seed: int) -> tuple[Path, dict[str, Any]]:
     return base, stats
 
 
-def stage_vae(out: Path, data: Path, plan: Plan, quick: bool, base: Path) -> Path:
-    recipe = "vae/quickstart_quick.yaml" if quick else "vae/quickstart.yaml"
-    export = _train(recipe, ["--method.name=vae", f"--data.path={data}", f"--data.resolution={plan.image_size}",
+def stage_vae(out: Path, data: Path, plan: Plan, base: Path) -> Path:
+    export = _train("vae/quickstart.yaml", ["--method.name=vae", f"--data.path={data}", f"--data.resolution={plan.image_size}",
                              f"--train.max_steps={plan.vae_steps}", f"--output_dir={out / 'vae'}",
                              "--train.validate_every=0", "--train.report_to=none"])
     if not (base / "vae" / "config.json").is_file():
@@ -142,9 +142,8 @@ def stage_vae(out: Path, data: Path, plan: Plan, quick: bool, base: Path) -> Pat
     return export
 
 
-def stage_teacher(out: Path, data: Path, plan: Plan, quick: bool, base: Path) -> Path:
-    recipe = "uvit/quickstart_quick.yaml" if quick else "uvit/quickstart.yaml"
-    return _train(recipe, ["--method.name=uvit", f"--model.pretrained={base}", f"--data.path={data}",
+def stage_teacher(out: Path, data: Path, plan: Plan, base: Path) -> Path:
+    return _train("uvit/quickstart.yaml", ["--method.name=uvit", f"--model.pretrained={base}", f"--data.path={data}",
                            f"--data.resolution={plan.image_size}", "--data.cache=true",
                            f"--data.cache_dir={out / 'cache'}", f"--train.max_steps={plan.teacher_steps}",
                            f"--output_dir={out / 'teacher'}", "--train.validate_every=0", "--train.report_to=none"])
@@ -179,7 +178,7 @@ def _pixel_distance(a_dir: Path, b_dir: Path, n: int) -> float:
 def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: bool, data: Path, shapes: bool,
                    seed: int) -> dict[str, Any]:
     from ldmkit.data.synth import heldout_prompts
-    from ldmkit.eval.evaluate import evaluate_pipeline, read_data
+    from ldmkit.eval.evaluate import evaluate_pipeline, read_data, read_images
     from ldmkit.generate import load_pipeline, set_scheduler
 
     ev = out / "evaluate"
@@ -187,11 +186,12 @@ def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: boo
     if result_file.is_file():
         return json.loads(result_file.read_text())
     ev.mkdir(parents=True, exist_ok=True)
-    reference = None
     if shapes:
         prompts = heldout_prompts(plan.eval_prompts, seed=seed + 1)
+        reference = read_images(data, plan.reference_images)  # FD/KID to the training distribution
     else:
-        reference, prompts = read_data(data, plan.eval_prompts)
+        reference, prompts = read_data(data, max(plan.eval_prompts, plan.reference_images))
+        prompts = prompts[: plan.eval_prompts]
     common = dict(seed=seed + 12345, save_images=True, batch_size=24, reference=reference)
 
     teacher_pipe = load_pipeline(teacher)
@@ -210,9 +210,29 @@ def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: boo
     distance = {"teacher_ddim_4": _pixel_distance(ev / "teacher_ddim" / "steps-4", ref_dir, n)}
     for s in plan.lcm_steps:
         distance[f"lcm_{s}"] = _pixel_distance(ev / "lcm" / f"steps-{s}", ref_dir, n)
-    results = {"prompts": prompts, "runs": runs, "distance_to_teacher_50": distance}
+    results = {"prompts": prompts, "runs": runs, "distance_to_teacher_50": distance,
+               "fd_to_teacher_50": _fd_to(ref_dir, [("teacher_ddim_4", ev / "teacher_ddim" / "steps-4")]
+                                            + [(f"lcm_{s}", ev / "lcm" / f"steps-{s}") for s in plan.lcm_steps], n)}
     result_file.write_text(json.dumps(results, indent=1))
     return results
+
+
+def _fd_to(ref_dir: Path, sets: list[tuple[str, Path]], n: int) -> dict[str, float]:
+    """FD of each image set to the teacher's 50-step set (same prompts and seeds): how close the
+    *distribution* of samples is (KID, at this set size, was too noisy to rank settings). Unlike the per-image RMS it does not penalise a multistep LCM for
+    re-noising between steps (LCMScheduler draws fresh noise, so it leaves the teacher's ODE path while
+    still sampling the same distribution)."""
+    from PIL import Image
+
+    from ldmkit.eval.fid import frechet_distance, load_feature_extractor
+
+    features = load_feature_extractor(None)
+
+    def feats(folder: Path):
+        return features([Image.open(folder / f"{i:05d}.png").convert("RGB") for i in range(n)])
+
+    ref = feats(ref_dir)
+    return {name: frechet_distance(feats(folder), ref) for name, folder in sets}
 
 
 def _student_guidance(lcd: bool, plan: Plan) -> float:
@@ -223,17 +243,13 @@ def _student_guidance(lcd: bool, plan: Plan) -> float:
 def _load_student(student: Path, teacher: Path, lcd: bool):
     from ldmkit.generate import load_lora, load_pipeline, set_scheduler
 
-    if lcd:
-        pipe = load_pipeline(student)
-    else:
-        pipe = load_pipeline(teacher)
-        load_lora(pipe, student)
+    # A full-LCD export is a pipeline with its run's LCMScheduler; an LCM-LoRA export is loaded onto the
+    # teacher, and load_lora adopts the export's LCMScheduler settings (grid, boundary scaling).
+    pipe = load_pipeline(student if lcd else teacher)
     set_scheduler(pipe, "lcm")
-    cfg_file = student / "scheduler" / "scheduler_config.json"
-    if cfg_file.is_file():
-        from diffusers import LCMScheduler
-
-        pipe.scheduler = LCMScheduler.from_pretrained(student, subfolder="scheduler")
+    if not lcd:
+        load_lora(pipe, student)
+        pipe.fuse_lora()  # sample at the model's speed, as a merged export would (ldmkit merge-lora)
     return pipe
 
 
@@ -265,8 +281,9 @@ def summarise(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
     for steps in plan.lcm_steps:
         put(f"lcm_{steps}", _setting(runs["lcm"], steps))
     for name, d in results["distance_to_teacher_50"].items():
-        key = name.replace("teacher_ddim_4", "teacher_4")
-        figures[key]["rms_to_teacher_50"] = d
+        figures[name.replace("teacher_ddim_4", "teacher_4")]["rms_to_teacher_50"] = d
+    for name, d in results.get("fd_to_teacher_50", {}).items():
+        figures[name.replace("teacher_ddim_4", "teacher_4")]["fd_to_teacher_50"] = d
     lcm4 = figures.get("lcm_4")
     if lcm4 and figures["teacher_50"]["adherence"] is not None:
         figures["lcm4_over_teacher50_adherence"] = lcm4["adherence"] / max(figures["teacher_50"]["adherence"], 1e-9)
@@ -330,7 +347,8 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], pla
     table = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{figs[n]['steps']}</td><td>{cell(figs[n]['adherence'])}</td>"
         + "".join(f"<td>{cell((figs[n]['adherence_per_attribute'] or {}).get(a))}</td>" for a in ("color", "shape", "size", "position"))
-        + f"<td>{cell(figs[n].get('rms_to_teacher_50'))}</td><td>{cell(figs[n]['fd'], '{:.2f}')}</td>"
+        + f"<td>{cell(figs[n].get('rms_to_teacher_50'))}</td><td>{cell(figs[n].get('fd_to_teacher_50'), '{:.3f}')}</td>"
+        f"<td>{cell(figs[n]['fd'], '{:.2f}')}</td><td>{cell(figs[n]['kid'], '{:.4f}')}</td>"
         f"<td>{cell(figs[n]['seconds_per_image'] * 1000, '{:.1f}')}</td><td>{cell(figs[n]['unet_evals_per_image'], '{:.0f}')}</td></tr>"
         for n in names)
     stages = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in report["exports"].items())
@@ -342,9 +360,13 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], pla
 Total time {report['seconds_total'] / 60:.1f} min.</p>
 <h2>Samples</h2><p>Same prompts and initial noise in every column.</p><img src="grids.png">
 <h2>Quality against steps and time</h2><img src="quality.png">
-<h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher 50</th><th>FD</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
+<h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher 50</th><th>FD to teacher 50</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
 <p>Adherence: share of images whose colour, shape, size and position all match the prompt (ldmkit.eval.scorer).
-RMS to teacher 50: root-mean-square pixel difference to the teacher's 50-step image from the same noise.
+RMS to teacher 50: root-mean-square pixel difference to the teacher's 50-step image from the same noise
+(per image; a multistep LCM re-noises between steps, so it leaves the teacher's path: read the 1-step row).
+FD to teacher 50: Fréchet distance of the whole image set to the teacher's 50-step set (distribution level).
+FD / KID to data: to {report['plan']['reference_images']} training images. Features: {html.escape(str(report.get('feature_net')))}
+(a fixed random conv net, comparable only within ldmkit).
 LCM 4 steps reaches {cell(figs.get('lcm4_over_teacher50_adherence'), '{:.0%}')} of the teacher's 50-step adherence and is
 {cell(figs.get('lcm4_speedup_over_teacher50'), '{:.1f}')}x faster per image.</p>
 <h2>Text conditioning</h2><pre>{html.escape(json.dumps(text, indent=1))}</pre>
@@ -374,8 +396,8 @@ def quickstart(out: str | Path = "quickstart", quick: bool = False, lcd: bool = 
 
     data_dir = timed("data", stage_data, out, plan, seed, data)
     base, text_stats = timed("text", stage_text, out, data_dir, seed)
-    vae = timed("vae", stage_vae, out, data_dir, plan, quick, base)
-    teacher = timed("teacher", stage_teacher, out, data_dir, plan, quick, base)
+    vae = timed("vae", stage_vae, out, data_dir, plan, base)
+    teacher = timed("teacher", stage_teacher, out, data_dir, plan, base)
     student = timed("distill", stage_distill, out, data_dir, plan, teacher, lcd)
     shapes = data is None
     results = timed("evaluate", stage_evaluate, out, plan, teacher, student, lcd, data_dir, shapes, seed)
@@ -384,6 +406,7 @@ def quickstart(out: str | Path = "quickstart", quick: bool = False, lcd: bool = 
         "exports": {"data": str(data_dir), "base": str(base), "vae": str(vae), "teacher": str(teacher),
                     "distilled": str(student)},
         "text_separation": text_stats,
+        "feature_net": results["runs"]["teacher_ddim"].get("feature_net"),
         "stage_seconds": times,
     }
     report["figures"] = summarise(results, plan)

@@ -312,6 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
     add("--lora", default=None, help="LoRA file or folder to load on top (e.g. an LCM-LoRA).")
+    add("--no-fuse-lora", action="store_true",
+        help="Keep the LoRA as separate peft layers; default: fuse it into the weights (what merge-lora saves), so "
+             "speed figures measure the model rather than the unfused adapter's extra matmuls.")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", default=None, help="Text file with one prompt per line.")
     src.add_argument("--data", default=None,
@@ -366,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
         set_scheduler(pipe, args.scheduler)
     if args.lora:
         load_lora(pipe, args.lora)
+        if not args.no_fuse_lora:
+            pipe.fuse_lora()
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
@@ -373,7 +378,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_pipeline(pipe, prompts, steps, args.guidance, args.seed, batch_size=args.batch_size,
                                 reference=reference, feature_extractor=features, clip=clip, height=args.height,
                                 width=args.width, out_dir=out, save_images=args.save_images)
-    metrics.update(model=str(args.model), lora=args.lora, device=str(device), dtype=str(dtype).removeprefix("torch."))
+    metrics.update(model=str(args.model), lora=args.lora, lora_fused=bool(args.lora and not args.no_fuse_lora),
+                   device=str(device), dtype=str(dtype).removeprefix("torch."))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     label = (metrics["scheduler"] or "pipeline") + (" + LoRA" if args.lora else "")
     quality_vs_steps({label: metrics["settings"]}).save(out / "quality_vs_steps.png")

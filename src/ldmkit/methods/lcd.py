@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from ldmkit.compat import dtype_kwargs
 from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
 from ldmkit.lora.adapters import adapters_disabled
@@ -172,7 +173,7 @@ def _load_teacher_denoiser(pretrained: str, variant: Optional[str], dtype: torch
 
     if not (Path(pretrained) / "unet" / "config.json").is_file():
         raise UserError(f"unet of model.pretrained not found: {Path(pretrained) / 'unet'}")
-    model = UViT.from_pretrained(pretrained, subfolder="unet", variant=variant, torch_dtype=dtype)
+    model = UViT.from_pretrained(pretrained, subfolder="unet", variant=variant, **dtype_kwargs(dtype))
     return model.requires_grad_(False).eval()
 
 

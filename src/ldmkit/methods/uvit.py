@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
-from ldmkit.diffusion.losses import diffusion_target
+from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
 from ldmkit.models.uvit import UViT
@@ -58,6 +58,9 @@ class UViTConfig(MethodConfig):
     """Width of the text embeddings; default (and required value): the text encoder's hidden size."""
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     """What the network predicts (the original: epsilon)."""
+    snr_gamma: Optional[float] = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; they use 5); null: plain MSE, as the original. Short
+    from-scratch runs converge far faster with it (see configs/uvit/quickstart.yaml)."""
     p_uncond: Optional[float] = 0.1
     """Classifier-free guidance dropout; written into data.proportion_empty_prompts (null: leave that as set)."""
     scale_factor: Optional[float] = None
@@ -75,6 +78,8 @@ class UViTConfig(MethodConfig):
 
     def check(self, cfg: "Config") -> None:
         """Called when the config is resolved: apply p_uncond to the data layer."""
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"method.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
         if self.p_uncond is None:
             return
         if not 0.0 <= self.p_uncond <= 1.0:
@@ -151,7 +156,11 @@ class UViTMethod(Method):
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self.unet(xt, t, encoder_hidden_states=context).sample
         target = diffusion_target(self.noise_scheduler, x0, noise, t)
-        return F.mse_loss(pred.float(), target.float()), {}
+        if self.mcfg.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float()), {}
+        weights = min_snr_weights(self.noise_scheduler, t, self.mcfg.snr_gamma, self.mcfg.prediction_type)  # (B,)
+        per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))  # (B,)
+        return (weights * per_sample).mean(), {}
 
     def after_step(self, step: int) -> None:
         self.ema.step(self.unwrap(self.unet).parameters())

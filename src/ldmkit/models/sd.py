@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ldmkit.compat import dtype_kwargs
 from ldmkit.errors import UserError
 from ldmkit.train.rng import SampleRNG
 
@@ -126,10 +127,10 @@ class SDModels:
 
         if unet:
             _require(root / "unet" / "config.json", "unet of model.pretrained")
-            self.unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=variant, torch_dtype=unet_dtype or dtype)
+            self.unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=variant, **dtype_kwargs(unet_dtype or dtype))
         if vae_model:
             vae_dtype = torch.float32 if dtype == torch.float16 and self._vae_config.get("force_upcast") else dtype
-            self.vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, variant=variant, torch_dtype=vae_dtype)
+            self.vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, variant=variant, **dtype_kwargs(vae_dtype))
         if text:
             classes = [CLIPTextModel, CLIPTextModelWithProjection]
             for i, name in enumerate(names):
