@@ -50,8 +50,8 @@ class Plan:
 
 FULL = Plan(num_images=4000, image_size=32, vae_steps=600, teacher_steps=2000, distill_steps=400, eval_prompts=120,
             teacher_guidance=3.0)
-QUICK = Plan(num_images=300, image_size=32, vae_steps=60, teacher_steps=120, distill_steps=30, eval_prompts=16,
-             teacher_guidance=3.0, lcm_steps=(1, 2, 4))
+QUICK = Plan(num_images=1000, image_size=32, vae_steps=200, teacher_steps=600, distill_steps=100, eval_prompts=24,
+             teacher_guidance=3.0, reference_images=300, lcm_steps=(1, 2, 4))
 
 
 # ----------------------------------------------------------------------------------------------------
