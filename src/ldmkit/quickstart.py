@@ -48,7 +48,7 @@ class Plan:
     lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
 
 
-FULL = Plan(num_images=4000, image_size=32, vae_steps=600, teacher_steps=2000, distill_steps=400, eval_prompts=120,
+FULL = Plan(num_images=4000, image_size=32, vae_steps=600, teacher_steps=2000, distill_steps=1500, eval_prompts=120,
             teacher_guidance=3.0)
 QUICK = Plan(num_images=1000, image_size=32, vae_steps=200, teacher_steps=600, distill_steps=100, eval_prompts=24,
              teacher_guidance=3.0, reference_images=300, lcm_steps=(1, 2, 4))
@@ -181,7 +181,7 @@ def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: boo
     from ldmkit.eval.evaluate import evaluate_pipeline, read_data, read_images
     from ldmkit.generate import load_pipeline, set_scheduler
 
-    ev = out / "evaluate"
+    ev = _eval_dir(out, lcd)
     result_file = ev / "results.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -217,11 +217,17 @@ def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: boo
     return results
 
 
+def _eval_dir(out: Path, lcd: bool) -> Path:
+    # One folder per distillation method: `quickstart` then `quickstart --lcd` in the same --out share
+    # data, VAE and teacher, and each evaluates its own student.
+    return out / "evaluate" / ("lcd" if lcd else "lcm_lora")
+
+
 def _fd_to(ref_dir: Path, sets: list[tuple[str, Path]], n: int) -> dict[str, float]:
     """FD of each image set to the teacher's 50-step set (same prompts and seeds): how close the
-    *distribution* of samples is (KID, at this set size, was too noisy to rank settings). Unlike the per-image RMS it does not penalise a multistep LCM for
+    *distribution* of samples is. Unlike the per-image RMS it does not penalise a multistep LCM for
     re-noising between steps (LCMScheduler draws fresh noise, so it leaves the teacher's ODE path while
-    still sampling the same distribution)."""
+    still sampling the same distribution). KID was too noisy at ~100 images to rank the settings."""
     from PIL import Image
 
     from ldmkit.eval.fid import frechet_distance, load_feature_extractor
@@ -297,7 +303,7 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], pla
 
     from ldmkit.eval.plot import line_chart
 
-    ev = out / "evaluate"
+    ev = _eval_dir(out, report["method"] == "lcd")
     rows = [("teacher 50 steps (DDIM, guided)", ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}"),
             ("teacher 4 steps (DDIM, guided)", ev / "teacher_ddim" / "steps-4")]
     rows += [(f"LCM {s} step{'s' if s > 1 else ''}", ev / "lcm" / f"steps-{s}") for s in plan.lcm_steps]
