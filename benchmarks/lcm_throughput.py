@@ -1,6 +1,6 @@
 """Throughput of one LCD / LCM-LoRA training step, and what the optimisations buy.
 
-    python benchmarks/lcm_throughput.py [--batch 8] [--resolution 64] [--steps 5]
+    python benchmarks/lcm_throughput.py [--batch 8] [--resolution 64] [--steps 12] [--repeats 3]
 
 For lcm_lora and lcd, on a small SD1.5-architecture model built locally, it measures every combination of
 - data cache off (VAE + text encoder run every step) / on (precomputed latent moments + prompt embeds),
@@ -189,8 +189,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="Samples per step.")
     p.add_argument("--resolution", type=int, default=64, help="Image side in pixels (latents are 1/8).")
-    p.add_argument("--steps", type=int, default=5, help="Timed steps per combination.")
+    p.add_argument("--steps", type=int, default=12, help="Timed steps per combination.")
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    p.add_argument("--repeats", type=int, default=3, help="Interleaved rounds of all variants; the median is reported.")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="accelerate mixed precision.")
     p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of lcm_lora,lcd.")
     p.add_argument("--model", default=None, help="Use this pipeline folder instead of building the small model.")
@@ -210,29 +211,38 @@ def main() -> int:
         ours = encoder_cost(UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
                             AutoencoderKL.from_pretrained(model, subfolder="vae"),
                             CLIPTextModel.from_pretrained(model, subfolder="text_encoder"), args.resolution)
+        # Rounds of all variants, interleaved, and the median per variant: a shared or throttling machine
+        # drifts by tens of percent over minutes, which a single pass would book on whichever variant ran then.
+        runs: dict[tuple, list[dict]] = {}
+        for round_ in range(args.repeats):
+            for name in args.methods.split(","):
+                for cache, batched in VARIANTS:
+                    cmd = [sys.executable, __file__, "--one", f"{name},{int(cache)},{int(batched)}", "--model", model,
+                           "--batch", str(args.batch), "--resolution", str(args.resolution), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--mixed-precision", args.mixed_precision]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    runs.setdefault((name, cache, batched), []).append(json.loads(out.strip().splitlines()[-1]))
+                    print(f"  round {round_ + 1}: measured {name} cache={cache} batched_teacher={batched}", file=sys.stderr)
         results = []
-        for name in args.methods.split(","):
-            for cache, batched in VARIANTS:
-                cmd = [sys.executable, __file__, "--one", f"{name},{int(cache)},{int(batched)}", "--model", model,
-                       "--batch", str(args.batch), "--resolution", str(args.resolution), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--mixed-precision", args.mixed_precision]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                results.append(json.loads(out.strip().splitlines()[-1]))
-                print(f"  measured {name} cache={cache} batched_teacher={batched}", file=sys.stderr)
+        for rs in runs.values():
+            rs = sorted(rs, key=lambda r: r["samples_per_s"])
+            results.append({**rs[len(rs) // 2], "spread": (rs[0]["samples_per_s"], rs[-1]["samples_per_s"])})
 
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"LCD training step, batch {args.batch}, {args.resolution} px, {device}, mixed precision {args.mixed_precision}")
-    print(f"{'method':9} {'cache':6} {'teacher':10} {'samples/s':>10} {'vs base':>8} {'peak MB':>9} {'UNet share':>11}")
+    print(f"{'method':9} {'cache':6} {'teacher':10} {'samples/s':>10} {'(min-max)':>13} {'vs base':>8} {'peak MB':>9} {'UNet share':>11}")
     for name in args.methods.split(","):
         rows = [r for r in results if r["method"] == name]
         base = next(r for r in rows if not r["cache"] and not r["batched"])["samples_per_s"]
         for r in rows:
             print(f"{name:9} {'on' if r['cache'] else 'off':6} {'batched' if r['batched'] else 'unbatched':10} "
-                  f"{r['samples_per_s']:10.2f} {r['samples_per_s'] / base:7.2f}x {r['peak_mb']:9.0f} {r['unet_share']:10.0%}")
+                  f"{r['samples_per_s']:10.2f} {r['spread'][0]:6.1f}-{r['spread'][1]:<6.1f} {r['samples_per_s'] / base:7.2f}x "
+                  f"{r['peak_mb']:9.0f} {r['unet_share']:10.0%}")
     for name in args.methods.split(","):
         r = next(r for r in results if r["method"] == name)
         print(f"UNet modules in memory for {name}: {r['num_unets']}")
-    print(f"(peak memory = {results[0]['memory']}; 'vs base' = samples/s relative to cache off + unbatched teacher)")
+    print(f"(median of {args.repeats} interleaved rounds of {args.steps} steps; peak memory = {results[0]['memory']}; "
+          "'vs base' = samples/s relative to cache off + unbatched teacher)")
     sd = sd15_cost()
     for label, c in ((f"this model, {args.resolution} px", ours), ("SD1.5, 512 px", sd)):
         print(f"GFLOPs per sample, {label}: UNet forward {c['unet']:.3g}, VAE encode {c['vae']:.3g} "
