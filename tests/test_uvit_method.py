@@ -71,6 +71,31 @@ def test_loss_is_epsilon_mse_of_scaled_posterior_samples(method):
     assert method.models.vae.config.scaling_factor == pytest.approx(0.2301)
 
 
+def test_min_snr_loss_weights_each_sample(tiny_sd15, features_dir, tmp_path):
+    """method.snr_gamma: per-sample epsilon MSE times min(SNR(t), gamma) / SNR(t) (Hang et al. 2023)."""
+    from accelerate import Accelerator
+
+    from ldmkit.methods.uvit import UViTMethod
+    from ldmkit.train.rng import SampleRNG
+
+    torch.manual_seed(0)
+    method = UViTMethod(debug_cfg(tiny_sd15, features_dir, tmp_path, "--method.snr_gamma=0.5"), Accelerator(cpu=True))
+    batch = _batch(8)
+    loss, _ = method.loss(batch)
+    rng = SampleRNG(batch["seed"])
+    mean, logvar = batch["latent_moments"].chunk(2, dim=1)
+    x0 = (mean + torch.exp(0.5 * logvar) * rng.randn(4, 4, 4)) * 0.2301
+    noise, t = rng.randn(4, 4, 4), rng.randint(0, 1000)
+    abar = method.noise_scheduler.alphas_cumprod[t]
+    xt = abar.sqrt().view(-1, 1, 1, 1) * x0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * noise
+    snr = abar / (1 - abar)
+    per_sample = (method.unet(xt, t, batch["prompt_embeds"]).sample - noise).square().mean(dim=(1, 2, 3))
+    assert (snr > 0.5).any()  # some weights are below 1: the check below tells weighted from plain MSE
+    torch.testing.assert_close(loss, (torch.clamp(snr, max=0.5) / snr * per_sample).mean())
+    with pytest.raises(UserError, match="snr_gamma"):
+        debug_cfg(tiny_sd15, features_dir, tmp_path, "--method.snr_gamma=0")
+
+
 def test_loss_decreases(method):
     opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
     batch = _batch(8)

@@ -104,3 +104,12 @@ def test_train_export_loads_in_stock_pipelines(tiny_sd15, shapes_folder, tmp_pat
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_mid_block_attention_can_be_dropped(shapes_folder, tmp_path):
+    """method.mid_block_attention=false: no attention module in the encoder or decoder (cheaper small VAEs)."""
+    with_attn = make_method(debug_cfg(shapes_folder, tmp_path / "a"))
+    without = make_method(debug_cfg(shapes_folder, tmp_path / "b", "--method.mid_block_attention=false"))
+    attn = [n for n, _ in without.vae.named_modules() if n.endswith("attentions.0")]
+    assert not attn and any(n.endswith("attentions.0") for n, _ in with_attn.vae.named_modules())
+    assert without.vae.config.mid_block_add_attention is False
