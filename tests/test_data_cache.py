@@ -179,7 +179,6 @@ Path({out!r}, f"rank{{acc.process_index}}.json").write_text(json.dumps(dict(batc
 def test_two_processes_with_accelerate_launch(layouts, tmp_path):
     import json
     import subprocess
-    import sys
     from pathlib import Path
 
     import ldmkit.data.cache
@@ -188,8 +187,9 @@ def test_two_processes_with_accelerate_launch(layouts, tmp_path):
     script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).parent), data=str(layouts["folder"]),
                                          cache=str(tmp_path / "cache"), out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    from conftest_runs import launch_two
+
+    cmd = [*launch_two(), str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -9,15 +9,14 @@ and machines); only the launcher's arguments change."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest_runs import launch_two, logged
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
@@ -34,10 +33,6 @@ def _args(name: str, model: Path, data: Path, out: Path, batch: int) -> list[str
             "--train.log_every=1", "--train.validate_every=0"]
 
 
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lcm_lora", "lcd", "uvit"])
 def test_two_processes_reproduce_one(name, tiny_sd15, shapes_folder, tmp_path):
@@ -45,16 +40,11 @@ def test_two_processes_reproduce_one(name, tiny_sd15, shapes_folder, tmp_path):
     r = subprocess.run([sys.executable, *_args(name, tiny_sd15, shapes_folder, one, 2)], env=ENV,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    r = subprocess.run([*launch, "-m", *_args(name, tiny_sd15, shapes_folder, two, 1)[1:]], env=ENV,
+    r = subprocess.run([*launch_two(), "-m", *_args(name, tiny_sd15, shapes_folder, two, 1)[1:]], env=ENV,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    l1, l2 = _losses(one), _losses(two)
+    l1, l2 = logged(one), logged(two)
     assert len(l1) == len(l2) == 3
     assert min(abs(a - b) / b for a, b in zip(l1, l1[1:])) > 1e-3  # not a flat curve
     assert l2 == pytest.approx(l1, rel=1e-4)

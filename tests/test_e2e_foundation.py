@@ -3,16 +3,15 @@ and the same run on two processes (accelerate launch, gloo on CPU) reproducing t
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest_runs import launch_two, logged
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
@@ -25,10 +24,6 @@ LOADED = re.compile(r"loaded SD from \S+ \(unet=(\w+) vae=(\w+) text=(\w+)\)")
 def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["-m", "ldmkit", "train", str(RECIPE), f"--model.pretrained={model}", f"--data.path={data}",
             "--data.cache=true", f"--output_dir={out}", *extra]
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _training_loads(log: str) -> list[tuple[str, str, str]]:
@@ -54,7 +49,7 @@ def test_lora_debug_recipe_from_cache_exports_a_lora_for_stock_diffusers(one_pro
     # The cache was built, and training loaded the UNet only (no VAE, no text encoder).
     assert len(list((out / "cache").glob("*/index.json"))) == 1
     assert _training_loads(log) == [("True", "False", "False")], LOADED.findall(log)
-    assert len(_losses(out)) == 4 and (out / "samples" / "step-0000002.png").exists()
+    assert len(logged(out)) == 4 and (out / "samples" / "step-0000002.png").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
@@ -87,17 +82,13 @@ def test_two_processes_reproduce_the_one_process_curve(one_process, tiny_sd15, s
     consecutive losses of the curve differ by > 1%."""
     one, _ = one_process
     two = tmp_path / "two"
-    with socket.socket() as s:  # a free port: other test runs may use accelerate's default 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    launch = launch_two()
     args = _train_args(tiny_sd15, shapes_folder, two, "--train.batch_size=1")[1:]  # drop "-m": launch takes it
     r = subprocess.run([*launch, "-m", *args], env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _training_loads(r.stderr) == [("True", "False", "False")] * 2  # each rank: UNet only
 
-    l1, l2 = _losses(one), _losses(two)
+    l1, l2 = logged(one), logged(two)
     assert len(l1) == len(l2) == 4
     assert min(abs(a - b) / b for a, b in zip(l1, l1[1:])) > 1e-2  # the curve is not flat: equality means something
     assert l2 == pytest.approx(l1, rel=1e-4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest_runs import launch_two, logged
 from safetensors.torch import load_file
 
 from ldmkit.config import load_config
@@ -45,8 +45,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, shapes_folder):
     a, b = weights(tmp_path / "full"), weights(killed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    la = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    la, lb = logged(tmp_path / "full"), logged(killed)
     assert len(lb) == 6 and la == pytest.approx(lb, rel=1e-5)
     # the EMA state travelled through the checkpoint too
     ea = load_file(str(tmp_path / "full" / "checkpoints" / "step-0000006" / "extra.safetensors"))
@@ -63,7 +62,7 @@ def test_run_layout_limit_and_loss_decreases(tmp_path, shapes_folder):
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000030", "step-0000040"]
     assert (run / "config.yaml").is_file() and (run / "export" / "ldmkit_config.yaml").is_file()
-    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = logged(run)
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     # running the finished command again does not train again
@@ -88,9 +87,9 @@ def test_gradient_clipping_really_clips(tmp_path, shapes_folder, monkeypatch):
     train(toy_config(tmp_path, shapes_folder, "clip", "--train.max_steps=2", "--train.max_grad_norm=0.001"))
     assert min(unclipped) > 0.01
     assert max(seen) <= 0.001 * 1.0001
-    logged = [json.loads(x)["grad_norm"] for x in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    norms = logged(tmp_path / "clip", "grad_norm")
     # the log reports the norm before clipping (step 1 only: after a clipped step the weights differ)
-    assert logged[0] == pytest.approx(unclipped[0], rel=1e-4) and logged[0] > 0.001
+    assert norms[0] == pytest.approx(unclipped[0], rel=1e-4) and norms[0] > 0.001
 
 
 def test_config_errors_are_one_line(tmp_path):
@@ -131,13 +130,10 @@ def test_two_processes_match_one(tmp_path, shapes_folder):
     subprocess.run([sys.executable, "-m", "ldmkit", "train", *common, "--train.batch_size=4", f"--output_dir={one}"],
                    check=True, env=env, capture_output=True)
     two = tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "ldmkit", "train", *common, "--train.batch_size=2", f"--output_dir={two}"],
+    r = subprocess.run([*launch_two(), "-m", "ldmkit", "train", *common, "--train.batch_size=2", f"--output_dir={two}"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    l1 = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
-    l2 = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    l1, l2 = logged(one), logged(two)
     assert len(l1) == len(l2) == 5
     assert l1 == pytest.approx(l2, rel=1e-4)
     a, b = weights(one), weights(two)

@@ -61,13 +61,19 @@ QUICK = Plan(num_images=500, image_size=32, vae_steps=120, teacher_steps=300, di
 
 
 def _train(method_recipe: str, overrides: list[str]) -> Path:
-    """Run (or resume, or skip when finished) one training stage through the shared loop."""
+    """Run (or resume, or skip when finished) one training stage through the shared loop. Stages do not
+    draw validation grids or write TensorBoard logs: the report's evaluation replaces both."""
     from ldmkit.config import load_config
     from ldmkit.train.loop import train
 
     recipe = ROOT_CONFIGS / method_recipe
-    cfg = load_config(str(recipe) if recipe.is_file() else None, overrides)
+    cfg = load_config(str(recipe) if recipe.is_file() else None,
+                      [*overrides, "--train.validate_every=0", "--train.report_to=none"])
     return train(cfg)
+
+
+def _method(lcd: bool) -> str:
+    return "lcd" if lcd else "lcm_lora"
 
 
 def _done(path: Path) -> bool:
@@ -135,8 +141,7 @@ def stage_text(out: Path, data: Path, seed: int) -> tuple[Path, dict[str, Any]]:
 
 def stage_vae(out: Path, data: Path, plan: Plan, base: Path) -> Path:
     export = _train("vae/quickstart.yaml", ["--method.name=vae", f"--data.path={data}", f"--data.resolution={plan.image_size}",
-                             f"--train.max_steps={plan.vae_steps}", f"--output_dir={out / 'vae'}",
-                             "--train.validate_every=0", "--train.report_to=none"])
+                             f"--train.max_steps={plan.vae_steps}", f"--output_dir={out / 'vae'}"])
     if not (base / "vae" / "config.json").is_file():
         # The base folder (text encoder, tokenizer, scheduler from stage_text) gets the trained VAE, so
         # the U-ViT stage and its exported pipeline read everything from one place.
@@ -148,33 +153,49 @@ def stage_teacher(out: Path, data: Path, plan: Plan, base: Path) -> Path:
     return _train("uvit/quickstart.yaml", ["--method.name=uvit", f"--model.pretrained={base}", f"--data.path={data}",
                            f"--data.resolution={plan.image_size}", "--data.cache=true",
                            f"--data.cache_dir={out / 'cache'}", f"--train.max_steps={plan.teacher_steps}",
-                           f"--output_dir={out / 'teacher'}", "--train.validate_every=0", "--train.report_to=none"])
+                           f"--output_dir={out / 'teacher'}"])
 
 
 def stage_distill(out: Path, data: Path, plan: Plan, teacher: Path, lcd: bool) -> Path:
-    method = "lcd" if lcd else "lcm_lora"
+    method = _method(lcd)
     return _train(f"{method}/quickstart.yaml", [
         f"--method.name={method}", f"--model.pretrained={teacher}", f"--data.path={data}",
         f"--data.resolution={plan.image_size}", "--data.cache=true", f"--data.cache_dir={out / 'cache'}",
-        f"--train.max_steps={plan.distill_steps}", f"--output_dir={out / method}", "--train.validate_every=0",
-        "--train.report_to=none"])
+        f"--train.max_steps={plan.distill_steps}", f"--output_dir={out / method}"])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def _pixel_distance(a_dir: Path, b_dir: Path, n: int) -> float:
-    """Root-mean-square pixel difference (0-1 scale) between images generated from the same noise."""
+def _distances_to(ref_dir: Path, sets: dict[str, Path], n: int) -> dict[str, dict[str, float]]:
+    """How far each saved image set is from the teacher's 50-step set (same prompts and seeds):
+
+    - ``rms``: root-mean-square pixel difference (0-1 scale) image by image, i.e. from the same initial
+      noise: the LCM learns to jump along the teacher's guided probability-flow ODE, so this is what
+      distillation optimises; but a multistep LCM re-noises between steps (LCMScheduler draws fresh
+      noise) and so leaves the teacher's path while still sampling the same distribution;
+    - ``fd``: Fréchet distance of the whole set (ldmkit's built-in features), which does not penalise
+      that. KID was too noisy at ~100 images to rank the settings.
+    """
     import numpy as np
     from PIL import Image
 
-    total = 0.0
-    for i in range(n):
-        a = np.asarray(Image.open(a_dir / f"{i:05d}.png").convert("RGB"), dtype=np.float64) / 255
-        b = np.asarray(Image.open(b_dir / f"{i:05d}.png").convert("RGB"), dtype=np.float64) / 255
-        total += float(((a - b) ** 2).mean())
-    return (total / n) ** 0.5
+    from ldmkit.eval.fid import frechet_distance, load_feature_extractor
+
+    features = load_feature_extractor(None)
+
+    def load(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+        images = [Image.open(folder / f"{i:05d}.png").convert("RGB") for i in range(n)]
+        return np.stack([np.asarray(im, dtype=np.float64) / 255 for im in images]), features(images)
+
+    ref_pixels, ref_feats = load(ref_dir)
+    out = {}
+    for name, folder in sets.items():
+        pixels, feats = load(folder)
+        out[name] = {"rms": float(np.sqrt(((pixels - ref_pixels) ** 2).mean())),
+                     "fd": frechet_distance(feats, ref_feats)}
+    return out
 
 
 def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: bool, data: Path, shapes: bool,
@@ -205,16 +226,10 @@ def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: boo
     runs["lcm"] = evaluate_pipeline(student_pipe, prompts, list(plan.lcm_steps),
                                     guidance=_student_guidance(lcd, plan), out_dir=ev / "lcm", **common)
 
-    # Distance to the teacher's 50-step images from the same initial noise (same seeds): the LCM learns
-    # to jump along the teacher's guided probability-flow ODE, so this is what distillation optimises.
-    ref_dir = ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}"
-    n = len(prompts)
-    distance = {"teacher_ddim_4": _pixel_distance(ev / "teacher_ddim" / "steps-4", ref_dir, n)}
-    for s in plan.lcm_steps:
-        distance[f"lcm_{s}"] = _pixel_distance(ev / "lcm" / f"steps-{s}", ref_dir, n)
-    results = {"prompts": prompts, "runs": runs, "distance_to_teacher_50": distance,
-               "fd_to_teacher_50": _fd_to(ref_dir, [("teacher_ddim_4", ev / "teacher_ddim" / "steps-4")]
-                                            + [(f"lcm_{s}", ev / "lcm" / f"steps-{s}") for s in plan.lcm_steps], n)}
+    sets = {"teacher_4": ev / "teacher_ddim" / "steps-4",
+            **{f"lcm_{s}": ev / "lcm" / f"steps-{s}" for s in plan.lcm_steps}}
+    distances = _distances_to(ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}", sets, len(prompts))
+    results = {"prompts": prompts, "runs": runs, "distance_to_teacher_50": distances}
     result_file.write_text(json.dumps(results, indent=1))
     return results
 
@@ -222,25 +237,7 @@ def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: boo
 def _eval_dir(out: Path, lcd: bool) -> Path:
     # One folder per distillation method: `quickstart` then `quickstart --lcd` in the same --out share
     # data, VAE and teacher, and each evaluates its own student.
-    return out / "evaluate" / ("lcd" if lcd else "lcm_lora")
-
-
-def _fd_to(ref_dir: Path, sets: list[tuple[str, Path]], n: int) -> dict[str, float]:
-    """FD of each image set to the teacher's 50-step set (same prompts and seeds): how close the
-    *distribution* of samples is. Unlike the per-image RMS it does not penalise a multistep LCM for
-    re-noising between steps (LCMScheduler draws fresh noise, so it leaves the teacher's ODE path while
-    still sampling the same distribution). KID was too noisy at ~100 images to rank the settings."""
-    from PIL import Image
-
-    from ldmkit.eval.fid import frechet_distance, load_feature_extractor
-
-    features = load_feature_extractor(None)
-
-    def feats(folder: Path):
-        return features([Image.open(folder / f"{i:05d}.png").convert("RGB") for i in range(n)])
-
-    ref = feats(ref_dir)
-    return {name: frechet_distance(feats(folder), ref) for name, folder in sets}
+    return out / "evaluate" / _method(lcd)
 
 
 def _student_guidance(lcd: bool, plan: Plan) -> float:
@@ -289,9 +286,7 @@ def summarise(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
     for steps in plan.lcm_steps:
         put(f"lcm_{steps}", _setting(runs["lcm"], steps))
     for name, d in results["distance_to_teacher_50"].items():
-        figures[name.replace("teacher_ddim_4", "teacher_4")]["rms_to_teacher_50"] = d
-    for name, d in results.get("fd_to_teacher_50", {}).items():
-        figures[name.replace("teacher_ddim_4", "teacher_4")]["fd_to_teacher_50"] = d
+        figures[name]["rms_to_teacher_50"], figures[name]["fd_to_teacher_50"] = d["rms"], d["fd"]
     lcm4 = figures.get("lcm_4")
     if lcm4 and figures["teacher_50"]["adherence"] is not None:
         figures["lcm4_over_teacher50_adherence"] = lcm4["adherence"] / max(figures["teacher_50"]["adherence"], 1e-9)
@@ -410,7 +405,7 @@ def quickstart(out: str | Path = "quickstart", quick: bool = False, lcd: bool = 
     shapes = data is None
     results = timed("evaluate", stage_evaluate, out, plan, teacher, student, lcd, data_dir, shapes, seed)
     report = {
-        "quick": quick, "method": "lcd" if lcd else "lcm_lora", "plan": asdict(plan),
+        "quick": quick, "method": _method(lcd), "plan": asdict(plan),
         "exports": {"data": str(data_dir), "base": str(base), "vae": str(vae), "teacher": str(teacher),
                     "distilled": str(student)},
         "text_separation": text_stats,
