@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ldmkit.cli import COMMANDS, GROUPS
-from ldmkit.config import load_config
+from ldmkit.config import load_config, shipped_recipes
+from ldmkit.errors import UserError
 from ldmkit.methods import METHODS
 
 ROOT = Path(__file__).parents[1]
@@ -29,6 +31,35 @@ def test_recipes_exist_for_every_method_with_debug_twin():
 def test_recipe_validates(recipe):
     cfg = load_config(str(recipe))
     assert cfg.method.name == recipe.parent.name
+
+
+def test_shipped_recipes_resolve_by_name_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: names resolve to the copies inside the package
+    assert shipped_recipes() == [f"{p.parent.name}/{p.stem}" for p in RECIPES]
+    assert load_config("lcm_lora/debug").method.name == "lcm_lora"
+    assert load_config("configs/lora/debug.yaml").method.name == "lora"
+    with pytest.raises(UserError, match="config file not found: lcm_lora/nope .*shipped recipes: .*lcm_lora/sd15"):
+        load_config("lcm_lora/nope")
+
+
+def test_wheel_carries_the_recipes(tmp_path):
+    """A non-editable install (pip install ., a wheel) has every recipe: the quickstart and
+    ``ldmkit train lcm_lora/sd15`` need no checkout. Built from a copy so the checkout gets no build/."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src_copy"
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path / "dist"),
+                        str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("ldmkit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"ldmkit/recipes/{r}.yaml" for r in shipped_recipes()} <= names
+    assert "ldmkit/recipes/lcm_lora/quickstart.yaml" in names
 
 
 def _help(*args: str) -> str:

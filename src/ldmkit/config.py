@@ -148,12 +148,31 @@ def _parser(method_cls: type[MethodConfig], prog: str = "ldmkit train"):
     return parser
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package; the checkout's configs/ links here
+
+
+def shipped_recipes() -> list[str]:
+    """Names (``<method>/<recipe>``) of the recipes shipped with ldmkit."""
+    return sorted(f"{p.parent.name}/{p.stem}" for p in RECIPES.glob("*/*.yaml"))
+
+
+def resolve_recipe(path: str) -> Path:
+    """The recipe file ``path``, or else the shipped recipe it names: ``lcm_lora/sd15`` (``.yaml`` and a
+    leading ``configs/`` optional), so an installed ldmkit needs no checkout of the repository."""
+    if Path(path).is_file():
+        return Path(path)
+    name = path.removeprefix("configs/").removesuffix(".yaml")
+    if (RECIPES / f"{name}.yaml").is_file():
+        return RECIPES / f"{name}.yaml"
+    raise UserError(f"config file not found: {path} (shipped recipes: {', '.join(shipped_recipes())})")
+
+
 def _method_name(path: str | None, overrides: list[str]) -> str:
     name = None
     if path:
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(resolve_recipe(path).read_text()) or {}
         if not isinstance(data, dict):
             raise UserError(f"{path}: a recipe must be a YAML mapping")
         name = (data.get("method") or {}).get("name")
@@ -178,8 +197,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
 
     METHODS.update(_plugins())
     overrides = list(overrides or [])
-    if path is not None and not Path(path).is_file():
-        raise UserError(f"config file not found: {path}")
+    path = None if path is None else str(resolve_recipe(path))
     name = _method_name(path, overrides)
     if name not in METHODS:
         raise UserError(f"unknown method.name {name!r}; choose one of: {', '.join(METHODS)}")

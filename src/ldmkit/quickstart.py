@@ -29,9 +29,6 @@ from ldmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-ROOT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
 @dataclass
 class Plan:
     """Sizes of one quickstart run (the full one and ``--quick``)."""
@@ -66,9 +63,7 @@ def _train(method_recipe: str, overrides: list[str]) -> Path:
     from ldmkit.config import load_config
     from ldmkit.train.loop import train
 
-    recipe = ROOT_CONFIGS / method_recipe
-    cfg = load_config(str(recipe) if recipe.is_file() else None,
-                      [*overrides, "--train.validate_every=0", "--train.report_to=none"])
+    cfg = load_config(method_recipe, [*overrides, "--train.validate_every=0", "--train.report_to=none"])
     return train(cfg)
 
 
