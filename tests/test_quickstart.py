@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 STAGES = ("data", "base", "vae", "teacher", "distilled")
 SETTINGS = ("teacher_50", "teacher_4", "lcm_1", "lcm_2", "lcm_4")
@@ -44,3 +45,55 @@ def test_quickstart_quick_writes_a_valid_report(tmp_path):
     again = json.loads((out / "report.json").read_text())
     assert again["figures"]["lcm_4"]["adherence"] == figs["lcm_4"]["adherence"]
     assert again["seconds_total"] < report["seconds_total"] / 2
+
+
+@pytest.mark.slow
+def test_quickstart_on_user_data_with_lcd(tmp_path):
+    """``--data`` takes the user's own image-caption folder (captions that are not shapes captions, so no
+    adherence, but FD/KID to the data and speed), and ``--lcd`` distills a full LCD student."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "mine"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 40, 40), "blue": (50, 90, 230), "green": (40, 190, 60)}
+    for i in range(48):  # vertical or horizontal two-colour gradients, captioned by their colours and direction
+        (a, ca), (b, cb) = [list(colours.items())[j] for j in rng.choice(3, size=2, replace=False)]
+        t = np.linspace(0, 1, 40)[:, None, None]
+        grad = (1 - t) * np.array(ca) + t * np.array(cb)  # (40, 1, 3)
+        vertical = i % 2 == 0
+        img = np.broadcast_to(grad if vertical else grad.transpose(1, 0, 2), (40, 40, 3))
+        Image.fromarray(img.astype(np.uint8)).save(data / f"{i:03d}.png")
+        (data / f"{i:03d}.txt").write_text(f"a {'vertical' if vertical else 'horizontal'} gradient from {a} to {b}\n")
+
+    out = tmp_path / "qs"
+    r = subprocess.run([sys.executable, "-m", "ldmkit", "quickstart", "--quick", "--lcd", "--data", str(data),
+                        "--out", str(out)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "lcd" and Path(report["exports"]["data"]) == data
+    assert not (out / "data").exists()  # the user's data is used in place, not copied or synthesised
+    for stage in STAGES:
+        assert Path(report["exports"][stage]).exists(), stage
+    assert (Path(report["exports"]["distilled"]) / "unet" / "config.json").is_file()  # full LCD: a whole pipeline
+    figs = report["figures"]
+    for name in SETTINGS:
+        assert figs[name]["adherence"] is None  # not shapes captions: nothing to score
+        assert figs[name]["fd"] is not None and figs[name]["fd"] >= 0 and figs[name]["seconds_per_image"] > 0
+    # Full LCD takes w through its embedding: one UNet pass per step, no CFG pair.
+    assert figs["lcm_4"]["unet_evals_per_image"] == 4 and figs["teacher_4"]["unet_evals_per_image"] == 8
+    assert "report" in r.stdout
+
+
+def test_shapes_data_passed_with_data_is_recognised(shapes_folder, tmp_path):
+    """``--data`` pointing at ``ldmkit data synth`` output is scored for adherence; other captions are not."""
+    from ldmkit.quickstart import is_shapes_data
+
+    assert is_shapes_data(shapes_folder)
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(other / f"{i}.png")
+        (other / f"{i}.txt").write_text("a small red circle in the center" if i else "a photo of a cat")
+    assert not is_shapes_data(other)

@@ -163,6 +163,15 @@ def stage_distill(out: Path, data: Path, plan: Plan, teacher: Path, lcd: bool) -
 # Evaluation
 
 
+def is_shapes_data(data: Path, limit: int = 500) -> bool:
+    """Whether every caption (of the first ``limit``) is a shapes caption, as in ``ldmkit data synth``
+    output passed with --data: then the report scores prompt adherence too."""
+    from ldmkit.data.synth import parse_caption
+
+    captions = _captions(data, limit)
+    return bool(captions) and all(parse_caption(c) is not None for c in captions)
+
+
 def _distances_to(ref_dir: Path, sets: dict[str, Path], n: int) -> dict[str, dict[str, float]]:
     """How far each saved image set is from the teacher's 50-step set (same prompts and seeds):
 
@@ -397,7 +406,7 @@ def quickstart(out: str | Path = "quickstart", quick: bool = False, lcd: bool = 
     vae = timed("vae", stage_vae, out, data_dir, plan, base)
     teacher = timed("teacher", stage_teacher, out, data_dir, plan, base)
     student = timed("distill", stage_distill, out, data_dir, plan, teacher, lcd)
-    shapes = data is None
+    shapes = data is None or is_shapes_data(data_dir)
     results = timed("evaluate", stage_evaluate, out, plan, teacher, student, lcd, data_dir, shapes, seed)
     report = {
         "quick": quick, "method": _method(lcd), "plan": asdict(plan),
