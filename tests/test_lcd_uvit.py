@@ -256,3 +256,39 @@ def test_kohya_copy_of_a_uvit_lora_loads_the_same(trained, uvit_teacher, tmp_pat
     inputs = uvit_inputs(method.unet)
     assert formats.count_lora_modules(pipe.unet) == LORA_MODULES
     torch.testing.assert_close(out(pipe.unet, inputs), out(method.unet, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lcm_lora", "lcd"])
+def test_resume_equals_uninterrupted(uvit_teacher, shapes_folder, tmp_path, name):
+    """Distilling a U-ViT through the training loop: a run stopped at step 2 and re-run to step 4 exports
+    the same student (peft LoRA on the U-ViT, or the w-embedding U-ViT with its EMA target) as a run of 4."""
+    from safetensors.torch import load_file
+
+    from ldmkit.train.loop import train
+
+    small = ["--method.lora_rank=4", "--method.lora_alpha=4"] if name == "lcm_lora" else [f"--method.unet_time_cond_proj_dim={W_DIM}"]
+
+    def run(out: str, steps: int) -> Path:
+        return train(load_config(None, [
+            f"--method.name={name}", f"--model.pretrained={uvit_teacher}", f"--data.path={shapes_folder}",
+            f"--data.resolution={RES}", f"--data.cache_dir={tmp_path / 'cache'}", "--method.w_min=1.5", "--method.w_max=2.5",
+            *small, f"--train.max_steps={steps}", "--train.checkpoint_every=2", "--train.validate_every=0",
+            "--train.validation_prompts=[]", "--train.batch_size=2", "--train.learning_rate=1e-3",
+            "--train.report_to=none", f"--output_dir={tmp_path / out}"]))
+
+    full = run("full", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4)
+    files = sorted(p.relative_to(full) for p in full.rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(resumed) for p in resumed.rglob("*.safetensors"))
+    moved = False
+    for f in files:
+        a, b = load_file(str(full / f)), load_file(str(resumed / f))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        teacher = load_file(str(uvit_teacher / f)) if (uvit_teacher / f).is_file() else {}
+        # trained: a LoRA up-projection (zero at init) or a teacher weight has moved
+        moved |= any(("lora_B" in k and a[k].abs().max() > 0) or (k in teacher and not torch.equal(a[k], teacher[k]))
+                     for k in a)
+    assert moved
