@@ -98,6 +98,7 @@ def test_command_help_explains_every_option(command):
 def test_train_help_shows_method_options():
     out = _help("train", "--method.name=lcm_lora")
     assert "--method.w_min" in out and "--train.max_steps" in out and "--data.cache" in out
+    assert "shipped recipes" in out and all(r in out for r in shipped_recipes())
 
 
 def test_missing_model_folder_is_one_line_error(tmp_path):

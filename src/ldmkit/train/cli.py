@@ -43,11 +43,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
     args, overrides = parser.parse_known_args(argv)
     if args.help:
-        from ldmkit.config import _method_name
+        from ldmkit.config import _method_name, shipped_recipes
         from ldmkit.errors import UserError
         from ldmkit.methods import METHODS
 
         parser.print_help()
+        print(f"\nshipped recipes (by name from any folder): {', '.join(shipped_recipes())}")
         try:
             names = [_method_name(args.config, overrides)]
         except (UserError, OSError):
