@@ -52,7 +52,6 @@ def test_quickstart_on_user_data_with_lcd(tmp_path):
     """``--data`` takes the user's own image-caption folder (captions that are not shapes captions, so no
     adherence, but FD/KID to the data and speed), and ``--lcd`` distills a full LCD student."""
     import numpy as np
-    from PIL import Image
 
     data = tmp_path / "mine"
     data.mkdir()
