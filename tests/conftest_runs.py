@@ -13,6 +13,27 @@ def logged(run: Path, key: str = "loss") -> list[float]:
     return [json.loads(line)[key] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_exports(a: Path, b: Path, base: Path, atol: float = 1e-6) -> None:
+    """Two export folders hold the same safetensors files with equal tensors (within ``atol``), and the
+    export is trained: a LoRA up-projection (zero at init) is non-zero, or a tensor differs from the one
+    at the same path in the ``base`` model folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(a) for p in Path(a).rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(b) for p in Path(b).rglob("*.safetensors"))
+    moved = False
+    for f in files:
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=atol)
+        orig = load_file(str(base / f)) if (base / f).is_file() else {}
+        moved |= any(("lora_B" in k and ta[k].abs().max() > 0) or (k in orig and not torch.equal(ta[k], orig[k]))
+                     for k in ta)
+    assert moved, f"{a} equals its base model: nothing was trained"
+
+
 def launch_two() -> list[str]:
     """``accelerate launch`` of 2 CPU processes (gloo) on a free port: other test runs on the machine may
     hold accelerate's default 29500. Append ``-m module args`` or a script."""

@@ -15,8 +15,11 @@ Multi-GPU / multi-node: accelerate launch [--num_processes N ...] -m ldmkit trai
 Show one method's options: ldmkit train --help --method.name=lcm_lora (or CONFIG.yaml --help)."""
 
 
+CONFIG_HELP = "YAML recipe: a file, or a shipped one by name (lcm_lora/sd15; the checkout's configs/ holds them)."
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML recipe: a file, or a shipped one by name (lcm_lora/sd15; the checkout's configs/ holds them).")
+    parser.add_argument("config", nargs="?", help=CONFIG_HELP)
     parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="--section.key=value overrides of any config key (see the options below).")
@@ -39,7 +42,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ldmkit train", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     parser.add_argument("-h", "--help", action="store_true", help="Show this help (and the method's options).")
-    parser.add_argument("config", nargs="?", help="YAML recipe: a file, or a shipped one by name (lcm_lora/sd15; the checkout's configs/ holds them).")
+    parser.add_argument("config", nargs="?", help=CONFIG_HELP)
     parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
     args, overrides = parser.parse_known_args(argv)
     if args.help:
