@@ -40,8 +40,12 @@ def test_generate_images_is_reproducible_per_image(pipe):
     assert len(images) == 4 and images[0].size == (64, 64)
     # Image j of prompt i is seed + i * num_images + j, whatever else is generated with it.
     alone = generate.generate_images(pipe, ["a blue square"], seed=13, **kw)[0]
-    assert np.array_equal(arr(images[3]), arr(alone))
-    assert not np.array_equal(arr(images[2]), arr(images[3]))
+    # Same noise, but the batch of 2 and the batch of 1 may block their float kernels differently on
+    # another CPU model: allow 2 of 255 levels (a different seed moves pixels by far more; checked below).
+    diff = np.abs(arr(images[3]).astype(int) - arr(alone).astype(int))
+    assert diff.max() <= 2, diff.max()
+    other = np.abs(arr(images[2]).astype(int) - arr(images[3]).astype(int))
+    assert other.mean() > 10 * max(diff.mean(), 0.1), (other.mean(), diff.mean())
 
 
 @pytest.mark.parametrize("name", sorted(generate.SCHEDULERS))
