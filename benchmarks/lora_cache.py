@@ -64,22 +64,38 @@ def _components(arch: str, res: int) -> dict[str, Any]:
     text_hidden = 768 if real else TEXT_HIDDEN
     vocab = 49408 if real else len(byte_vocab())
     unet = UNet2DConditionModel(
-        sample_size=res // 8, block_out_channels=unet_ch, layers_per_block=2,
+        sample_size=res // 8,
+        block_out_channels=unet_ch,
+        layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=text_hidden, attention_head_dim=8,
+        cross_attention_dim=text_hidden,
+        attention_head_dim=8,
     )
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512) if real else VAE_CHANNELS, layers_per_block=2,
-        latent_channels=4, sample_size=res, scaling_factor=0.18215,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512) if real else VAE_CHANNELS,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=res,
+        scaling_factor=0.18215,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=text_hidden, intermediate_size=4 * text_hidden,
-        num_attention_heads=12 if real else 4, num_hidden_layers=12 if real else TEXT_LAYERS,
-        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-        hidden_act="quick_gelu", projection_dim=text_hidden,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=text_hidden,
+            intermediate_size=4 * text_hidden,
+            num_attention_heads=12 if real else 4,
+            num_hidden_layers=12 if real else TEXT_LAYERS,
+            max_position_embeddings=77,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+            hidden_act="quick_gelu",
+            projection_dim=text_hidden,
+        )
+    )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 
 
@@ -92,10 +108,22 @@ def build_model(out: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         parts = _components("bench", RES)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(**parts, tokenizer=byte_tokenizer(), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        **parts,
+        tokenizer=byte_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out)
     return out
 
@@ -127,8 +155,11 @@ def flop_shares(arch: str, res: int) -> dict[str, float]:
     def unet_step():
         unet(latents, t, emb).sample.float().pow(2).mean().backward()
 
-    f = {"vae_encode": count(lambda: vae.encode(x).latent_dist.parameters), "text_encode": count(lambda: te(ids)[0]),
-         "unet_fwd_bwd": count(unet_step)}
+    f = {
+        "vae_encode": count(lambda: vae.encode(x).latent_dist.parameters),
+        "text_encode": count(lambda: te(ids)[0]),
+        "unet_fwd_bwd": count(unet_step),
+    }
     f["encoder_share"] = (f["vae_encode"] + f["text_encode"]) / sum(f.values())
     return f
 
@@ -136,12 +167,22 @@ def flop_shares(arch: str, res: int) -> dict[str, float]:
 # ---- one variant, in a subprocess -------------------------------------------------------------------
 def _overrides(args, cached: bool, output_dir: Path, max_steps: int) -> list[str]:
     return [
-        "--method.name=lora", "--method.lora_rank=4", f"--model.pretrained={args.model}",
-        f"--data.path={args.data}", f"--data.resolution={RES}", "--data.random_flip=true",
-        f"--data.num_workers={args.num_workers}", f"--data.cache={str(cached).lower()}",
-        f"--data.cache_dir={args.cache_dir}", f"--data.encode_batch_size={BATCH}",
-        f"--train.batch_size={BATCH}", f"--train.max_steps={max_steps}", "--train.learning_rate=1e-4",
-        "--train.checkpoint_every=0", "--train.validate_every=0", "--train.report_to=none",
+        "--method.name=lora",
+        "--method.lora_rank=4",
+        f"--model.pretrained={args.model}",
+        f"--data.path={args.data}",
+        f"--data.resolution={RES}",
+        "--data.random_flip=true",
+        f"--data.num_workers={args.num_workers}",
+        f"--data.cache={str(cached).lower()}",
+        f"--data.cache_dir={args.cache_dir}",
+        f"--data.encode_batch_size={BATCH}",
+        f"--train.batch_size={BATCH}",
+        f"--train.max_steps={max_steps}",
+        "--train.learning_rate=1e-4",
+        "--train.checkpoint_every=0",
+        "--train.validate_every=0",
+        "--train.report_to=none",
         f"--output_dir={output_dir}",
     ]
 
@@ -177,7 +218,11 @@ def _sd_census() -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    kinds = {"vae": AutoencoderKL, "text_encoder": (CLIPTextModel, CLIPTextModelWithProjection), "unet": UNet2DConditionModel}
+    kinds = {
+        "vae": AutoencoderKL,
+        "text_encoder": (CLIPTextModel, CLIPTextModelWithProjection),
+        "unet": UNet2DConditionModel,
+    }
     gc.collect()
     objs = gc.get_objects()
     return {name: sum(isinstance(o, cls) for o in objs) for name, cls in kinds.items()}
@@ -271,8 +316,12 @@ def run_variant(args) -> dict[str, Any]:
     def timed_sd_load(cls, *a, **kw):
         t0 = time.perf_counter()
         out = sd_load(cls, *a, **kw)
-        parts = [name for name, flag in (("unet", "unet"), ("vae", "vae_model"), ("text", "text")) if kw.get(flag, True)]
-        res["sd_loads"].append({"parts": "+".join(parts), "seconds": time.perf_counter() - t0, "during_training": timer.active})
+        parts = [
+            name for name, flag in (("unet", "unet"), ("vae", "vae_model"), ("text", "text")) if kw.get(flag, True)
+        ]
+        res["sd_loads"].append(
+            {"parts": "+".join(parts), "seconds": time.perf_counter() - t0, "during_training": timer.active}
+        )
         return out
 
     SDModels.load = classmethod(timed_sd_load)
@@ -345,9 +394,28 @@ def build_cache(args) -> dict[str, Any]:
 # ---- the parent: set up, run, report ----------------------------------------------------------------
 def _child_run(args, phase: str, run_dir: Path) -> dict[str, Any]:
     result = run_dir / "result.json"
-    cmd = [sys.executable, __file__, "--child", phase, "--run-dir", str(run_dir), "--result", str(result),
-           "--model", str(args.model), "--data", str(args.data), "--cache-dir", str(args.cache_dir),
-           "--steps", str(args.steps), "--num-workers", str(args.num_workers), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        phase,
+        "--run-dir",
+        str(run_dir),
+        "--result",
+        str(result),
+        "--model",
+        str(args.model),
+        "--data",
+        str(args.data),
+        "--cache-dir",
+        str(args.cache_dir),
+        "--steps",
+        str(args.steps),
+        "--num-workers",
+        str(args.num_workers),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -361,7 +429,10 @@ def summarize(res: dict[str, Any], warmup: int) -> dict[str, Any]:
     times = res["step_times"][warmup:]
     parts = res["parts"][warmup : warmup + len(times)]
     step = statistics.mean(times)
-    mean = {k: statistics.mean(p.get(k, 0.0) for p in parts) for k in ("data", "loss", "unet_fwd", "backward", "vae_encode", "text_encode")}
+    mean = {
+        k: statistics.mean(p.get(k, 0.0) for p in parts)
+        for k in ("data", "loss", "unet_fwd", "backward", "vae_encode", "text_encode")
+    }
     mean["loss_other"] = mean["loss"] - mean["unet_fwd"] - mean["vae_encode"] - mean["text_encode"]
     mean["loop_other"] = step - mean["data"] - mean["loss"] - mean["backward"]
     loop_sps = res["loop_samples_per_s"][warmup : warmup + len(times)]  # step_times[i] is step i + 1
@@ -381,38 +452,77 @@ def summarize(res: dict[str, Any], warmup: int) -> dict[str, Any]:
 
 def report(args, flops: dict[str, dict[str, float]], build: dict[str, Any], runs: list[dict[str, Any]]) -> int:
     gpu = torch.cuda.is_available()
-    print(f"\nLoRA (rank 4, attention projections) on a small SD1.5-architecture model: UNet {UNET_CHANNELS}, "
-          f"VAE {VAE_CHANNELS} x 2 resnets, CLIP text {TEXT_HIDDEN} x {TEXT_LAYERS} layers; {RES} px, batch {BATCH}, "
-          f"device {'cuda' if gpu else 'cpu'}, {args.threads} thread(s), data.num_workers {args.num_workers}, "
-          f"{args.steps} steps per run ({args.warmup} warm-up), {args.repeats} run(s) per variant")
+    print(
+        f"\nLoRA (rank 4, attention projections) on a small SD1.5-architecture model: UNet {UNET_CHANNELS}, "
+        f"VAE {VAE_CHANNELS} x 2 resnets, CLIP text {TEXT_HIDDEN} x {TEXT_LAYERS} layers; {RES} px, batch {BATCH}, "
+        f"device {'cuda' if gpu else 'cpu'}, {args.threads} thread(s), data.num_workers {args.num_workers}, "
+        f"{args.steps} steps per run ({args.warmup} warm-up), {args.repeats} run(s) per variant"
+    )
     for name, f in flops.items():
-        print(f"  FLOPs/sample {name}: VAE encode {f['vae_encode'] / 1e9:.2f} G, text encode {f['text_encode'] / 1e9:.3f} G, "
-              f"UNet fwd+bwd {f['unet_fwd_bwd'] / 1e9:.2f} G -> VAE + text = {100 * f['encoder_share']:.1f}% of a step")
-    print(f"  cache build: {build['num_samples']} images (both flips stored) in {build['cache_build_s']:.1f} s, "
-          f"VAE and text encoder loading included (not part of the throughput below)")
+        print(
+            f"  FLOPs/sample {name}: VAE encode {f['vae_encode'] / 1e9:.2f} G, text encode {f['text_encode'] / 1e9:.3f} G, "
+            f"UNet fwd+bwd {f['unet_fwd_bwd'] / 1e9:.2f} G -> VAE + text = {100 * f['encoder_share']:.1f}% of a step"
+        )
+    print(
+        f"  cache build: {build['num_samples']} images (both flips stored) in {build['cache_build_s']:.1f} s, "
+        f"VAE and text encoder loading included (not part of the throughput below)"
+    )
 
     by_variant: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     for r in runs:
         by_variant[r["variant"]].append(r)
     summaries = {v: [summarize(r, args.warmup) for r in rs] for v, rs in by_variant.items()}
-    cols = [("variant", 9), ("samples/s", 9), ("(loop)", 7), ("step ms", 8), ("data", 6), ("VAE", 6), ("text", 6),
-            ("UNet fw", 8), ("backward", 9), ("loss+", 6), ("loop+", 6), ("UNet %", 7), ("mem@1", 7), ("peak", 7),
-            ("process", 8), ("start s", 8)]
-    print(f"\n  {'':<{cols[0][1]}}{'':>{sum(w for _, w in cols[1:4])}}   ms per step{'':>{sum(w for _, w in cols[4:12]) - 11}}"
-          f"  memory, MB ({'cuda allocated' if gpu else 'RSS'})")
+    cols = [
+        ("variant", 9),
+        ("samples/s", 9),
+        ("(loop)", 7),
+        ("step ms", 8),
+        ("data", 6),
+        ("VAE", 6),
+        ("text", 6),
+        ("UNet fw", 8),
+        ("backward", 9),
+        ("loss+", 6),
+        ("loop+", 6),
+        ("UNet %", 7),
+        ("mem@1", 7),
+        ("peak", 7),
+        ("process", 8),
+        ("start s", 8),
+    ]
+    print(
+        f"\n  {'':<{cols[0][1]}}{'':>{sum(w for _, w in cols[1:4])}}   ms per step{'':>{sum(w for _, w in cols[4:12]) - 11}}"
+        f"  memory, MB ({'cuda allocated' if gpu else 'RSS'})"
+    )
     print("  " + "".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}" for i, (name, w) in enumerate(cols)))
     for v in VARIANTS:
         for s in summaries[v]:
             p = s["parts"]
-            values = [v, f"{s['samples_per_s']:.2f}", f"{s['loop_samples_per_s']:.2f}", f"{1e3 * s['step_s']:.1f}",
-                      *(f"{1e3 * p[k]:.1f}" for k in ("data", "vae_encode", "text_encode", "unet_fwd", "backward", "loss_other", "loop_other")),
-                      f"{100 * s['unet_share']:.1f}", f"{s['mem_step1_mb']:.0f}", f"{s['peak_train_mb']:.0f}",
-                      f"{s['peak_process_mb']:.0f}", f"{s['startup_s']:.1f}"]
-            print("  " + "".join(f"{x:<{w}}" if i == 0 else f"{x:>{w}}" for i, (x, (_, w)) in enumerate(zip(values, cols))))
-    print("  (samples/s = batch / mean step time after the warm-up; (loop) = the loop's own metrics.jsonl samples_per_s;\n"
-          "   loss+ = rest of method.loss (SampleRNG, add_noise, MSE); loop+ = clipping, AdamW, LR, logging;\n"
-          "   UNet % = (UNet forward + backward) / step; mem@1 = when the first step starts, peak = during training,\n"
-          "   process = whole run; start s = process start to first step, cache lookup included)")
+            values = [
+                v,
+                f"{s['samples_per_s']:.2f}",
+                f"{s['loop_samples_per_s']:.2f}",
+                f"{1e3 * s['step_s']:.1f}",
+                *(
+                    f"{1e3 * p[k]:.1f}"
+                    for k in ("data", "vae_encode", "text_encode", "unet_fwd", "backward", "loss_other", "loop_other")
+                ),
+                f"{100 * s['unet_share']:.1f}",
+                f"{s['mem_step1_mb']:.0f}",
+                f"{s['peak_train_mb']:.0f}",
+                f"{s['peak_process_mb']:.0f}",
+                f"{s['startup_s']:.1f}",
+            ]
+            print(
+                "  "
+                + "".join(f"{x:<{w}}" if i == 0 else f"{x:>{w}}" for i, (x, (_, w)) in enumerate(zip(values, cols)))
+            )
+    print(
+        "  (samples/s = batch / mean step time after the warm-up; (loop) = the loop's own metrics.jsonl samples_per_s;\n"
+        "   loss+ = rest of method.loss (SampleRNG, add_noise, MSE); loop+ = clipping, AdamW, LR, logging;\n"
+        "   UNet % = (UNet forward + backward) / step; mem@1 = when the first step starts, peak = during training,\n"
+        "   process = whole run; start s = process start to first step, cache lookup included)"
+    )
 
     if not gpu and not all(r.get("hwm_reset") for r in runs):
         print("  note: /proc/self/clear_refs was not writable: 'peak' includes model loading")
@@ -424,25 +534,38 @@ def report(args, flops: dict[str, dict[str, float]], build: dict[str, Any], runs
     # What skipping the encoders saves at equal UNet speed, from the uncached runs' own time split: a
     # cross-check that does not depend on how busy the machine was during the other runs.
     expected = statistics.median(
-        s["step_s"] / (s["step_s"] - s["parts"]["vae_encode"] - s["parts"]["text_encode"]) for s in summaries["no cache"])
-    print(f"\n  cache / no cache: samples/s x{speedup:.2f} (median of runs; x{expected:.2f} expected from the uncached "
-          f"runs' VAE + text time), peak memory during training x{med('cache', 'peak_train_mb') / med('no cache', 'peak_train_mb'):.2f}, "
-          f"memory at step 1 x{med('cache', 'mem_step1_mb') / med('no cache', 'mem_step1_mb'):.2f}")
+        s["step_s"] / (s["step_s"] - s["parts"]["vae_encode"] - s["parts"]["text_encode"])
+        for s in summaries["no cache"]
+    )
+    print(
+        f"\n  cache / no cache: samples/s x{speedup:.2f} (median of runs; x{expected:.2f} expected from the uncached "
+        f"runs' VAE + text time), peak memory during training x{med('cache', 'peak_train_mb') / med('no cache', 'peak_train_mb'):.2f}, "
+        f"memory at step 1 x{med('cache', 'mem_step1_mb') / med('no cache', 'mem_step1_mb'):.2f}"
+    )
     ref = by_variant["no cache"][0]["losses"]
     diff = max(abs(a - b) / abs(b) for r in by_variant["cache"] for a, b in zip(r["losses"], ref))
-    print(f"  same samples, noise and timesteps: losses of cached vs uncached runs differ by <= {diff:.1e} relative (float16 cache)")
+    print(
+        f"  same samples, noise and timesteps: losses of cached vs uncached runs differ by <= {diff:.1e} relative (float16 cache)"
+    )
 
     ok = True
     for v in VARIANTS:
         r = by_variant[v][-1]
-        loads = ", ".join(f"{x['parts']} {x['seconds']:.1f} s" + (" (during training)" if x["during_training"] else "") for x in r["sd_loads"])
+        loads = ", ".join(
+            f"{x['parts']} {x['seconds']:.1f} s" + (" (during training)" if x["during_training"] else "")
+            for x in r["sd_loads"]
+        )
         print(f"  {v}: SDModels.load calls: {loads}; live modules at step 1: {r['census']}")
     for r in by_variant["cache"]:
         loaded, census = r["method_loaded"], r["census"]
-        clean = not loaded["vae"] and loaded["text_encoders"] == 0 and census["vae"] == 0 and census["text_encoder"] == 0
+        clean = (
+            not loaded["vae"] and loaded["text_encoders"] == 0 and census["vae"] == 0 and census["text_encoder"] == 0
+        )
         ok &= clean
-    print(f"  cached training without VAE and text encoders (method.sd.vae is None, no text encoders, none alive): "
-          f"{'OK' if ok else 'FAIL'}")
+    print(
+        f"  cached training without VAE and text encoders (method.sd.vae is None, no text encoders, none alive): "
+        f"{'OK' if ok else 'FAIL'}"
+    )
     passed = speedup >= 1.2
     print(f"  requirement: cache >= 1.2x samples/s -> {'PASS' if passed else 'FAIL'} (x{speedup:.2f})")
     return 0 if ok and passed else 1

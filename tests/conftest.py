@@ -11,9 +11,14 @@ import torch
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
+# Subprocesses (ldmkit commands, accelerate launch) import this checkout's ldmkit and the test helpers,
+# whichever ldmkit is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(TESTS), str(TESTS.parent / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ["LDMKIT_METHODS"] = "toy=toy_method:ToyMethod"
+os.environ["LDMKIT_METHODS"] = "toy=helpers.toy_method:ToyMethod"
 # Tiny models on a shared 2-core machine: OpenMP threads spinning against other processes cost more
 # than they parallelise (a tiny conv: 44 ms with 2 threads, 1 ms with 1).
 torch.set_num_threads(1)

@@ -60,8 +60,11 @@ def test_wheel_carries_the_recipes(tmp_path):
     except (ImportError, ValueError):
         own = False
     isolation = ["--no-build-isolation"] if own else []
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path / "dist"),
-                        str(src)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("ldmkit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -81,8 +84,9 @@ def test_top_level_help_lists_commands():
         assert name in out
 
 
-@pytest.mark.parametrize("command", [[c] for c in COMMANDS] + [[g, c] for g, cs in GROUPS.items() for c in cs],
-                         ids=lambda c: " ".join(c))
+@pytest.mark.parametrize(
+    "command", [[c] for c in COMMANDS] + [[g, c] for g, cs in GROUPS.items() for c in cs], ids=lambda c: " ".join(c)
+)
 def test_command_help_explains_every_option(command):
     out = _help(*command)
     module = COMMANDS[command[0]][0] if len(command) == 1 else GROUPS[command[0]][command[1]][0]
@@ -102,8 +106,19 @@ def test_train_help_shows_method_options():
 
 
 def test_missing_model_folder_is_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ldmkit", "train", str(ROOT / "configs/lora/debug.yaml"),
-                        f"--model.pretrained={tmp_path / 'nope'}", f"--output_dir={tmp_path / 'run'}",
-                        f"--data.path={tmp_path}"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ldmkit",
+            "train",
+            str(ROOT / "configs/lora/debug.yaml"),
+            f"--model.pretrained={tmp_path / 'nope'}",
+            f"--output_dir={tmp_path / 'run'}",
+            f"--data.path={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().startswith("ldmkit: error:") and "nope" in r.stderr and r.stderr.strip().count("\n") == 0

@@ -9,10 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest_data import FakeEncoders, data_cfg, fake_encoders, items, layouts, make_items, write_folder  # noqa: F401
 from ldmkit.data import Draws, build_loader, open_dataset
 from ldmkit.data.cache import CacheDataset, LazyEncoders, build_cache
 from ldmkit.train.rng import sample_seed
+
+from helpers.data import FakeEncoders, data_cfg, fake_encoders, items, layouts, make_items, write_folder  # noqa: F401
 
 TOL = dict(rtol=3e-3, atol=3e-3)  # float16 storage
 
@@ -160,7 +161,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from accelerate import Accelerator
-from conftest_data import FakeEncoders, data_cfg
+from helpers.data import FakeEncoders, data_cfg
 import ldmkit.data.cache
 from ldmkit.data import build_loader
 
@@ -184,10 +185,16 @@ def test_two_processes_with_accelerate_launch(layouts, tmp_path):
     import ldmkit.data.cache
 
     script = tmp_path / "ranks.py"
-    script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).parent), data=str(layouts["folder"]),
-                                         cache=str(tmp_path / "cache"), out=str(tmp_path)))
+    script.write_text(
+        RANK_SCRIPT.format(
+            tests=str(Path(__file__).parent),
+            data=str(layouts["folder"]),
+            cache=str(tmp_path / "cache"),
+            out=str(tmp_path),
+        )
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    from conftest_runs import launch_two
+    from helpers.runs import launch_two
 
     cmd = [*launch_two(), str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

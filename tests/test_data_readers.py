@@ -10,9 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest_data import (  # noqa: F401 (fixtures)
-    data_cfg, items, layouts, make_items, write_filelist, write_folder, write_imagefolder, write_tar, write_wds,
-)
 from ldmkit.data import Draws, ImageTransform, build_loader, collate, detect_format, open_dataset
 from ldmkit.data.filelist import FileListDataset
 from ldmkit.data.folder import FolderDataset
@@ -20,6 +17,18 @@ from ldmkit.data.transforms import decode_image
 from ldmkit.data.wds import WdsDataset, iter_shard
 from ldmkit.errors import UserError
 from ldmkit.train.rng import sample_seed
+
+from helpers.data import (  # noqa: F401 (fixtures)
+    data_cfg,
+    items,
+    layouts,
+    make_items,
+    write_filelist,
+    write_folder,
+    write_imagefolder,
+    write_tar,
+    write_wds,
+)
 
 AUG = dict(center_crop=False, random_flip=True, proportion_empty_prompts=0.3)
 
@@ -96,8 +105,10 @@ def test_same_batches_through_loaders(layouts):
 
 def test_several_captions(tmp_path):
     its = make_items(4, multi=True)
-    for ds in (FolderDataset(write_folder(tmp_path / "f", its), data_cfg(tmp_path)),
-               FolderDataset(write_imagefolder(tmp_path / "m", its), data_cfg(tmp_path))):
+    for ds in (
+        FolderDataset(write_folder(tmp_path / "f", its), data_cfg(tmp_path)),
+        FolderDataset(write_imagefolder(tmp_path / "m", its), data_cfg(tmp_path)),
+    ):
         assert ds.load(0).captions == its[0][3] and len(ds.load(0).captions) == 3
         chosen = {ds[(0, s)]["captions"] for s in range(60)}
         assert chosen == set(its[0][3])

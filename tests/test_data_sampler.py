@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from conftest_data import data_cfg, items, layouts, make_items, write_folder, write_wds  # noqa: F401 (fixtures)
 from ldmkit.data import GlobalBatchSampler, build_loader
 from ldmkit.data.wds import WdsDataset
 from ldmkit.train.rng import sample_seed
+
+from helpers.data import data_cfg, items, layouts, make_items, write_folder, write_wds  # noqa: F401 (fixtures)
 
 
 def _take(sampler, n):

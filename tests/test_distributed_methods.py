@@ -16,32 +16,53 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_runs import launch_two, logged
 from safetensors.torch import load_file
+
+from helpers.runs import launch_two, logged
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-EXPORTED = {"lcm_lora": "pytorch_lora_weights.safetensors", "lcd": "unet/diffusion_pytorch_model.safetensors",
-            "uvit": "unet/diffusion_pytorch_model.safetensors"}
+EXPORTED = {
+    "lcm_lora": "pytorch_lora_weights.safetensors",
+    "lcd": "unet/diffusion_pytorch_model.safetensors",
+    "uvit": "unet/diffusion_pytorch_model.safetensors",
+}
 
 
 def _args(name: str, model: Path, data: Path, out: Path, batch: int) -> list[str]:
     source = ["--data.format=folder", "--data.cache=true"] if name == "uvit" else []  # its recipe reads features
-    return ["-m", "ldmkit", "train", str(ROOT / "configs" / name / "debug.yaml"), f"--model.pretrained={model}",
-            f"--data.path={data}", *source, f"--data.cache_dir={out.parent / 'cache'}", f"--output_dir={out}",
-            f"--train.batch_size={batch}", "--train.max_steps=3", "--train.checkpoint_every=0",
-            "--train.log_every=1", "--train.validate_every=0"]
+    return [
+        "-m",
+        "ldmkit",
+        "train",
+        str(ROOT / "configs" / name / "debug.yaml"),
+        f"--model.pretrained={model}",
+        f"--data.path={data}",
+        *source,
+        f"--data.cache_dir={out.parent / 'cache'}",
+        f"--output_dir={out}",
+        f"--train.batch_size={batch}",
+        "--train.max_steps=3",
+        "--train.checkpoint_every=0",
+        "--train.log_every=1",
+        "--train.validate_every=0",
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lcm_lora", "lcd", "uvit"])
 def test_two_processes_reproduce_one(name, tiny_sd15, shapes_folder, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    r = subprocess.run([sys.executable, *_args(name, tiny_sd15, shapes_folder, one, 2)], env=ENV,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, *_args(name, tiny_sd15, shapes_folder, one, 2)], env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([*launch_two(), "-m", *_args(name, tiny_sd15, shapes_folder, two, 1)[1:]], env=ENV,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*launch_two(), "-m", *_args(name, tiny_sd15, shapes_folder, two, 1)[1:]],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
     l1, l2 = logged(one), logged(two)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_runs import launch_two, logged
 from safetensors.torch import load_file
+
+from helpers.runs import launch_two, logged
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "configs" / "lora" / "debug.yaml"
@@ -22,8 +23,17 @@ LOADED = re.compile(r"loaded SD from \S+ \(unet=(\w+) vae=(\w+) text=(\w+)\)")
 
 
 def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "ldmkit", "train", str(RECIPE), f"--model.pretrained={model}", f"--data.path={data}",
-            "--data.cache=true", f"--output_dir={out}", *extra]
+    return [
+        "-m",
+        "ldmkit",
+        "train",
+        str(RECIPE),
+        f"--model.pretrained={model}",
+        f"--data.path={data}",
+        "--data.cache=true",
+        f"--output_dir={out}",
+        *extra,
+    ]
 
 
 def _training_loads(log: str) -> list[tuple[str, str, str]]:
@@ -37,7 +47,9 @@ def one_process(tiny_sd15, shapes_folder, tmp_path_factory) -> tuple[Path, str]:
     """``ldmkit train configs/lora/debug.yaml`` (batch 2, 4 steps, validation and checkpoints every 2
     steps) on the tiny SD1.5 model and the shapes folder, from a latent cache."""
     out = tmp_path_factory.mktemp("lora-one") / "run"
-    r = subprocess.run([sys.executable, *_train_args(tiny_sd15, shapes_folder, out)], env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, *_train_args(tiny_sd15, shapes_folder, out)], env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stderr
 
@@ -57,8 +69,14 @@ def test_lora_debug_recipe_from_cache_exports_a_lora_for_stock_diffusers(one_pro
 
     def latents() -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
-        return pipe("a large red circle in the center", num_inference_steps=2, height=64, width=64,
-                    generator=gen, output_type="latent").images
+        return pipe(
+            "a large red circle in the center",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=gen,
+            output_type="latent",
+        ).images
 
     base = latents()
     pipe.load_lora_weights(out / "export")

@@ -28,8 +28,9 @@ def ddim_pipe(tiny_sd15):
 def test_evaluate_pipeline_counts_and_quality(ddim_pipe, shapes_folder):
     prompts = synth.heldout_prompts(4, seed=0)
     reference = [Image.open(p).convert("RGB") for p in sorted(shapes_folder.glob("*.png"))]
-    m = evaluate.evaluate_pipeline(ddim_pipe, prompts, [1, 2], guidance=7.5, seed=3, batch_size=3,
-                                   reference=reference, kid_subsets=5, warmup=False)
+    m = evaluate.evaluate_pipeline(
+        ddim_pipe, prompts, [1, 2], guidance=7.5, seed=3, batch_size=3, reference=reference, kid_subsets=5, warmup=False
+    )
     assert [s["steps"] for s in m["settings"]] == [1, 2]
     assert m["shapes_prompts"] and m["feature_net"] == "random-conv-v1-seed0" and m["reference_images"] == 32
     assert m["scheduler"] == "DDIMScheduler" and m["guidance"] == 7.5
@@ -41,8 +42,12 @@ def test_evaluate_pipeline_counts_and_quality(ddim_pipe, shapes_folder):
         assert set(s["adherence"]) == {"color", "shape", "size", "position", "all"}
         assert s["fd"] > 0 and s["kid"] is not None and s["kid_std"] >= 0 and s["clip_score"] is None
     # Without CFG (guidance 1): one evaluation per step; same seeds -> the same images and numbers.
-    m1 = evaluate.evaluate_pipeline(ddim_pipe, prompts[:2], [2], guidance=1.0, seed=3, reference=reference[:8], warmup=False)
-    m2 = evaluate.evaluate_pipeline(ddim_pipe, prompts[:2], [2], guidance=1.0, seed=3, reference=reference[:8], warmup=False)
+    m1 = evaluate.evaluate_pipeline(
+        ddim_pipe, prompts[:2], [2], guidance=1.0, seed=3, reference=reference[:8], warmup=False
+    )
+    m2 = evaluate.evaluate_pipeline(
+        ddim_pipe, prompts[:2], [2], guidance=1.0, seed=3, reference=reference[:8], warmup=False
+    )
     assert m1["settings"][0]["unet_evals_per_image"] == 2
     assert m1["settings"][0]["fd"] == m2["settings"][0]["fd"]
 
@@ -64,9 +69,32 @@ def _run(args: list[str]) -> int:
 
 def test_command_with_data(tiny_sd15, shapes_folder, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert _run(["--model", str(tiny_sd15), "--data", str(shapes_folder), "--steps", "1,2", "--num-images", "3",
-                 "--scheduler", "lcm", "--guidance", "1.0", "--max-reference", "16", "--device", "cpu",
-                 "--save-images", "--out", str(out)]) == 0
+    assert (
+        _run(
+            [
+                "--model",
+                str(tiny_sd15),
+                "--data",
+                str(shapes_folder),
+                "--steps",
+                "1,2",
+                "--num-images",
+                "3",
+                "--scheduler",
+                "lcm",
+                "--guidance",
+                "1.0",
+                "--max-reference",
+                "16",
+                "--device",
+                "cpu",
+                "--save-images",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["scheduler"] == "LCMScheduler" and m["num_images"] == 3 and m["reference_images"] == 16
     assert m["model"] == str(tiny_sd15) and m["device"] == "cpu" and m["dtype"] == "float32"
@@ -89,8 +117,25 @@ def test_command_with_prompt_file(tiny_sd15, tmp_path):
     ref = tmp_path / "ref"
     synth.write_dataset(ref, num=4, size=32)
     out = tmp_path / "eval"
-    assert _run(["--model", str(tiny_sd15), "--prompts", str(prompts), "--steps", "1", "--reference", str(ref),
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        _run(
+            [
+                "--model",
+                str(tiny_sd15),
+                "--prompts",
+                str(prompts),
+                "--steps",
+                "1",
+                "--reference",
+                str(ref),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "metrics.json").read_text())["settings"][0]
     assert s["adherence"] is None and s["fd"] is not None and s["images"] == 2
 
@@ -116,17 +161,33 @@ def test_clip_score(tmp_path):
 
     n = len(byte_vocab())
     config = CLIPConfig(
-        text_config=dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                         max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=n,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=n - 2,
+            eos_token_id=n - 1,
+            pad_token_id=n - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
     model = CLIPModel(config).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=byte_tokenizer())
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=byte_tokenizer(),
+    )
     model.save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
 
@@ -136,7 +197,9 @@ def test_clip_score(tmp_path):
     with torch.no_grad():
         inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
         img = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
+        txt = model.get_text_features(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).pooler_output
         expected = (100 * torch.cosine_similarity(img, txt).clamp(min=0)).mean().item()
     assert got == pytest.approx(expected, rel=1e-5)
     with pytest.raises(UserError, match="CLIP"):
@@ -150,8 +213,13 @@ def test_uvit_pipeline(ddim_pipe):
 
     def build(**kw):
         unet = UViT.from_preset("uvit-tiny", sample_size=8, in_channels=4, context_dim=32, **kw)
-        pipe = UViTPipeline(vae=ddim_pipe.vae, text_encoder=ddim_pipe.text_encoder, tokenizer=ddim_pipe.tokenizer,
-                            unet=unet, scheduler=ddim_pipe.scheduler)
+        pipe = UViTPipeline(
+            vae=ddim_pipe.vae,
+            text_encoder=ddim_pipe.text_encoder,
+            tokenizer=ddim_pipe.tokenizer,
+            unet=unet,
+            scheduler=ddim_pipe.scheduler,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

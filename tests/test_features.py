@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest_uvit import RESOLUTION, features_dir, one_thread, run_prepare, shapes_dir  # noqa: F401
 from ldmkit.config import DataConfig
 from ldmkit.data.features import FeatureDataset
 from ldmkit.data.folder import FolderDataset
 from ldmkit.data.transforms import Draws, ImageTransform
 from ldmkit.errors import UserError
+
+from helpers.uvit import RESOLUTION, features_dir, one_thread, run_prepare, shapes_dir  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,18 @@ def test_layout_and_read_back(features_dir, shapes_dir, encoders):
     for i in (0, 5, 14):
         raw = source.load(i)
         pixels = transform(raw.image, Draws.from_seed(0)).pixel_values[None]
-        np.testing.assert_allclose(np.load(features_dir / "train" / f"{i}.npy"), encoders.encode_images(pixels)[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            np.load(features_dir / "train" / f"{i}.npy"), encoders.encode_images(pixels)[0].numpy(), atol=1e-5
+        )
         for seed in range(6):
             item = ds[(i, seed)]
             assert item["key"] == str(i) and item["seed"] == seed
             assert item["latent_moments"].shape == (8, RESOLUTION // 8, RESOLUTION // 8)
             assert item["captions"] in raw.captions
             k = raw.captions.index(item["captions"])
-            np.testing.assert_array_equal(item["prompt_embeds"].numpy(), np.load(features_dir / "train" / f"{i}_{k}.npy"))
+            np.testing.assert_array_equal(
+                item["prompt_embeds"].numpy(), np.load(features_dir / "train" / f"{i}_{k}.npy")
+            )
             ref = encoders.encode_prompts([item["captions"]])["prompt_embeds"][0]
             torch.testing.assert_close(item["prompt_embeds"], ref, atol=1e-5, rtol=1e-5)
             assert item["original_size"].tolist() == [RESOLUTION, RESOLUTION]
@@ -71,7 +76,9 @@ def test_caption_choice_and_dropout_follow_the_seed(features_dir):
     i = 2  # three captions
     assert ds.num_contexts[i] == 3
     items = [ds[(i, s)] for s in range(400)]
-    assert all(torch.equal(a["prompt_embeds"], b["prompt_embeds"]) for a, b in zip(items[:5], [ds[(i, s)] for s in range(5)]))
+    assert all(
+        torch.equal(a["prompt_embeds"], b["prompt_embeds"]) for a, b in zip(items[:5], [ds[(i, s)] for s in range(5)])
+    )
     dropped = [it for it in items if it["captions"] == ""]
     assert 0.17 < len(dropped) / len(items) < 0.33
     assert all(torch.equal(it["prompt_embeds"], ds.empty_context) for it in dropped)

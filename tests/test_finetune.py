@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_sd import accelerator, make_batch, make_cfg, one_thread  # noqa: F401  (autouse fixture)
 
 from ldmkit.errors import UserError
 from ldmkit.methods.finetune import FinetuneConfig, FinetuneMethod, LoraMethod, LoraMethodConfig
+
+from helpers.sd import accelerator, make_batch, make_cfg, one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -35,10 +36,17 @@ def train_steps(method, batch, steps: int, lr: float) -> list[float]:
 def unet_inputs(unet, seed: int = 0) -> tuple[tuple, dict]:
     cfg = unet.config
     g = torch.Generator().manual_seed(seed)
-    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, cfg.cross_attention_dim, generator=g))
+    args = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([10, 700]),
+        torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
+    )
     kwargs = {}
     if cfg.addition_embed_type == "text_time":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, 32, generator=g),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+        }
     return args, kwargs
 
 
@@ -68,7 +76,9 @@ def test_lora_trains_and_both_export_formats_load_in_stock_pipelines(arch, reque
 
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     # alpha != rank: the export must carry the scale; text-encoder LoRA on every encoder.
-    mcfg = LoraMethodConfig(lora_rank=4, lora_alpha=2.0, lora_target_modules=LCM_LORA_TARGETS, train_text_encoder=True, snr_gamma=5.0)
+    mcfg = LoraMethodConfig(
+        lora_rank=4, lora_alpha=2.0, lora_target_modules=LCM_LORA_TARGETS, train_text_encoder=True, snr_gamma=5.0
+    )
     method = LoraMethod(make_cfg(model_dir, mcfg), accelerator())
     n_te = 2 if arch == "sdxl" else 1
     assert method.trainable_names == ("unet", "text_encoder", "text_encoder_2")[: 1 + n_te]
@@ -100,9 +110,13 @@ def test_lora_trains_and_both_export_formats_load_in_stock_pipelines(arch, reque
 def test_finetune_with_ema_trains_validates_and_exports_a_pipeline(tiny_sd15, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    method = FinetuneMethod(make_cfg(tiny_sd15, FinetuneConfig(use_ema=True, ema_decay=0.5, validation_inference_steps=2)), accelerator())
+    method = FinetuneMethod(
+        make_cfg(tiny_sd15, FinetuneConfig(use_ema=True, ema_decay=0.5, validation_inference_steps=2)), accelerator()
+    )
     assert method.trainable_names == ("unet",)
-    assert method.unet.dtype == torch.float32 and not any(p.requires_grad for p in method.sd.text_encoders[0].parameters())
+    assert method.unet.dtype == torch.float32 and not any(
+        p.requires_grad for p in method.sd.text_encoders[0].parameters()
+    )
     losses = train_steps(method, make_batch(2), steps=5, lr=1e-3)
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -126,7 +140,9 @@ def test_finetune_with_ema_trains_validates_and_exports_a_pipeline(tiny_sd15, tm
 def test_finetune_sdxl_v_prediction_exports_its_prediction_type(tiny_sdxl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    mcfg = FinetuneConfig(prediction_type="v_prediction", use_fix_crop_and_size=True, noise_offset=0.05, input_perturbation=0.1)
+    mcfg = FinetuneConfig(
+        prediction_type="v_prediction", use_fix_crop_and_size=True, noise_offset=0.05, input_perturbation=0.1
+    )
     method = FinetuneMethod(make_cfg(tiny_sdxl, mcfg), accelerator())
     assert method.sd.noise_scheduler.config.prediction_type == "v_prediction"
     losses = train_steps(method, make_batch(2), steps=3, lr=1e-3)
@@ -139,7 +155,9 @@ def test_finetune_sdxl_v_prediction_exports_its_prediction_type(tiny_sdxl, tmp_p
 
 
 def test_cached_batches_load_no_encoders_and_give_the_raw_loss(tiny_sd15):
-    cached_method = FinetuneMethod(make_cfg(tiny_sd15, FinetuneConfig(validation_inference_steps=2), cache=True), accelerator())
+    cached_method = FinetuneMethod(
+        make_cfg(tiny_sd15, FinetuneConfig(validation_inference_steps=2), cache=True), accelerator()
+    )
     assert cached_method.sd.vae is None and cached_method.sd.text_encoders == []
     raw_method = FinetuneMethod(make_cfg(tiny_sd15, FinetuneConfig()), accelerator())
     assert raw_method.encoders() is raw_method.sd

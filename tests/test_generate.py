@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest_sd import one_thread  # noqa: F401  (autouse fixture)
 
 from ldmkit import generate
 from ldmkit.errors import UserError
+
+from helpers.sd import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,14 @@ def test_generate_command_writes_images_grid_and_settings(tiny_sd15, tmp_path):
     out = tmp_path / "out"
     assert run_cli("--model", str(tiny_sd15), "--prompt", "a red circle", "--prompt", "a blue square", "--num-images", "2",
                    "--steps", "2", "--scheduler", "dpm", "--seed", "5", "--height", "64", "--width", "64", "--device", "cpu", "--out", str(out)) == 0  # fmt: skip
-    assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "002.png", "003.png", "generate.json", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000.png",
+        "001.png",
+        "002.png",
+        "003.png",
+        "generate.json",
+        "grid.png",
+    ]
     assert Image.open(out / "grid.png").size == (128, 128)
     settings = json.loads((out / "generate.json").read_text())
     assert settings["prompt"] == ["a red circle", "a blue square"] and settings["seed"] == 5
@@ -101,7 +109,20 @@ def test_generate_with_lora_file_or_folder_in_both_formats(tiny_sd15, tmp_path):
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
     kohya = save_lora(layers_from_peft_model(unet), tmp_path / "kohya" / "style.safetensors", to="kohya")
 
-    common = ["--model", str(tiny_sd15), "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]
+    common = [
+        "--model",
+        str(tiny_sd15),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--device",
+        "cpu",
+    ]
     run_cli(*common, "--out", str(tmp_path / "base"))
     run_cli(*common, "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "dir"))
     run_cli(*common, "--lora", str(kohya), "--out", str(tmp_path / "file"))

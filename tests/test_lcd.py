@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import (
+    DiffusionPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
-from conftest_lcm import unet_inputs, unet_out
-from conftest_runs import assert_same_exports, logged
-from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from ldmkit.config import load_config
@@ -19,6 +23,9 @@ from ldmkit.errors import UserError
 from ldmkit.lora import formats
 from ldmkit.methods import get_method
 from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod, _adapters_disabled
+
+from helpers.lcm import unet_inputs, unet_out
+from helpers.runs import assert_same_exports, logged
 
 ROOT = Path(__file__).parents[1]
 RES = 32
@@ -29,18 +36,37 @@ LR = {"lcm_lora": 1e-3, "lcd": 3e-5}
 def make_method(name: str, model_dir, out_dir, *extra: str):
     from accelerate import Accelerator
 
-    small = ["--method.lora_rank=4", "--method.lora_alpha=4"] if name == "lcm_lora" else ["--method.unet_time_cond_proj_dim=32"]
-    cfg = load_config(None, [f"--method.name={name}", f"--model.pretrained={model_dir}", f"--data.resolution={RES}",
-                             "--train.report_to=none", f"--output_dir={out_dir}", *small, *extra])
+    small = (
+        ["--method.lora_rank=4", "--method.lora_alpha=4"]
+        if name == "lcm_lora"
+        else ["--method.unet_time_cond_proj_dim=32"]
+    )
+    cfg = load_config(
+        None,
+        [
+            f"--method.name={name}",
+            f"--model.pretrained={model_dir}",
+            f"--data.resolution={RES}",
+            "--train.report_to=none",
+            f"--output_dir={out_dir}",
+            *small,
+            *extra,
+        ],
+    )
     return get_method(name)(cfg, Accelerator(cpu=True))
 
 
 def fixed_batch(n: int = 2) -> dict:
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=RES, mode="bilinear") * 2 - 1
-    return {"pixel_values": smooth, "captions": ["a large red circle", ""][:n] + ["x"] * max(0, n - 2),
-            "original_size": torch.tensor([[RES, RES]] * n), "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
-            "seed": torch.arange(n) + 7, "key": [str(i) for i in range(n)]}
+    return {
+        "pixel_values": smooth,
+        "captions": ["a large red circle", ""][:n] + ["x"] * max(0, n - 2),
+        "original_size": torch.tensor([[RES, RES]] * n),
+        "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
+        "seed": torch.arange(n) + 7,
+        "key": [str(i) for i in range(n)],
+    }
 
 
 def train_steps(method, batch: dict, steps: int, lr: float) -> list[float]:
@@ -65,7 +91,9 @@ def trained(tmp_path_factory, tiny_sd15, tiny_sdxl):
         if (arch, name) not in runs:
             model = tiny_sd15 if arch == "sd15" else tiny_sdxl
             extra = ["--method.num_ddim_timesteps=25", "--method.timestep_scaling_factor=5"] if name == "lcd" else []
-            method = make_method(name, model, tmp_path_factory.mktemp(f"{arch}-{name}"), "--method.loss_type=huber", *extra)
+            method = make_method(
+                name, model, tmp_path_factory.mktemp(f"{arch}-{name}"), "--method.loss_type=huber", *extra
+            )
             runs[arch, name] = method, train_steps(method, fixed_batch(), STEPS[arch], LR[name])
         return runs[arch, name]
 
@@ -133,8 +161,15 @@ def test_batched_teacher_passes_equal_unbatched(tmp_path, request, arch, name):
 def _generate(pipe, guidance: float) -> None:
     pipe.set_progress_bar_config(disable=True)
     for steps in (1, 2, 4, 8):
-        image = pipe("a red circle", num_inference_steps=steps, guidance_scale=guidance, height=RES, width=RES,
-                     generator=torch.Generator().manual_seed(0), output_type="np").images
+        image = pipe(
+            "a red circle",
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=RES,
+            width=RES,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
         assert image.shape == (1, RES, RES, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
 
@@ -200,11 +235,20 @@ def test_recipes_validate(path):
 
 def test_recipe_set_is_complete():
     assert {f"{p.parent.name}/{p.stem}" for p in RECIPES} == {
-        f"{m}/{r}" for m in ("lcm_lora", "lcd") for r in ("sd15", "sdxl", "debug", "debug_sdxl", "quickstart")}
+        f"{m}/{r}" for m in ("lcm_lora", "lcd") for r in ("sd15", "sdxl", "debug", "debug_sdxl", "quickstart")
+    }
 
 
-@pytest.mark.parametrize("override", ["--method.w_min=16", "--method.validation_steps=[1,80]", "--method.huber_c=0",
-                                      "--method.lora_rank=0", "--method.loss_type=l1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "--method.w_min=16",
+        "--method.validation_steps=[1,80]",
+        "--method.huber_c=0",
+        "--method.lora_rank=0",
+        "--method.loss_type=l1",
+    ],
+)
 def test_bad_knobs_are_user_errors(override):
     with pytest.raises(UserError):
         load_config(str(ROOT / "configs" / "lcm_lora" / "debug.yaml"), [override])
@@ -220,10 +264,20 @@ def test_resume_equals_uninterrupted(tmp_path, request, shapes_folder, name, arc
     model = request.getfixturevalue(f"tiny_{arch}")
 
     def cfg(run: str, steps: int):
-        return load_config(str(ROOT / "configs" / name / ("debug.yaml" if arch == "sd15" else "debug_sdxl.yaml")), [
-            f"--model.pretrained={model}", f"--data.path={shapes_folder}", f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--train.max_steps={steps}", "--train.checkpoint_every=2", "--train.validate_every=0",
-            "--train.validation_prompts=[]", "--train.batch_size=2", f"--output_dir={tmp_path / run}"])
+        return load_config(
+            str(ROOT / "configs" / name / ("debug.yaml" if arch == "sd15" else "debug_sdxl.yaml")),
+            [
+                f"--model.pretrained={model}",
+                f"--data.path={shapes_folder}",
+                f"--data.cache_dir={tmp_path / 'cache'}",
+                f"--train.max_steps={steps}",
+                "--train.checkpoint_every=2",
+                "--train.validate_every=0",
+                "--train.validation_prompts=[]",
+                "--train.batch_size=2",
+                f"--output_dir={tmp_path / run}",
+            ],
+        )
 
     train(cfg("full", 4))
     train(cfg("resumed", 2))
@@ -248,9 +302,29 @@ def test_evaluate_on_exports(trained, tmp_path, tiny_sd15, name):
     def run(out, *model_args: str, guidance: str) -> dict:
         parser = argparse.ArgumentParser()
         evaluate.add_arguments(parser)
-        args = parser.parse_args([*model_args, "--shapes", "--num-images", "2", "--steps", "1,4", "--scheduler", "lcm",
-                                  "--guidance", guidance, "--height", str(RES), "--width", str(RES), "--device", "cpu",
-                                  "--save-images", "--out", str(out)])
+        args = parser.parse_args(
+            [
+                *model_args,
+                "--shapes",
+                "--num-images",
+                "2",
+                "--steps",
+                "1,4",
+                "--scheduler",
+                "lcm",
+                "--guidance",
+                guidance,
+                "--height",
+                str(RES),
+                "--width",
+                str(RES),
+                "--device",
+                "cpu",
+                "--save-images",
+                "--out",
+                str(out),
+            ]
+        )
         assert evaluate.run(args) == 0
         return json.loads((out / "metrics.json").read_text())
 
@@ -267,9 +341,13 @@ def test_evaluate_on_exports(trained, tmp_path, tiny_sd15, name):
         assert pipe.scheduler.config.beta_schedule == "scaled_linear"
         m = run(tmp_path / "eval", "--model", str(tiny_sd15), "--lora", str(export), guidance="1.0")
         base = run(tmp_path / "base", "--model", str(tiny_sd15), guidance="1.0")
-        changed = [np.abs(np.asarray(Image.open(tmp_path / "eval" / "steps-4" / f)).astype(int)
-                          - np.asarray(Image.open(tmp_path / "base" / "steps-4" / f)).astype(int)).max()
-                   for f in ("00000.png", "00001.png")]
+        changed = [
+            np.abs(
+                np.asarray(Image.open(tmp_path / "eval" / "steps-4" / f)).astype(int)
+                - np.asarray(Image.open(tmp_path / "base" / "steps-4" / f)).astype(int)
+            ).max()
+            for f in ("00000.png", "00001.png")
+        ]
         assert min(changed) > 0, "the LoRA did not change the images"
         assert base["lora"] is None and m["lora"] == str(export) and m["lora_fused"]
         run(tmp_path / "unfused", "--model", str(tiny_sd15), "--lora", str(export), "--no-fuse-lora", guidance="1.0")

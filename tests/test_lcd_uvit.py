@@ -10,8 +10,6 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from conftest_runs import assert_same_exports
-from conftest_uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
 from ldmkit.config import load_config
 from ldmkit.errors import UserError
 from ldmkit.lora import adapters, formats
@@ -19,6 +17,9 @@ from ldmkit.methods import get_method
 from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES, is_uvit_pipeline
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline
+
+from helpers.runs import assert_same_exports
+from helpers.uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 RES = 32  # 4x4 latents with the tiny VAE; uvit-tiny: 1 in, 1 mid, 1 out block
@@ -38,26 +39,49 @@ def uvit_teacher(tiny_sd15, tmp_path_factory) -> Path:
 def make_method(name: str, teacher: Path, out_dir: Path, *extra: str):
     from accelerate import Accelerator
 
-    small = ["--method.lora_rank=4", "--method.lora_alpha=4"] if name == "lcm_lora" else [f"--method.unet_time_cond_proj_dim={W_DIM}"]
-    cfg = load_config(None, [f"--method.name={name}", f"--model.pretrained={teacher}", f"--data.resolution={RES}",
-                             "--train.report_to=none", f"--output_dir={out_dir}", "--method.w_min=1.5", "--method.w_max=2.5",
-                             "--method.loss_type=huber", *small, *extra])
+    small = (
+        ["--method.lora_rank=4", "--method.lora_alpha=4"]
+        if name == "lcm_lora"
+        else [f"--method.unet_time_cond_proj_dim={W_DIM}"]
+    )
+    cfg = load_config(
+        None,
+        [
+            f"--method.name={name}",
+            f"--model.pretrained={teacher}",
+            f"--data.resolution={RES}",
+            "--train.report_to=none",
+            f"--output_dir={out_dir}",
+            "--method.w_min=1.5",
+            "--method.w_max=2.5",
+            "--method.loss_type=huber",
+            *small,
+            *extra,
+        ],
+    )
     return get_method(name)(cfg, Accelerator(cpu=True))
 
 
 def fixed_batch(n: int = 2) -> dict:
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=RES, mode="bilinear") * 2 - 1
-    return {"pixel_values": smooth, "captions": ["a large red circle", ""][:n] + ["x"] * max(0, n - 2),
-            "original_size": torch.tensor([[RES, RES]] * n), "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
-            "seed": torch.arange(n) + 7, "key": [str(i) for i in range(n)]}
+    return {
+        "pixel_values": smooth,
+        "captions": ["a large red circle", ""][:n] + ["x"] * max(0, n - 2),
+        "original_size": torch.tensor([[RES, RES]] * n),
+        "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
+        "seed": torch.arange(n) + 7,
+        "key": [str(i) for i in range(n)],
+    }
 
 
 def uvit_inputs(model: UViT, batch: int = 2) -> dict:
     cfg, g = model.config, torch.Generator().manual_seed(0)
-    return dict(sample=torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
-                timestep=torch.tensor([999, 259][:batch]),
-                encoder_hidden_states=torch.randn(batch, cfg.num_text_tokens, cfg.context_dim, generator=g))
+    return dict(
+        sample=torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+        timestep=torch.tensor([999, 259][:batch]),
+        encoder_hidden_states=torch.randn(batch, cfg.num_text_tokens, cfg.context_dim, generator=g),
+    )
 
 
 @torch.no_grad()
@@ -72,8 +96,12 @@ def trained(uvit_teacher, tmp_path_factory):
 
     def get(name: str):
         if name not in runs:
-            method = make_method(name, uvit_teacher, tmp_path_factory.mktemp(name),
-                                 *(["--method.num_ddim_timesteps=25", "--method.timestep_scaling_factor=5"] if name == "lcd" else []))
+            method = make_method(
+                name,
+                uvit_teacher,
+                tmp_path_factory.mktemp(name),
+                *(["--method.num_ddim_timesteps=25", "--method.timestep_scaling_factor=5"] if name == "lcd" else []),
+            )
             opt = torch.optim.AdamW(method.parameters(), lr=3e-3 if name == "lcm_lora" else 1e-3, weight_decay=0.0)
             losses, batch = [], fixed_batch()
             for i in range(15):
@@ -140,8 +168,13 @@ def _generate(pipe: UViTPipeline, guidance: float, steps=(1, 2, 4)) -> list:
     pipe.set_progress_bar_config(disable=True)
     images = []
     for n in steps:
-        image = pipe("a red circle", num_inference_steps=n, guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
-                     output_type="np").images
+        image = pipe(
+            "a red circle",
+            num_inference_steps=n,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
         assert image.shape == (1, RES, RES, 3) and torch.isfinite(torch.from_numpy(image)).all()
         images.append(image)
     return images
@@ -212,7 +245,11 @@ def test_merge_lora_into_uvit_folder(trained, uvit_teacher, tmp_path):
     method.export(tmp_path / "lora")
     parser = argparse.ArgumentParser()
     merge_cmd.add_arguments(parser)
-    merge_cmd.run(parser.parse_args(["--model", str(uvit_teacher), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]))
+    merge_cmd.run(
+        parser.parse_args(
+            ["--model", str(uvit_teacher), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]
+        )
+    )
     merged = UViTPipeline.from_pretrained(tmp_path / "merged")
     assert isinstance(merged.scheduler, LCMScheduler) and formats.count_lora_modules(merged.unet) == 0
     inputs = uvit_inputs(merged.unet)
@@ -265,15 +302,36 @@ def test_resume_equals_uninterrupted(uvit_teacher, shapes_folder, tmp_path, name
     the same student (peft LoRA on the U-ViT, or the w-embedding U-ViT with its EMA target) as a run of 4."""
     from ldmkit.train.loop import train
 
-    small = ["--method.lora_rank=4", "--method.lora_alpha=4"] if name == "lcm_lora" else [f"--method.unet_time_cond_proj_dim={W_DIM}"]
+    small = (
+        ["--method.lora_rank=4", "--method.lora_alpha=4"]
+        if name == "lcm_lora"
+        else [f"--method.unet_time_cond_proj_dim={W_DIM}"]
+    )
 
     def run(out: str, steps: int) -> Path:
-        return train(load_config(None, [
-            f"--method.name={name}", f"--model.pretrained={uvit_teacher}", f"--data.path={shapes_folder}",
-            f"--data.resolution={RES}", f"--data.cache_dir={tmp_path / 'cache'}", "--method.w_min=1.5", "--method.w_max=2.5",
-            *small, f"--train.max_steps={steps}", "--train.checkpoint_every=2", "--train.validate_every=0",
-            "--train.validation_prompts=[]", "--train.batch_size=2", "--train.learning_rate=1e-3",
-            "--train.report_to=none", f"--output_dir={tmp_path / out}"]))
+        return train(
+            load_config(
+                None,
+                [
+                    f"--method.name={name}",
+                    f"--model.pretrained={uvit_teacher}",
+                    f"--data.path={shapes_folder}",
+                    f"--data.resolution={RES}",
+                    f"--data.cache_dir={tmp_path / 'cache'}",
+                    "--method.w_min=1.5",
+                    "--method.w_max=2.5",
+                    *small,
+                    f"--train.max_steps={steps}",
+                    "--train.checkpoint_every=2",
+                    "--train.validate_every=0",
+                    "--train.validation_prompts=[]",
+                    "--train.batch_size=2",
+                    "--train.learning_rate=1e-3",
+                    "--train.report_to=none",
+                    f"--output_dir={tmp_path / out}",
+                ],
+            )
+        )
 
     full = run("full", 4)
     run("resumed", 2)

@@ -14,7 +14,11 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 def _ddim(prediction_type: str, n: int) -> DDIMScheduler:
     s = DDIMScheduler(
-        **SD_SCHEDULE, prediction_type=prediction_type, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False
+        **SD_SCHEDULE,
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
+        set_alpha_to_one=False,
+        clip_sample=False,
     )
     s.set_timesteps(n)
     return s

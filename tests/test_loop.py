@@ -9,21 +9,35 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_runs import launch_two, logged
 from safetensors.torch import load_file
 
 from ldmkit.config import load_config
 from ldmkit.errors import UserError
 from ldmkit.train.loop import train
 
+from helpers.runs import launch_two, logged
+
 ROOT = Path(__file__).parents[1]
 
 
 def toy_config(tmp: Path, data: Path, name: str, *extra: str):
-    return load_config(None, [
-        "--method.name=toy", f"--data.path={data}", "--data.resolution=16", "--data.num_workers=0",
-        "--train.batch_size=4", "--train.max_steps=6", "--train.learning_rate=1e-2", "--train.seed=3",
-        "--train.checkpoint_every=3", "--train.report_to=none", f"--output_dir={tmp / name}", *extra])
+    return load_config(
+        None,
+        [
+            "--method.name=toy",
+            f"--data.path={data}",
+            "--data.resolution=16",
+            "--data.num_workers=0",
+            "--train.batch_size=4",
+            "--train.max_steps=6",
+            "--train.learning_rate=1e-2",
+            "--train.seed=3",
+            "--train.checkpoint_every=3",
+            "--train.report_to=none",
+            f"--output_dir={tmp / name}",
+            *extra,
+        ],
+    )
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -31,17 +45,45 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path, shapes_folder):
-    train(toy_config(tmp_path, shapes_folder, "full", "--method.use_ema=true", "--data.random_flip=true",
-                     "--train.lr_scheduler=cosine", "--train.lr_warmup_steps=2"))
+    train(
+        toy_config(
+            tmp_path,
+            shapes_folder,
+            "full",
+            "--method.use_ema=true",
+            "--data.random_flip=true",
+            "--train.lr_scheduler=cosine",
+            "--train.lr_warmup_steps=2",
+        )
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(toy_config(tmp_path, shapes_folder, "killed", "--method.use_ema=true", "--data.random_flip=true",
-                         "--train.lr_scheduler=cosine", "--train.lr_warmup_steps=2", "--method.crash_at_step=5"))
+        train(
+            toy_config(
+                tmp_path,
+                shapes_folder,
+                "killed",
+                "--method.use_ema=true",
+                "--data.random_flip=true",
+                "--train.lr_scheduler=cosine",
+                "--train.lr_warmup_steps=2",
+                "--method.crash_at_step=5",
+            )
+        )
     killed = tmp_path / "killed"
     assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step-0000003"]
     # a half-written checkpoint must never be resumed from
     (killed / "checkpoints" / ".tmp-step-0000004").mkdir()
-    train(toy_config(tmp_path, shapes_folder, "killed", "--method.use_ema=true", "--data.random_flip=true",
-                     "--train.lr_scheduler=cosine", "--train.lr_warmup_steps=2"))
+    train(
+        toy_config(
+            tmp_path,
+            shapes_folder,
+            "killed",
+            "--method.use_ema=true",
+            "--data.random_flip=true",
+            "--train.lr_scheduler=cosine",
+            "--train.lr_warmup_steps=2",
+        )
+    )
     a, b = weights(tmp_path / "full"), weights(killed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
@@ -56,8 +98,14 @@ def test_resumed_run_equals_uninterrupted(tmp_path, shapes_folder):
 
 
 def test_run_layout_limit_and_loss_decreases(tmp_path, shapes_folder):
-    cfg = toy_config(tmp_path, shapes_folder, "run", "--train.max_steps=40", "--train.checkpoint_every=10",
-                     "--train.checkpoints_total_limit=2")
+    cfg = toy_config(
+        tmp_path,
+        shapes_folder,
+        "run",
+        "--train.max_steps=40",
+        "--train.checkpoint_every=10",
+        "--train.checkpoints_total_limit=2",
+    )
     train(cfg)
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000030", "step-0000040"]
@@ -111,27 +159,52 @@ def test_config_errors_are_one_line(tmp_path):
 def test_cli_dry_run_prints_resolved_config(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method:\n  name: toy\ntrain:\n  max_steps: 7\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    out = subprocess.run([sys.executable, "-m", "ldmkit", "train", str(recipe), "--dry-run", "--method.width=5"],
-                         capture_output=True, text=True, env=env, check=True).stdout
+    env = dict(os.environ)
+    out = subprocess.run(
+        [sys.executable, "-m", "ldmkit", "train", str(recipe), "--dry-run", "--method.width=5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     assert "max_steps: 7" in out and "width: 5" in out
-    err = subprocess.run([sys.executable, "-m", "ldmkit", "train", str(recipe), "--method.widht=5"],
-                         capture_output=True, text=True, env=env)
+    err = subprocess.run(
+        [sys.executable, "-m", "ldmkit", "train", str(recipe), "--method.widht=5"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert err.returncode == 2 and err.stderr.strip().count("\n") == 0 and "widht" in err.stderr
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, shapes_folder):
     """accelerate launch --num_processes 2 (gloo on CPU) reproduces the 1-process loss curve and weights."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
-    common = ["--method.name=toy", f"--data.path={shapes_folder}", "--data.resolution=16", "--data.num_workers=0",
-              "--train.max_steps=5", "--train.seed=1", "--train.report_to=none", "--train.learning_rate=1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [
+        "--method.name=toy",
+        f"--data.path={shapes_folder}",
+        "--data.resolution=16",
+        "--data.num_workers=0",
+        "--train.max_steps=5",
+        "--train.seed=1",
+        "--train.report_to=none",
+        "--train.learning_rate=1e-2",
+    ]
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "ldmkit", "train", *common, "--train.batch_size=4", f"--output_dir={one}"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "ldmkit", "train", *common, "--train.batch_size=4", f"--output_dir={one}"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     two = tmp_path / "two"
-    r = subprocess.run([*launch_two(), "-m", "ldmkit", "train", *common, "--train.batch_size=2", f"--output_dir={two}"],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [*launch_two(), "-m", "ldmkit", "train", *common, "--train.batch_size=2", f"--output_dir={two}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     l1, l2 = logged(one), logged(two)
     assert len(l1) == len(l2) == 5

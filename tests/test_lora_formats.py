@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from conftest_lcm import lora_unet, unet_inputs, unet_out
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
@@ -20,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from ldmkit.errors import UserError
 from ldmkit.lora import convert_cmd, formats, merge_cmd
 from ldmkit.methods.lcd import LCM_LORA_TARGET_MODULES
+
+from helpers.lcm import lora_unet, unet_inputs, unet_out
 
 
 def cli(argv: list[str]) -> int:
@@ -107,7 +108,9 @@ def test_reads_stock_reference_and_legacy_layouts(tmp_path, sd15_scale1):
     # peft keys with the adapter name, no unet. prefix
     _same_weights(formats.read_lora({k.replace(".weight", ".default.weight"): v for k, v in peft_sd.items()}), ours)
     # convert_state_dict_to_diffusers: attention as lora.down/up, the rest lora_A/B (a mixed file)
-    _same_weights(formats.read_lora({f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(peft_sd).items()}), ours)
+    _same_weights(
+        formats.read_lora({f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(peft_sd).items()}), ours
+    )
     # old attention-processor keys
     old = {}
     for k, v in peft_sd.items():
@@ -136,8 +139,20 @@ def test_mixed_and_prefixed_files_are_fixed_by_convert(tmp_path, tiny_sd15, sd15
     save_file(prefixed, str(tmp_path / "prefixed.safetensors"))
     with pytest.raises(ValueError, match="not found in the base model"):  # stock diffusers rejects it
         _loaded(tiny_sd15, tmp_path / "prefixed.safetensors")
-    assert cli(["convert-lora", "--in", str(tmp_path / "prefixed.safetensors"), "--to", "diffusers",
-                "--out", str(tmp_path / "fixed2")]) == 0
+    assert (
+        cli(
+            [
+                "convert-lora",
+                "--in",
+                str(tmp_path / "prefixed.safetensors"),
+                "--to",
+                "diffusers",
+                "--out",
+                str(tmp_path / "fixed2"),
+            ]
+        )
+        == 0
+    )
     pipe = _loaded(tiny_sd15, tmp_path / "fixed2")
     assert formats.count_lora_modules(pipe.unet) == n
     inputs = unet_inputs(unet)
@@ -156,13 +171,17 @@ def test_kohya_names_resolve_without_the_model(request, fixture):
 def test_paddlemix_file_merges_like_diffusers_fuse(tmp_path, tiny_sd15, sd15):
     """PaddleMIX lcm_lora.safetensors: kohya keys, 0-d alpha (8 for rank 4 here: scale 2), fp16 weights."""
     unet, inputs, expected = sd15
-    paddle = {k: v.half() if k.endswith("weight") else v for k, v in
-              formats.to_kohya(formats.layers_from_peft_model(unet)).items()}
+    paddle = {
+        k: v.half() if k.endswith("weight") else v
+        for k, v in formats.to_kohya(formats.layers_from_peft_model(unet)).items()
+    }
     path = tmp_path / "lcm_lora.safetensors"
     save_file(paddle, str(path), metadata={"format": "pt"})
 
     ours = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
-    assert formats.merge_lora_into_unet(ours, formats.load_lora_file(path), scale=0.7) == formats.count_lora_modules(unet)
+    assert formats.merge_lora_into_unet(ours, formats.load_lora_file(path), scale=0.7) == formats.count_lora_modules(
+        unet
+    )
     pipe = _loaded(tiny_sd15, path)
     pipe.fuse_lora(lora_scale=0.7)
     pipe.unload_lora_weights()
@@ -204,7 +223,10 @@ def test_bad_inputs_raise_user_errors(tmp_path):
         {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": w},
         {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": w},
         {"unet.mid_block.attentions.0.proj_in.lora_A.weight": w},  # no up
-        {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": w, "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": w.T},
+        {
+            "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": w,
+            "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": w.T,
+        },
         {"unet.something.weird": w},
         {"unet.a.lora_A.weight": torch.zeros(2, 3), "unet.a.lora_B.weight": torch.zeros(3, 4)},  # rank mismatch
     ]
@@ -217,9 +239,13 @@ def test_bad_inputs_raise_user_errors(tmp_path):
     with pytest.raises(UserError):
         formats.load_lora_file(tmp_path / "x.bin")
     with pytest.raises(UserError):
-        formats.merge_lora_into_unet(torch.nn.Sequential(torch.nn.Linear(3, 2)),
-                                     {"unet.1.lora_A.weight": w, "unet.1.lora_B.weight": w.T[:2, :2]})
-    assert cli(["convert-lora", "--in", str(tmp_path / "nope.safetensors"), "--to", "kohya", "--out", str(tmp_path / "o")]) == 2
+        formats.merge_lora_into_unet(
+            torch.nn.Sequential(torch.nn.Linear(3, 2)), {"unet.1.lora_A.weight": w, "unet.1.lora_B.weight": w.T[:2, :2]}
+        )
+    assert (
+        cli(["convert-lora", "--in", str(tmp_path / "nope.safetensors"), "--to", "kohya", "--out", str(tmp_path / "o")])
+        == 2
+    )
 
 
 @pytest.mark.parametrize("command", ["merge-lora", "convert-lora"])
@@ -233,7 +259,9 @@ def test_convert_cmd_with_model_names(tmp_path, tiny_sd15, sd15):
     unet, inputs, expected = sd15
     src = formats.save_lora(formats.layers_from_peft_model(unet), tmp_path / "src", to="kohya")
     out = tmp_path / "conv.safetensors"
-    assert cli(["convert-lora", "--in", str(src), "--to", "diffusers", "--out", str(out), "--model", str(tiny_sd15)]) == 0
+    assert (
+        cli(["convert-lora", "--in", str(src), "--to", "diffusers", "--out", str(out), "--model", str(tiny_sd15)]) == 0
+    )
     assert all(k.startswith("unet.") and ".lora_" in k for k in load_file(str(out)))
     pipe = _loaded(tiny_sd15, out)
     assert formats.count_lora_modules(pipe.unet) == formats.count_lora_modules(unet)
@@ -244,23 +272,51 @@ def test_merge_cmd(tmp_path, tiny_sd15, sd15):
     unet, inputs, expected = sd15
     lora_dir = tmp_path / "lora"
     formats.save_lora(formats.layers_from_peft_model(unet), lora_dir)
-    LCMScheduler.from_config(_pipe(tiny_sd15).scheduler.config, original_inference_steps=25,
-                             timestep_scaling=5.0).save_pretrained(lora_dir / "scheduler")
+    LCMScheduler.from_config(
+        _pipe(tiny_sd15).scheduler.config, original_inference_steps=25, timestep_scaling=5.0
+    ).save_pretrained(lora_dir / "scheduler")
     assert cli(["merge-lora", "--model", str(tiny_sd15), "--lora", str(lora_dir), "--out", str(tmp_path / "m")]) == 0
     merged = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(unet_out(merged.unet, inputs), expected, rtol=1e-4, atol=1e-5)
     assert isinstance(merged.scheduler, LCMScheduler)
     assert merged.scheduler.config.original_inference_steps == 25 and merged.scheduler.config.timestep_scaling == 5.0
     merged.set_progress_bar_config(disable=True)
-    image = merged("a red circle", num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
-                   generator=torch.Generator().manual_seed(0), output_type="np").images
+    image = merged(
+        "a red circle",
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert image.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
-    assert cli(["merge-lora", "--model", str(tiny_sd15), "--lora", str(lora_dir), "--scale", "0",
-                "--scheduler", "keep", "--out", str(tmp_path / "k")]) == 0
+    assert (
+        cli(
+            [
+                "merge-lora",
+                "--model",
+                str(tiny_sd15),
+                "--lora",
+                str(lora_dir),
+                "--scale",
+                "0",
+                "--scheduler",
+                "keep",
+                "--out",
+                str(tmp_path / "k"),
+            ]
+        )
+        == 0
+    )
     kept = json.loads((tmp_path / "k" / "scheduler" / "scheduler_config.json").read_text())
     assert kept["_class_name"] == "PNDMScheduler"
     base = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
-    torch.testing.assert_close(unet_out(StableDiffusionPipeline.from_pretrained(tmp_path / "k").unet, inputs),
-                               unet_out(base, inputs))
-    assert cli(["merge-lora", "--model", str(tmp_path / "nothing"), "--lora", str(lora_dir), "--out", str(tmp_path / "x")]) == 2
+    torch.testing.assert_close(
+        unet_out(StableDiffusionPipeline.from_pretrained(tmp_path / "k").unet, inputs), unet_out(base, inputs)
+    )
+    assert (
+        cli(["merge-lora", "--model", str(tmp_path / "nothing"), "--lora", str(lora_dir), "--out", str(tmp_path / "x")])
+        == 2
+    )

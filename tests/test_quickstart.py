@@ -19,8 +19,12 @@ SETTINGS = ("teacher_50", "teacher_4", "lcm_1", "lcm_2", "lcm_4")
 def test_quickstart_quick_writes_a_valid_report(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, "-m", "ldmkit", "quickstart", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "ldmkit", "quickstart", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     for stage in STAGES:
@@ -39,8 +43,12 @@ def test_quickstart_quick_writes_a_valid_report(tmp_path):
     assert report["text_separation"]["probe_color"] >= 0.9
 
     # Re-running skips every finished stage and rewrites the same figures.
-    r2 = subprocess.run([sys.executable, "-m", "ldmkit", "quickstart", "--quick", "--out", str(out)],
-                        capture_output=True, text=True, env=env)
+    r2 = subprocess.run(
+        [sys.executable, "-m", "ldmkit", "quickstart", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r2.returncode == 0, r2.stderr[-3000:]
     again = json.loads((out / "report.json").read_text())
     assert again["figures"]["lcm_4"]["adherence"] == figs["lcm_4"]["adherence"]
@@ -67,8 +75,12 @@ def test_quickstart_on_user_data_with_lcd(tmp_path):
         (data / f"{i:03d}.txt").write_text(f"a {'vertical' if vertical else 'horizontal'} gradient from {a} to {b}\n")
 
     out = tmp_path / "qs"
-    r = subprocess.run([sys.executable, "-m", "ldmkit", "quickstart", "--quick", "--lcd", "--data", str(data),
-                        "--out", str(out)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = subprocess.run(
+        [sys.executable, "-m", "ldmkit", "quickstart", "--quick", "--lcd", "--data", str(data), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "lcd" and Path(report["exports"]["data"]) == data

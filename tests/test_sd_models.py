@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
-from conftest_sd import make_batch, one_thread  # noqa: F401  (autouse fixture)
 
 from ldmkit.errors import UserError
 from ldmkit.models.sd import SDModels
 from ldmkit.train.rng import SampleRNG
+
+from helpers.sd import make_batch, one_thread  # noqa: F401  (autouse fixture)
 
 LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # fmt: skip
@@ -36,7 +37,9 @@ def test_tiny_pipeline_loads_in_stock_diffusers_and_generates(arch, request):
     pipe = DiffusionPipeline.from_pretrained(folder)
     assert type(pipe) is {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[arch]
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a red circle", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
     names = {n for n, _ in pipe.unet.named_modules()}
     for target in LCM_LORA_TARGETS:
@@ -150,7 +153,9 @@ def test_text_uses_cached_embeddings(sd15, sdxl):
     batch = make_batch(2)
     cached = torch.randn(2, 77, 32)
     assert torch.equal(sd15.text(batch | {"prompt_embeds": cached})["prompt_embeds"], cached)
-    torch.testing.assert_close(sd15.text(batch)["prompt_embeds"], sd15.encode_prompts(batch["captions"])["prompt_embeds"])
+    torch.testing.assert_close(
+        sd15.text(batch)["prompt_embeds"], sd15.encode_prompts(batch["captions"])["prompt_embeds"]
+    )
     with pytest.raises(UserError, match="pooled"):
         sdxl.text(batch | {"prompt_embeds": torch.randn(2, 77, 64)})
     out = sdxl.text(batch | {"prompt_embeds": torch.randn(2, 77, 64), "pooled_prompt_embeds": torch.randn(2, 32)})
@@ -184,7 +189,9 @@ def test_fingerprint_tracks_vae_and_text_encoder_content(tmp_path, tiny_sd15):
     save_file({k: v * 1.01 for k, v in w.items()}, vae_file, metadata={"format": "pt"})
     fp_vae = SDModels.load(str(copy), unet=False, vae_model=False, text=False).fingerprint()
     assert fp_vae != fp
-    assert SDModels.load(str(copy), unet=False, vae_model=False, text=False, dtype=torch.float16).fingerprint() != fp_vae
+    assert (
+        SDModels.load(str(copy), unet=False, vae_model=False, text=False, dtype=torch.float16).fingerprint() != fp_vae
+    )
 
 
 # ---- losses --------------------------------------------------------------------------------------

@@ -24,19 +24,32 @@ def test_caption_round_trip_every_combination():
     assert len(captions) == len(combos)  # captions are unique
     for a in combos:
         assert synth.parse_caption(synth.caption(a)) == a
-    assert synth.caption({"color": "red", "shape": "circle", "size": "small", "position": "top left"}) == \
-        "a small red circle in the top left"
+    assert (
+        synth.caption({"color": "red", "shape": "circle", "size": "small", "position": "top left"})
+        == "a small red circle in the top left"
+    )
 
 
-@pytest.mark.parametrize("text", ["a photo of a cat", "a small red blue circle in the center",
-                                  "a small red circle", "a large green square in the top left and the center"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a photo of a cat",
+        "a small red blue circle in the center",
+        "a small red circle",
+        "a large green square in the top left and the center",
+    ],
+)
 def test_parse_caption_rejects_non_shapes_text(text):
     assert synth.parse_caption(text) is None
 
 
 def test_parse_caption_accepts_paraphrase():
     assert synth.parse_caption("Top right: a LARGE yellow triangle") == {
-        "color": "yellow", "shape": "triangle", "size": "large", "position": "top right"}
+        "color": "yellow",
+        "shape": "triangle",
+        "size": "large",
+        "position": "top right",
+    }
     assert synth.parse_caption("a small blue square in the centre")["position"] == "center"
 
 

@@ -40,8 +40,14 @@ def shapes_tokenizer():
 
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory) -> Path:
-    return write_text_components(tmp_path_factory.mktemp("text") / "model", SHAPES, hidden_size=HIDDEN,
-                                 num_layers=LAYERS, max_length=MAX_LENGTH, seed=0)
+    return write_text_components(
+        tmp_path_factory.mktemp("text") / "model",
+        SHAPES,
+        hidden_size=HIDDEN,
+        num_layers=LAYERS,
+        max_length=MAX_LENGTH,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +95,9 @@ def test_every_word_of_a_larger_corpus_becomes_one_token():
     rnd = random.Random(0)
     alphabet = "abcdeilnorst"
     vocab = list(dict.fromkeys("".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))) for _ in range(1500)))
-    captions = [" ".join(rnd.choices(vocab, weights=[1 / (k + 1) for k in range(len(vocab))], k=8)) for _ in range(3000)]
+    captions = [
+        " ".join(rnd.choices(vocab, weights=[1 / (k + 1) for k in range(len(vocab))], k=8)) for _ in range(3000)
+    ]
     counts = caption_words(captions)
     tok = build_word_tokenizer(captions, max_words=100_000)
     model = tok.backend_tokenizer.model
@@ -110,7 +118,10 @@ def test_saved_folder_round_trip(text_dir, shapes_tokenizer, tmp_path):
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
     expected = [_ids(shapes_tokenizer, t) for t in SHAPES[:5] + UNSEEN]
-    loaded = [CLIPTokenizer.from_pretrained(text_dir / "tokenizer"), AutoTokenizer.from_pretrained(text_dir / "tokenizer")]
+    loaded = [
+        CLIPTokenizer.from_pretrained(text_dir / "tokenizer"),
+        AutoTokenizer.from_pretrained(text_dir / "tokenizer"),
+    ]
     # vocab.json + merges.txt alone (what the slow tokenizer of older transformers reads)
     slow = tmp_path / "slow"
     slow.mkdir()
@@ -123,7 +134,9 @@ def test_saved_folder_round_trip(text_dir, shapes_tokenizer, tmp_path):
 
     encoder = CLIPTextModel.from_pretrained(text_dir / "text_encoder")
     fresh = build_text_encoder(len(shapes_tokenizer), HIDDEN, LAYERS, 4, MAX_LENGTH, seed=0)
-    torch.testing.assert_close(embed_captions(encoder, loaded[0], SHAPES[:4]), embed_captions(fresh, shapes_tokenizer, SHAPES[:4]))
+    torch.testing.assert_close(
+        embed_captions(encoder, loaded[0], SHAPES[:4]), embed_captions(fresh, shapes_tokenizer, SHAPES[:4])
+    )
     assert encoder.config.eos_token_id == shapes_tokenizer.eos_token_id
     index = json.loads((text_dir / "model_index.json").read_text())
     assert set(index) >= {"text_encoder", "tokenizer", "scheduler"} and "vae" not in index
@@ -161,8 +174,13 @@ def test_sdmodels_and_uvit_pipeline_load_the_folder(text_dir, vae_dir, tmp_path)
     torch.testing.assert_close(models2.encode_prompts(SHAPES[:3])["prompt_embeds"], embeds)
 
     unet = UViT.from_preset("uvit-tiny", sample_size=4, context_dim=HIDDEN, num_text_tokens=MAX_LENGTH)
-    pipe = UViTPipeline(vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0], unet=unet,
-                        scheduler=DPMSolverMultistepScheduler.from_config(training_scheduler("epsilon").config))
+    pipe = UViTPipeline(
+        vae=models.vae,
+        text_encoder=models.text_encoders[0],
+        tokenizer=models.tokenizers[0],
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(training_scheduler("epsilon").config),
+    )
     pipe.save_pretrained(tmp_path / "pipe")
     again = UViTPipeline.from_pretrained(tmp_path / "pipe")
     torch.testing.assert_close(again.encode_prompt(SHAPES[:3], torch.device("cpu")), embeds)

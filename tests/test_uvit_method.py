@@ -9,24 +9,31 @@ import numpy as np
 import pytest
 import torch
 
-from conftest_uvit import features_dir, one_thread, seeded, shapes_dir  # noqa: F401
 from ldmkit.config import load_config
 from ldmkit.errors import UserError
+
+from helpers.uvit import features_dir, one_thread, seeded, shapes_dir  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "uvit" / "debug.yaml"
 
 
 def debug_cfg(tiny_sd15, features_dir, out: Path, *extra: str):
-    return load_config(str(DEBUG), [f"--model.pretrained={tiny_sd15}", f"--data.path={features_dir}",
-                                    f"--output_dir={out}", *extra])
+    return load_config(
+        str(DEBUG), [f"--model.pretrained={tiny_sd15}", f"--data.path={features_dir}", f"--output_dir={out}", *extra]
+    )
 
 
 def test_p_uncond_is_the_data_layers_caption_dropout(tmp_path):
     assert load_config(str(DEBUG)).data.proportion_empty_prompts == 0.1
     with pytest.raises(UserError, match="conflicts"):
         load_config(str(DEBUG), ["--data.proportion_empty_prompts=0.3"])
-    assert load_config(str(DEBUG), ["--data.proportion_empty_prompts=0.3", "--method.p_uncond=null"]).data.proportion_empty_prompts == 0.3
+    assert (
+        load_config(
+            str(DEBUG), ["--data.proportion_empty_prompts=0.3", "--method.p_uncond=null"]
+        ).data.proportion_empty_prompts
+        == 0.3
+    )
 
 
 def test_schedule_is_the_originals_scaled_linear():
@@ -50,8 +57,11 @@ def method(tiny_sd15, features_dir, tmp_path):
 def _batch(n: int = 4, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     mean, logvar = torch.randn(n, 4, 4, 4, generator=g), torch.full((n, 4, 4, 4), -3.0)
-    return {"latent_moments": torch.cat([mean, logvar], 1), "prompt_embeds": torch.randn(n, 77, 32, generator=g),
-            "seed": torch.arange(n) + 1000 * seed}
+    return {
+        "latent_moments": torch.cat([mean, logvar], 1),
+        "prompt_embeds": torch.randn(n, 77, 32, generator=g),
+        "seed": torch.arange(n) + 1000 * seed,
+    }
 
 
 def test_loss_is_epsilon_mse_of_scaled_posterior_samples(method):
@@ -124,7 +134,9 @@ def test_train_resume_export(tiny_sd15, features_dir, tmp_path):
     a, b = (load_file(str(p / "unet" / "diffusion_pytorch_model.safetensors")) for p in (full, resumed))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    la, lb = ([json.loads(x)["loss"] for x in (p.parent / "metrics.jsonl").read_text().splitlines()] for p in (full, resumed))
+    la, lb = (
+        [json.loads(x)["loss"] for x in (p.parent / "metrics.jsonl").read_text().splitlines()] for p in (full, resumed)
+    )
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
     assert (tmp_path / "full" / "samples" / "step-0000002.png").is_file()
 
@@ -137,7 +149,9 @@ def test_train_resume_export(tiny_sd15, features_dir, tmp_path):
     # The export holds the EMA weights, not the raw ones.
     ckpt = tmp_path / "full" / "checkpoints" / "step-0000004"
     ema = load_file(str(ckpt / "extra.safetensors"))
-    raw = {k: v for f in ckpt.glob("*.safetensors") if f.name != "extra.safetensors" for k, v in load_file(str(f)).items()}
+    raw = {
+        k: v for f in ckpt.glob("*.safetensors") if f.name != "extra.safetensors" for k, v in load_file(str(f)).items()
+    }
     from ldmkit.models.uvit import UViT
 
     names = [n for n, _ in UViT.from_pretrained(full / "unet").named_parameters()]  # EMA order

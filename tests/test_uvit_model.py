@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from conftest_uvit import TEXT_TOKENS, TEXT_WIDTH, one_thread, tiny_uvit  # noqa: F401
 from ldmkit.models.uvit import UVIT_PRESETS, UViT, unpatchify
+
+from helpers.uvit import TEXT_TOKENS, TEXT_WIDTH, one_thread, tiny_uvit  # noqa: F401
 
 
 def _inputs(model: UViT, batch: int = 2, seed: int = 0):
@@ -25,7 +26,9 @@ def _count(name: str) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-@pytest.mark.parametrize("name,low,high", [("uvit-s", 44, 46), ("uvit-s-deep", 57, 59), ("uvit-l", 280, 295), ("uvit-h", 490, 510)])
+@pytest.mark.parametrize(
+    "name,low,high", [("uvit-s", 44, 46), ("uvit-s-deep", 57, 59), ("uvit-l", 280, 295), ("uvit-h", 490, 510)]
+)
 def test_parameter_counts_match_the_paper(name, low, high):
     # U-ViT paper, Table 1 (MS-COCO / ImageNet 256 latents): S 44M, S-deep 58M, L 287M, H 501M.
     assert low <= _count(name) <= high

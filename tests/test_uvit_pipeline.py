@@ -9,10 +9,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+)
 
-from conftest_uvit import RESOLUTION, one_thread, seeded, tiny_pipeline, tiny_uvit  # noqa: F401
 from ldmkit.pipelines.uvit import UViTPipeline
+
+from helpers.uvit import RESOLUTION, one_thread, seeded, tiny_pipeline, tiny_uvit  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +60,21 @@ def test_generates_with_stock_schedulers(saved_pipeline, scheduler_cls):
     pipe = UViTPipeline.from_pretrained(saved_pipeline)
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=3.0, generator=seeded(0),
-                  num_images_per_prompt=2).images
+    images = pipe(
+        ["a red circle", "a blue square"],
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        generator=seeded(0),
+        num_images_per_prompt=2,
+    ).images
     assert len(images) == 4 and images[0].size == (RESOLUTION, RESOLUTION)
-    again = pipe(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=3.0, generator=seeded(0),
-                 num_images_per_prompt=2).images
+    again = pipe(
+        ["a red circle", "a blue square"],
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        generator=seeded(0),
+        num_images_per_prompt=2,
+    ).images
     assert np.array_equal(np.asarray(images[3]), np.asarray(again[3]))
 
 
@@ -89,7 +106,9 @@ def test_lcm_student_gets_the_guidance_embedding_and_no_cfg(tiny_sd15):
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     calls = []
     pipe.unet.register_forward_pre_hook(lambda mod, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
-    images = pipe("a red circle", num_inference_steps=2, guidance_scale=8.0, generator=seeded(), num_images_per_prompt=3).images
+    images = pipe(
+        "a red circle", num_inference_steps=2, guidance_scale=8.0, generator=seeded(), num_images_per_prompt=3
+    ).images
     assert len(images) == 3 and len(calls) == 2
     args, kwargs = calls[0]
     assert args[0].shape[0] == 3  # no doubled CFG batch

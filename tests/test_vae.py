@@ -10,9 +10,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from conftest_uvit import one_thread  # noqa: F401
 from ldmkit.config import load_config
 from ldmkit.errors import UserError
+
+from helpers.uvit import one_thread  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "vae" / "debug.yaml"
@@ -102,7 +103,9 @@ def test_train_export_loads_in_stock_pipelines(tiny_sd15, shapes_folder, tmp_pat
     # The exported VAE drops into a stock SD pipeline (same 4 latent channels, KL-f8).
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, vae=vae, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a red circle", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
 
 

@@ -18,11 +18,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-lora": ("ldmkit.lora.merge_cmd", "Fuse a LoRA (diffusers or kohya) into the UNet and save a full pipeline."),
     "convert-lora": ("ldmkit.lora.convert_cmd", "Convert a LoRA file between diffusers and kohya formats."),
     "evaluate": ("ldmkit.eval.evaluate", "Generate at several step counts and report speed and quality."),
-    "quickstart": ("ldmkit.quickstart", "From nothing to a measured few-step model on a CPU (data, VAE, teacher, LCM, report)."),
+    "quickstart": (
+        "ldmkit.quickstart",
+        "From nothing to a measured few-step model on a CPU (data, VAE, teacher, LCM, report).",
+    ),
 }
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {
     "data": {"synth": ("ldmkit.data.synth", "Write a synthetic coloured-shapes text-to-image dataset.")},
-    "prepare": {"features": ("ldmkit.data.prepare_features", "Encode a dataset into the MS-COCO feature layout for U-ViT.")},
+    "prepare": {
+        "features": ("ldmkit.data.prepare_features", "Encode a dataset into the MS-COCO feature layout for U-ViT.")
+    },
 }
 
 
@@ -36,7 +41,9 @@ def _add(sub, name: str, module: str, help_text: str, load: bool) -> None:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion training and latent consistency distillation.")
+    parser = argparse.ArgumentParser(
+        prog="ldmkit", description="Latent diffusion training and latent consistency distillation."
+    )
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from ldmkit.errors import UserError
 from ldmkit.methods.base import MethodConfig
@@ -20,9 +20,9 @@ from ldmkit.methods.base import MethodConfig
 class ModelConfig:
     pretrained: str = ""
     """Local diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    vae: Optional[str] = None
+    vae: str | None = None
     """Separate VAE folder (e.g. the fp16-safe SDXL VAE); default: <pretrained>/vae."""
-    variant: Optional[str] = None
+    variant: str | None = None
     """Weight variant to load (e.g. fp16), as in diffusers from_pretrained."""
 
 
@@ -46,7 +46,7 @@ class DataConfig:
     """Caption field in metadata.jsonl (a string or a list of strings)."""
     image_column: str = "file_name"
     """Image path field in metadata.jsonl."""
-    max_samples: Optional[int] = None
+    max_samples: int | None = None
     """Use only the first N samples (debugging)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
@@ -54,11 +54,11 @@ class DataConfig:
     """Allow WebDataset 'pipe:' URLs, which run a shell command (opt-in for safety)."""
     shuffle_buffer: int = 1000
     """Shuffle buffer of streamed WebDataset samples."""
-    num_samples: Optional[int] = None
+    num_samples: int | None = None
     """Samples per epoch of a streamed WebDataset (for epoch accounting); default: count the shards once."""
     cache: bool = False
     """Encode VAE latents and text embeddings once and train from the cache (the VAE and text encoder are then not loaded)."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where caches live; default: <output_dir>/cache. Caches are keyed by model, data and transform settings."""
     encode_batch_size: int = 32
     """Batch size when building the cache (vae_encode_batch_size of the references)."""
@@ -76,7 +76,9 @@ class TrainConfig:
     """Peak learning rate."""
     scale_lr: bool = False
     """Multiply the learning rate by batch_size * gradient_accumulation_steps * num_processes."""
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "polynomial", "cosine_with_restarts"] = "constant"
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "cosine", "linear", "polynomial", "cosine_with_restarts"
+    ] = "constant"
     """LR schedule (diffusers get_scheduler)."""
     lr_warmup_steps: int = 0
     """Linear warmup steps."""
@@ -90,7 +92,7 @@ class TrainConfig:
     """AdamW epsilon."""
     use_8bit_adam: bool = False
     """bitsandbytes AdamW8bit (needs bitsandbytes and a GPU)."""
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; null disables clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast dtype; frozen models are stored in it, trainable weights stay fp32."""
@@ -102,7 +104,7 @@ class TrainConfig:
     """Seed of everything random: data order, augmentation, noise."""
     checkpoint_every: int = 500
     """Save resume state every N steps (0: only at the end)."""
-    checkpoints_total_limit: Optional[int] = None
+    checkpoints_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest removed)."""
     validate_every: int = 0
     """Write a validation grid every N steps (0: only at the end)."""
@@ -139,12 +141,21 @@ def _parser(method_cls: type[MethodConfig], prog: str = "ldmkit train"):
 
     # Field docstrings (the string under each dataclass field) become the --help text.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Train with a YAML recipe; override any key with --section.key=value.")
+    parser = ArgumentParser(
+        prog=prog,
+        exit_on_error=False,
+        description="Train with a YAML recipe; override any key with --section.key=value.",
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe.")
     parser.add_class_arguments(method_cls, "method", help=f"Options of method {method_cls.name!r}.")
     for group, cls in SHARED_GROUPS.items():
         parser.add_class_arguments(cls, group)
-    parser.add_argument("--output_dir", type=str, default=Config.output_dir, help="Run folder: config.yaml, metrics.jsonl, samples/, checkpoints/, export/.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default=Config.output_dir,
+        help="Run folder: config.yaml, metrics.jsonl, samples/, checkpoints/, export/.",
+    )
     return parser
 
 
@@ -191,9 +202,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
 
     Unknown keys and wrong types raise UserError with one line naming the key.
     """
-    from ldmkit.methods import METHODS, get_method
-
-    from ldmkit.methods import _plugins
+    from ldmkit.methods import METHODS, _plugins, get_method
 
     METHODS.update(_plugins())
     overrides = list(overrides or [])
@@ -218,9 +227,12 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
 def validate_config(cfg: Config) -> None:
     """Checks that are about values rather than types (types are checked by the parser)."""
     t = cfg.train
-    for key, value, low in (("train.batch_size", t.batch_size, 1), ("train.max_steps", t.max_steps, 1),
-                            ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
-                            ("data.resolution", cfg.data.resolution, 8)):
+    for key, value, low in (
+        ("train.batch_size", t.batch_size, 1),
+        ("train.max_steps", t.max_steps, 1),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+        ("data.resolution", cfg.data.resolution, 8),
+    ):
         if value < low:
             raise UserError(f"{key} must be >= {low}, got {value}")
     if not 0.0 <= cfg.data.proportion_empty_prompts <= 1.0:

@@ -76,7 +76,9 @@ def lora_location(path: str | Path) -> tuple[Path, str]:
         return p, "pytorch_lora_weights.safetensors"
     files = sorted(p.glob("*.safetensors"))
     if len(files) != 1:
-        raise UserError(f"--lora folder must hold pytorch_lora_weights.safetensors or exactly one .safetensors file: {p}")
+        raise UserError(
+            f"--lora folder must hold pytorch_lora_weights.safetensors or exactly one .safetensors file: {p}"
+        )
     return p, files[0].name
 
 
@@ -140,20 +142,33 @@ def generate_images(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
-    parser.add_argument("--lora", default=None, help="LoRA file or folder (diffusers/peft or kohya format) to load on top.")
+    parser.add_argument(
+        "--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export)."
+    )
+    parser.add_argument(
+        "--lora", default=None, help="LoRA file or folder (diffusers/peft or kohya format) to load on top."
+    )
     parser.add_argument("--lora-scale", type=float, default=1.0, help="Strength of the LoRA.")
     parser.add_argument("--prompt", action="append", required=True, help="Prompt (repeat for several).")
     parser.add_argument("--negative-prompt", default=None, help="Negative prompt for every image.")
     parser.add_argument("--steps", type=int, default=25, help="Sampling steps (2-8 for LCM models).")
-    parser.add_argument("--guidance", type=float, default=7.5, help="Guidance scale (1.0-2.0 for LCM-LoRA, about 8 for full LCM).")
-    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own.")
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="Guidance scale (1.0-2.0 for LCM-LoRA, about 8 for full LCM)."
+    )
+    parser.add_argument(
+        "--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image; image k uses seed + k.")
     parser.add_argument("--num-images", type=int, default=1, help="Images per prompt.")
     parser.add_argument("--height", type=int, default=None, help="Image height in pixels; default: the model's.")
     parser.add_argument("--width", type=int, default=None, help="Image width in pixels; default: the model's.")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="Weights dtype; auto: fp16 on CUDA, else fp32.")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
+        help="Weights dtype; auto: fp16 on CUDA, else fp32.",
+    )
     parser.add_argument("--out", required=True, help="Output folder for NNN.png, grid.png and generate.json.")
 
 
@@ -190,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
         im.save(out / f"{i:03d}.png")
     make_image_grid(images, rows=len(args.prompt), cols=args.num_images).save(out / "grid.png")
     settings = {k: v for k, v in vars(args).items() if k != "func" and not callable(v)}
-    settings.update(device=str(device), dtype=str(dtype).removeprefix("torch."), scheduler_class=type(pipe.scheduler).__name__)
+    settings.update(
+        device=str(device), dtype=str(dtype).removeprefix("torch."), scheduler_class=type(pipe.scheduler).__name__
+    )
     (out / "generate.json").write_text(json.dumps(settings, indent=2) + "\n")
     print(f"wrote {len(images)} images to {out}")
     return 0

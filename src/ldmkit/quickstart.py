@@ -29,6 +29,7 @@ from ldmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class Plan:
     """Sizes of one quickstart run (the full one and ``--quick``)."""
@@ -45,12 +46,28 @@ class Plan:
     lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
 
 
-FULL = Plan(num_images=4000, image_size=32, vae_steps=600, teacher_steps=2000, distill_steps=1500, eval_prompts=120,
-            teacher_guidance=3.0)
+FULL = Plan(
+    num_images=4000,
+    image_size=32,
+    vae_steps=600,
+    teacher_steps=2000,
+    distill_steps=1500,
+    eval_prompts=120,
+    teacher_guidance=3.0,
+)
 # --quick checks that every stage runs and writes its report (CI, a first look) in well under 3 minutes;
 # its teacher is far too short to learn the shapes, so its quality figures are near zero by design.
-QUICK = Plan(num_images=500, image_size=32, vae_steps=120, teacher_steps=300, distill_steps=60, eval_prompts=16,
-             teacher_guidance=3.0, reference_images=200, lcm_steps=(1, 2, 4))
+QUICK = Plan(
+    num_images=500,
+    image_size=32,
+    vae_steps=120,
+    teacher_steps=300,
+    distill_steps=60,
+    eval_prompts=16,
+    teacher_guidance=3.0,
+    reference_images=200,
+    lcm_steps=(1, 2, 4),
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,7 +115,9 @@ def _captions(data: Path, limit: int = 20000) -> list[str]:
     from ldmkit.config import DataConfig
     from ldmkit.data import open_dataset
 
-    ds = open_dataset(DataConfig(path=str(data), num_workers=0), seed=0, rank=0, world_size=1, batch_size=1, start_batch=0)
+    ds = open_dataset(
+        DataConfig(path=str(data), num_workers=0), seed=0, rank=0, world_size=1, batch_size=1, start_batch=0
+    )
     captions: list[str] = []
     for i, load in ds.lazy_samples():
         if i >= limit:
@@ -124,19 +143,32 @@ def stage_text(out: Path, data: Path, seed: int) -> tuple[Path, dict[str, Any]]:
     from ldmkit.data.synth import parse_caption
 
     distinct = sorted(set(captions))
-    stats = caption_separation(CLIPTextModel.from_pretrained(base / "text_encoder"),
-                               CLIPTokenizer.from_pretrained(base / "tokenizer"), distinct,
-                               {c: parse_caption(c) for c in distinct})
+    stats = caption_separation(
+        CLIPTextModel.from_pretrained(base / "text_encoder"),
+        CLIPTokenizer.from_pretrained(base / "tokenizer"),
+        distinct,
+        {c: parse_caption(c) for c in distinct},
+    )
     if stats.get("min_to_median_distance", 1.0) < 0.1:
-        logger.warning("the frozen text encoder separates some captions poorly (min/median distance %.3f)",
-                       stats["min_to_median_distance"])
+        logger.warning(
+            "the frozen text encoder separates some captions poorly (min/median distance %.3f)",
+            stats["min_to_median_distance"],
+        )
     stats_file.write_text(json.dumps(stats, indent=1))
     return base, stats
 
 
 def stage_vae(out: Path, data: Path, plan: Plan, base: Path) -> Path:
-    export = _train("vae/quickstart.yaml", ["--method.name=vae", f"--data.path={data}", f"--data.resolution={plan.image_size}",
-                             f"--train.max_steps={plan.vae_steps}", f"--output_dir={out / 'vae'}"])
+    export = _train(
+        "vae/quickstart.yaml",
+        [
+            "--method.name=vae",
+            f"--data.path={data}",
+            f"--data.resolution={plan.image_size}",
+            f"--train.max_steps={plan.vae_steps}",
+            f"--output_dir={out / 'vae'}",
+        ],
+    )
     if not (base / "vae" / "config.json").is_file():
         # The base folder (text encoder, tokenizer, scheduler from stage_text) gets the trained VAE, so
         # the U-ViT stage and its exported pipeline read everything from one place.
@@ -145,18 +177,36 @@ def stage_vae(out: Path, data: Path, plan: Plan, base: Path) -> Path:
 
 
 def stage_teacher(out: Path, data: Path, plan: Plan, base: Path) -> Path:
-    return _train("uvit/quickstart.yaml", ["--method.name=uvit", f"--model.pretrained={base}", f"--data.path={data}",
-                           f"--data.resolution={plan.image_size}", "--data.cache=true",
-                           f"--data.cache_dir={out / 'cache'}", f"--train.max_steps={plan.teacher_steps}",
-                           f"--output_dir={out / 'teacher'}"])
+    return _train(
+        "uvit/quickstart.yaml",
+        [
+            "--method.name=uvit",
+            f"--model.pretrained={base}",
+            f"--data.path={data}",
+            f"--data.resolution={plan.image_size}",
+            "--data.cache=true",
+            f"--data.cache_dir={out / 'cache'}",
+            f"--train.max_steps={plan.teacher_steps}",
+            f"--output_dir={out / 'teacher'}",
+        ],
+    )
 
 
 def stage_distill(out: Path, data: Path, plan: Plan, teacher: Path, lcd: bool) -> Path:
     method = _method(lcd)
-    return _train(f"{method}/quickstart.yaml", [
-        f"--method.name={method}", f"--model.pretrained={teacher}", f"--data.path={data}",
-        f"--data.resolution={plan.image_size}", "--data.cache=true", f"--data.cache_dir={out / 'cache'}",
-        f"--train.max_steps={plan.distill_steps}", f"--output_dir={out / method}"])
+    return _train(
+        f"{method}/quickstart.yaml",
+        [
+            f"--method.name={method}",
+            f"--model.pretrained={teacher}",
+            f"--data.path={data}",
+            f"--data.resolution={plan.image_size}",
+            "--data.cache=true",
+            f"--data.cache_dir={out / 'cache'}",
+            f"--train.max_steps={plan.distill_steps}",
+            f"--output_dir={out / method}",
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,13 +247,16 @@ def _distances_to(ref_dir: Path, sets: dict[str, Path], n: int) -> dict[str, dic
     out = {}
     for name, folder in sets.items():
         pixels, feats = load(folder)
-        out[name] = {"rms": float(np.sqrt(((pixels - ref_pixels) ** 2).mean())),
-                     "fd": frechet_distance(feats, ref_feats)}
+        out[name] = {
+            "rms": float(np.sqrt(((pixels - ref_pixels) ** 2).mean())),
+            "fd": frechet_distance(feats, ref_feats),
+        }
     return out
 
 
-def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: bool, data: Path, shapes: bool,
-                   seed: int) -> dict[str, Any]:
+def stage_evaluate(
+    out: Path, plan: Plan, teacher: Path, student: Path, lcd: bool, data: Path, shapes: bool, seed: int
+) -> dict[str, Any]:
     from ldmkit.data.synth import heldout_prompts
     from ldmkit.eval.evaluate import evaluate_pipeline, read_data, read_images
     from ldmkit.generate import load_pipeline, set_scheduler
@@ -224,14 +277,23 @@ def stage_evaluate(out: Path, plan: Plan, teacher: Path, student: Path, lcd: boo
     teacher_pipe = load_pipeline(teacher)
     set_scheduler(teacher_pipe, "ddim")
     runs: dict[str, Any] = {}
-    runs["teacher_ddim"] = evaluate_pipeline(teacher_pipe, prompts, sorted({4, plan.teacher_steps_full}),
-                                             guidance=plan.teacher_guidance, out_dir=ev / "teacher_ddim", **common)
+    runs["teacher_ddim"] = evaluate_pipeline(
+        teacher_pipe,
+        prompts,
+        sorted({4, plan.teacher_steps_full}),
+        guidance=plan.teacher_guidance,
+        out_dir=ev / "teacher_ddim",
+        **common,
+    )
     student_pipe = _load_student(student, teacher, lcd)
-    runs["lcm"] = evaluate_pipeline(student_pipe, prompts, list(plan.lcm_steps),
-                                    guidance=_student_guidance(lcd, plan), out_dir=ev / "lcm", **common)
+    runs["lcm"] = evaluate_pipeline(
+        student_pipe, prompts, list(plan.lcm_steps), guidance=_student_guidance(lcd, plan), out_dir=ev / "lcm", **common
+    )
 
-    sets = {"teacher_4": ev / "teacher_ddim" / "steps-4",
-            **{f"lcm_{s}": ev / "lcm" / f"steps-{s}" for s in plan.lcm_steps}}
+    sets = {
+        "teacher_4": ev / "teacher_ddim" / "steps-4",
+        **{f"lcm_{s}": ev / "lcm" / f"steps-{s}" for s in plan.lcm_steps},
+    }
     distances = _distances_to(ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}", sets, len(prompts))
     results = {"prompts": prompts, "runs": runs, "distance_to_teacher_50": distances}
     result_file.write_text(json.dumps(results, indent=1))
@@ -279,10 +341,13 @@ def summarise(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
 
     def put(name: str, s: dict[str, Any]) -> None:
         figures[name] = {
-            "steps": s["steps"], "seconds_per_image": s["seconds_per_image"],
+            "steps": s["steps"],
+            "seconds_per_image": s["seconds_per_image"],
             "unet_evals_per_image": s["unet_evals_per_image"],
             "adherence": s["adherence"]["all"] if s.get("adherence") else None,
-            "adherence_per_attribute": s.get("adherence"), "fd": s.get("fd"), "kid": s.get("kid"),
+            "adherence_per_attribute": s.get("adherence"),
+            "fd": s.get("fd"),
+            "kid": s.get("kid"),
         }
 
     put("teacher_50", t50)
@@ -305,8 +370,10 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], pla
     from ldmkit.eval.plot import line_chart
 
     ev = _eval_dir(out, report["method"] == "lcd")
-    rows = [("teacher 50 steps (DDIM, guided)", ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}"),
-            ("teacher 4 steps (DDIM, guided)", ev / "teacher_ddim" / "steps-4")]
+    rows = [
+        ("teacher 50 steps (DDIM, guided)", ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}"),
+        ("teacher 4 steps (DDIM, guided)", ev / "teacher_ddim" / "steps-4"),
+    ]
     rows += [(f"LCM {s} step{'s' if s > 1 else ''}", ev / "lcm" / f"steps-{s}") for s in plan.lcm_steps]
     cols = min(8, len(results["prompts"]))
     first = Image.open(rows[0][1] / "00000.png")
@@ -337,12 +404,18 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], pla
     teacher_pts = [(figs[n]["steps"], figs[n][quality_key]) for n in ("teacher_4", "teacher_50")]
     lcm_pts = [(figs[f"lcm_{s}"]["steps"], figs[f"lcm_{s}"][quality_key]) for s in plan.lcm_steps]
     y_range = (0.0, 1.0) if quality_key == "adherence" else None
-    chart_steps = line_chart({"teacher (DDIM)": teacher_pts, "LCM": lcm_pts}, f"{quality_key} vs steps",
-                             y_range=y_range)
-    teacher_t = [(round(figs[n]["seconds_per_image"] * 1000), figs[n][quality_key]) for n in ("teacher_4", "teacher_50")]
-    lcm_t = [(round(figs[f"lcm_{s}"]["seconds_per_image"] * 1000), figs[f"lcm_{s}"][quality_key]) for s in plan.lcm_steps]
-    chart_time = line_chart({"teacher (DDIM)": teacher_t, "LCM": lcm_t},
-                            f"{quality_key} vs milliseconds per image", y_range=y_range)
+    chart_steps = line_chart(
+        {"teacher (DDIM)": teacher_pts, "LCM": lcm_pts}, f"{quality_key} vs steps", y_range=y_range
+    )
+    teacher_t = [
+        (round(figs[n]["seconds_per_image"] * 1000), figs[n][quality_key]) for n in ("teacher_4", "teacher_50")
+    ]
+    lcm_t = [
+        (round(figs[f"lcm_{s}"]["seconds_per_image"] * 1000), figs[f"lcm_{s}"][quality_key]) for s in plan.lcm_steps
+    ]
+    chart_time = line_chart(
+        {"teacher (DDIM)": teacher_t, "LCM": lcm_t}, f"{quality_key} vs milliseconds per image", y_range=y_range
+    )
     plot = Image.new("RGB", (chart_steps.width + chart_time.width, max(chart_steps.height, chart_time.height)), "white")
     plot.paste(chart_steps, (0, 0))
     plot.paste(chart_time, (chart_steps.width, 0))
@@ -353,18 +426,24 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], pla
 
     table = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{figs[n]['steps']}</td><td>{cell(figs[n]['adherence'])}</td>"
-        + "".join(f"<td>{cell((figs[n]['adherence_per_attribute'] or {}).get(a))}</td>" for a in ("color", "shape", "size", "position"))
+        + "".join(
+            f"<td>{cell((figs[n]['adherence_per_attribute'] or {}).get(a))}</td>"
+            for a in ("color", "shape", "size", "position")
+        )
         + f"<td>{cell(figs[n].get('rms_to_teacher_50'))}</td><td>{cell(figs[n].get('fd_to_teacher_50'), '{:.3f}')}</td>"
         f"<td>{cell(figs[n]['fd'], '{:.2f}')}</td><td>{cell(figs[n]['kid'], '{:.4f}')}</td>"
         f"<td>{cell(figs[n]['seconds_per_image'] * 1000, '{:.1f}')}</td><td>{cell(figs[n]['unet_evals_per_image'], '{:.0f}')}</td></tr>"
-        for n in names)
-    stages = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in report["exports"].items())
+        for n in names
+    )
+    stages = "".join(
+        f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in report["exports"].items()
+    )
     text = report.get("text_separation", {})
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>ldmkit quickstart</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
 <h1>ldmkit quickstart report</h1>
-<p>{'Quick run' if report['quick'] else 'Full run'}, {report['method']} distillation, {len(results['prompts'])} held-out prompts, same seeds for every setting.
-Total time {report['seconds_total'] / 60:.1f} min.</p>
+<p>{"Quick run" if report["quick"] else "Full run"}, {report["method"]} distillation, {len(results["prompts"])} held-out prompts, same seeds for every setting.
+Total time {report["seconds_total"] / 60:.1f} min.</p>
 <h2>Samples</h2><p>Same prompts and initial noise in every column.</p><img src="grids.png">
 <h2>Quality against steps and time</h2><img src="quality.png">
 <h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher 50</th><th>FD to teacher 50</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
@@ -372,12 +451,12 @@ Total time {report['seconds_total'] / 60:.1f} min.</p>
 RMS to teacher 50: root-mean-square pixel difference to the teacher's 50-step image from the same noise
 (per image; a multistep LCM re-noises between steps, so it leaves the teacher's path: read the 1-step row).
 FD to teacher 50: Fréchet distance of the whole image set to the teacher's 50-step set (distribution level).
-FD / KID to data: to {report['plan']['reference_images']} training images. Features: {html.escape(str(report.get('feature_net')))}
+FD / KID to data: to {report["plan"]["reference_images"]} training images. Features: {html.escape(str(report.get("feature_net")))}
 (a fixed random conv net, comparable only within ldmkit).
-LCM 4 steps reaches {cell(figs.get('lcm4_over_teacher50_adherence'), '{:.0%}')} of the teacher's 50-step adherence and is
-{cell(figs.get('lcm4_speedup_over_teacher50'), '{:.1f}')}x faster per image.</p>
+LCM 4 steps reaches {cell(figs.get("lcm4_over_teacher50_adherence"), "{:.0%}")} of the teacher's 50-step adherence and is
+{cell(figs.get("lcm4_speedup_over_teacher50"), "{:.1f}")}x faster per image.</p>
 <h2>Text conditioning</h2><pre>{html.escape(json.dumps(text, indent=1))}</pre>
-<h2>Stages</h2><ul>{stages}</ul><pre>{html.escape(json.dumps(report['stage_seconds'], indent=1))}</pre>
+<h2>Stages</h2><ul>{stages}</ul><pre>{html.escape(json.dumps(report["stage_seconds"], indent=1))}</pre>
 </body></html>"""
     (out / "report.html").write_text(doc)
 
@@ -385,8 +464,9 @@ LCM 4 steps reaches {cell(figs.get('lcm4_over_teacher50_adherence'), '{:.0%}')} 
 # ----------------------------------------------------------------------------------------------------
 
 
-def quickstart(out: str | Path = "quickstart", quick: bool = False, lcd: bool = False, data: str | None = None,
-               seed: int = 0) -> dict[str, Any]:
+def quickstart(
+    out: str | Path = "quickstart", quick: bool = False, lcd: bool = False, data: str | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the report dict written to report.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -409,9 +489,16 @@ def quickstart(out: str | Path = "quickstart", quick: bool = False, lcd: bool = 
     shapes = data is None or is_shapes_data(data_dir)
     results = timed("evaluate", stage_evaluate, out, plan, teacher, student, lcd, data_dir, shapes, seed)
     report = {
-        "quick": quick, "method": _method(lcd), "plan": asdict(plan),
-        "exports": {"data": str(data_dir), "base": str(base), "vae": str(vae), "teacher": str(teacher),
-                    "distilled": str(student)},
+        "quick": quick,
+        "method": _method(lcd),
+        "plan": asdict(plan),
+        "exports": {
+            "data": str(data_dir),
+            "base": str(base),
+            "vae": str(vae),
+            "teacher": str(teacher),
+            "distilled": str(student),
+        },
         "text_separation": text_stats,
         "feature_net": results["runs"]["teacher_ddim"].get("feature_net"),
         "stage_seconds": times,
@@ -425,9 +512,19 @@ def quickstart(out: str | Path = "quickstart", quick: bool = False, lcd: bool = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="quickstart", help="Folder of every stage's output and the report.")
-    parser.add_argument("--quick", action="store_true", help="A ~3-minute version (fewer images and steps) for CI and a first look.")
-    parser.add_argument("--lcd", action="store_true", help="Distill a full LCD student (guidance embedding, EMA target) instead of an LCM-LoRA.")
-    parser.add_argument("--data", default=None, help="Your own image-caption data (any ldmkit data source) instead of the synthetic shapes.")
+    parser.add_argument(
+        "--quick", action="store_true", help="A ~3-minute version (fewer images and steps) for CI and a first look."
+    )
+    parser.add_argument(
+        "--lcd",
+        action="store_true",
+        help="Distill a full LCD student (guidance embedding, EMA target) instead of an LCM-LoRA.",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="Your own image-caption data (any ldmkit data source) instead of the synthetic shapes.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of data synthesis, training and evaluation.")
 
 

@@ -36,8 +36,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -102,7 +103,7 @@ def _stat(path: str) -> list[Any]:
     return [path, st.st_size, st.st_mtime_ns]
 
 
-def cache_key(dataset: Any, encoders: Encoders, cfg: "DataConfig", shard_size: int) -> dict[str, Any]:
+def cache_key(dataset: Any, encoders: Encoders, cfg: DataConfig, shard_size: int) -> dict[str, Any]:
     """What a cache depends on; hashed into its folder name."""
     return {
         "version": CACHE_VERSION,
@@ -152,7 +153,7 @@ class _ShardWriter:
         self.unreadable = 0
         self.flips = (False, True) if transform.random_flip else (False,)
 
-    def add(self, raw: Optional[RawSample]) -> None:
+    def add(self, raw: RawSample | None) -> None:
         if raw is None:
             self.unreadable += 1
             return
@@ -188,14 +189,25 @@ class _ShardWriter:
             if self.moments[flip]:
                 tensors["moments" + suffix] = torch.cat(self.moments[flip])
             tensors["crop_top_left" + suffix] = torch.tensor(self.crops[flip], dtype=torch.int64).reshape(-1, 2)
-        meta = {"keys": json.dumps(self.keys), "captions": json.dumps(self.captions),
-                "unreadable": str(self.unreadable)}
+        meta = {
+            "keys": json.dumps(self.keys),
+            "captions": json.dumps(self.captions),
+            "unreadable": str(self.unreadable),
+        }
         _save_atomic(tensors, path, meta, tag)
         return len(self.keys)
 
 
-def build_cache(dataset: Any, encoders: Encoders, cache_root: str | Path, data_cfg: "DataConfig", *,
-                batch_size: int, accelerator: Any = None, shard_size: Optional[int] = None) -> "CacheDataset":
+def build_cache(
+    dataset: Any,
+    encoders: Encoders,
+    cache_root: str | Path,
+    data_cfg: DataConfig,
+    *,
+    batch_size: int,
+    accelerator: Any = None,
+    shard_size: int | None = None,
+) -> CacheDataset:
     """Build (or reuse) the cache of ``dataset`` and return it as a map-style dataset.
 
     ``dataset`` is any reader with ``files()`` and ``lazy_samples()`` (folder, filelist, wds).
@@ -245,8 +257,12 @@ def build_cache(dataset: Any, encoders: Encoders, cache_root: str | Path, data_c
             raise RuntimeError(f"cache {folder}: shards {missing[:5]} were not written")
         with torch.no_grad():
             _save_atomic(_encode_text(encoders, [""], 1), folder / "empty.safetensors", {}, "0")
-        index = {"version": CACHE_VERSION, "shards": [_shard_name(s) for s in range(num_shards)],
-                 "random_flip": data_cfg.random_flip, "resolution": data_cfg.resolution}
+        index = {
+            "version": CACHE_VERSION,
+            "shards": [_shard_name(s) for s in range(num_shards)],
+            "random_flip": data_cfg.random_flip,
+            "resolution": data_cfg.resolution,
+        }
         tmp = folder / "index.json.tmp"
         tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, folder / "index.json")
@@ -282,8 +298,9 @@ class CacheDataset(Dataset):
         self.starts = [0]
         for k in self.keys:
             self.starts.append(self.starts[-1] + len(k))
-        self.empty = {k.removeprefix("text."): v[0].float()
-                      for k, v in load_file(str(self.folder / "empty.safetensors")).items()}
+        self.empty = {
+            k.removeprefix("text."): v[0].float() for k, v in load_file(str(self.folder / "empty.safetensors")).items()
+        }
         self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -320,11 +337,13 @@ class CacheDataset(Dataset):
             for name in h.keys():
                 if name.startswith("text."):
                     sample[name.removeprefix("text.")] = h.get_slice(name)[row : row + 1][0].float()
-        sample.update({
-            "captions": caption,
-            "original_size": h.get_slice("original_size")[j : j + 1][0],
-            "crop_top_left": h.get_slice("crop_top_left" + suffix)[j : j + 1][0],
-            "seed": int(seed),
-            "key": self.keys[s][j],
-        })
+        sample.update(
+            {
+                "captions": caption,
+                "original_size": h.get_slice("original_size")[j : j + 1][0],
+                "crop_top_left": h.get_slice("crop_top_left" + suffix)[j : j + 1][0],
+                "seed": int(seed),
+                "key": self.keys[s][j],
+            }
+        )
         return sample

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -65,7 +65,9 @@ def scan_split(split_dir: Path) -> dict[int, int]:
     for i in ids:
         ks = contexts.get(i, [])
         if ks and max(ks) + 1 != len(ks):
-            raise UserError(f"{split_dir}: sample {i} has contexts {sorted(ks)}; expected {i}_0.npy .. {i}_{len(ks) - 1}.npy")
+            raise UserError(
+                f"{split_dir}: sample {i} has contexts {sorted(ks)}; expected {i}_0.npy .. {i}_{len(ks) - 1}.npy"
+            )
         counts[i] = len(ks)
     return counts
 
@@ -91,8 +93,13 @@ class FeatureDataset(Dataset):
     image readers (data/transforms.py), so the choice is reproducible on any number of processes.
     """
 
-    def __init__(self, path: str | Path, split: str = "train", proportion_empty_prompts: float = 0.0,
-                 max_samples: Optional[int] = None):
+    def __init__(
+        self,
+        path: str | Path,
+        split: str = "train",
+        proportion_empty_prompts: float = 0.0,
+        max_samples: int | None = None,
+    ):
         self.root = Path(path)
         self.split_dir = self.root / split
         if not self.split_dir.is_dir():
@@ -101,7 +108,9 @@ class FeatureDataset(Dataset):
         counts = scan_split(self.split_dir)
         missing = [i for i, k in counts.items() if k == 0]
         if missing:
-            raise UserError(f"{self.split_dir}: sample {min(missing)} (and {len(missing) - 1} more) has no {{i}}_{{k}}.npy context")
+            raise UserError(
+                f"{self.split_dir}: sample {min(missing)} (and {len(missing) - 1} more) has no {{i}}_{{k}}.npy context"
+            )
         self.ids = sorted(counts)[:max_samples]
         if not self.ids:
             raise UserError(f"no features ({{i}}.npy) in {self.split_dir}")
@@ -115,7 +124,7 @@ class FeatureDataset(Dataset):
         self.resolution = json.loads(meta.read_text()).get("resolution") if meta.is_file() else None
 
     @classmethod
-    def from_config(cls, cfg: "DataConfig", split: str = "train") -> "FeatureDataset":
+    def from_config(cls, cfg: DataConfig, split: str = "train") -> FeatureDataset:
         return cls(cfg.path, split, cfg.proportion_empty_prompts, cfg.max_samples)
 
     def __len__(self) -> int:

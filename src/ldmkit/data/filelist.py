@@ -68,7 +68,7 @@ def _line_offsets(path: Path) -> np.ndarray:
 class FileListDataset(ImageDataset):
     """Samples of a ``*.filelist.list`` (or a single ``*.filelist``); see the module docstring."""
 
-    def __init__(self, path: str | Path, cfg: "DataConfig"):
+    def __init__(self, path: str | Path, cfg: DataConfig):
         super().__init__(cfg, str(path))
         path = Path(path)
         if not path.is_file():

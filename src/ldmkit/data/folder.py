@@ -9,13 +9,19 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
 from ldmkit.data.transforms import (
-    DECODE_ERRORS, IMAGE_EXTENSIONS, RawSample, SampleBuilder, decode_image, split_captions,
+    DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    RawSample,
+    SampleBuilder,
+    decode_image,
+    split_captions,
 )
 from ldmkit.errors import UserError
 
@@ -34,7 +40,7 @@ class ImageDataset(Dataset):
     loader removes from the batch and adds to ``Loader.skipped``.
     """
 
-    def __init__(self, cfg: "DataConfig", path: str):
+    def __init__(self, cfg: DataConfig, path: str):
         self.path = path
         self.builder = SampleBuilder.from_config(cfg)
 
@@ -49,14 +55,14 @@ class ImageDataset(Dataset):
         """Every file the samples are read from (cache keys stat them)."""
         raise NotImplementedError
 
-    def try_load(self, index: int) -> Optional[RawSample]:
+    def try_load(self, index: int) -> RawSample | None:
         try:
             return self.load(index)
         except DECODE_ERRORS as e:
             logger.debug("unreadable sample %d of %s: %s", index, self.path, e)
             return None
 
-    def lazy_samples(self) -> Iterator[tuple[int, Callable[[], Optional[RawSample]]]]:
+    def lazy_samples(self) -> Iterator[tuple[int, Callable[[], RawSample | None]]]:
         """(position, load) for every sample in index order; load() decodes (None if unreadable).
 
         The cache builder iterates these and decodes only the positions it encodes.
@@ -87,9 +93,7 @@ class ImageDataset(Dataset):
 
 
 def _image_files(root: Path) -> list[Path]:
-    return sorted(
-        p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file()
-    )
+    return sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
 
 
 class FolderDataset(ImageDataset):
@@ -104,7 +108,7 @@ class FolderDataset(ImageDataset):
     (sidecars) or the order of metadata.jsonl.
     """
 
-    def __init__(self, root: str | Path, cfg: "DataConfig"):
+    def __init__(self, root: str | Path, cfg: DataConfig):
         super().__init__(cfg, str(root))
         self.root = Path(root)
         if not self.root.is_dir():
@@ -136,8 +140,9 @@ class FolderDataset(ImageDataset):
                     raise UserError(f"{self.metadata}:{lineno}: invalid JSON ({e.msg})") from None
                 for col in (image_column, caption_column):
                     if col not in row:
-                        raise UserError(f"{self.metadata}:{lineno}: no '{col}' field "
-                                        "(set data.image_column / data.caption_column)")
+                        raise UserError(
+                            f"{self.metadata}:{lineno}: no '{col}' field (set data.image_column / data.caption_column)"
+                        )
                 self.images.append(self.root / row[image_column])
                 self.captions.append(split_captions(row[caption_column]))
 

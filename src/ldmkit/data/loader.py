@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,8 +44,9 @@ def detect_format(path: str) -> str:
     return "folder"
 
 
-def open_dataset(cfg: "DataConfig", *, seed: int = 0, rank: int = 0, world_size: int = 1, batch_size: int = 1,
-                 start_batch: int = 0) -> Dataset:
+def open_dataset(
+    cfg: DataConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1, batch_size: int = 1, start_batch: int = 0
+) -> Dataset:
     """The reader for ``cfg.path``: map-style (folder, filelist, features) or streamed (wds).
 
     The keyword arguments only matter for WebDataset (its split and resume position).
@@ -61,8 +63,9 @@ def open_dataset(cfg: "DataConfig", *, seed: int = 0, rank: int = 0, world_size:
     if fmt == "wds":
         from ldmkit.data.wds import WdsDataset
 
-        return WdsDataset(cfg.path, cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
-                          start_batch=start_batch)
+        return WdsDataset(
+            cfg.path, cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch
+        )
     if fmt == "features":
         from ldmkit.data.features import FeatureDataset
 
@@ -101,20 +104,26 @@ class Loader:
     micro-batch index of the next batch).
     """
 
-    def __init__(self, dataloader: DataLoader, *, num_samples: Optional[int], batches_per_epoch: Optional[int],
-                 start_batch: int = 0):
+    def __init__(
+        self,
+        dataloader: DataLoader,
+        *,
+        num_samples: int | None,
+        batches_per_epoch: int | None,
+        start_batch: int = 0,
+    ):
         self.dataloader = dataloader
         self.num_samples = num_samples
         self.batches_per_epoch = batches_per_epoch
         self.position = start_batch
         self.skipped = 0
-        self._it: Optional[Iterator[dict[str, Any]]] = None
+        self._it: Iterator[dict[str, Any]] | None = None
 
     @property
     def epoch(self) -> int:
         return self.position // self.batches_per_epoch if self.batches_per_epoch else 0
 
-    def __iter__(self) -> "Loader":
+    def __iter__(self) -> Loader:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -147,8 +156,17 @@ class _Ranks:
         self.wait_for_everyone = PartialState().wait_for_everyone
 
 
-def build_loader(data_cfg: "DataConfig", *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0, encoders: Any = None, cache_root: Optional[str | Path] = None) -> Loader:
+def build_loader(
+    data_cfg: DataConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+    encoders: Any = None,
+    cache_root: str | Path | None = None,
+) -> Loader:
     """The training data of this rank from global micro-batch ``start_batch`` on.
 
     Map-style sources go through GlobalBatchSampler (1 process with batch B*W sees the same samples as W
@@ -156,22 +174,34 @@ def build_loader(data_cfg: "DataConfig", *, batch_size: int, seed: int, rank: in
     worker (data/wds.py). With ``data_cfg.cache`` and ``encoders``, the source is encoded once
     (data/cache.py) and batches carry ``latent_moments`` / ``prompt_embeds`` instead of pixels.
     """
-    dataset = open_dataset(data_cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
-                           start_batch=start_batch)
+    dataset = open_dataset(
+        data_cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch
+    )
     if data_cfg.cache and encoders is not None and hasattr(dataset, "lazy_samples"):
         from ldmkit.data.cache import build_cache
 
         root = cache_root or data_cfg.cache_dir
         if root is None:
             raise UserError("data.cache is true but no cache folder is known: set data.cache_dir")
-        dataset = build_cache(dataset, encoders, root, data_cfg, batch_size=data_cfg.encode_batch_size,
-                              accelerator=_Ranks(rank, world_size) if world_size > 1 else None)
+        dataset = build_cache(
+            dataset,
+            encoders,
+            root,
+            data_cfg,
+            batch_size=data_cfg.encode_batch_size,
+            accelerator=_Ranks(rank, world_size) if world_size > 1 else None,
+        )
     elif data_cfg.cache:
         logger.info("data.cache: nothing to encode (no encoders, or the source is already encoded)")
 
     workers = data_cfg.num_workers
-    common = dict(num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
-                  pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+    common = dict(
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+    )
     if isinstance(dataset, torch.utils.data.IterableDataset):
         num_samples = data_cfg.num_samples if data_cfg.num_samples is not None else dataset.count()
         if num_samples == 0:
@@ -187,8 +217,8 @@ def build_loader(data_cfg: "DataConfig", *, batch_size: int, seed: int, rank: in
     check = getattr(dataset, "first_readable", None)
     if check is not None:
         check()  # UserError when nothing is readable
-    sampler = GlobalBatchSampler(num_samples, batch_size, seed=seed, rank=rank, world_size=world_size,
-                                 start_batch=start_batch)
+    sampler = GlobalBatchSampler(
+        num_samples, batch_size, seed=seed, rank=rank, world_size=world_size, start_batch=start_batch
+    )
     loader = DataLoader(dataset, batch_sampler=sampler, **common)
-    return Loader(loader, num_samples=num_samples, batches_per_epoch=sampler.batches_per_epoch,
-                  start_batch=start_batch)
+    return Loader(loader, num_samples=num_samples, batches_per_epoch=sampler.batches_per_epoch, start_batch=start_batch)

@@ -16,8 +16,9 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,13 +41,13 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def prepare_features(
     encoders: Any,
-    samples: Iterator[tuple[int, Callable[[], Optional[RawSample]]]],
+    samples: Iterator[tuple[int, Callable[[], RawSample | None]]],
     out: str | Path,
     *,
     transform: ImageTransform,
     split: str = "train",
     batch_size: int = 32,
-    total: Optional[int] = None,
+    total: int | None = None,
 ) -> dict[str, int]:
     """Encode ``samples`` ((position, load) pairs of a data-layer reader's ``lazy_samples()``) with
     ``encoders`` (``encode_images`` / ``encode_prompts``, e.g. SDModels) into ``out``.
@@ -65,7 +66,9 @@ def prepare_features(
         pending: list[tuple[int, RawSample]] = []
 
         def flush() -> None:
-            pixels = torch.stack([transform(raw.image, Draws.from_seed(0), flip=False).pixel_values for _, raw in pending])
+            pixels = torch.stack(
+                [transform(raw.image, Draws.from_seed(0), flip=False).pixel_values for _, raw in pending]
+            )
             moments = encoders.encode_images(pixels).float().cpu().numpy()  # (B, 2C, h, w)
             texts = [c for _, raw in pending for c in raw.captions]
             contexts = encoders.encode_prompts(texts)["prompt_embeds"].float().cpu().numpy()  # (sum K, L, D)
@@ -100,17 +103,29 @@ def prepare_features(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Diffusers folder with vae/, text_encoder/, tokenizer/ (e.g. SD1.5).")
-    parser.add_argument("--data", required=True, help="Image folder, metadata.jsonl folder, WebDataset shards or a *.filelist.list.")
+    parser.add_argument(
+        "--model", required=True, help="Diffusers folder with vae/, text_encoder/, tokenizer/ (e.g. SD1.5)."
+    )
+    parser.add_argument(
+        "--data", required=True, help="Image folder, metadata.jsonl folder, WebDataset shards or a *.filelist.list."
+    )
     parser.add_argument("--out", required=True, help="Feature folder to write (train/, val/, empty_context.npy).")
-    parser.add_argument("--resolution", type=int, default=256, help="Square size the images are resized and centre-cropped to.")
+    parser.add_argument(
+        "--resolution", type=int, default=256, help="Square size the images are resized and centre-cropped to."
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="Images per VAE / text-encoder batch.")
     parser.add_argument("--split", choices=["train", "val"], default="train", help="Split folder to write.")
-    parser.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"], default="bicubic",
-                        help="Resize filter (the original extraction resizes with bicubic).")
+    parser.add_argument(
+        "--interpolation",
+        choices=["nearest", "bilinear", "bicubic", "lanczos"],
+        default="bicubic",
+        help="Resize filter (the original extraction resizes with bicubic).",
+    )
     parser.add_argument("--caption-column", default="text", help="Caption field of metadata.jsonl / WebDataset json.")
     parser.add_argument("--max-samples", type=int, default=None, help="Encode only the first N samples.")
-    parser.add_argument("--device", default=None, help="Device for the encoders (default: cuda if available, else cpu).")
+    parser.add_argument(
+        "--device", default=None, help="Device for the encoders (default: cuda if available, else cpu)."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,9 +135,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.resolution < 8:
         raise UserError("--batch-size must be >= 1 and --resolution >= 8")
-    cfg = DataConfig(path=args.data, resolution=args.resolution, center_crop=True, random_flip=False,
-                     interpolation=args.interpolation, caption_column=args.caption_column,
-                     max_samples=args.max_samples, allow_shell=False)
+    cfg = DataConfig(
+        path=args.data,
+        resolution=args.resolution,
+        center_crop=True,
+        random_flip=False,
+        interpolation=args.interpolation,
+        caption_column=args.caption_column,
+        max_samples=args.max_samples,
+        allow_shell=False,
+    )
     if detect_format(args.data) == "features":
         raise UserError(f"--data {args.data} is already a feature folder")
     dataset = open_dataset(cfg)
@@ -132,20 +154,35 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("prepare features needs a single-text-encoder (SD1.x-style) model, got SDXL")
     models.vae_batch_size = args.batch_size
     # A resumed or second-split run must use the same encoders and resolution as the files already there.
-    meta = {"resolution": args.resolution, "fingerprint": models.fingerprint(), "model": str(Path(args.model).resolve()),
-            "scaling_factor": models.vae_scale}
+    meta = {
+        "resolution": args.resolution,
+        "fingerprint": models.fingerprint(),
+        "model": str(Path(args.model).resolve()),
+        "scaling_factor": models.vae_scale,
+    }
     meta_path = Path(args.out) / META_FILE
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         for key in ("resolution", "fingerprint"):
             if old.get(key) != meta[key]:
-                raise UserError(f"{args.out} holds features with another {key} ({old.get(key)} vs {meta[key]}); use a new --out")
+                raise UserError(
+                    f"{args.out} holds features with another {key} ({old.get(key)} vs {meta[key]}); use a new --out"
+                )
     else:
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     total = len(dataset) if hasattr(dataset, "__len__") else None
-    counts = prepare_features(models, dataset.lazy_samples(), args.out, transform=ImageTransform.from_config(cfg),
-                              split=args.split, batch_size=args.batch_size, total=total)
-    print(f"{args.out}/{args.split}: {counts['written']} written, {counts['skipped']} already there, "
-          f"{counts['unreadable']} unreadable")
+    counts = prepare_features(
+        models,
+        dataset.lazy_samples(),
+        args.out,
+        transform=ImageTransform.from_config(cfg),
+        split=args.split,
+        batch_size=args.batch_size,
+        total=total,
+    )
+    print(
+        f"{args.out}/{args.split}: {counts['written']} written, {counts['skipped']} already there, "
+        f"{counts['unreadable']} unreadable"
+    )
     return 0

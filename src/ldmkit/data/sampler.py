@@ -14,7 +14,7 @@ touching any data.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -25,8 +25,9 @@ from ldmkit.train.rng import sample_seed
 class GlobalBatchSampler:
     """Infinite iterator of this rank's micro-batches: lists of (index, sample seed)."""
 
-    def __init__(self, num_samples: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0):
+    def __init__(
+        self, num_samples: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed

@@ -75,7 +75,9 @@ def _check(attrs: dict[str, Any]) -> None:
             raise UserError(f"shape attribute {key}={attrs.get(key)!r} is not one of {', '.join(vocab)}")
 
 
-def coverage(shape: str, cx: Any, cy: Any, r: Any, height: int, width: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
+def coverage(
+    shape: str, cx: Any, cy: Any, r: Any, height: int, width: int, supersample: int = SUPERSAMPLE
+) -> np.ndarray:
     """(..., height, width) fraction of each pixel inside the shape; centre and radius in pixels.
 
     ``cx, cy, r`` may be arrays (broadcast together) to render a batch of templates at once.
@@ -180,8 +182,9 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_dataset(out: str | Path, num: int, fmt: str = "folder", size: int = 32, seed: int = 0,
-                  shard_size: int = 1000) -> list[Path]:
+def write_dataset(
+    out: str | Path, num: int, fmt: str = "folder", size: int = 32, seed: int = 0, shard_size: int = 1000
+) -> list[Path]:
     """Write ``num`` samples to ``out`` and return the written image files (folder) or shards (wds).
 
     folder: ``NNNNN.png`` + ``NNNNN.txt`` + ``metadata.jsonl`` (``file_name``, ``text`` and the attributes),
@@ -232,8 +235,12 @@ def write_dataset(out: str | Path, num: int, fmt: str = "folder", size: int = 32
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output folder (created; must be empty or absent).")
     parser.add_argument("--num", type=int, required=True, help="Number of samples.")
-    parser.add_argument("--format", choices=("folder", "wds"), default="folder",
-                        help="folder: NNNNN.png + .txt + metadata.jsonl; wds: WebDataset tar shards (png, txt, json).")
+    parser.add_argument(
+        "--format",
+        choices=("folder", "wds"),
+        default="folder",
+        help="folder: NNNNN.png + .txt + metadata.jsonl; wds: WebDataset tar shards (png, txt, json).",
+    )
     parser.add_argument("--size", type=int, default=32, help="Image side in pixels (square).")
     parser.add_argument("--seed", type=int, default=0, help="Seed; sample i depends only on (seed, i).")
     parser.add_argument("--shard-size", type=int, default=1000, help="Samples per WebDataset shard.")

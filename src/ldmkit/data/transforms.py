@@ -25,7 +25,7 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class Draws:
     drop: float
 
     @classmethod
-    def from_seed(cls, seed: int) -> "Draws":
+    def from_seed(cls, seed: int) -> Draws:
         r = random.Random(seed)
         return cls(r.random(), r.random(), r.random(), r.random(), r.random())
 
@@ -80,7 +80,7 @@ class Transformed:
     flipped: bool
 
 
-def decode_image(source: Union[bytes, str, Path]) -> Image.Image:
+def decode_image(source: bytes | str | Path) -> Image.Image:
     """Fully decoded RGB image (EXIF orientation applied); raises one of DECODE_ERRORS when broken."""
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(fp) as im:
@@ -112,7 +112,7 @@ class ImageTransform:
     interpolation: str = "bilinear"
 
     @classmethod
-    def from_config(cls, cfg: "DataConfig") -> "ImageTransform":
+    def from_config(cls, cfg: DataConfig) -> ImageTransform:
         return cls(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.interpolation)
 
     def resize(self, image: Image.Image) -> Image.Image:
@@ -163,7 +163,7 @@ class SampleBuilder:
         self.proportion_empty_prompts = proportion_empty_prompts
 
     @classmethod
-    def from_config(cls, cfg: "DataConfig") -> "SampleBuilder":
+    def from_config(cls, cfg: DataConfig) -> SampleBuilder:
         return cls(ImageTransform.from_config(cfg), cfg.proportion_empty_prompts)
 
     def __call__(self, raw: RawSample, seed: int) -> dict[str, Any]:

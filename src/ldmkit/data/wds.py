@@ -32,15 +32,21 @@ import json
 import logging
 import random
 import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import IO, TYPE_CHECKING, Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ldmkit.data.transforms import (
-    DECODE_ERRORS, IMAGE_EXTENSIONS, RawSample, SampleBuilder, decode_image, split_captions,
+    DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    RawSample,
+    SampleBuilder,
+    decode_image,
+    split_captions,
 )
 from ldmkit.errors import UserError
 from ldmkit.train.rng import sample_seed
@@ -65,8 +71,9 @@ def expand_shards(path: str, allow_shell: bool = False) -> list[str]:
     if not urls:
         raise UserError(f"no WebDataset shards (*.tar) at {path}")
     if any(u.startswith("pipe:") for u in urls) and not allow_shell:
-        raise UserError(f"data.path {path} is a 'pipe:' URL, which runs a shell command; "
-                        "set data.allow_shell: true to allow it")
+        raise UserError(
+            f"data.path {path} is a 'pipe:' URL, which runs a shell command; set data.allow_shell: true to allow it"
+        )
     for u in urls:
         if not _is_url(u) and not u.startswith("pipe:") and not Path(u.removeprefix("file://")).is_file():
             raise UserError(f"WebDataset shard {u} does not exist")
@@ -150,8 +157,17 @@ def decode_sample(raw: dict[str, Any], caption_column: str = "text") -> RawSampl
 class WdsDataset(IterableDataset):
     """Infinite stream of batch-contract samples of this rank's share; see the module docstring."""
 
-    def __init__(self, path: str, cfg: "DataConfig", *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1, start_batch: int = 0):
+    def __init__(
+        self,
+        path: str,
+        cfg: DataConfig,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        start_batch: int = 0,
+    ):
         self.path = path
         self.urls = expand_shards(path, cfg.allow_shell)
         self.builder = SampleBuilder.from_config(cfg)
@@ -197,12 +213,16 @@ class WdsDataset(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def iter_unit(self, unit: int, num_units: int, skip: int = 0,
-                  epochs: Optional[int] = None) -> Iterator[dict[str, Any]]:
+    def iter_unit(
+        self, unit: int, num_units: int, skip: int = 0, epochs: int | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Samples of one unit: forever (or ``epochs`` epochs), after skipping ``skip`` of them."""
         if len(self.urls) < num_units or self.max_samples is not None:
-            logger.info("%d shards for %d loader units: every unit reads all shards and keeps its share",
-                        len(self.urls), num_units)
+            logger.info(
+                "%d shards for %d loader units: every unit reads all shards and keeps its share",
+                len(self.urls),
+                num_units,
+            )
         epoch, unreadable = 0, 0
         while epochs is None or epoch < epochs:
             rng = random.Random(sample_seed(self.seed, "shuffle", epoch, unit))
@@ -221,8 +241,10 @@ class WdsDataset(IterableDataset):
                 yielded += 1
                 yield sample
             if not yielded and not skipping:
-                raise UserError(f"no readable samples for loader unit {unit} of {num_units} in {self.path} "
-                                "(fewer samples than processes x workers, or unreadable shards)")
+                raise UserError(
+                    f"no readable samples for loader unit {unit} of {num_units} in {self.path} "
+                    "(fewer samples than processes x workers, or unreadable shards)"
+                )
             epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -230,10 +252,11 @@ class WdsDataset(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         role = (worker + self.start_batch) % workers
         batches_before = max(0, -(-(self.start_batch - role) // workers))
-        return self.iter_unit(self.rank * workers + role, self.world_size * workers,
-                              skip=batches_before * self.batch_size)
+        return self.iter_unit(
+            self.rank * workers + role, self.world_size * workers, skip=batches_before * self.batch_size
+        )
 
-    def lazy_samples(self) -> Iterator[tuple[int, Callable[[], Optional[RawSample]]]]:
+    def lazy_samples(self) -> Iterator[tuple[int, Callable[[], RawSample | None]]]:
         """(position, load) for all samples in shard order (no shuffle, no split); load() decodes,
         None if unreadable. Positions not loaded are read but never decoded (cache building)."""
         position = 0
@@ -244,7 +267,7 @@ class WdsDataset(IterableDataset):
                 yield position, functools.partial(self._try_decode, raw)
                 position += 1
 
-    def _try_decode(self, raw: dict[str, Any]) -> Optional[RawSample]:
+    def _try_decode(self, raw: dict[str, Any]) -> RawSample | None:
         try:
             return decode_sample(raw, self.caption_column)
         except DECODE_ERRORS as e:

@@ -25,8 +25,9 @@ import inspect
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -44,7 +45,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_steps(text: str) -> list[int]:
-    """"1,2,4,8" -> [1, 2, 4, 8]; UserError on anything but positive integers."""
+    """ "1,2,4,8" -> [1, 2, 4, 8]; UserError on anything but positive integers."""
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError as e:
@@ -73,14 +74,18 @@ class EvalCounter:
         self._handle = None
 
     def _hook(self, module, args, kwargs) -> None:
-        sample = args[0] if args else next(
-            (kwargs[k] for k in ("sample", "hidden_states", "x") if k in kwargs),
-            next(v for v in kwargs.values() if isinstance(v, torch.Tensor)),
+        sample = (
+            args[0]
+            if args
+            else next(
+                (kwargs[k] for k in ("sample", "hidden_states", "x") if k in kwargs),
+                next(v for v in kwargs.values() if isinstance(v, torch.Tensor)),
+            )
         )
         self.calls += 1
         self.rows += int(sample.shape[0])
 
-    def __enter__(self) -> "EvalCounter":
+    def __enter__(self) -> EvalCounter:
         self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
@@ -88,8 +93,17 @@ class EvalCounter:
         self._handle.remove()
 
 
-def generate_batched(pipe, prompts: Sequence[str], steps: int, guidance: float | None, seed: int, *,
-                     batch_size: int = 8, height: int | None = None, width: int | None = None) -> tuple[list[Image.Image], int]:
+def generate_batched(
+    pipe,
+    prompts: Sequence[str],
+    steps: int,
+    guidance: float | None,
+    seed: int,
+    *,
+    batch_size: int = 8,
+    height: int | None = None,
+    width: int | None = None,
+) -> tuple[list[Image.Image], int]:
     """PIL images for ``prompts`` (image i from a CPU generator seeded ``seed + i``) and the number of pipeline calls."""
     accepted = inspect.signature(pipe.__call__).parameters
     images: list[Image.Image] = []
@@ -97,8 +111,15 @@ def generate_batched(pipe, prompts: Sequence[str], steps: int, guidance: float |
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         gens = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
-        kwargs: dict[str, Any] = dict(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance,
-                                      generator=gens, height=height, width=width, output_type="pil")
+        kwargs: dict[str, Any] = dict(
+            prompt=chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            height=height,
+            width=width,
+            output_type="pil",
+        )
         # Only what this pipeline takes; None means "the pipeline's default".
         kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
         images += pipe(**kwargs).images
@@ -125,8 +146,13 @@ class ClipScorer:
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str], batch_size: int = 32) -> float:
         scores = []
         for i in range(0, len(images), batch_size):
-            inputs = self.processor(text=list(prompts[i : i + batch_size]), images=list(images[i : i + batch_size]),
-                                    return_tensors="pt", padding=True, truncation=True).to(self.device)
+            inputs = self.processor(
+                text=list(prompts[i : i + batch_size]),
+                images=list(images[i : i + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+            ).to(self.device)
             out = self.model(**inputs)
             img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)  # (B, D)
             txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)  # (B, D)
@@ -141,7 +167,9 @@ def _match_size(images: Sequence[Image.Image], size: tuple[int, int]) -> list[Im
         im = im.convert("RGB")
         if im.size != size:
             scale = max(size[0] / im.width, size[1] / im.height)
-            im = im.resize((max(size[0], round(im.width * scale)), max(size[1], round(im.height * scale))), Image.BICUBIC)
+            im = im.resize(
+                (max(size[0], round(im.width * scale)), max(size[1], round(im.height * scale))), Image.BICUBIC
+            )
             left, top = (im.width - size[0]) // 2, (im.height - size[1]) // 2
             im = im.crop((left, top, left + size[0], top + size[1]))
         out.append(im)
@@ -205,15 +233,24 @@ def evaluate_pipeline(
     counter_module = denoiser(pipe)
     if warmup:
         # A full batch, so first-call allocations do not land in the first timed setting.
-        generate_batched(pipe, prompts[:batch_size], min(steps_list), guidance, seed, batch_size=batch_size,
-                         height=height, width=width)
+        generate_batched(
+            pipe,
+            prompts[:batch_size],
+            min(steps_list),
+            guidance,
+            seed,
+            batch_size=batch_size,
+            height=height,
+            width=width,
+        )
 
     settings = []
     for steps in steps_list:
         with EvalCounter(counter_module) as counter:
             t0 = time.perf_counter()
-            images, pipe_calls = generate_batched(pipe, prompts, steps, guidance, seed, batch_size=batch_size,
-                                                  height=height, width=width)
+            images, pipe_calls = generate_batched(
+                pipe, prompts, steps, guidance, seed, batch_size=batch_size, height=height, width=width
+            )
             seconds = time.perf_counter() - t0
         n = len(images)
         result: dict[str, Any] = {
@@ -236,10 +273,15 @@ def evaluate_pipeline(
             feats = feature_extractor(_match_size(images, images[0].size))
             result["fd"] = frechet_distance(feats, ref_feats)
             result["kid"], result["kid_std"] = kernel_inception_distance(
-                feats, ref_feats, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
-        logger.info("steps %d: %.3f s/image, %.1f evals/image%s", steps, result["seconds_per_image"],
-                    result["unet_evals_per_image"],
-                    f", adherence {result['adherence']['all']:.3f}" if result["adherence"] else "")
+                feats, ref_feats, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+            )
+        logger.info(
+            "steps %d: %.3f s/image, %.1f evals/image%s",
+            steps,
+            result["seconds_per_image"],
+            result["unet_evals_per_image"],
+            f", adherence {result['adherence']['all']:.3f}" if result["adherence"] else "",
+        )
         if out is not None:
             image_grid(images[:16]).save(out / f"grid-steps-{steps}.png")
             if save_images:
@@ -312,33 +354,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
     add("--lora", default=None, help="LoRA file or folder to load on top (e.g. an LCM-LoRA).")
-    add("--no-fuse-lora", action="store_true",
+    add(
+        "--no-fuse-lora",
+        action="store_true",
         help="Keep the LoRA as separate peft layers; default: fuse it into the weights (what merge-lora saves), so "
-             "speed figures measure the model rather than the unfused adapter's extra matmuls.")
+        "speed figures measure the model rather than the unfused adapter's extra matmuls.",
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", default=None, help="Text file with one prompt per line.")
-    src.add_argument("--data", default=None,
-                     help="Dataset (folder, WebDataset shards, file list): its captions are the prompts and its "
-                          "images the FD/KID reference.")
-    src.add_argument("--shapes", action="store_true", help="Held-out synthetic-shapes prompts (ldmkit data synth vocabulary).")
+    src.add_argument(
+        "--data",
+        default=None,
+        help="Dataset (folder, WebDataset shards, file list): its captions are the prompts and its "
+        "images the FD/KID reference.",
+    )
+    src.add_argument(
+        "--shapes", action="store_true", help="Held-out synthetic-shapes prompts (ldmkit data synth vocabulary)."
+    )
     add("--steps", default="1,2,4,8", help="Comma-separated step counts to evaluate.")
-    add("--scheduler", choices=("lcm", "ddim", "dpm", "euler"), default=None, help="Sampler; default: the folder's own.")
+    add(
+        "--scheduler", choices=("lcm", "ddim", "dpm", "euler"), default=None, help="Sampler; default: the folder's own."
+    )
     add("--guidance", type=float, default=None, help="Guidance scale; default: the pipeline's default.")
-    add("--num-images", type=int, default=100, help="Number of prompts (one image each); fewer if the file or data has fewer.")
+    add(
+        "--num-images",
+        type=int,
+        default=100,
+        help="Number of prompts (one image each); fewer if the file or data has fewer.",
+    )
     add("--seed", type=int, default=0, help="Image i of every setting uses seed + i.")
     add("--batch-size", type=int, default=8, help="Prompts per pipeline call.")
     add("--height", type=int, default=None, help="Image height; default: the model's.")
     add("--width", type=int, default=None, help="Image width; default: the model's.")
-    add("--reference", default=None,
-        help="Reference images for FD/KID: an image folder or a dataset (default with --data: the data's images).")
+    add(
+        "--reference",
+        default=None,
+        help="Reference images for FD/KID: an image folder or a dataset (default with --data: the data's images).",
+    )
     add("--max-reference", type=int, default=2000, help="Use at most this many reference images.")
-    add("--feature-net", default=None,
+    add(
+        "--feature-net",
+        default=None,
         help="Local TorchScript (.pt) or torch.export (.pt2) feature network for FD/KID, e.g. StyleGAN2-ADA's "
-             "inception-2015-12-05.pt; default: ldmkit's weight-free random conv features (comparable only within ldmkit).")
+        "inception-2015-12-05.pt; default: ldmkit's weight-free random conv features (comparable only within ldmkit).",
+    )
     add("--clip", default=None, help="Local transformers CLIP folder for CLIP score.")
     add("--save-images", action="store_true", help="Also write every generated image (steps-N/IIIII.png).")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
-    add("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="Weights dtype; auto: fp16 on CUDA, else fp32.")
+    add(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="Weights dtype; auto: fp16 on CUDA, else fp32.",
+    )
     add("--out", required=True, help="Output folder: metrics.json, quality_vs_steps.png, grid-steps-N.png.")
 
 
@@ -348,7 +416,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--num-images and --batch-size must be at least 1")
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
+        args.dtype, torch.float16 if device.type == "cuda" else torch.float32
+    )
 
     reference = None
     if args.prompts:
@@ -375,18 +444,40 @@ def run(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
 
     out = Path(args.out)
-    metrics = evaluate_pipeline(pipe, prompts, steps, args.guidance, args.seed, batch_size=args.batch_size,
-                                reference=reference, feature_extractor=features, clip=clip, height=args.height,
-                                width=args.width, out_dir=out, save_images=args.save_images)
-    metrics.update(model=str(args.model), lora=args.lora, lora_fused=bool(args.lora and not args.no_fuse_lora),
-                   device=str(device), dtype=str(dtype).removeprefix("torch."))
+    metrics = evaluate_pipeline(
+        pipe,
+        prompts,
+        steps,
+        args.guidance,
+        args.seed,
+        batch_size=args.batch_size,
+        reference=reference,
+        feature_extractor=features,
+        clip=clip,
+        height=args.height,
+        width=args.width,
+        out_dir=out,
+        save_images=args.save_images,
+    )
+    metrics.update(
+        model=str(args.model),
+        lora=args.lora,
+        lora_fused=bool(args.lora and not args.no_fuse_lora),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     label = (metrics["scheduler"] or "pipeline") + (" + LoRA" if args.lora else "")
     quality_vs_steps({label: metrics["settings"]}).save(out / "quality_vs_steps.png")
     print(f"{'steps':>5} {'s/img':>8} {'evals/img':>9} {'adherence':>9} {'FD':>9} {'KID':>9} {'CLIP':>6}")
     for s in metrics["settings"]:
         adh = s["adherence"]["all"] if s["adherence"] else None
-        cells = [_cell(adh, 9, ".3f"), _cell(s["fd"], 9, ".3f"), _cell(s["kid"], 9, ".4f"), _cell(s["clip_score"], 6, ".2f")]
+        cells = [
+            _cell(adh, 9, ".3f"),
+            _cell(s["fd"], 9, ".3f"),
+            _cell(s["kid"], 9, ".4f"),
+            _cell(s["clip_score"], 6, ".2f"),
+        ]
         print(f"{s['steps']:>5} {s['seconds_per_image']:>8.4f} {s['unet_evals_per_image']:>9.1f} " + " ".join(cells))
     print(f"wrote {out / 'metrics.json'} and {out / 'quality_vs_steps.png'}")
     return 0

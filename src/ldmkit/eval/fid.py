@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -135,14 +136,18 @@ class RandomConvFeatures:
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = _uint8_batch(images[i : i + self.batch_size]).to(self.device, torch.float32) / 127.5 - 1.0  # (B, 3, H, W)
+            x = (
+                _uint8_batch(images[i : i + self.batch_size]).to(self.device, torch.float32) / 127.5 - 1.0
+            )  # (B, 3, H, W)
             x = F.interpolate(x, size=(self.INPUT, self.INPUT), mode="bilinear", align_corners=False, antialias=True)
             feats = []
             for k, w in enumerate(self.weights):
                 x = F.relu(F.conv2d(x, w, stride=2, padding=1))  # (B, C, H/2, W/2)
                 feats += [x.mean(dim=(2, 3)), x.std(dim=(2, 3))]  # (B, C) each
                 if k == 0:
-                    feats.append(self.LAYOUT_WEIGHT * F.adaptive_avg_pool2d(x, self.LAYOUT_GRID).flatten(1))  # (B, C * 9)
+                    feats.append(
+                        self.LAYOUT_WEIGHT * F.adaptive_avg_pool2d(x, self.LAYOUT_GRID).flatten(1)
+                    )  # (B, C * 9)
             out.append(torch.cat(feats, dim=1).cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
@@ -183,7 +188,9 @@ class TorchScriptFeatures:
         return np.concatenate(out).astype(np.float64)
 
 
-def load_feature_extractor(path: str | Path | None = None, device: torch.device | str | None = None) -> FeatureExtractor:
+def load_feature_extractor(
+    path: str | Path | None = None, device: torch.device | str | None = None
+) -> FeatureExtractor:
     """The TorchScript network at ``path``, or the weight-free ``RandomConvFeatures`` when no path is given."""
     if path is None:
         logger.info("FD/KID use the built-in random conv features (comparable only within ldmkit)")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -19,8 +20,12 @@ PANELS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], tuple[float, 
 )
 
 
-def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, size: tuple[int, int] = (440, 300),
-               y_range: tuple[float, float] | None = None) -> Image.Image:
+def line_chart(
+    series: dict[str, Sequence[tuple[float, float]]],
+    title: str,
+    size: tuple[int, int] = (440, 300),
+    y_range: tuple[float, float] | None = None,
+) -> Image.Image:
     """One panel: a line per series of (steps, value) points; x on a log2 axis, ticks at the steps used.
 
     ``y_range`` fixes the y axis (e.g. 0..1 for accuracies); otherwise it spans the data.
@@ -76,7 +81,9 @@ def quality_vs_steps(runs: dict[str, Sequence[dict[str, Any]]]) -> Image.Image:
     """All available panels for one or more runs (label -> ``evaluate_pipeline(...)["settings"]``), two per row."""
     panels = []
     for title, get, y_range in PANELS:
-        series = {label: [(s["steps"], get(s)) for s in settings if get(s) is not None] for label, settings in runs.items()}
+        series = {
+            label: [(s["steps"], get(s)) for s in settings if get(s) is not None] for label, settings in runs.items()
+        }
         series = {k: v for k, v in series.items() if v}
         if series:
             panels.append(line_chart(series, title, y_range=y_range))

@@ -15,7 +15,8 @@ Classical image analysis, no learned weights, so the number means the same in ev
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,9 +65,12 @@ def _fit(a: np.ndarray, cx: float, cy: float, side: float) -> tuple[str, float, 
     h, w = a.shape
     radii = FIT_RADII * side  # (R,)
     shapes = ATTRIBUTES["shape"]
-    templates = np.concatenate([  # (S * R, h, w)
-        coverage(s, cx, cy - radii / 3 if s == "triangle" else cy, radii, h, w, TEMPLATE_SUPERSAMPLE) for s in shapes
-    ])
+    templates = np.concatenate(
+        [  # (S * R, h, w)
+            coverage(s, cx, cy - radii / 3 if s == "triangle" else cy, radii, h, w, TEMPLATE_SUPERSAMPLE)
+            for s in shapes
+        ]
+    )
     best = ("circle", 0.0, np.inf, 0.0)
     for bf in FIT_BLURS:
         tb = _blur_matrix(h, bf * side) @ templates @ _blur_matrix(w, bf * side).T  # (S * R, h, w)
@@ -116,9 +120,17 @@ def detect(image: Image.Image | np.ndarray) -> dict[str, Any] | None:
         cy -= r / 3
     fx, fy = (cx + x0) / w_px, (cy + y0) / h_px
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - fx) ** 2 + (POSITIONS[p][1] - fy) ** 2)
-    return {"color": color, "shape": shape, "size": "large" if r / side > SIZE_SPLIT else "small",
-            "position": position, "radius": r / side, "blur": blur / side, "x": fx, "y": fy,
-            "residual": resid / max(float((a * a).sum()), 1e-12)}
+    return {
+        "color": color,
+        "shape": shape,
+        "size": "large" if r / side > SIZE_SPLIT else "small",
+        "position": position,
+        "radius": r / side,
+        "blur": blur / side,
+        "x": fx,
+        "y": fy,
+        "residual": resid / max(float((a * a).sum()), 1e-12),
+    }
 
 
 def _target(prompt_or_attrs: str | dict[str, Any]) -> dict[str, Any]:

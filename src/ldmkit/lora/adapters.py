@@ -81,15 +81,22 @@ def load_lora(
 
     _check_new_name(model, adapter_name)
     modules = dict(model.named_modules())
-    layers = lora if lora and isinstance(next(iter(lora.values())), formats.LoraLayer) else formats.read_lora(lora, modules)
+    layers = (
+        lora if lora and isinstance(next(iter(lora.values())), formats.LoraLayer) else formats.read_lora(lora, modules)
+    )
     missing = sorted(n for n in layers if not isinstance(modules.get(n), (torch.nn.Linear, torch.nn.Conv2d)))
     if missing:
-        raise UserError(f"LoRA modules not found as Linear/Conv2d layers of {type(model).__name__}: {', '.join(missing[:5])}")
+        raise UserError(
+            f"LoRA modules not found as Linear/Conv2d layers of {type(model).__name__}: {', '.join(missing[:5])}"
+        )
     ranks = {n: layer.rank for n, layer in layers.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     odd = {re.escape(n): k for n, k in ranks.items() if k != r}  # peft matches pattern keys as regexes
-    add_lora(model, LoraConfig(r=r, lora_alpha=r, target_modules=sorted(layers), rank_pattern=odd, alpha_pattern=odd),
-             adapter_name)
+    add_lora(
+        model,
+        LoraConfig(r=r, lora_alpha=r, target_modules=sorted(layers), rank_pattern=odd, alpha_pattern=odd),
+        adapter_name,
+    )
     modules = dict(model.named_modules())  # now the peft wrappers
     for name, layer in layers.items():
         m = modules[name]

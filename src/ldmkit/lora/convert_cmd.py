@@ -28,14 +28,28 @@ def _module_names(model_dir: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in", dest="input", required=True,
-                        help="LoRA .safetensors file (or a folder holding pytorch_lora_weights.safetensors).")
-    parser.add_argument("--to", required=True, choices=("kohya", "diffusers"),
-                        help="Layout to write: kohya (lora_unet_*, with .alpha) or diffusers (unet.*.lora_A/lora_B).")
-    parser.add_argument("--out", required=True,
-                        help="Output .safetensors file, or a folder (gets pytorch_lora_weights[_kohya].safetensors).")
-    parser.add_argument("--model", default=None,
-                        help="Optional model folder: resolve kohya module names exactly against its UNet and check they exist.")
+    parser.add_argument(
+        "--in",
+        dest="input",
+        required=True,
+        help="LoRA .safetensors file (or a folder holding pytorch_lora_weights.safetensors).",
+    )
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=("kohya", "diffusers"),
+        help="Layout to write: kohya (lora_unet_*, with .alpha) or diffusers (unet.*.lora_A/lora_B).",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="Output .safetensors file, or a folder (gets pytorch_lora_weights[_kohya].safetensors).",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Optional model folder: resolve kohya module names exactly against its UNet and check they exist.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -289,9 +289,7 @@ def save_lora(layers: Layers, path: str | Path, to: str = "diffusers") -> Path:
 
 # ---------------------------------------------------------------------------------------------- merging
 @torch.no_grad()
-def merge_lora_into_unet(
-    unet: torch.nn.Module, lora: Mapping[str, torch.Tensor] | Layers, scale: float = 1.0
-) -> int:
+def merge_lora_into_unet(unet: torch.nn.Module, lora: Mapping[str, torch.Tensor] | Layers, scale: float = 1.0) -> int:
     """Fold a LoRA into the weights in place: ``W += scale * (alpha / r) * up @ down``; returns the module count.
 
     ``lora`` is a state dict in any supported layout or already-read ``Layers``. Works on any model whose
@@ -307,7 +305,9 @@ def merge_lora_into_unet(
         weight = modules[name].weight
         delta = layer.delta().to(weight.device)
         if delta.shape != weight.shape:
-            raise UserError(f"LoRA module {name}: update {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
+            raise UserError(
+                f"LoRA module {name}: update {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}"
+            )
         weight.copy_((weight.float() + scale * delta).to(weight.dtype))
     logger.info("merged LoRA into %d modules (scale %s)", len(layers), scale)
     return len(layers)

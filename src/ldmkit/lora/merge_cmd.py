@@ -19,18 +19,37 @@ from ldmkit.lora import formats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Base pipeline folder (SD1.x/2.x, SDXL, or an ldmkit UViTPipeline).")
-    parser.add_argument("--lora", required=True,
-                        help="LoRA .safetensors (diffusers, peft or kohya layout) or a folder with pytorch_lora_weights.safetensors.")
-    parser.add_argument("--scale", type=float, default=1.0, help="Multiplier of the LoRA update (W += scale * alpha/r * up @ down).")
+    parser.add_argument(
+        "--model", required=True, help="Base pipeline folder (SD1.x/2.x, SDXL, or an ldmkit UViTPipeline)."
+    )
+    parser.add_argument(
+        "--lora",
+        required=True,
+        help="LoRA .safetensors (diffusers, peft or kohya layout) or a folder with pytorch_lora_weights.safetensors.",
+    )
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="Multiplier of the LoRA update (W += scale * alpha/r * up @ down)."
+    )
     parser.add_argument("--out", required=True, help="Folder to write the merged pipeline to.")
-    parser.add_argument("--scheduler", choices=("auto", "lcm", "keep"), default="auto",
-                        help="auto: the LCMScheduler saved with the LoRA if any, else keep; lcm: an LCMScheduler "
-                             "from the model's schedule and the two flags below; keep: the model's scheduler.")
-    parser.add_argument("--original-inference-steps", type=int, default=None,
-                        help="LCMScheduler original_inference_steps (the run's num_ddim_timesteps); default: from the LoRA's scheduler, else 50.")
-    parser.add_argument("--timestep-scaling", type=float, default=None,
-                        help="LCMScheduler timestep_scaling (the run's timestep_scaling_factor); default: from the LoRA's scheduler, else 10.")
+    parser.add_argument(
+        "--scheduler",
+        choices=("auto", "lcm", "keep"),
+        default="auto",
+        help="auto: the LCMScheduler saved with the LoRA if any, else keep; lcm: an LCMScheduler "
+        "from the model's schedule and the two flags below; keep: the model's scheduler.",
+    )
+    parser.add_argument(
+        "--original-inference-steps",
+        type=int,
+        default=None,
+        help="LCMScheduler original_inference_steps (the run's num_ddim_timesteps); default: from the LoRA's scheduler, else 50.",
+    )
+    parser.add_argument(
+        "--timestep-scaling",
+        type=float,
+        default=None,
+        help="LCMScheduler timestep_scaling (the run's timestep_scaling_factor); default: from the LoRA's scheduler, else 10.",
+    )
 
 
 def _saved_lcm_config(lora: Path) -> dict | None:

@@ -33,7 +33,7 @@ class Method:
     Config: type[MethodConfig] = MethodConfig
     trainable_names: tuple[str, ...] = ()
 
-    def __init__(self, cfg: "Config", accelerator: "Accelerator"):
+    def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg = cfg
         self.mcfg = cfg.method
         self.accelerator = accelerator

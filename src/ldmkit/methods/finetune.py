@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,9 @@ DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 @dataclass
 class _SDTrainConfig(MethodConfig):
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Train for this prediction type instead of the scheduler's (written into exported schedulers)."""
-    snr_gamma: Optional[float] = None
+    snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (5.0 recommended by the paper); null: plain MSE."""
     noise_offset: float = 0.0
     """Add noise_offset * N(0, 1) per channel to the noise (brighter/darker images; 0.05-0.1)."""
@@ -58,11 +58,15 @@ class _SDTrainConfig(MethodConfig):
     def check(self, cfg) -> None:
         """Value checks (ldmkit.config.validate_config calls this)."""
         if self.train_text_encoder and (cfg.data.cache or cfg.data.format == "features"):
-            raise UserError("method.train_text_encoder needs captions, but data.cache / features data give fixed text embeddings; disable one")
+            raise UserError(
+                "method.train_text_encoder needs captions, but data.cache / features data give fixed text embeddings; disable one"
+            )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"method.snr_gamma must be positive (or null), got {self.snr_gamma}")
         if self.validation_inference_steps < 1:
-            raise UserError(f"method.validation_inference_steps must be at least 1, got {self.validation_inference_steps}")
+            raise UserError(
+                f"method.validation_inference_steps must be at least 1, got {self.validation_inference_steps}"
+            )
 
 
 @dataclass
@@ -81,7 +85,7 @@ class LoraMethodConfig(_SDTrainConfig):
     """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
     lora_rank: int = 4
     """LoRA rank r."""
-    lora_alpha: Optional[float] = None
+    lora_alpha: float | None = None
     """LoRA alpha (scale = alpha / rank); null: equal to the rank (scale 1, the diffusers default)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch."""
@@ -212,11 +216,21 @@ class _SDMethod(Method):
         if self.mcfg.prediction_type:
             scheduler.register_to_config(prediction_type=self.mcfg.prediction_type)
         text = [self.unwrap(getattr(self, n)) for n in self.text_encoder_names] or parts.text_encoders
-        common = dict(unet=self.unwrap(self.unet), vae=parts.vae, scheduler=scheduler, text_encoder=text[0], tokenizer=parts.tokenizers[0])
+        common = dict(
+            unet=self.unwrap(self.unet),
+            vae=parts.vae,
+            scheduler=scheduler,
+            text_encoder=text[0],
+            tokenizer=parts.tokenizers[0],
+        )
         if self.sd.is_sdxl:
-            pipe = diffusers.StableDiffusionXLPipeline(text_encoder_2=text[1], tokenizer_2=parts.tokenizers[1], **common)
+            pipe = diffusers.StableDiffusionXLPipeline(
+                text_encoder_2=text[1], tokenizer_2=parts.tokenizers[1], **common
+            )
         else:
-            pipe = diffusers.StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
+            pipe = diffusers.StableDiffusionPipeline(
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common
+            )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -245,7 +259,13 @@ class _SDMethod(Method):
             pipe = self._pipeline(parts)
             res = self.cfg.data.resolution
             images = generate_images(
-                pipe, prompts, self.mcfg.validation_inference_steps, self.mcfg.validation_guidance, self.cfg.train.validation_seed, height=res, width=res
+                pipe,
+                prompts,
+                self.mcfg.validation_inference_steps,
+                self.mcfg.validation_guidance,
+                self.cfg.train.validation_seed,
+                height=res,
+                width=res,
             )
         del pipe, parts
         gc.collect()
@@ -256,8 +276,14 @@ class _SDMethod(Method):
         if self.sd.vae is not None and self.sd.text_encoders and not self.text_encoder_names:
             return self.sd
         cfg = self.cfg.model
-        return SDModels.lazy_encoders(cfg.pretrained, vae=cfg.vae, variant=cfg.variant, dtype=self.weight_dtype,
-                                      device=self.device, batch_size=self.cfg.data.encode_batch_size)
+        return SDModels.lazy_encoders(
+            cfg.pretrained,
+            vae=cfg.vae,
+            variant=cfg.variant,
+            dtype=self.weight_dtype,
+            device=self.device,
+            batch_size=self.cfg.data.encode_batch_size,
+        )
 
 
 class FinetuneMethod(_SDMethod):
@@ -315,7 +341,9 @@ class FinetuneMethod(_SDMethod):
             sub = "vae" if (Path(cfg.vae) / "vae" / "config.json").exists() else None
             parts["vae"] = AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, variant=cfg.variant)
         with self._inference_weights():
-            pipe = DiffusionPipeline.from_pretrained(cfg.pretrained, unet=self.unwrap(self.unet), variant=cfg.variant, **parts)
+            pipe = DiffusionPipeline.from_pretrained(
+                cfg.pretrained, unet=self.unwrap(self.unet), variant=cfg.variant, **parts
+            )
             if self.mcfg.prediction_type:
                 pipe.scheduler.register_to_config(prediction_type=self.mcfg.prediction_type)
             pipe.save_pretrained(out_dir)
@@ -337,7 +365,13 @@ class LoraMethod(_SDMethod):
         m = self.mcfg
         alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
         # Gaussian A, zero B (diffusers' LoRA scripts): the adapted model starts equal to the base.
-        return LoraConfig(r=m.lora_rank, lora_alpha=alpha, lora_dropout=m.lora_dropout, init_lora_weights="gaussian", target_modules=list(targets))
+        return LoraConfig(
+            r=m.lora_rank,
+            lora_alpha=alpha,
+            lora_dropout=m.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(targets),
+        )
 
     def _make_trainable(self) -> None:
         from diffusers.training_utils import cast_training_params
@@ -370,7 +404,10 @@ class LoraMethod(_SDMethod):
         out = {}
         for name in self.trainable_names:
             model = self.unwrap(getattr(self, name))
-            sd = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+            sd = {
+                k: v.detach().float().cpu()
+                for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+            }
             for module, layer in layers_from_peft_model(model).items():
                 sd[f"{module}.lora_B.weight"] = sd[f"{module}.lora_B.weight"] * layer.scale
             out[name] = sd
@@ -386,7 +423,12 @@ class LoraMethod(_SDMethod):
         out = {}
         for name in self.trainable_names:
             kohya = to_kohya(layers_from_peft_model(self.unwrap(getattr(self, name))))
-            out.update({prefixes[name] + k.removeprefix(KOHYA_PREFIX): v.detach().float().cpu().contiguous() for k, v in kohya.items()})
+            out.update(
+                {
+                    prefixes[name] + k.removeprefix(KOHYA_PREFIX): v.detach().float().cpu().contiguous()
+                    for k, v in kohya.items()
+                }
+            )
         return out
 
     def export(self, out_dir: Path) -> None:

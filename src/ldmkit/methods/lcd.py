@@ -30,7 +30,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ counterpart of the UNet list's transformer-block entries."""
 class LCDCommonConfig(MethodConfig):
     """Knobs shared by lcd and lcm_lora (defaults: diffusers / PaddleMIX references)."""
 
-    w_min: Optional[float] = None
+    w_min: float | None = None
     """Smallest guidance scale w sampled per sample; null: 5.0 for SD1.5, 3.0 for SDXL."""
     w_max: float = 15.0
     """Largest guidance scale w (teacher CFG in the LCM form x0 = c + w (c - u))."""
@@ -77,7 +77,7 @@ class LCDCommonConfig(MethodConfig):
     """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
     timestep_scaling_factor: float = 10.0
     """s in the boundary scalings c_skip/c_out(s * t); higher s = smaller approximation error. Exported as timestep_scaling."""
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the teacher predicts; null: the teacher scheduler's prediction_type."""
     use_fix_crop_and_size: bool = True
     """SDXL: condition on (res, res, 0, 0, res, res) instead of each image's original size and crop."""
@@ -85,10 +85,10 @@ class LCDCommonConfig(MethodConfig):
     """Run the teacher's conditional and unconditional passes as one batched forward (false: two passes, as the references)."""
     validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """LCM sampling step counts shown in each validation grid (columns)."""
-    validation_guidance: Optional[float] = None
+    validation_guidance: float | None = None
     """Pipeline guidance_scale for validation; null: 1.0 for LoRA (0.0 SDXL), 8.0 for full LCD (embedded as w = 7)."""
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         if self.w_min is not None and self.w_min > self.w_max:
             raise UserError(f"method.w_min ({self.w_min}) must be <= method.w_max ({self.w_max})")
         if self.num_ddim_timesteps < 1:
@@ -113,11 +113,11 @@ class LCMLoraConfig(LCDCommonConfig):
     """LoRA alpha; the update is scaled by alpha / r (diffusers 64/64; PaddleMIX 8/64 = 0.125)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input (draws from torch's global RNG, not the per-sample seeds)."""
-    lora_target_modules: Optional[list[str]] = None
+    lora_target_modules: list[str] | None = None
     """Module names (suffixes) that get a LoRA; null: the 14 UNet module kinds of diffusers' LCM-LoRA scripts,
     or for a U-ViT teacher its attention and MLP projections (attn.qkv, attn.proj, mlp.0, mlp.2)."""
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         super().check(cfg)
         if self.lora_rank < 1:
             raise UserError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
@@ -137,7 +137,7 @@ class LCDConfig(LCDCommonConfig):
     ema_decay: float = 0.95
     """Target network update target = decay * target + (1 - decay) * student after every step."""
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         super().check(cfg)
         if not 0.0 <= self.ema_decay <= 1.0:
             raise UserError(f"method.ema_decay must be in [0, 1], got {self.ema_decay}")
@@ -158,7 +158,9 @@ class SDDenoiser:
         added = None
         if "pooled_prompt_embeds" in cond:
             added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]}
-        return model(x, t, encoder_hidden_states=cond["prompt_embeds"], timestep_cond=w_emb, added_cond_kwargs=added).sample
+        return model(
+            x, t, encoder_hidden_states=cond["prompt_embeds"], timestep_cond=w_emb, added_cond_kwargs=added
+        ).sample
 
 
 def is_uvit_pipeline(folder: str | Path) -> bool:
@@ -167,7 +169,7 @@ def is_uvit_pipeline(folder: str | Path) -> bool:
     return index.is_file() and json.loads(index.read_text()).get("_class_name") == "UViTPipeline"
 
 
-def _load_teacher_denoiser(pretrained: str, variant: Optional[str], dtype: torch.dtype) -> torch.nn.Module:
+def _load_teacher_denoiser(pretrained: str, variant: str | None, dtype: torch.dtype) -> torch.nn.Module:
     """The U-ViT of a UViTPipeline folder, frozen (SDModels loads UNets; this is the one U-ViT branch)."""
     from ldmkit.models.uvit import UViT
 
@@ -188,7 +190,7 @@ class _LCDBase(Method):
     trainable_names = ("unet",)
     mcfg: LCDCommonConfig
 
-    def __init__(self, cfg: "Config", accelerator: "Accelerator"):
+    def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         from ldmkit.models.sd import SDModels
 
@@ -198,11 +200,19 @@ class _LCDBase(Method):
         # With a data cache the VAE and text encoders are not needed per step (REFERENCE sec. 1: then
         # only the 4 UNet forwards run); they are loaded on demand for caching and validation.
         self.models: SDModels = SDModels.load(
-            cfg.model.pretrained, vae=cfg.model.vae, variant=cfg.model.variant, dtype=self.weight_dtype,
-            device=self.device, vae_model=not cache, text=not cache, unet=not self.is_uvit,
+            cfg.model.pretrained,
+            vae=cfg.model.vae,
+            variant=cfg.model.variant,
+            dtype=self.weight_dtype,
+            device=self.device,
+            vae_model=not cache,
+            text=not cache,
+            unet=not self.is_uvit,
         )
         if self.is_uvit:
-            self.models.unet = _load_teacher_denoiser(cfg.model.pretrained, cfg.model.variant, self.weight_dtype).to(self.device)
+            self.models.unet = _load_teacher_denoiser(cfg.model.pretrained, cfg.model.variant, self.weight_dtype).to(
+                self.device
+            )
         self.models.vae_batch_size = cfg.data.encode_batch_size
         self.is_sdxl = self.models.is_sdxl
         self.denoiser = SDDenoiser()
@@ -210,7 +220,9 @@ class _LCDBase(Method):
         sched = self.models.noise_scheduler
         self.prediction_type = m.prediction_type or sched.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError(f"teacher prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
+            raise UserError(
+                f"teacher prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)"
+            )
         T = sched.config.num_train_timesteps
         if m.num_ddim_timesteps > T:
             raise UserError(f"method.num_ddim_timesteps ({m.num_ddim_timesteps}) exceeds the teacher's {T} timesteps")
@@ -229,15 +241,17 @@ class _LCDBase(Method):
                 self.empty_embeds = text_models.encode_prompts([""])["prompt_embeds"].float()  # (1, L, D)
 
     # ---- models on demand -------------------------------------------------------------------------
-    def _load_aux(self) -> "SDModels":
+    def _load_aux(self) -> SDModels:
         from ldmkit.models.sd import SDModels
 
         c = self.cfg.model
-        aux = SDModels.load(c.pretrained, vae=c.vae, variant=c.variant, dtype=self.weight_dtype, device=self.device, unet=False)
+        aux = SDModels.load(
+            c.pretrained, vae=c.vae, variant=c.variant, dtype=self.weight_dtype, device=self.device, unet=False
+        )
         aux.vae_batch_size = self.cfg.data.encode_batch_size
         return aux
 
-    def _aux(self) -> "SDModels":
+    def _aux(self) -> SDModels:
         """VAE + text encoders: the training ones, or a fresh load when the cache made them unnecessary."""
         if self.models.vae is not None and self.models.text_encoders:
             return self.models
@@ -269,7 +283,9 @@ class _LCDBase(Method):
         cond = {"prompt_embeds": text["prompt_embeds"].float()}
         if self.is_sdxl:
             cond["pooled_prompt_embeds"] = text["pooled_prompt_embeds"].float()
-            cond["time_ids"] = self.models.add_time_ids(batch, self.cfg.data.resolution, self.mcfg.use_fix_crop_and_size)
+            cond["time_ids"] = self.models.add_time_ids(
+                batch, self.cfg.data.resolution, self.mcfg.use_fix_crop_and_size
+            )
             uncond = {
                 "prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
                 "pooled_prompt_embeds": torch.zeros_like(cond["pooled_prompt_embeds"]),
@@ -290,8 +306,10 @@ class _LCDBase(Method):
             cond, uncond = self._conditions(batch)
             nd = z.ndim
             if self.is_uvit and z.shape[-1] != self.models.unet.config.sample_size:  # a fixed token grid
-                raise UserError(f"the U-ViT teacher takes {self.models.unet.config.sample_size}px-wide latents, data.resolution="
-                                f"{self.cfg.data.resolution} gives {z.shape[-1]}; set data.resolution to the teacher's")
+                raise UserError(
+                    f"the U-ViT teacher takes {self.models.unet.config.sample_size}px-wide latents, data.resolution="
+                    f"{self.cfg.data.resolution} gives {z.shape[-1]}; set data.resolution to the teacher's"
+                )
 
             # 2. Sample n ~ U{0..N-1}: t_{n+k} = ddim_timesteps[n] and t_n = max(t_{n+k} - k, 0).
             index = rng.randint(0, m.num_ddim_timesteps).to(self.device)  # (B,)
@@ -308,8 +326,10 @@ class _LCDBase(Method):
             w_emb = self._w_embedding(w)
 
             # 5. Online consistency function f_theta(z_{t_{n+k}}, w, c, t_{n+k}) = c_skip z + c_out x0_hat.
-            c_skip_start, c_out_start = (lcm.append_dims(c, nd) for c in lcm.scalings_for_boundary_conditions(
-                t_start, timestep_scaling=m.timestep_scaling_factor))
+            c_skip_start, c_out_start = (
+                lcm.append_dims(c, nd)
+                for c in lcm.scalings_for_boundary_conditions(t_start, timestep_scaling=m.timestep_scaling_factor)
+            )
             out = self._student(z_start, t_start, cond, w_emb)
             x0_student = lcm.predicted_origin(out, t_start, z_start, ptype, ac)
             model_pred = c_skip_start * z_start + c_out_start * x0_student
@@ -318,8 +338,9 @@ class _LCDBase(Method):
             with torch.no_grad(), self._teacher_context():
                 teacher = self._teacher_model()
                 if m.batch_teacher_passes:
-                    both = self.denoiser(teacher, torch.cat([z_start, z_start]), torch.cat([t_start, t_start]),
-                                         _cat_cond(cond, uncond))
+                    both = self.denoiser(
+                        teacher, torch.cat([z_start, z_start]), torch.cat([t_start, t_start]), _cat_cond(cond, uncond)
+                    )
                     out_c, out_u = both.chunk(2)
                 else:
                     out_c = self.denoiser(teacher, z_start, t_start, cond)
@@ -333,8 +354,10 @@ class _LCDBase(Method):
 
             # 7. Target f_theta^-(z_hat_{t_n}, w, c, t_n), no gradient.
             with torch.no_grad():
-                c_skip, c_out = (lcm.append_dims(c, nd) for c in lcm.scalings_for_boundary_conditions(
-                    t, timestep_scaling=m.timestep_scaling_factor))
+                c_skip, c_out = (
+                    lcm.append_dims(c, nd)
+                    for c in lcm.scalings_for_boundary_conditions(t, timestep_scaling=m.timestep_scaling_factor)
+                )
                 target_out = self.denoiser(self._target_model(), z_prev, t, cond, w_emb)
                 target = c_skip * z_prev + c_out * lcm.predicted_origin(target_out, t, z_prev, ptype, ac)
 
@@ -347,8 +370,12 @@ class _LCDBase(Method):
 
     # ---- validation -------------------------------------------------------------------------------
     def _lcm_scheduler(self):
-        return lcm.lcm_scheduler(self.models.noise_scheduler.config, self.mcfg.num_ddim_timesteps,
-                                 self.mcfg.timestep_scaling_factor, prediction_type=self.prediction_type)
+        return lcm.lcm_scheduler(
+            self.models.noise_scheduler.config,
+            self.mcfg.num_ddim_timesteps,
+            self.mcfg.timestep_scaling_factor,
+            prediction_type=self.prediction_type,
+        )
 
     def _sampling_unet(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -356,18 +383,27 @@ class _LCDBase(Method):
     def _default_guidance(self) -> float:
         raise NotImplementedError
 
-    def _pipeline(self, unet, aux: "SDModels"):
+    def _pipeline(self, unet, aux: SDModels):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        parts = dict(vae=aux.vae, unet=unet, scheduler=self._lcm_scheduler(), text_encoder=aux.text_encoders[0],
-                     tokenizer=aux.tokenizers[0])
+        parts = dict(
+            vae=aux.vae,
+            unet=unet,
+            scheduler=self._lcm_scheduler(),
+            text_encoder=aux.text_encoders[0],
+            tokenizer=aux.tokenizers[0],
+        )
         if self.is_uvit:
             from ldmkit.pipelines.uvit import UViTPipeline
 
             return UViTPipeline(**parts)
         if self.is_sdxl:
-            return StableDiffusionXLPipeline(text_encoder_2=aux.text_encoders[1], tokenizer_2=aux.tokenizers[1], **parts)
-        return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+            return StableDiffusionXLPipeline(
+                text_encoder_2=aux.text_encoders[1], tokenizer_2=aux.tokenizers[1], **parts
+            )
+        return StableDiffusionPipeline(
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts
+        )
 
     @torch.no_grad()
     def validate(self, step: int):
@@ -429,7 +465,7 @@ class LCMLoraMethod(_LCDBase):
     Config = LCMLoraConfig
     mcfg: LCMLoraConfig
 
-    def __init__(self, cfg: "Config", accelerator: "Accelerator"):
+    def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
@@ -439,8 +475,16 @@ class LCMLoraMethod(_LCDBase):
         m = self.mcfg
         targets = m.lora_target_modules or list(UVIT_LORA_TARGET_MODULES if self.is_uvit else LCM_LORA_TARGET_MODULES)
         self.unet = self.models.unet  # the one denoiser: frozen base in weight dtype + trainable LoRA
-        adapters.add_lora(self.unet, LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                                target_modules=list(targets), init_lora_weights="gaussian"))
+        adapters.add_lora(
+            self.unet,
+            LoraConfig(
+                r=m.lora_rank,
+                lora_alpha=m.lora_alpha,
+                lora_dropout=m.lora_dropout,
+                target_modules=list(targets),
+                init_lora_weights="gaussian",
+            ),
+        )
         cast_training_params(self.unet, dtype=torch.float32)  # LoRA weights train in fp32
         self.unet.train()
 
@@ -473,10 +517,10 @@ class LCMLoraMethod(_LCDBase):
         kohya = "" if self.is_uvit else f"  # or {formats.KOHYA_WEIGHT_NAME} in A1111/ComfyUI"
         load = (
             f"from diffusers import LCMScheduler\n{self._pipeline_import()}\n"
-            f"pipe = {self._pipeline_class_name()}.from_pretrained(\"{self.cfg.model.pretrained}\")\n"
-            f"pipe.scheduler = LCMScheduler.from_pretrained(\"{out_dir}\", subfolder=\"scheduler\")\n"
-            f"pipe.load_lora_weights(\"{out_dir}\"){kohya}\n"
-            f"image = pipe(\"a prompt\", num_inference_steps=4, guidance_scale={self._default_guidance()}).images[0]\n"
+            f'pipe = {self._pipeline_class_name()}.from_pretrained("{self.cfg.model.pretrained}")\n'
+            f'pipe.scheduler = LCMScheduler.from_pretrained("{out_dir}", subfolder="scheduler")\n'
+            f'pipe.load_lora_weights("{out_dir}"){kohya}\n'
+            f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={self._default_guidance()}).images[0]\n'
             f"# or bake it in: ldmkit merge-lora --model {self.cfg.model.pretrained} --lora {out_dir} --out merged"
         )
         (out_dir / "README.md").write_text(self._model_card(f"LCM-LoRA ({len(layers)} adapted modules)", load))
@@ -488,7 +532,7 @@ class LCDMethod(_LCDBase):
     Config = LCDConfig
     mcfg: LCDConfig
 
-    def __init__(self, cfg: "Config", accelerator: "Accelerator"):
+    def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         m = self.mcfg
         self.teacher_unet = self.models.unet  # frozen, weight dtype
@@ -559,15 +603,20 @@ class LCDMethod(_LCDBase):
         if not self.is_sdxl and not self.is_uvit:
             extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipeline_cls = UViTPipeline if self.is_uvit else DiffusionPipeline
-        pipe = pipeline_cls.from_pretrained(self.cfg.model.pretrained, unet=self.target_unet,
-                                            scheduler=self._lcm_scheduler(), variant=self.cfg.model.variant, **extra)
+        pipe = pipeline_cls.from_pretrained(
+            self.cfg.model.pretrained,
+            unet=self.target_unet,
+            scheduler=self._lcm_scheduler(),
+            variant=self.cfg.model.variant,
+            **extra,
+        )
         pipe.save_pretrained(out_dir)
         g = self._default_guidance()
         load = (
             f"{self._pipeline_import()}\n"
-            f"pipe = {self._pipeline_class_name()}.from_pretrained(\"{out_dir}\")  # scheduler: LCMScheduler\n"
+            f'pipe = {self._pipeline_class_name()}.from_pretrained("{out_dir}")  # scheduler: LCMScheduler\n'
             f"# guidance_scale is embedded as w = guidance_scale - 1 (no classifier-free guidance pass)\n"
-            f"image = pipe(\"a prompt\", num_inference_steps=4, guidance_scale={g}).images[0]"
+            f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={g}).images[0]'
         )
         (out_dir / "README.md").write_text(self._model_card("Latent Consistency Model", load))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,26 +44,26 @@ class UViTConfig(MethodConfig):
     name: str = "uvit"
     arch: Arch = "uvit-s"
     """U-ViT size preset (models/uvit.py UVIT_PRESETS): uvit-s is U-ViT-S/2 (~45M), uvit-s-deep ~58M."""
-    embed_dim: Optional[int] = None
+    embed_dim: int | None = None
     """Override the preset's token width."""
-    depth: Optional[int] = None
+    depth: int | None = None
     """Override the preset's depth (in + out blocks; even)."""
-    num_heads: Optional[int] = None
+    num_heads: int | None = None
     """Override the preset's attention heads."""
     patch_size: int = 2
     """Latent patch size of the patch embedding."""
-    sample_size: Optional[int] = None
+    sample_size: int | None = None
     """Latent side length; default: data.resolution / the VAE's downsampling factor."""
-    context_dim: Optional[int] = None
+    context_dim: int | None = None
     """Width of the text embeddings; default (and required value): the text encoder's hidden size."""
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     """What the network predicts (the original: epsilon)."""
-    snr_gamma: Optional[float] = None
+    snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (Hang et al. 2023; they use 5); null: plain MSE, as the original. Short
     from-scratch runs converge far faster with it (see configs/uvit/quickstart.yaml)."""
-    p_uncond: Optional[float] = 0.1
+    p_uncond: float | None = 0.1
     """Classifier-free guidance dropout; written into data.proportion_empty_prompts (null: leave that as set)."""
-    scale_factor: Optional[float] = None
+    scale_factor: float | None = None
     """Latent scale; default: the VAE config's scaling_factor. U-ViT's MS-COCO runs use 0.23010 (SD: 0.18215)."""
     ema_decay: float = 0.9999
     """Maximum EMA decay of the exported weights."""
@@ -76,7 +76,7 @@ class UViTConfig(MethodConfig):
     validation_images_per_prompt: int = 2
     """Columns of the validation grid."""
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         """Called when the config is resolved: apply p_uncond to the data layer."""
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"method.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
@@ -86,8 +86,10 @@ class UViTConfig(MethodConfig):
             raise UserError(f"method.p_uncond must be in [0, 1], got {self.p_uncond}")
         current = cfg.data.proportion_empty_prompts
         if current not in (0.0, self.p_uncond):
-            raise UserError(f"method.p_uncond={self.p_uncond} conflicts with data.proportion_empty_prompts={current}; "
-                            "set one of them (or method.p_uncond=null)")
+            raise UserError(
+                f"method.p_uncond={self.p_uncond} conflicts with data.proportion_empty_prompts={current}; "
+                "set one of them (or method.p_uncond=null)"
+            )
         cfg.data.proportion_empty_prompts = self.p_uncond
 
 
@@ -102,22 +104,34 @@ class _EMA(EMAModel):
 
 def training_scheduler(prediction_type: str) -> DDPMScheduler:
     """SD's training schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps (REFERENCE.md sec. 3)."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, prediction_type=prediction_type)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type=prediction_type,
+    )
 
 
 class UViTMethod(Method):
     Config = UViTConfig
     trainable_names = ("unet",)
 
-    def __init__(self, cfg: "Config", accelerator):
+    def __init__(self, cfg: Config, accelerator):
         super().__init__(cfg, accelerator)
         from ldmkit.models.sd import SDModels
 
         m = self.mcfg
         m.check(cfg)  # idempotent; covers configs built in code rather than by load_config
-        self.models = SDModels.load(cfg.model.pretrained, vae=cfg.model.vae, variant=cfg.model.variant,
-                                    dtype=self.weight_dtype, device=self.device, unet=False)
+        self.models = SDModels.load(
+            cfg.model.pretrained,
+            vae=cfg.model.vae,
+            variant=cfg.model.variant,
+            dtype=self.weight_dtype,
+            device=self.device,
+            unet=False,
+        )
         if self.models.is_sdxl:
             raise UserError("method uvit needs a single-text-encoder (SD1.x-style) model.pretrained, got SDXL")
         vae, text_encoder = self.models.vae, self.models.text_encoders[0]
@@ -127,22 +141,36 @@ class UViTMethod(Method):
 
         width = text_encoder.config.hidden_size
         if m.context_dim is not None and m.context_dim != width:
-            raise UserError(f"method.context_dim={m.context_dim} but the text encoder of model.pretrained is {width} wide")
+            raise UserError(
+                f"method.context_dim={m.context_dim} but the text encoder of model.pretrained is {width} wide"
+            )
         down = 2 ** (len(vae.config.block_out_channels) - 1)
         if m.sample_size is None and cfg.data.resolution % down:
             raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor {down}")
-        overrides = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads)) if v is not None}
+        overrides = {
+            k: v
+            for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads))
+            if v is not None
+        }
         try:
             self.unet = UViT.from_preset(
-                m.arch, **overrides, patch_size=m.patch_size, in_channels=vae.config.latent_channels,
-                sample_size=m.sample_size or cfg.data.resolution // down, context_dim=width,
+                m.arch,
+                **overrides,
+                patch_size=m.patch_size,
+                in_channels=vae.config.latent_channels,
+                sample_size=m.sample_size or cfg.data.resolution // down,
+                context_dim=width,
                 num_text_tokens=self.models.tokenizers[0].model_max_length,
             ).to(self.device)
         except ValueError as e:
             raise UserError(f"method uvit: {e}") from None
         self.unet.train()
-        logger.info("U-ViT %s: %.1fM parameters, scale factor %.5f", m.arch,
-                    sum(p.numel() for p in self.unet.parameters()) / 1e6, self.scale)
+        logger.info(
+            "U-ViT %s: %.1fM parameters, scale factor %.5f",
+            m.arch,
+            sum(p.numel() for p in self.unet.parameters()) / 1e6,
+            self.scale,
+        )
         self.noise_scheduler = training_scheduler(m.prediction_type)
         self.ema = _EMA(self.unet.parameters(), decay=m.ema_decay, use_ema_warmup=True, power=m.ema_power)
 
@@ -171,12 +199,17 @@ class UViTMethod(Method):
     def encoders(self):
         return self.models
 
-    def _pipeline(self, unet: UViT, parts) -> "UViTPipeline":
+    def _pipeline(self, unet: UViT, parts) -> UViTPipeline:
         """UViTPipeline of ``unet`` with the VAE / text encoder / tokenizer of ``parts`` (an SDModels)."""
         from ldmkit.pipelines.uvit import UViTPipeline
 
-        return UViTPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=unet,
-                            scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config))
+        return UViTPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoders[0],
+            tokenizer=parts.tokenizers[0],
+            unet=unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config),
+        )
 
     @torch.no_grad()
     def validate(self, step: int):
@@ -192,8 +225,13 @@ class UViTMethod(Method):
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator(self.device).manual_seed(self.cfg.train.validation_seed)
             with self.accelerator.autocast():
-                images = pipe(prompts, num_inference_steps=m.validation_steps, guidance_scale=m.validation_guidance_scale,
-                              generator=generator, num_images_per_prompt=m.validation_images_per_prompt).images
+                images = pipe(
+                    prompts,
+                    num_inference_steps=m.validation_steps,
+                    guidance_scale=m.validation_guidance_scale,
+                    generator=generator,
+                    num_images_per_prompt=m.validation_images_per_prompt,
+                ).images
         finally:
             self.ema.restore(unet.parameters())
         return make_image_grid(images, rows=len(prompts), cols=m.validation_images_per_prompt)
@@ -206,9 +244,10 @@ class UViTMethod(Method):
         unet = UViT.from_config(self.unwrap(self.unet).config)
         self.ema.copy_to(unet.parameters())
         # Fresh fp32 copies: the training ones may be stored in the mixed-precision dtype.
-        parts = SDModels.load(self.cfg.model.pretrained, vae=self.cfg.model.vae, variant=self.cfg.model.variant, unet=False)
+        parts = SDModels.load(
+            self.cfg.model.pretrained, vae=self.cfg.model.vae, variant=self.cfg.model.variant, unet=False
+        )
         parts.vae.register_to_config(scaling_factor=self.scale)
         pipe = self._pipeline(unet, parts)
         pipe.save_pretrained(out_dir)
         logger.info("exported UViTPipeline to %s", out_dir)
-

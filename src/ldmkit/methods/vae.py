@@ -76,9 +76,15 @@ class LatentStats:
         debias = 1 - self.momentum**self.steps
         mean, sq = self.mean / debias, self.sq / debias
         std = (sq.mean() - mean.mean() ** 2).clamp_min(1e-12).sqrt()
-        return {"scaling_factor": float(1 / std), "mean": float(mean.mean()), "std": float(std),
-                "channel_mean": mean.tolist(), "channel_std": (sq - mean**2).clamp_min(0).sqrt().tolist(),
-                "steps": self.steps, "momentum": self.momentum}
+        return {
+            "scaling_factor": float(1 / std),
+            "mean": float(mean.mean()),
+            "std": float(std),
+            "channel_mean": mean.tolist(),
+            "channel_std": (sq - mean**2).clamp_min(0).sqrt().tolist(),
+            "steps": self.steps,
+            "momentum": self.momentum,
+        }
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "mean": self.mean, "sq": self.sq}
@@ -103,7 +109,7 @@ class AutoencoderStep(nn.Module):
         self.vae.enable_gradient_checkpointing()
 
 
-def _load_vae(cfg: "Config") -> AutoencoderKL | None:
+def _load_vae(cfg: Config) -> AutoencoderKL | None:
     """The VAE to fine-tune: model.vae (a VAE folder or a pipeline folder) or model.pretrained/vae."""
     for root in (cfg.model.vae, cfg.model.pretrained):
         if not root:
@@ -119,18 +125,24 @@ class VAEMethod(Method):
     Config = VAEConfig
     trainable_names = ("net",)
 
-    def __init__(self, cfg: "Config", accelerator):
+    def __init__(self, cfg: Config, accelerator):
         super().__init__(cfg, accelerator)
         m = self.mcfg
         vae = _load_vae(cfg)
         if vae is None:
             if any(w % m.norm_num_groups for w in m.block_out_channels):
-                raise UserError(f"method.norm_num_groups={m.norm_num_groups} must divide every block_out_channels {m.block_out_channels}")
+                raise UserError(
+                    f"method.norm_num_groups={m.norm_num_groups} must divide every block_out_channels {m.block_out_channels}"
+                )
             n = len(m.block_out_channels)
             vae = AutoencoderKL(
-                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
-                latent_channels=m.latent_channels, norm_num_groups=m.norm_num_groups, sample_size=cfg.data.resolution,
+                down_block_types=("DownEncoderBlock2D",) * n,
+                up_block_types=("UpDecoderBlock2D",) * n,
+                block_out_channels=tuple(m.block_out_channels),
+                layers_per_block=m.layers_per_block,
+                latent_channels=m.latent_channels,
+                norm_num_groups=m.norm_num_groups,
+                sample_size=cfg.data.resolution,
                 mid_block_add_attention=m.mid_block_attention,
             )
             logger.info("VAE from scratch: %.2fM parameters", sum(p.numel() for p in vae.parameters()) / 1e6)

@@ -88,7 +88,7 @@ class SDModels:
         text: bool = True,
         unet_dtype: torch.dtype | None = None,
         text_dtype: torch.dtype | None = None,
-    ) -> "SDModels":
+    ) -> SDModels:
         """Load the parts asked for from a local diffusers folder; everything frozen and in eval mode.
 
         ``dtype`` is for frozen parts; ``unet_dtype`` / ``text_dtype`` (default ``dtype``) let a method
@@ -127,10 +127,14 @@ class SDModels:
 
         if unet:
             _require(root / "unet" / "config.json", "unet of model.pretrained")
-            self.unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=variant, **dtype_kwargs(unet_dtype or dtype))
+            self.unet = UNet2DConditionModel.from_pretrained(
+                root, subfolder="unet", variant=variant, **dtype_kwargs(unet_dtype or dtype)
+            )
         if vae_model:
             vae_dtype = torch.float32 if dtype == torch.float16 and self._vae_config.get("force_upcast") else dtype
-            self.vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, variant=variant, **dtype_kwargs(vae_dtype))
+            self.vae = AutoencoderKL.from_pretrained(
+                vae_root, subfolder=vae_sub, variant=variant, **dtype_kwargs(vae_dtype)
+            )
         if text:
             classes = [CLIPTextModel, CLIPTextModelWithProjection]
             for i, name in enumerate(names):
@@ -143,12 +147,22 @@ class SDModels:
                 self.text_encoders.append(te.to(text_dtype or dtype))
         for m in self.modules():
             m.requires_grad_(False).eval().to(self._device)
-        log.info("loaded %s from %s (unet=%s vae=%s text=%s)", "SDXL" if self.is_sdxl else "SD", root, unet, vae_model, text)
+        log.info(
+            "loaded %s from %s (unet=%s vae=%s text=%s)", "SDXL" if self.is_sdxl else "SD", root, unet, vae_model, text
+        )
         return self
 
     @classmethod
-    def lazy_encoders(cls, pretrained: str, *, vae: str | None = None, variant: str | None = None,
-                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch_size: int = 32):
+    def lazy_encoders(
+        cls,
+        pretrained: str,
+        *,
+        vae: str | None = None,
+        variant: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        batch_size: int = 32,
+    ):
         """VAE + text encoders for the data cache, loaded only if something must be encoded.
 
         The cache key needs just ``fingerprint()``, which reads files; so training from a finished
@@ -156,10 +170,11 @@ class SDModels:
         """
         from ldmkit.data.cache import LazyEncoders
 
-        probe = cls.load(pretrained, vae=vae, variant=variant, dtype=dtype, device=device, unet=False,
-                         vae_model=False, text=False)
+        probe = cls.load(
+            pretrained, vae=vae, variant=variant, dtype=dtype, device=device, unet=False, vae_model=False, text=False
+        )
 
-        def load() -> "SDModels":
+        def load() -> SDModels:
             enc = cls.load(pretrained, vae=vae, variant=variant, dtype=dtype, device=device, unet=False)
             enc.vae_batch_size = batch_size
             return enc
@@ -180,7 +195,9 @@ class SDModels:
         return float(self._vae_config.get("shift_factor") or 0.0)
 
     # ---- text -------------------------------------------------------------------------------------
-    def encode_prompts(self, captions: list[str], text_encoders: list[torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    def encode_prompts(
+        self, captions: list[str], text_encoders: list[torch.nn.Module] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Prompt embeddings as the diffusers pipelines compute them.
 
         SD1.x/2.x: last hidden state of text_encoder. SDXL: ``hidden_states[-2]`` of both encoders
@@ -192,10 +209,18 @@ class SDModels:
         encoders = text_encoders or self.text_encoders
         if not encoders:
             raise RuntimeError("text encoders were not loaded (SDModels.load(text=False))")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for m in encoders for p in m.parameters())):
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and any(p.requires_grad for m in encoders for p in m.parameters())
+        ):
             embeds, pooled = [], None
             for tok, te in zip(self.tokenizers, encoders):
-                ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+                ids = tok(
+                    list(captions),
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids
                 out = te(ids.to(self._device), output_hidden_states=self.is_sdxl)
                 if self.is_sdxl:
                     embeds.append(out.hidden_states[-2])  # (B, 77, D_i)
@@ -207,13 +232,17 @@ class SDModels:
             result["pooled_prompt_embeds"] = pooled
         return result
 
-    def text(self, batch: dict[str, Any], text_encoders: list[torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    def text(
+        self, batch: dict[str, Any], text_encoders: list[torch.nn.Module] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Text conditioning of a batch: cached ``prompt_embeds`` (+ pooled) when present, else encoded."""
         if "prompt_embeds" in batch:
             result = {"prompt_embeds": batch["prompt_embeds"].to(self._device)}
             if self.is_sdxl:
                 if "pooled_prompt_embeds" not in batch:
-                    raise UserError("SDXL batch has prompt_embeds but no pooled_prompt_embeds (cache built for another model?)")
+                    raise UserError(
+                        "SDXL batch has prompt_embeds but no pooled_prompt_embeds (cache built for another model?)"
+                    )
                 result["pooled_prompt_embeds"] = batch["pooled_prompt_embeds"].to(self._device)
             return result
         return self.encode_prompts(batch["captions"], text_encoders)
@@ -273,7 +302,7 @@ class SDModels:
                 h.update(f.read_bytes() if f.suffix in (".json", ".txt") else _file_identity(f))
         return h.hexdigest()[:16]
 
-    def to(self, device: torch.device | str) -> "SDModels":
+    def to(self, device: torch.device | str) -> SDModels:
         self._device = torch.device(device)
         for m in self.modules():
             m.to(self._device)

@@ -221,23 +221,41 @@ def write_text_components(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_word_tokenizer(captions, max_length=max_length, max_words=max_words)
-    encoder = build_text_encoder(len(tokenizer), hidden_size, num_layers, num_heads, max_length, seed,
-                                 tokenizer.bos_token_id, tokenizer.eos_token_id)
+    encoder = build_text_encoder(
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        num_heads,
+        max_length,
+        seed,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
     tokenizer.save_pretrained(out / "tokenizer")
     _write_slow_files(tokenizer, out / "tokenizer")
     encoder.save_pretrained(out / "text_encoder")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({**_SCHEDULER, "_diffusers_version": diffusers.__version__}, indent=2) + "\n")
-    index: dict[str, Any] = {"_class_name": "UViTPipeline", "_diffusers_version": diffusers.__version__,
-                             "text_encoder": ["transformers", "CLIPTextModel"],
-                             "tokenizer": ["transformers", "CLIPTokenizer"],
-                             "scheduler": ["diffusers", "DDPMScheduler"]}
+        json.dumps({**_SCHEDULER, "_diffusers_version": diffusers.__version__}, indent=2) + "\n"
+    )
+    index: dict[str, Any] = {
+        "_class_name": "UViTPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     if (out / "vae" / "config.json").exists():
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    log.info("wrote text components (vocabulary %d, hidden %d, %d layers, transformers %s) to %s",
-             len(tokenizer), hidden_size, num_layers, transformers.__version__, out)
+    log.info(
+        "wrote text components (vocabulary %d, hidden %d, %d layers, transformers %s) to %s",
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        transformers.__version__,
+        out,
+    )
     return out
 
 
@@ -248,8 +266,13 @@ def embed_captions(text_encoder: Any, tokenizer: Any, captions: list[str], batch
     device = next(text_encoder.parameters()).device
     out = []
     for start in range(0, len(captions), batch_size):
-        ids = tokenizer(captions[start:start + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions[start : start + batch_size],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         out.append(text_encoder(ids.to(device))[0].float().cpu())  # (b, L, D)
     return torch.cat(out)
 
@@ -307,7 +330,9 @@ def caption_separation(
     i, j = divmod(int((dist + torch.diag(torch.full((len(x),), float("inf"), dtype=dist.dtype))).argmin()), len(x))
     log.info("closest captions: %r / %r (distance %.3g, median %.3g)", distinct[i], distinct[j], dist[i, j], median)
     # Tokenised one past the limit: longer means truncated (and no over-length warning).
-    lengths = [len(ids) for ids in tokenizer(distinct, truncation=True, max_length=tokenizer.model_max_length + 1).input_ids]
+    lengths = [
+        len(ids) for ids in tokenizer(distinct, truncation=True, max_length=tokenizer.model_max_length + 1).input_ids
+    ]
     result = {
         "num_captions": float(len(distinct)),
         "min_to_median_distance": float(upper.min() / median),

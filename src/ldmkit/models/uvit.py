@@ -15,7 +15,6 @@ sinusoid phases match the original. This is the only place the two conventions m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +77,7 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, N, 2D) -> (B, N, D)
         x = x + self.attn(self.norm1(x))  # (B, N, D)
@@ -106,7 +105,7 @@ class UViT(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         context_dim: int = 768,
         num_text_tokens: int = 77,
-        time_cond_proj_dim: Optional[int] = None,
+        time_cond_proj_dim: int | None = None,
     ):
         super().__init__()
         if sample_size % patch_size or depth % 2 or embed_dim % num_heads:
@@ -143,7 +142,7 @@ class UViT(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.cond_proj.weight)
             nn.init.zeros_(self.cond_proj.bias)
 
-    def _block(self, block: Block, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _block(self, block: Block, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, x, skip)
         return block(x, skip)
@@ -153,7 +152,7 @@ class UViT(ModelMixin, ConfigMixin):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        timestep_cond: Optional[torch.Tensor] = None,
+        timestep_cond: torch.Tensor | None = None,
         return_dict: bool = True,
         **unused,
     ) -> UViTOutput | tuple[torch.Tensor]:
@@ -167,7 +166,9 @@ class UViT(ModelMixin, ConfigMixin):
         x = self.patch_embed(sample).flatten(2).transpose(1, 2)  # (B, HW/p^2, D)
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)  # (B,)
         # Original convention n = t + 1 (module docstring); sinusoid as the original: [cos, sin], no MLP.
-        time_token = get_timestep_embedding(t + 1, D, flip_sin_to_cos=True, downscale_freq_shift=0).to(x.dtype)  # (B, D)
+        time_token = get_timestep_embedding(t + 1, D, flip_sin_to_cos=True, downscale_freq_shift=0).to(
+            x.dtype
+        )  # (B, D)
         if self.cond_proj is not None:
             if timestep_cond is None:
                 raise ValueError("this U-ViT has time_cond_proj_dim set and needs timestep_cond")
@@ -190,7 +191,7 @@ class UViT(ModelMixin, ConfigMixin):
         return UViTOutput(sample=x) if return_dict else (x,)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "UViT":
+    def from_preset(cls, name: str, **overrides) -> UViT:
         """A randomly initialised U-ViT of a preset size; ``overrides`` replace any config value."""
         if name not in UVIT_PRESETS:
             raise ValueError(f"unknown U-ViT preset {name!r}; choose one of: {', '.join(UVIT_PRESETS)}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
@@ -59,8 +58,8 @@ class UViTPipeline(DiffusionPipeline):
     # ---- LoRA (diffusers' StableDiffusionLoraLoaderMixin interface, denoiser only) ------------------
     def load_lora_weights(
         self,
-        pretrained_model_name_or_path_or_dict: Union[str, Path, dict[str, torch.Tensor]],
-        weight_name: Optional[str] = None,
+        pretrained_model_name_or_path_or_dict: str | Path | dict[str, torch.Tensor],
+        weight_name: str | None = None,
         adapter_name: str = "default",
     ) -> None:
         """Add a LoRA to the U-ViT: a state dict, a ``.safetensors`` file, or a folder (with ``weight_name``,
@@ -72,7 +71,7 @@ class UViTPipeline(DiffusionPipeline):
             source = formats.load_lora_file(Path(source) / weight_name if weight_name else source)
         adapters.load_lora(self.unet, source, adapter_name)
 
-    def set_adapters(self, adapter_names: Union[str, list[str]], adapter_weights: Optional[Union[float, list[float]]] = None) -> None:
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
         """Activate the named adapters with the given strengths (default 1.0)."""
         from ldmkit.lora import adapters
 
@@ -80,7 +79,7 @@ class UViTPipeline(DiffusionPipeline):
         weights = [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else adapter_weights
         adapters.set_adapters(self.unet, names, weights)
 
-    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: Optional[list[str]] = None) -> None:
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
         """Merge the active LoRA into the U-ViT weights (faster sampling; ``unfuse_lora`` undoes it)."""
         from ldmkit.lora import adapters
 
@@ -100,23 +99,28 @@ class UViTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         """CLIP last hidden state [B, 77, D] (what U-ViT's MS-COCO features store)."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(device))[0]
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: Union[str, list[str]],
-        negative_prompt: Optional[Union[str, list[str]]] = None,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
+        height: int | None = None,
+        width: int | None = None,
         output_type: str = "pil",
-        latents: Optional[torch.Tensor] = None,
+        latents: torch.Tensor | None = None,
         eta: float = 0.0,
         return_dict: bool = True,
     ):
@@ -138,7 +142,9 @@ class UViTPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0 and cfg.time_cond_proj_dim is None
         if cfg.time_cond_proj_dim is not None:
             w = torch.full((batch,), guidance_scale - 1.0, device=device)
-            timestep_cond = guidance_scale_embedding(w, cfg.time_cond_proj_dim).to(cond.dtype)  # as the LCD student saw it
+            timestep_cond = guidance_scale_embedding(w, cfg.time_cond_proj_dim).to(
+                cond.dtype
+            )  # as the LCD student saw it
         if do_cfg:
             negative = negative_prompt if negative_prompt is not None else ""
             negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)

@@ -21,8 +21,11 @@ CONFIG_HELP = "YAML recipe: a file, or a shipped one by name (lcm_lora/sd15; the
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help=CONFIG_HELP)
     parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="--section.key=value overrides of any config key (see the options below).")
+    parser.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="--section.key=value overrides of any config key (see the options below).",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +42,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry for ``ldmkit train``: argparse takes the recipe and flags, the rest are config overrides."""
-    parser = argparse.ArgumentParser(prog="ldmkit train", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser = argparse.ArgumentParser(
+        prog="ldmkit train",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
     parser.add_argument("-h", "--help", action="store_true", help="Show this help (and the method's options).")
     parser.add_argument("config", nargs="?", help=CONFIG_HELP)
     parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")

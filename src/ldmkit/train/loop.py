@@ -73,8 +73,12 @@ def make_lr_scheduler(cfg: Config, optimizer):
     """
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
-                         num_training_steps=cfg.train.max_steps)
+    return get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.train.lr_warmup_steps,
+        num_training_steps=cfg.train.max_steps,
+    )
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -115,8 +119,11 @@ def install_trainable_only_checkpoints(accelerator) -> None:
         return
 
     def trainable(model) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters()
-                if p.requires_grad}
+        return {
+            n: p.detach().cpu().contiguous()
+            for n, p in accelerator.unwrap_model(model).named_parameters()
+            if p.requires_grad
+        }
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -129,7 +136,9 @@ def install_trainable_only_checkpoints(accelerator) -> None:
             state = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
             result = accelerator.unwrap_model(model).load_state_dict(state, strict=False)
             if result.unexpected_keys:
-                raise UserError(f"checkpoint {input_dir} does not match the model: unexpected {result.unexpected_keys[:3]}")
+                raise UserError(
+                    f"checkpoint {input_dir} does not match the model: unexpected {result.unexpected_keys[:3]}"
+                )
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -226,8 +235,12 @@ def train(cfg: Config, accelerator=None) -> Path:
 
     micro_per_step = t.gradient_accumulation_steps
     loader = build_loader(
-        cfg.data, batch_size=t.batch_size, seed=t.seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, start_batch=step * micro_per_step,
+        cfg.data,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        start_batch=step * micro_per_step,
         encoders=method.encoders() if cfg.data.cache else None,
         cache_root=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache",
     )
@@ -238,8 +251,13 @@ def train(cfg: Config, accelerator=None) -> Path:
     metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=t.max_steps, initial=step, desc=cfg.method.name, disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=t.max_steps,
+        initial=step,
+        desc=cfg.method.name,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
     global_batch = t.batch_size * micro_per_step * accelerator.num_processes
     params = method.parameters()
     tick = time.perf_counter()
@@ -270,18 +288,24 @@ def train(cfg: Config, accelerator=None) -> Path:
             if step % t.log_every == 0 or step == t.max_steps:
                 loss_mean = accelerator.gather(loss_sum[None]).mean().item() / micro_per_step
                 elapsed = time.perf_counter() - tick
-                record = {"step": step, "loss": loss_mean, "lr": lr_scheduler.get_last_lr()[0],
-                          "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
-                          "epoch": getattr(loader, "epoch", 0), "samples_seen": samples_seen}
+                record = {
+                    "step": step,
+                    "loss": loss_mean,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
+                    "epoch": getattr(loader, "epoch", 0),
+                    "samples_seen": samples_seen,
+                }
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 record.update({k: v / micro_per_step for k, v in logs_sum.items()})
                 if not math.isfinite(loss_mean):
-                    raise FloatingPointError(f"loss is {loss_mean} at step {step}; lower the learning rate or use bf16/fp32")
+                    raise FloatingPointError(
+                        f"loss is {loss_mean} at step {step}; lower the learning rate or use bf16/fp32"
+                    )
                 metrics.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}",
-                                sps=f"{record['samples_per_s']:.1f}")
+                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
                 tick, window_steps = time.perf_counter(), 0
             bar.update(1)
 

@@ -24,7 +24,7 @@ def _once(tmp_path_factory, name: str, build) -> Path:
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models run fastest on one thread (see conftest_sd.py: 2 OpenMP threads on a busy 2-core
+    """Tiny models run fastest on one thread (see helpers/sd.py: 2 OpenMP threads on a busy 2-core
     machine spin against each other)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -43,8 +43,12 @@ def shapes_dir(tmp_path_factory) -> Path:
         rows = []
         for i, txt in enumerate(sorted(path.glob("*.txt"))):
             caption = txt.read_text().strip()
-            rows.append({"file_name": txt.with_suffix(".png").name,
-                         "text": [caption, f"{caption}, picture {i}", "shapes"][: 1 + i % 3]})
+            rows.append(
+                {
+                    "file_name": txt.with_suffix(".png").name,
+                    "text": [caption, f"{caption}, picture {i}", "shapes"][: 1 + i % 3],
+                }
+            )
         (path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     return _once(tmp_path_factory, "uvit_shapes", build)
@@ -58,8 +62,21 @@ def run_prepare(model: Path, data: Path, out: Path, *extra: str) -> int:
 
     parser = argparse.ArgumentParser()
     prepare_features.add_arguments(parser)
-    args = parser.parse_args(["--model", str(model), "--data", str(data), "--out", str(out),
-                              "--resolution", str(RESOLUTION), "--batch-size", "5", *extra])
+    args = parser.parse_args(
+        [
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--resolution",
+            str(RESOLUTION),
+            "--batch-size",
+            "5",
+            *extra,
+        ]
+    )
     return prepare_features.run(args)
 
 
@@ -85,10 +102,13 @@ def tiny_pipeline(sd_dir: Path, unet, scheduler=None):
     from ldmkit.pipelines.uvit import UViTPipeline
 
     scheduler = scheduler or DPMSolverMultistepScheduler.from_config(training_scheduler("epsilon").config)
-    pipe = UViTPipeline(vae=AutoencoderKL.from_pretrained(sd_dir, subfolder="vae"),
-                        text_encoder=CLIPTextModel.from_pretrained(sd_dir, subfolder="text_encoder"),
-                        tokenizer=CLIPTokenizer.from_pretrained(sd_dir, subfolder="tokenizer"),
-                        unet=unet, scheduler=scheduler)
+    pipe = UViTPipeline(
+        vae=AutoencoderKL.from_pretrained(sd_dir, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(sd_dir, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(sd_dir, subfolder="tokenizer"),
+        unet=unet,
+        scheduler=scheduler,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -29,8 +29,9 @@ def assert_same_exports(a: Path, b: Path, base: Path, atol: float = 1e-6) -> Non
         for k in ta:
             torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=atol)
         orig = load_file(str(base / f)) if (base / f).is_file() else {}
-        moved |= any(("lora_B" in k and ta[k].abs().max() > 0) or (k in orig and not torch.equal(ta[k], orig[k]))
-                     for k in ta)
+        moved |= any(
+            ("lora_B" in k and ta[k].abs().max() > 0) or (k in orig and not torch.equal(ta[k], orig[k])) for k in ta
+        )
     assert moved, f"{a} equals its base model: nothing was trained"
 
 
@@ -40,6 +41,19 @@ def launch_two() -> list[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]

@@ -1,6 +1,6 @@
 """A small denoiser on raw pixels: exercises the training loop quickly, without diffusion models.
 
-Registered for tests through LDMKIT_METHODS="toy=toy_method:ToyMethod" (tests/ on sys.path).
+Registered for tests through LDMKIT_METHODS="toy=helpers.toy_method:ToyMethod" (tests/ on sys.path).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ class ToyMethod(Method):
         super().__init__(cfg, accelerator)
         torch.manual_seed(0)
         w = self.mcfg.width
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, w, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(w, 3, 3, padding=1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, w, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(w, 3, 3, padding=1)
+        )
         self.ema = None
         self.calls = 0
         if self.mcfg.use_ema:
@@ -44,7 +46,10 @@ class ToyMethod(Method):
 
     def loss(self, batch):
         self.calls += 1
-        if self.mcfg.crash_at_step and self.calls > (self.mcfg.crash_at_step - 1) * self.cfg.train.gradient_accumulation_steps:
+        if (
+            self.mcfg.crash_at_step
+            and self.calls > (self.mcfg.crash_at_step - 1) * self.cfg.train.gradient_accumulation_steps
+        ):
             raise RuntimeError("simulated crash")
         x = batch["pixel_values"]
         rng = SampleRNG(batch["seed"], x.device)
@@ -62,4 +67,6 @@ class ToyMethod(Method):
         return {"ema": self.ema} if self.ema is not None else {}
 
     def export(self, out_dir: Path):
-        save_file({k: v.contiguous() for k, v in self.unwrap(self.net).state_dict().items()}, str(out_dir / "toy.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in self.unwrap(self.net).state_dict().items()}, str(out_dir / "toy.safetensors")
+        )

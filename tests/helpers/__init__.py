@@ -1,0 +1,1 @@
+"""Helpers shared by the tests (tiny models, data, run comparisons); imported as ``helpers.<name>``."""
