@@ -11,7 +11,7 @@ import torch
 
 from ldmkit.data import Draws, build_loader, open_dataset
 from ldmkit.data.cache import CacheDataset, LazyEncoders, build_cache
-from ldmkit.train.rng import sample_seed
+from ldmkit.rng import sample_seed
 
 from helpers.data import FakeEncoders, data_cfg, fake_encoders, items, layouts, make_items, write_folder  # noqa: F401
 

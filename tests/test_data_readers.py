@@ -16,7 +16,7 @@ from ldmkit.data.folder import FolderDataset
 from ldmkit.data.transforms import decode_image
 from ldmkit.data.wds import WdsDataset, iter_shard
 from ldmkit.errors import UserError
-from ldmkit.train.rng import sample_seed
+from ldmkit.rng import sample_seed
 
 from helpers.data import (  # noqa: F401 (fixtures)
     data_cfg,

@@ -6,7 +6,7 @@ import torch
 
 from ldmkit.data import GlobalBatchSampler, build_loader
 from ldmkit.data.wds import WdsDataset
-from ldmkit.train.rng import sample_seed
+from ldmkit.rng import sample_seed
 
 from helpers.data import data_cfg, items, layouts, make_items, write_folder, write_wds  # noqa: F401 (fixtures)
 

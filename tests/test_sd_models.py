@@ -10,7 +10,7 @@ import torch
 
 from ldmkit.errors import UserError
 from ldmkit.models.sd import SDModels
-from ldmkit.train.rng import SampleRNG
+from ldmkit.rng import SampleRNG
 
 from helpers.sd import make_batch, one_thread  # noqa: F401  (autouse fixture)
 

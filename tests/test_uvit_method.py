@@ -65,7 +65,7 @@ def _batch(n: int = 4, seed: int = 0) -> dict:
 
 
 def test_loss_is_epsilon_mse_of_scaled_posterior_samples(method):
-    from ldmkit.train.rng import SampleRNG
+    from ldmkit.rng import SampleRNG
 
     batch = _batch()
     loss, _ = method.loss(batch)
@@ -86,7 +86,7 @@ def test_min_snr_loss_weights_each_sample(tiny_sd15, features_dir, tmp_path):
     from accelerate import Accelerator
 
     from ldmkit.methods.uvit import UViTMethod
-    from ldmkit.train.rng import SampleRNG
+    from ldmkit.rng import SampleRNG
 
     torch.manual_seed(0)
     method = UViTMethod(debug_cfg(tiny_sd15, features_dir, tmp_path, "--method.snr_gamma=0.5"), Accelerator(cpu=True))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldmkit.methods.base import Method, MethodConfig
-from ldmkit.train.rng import SampleRNG
+from ldmkit.rng import SampleRNG
 
 
 @dataclass

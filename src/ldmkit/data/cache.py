@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ldmkit.data.transforms import Draws, ImageTransform, RawSample, choose_caption
-from ldmkit.train.rng import sample_seed
+from ldmkit.rng import sample_seed
 
 if TYPE_CHECKING:
     from ldmkit.config import DataConfig

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ldmkit.errors import UserError
-from ldmkit.train.rng import sample_seed
+from ldmkit.rng import sample_seed
 
 
 class GlobalBatchSampler:

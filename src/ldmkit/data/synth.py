@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ldmkit.errors import UserError
-from ldmkit.train.rng import sample_seed
+from ldmkit.rng import sample_seed
 
 logger = logging.getLogger(__name__)
 

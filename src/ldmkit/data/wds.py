@@ -49,7 +49,7 @@ from ldmkit.data.transforms import (
     split_captions,
 )
 from ldmkit.errors import UserError
-from ldmkit.train.rng import sample_seed
+from ldmkit.rng import sample_seed
 
 if TYPE_CHECKING:
     from ldmkit.config import DataConfig

@@ -26,7 +26,7 @@ from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
 from ldmkit.models.sd import SDModels
-from ldmkit.train.rng import SampleRNG, sample_seed
+from ldmkit.rng import SampleRNG, sample_seed
 
 log = logging.getLogger(__name__)
 

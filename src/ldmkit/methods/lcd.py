@@ -40,7 +40,7 @@ from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
 from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.methods.base import Method, MethodConfig
-from ldmkit.train.rng import SampleRNG
+from ldmkit.rng import SampleRNG
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

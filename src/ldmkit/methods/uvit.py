@@ -28,7 +28,7 @@ from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
 from ldmkit.models.uvit import UViT
-from ldmkit.train.rng import SampleRNG
+from ldmkit.rng import SampleRNG
 
 if TYPE_CHECKING:
     from ldmkit.config import Config

@@ -26,7 +26,7 @@ from torch import nn
 
 from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
-from ldmkit.train.rng import SampleRNG
+from ldmkit.rng import SampleRNG
 
 if TYPE_CHECKING:
     from ldmkit.config import Config

@@ -18,7 +18,7 @@ import torch
 
 from ldmkit.compat import dtype_kwargs
 from ldmkit.errors import UserError
-from ldmkit.train.rng import SampleRNG
+from ldmkit.rng import SampleRNG
 
 log = logging.getLogger(__name__)
 

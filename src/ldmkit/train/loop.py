@@ -5,7 +5,7 @@ logging (progress bar, TensorBoard, metrics.jsonl), validation grids, checkpoint
 
 Resume = run the same command again (after NVlabs/edm2): the latest complete checkpoint restores
 weights, optimizer, LR schedule, RNG, method extras (EMA) and the data position. Because every random
-draw of a step comes from per-sample seeds (train/rng.py) and the sampler can start at any batch
+draw of a step comes from per-sample seeds (rng.py) and the sampler can start at any batch
 (data/sampler.py), a resumed run reproduces the uninterrupted one.
 """
 
