@@ -158,8 +158,7 @@ def run_one(model: str, method_name: str, cache: bool, batched: bool, args) -> d
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
-    from ldmkit.config import load_config
-    from ldmkit.methods import get_method
+    from ldmkit.methods import get_method, load_config
 
     cuda = torch.cuda.is_available()
     overrides = [

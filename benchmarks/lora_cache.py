@@ -262,7 +262,7 @@ def run_variant(args) -> dict[str, Any]:
     """Train one variant with the real loop and measure it (runs inside the subprocess)."""
     import ldmkit.data
     import ldmkit.methods
-    from ldmkit.config import load_config
+    from ldmkit.methods import load_config
     from ldmkit.train import loop
 
     t_start = time.perf_counter()
@@ -378,9 +378,8 @@ def _peak_train(device: torch.device) -> int:
 
 def build_cache(args) -> dict[str, Any]:
     """Build the cache the way the loop does (method.encoders() + build_loader) and time it."""
-    from ldmkit.config import load_config
     from ldmkit.data import build_loader
-    from ldmkit.methods import get_method
+    from ldmkit.methods import get_method, load_config
     from ldmkit.train import loop
 
     cfg = load_config(None, _overrides(args, True, Path(args.run_dir), 1))

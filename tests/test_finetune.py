@@ -199,7 +199,7 @@ RECIPES = sorted((ROOT / "configs").glob("finetune/*.yaml")) + sorted((ROOT / "c
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipes_validate(path):
-    from ldmkit.config import load_config
+    from ldmkit.methods import load_config
 
     cfg = load_config(str(path))
     assert cfg.method.name == path.parent.name
@@ -224,8 +224,8 @@ def test_debug_recipes_train_end_to_end(recipe, arch, extra, request, shapes_fol
     diffusers; running the same command again resumes at the end and does not train."""
     from diffusers import DiffusionPipeline
 
-    from ldmkit.config import load_config
     from ldmkit.lora.formats import count_lora_modules
+    from ldmkit.methods import load_config
     from ldmkit.train.loop import train
 
     model_dir = request.getfixturevalue(f"tiny_{arch}")

@@ -18,10 +18,9 @@ from diffusers import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from ldmkit.config import load_config
 from ldmkit.errors import UserError
 from ldmkit.lora import formats
-from ldmkit.methods import get_method
+from ldmkit.methods import get_method, load_config
 from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod, _adapters_disabled
 
 from helpers.lcm import unet_inputs, unet_out

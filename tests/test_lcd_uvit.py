@@ -10,10 +10,9 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from ldmkit.config import load_config
 from ldmkit.errors import UserError
 from ldmkit.lora import adapters, formats
-from ldmkit.methods import get_method
+from ldmkit.methods import get_method, load_config
 from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES, is_uvit_pipeline
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldmkit.config import load_config
 from ldmkit.errors import UserError
+from ldmkit.methods import load_config
 from ldmkit.train.loop import train
 
 from helpers.runs import launch_two, logged

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldmkit.config import load_config
 from ldmkit.errors import UserError
+from ldmkit.methods import load_config
 
 from helpers.uvit import features_dir, one_thread, seeded, shapes_dir  # noqa: F401
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldmkit.config import load_config
 from ldmkit.errors import UserError
+from ldmkit.methods import load_config
 
 from helpers.uvit import one_thread  # noqa: F401
 

@@ -1,8 +1,10 @@
 """Typed configs shared by every method.
 
 A run's config is ``Config`` with ``method`` replaced by the method's own dataclass (see
-``ldmkit.methods``). YAML recipes and ``--section.key=value`` overrides are parsed by jsonargparse,
+``ldmkit.methods``, whose ``load_config`` picks that dataclass by ``method.name`` and calls
+``parse_config`` here). YAML recipes and ``--section.key=value`` overrides are parsed by jsonargparse,
 which rejects unknown keys and wrong types; field docstrings become ``ldmkit train --help``.
+This module is foundation: it imports nothing of ldmkit but ``errors``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from pathlib import Path
 from typing import Literal
 
 from ldmkit.errors import UserError
-from ldmkit.methods.base import MethodConfig
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; ``name`` selects the method."""
+
+    name: str = ""
+    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
 
 
 @dataclass
@@ -135,7 +144,7 @@ class Config:
 SHARED_GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
-def _parser(method_cls: type[MethodConfig], prog: str = "ldmkit train"):
+def build_parser(method_cls: type[MethodConfig], prog: str = "ldmkit train"):
     """jsonargparse parser of a run's config for one method's config class."""
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
@@ -178,7 +187,7 @@ def resolve_recipe(path: str) -> Path:
     raise UserError(f"config file not found: {path} (shipped recipes: {', '.join(shipped_recipes())})")
 
 
-def _method_name(path: str | None, overrides: list[str]) -> str:
+def recipe_method_name(path: str | None, overrides: list[str]) -> str:
     name = None
     if path:
         import yaml
@@ -197,22 +206,12 @@ def _method_name(path: str | None, overrides: list[str]) -> str:
     return name
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    """Resolve a recipe plus ``--section.key=value`` overrides into a typed Config.
-
-    Unknown keys and wrong types raise UserError with one line naming the key.
-    """
-    from ldmkit.methods import METHODS, _plugins, get_method
-
-    METHODS.update(_plugins())
-    overrides = list(overrides or [])
-    path = None if path is None else str(resolve_recipe(path))
-    name = _method_name(path, overrides)
-    if name not in METHODS:
-        raise UserError(f"unknown method.name {name!r}; choose one of: {', '.join(METHODS)}")
-    method_cls = get_method(name).Config
-    parser = _parser(method_cls)
-    args = (["--config", str(path)] if path else []) + overrides
+def parse_config(method_cls: type[MethodConfig], name: str, path: str | None, overrides: list[str]) -> Config:
+    """Parse a recipe file plus ``--section.key=value`` overrides into a typed, checked Config whose
+    ``method`` is a ``method_cls`` named ``name``; unknown keys and wrong types raise UserError with one
+    line naming the key."""
+    parser = build_parser(method_cls)
+    args = (["--config", str(path)] if path else []) + list(overrides)
     try:
         ns = parser.parse_args(args)
     except Exception as e:  # jsonargparse.ArgumentError and friends: reduce to one line
@@ -250,10 +249,3 @@ def dump_config(cfg: Config) -> str:
     import yaml
 
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-def method_help(name: str) -> str:
-    """Help text of one method's options (for ``ldmkit train --help``)."""
-    from ldmkit.methods import get_method
-
-    return _parser(get_method(name).Config).format_help()

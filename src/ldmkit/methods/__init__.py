@@ -1,11 +1,15 @@
-"""Registry of training methods: ``method.name`` -> implementation (imported lazily)."""
+"""Registry of training methods: ``method.name`` -> implementation (imported lazily), and the resolution
+of a recipe into the typed config of the method it names."""
 
 from __future__ import annotations
 
 import importlib
 import os
 
-METHODS: dict[str, str] = {
+from ldmkit.config import Config, parse_config, recipe_method_name, resolve_recipe
+from ldmkit.errors import UserError
+
+BUILTIN_METHODS: dict[str, str] = {
     "finetune": "ldmkit.methods.finetune:FinetuneMethod",
     "lora": "ldmkit.methods.finetune:LoraMethod",
     "lcm_lora": "ldmkit.methods.lcd:LCMLoraMethod",
@@ -15,16 +19,37 @@ METHODS: dict[str, str] = {
 }
 
 
-def _plugins() -> dict[str, str]:
-    """Extra methods from LDMKIT_METHODS="name=package.module:Class,..." (your own methods, no fork needed)."""
+def registered_methods() -> dict[str, str]:
+    """Every method by name: the built-in ones, plus your own from
+    ``LDMKIT_METHODS="name=package.module:Class,..."`` (no fork needed)."""
     spec = os.environ.get("LDMKIT_METHODS", "")
-    return dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+    plugins = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+    return {**BUILTIN_METHODS, **plugins}
 
 
 def get_method(name: str):
     """The Method class registered under ``name``."""
-    METHODS.update(_plugins())
-    if name not in METHODS:
-        raise ValueError(f"unknown method.name {name!r}; choose one of: {', '.join(METHODS)}")
-    module, cls = METHODS[name].split(":")
+    methods = registered_methods()
+    if name not in methods:
+        raise UserError(f"unknown method.name {name!r}; choose one of: {', '.join(methods)}")
+    module, cls = methods[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Resolve a recipe (a file, or a shipped recipe's name such as ``lcm_lora/sd15``) plus
+    ``--section.key=value`` overrides into the typed Config of the method it names.
+
+    Unknown keys, wrong types and bad values raise UserError with one line naming the key.
+    """
+    overrides = list(overrides or [])
+    path = None if path is None else str(resolve_recipe(path))
+    name = recipe_method_name(path, overrides)
+    return parse_config(get_method(name).Config, name, path, overrides)
+
+
+def method_help(name: str) -> str:
+    """Help text of one method's options (for ``ldmkit train --help``)."""
+    from ldmkit.config import build_parser
+
+    return build_parser(get_method(name).Config).format_help()

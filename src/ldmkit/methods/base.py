@@ -7,24 +7,17 @@ See docs/DESIGN.md for the batch contract.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ldmkit.config import Config, MethodConfig
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ldmkit.config import Config
-
-
-@dataclass
-class MethodConfig:
-    """Base of every method's config; ``name`` selects the method."""
-
-    name: str = ""
-    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+__all__ = ["Method", "MethodConfig"]
 
 
 class Method:

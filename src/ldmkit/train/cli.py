@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldmkit.config import dump_config, load_config, method_help
+from ldmkit.config import dump_config
+from ldmkit.methods import load_config, method_help
 
 DESCRIPTION = """Train with a YAML recipe. The method is named inside the recipe (method.name: finetune | lora |
 lcm_lora | lcd | uvit | vae) and its knobs live under method. Override any key with --section.key=value
@@ -53,16 +54,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
     args, overrides = parser.parse_known_args(argv)
     if args.help:
-        from ldmkit.config import _method_name, shipped_recipes
+        from ldmkit.config import recipe_method_name, shipped_recipes
         from ldmkit.errors import UserError
-        from ldmkit.methods import METHODS
+        from ldmkit.methods import registered_methods
 
         parser.print_help()
         print(f"\nshipped recipes (by name from any folder): {', '.join(shipped_recipes())}")
         try:
-            names = [_method_name(args.config, overrides)]
+            names = [recipe_method_name(args.config, overrides)]
         except (UserError, OSError):
-            names = list(METHODS)
+            names = list(registered_methods())
         for name in names:
             print(f"\n===== options of method {name!r} (and the shared sections) =====")
             print(method_help(name))
