@@ -44,7 +44,9 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "export" / "toy.safetensors"))
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path, shapes_folder):
+def test_resumed_run_equals_uninterrupted(tmp_path, shapes_folder, monkeypatch):
+    from helpers.toy_method import ToyMethod
+
     train(
         toy_config(
             tmp_path,
@@ -56,6 +58,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, shapes_folder):
             "--train.lr_warmup_steps=2",
         )
     )
+    monkeypatch.setattr(ToyMethod, "crash_at_step", 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(
             toy_config(
@@ -66,9 +69,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, shapes_folder):
                 "--data.random_flip=true",
                 "--train.lr_scheduler=cosine",
                 "--train.lr_warmup_steps=2",
-                "--method.crash_at_step=5",
             )
         )
+    monkeypatch.setattr(ToyMethod, "crash_at_step", 0)
     killed = tmp_path / "killed"
     assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step-0000003"]
     # a half-written checkpoint must never be resumed from

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from ldmkit import __version__
-from ldmkit.errors import UserError
+from ldmkit.errors import Interrupted, UserError
 
 # command -> (module, one-line help). Two-word commands are nested ("data synth").
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ldmkit: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"ldmkit: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("ldmkit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -125,6 +125,12 @@ class TrainConfig:
     """Write metrics every N steps."""
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     """Tracker besides metrics.jsonl."""
+    resume_from: str = "latest"
+    """latest: continue from the newest undamaged checkpoint in output_dir; none: start again from step 0
+    (what output_dir holds from before is moved to output_dir/previous/); or a checkpoint folder to start from."""
+    allow_config_change: bool = False
+    """Resume although the config differs from the one saved in output_dir (the changed keys are listed).
+    Without it a changed config stops with the list; raising train.max_steps alone always continues."""
 
 
 @dataclass
@@ -239,6 +245,46 @@ def validate_config(cfg: Config) -> None:
     check = getattr(cfg.method, "check", None)
     if check is not None:
         check(cfg)
+
+
+# Keys that change how a run is watched or stored, not what it computes: a re-run may change them freely.
+BOOKKEEPING_KEYS = frozenset(
+    {
+        "train.checkpoint_every",
+        "train.checkpoints_total_limit",
+        "train.validate_every",
+        "train.validation_prompts",
+        "train.validation_seed",
+        "train.log_every",
+        "train.report_to",
+        "train.resume_from",
+        "train.allow_config_change",
+        "data.num_workers",
+        "data.cache_dir",
+        "data.encode_batch_size",
+    }
+)
+
+
+def is_bookkeeping(key: str) -> bool:
+    """Whether changing ``key`` between runs leaves what is computed unchanged (see BOOKKEEPING_KEYS;
+    a method's ``validation_*`` knobs too)."""
+    return key in BOOKKEEPING_KEYS or key.startswith("method.validation_")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` for every key of ``old`` whose value differs in ``new``.
+    Keys that ``old`` lacks (written by an older ldmkit) are not changes."""
+    a, b = _flat(old), _flat(new)
+    return [(k, a[k], b.get(k)) for k in sorted(a) if k in b and a[k] != b[k]]
 
 
 def config_to_dict(cfg: Config) -> dict:

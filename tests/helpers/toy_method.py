@@ -22,13 +22,14 @@ class ToyConfig(MethodConfig):
     """Hidden channels."""
     use_ema: bool = False
     """Keep an EMA of the weights (checks that EMA state survives resume)."""
-    crash_at_step: int = 0
-    """Raise in loss() at this step (simulates a killed run; 0 = never)."""
 
 
 class ToyMethod(Method):
     Config = ToyConfig
     trainable_names = ("net",)
+    crash_at_step = 0
+    """Raise in loss() at this step (simulates a killed run; 0 = never). A class attribute that tests
+    patch, not a config key: a resumed run must have the same config as the killed one."""
 
     def __init__(self, cfg, accelerator):
         super().__init__(cfg, accelerator)
@@ -47,8 +48,8 @@ class ToyMethod(Method):
     def loss(self, batch):
         self.calls += 1
         if (
-            self.mcfg.crash_at_step
-            and self.calls > (self.mcfg.crash_at_step - 1) * self.cfg.train.gradient_accumulation_steps
+            self.crash_at_step
+            and self.calls > (self.crash_at_step - 1) * self.cfg.train.gradient_accumulation_steps
         ):
             raise RuntimeError("simulated crash")
         x = batch["pixel_values"]

@@ -156,6 +156,15 @@ class _Ranks:
         self.wait_for_everyone = PartialState().wait_for_everyone
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM reach the workers too (same process group); the main process decides what to
+    do (finish the step, save, exit: train/loop.py), so a worker must not die and take the batch with it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(
     data_cfg: DataConfig,
     *,
@@ -197,6 +206,7 @@ def build_loader(
     workers = data_cfg.num_workers
     common = dict(
         num_workers=workers,
+        worker_init_fn=_ignore_stop_signals,
         collate_fn=collate,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),

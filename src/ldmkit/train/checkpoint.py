@@ -1,9 +1,11 @@
 """Checkpoints that are complete or invisible, a total limit, and pickle-free extra state.
 
-A checkpoint is written to ``checkpoints/.tmp-step-NNNNNNN`` and renamed to ``step-NNNNNNN`` only once
-every file is on disk (rename is atomic on one filesystem), so a crash mid-save never leaves a
-checkpoint that a later run would resume from (REFERENCE sec. 6: users of the references lose runs to
-half-written checkpoints that are then auto-loaded).
+A checkpoint is written to ``checkpoints/.tmp-step-NNNNNNN``, every file and the folder are fsynced, and
+only then is it renamed to ``step-NNNNNNN`` (rename is atomic on one filesystem), so neither a crash nor
+a power loss mid-save leaves a checkpoint that a later run would resume from (users of diffusers'
+training scripts lose runs to half-written checkpoints that are then auto-loaded). ``trainer_state.json``,
+written last, lists every file with its size; ``latest_valid_checkpoint`` checks that list and skips a
+checkpoint damaged later (a file deleted, truncated or emptied), falling back to the previous one.
 
 Method extras (EMA weights, an LCD target network) are stored as safetensors + JSON rather than through
 accelerate's ``register_for_checkpointing``, which loads custom objects with ``weights_only=False``.
@@ -12,6 +14,8 @@ accelerate's ``register_for_checkpointing``, which loads custom objects with ``w
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +24,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+logger = logging.getLogger(__name__)
+
 STEP_RE = re.compile(r"^step-(\d{7,})$")
+STATE_FILE = "trainer_state.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -34,7 +41,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -42,6 +49,71 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write ``trainer_state.json`` (last: it marks the checkpoint complete) with the name and size of
+    every other file in ``folder``, so damage done later can be told from a complete checkpoint."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / STATE_FILE).write_text(json.dumps({**state, "files": files}))
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def damage(folder: Path) -> str | None:
+    """Why the checkpoint ``folder`` cannot be resumed from, or None when every file it lists is present
+    with its recorded size and its JSON and safetensors headers read."""
+    from safetensors import safe_open
+
+    try:
+        state = read_state(folder)
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is unreadable"
+    for name, size in state.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):
+                    pass
+        except Exception as e:  # any parse error means the same: not this checkpoint
+            return f"{name} is unreadable ({type(e).__name__})"
+    return None
+
+
+def latest_valid_checkpoint(root: Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint that is not damaged; each damaged newer one is skipped with a
+    warning naming it and what is wrong."""
+    for step, path in reversed(list_checkpoints(root)):
+        problem = damage(path)
+        if problem is None:
+            return step, path
+        logger.warning("skipping damaged checkpoint %s: %s", path, problem)
+    return None
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` and the folders themselves to disk (a rename is only as durable
+    as the data it points to: without this a power loss can leave zero-length files under a complete name)."""
+    for p in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [folder]:
+        _fsync(p)
+
+
+def _fsync(path: Path) -> None:
+    if path.is_dir() and os.name == "nt":
+        return  # Windows cannot open folders for fsync
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def temp_dir(root: Path, step: int) -> Path:
@@ -55,9 +127,11 @@ def temp_dir(root: Path, step: int) -> Path:
 def publish(tmp: Path, step: int, total_limit: int | None) -> Path:
     """Make ``tmp`` the checkpoint of ``step`` and prune the oldest beyond ``total_limit``."""
     final = tmp.parent / checkpoint_name(step)
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    _fsync(tmp.parent)  # the rename itself
     if total_limit is not None and total_limit > 0:
         for _, old in list_checkpoints(tmp.parent)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)

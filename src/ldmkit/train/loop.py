@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ldmkit.config import Config, dump_config
-from ldmkit.errors import UserError
+from ldmkit.errors import Interrupted, UserError
 from ldmkit.train import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -98,10 +98,20 @@ class MetricsLog:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so metrics.jsonl reads like one run."""
+    """On resume, drop lines logged after the checkpoint so metrics.jsonl reads like one run; a line cut
+    short by a crash (unparseable JSON) is dropped with a warning."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if line.strip():
+                logger.warning("%s: dropping a damaged line (%d characters)", path, len(line))
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -156,7 +166,7 @@ def save_checkpoint(accelerator, method, lr_scheduler, cfg: Config, step: int, s
         ckpt.save_extra(tmp, {"lr_scheduler": lr_scheduler, **method.checkpoint_objects()})
         (tmp / "ldmkit_config.yaml").write_text(dump_config(cfg))
         # trainer_state.json is written last: its presence marks a complete checkpoint.
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "samples_seen": samples_seen}))
+        ckpt.write_state(tmp, {"step": step, "samples_seen": samples_seen})
         ckpt.publish(tmp, step, cfg.train.checkpoints_total_limit)
         logger.info("saved checkpoint at step %d", step)
     accelerator.wait_for_everyone()
@@ -177,19 +187,173 @@ def save_validation(accelerator, method, cfg: Config, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (what clusters send before killing a job) only set a flag: the loop
+    finishes the step it is in, saves a checkpoint and raises ``Interrupted``. A KeyboardInterrupt raised
+    at an arbitrary point could land between ``optimizer.step()`` and ``step += 1`` and save one step's
+    weights under another step's name. A second Ctrl-C aborts at once (the last checkpoint stays)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(
+            "%s: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)",
+            signal.Signals(signum).name,
+        )
+
+    def requested(self, accelerator) -> int | None:
+        """The signal every process stops for (processes agree, so all of them save together)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=accelerator.device)
+        signum = int(accelerator.reduce(flag, reduction="max").item())
+        return signum or None
+
+
+class RunLock:
+    """An exclusive lock on output_dir (fcntl.flock, released by the OS if the process dies), so a second
+    run started on the same folder stops with one line instead of racing the first."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.path, self.enabled, self.file = out / ".ldmkit.lock", enabled, None
+
+    def __enter__(self) -> RunLock:
+        if not self.enabled:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; runs are not locked there
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"output_dir {self.path.parent} is in use by another ldmkit run ({holder})") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _check_rerun(cfg: Config, out: Path, latest_step: int | None) -> None:
+    """A re-run of an output_dir that holds a run: the same config resumes (or is finished), a raised
+    train.max_steps continues to the new end, anything else that changes what is computed stops with the
+    changed keys unless train.allow_config_change says to go on."""
+    import yaml
+
+    from ldmkit.config import config_changes, config_to_dict, is_bookkeeping
+
+    saved = out / "config.yaml"
+    if latest_step is None or not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{saved} is unreadable: restore it, or start again with --train.resume_from=none") from None
+    changes = [c for c in config_changes(old, config_to_dict(cfg)) if not is_bookkeeping(c[0])]
+    max_steps = [c for c in changes if c[0] == "train.max_steps"]
+    if max_steps and cfg.train.max_steps < latest_step:
+        raise UserError(
+            f"train.max_steps={cfg.train.max_steps} is below the step of the latest checkpoint in {out} "
+            f"({latest_step}); raise it, or start again with --train.resume_from=none"
+        )
+    if max_steps and max_steps[0][2] > max_steps[0][1]:
+        logger.info("train.max_steps raised from %s to %s: continuing to the new end", *max_steps[0][1:])
+        changes.remove(max_steps[0])
+    if not changes:
+        return
+    listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+    if not cfg.train.allow_config_change:
+        raise UserError(
+            f"{out} holds a run with another config ({listed}); --train.allow_config_change=true continues it "
+            "with the new values, --train.resume_from=none starts again (the old run is kept in previous/), "
+            "or choose another output_dir"
+        )
+    logger.warning("continuing %s with a changed config: %s", out, listed)
+
+
+def _set_aside(out: Path) -> None:
+    """train.resume_from=none: move what output_dir holds from an earlier run to output_dir/previous/."""
+    names = ["checkpoints", "export", "samples", "logs", "metrics.jsonl", "config.yaml"]
+    present = [out / n for n in names if (out / n).exists()]
+    if not present:
+        return
+    dest = out / "previous" / time.strftime("run-%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True)
+    for p in present:
+        p.rename(dest / p.name)
+    logger.info("train.resume_from=none: the earlier run in %s moved to %s", out, dest)
+
+
+def _resume_point(cfg: Config, out: Path) -> tuple[int, Path] | None:
+    """The checkpoint to start from: ``train.resume_from`` (latest | none | a folder), verified."""
+    where = cfg.train.resume_from
+    if where == "none":
+        return None
+    if where == "latest":
+        return ckpt.latest_valid_checkpoint(out / "checkpoints")
+    path = Path(where)
+    if not (path / ckpt.STATE_FILE).is_file():
+        raise UserError(f"train.resume_from: {path} is not an ldmkit checkpoint (no {ckpt.STATE_FILE})")
+    problem = ckpt.damage(path)
+    if problem is not None:
+        raise UserError(f"train.resume_from: checkpoint {path} is damaged: {problem}")
+    return int(ckpt.read_state(path)["step"]), path
+
+
 def train(cfg: Config, accelerator=None) -> Path:
     """Run (or resume) the training described by ``cfg``; returns the export folder."""
+    out = Path(cfg.output_dir)
+    main = accelerator.is_main_process if accelerator is not None else int(os.environ.get("RANK", "0")) == 0
+    with RunLock(out, enabled=main):
+        if cfg.train.resume_from == "none" and main:
+            _set_aside(out)
+        return _train(cfg, out, accelerator)
+
+
+def _train(cfg: Config, out: Path, accelerator) -> Path:
     from accelerate.utils import set_seed
 
     from ldmkit.data import build_loader
     from ldmkit.methods import get_method
 
     t = cfg.train
-    out = Path(cfg.output_dir)
     export_dir = out / "export"
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
-    if latest is not None and latest[0] >= t.max_steps and (export_dir / "ldmkit_config.yaml").is_file():
-        logger.info("%s is finished (step %d): nothing to do", out, latest[0])
+    resume = _resume_point(cfg, out)
+    _check_rerun(cfg, out, resume[0] if resume else None)
+    if resume is not None and resume[0] >= t.max_steps and (export_dir / "ldmkit_config.yaml").is_file():
+        logger.info("%s is finished (step %d): nothing to do", out, resume[0])
         return export_dir
     out.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or make_accelerator(cfg)
@@ -216,14 +380,12 @@ def train(cfg: Config, accelerator=None) -> Path:
     optimizer = prepared[-1]
     install_trainable_only_checkpoints(accelerator)
 
-    # Resume from the latest complete checkpoint, if any.
     step, samples_seen = 0, 0
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
-    if latest is not None:
-        step, path = latest
+    if resume is not None:
+        step, path = resume
         accelerator.load_state(str(path))
         ckpt.load_extra(path, {"lr_scheduler": lr_scheduler, **method.checkpoint_objects()})
-        samples_seen = json.loads((path / "trainer_state.json").read_text())["samples_seen"]
+        samples_seen = ckpt.read_state(path)["samples_seen"]
         logger.info("resumed from %s", path)
         if accelerator.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", step)
@@ -263,62 +425,66 @@ def train(cfg: Config, accelerator=None) -> Path:
     tick = time.perf_counter()
     window_steps = 0
     try:
-        while step < t.max_steps:
-            loss_sum, logs_sum = torch.zeros((), device=accelerator.device), {}
-            grad_norm = None
-            for _ in range(micro_per_step):
-                batch = _to_device(next(data_iter), accelerator.device)
-                with accelerator.accumulate(*[getattr(method, n) for n in method.trainable_names]):
-                    loss, logs = method.loss(batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().float()
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
-            if not accelerator.optimizer_step_was_skipped:
-                lr_scheduler.step()
-            step += 1
-            samples_seen += global_batch
-            window_steps += 1
-            method.after_step(step)
+        with StopSignals() as stop:
+            while step < t.max_steps:
+                loss_sum, logs_sum = torch.zeros((), device=accelerator.device), {}
+                grad_norm = None
+                for _ in range(micro_per_step):
+                    batch = _to_device(next(data_iter), accelerator.device)
+                    with accelerator.accumulate(*[getattr(method, n) for n in method.trainable_names]):
+                        loss, logs = method.loss(batch)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and t.max_grad_norm:
+                            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    loss_sum += loss.detach().float()
+                    for k, v in logs.items():
+                        logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+                if not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                step += 1
+                samples_seen += global_batch
+                window_steps += 1
+                method.after_step(step)
 
-            if step % t.log_every == 0 or step == t.max_steps:
-                loss_mean = accelerator.gather(loss_sum[None]).mean().item() / micro_per_step
-                elapsed = time.perf_counter() - tick
-                record = {
-                    "step": step,
-                    "loss": loss_mean,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
-                    "epoch": getattr(loader, "epoch", 0),
-                    "samples_seen": samples_seen,
-                }
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                record.update({k: v / micro_per_step for k, v in logs_sum.items()})
-                if not math.isfinite(loss_mean):
-                    raise FloatingPointError(
-                        f"loss is {loss_mean} at step {step}; lower the learning rate or use bf16/fp32"
+                if step % t.log_every == 0 or step == t.max_steps:
+                    loss_mean = accelerator.gather(loss_sum[None]).mean().item() / micro_per_step
+                    elapsed = time.perf_counter() - tick
+                    record = {
+                        "step": step,
+                        "loss": loss_mean,
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
+                        "epoch": getattr(loader, "epoch", 0),
+                        "samples_seen": samples_seen,
+                    }
+                    if grad_norm is not None:
+                        record["grad_norm"] = float(grad_norm)
+                    record.update({k: v / micro_per_step for k, v in logs_sum.items()})
+                    if not math.isfinite(loss_mean):
+                        raise FloatingPointError(
+                            f"loss is {loss_mean} at step {step}; lower the learning rate or use bf16/fp32"
+                        )
+                    metrics.write(record)
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    bar.set_postfix(
+                        loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}"
                     )
-                metrics.write(record)
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
-                tick, window_steps = time.perf_counter(), 0
-            bar.update(1)
+                    tick, window_steps = time.perf_counter(), 0
+                bar.update(1)
 
-            if t.validate_every and step % t.validate_every == 0 and step < t.max_steps:
-                save_validation(accelerator, method, cfg, step)
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
-                save_checkpoint(accelerator, method, lr_scheduler, cfg, step, samples_seen)
-    except KeyboardInterrupt:
-        # Keep the work done so far: the next run of the same command resumes here.
-        logger.warning("interrupted at step %d: saving a checkpoint before exiting", step)
-        if step > 0 and (ckpt.latest_checkpoint(out / "checkpoints") or (None,))[0] != step:
-            save_checkpoint(accelerator, method, lr_scheduler, cfg, step, samples_seen)
-        raise
+                signum = stop.requested(accelerator)
+                paused = time.perf_counter()  # samples/s counts training only, not validation or saving
+                if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and not signum:
+                    save_validation(accelerator, method, cfg, step)
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or signum:
+                    save_checkpoint(accelerator, method, lr_scheduler, cfg, step, samples_seen)
+                if signum:
+                    raise Interrupted(
+                        f"interrupted at step {step}, checkpoint saved; run the same command to resume", signum
+                    )
+                tick += time.perf_counter() - paused
     finally:
         bar.close()
         close = getattr(loader, "close", None)
