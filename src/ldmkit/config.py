@@ -159,6 +159,7 @@ def build_parser(method_cls: type[MethodConfig], prog: str = "ldmkit train"):
     parser = ArgumentParser(
         prog=prog,
         exit_on_error=False,
+        allow_abbrev=False,  # --train.max_step must not silently mean --train.max_steps
         description="Train with a YAML recipe; override any key with --section.key=value.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe.")
@@ -198,7 +199,12 @@ def recipe_method_name(path: str | None, overrides: list[str]) -> str:
     if path:
         import yaml
 
-        data = yaml.safe_load(resolve_recipe(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(resolve_recipe(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            raise UserError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: a recipe must be a YAML mapping")
         name = (data.get("method") or {}).get("name")
@@ -229,19 +235,66 @@ def parse_config(method_cls: type[MethodConfig], name: str, path: str | None, ov
     return cfg
 
 
+def _at_least(key: str, value: float | None, low: float, *, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if value is None or value < low:
+        raise UserError(f"{key} must be >= {low}{' (or null)' if none_ok else ''}, got {value}")
+
+
+def _folder_path(key: str, value: str | None) -> None:
+    if value and Path(value).exists() and not Path(value).is_dir():
+        raise UserError(f"{key} is a file, a folder is needed there: {value}")
+
+
 def validate_config(cfg: Config) -> None:
-    """Checks that are about values rather than types (types are checked by the parser)."""
-    t = cfg.train
+    """Checks that are about values rather than types (types are checked by the parser), so that a bad
+    value stops at once (``--dry-run`` included) with one line naming the key, never after hours of
+    training or as a traceback. Checks that need the model live with the method (``check``) and the
+    model family."""
+    t, d = cfg.train, cfg.data
     for key, value, low in (
         ("train.batch_size", t.batch_size, 1),
         ("train.max_steps", t.max_steps, 1),
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
-        ("data.resolution", cfg.data.resolution, 8),
+        ("train.log_every", t.log_every, 1),
+        ("train.checkpoint_every", t.checkpoint_every, 0),
+        ("train.validate_every", t.validate_every, 0),
+        ("train.lr_warmup_steps", t.lr_warmup_steps, 0),
+        ("train.adam_weight_decay", t.adam_weight_decay, 0.0),
+        ("data.resolution", d.resolution, 8),
+        ("data.num_workers", d.num_workers, 0),
+        ("data.encode_batch_size", d.encode_batch_size, 1),
+        ("data.shuffle_buffer", d.shuffle_buffer, 1),
     ):
-        if value < low:
-            raise UserError(f"{key} must be >= {low}, got {value}")
-    if not 0.0 <= cfg.data.proportion_empty_prompts <= 1.0:
-        raise UserError(f"data.proportion_empty_prompts must be in [0, 1], got {cfg.data.proportion_empty_prompts}")
+        _at_least(key, value, low)
+    for key, value in (
+        ("train.checkpoints_total_limit", t.checkpoints_total_limit),
+        ("data.max_samples", d.max_samples),
+        ("data.num_samples", d.num_samples),
+    ):
+        _at_least(key, value, 1, none_ok=True)
+    for key, value in (("train.learning_rate", t.learning_rate), ("train.adam_epsilon", t.adam_epsilon)):
+        if not value > 0 or value != value or value == float("inf"):
+            raise UserError(f"{key} must be a positive finite number, got {value}")
+    if t.max_grad_norm is not None and not 0 < t.max_grad_norm < float("inf"):
+        # a negative norm would flip the clipped update: training would go uphill
+        raise UserError(f"train.max_grad_norm must be positive (or null: no clipping), got {t.max_grad_norm}")
+    for key, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{key} must be in [0, 1), got {value}")
+    if not 0.0 <= d.proportion_empty_prompts <= 1.0:
+        raise UserError(f"data.proportion_empty_prompts must be in [0, 1], got {d.proportion_empty_prompts}")
+    if t.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            # accelerate refuses fp16 without a CUDA (or NPU/XPU) device with a long traceback
+            raise UserError("train.mixed_precision=fp16 needs a CUDA GPU and none is visible: use bf16 or no here")
+    _folder_path("output_dir", cfg.output_dir)
+    _folder_path("data.cache_dir", d.cache_dir)
+    if t.resume_from not in ("latest", "none") and not Path(t.resume_from).is_dir():
+        raise UserError(f"train.resume_from must be latest, none or a checkpoint folder, got {t.resume_from!r}")
     check = getattr(cfg.method, "check", None)
     if check is not None:
         check(cfg)
