@@ -1,7 +1,9 @@
 """ldmkit.train.ema.EMA: bit-identical to diffusers' EMAModel for its schedules, the LCD target's lerp for the
-constant one, checkpoints that load onto the model's device."""
+constant one, checkpoints that load onto the model's device, and a finetune run with EMA that resumes exactly."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,11 @@ from torch import nn
 from ldmkit.errors import UserError
 from ldmkit.train import checkpoint as ckpt
 from ldmkit.train.ema import EMA
+
+from helpers.runs import assert_same_exports, logged
+from helpers.sd import accelerator, make_cfg, one_thread  # noqa: F401  (autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def net(device: str = "cpu") -> nn.Module:
@@ -140,6 +147,53 @@ def test_lcd_target_loads_old_module_checkpoints():
     assert torch.equal(target[0].weight, old[0].weight)
 
 
+def test_finetune_ema_resumes_on_another_device(tiny_sd15, tmp_path):
+    """FinetuneMethod(use_ema): the EMA checkpoint (CPU tensors) loaded while the UNet lives on another
+    device (meta here, CUDA in practice) lands on the UNet's device, and the next after_step runs."""
+    from ldmkit.methods.finetune import FinetuneConfig, FinetuneMethod
+
+    method = FinetuneMethod(make_cfg(tiny_sd15, FinetuneConfig(use_ema=True, ema_decay=0.9)), accelerator())
+    method.after_step(1)
+    ckpt.save_extra(tmp_path, method.checkpoint_objects())
+    method.unet.to("meta")
+    method._make_trainable()  # the EMA of a UNet on the meta device, as at the start of a resumed run
+    ckpt.load_extra(tmp_path, method.checkpoint_objects())
+    assert all(s.device.type == "meta" for s in method.ema.shadow_params)
+    method.after_step(2)
+    assert method.ema.optimization_step == 2
+
+
 def test_bad_decay_is_a_user_error():
     with pytest.raises(UserError, match="decay"):
         EMA(net().parameters(), decay=1.5)
+
+
+@pytest.mark.slow
+def test_finetune_with_ema_resume_equals_uninterrupted(tmp_path, tiny_sd15, shapes_folder):
+    """The finetune debug recipe with use_ema through the training loop: stopped at step 2 and resumed, its
+    exported (EMA) UNet and its losses equal an uninterrupted run's."""
+    from ldmkit.config import load_config
+    from ldmkit.train.loop import train
+
+    def cfg(run: str, steps: int):
+        return load_config(
+            str(ROOT / "configs" / "finetune" / "debug.yaml"),
+            [
+                "--method.use_ema=true",
+                "--method.ema_decay=0.9",
+                f"--model.pretrained={tiny_sd15}",
+                f"--data.path={shapes_folder}",
+                f"--train.max_steps={steps}",
+                "--train.checkpoint_every=2",
+                "--train.validate_every=0",
+                "--train.validation_prompts=[]",
+                f"--output_dir={tmp_path / run}",
+            ],
+        )
+
+    train(cfg("full", 4))
+    train(cfg("resumed", 2))
+    train(cfg("resumed", 4))
+    assert_same_exports(tmp_path / "full" / "export", tmp_path / "resumed" / "export", tiny_sd15)
+    la, lb = logged(tmp_path / "full"), logged(tmp_path / "resumed")
+    assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
