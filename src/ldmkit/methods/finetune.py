@@ -27,6 +27,7 @@ from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
 from ldmkit.models.sd import SDModels
 from ldmkit.rng import SampleRNG, sample_seed
+from ldmkit.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +299,12 @@ class FinetuneMethod(_SDMethod):
         return torch.float32 if self.mcfg.train_text_encoder else self.weight_dtype
 
     def _make_trainable(self) -> None:
-        from diffusers.training_utils import EMAModel
-
         for name in self.trainable_names:
             getattr(self, name).requires_grad_(True)
         self.ema = None
         if self.mcfg.use_ema:
-            # Tracks the UNet only, like diffusers' train_text_to_image.py.
-            self.ema = EMAModel(self.unet.parameters(), decay=self.mcfg.ema_decay)
+            # Tracks the UNet only, with EMAModel's default ramp, like diffusers' train_text_to_image.py.
+            self.ema = EMA(self.unet.parameters(), decay=self.mcfg.ema_decay, schedule="ramp")
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
@@ -320,13 +319,8 @@ class FinetuneMethod(_SDMethod):
             if self.ema is None:
                 yield
                 return
-            params = list(self.unwrap(self.unet).parameters())
-            self.ema.store(params)
-            self.ema.copy_to(params)
-            try:
+            with self.ema.swapped_into(self.unwrap(self.unet).parameters()):
                 yield
-            finally:
-                self.ema.restore(params)
 
     def export(self, out_dir: Path) -> None:
         """A complete diffusers pipeline folder: the trained (EMA) UNet and text encoders, everything

@@ -41,6 +41,7 @@ from ldmkit.errors import UserError
 from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.methods.base import Method, MethodConfig
 from ldmkit.rng import SampleRNG
+from ldmkit.train.ema import EMA
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -556,6 +557,8 @@ class LCDMethod(_LCDBase):
         del source
         self.unet = student.to(self.device).train()
         self.target_unet = copy.deepcopy(student).requires_grad_(False).to(self.device).eval()
+        # The EMA's shadow IS target_unet (updated in place), constant decay: no warmup, as the references.
+        self.target_ema = EMA(self.target_unet, decay=m.ema_decay, schedule="constant")
 
     def _w_embedding(self, w: torch.Tensor) -> torch.Tensor:
         return lcm.guidance_scale_embedding(w, self.mcfg.unet_time_cond_proj_dim)
@@ -575,15 +578,12 @@ class LCDMethod(_LCDBase):
             return 8.0
         return 1.0 + (self.w_min + self.mcfg.w_max) / 2
 
-    @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """EMA target update: target <- decay * target + (1 - decay) * student (no warmup, as the references)."""
-        target = list(self.target_unet.parameters())
-        online = [p.detach() for p in self.unwrap(self.unet).parameters()]
-        torch._foreach_lerp_(target, online, 1.0 - self.mcfg.ema_decay)
+        """EMA target update: target <- decay * target + (1 - decay) * student."""
+        self.target_ema.step(self.unwrap(self.unet).parameters())
 
     def checkpoint_objects(self) -> dict[str, Any]:
-        return {"target_unet": self.target_unet}
+        return {"target_unet": self.target_ema}
 
     def export(self, out_dir: Path) -> None:
         """A full pipeline folder (the teacher's pipeline class: SD, SDXL or UViTPipeline): the EMA target

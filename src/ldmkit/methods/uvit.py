@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
@@ -29,6 +28,7 @@ from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
 from ldmkit.models.uvit import UViT
 from ldmkit.rng import SampleRNG
+from ldmkit.train.ema import EMA
 
 if TYPE_CHECKING:
     from ldmkit.config import Config
@@ -91,15 +91,6 @@ class UViTConfig(MethodConfig):
                 "set one of them (or method.p_uncond=null)"
             )
         cfg.data.proportion_empty_prompts = self.p_uncond
-
-
-class _EMA(EMAModel):
-    """EMAModel whose shadow weights return to the model's device after a resume (checkpoints load on CPU)."""
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        device = self.shadow_params[0].device
-        super().load_state_dict(state_dict)
-        self.to(device=device)
 
 
 def training_scheduler(prediction_type: str) -> DDPMScheduler:
@@ -172,7 +163,7 @@ class UViTMethod(Method):
             self.scale,
         )
         self.noise_scheduler = training_scheduler(m.prediction_type)
-        self.ema = _EMA(self.unet.parameters(), decay=m.ema_decay, use_ema_warmup=True, power=m.ema_power)
+        self.ema = EMA(self.unet.parameters(), decay=m.ema_decay, schedule="warmup", power=m.ema_power)
 
     def loss(self, batch):
         rng = SampleRNG(batch["seed"], self.device)
@@ -218,9 +209,7 @@ class UViTMethod(Method):
             return None
         m = self.mcfg
         unet = self.unwrap(self.unet)
-        self.ema.store(unet.parameters())
-        self.ema.copy_to(unet.parameters())
-        try:
+        with self.ema.swapped_into(unet.parameters()):
             pipe = self._pipeline(unet, self.models)
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator(self.device).manual_seed(self.cfg.train.validation_seed)
@@ -232,8 +221,6 @@ class UViTMethod(Method):
                     generator=generator,
                     num_images_per_prompt=m.validation_images_per_prompt,
                 ).images
-        finally:
-            self.ema.restore(unet.parameters())
         return make_image_grid(images, rows=len(prompts), cols=m.validation_images_per_prompt)
 
     def export(self, out_dir: Path) -> None:
