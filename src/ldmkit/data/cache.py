@@ -151,12 +151,14 @@ class _ShardWriter:
         self.pending: dict[bool, list[torch.Tensor]] = {False: [], True: []}
         self.moments: dict[bool, list[torch.Tensor]] = {False: [], True: []}
         self.unreadable = 0
+        self.replaced_captions = 0
         self.flips = (False, True) if transform.random_flip else (False,)
 
     def add(self, raw: RawSample | None) -> None:
         if raw is None:
             self.unreadable += 1
             return
+        self.replaced_captions += raw.replaced_captions
         draws = Draws.from_seed(sample_seed("cache-crop", raw.key))  # random crop: fixed per key
         for flip in self.flips:
             t = self.transform(raw.image, draws, flip=flip)
@@ -193,6 +195,7 @@ class _ShardWriter:
             "keys": json.dumps(self.keys),
             "captions": json.dumps(self.captions),
             "unreadable": str(self.unreadable),
+            "replaced_captions": str(self.replaced_captions),
         }
         _save_atomic(tensors, path, meta, tag)
         return len(self.keys)
@@ -220,7 +223,7 @@ def build_cache(
     folder = Path(cache_root) / digest
     if (folder / "index.json").is_file():
         logger.info("using the latent cache %s", folder)
-        return CacheDataset(folder, data_cfg.proportion_empty_prompts)
+        return _report(CacheDataset(folder, data_cfg.proportion_empty_prompts))
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,7 +273,19 @@ def build_cache(
             leftover.unlink()
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return CacheDataset(folder, data_cfg.proportion_empty_prompts)
+    return _report(CacheDataset(folder, data_cfg.proportion_empty_prompts))
+
+
+def _report(cache: CacheDataset) -> CacheDataset:
+    """Say what the source cost at encoding time: the counts are stored with the shards, so a run that
+    reuses the cache is told as well."""
+    logger.info(
+        "latent cache: %d samples; %d unreadable skipped; %d captions not UTF-8 (read with replacement characters)",
+        len(cache),
+        cache.unreadable,
+        cache.replaced_captions,
+    )
+    return cache
 
 
 class CacheDataset(Dataset):
@@ -288,13 +303,14 @@ class CacheDataset(Dataset):
         self.shard_files = [self.folder / name for name in index["shards"]]
         self.keys: list[list[str]] = []
         self.captions: list[list[list[str]]] = []
-        self.unreadable = 0
+        self.unreadable = self.replaced_captions = 0
         for f in self.shard_files:
             with safe_open(str(f), "pt") as h:
                 meta = h.metadata()
             self.keys.append(json.loads(meta["keys"]))
             self.captions.append(json.loads(meta["captions"]))
             self.unreadable += int(meta["unreadable"])
+            self.replaced_captions += int(meta.get("replaced_captions", 0))
         self.starts = [0]
         for k in self.keys:
             self.starts.append(self.starts[-1] + len(k))

@@ -21,6 +21,7 @@ from ldmkit.data.transforms import (
     RawSample,
     SampleBuilder,
     decode_image,
+    decode_text,
     split_captions,
 )
 from ldmkit.errors import UserError
@@ -96,6 +97,12 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (symlinks followed) lies inside ``root``: a metadata.jsonl entry such as
+    ``../outside/secret.png`` or ``/etc/passwd``, or a symlink out of the folder, must not be read."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 class FolderDataset(ImageDataset):
     """A folder of images with captions.
 
@@ -123,6 +130,16 @@ class FolderDataset(ImageDataset):
             missing = sum(not p.with_suffix(".txt").is_file() for p in self.images)
             if missing:
                 logger.warning("%s: %d images have no .txt caption file (empty caption)", root, missing)
+        inside = [_inside(p, self.root) for p in self.images]
+        self.refused = inside.count(False)
+        if self.refused:
+            logger.warning(
+                "%s: %d image paths lead outside the data folder (metadata.jsonl entries or symlinks) and are refused",
+                root,
+                self.refused,
+            )
+            self.images = [p for p, ok in zip(self.images, inside) if ok]
+            self.captions = [c for c, ok in zip(self.captions, inside) if ok] if self.captions else []
         if cfg.max_samples is not None:
             self.images = self.images[: cfg.max_samples]
             self.captions = self.captions[: cfg.max_samples]
@@ -158,7 +175,9 @@ class FolderDataset(ImageDataset):
             captions = self.captions[index]
         else:
             txt = path.with_suffix(".txt")
-            captions = split_captions(txt.read_text(encoding="utf-8")) if txt.is_file() else [""]
+            text, replaced = decode_text(txt.read_bytes()) if txt.is_file() else ("", False)
+            captions = split_captions(text)
+            return RawSample(decode_image(path), captions, self.key(index), replaced_captions=replaced)
         return RawSample(decode_image(path), captions, self.key(index))
 
     def files(self) -> list[str]:

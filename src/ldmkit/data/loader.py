@@ -76,9 +76,11 @@ def open_dataset(
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Tensors and arrays stacked, ints to int64 tensors, strings (and anything else) to lists.
 
-    ``_skipped`` (unreadable samples a reader passed over) is summed, for ``Loader.skipped``.
+    ``_skipped`` (unreadable samples a reader passed over) and ``_replaced_captions`` (captions decoded
+    with replacement characters) are summed, for ``Loader.skipped`` / ``Loader.replaced_captions``.
     """
     skipped = sum(s.pop("_skipped", 0) for s in samples)
+    replaced = sum(s.pop("_replaced_captions", 0) for s in samples)
     batch: dict[str, Any] = {}
     for k in samples[0]:
         values = [s[k] for s in samples]
@@ -93,6 +95,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             batch[k] = list(values)
     if skipped:
         batch["_skipped"] = skipped
+    if replaced:
+        batch["_replaced_captions"] = replaced
     return batch
 
 
@@ -100,7 +104,8 @@ class Loader:
     """Infinite iterator of collated batches of this rank.
 
     Attributes: ``epoch`` (completed epochs, from the batch position), ``batches_per_epoch`` (None when
-    unknown), ``num_samples``, ``skipped`` (unreadable samples passed over so far), ``position`` (global
+    unknown), ``num_samples``, ``skipped`` (unreadable samples passed over so far), ``replaced_captions``
+    (captions read with replacement characters so far), ``position`` (global
     micro-batch index of the next batch).
     """
 
@@ -117,6 +122,7 @@ class Loader:
         self.batches_per_epoch = batches_per_epoch
         self.position = start_batch
         self.skipped = 0
+        self.replaced_captions = 0
         self._it: Iterator[dict[str, Any]] | None = None
 
     @property
@@ -134,6 +140,12 @@ class Loader:
         if skipped:
             self.skipped += skipped
             logger.warning("skipped %d unreadable samples so far (replaced by readable ones)", self.skipped)
+        replaced = batch.pop("_replaced_captions", 0)
+        if replaced:
+            self.replaced_captions += replaced
+            logger.warning(
+                "%d captions so far were not UTF-8 (read with replacement characters)", self.replaced_captions
+            )
         self.position += 1
         return batch
 

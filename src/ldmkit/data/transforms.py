@@ -54,6 +54,8 @@ class RawSample:
     image: Image.Image
     captions: list[str]
     key: str
+    replaced_captions: bool = False
+    """The caption bytes were not valid UTF-8 and were decoded with replacement characters."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,37 @@ class Transformed:
 
 
 def decode_image(source: bytes | str | Path) -> Image.Image:
-    """Fully decoded RGB image (EXIF orientation applied); raises one of DECODE_ERRORS when broken."""
+    """Fully decoded 8-bit RGB image (EXIF orientation applied); raises one of DECODE_ERRORS when broken."""
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(fp) as im:
         im.load()  # decode now, so truncated files fail here and not later in a transform
         im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            im = _to_8bit(im)
         return im.convert("RGB")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Greyscale with more than 8 bits (16-bit PNGs open as I;16 or I, float TIFFs as F) to 8-bit L.
+
+    Pillow's own convert("RGB") clips such values at 255, so a 16-bit photo turns white; scale instead:
+    integer modes by their bit depth (65535 -> 255), float by 255 when the values lie in [0, 1].
+    """
+    x = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        scale = 255.0 if x.size and np.nanmax(x) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.rint(x * scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def decode_text(data: bytes) -> tuple[str, bool]:
+    """Caption bytes as text: UTF-8, else UTF-8 with replacement characters (and True, to be counted),
+    so a caption file in another encoding costs its odd characters, not its image."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
 
 
 def split_captions(text: Any) -> list[str]:
@@ -170,7 +197,7 @@ class SampleBuilder:
         draws = Draws.from_seed(seed)
         t = self.transform(raw.image, draws)
         caption, _ = choose_caption(raw.captions, draws, self.proportion_empty_prompts)
-        return {
+        sample = {
             "pixel_values": t.pixel_values,
             "captions": caption,
             "original_size": torch.tensor(t.original_size, dtype=torch.int64),
@@ -178,3 +205,6 @@ class SampleBuilder:
             "seed": int(seed),
             "key": raw.key,
         }
+        if raw.replaced_captions:
+            sample["_replaced_captions"] = 1
+        return sample

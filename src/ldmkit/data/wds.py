@@ -46,6 +46,7 @@ from ldmkit.data.transforms import (
     RawSample,
     SampleBuilder,
     decode_image,
+    decode_text,
     split_captions,
 )
 from ldmkit.errors import UserError
@@ -144,14 +145,15 @@ def decode_sample(raw: dict[str, Any], caption_column: str = "text") -> RawSampl
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         raise ValueError(f"sample {raw['__key__']} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
-    captions = [""]
+    captions, replaced = [""], False
     if "txt" in raw or "caption" in raw:
-        captions = split_captions(raw.get("txt", raw.get("caption")).decode("utf-8"))
+        text, replaced = decode_text(raw.get("txt", raw.get("caption")))
+        captions = split_captions(text)
     elif "json" in raw:
         meta = json.loads(raw["json"])
         col = next((c for c in (caption_column, "caption", "text") if c in meta), None)
         captions = split_captions(meta[col]) if col else [""]
-    return RawSample(decode_image(raw[ext]), captions, raw["__key__"])
+    return RawSample(decode_image(raw[ext]), captions, raw["__key__"], replaced_captions=replaced)
 
 
 class WdsDataset(IterableDataset):

@@ -52,7 +52,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-h", "--help", action="store_true", help="Show this help (and the method's options).")
     parser.add_argument("config", nargs="?", help=CONFIG_HELP)
     parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
-    args, overrides = parser.parse_known_args(argv)
+    args = _split(argv)
+    overrides = args.overrides
     if args.help:
         from ldmkit.config import recipe_method_name, shipped_recipes
         from ldmkit.errors import UserError
@@ -73,4 +74,22 @@ def main(argv: list[str]) -> int:
             for name in names[1:]:
                 print(f"\n(method {name!r}: ldmkit train --help --method.name={name})")
         return 0
-    return run(argparse.Namespace(config=args.config, dry_run=args.dry_run, overrides=overrides))
+    return run(args)
+
+
+def _split(argv: list[str]) -> argparse.Namespace:
+    """The recipe, -h/--help, --dry-run and the ``--section.key[=]value`` overrides of ``argv``.
+
+    By hand rather than argparse: argparse takes any argument containing a space for a positional, so
+    ``--data.path=/my photos`` would become the recipe."""
+    flags = {"-h", "--help", "--dry-run"}
+    config, overrides = None, []
+    rest = [a for a in argv if a not in flags]
+    for i, arg in enumerate(rest):
+        takes_value = i > 0 and rest[i - 1].startswith("--") and "=" not in rest[i - 1]
+        if config is None and not arg.startswith("-") and not takes_value:
+            config = arg
+        else:
+            overrides.append(arg)
+    help_ = "-h" in argv or "--help" in argv
+    return argparse.Namespace(config=config, dry_run="--dry-run" in argv, help=help_, overrides=overrides)

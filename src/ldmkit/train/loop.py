@@ -461,6 +461,9 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
                     }
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
+                    for key in ("skipped", "replaced_captions"):  # data problems met so far (this rank)
+                        if getattr(loader, key, 0):
+                            record[f"data_{key}"] = getattr(loader, key)
                     record.update({k: v / micro_per_step for k, v in logs_sum.items()})
                     if not math.isfinite(loss_mean):
                         raise FloatingPointError(
@@ -491,6 +494,12 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
         if close is not None:
             close()
 
+    if getattr(loader, "skipped", 0) or getattr(loader, "replaced_captions", 0):
+        logger.warning(
+            "data: %d unreadable samples were skipped (replaced by readable ones), %d captions were not UTF-8",
+            loader.skipped,
+            loader.replaced_captions,
+        )
     save_validation(accelerator, method, cfg, step)
     _export(accelerator, method, cfg, export_dir)
     accelerator.end_training()

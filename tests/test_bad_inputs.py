@@ -1,0 +1,256 @@
+"""Bad inputs, each met with exit 2 and one line that names the key, file or module: never a traceback,
+never silence. One table over configs, data, checkpoints and commands; the CLI runs in-process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ldmkit.cli import main
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[dict[str, Path]], list[str]]
+    expect: str  # regex the error line must match (after "ldmkit: error: ")
+
+
+def toy(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
+    """``ldmkit train`` of the toy method on the shapes folder, plus ``extra`` overrides."""
+    return lambda p: [
+        "train",
+        "--method.name=toy",
+        f"--data.path={p['shapes']}",
+        "--data.resolution=16",
+        "--data.num_workers=0",
+        "--train.max_steps=2",
+        "--train.report_to=none",
+        f"--output_dir={p['tmp'] / 'run'}",
+        *[e.format(**p) for e in extra],
+    ]
+
+
+def recipe(name: str, *extra: str) -> Callable[[dict[str, Path]], list[str]]:
+    return lambda p: ["train", name, f"--output_dir={p['tmp'] / 'run'}", *[e.format(**p) for e in extra]]
+
+
+CONFIG_CASES = [
+    Case("lr negative", toy("--train.learning_rate=-1"), r"train.learning_rate must be a positive"),
+    Case("lr zero", toy("--train.learning_rate=0"), r"train.learning_rate must be a positive"),
+    Case("lr nan", toy("--train.learning_rate=nan"), r"train.learning_rate"),
+    Case("lr inf", toy("--train.learning_rate=inf"), r"train.learning_rate"),
+    Case("beta1 1.5", toy("--train.adam_beta1=1.5"), r"train.adam_beta1 must be in \[0, 1\)"),
+    Case("beta2 negative", toy("--train.adam_beta2=-0.1"), r"train.adam_beta2 must be in \[0, 1\)"),
+    Case("weight decay negative", toy("--train.adam_weight_decay=-0.01"), r"train.adam_weight_decay must be >= 0"),
+    Case("epsilon zero", toy("--train.adam_epsilon=0"), r"train.adam_epsilon must be a positive"),
+    Case("grad norm negative", toy("--train.max_grad_norm=-1"), r"train.max_grad_norm must be positive"),
+    Case("grad norm zero", toy("--train.max_grad_norm=0"), r"train.max_grad_norm must be positive"),
+    Case("num_workers negative", toy("--data.num_workers=-1"), r"data.num_workers must be >= 0"),
+    Case("log_every zero", toy("--train.log_every=0"), r"train.log_every must be >= 1"),
+    Case("encode_batch_size zero", toy("--data.encode_batch_size=0"), r"data.encode_batch_size must be >= 1"),
+    Case("checkpoint_every negative", toy("--train.checkpoint_every=-1"), r"train.checkpoint_every must be >= 0"),
+    Case("validate_every negative", toy("--train.validate_every=-1"), r"train.validate_every must be >= 0"),
+    Case("warmup negative", toy("--train.lr_warmup_steps=-5"), r"train.lr_warmup_steps must be >= 0"),
+    Case("batch size zero", toy("--train.batch_size=0"), r"train.batch_size must be >= 1"),
+    Case("max_steps zero", toy("--train.max_steps=0"), r"train.max_steps must be >= 1"),
+    Case("accumulation zero", toy("--train.gradient_accumulation_steps=0"), r"gradient_accumulation_steps must be"),
+    Case("resolution 4", toy("--data.resolution=4"), r"data.resolution must be >= 8"),
+    Case("empty prompts 1.5", toy("--data.proportion_empty_prompts=1.5"), r"data.proportion_empty_prompts must be"),
+    Case("total limit zero", toy("--train.checkpoints_total_limit=0"), r"train.checkpoints_total_limit must be >= 1"),
+    Case("max_samples zero", toy("--data.max_samples=0"), r"data.max_samples must be >= 1"),
+    Case("shuffle buffer zero", toy("--data.shuffle_buffer=0"), r"data.shuffle_buffer must be >= 1"),
+    Case("fp16 on a cpu", toy("--train.mixed_precision=fp16"), r"fp16 needs a CUDA GPU"),
+    Case("fp16 recipe on a cpu", recipe("lcm_lora/sd15"), r"fp16 needs a CUDA GPU"),
+    Case("mixed precision bogus", toy("--train.mixed_precision=fp8"), r"train.mixed_precision"),
+    Case("scheduler bogus", toy("--train.lr_scheduler=warm"), r"train.lr_scheduler"),
+    Case("data format bogus", toy("--data.format=zip"), r"data.format"),
+    Case("output_dir is a file", toy("--output_dir={file}"), r"output_dir is a file"),
+    Case("cache_dir is a file", toy("--data.cache_dir={file}"), r"data.cache_dir is a file"),
+    Case("resume_from missing", toy("--train.resume_from=/no/such/checkpoint"), r"train.resume_from must be"),
+    Case("abbreviated key", toy("--train.max_step=3"), r"unrecognized arguments: --train.max_step=3"),
+    Case("abbreviated group key", toy("--data.res=48"), r"unrecognized arguments: --data.res=48"),
+    Case("unknown key", toy("--train.fancy=1"), r"--train.fancy"),
+    Case("wrong type", toy("--train.max_steps=abc"), r"train.max_steps"),
+    Case("unknown method", lambda p: ["train", "--method.name=nope"], r"unknown method.name 'nope'"),
+    Case("recipe names no method", lambda p: ["train", str(p["no_method"])], r"names no method"),
+    Case("recipe missing", lambda p: ["train", "lcm_lora/nope"], r"config file not found: lcm_lora/nope"),
+    Case("recipe not a mapping", lambda p: ["train", str(p["a_list"])], r"a recipe must be a YAML mapping"),
+    Case("recipe bad yaml", lambda p: ["train", str(p["bad_yaml"])], r"bad.yaml: not valid YAML \(line \d+"),
+    Case("recipe unknown key", lambda p: ["train", str(p["typo_recipe"])], r"pretraind"),
+    Case("lora rank zero", recipe("lcm_lora/debug", "--method.lora_rank=0"), r"method.lora_rank must be >= 1"),
+    Case("w_min above w_max", recipe("lcm_lora/debug", "--method.w_min=20"), r"method.w_min \(20.0\) must be <="),
+    Case("ddim timesteps zero", recipe("lcd/debug", "--method.num_ddim_timesteps=0"), r"num_ddim_timesteps must be"),
+    Case("huber c zero", recipe("lcm_lora/debug", "--method.huber_c=0"), r"method.huber_c must be > 0"),
+    Case("lora dropout one", recipe("lcm_lora/debug", "--method.lora_dropout=1.0"), r"method.lora_dropout"),
+    Case("ema decay 1.5", recipe("lcd/debug", "--method.ema_decay=1.5"), r"method.ema_decay must be in \[0, 1\]"),
+    Case("lcm validation steps", recipe("lcd/debug", "--method.validation_steps=[100]"), r"validation_steps"),
+    Case("loss type bogus", recipe("lcd/debug", "--method.loss_type=l3"), r"method.loss_type"),
+    Case("snr gamma negative", recipe("lora/debug", "--method.snr_gamma=-1"), r"method.snr_gamma must be positive"),
+    Case(
+        "text encoder with cache",
+        recipe("lora/debug", "--method.train_text_encoder=true", "--data.cache=true"),
+        r"train_text_encoder needs captions",
+    ),
+    Case("lora alpha negative", recipe("lora/debug", "--method.lora_alpha=-4"), r"method.lora_alpha must be positive"),
+    Case(
+        "lora targets empty", recipe("lora/debug", "--method.lora_target_modules=[]"), r"lora_target_modules is empty"
+    ),
+]
+
+DATA_CASES = [
+    Case("data path missing", toy("--data.path=/no/such/folder"), r"/no/such/folder"),
+    Case("data path empty folder", toy("--data.path={empty}"), r"no images"),
+    Case("metadata bad json", toy("--data.path={bad_metadata}"), r"metadata.jsonl:2: invalid JSON"),
+    Case("metadata missing column", toy("--data.path={no_column}"), r"metadata.jsonl:1: no 'text' field"),
+    Case("all images unreadable", toy("--data.path={broken}"), r"no readable image"),
+    Case("only escaping paths", toy("--data.path={escaping}"), r"no images"),
+    Case("pipe url without opt-in", toy("--data.path=pipe:cat shard.tar"), r"allow_shell"),
+]
+
+CHECKPOINT_CASES = [
+    Case("resume_from not a checkpoint", toy("--train.resume_from={empty}"), r"is not an ldmkit checkpoint"),
+    Case("resume_from damaged", toy("--train.resume_from={damaged}"), r"is damaged: trainable_0.safetensors"),
+    Case("changed config", toy("--output_dir={finished}", "--method.width=4"), r"method.width: 16 -> 4"),
+    Case("max_steps below checkpoint", toy("--output_dir={finished}", "--train.max_steps=1"), r"below the step"),
+]
+
+CASES = CONFIG_CASES + DATA_CASES + CHECKPOINT_CASES
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, shapes_folder) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    p = {"shapes": shapes_folder, "root": root}
+    (root / "a_file").write_text("not a folder")
+    p["file"] = root / "a_file"
+    p["no_method"] = root / "no_method.yaml"
+    p["no_method"].write_text("train:\n  max_steps: 3\n")
+    p["a_list"] = root / "list.yaml"
+    p["a_list"].write_text("- method\n- train\n")
+    p["bad_yaml"] = root / "bad.yaml"
+    p["bad_yaml"].write_text("method:\n  name: [toy\n")
+    p["typo_recipe"] = root / "typo.yaml"
+    p["typo_recipe"].write_text("method:\n  name: toy\nmodel:\n  pretraind: x\n")
+    (root / "empty").mkdir()
+    p["empty"] = root / "empty"
+    meta = root / "bad_metadata"
+    meta.mkdir()
+    Image.new("RGB", (16, 16)).save(meta / "a.png")
+    (meta / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": \n')
+    p["bad_metadata"] = meta
+    col = root / "no_column"
+    col.mkdir()
+    Image.new("RGB", (16, 16)).save(col / "a.png")
+    (col / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": "x"}\n')
+    p["no_column"] = col
+    broken = root / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    p["broken"] = broken
+    outside = root / "outside"
+    outside.mkdir()
+    Image.new("RGB", (16, 16), "red").save(outside / "secret.png")
+    esc = root / "escaping"
+    esc.mkdir()
+    (esc / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "../outside/secret.png", "text": "x"})
+        + "\n"
+        + json.dumps({"file_name": str(outside / "secret.png"), "text": "y"})
+        + "\n"
+    )
+    p["escaping"] = esc
+
+    # a finished 2-step toy run, and a copy of its checkpoint with a truncated weight file
+    assert main(toy()(p | {"tmp": root / "fin"})) == 0
+    p["finished"] = root / "fin" / "run"
+    import shutil
+
+    damaged = root / "damaged"
+    shutil.copytree(p["finished"] / "checkpoints" / "step-0000002", damaged)
+    data = (damaged / "trainable_0.safetensors").read_bytes()
+    (damaged / "trainable_0.safetensors").write_bytes(data[: len(data) // 2])
+    p["damaged"] = damaged
+    return p
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 60, len(CASES)
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_gives_one_line_and_exit_2(case, paths, tmp_path, capsys):
+    argv = case.argv(paths | {"tmp": tmp_path})
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ldmkit: error: ")]
+    assert code == 2, (argv, err[-2000:])
+    assert len(lines) == 1, err[-2000:]
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(case.expect, lines[0]), lines[0]
+    assert "\n" not in lines[0].strip()
+
+
+def test_escaping_paths_are_refused_and_counted(paths, caplog):
+    """A metadata.jsonl entry outside the folder is never read, even when others are fine."""
+    from ldmkit.config import DataConfig
+    from ldmkit.data.folder import FolderDataset
+
+    mixed = paths["root"] / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (16, 16), "blue").save(mixed / "ok.png")
+    (mixed / "link.png").symlink_to(paths["root"] / "outside" / "secret.png")
+    rows = [{"file_name": "ok.png", "text": "ok"}, {"file_name": "../outside/secret.png", "text": "no"}]
+    rows += [{"file_name": "link.png", "text": "no"}, {"file_name": "/etc/passwd", "text": "no"}]
+    (mixed / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = FolderDataset(mixed, DataConfig(path=str(mixed), resolution=16))
+    assert len(ds) == 1 and ds.refused == 3 and ds.key(0) == "ok"
+    assert "3 image paths lead outside the data folder" in caplog.text
+    # the same for a symlink in a sidecar folder
+    (mixed / "metadata.jsonl").unlink()
+    ds = FolderDataset(mixed, DataConfig(path=str(mixed), resolution=16))
+    assert [ds.key(i) for i in range(len(ds))] == ["ok"] and ds.refused == 1
+
+
+def test_16_bit_and_float_images_decode_to_8_bit(tmp_path):
+    """A 16-bit PNG used to turn pure white (Pillow clips I;16 at 255 in convert("RGB"))."""
+    import numpy as np
+
+    from ldmkit.data.transforms import decode_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024).astype(np.uint16)  # 0 .. 64512
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    out = np.asarray(decode_image(tmp_path / "g16.png"))
+    assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(out[..., 0], np.rint(ramp / 257.0), atol=1)
+    assert out.min() == 0 and 240 < out.max() < 255
+    Image.fromarray((ramp / 65535.0).astype(np.float32)).save(tmp_path / "f.tiff")
+    np.testing.assert_allclose(np.asarray(decode_image(tmp_path / "f.tiff"))[..., 0], np.rint(ramp / 257.0), atol=1)
+
+
+def test_captions_in_another_encoding_keep_their_image_and_are_counted(tmp_path, caplog):
+    from ldmkit.config import DataConfig
+    from ldmkit.data.loader import build_loader
+
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        caption = f"caf\xe9 {i}".encode("latin-1") if i % 2 else f"plain {i}".encode()
+        (tmp_path / f"{i}.txt").write_bytes(caption)
+    cfg = DataConfig(path=str(tmp_path), resolution=16, num_workers=0)
+    loader = build_loader(cfg, batch_size=4, seed=0)
+    batch = next(loader)
+    assert sorted(batch["key"]) == ["0", "1", "2", "3"]  # no image dropped
+    assert loader.replaced_captions == 2 and loader.skipped == 0
+    assert sum("caf\ufffd" in c for c in batch["captions"]) == 2
+    assert "2 captions so far were not UTF-8" in caplog.text
+    loader.close()
