@@ -140,7 +140,7 @@ def test_lcm_lora_keeps_one_uvit_and_its_teacher_is_the_base(trained, uvit_teach
     assert all(p.requires_grad == ("lora_" in n) for n, p in method.unet.named_parameters())
     inputs = uvit_inputs(method.unet)
     base = UViT.from_pretrained(uvit_teacher, subfolder="unet")
-    with method._teacher_context():
+    with roles.teacher_context():
         teacher = out(method.unet, inputs)
     torch.testing.assert_close(teacher, out(base, inputs))
     assert not torch.allclose(out(method.unet, inputs), teacher, atol=1e-4)  # the trained LoRA is back on
