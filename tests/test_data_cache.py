@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import replace
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from ldmkit.data import Draws, build_loader, open_dataset
-from ldmkit.data.cache import CacheDataset, LazyEncoders, build_cache
+from ldmkit.data.cache import CacheDataset, build_cache
 from ldmkit.rng import sample_seed
 
 from helpers.data import FakeEncoders, data_cfg, fake_encoders, items, layouts, make_items, write_folder  # noqa: F401
@@ -77,24 +78,54 @@ def test_cache_reused_and_invalidated(multi_folder, tmp_path):
     assert changed.captions[1][0] == ["a new caption"]  # sample 3 = shard 1, row 0
 
 
-def test_lazy_encoders_load_only_to_build(multi_folder, tmp_path):
-    """Finding a finished cache needs the fingerprint only: the models are not loaded."""
-    cfg = data_cfg(multi_folder)
-    loads = []
+class _LazyFakeEncoders:
+    """Loads its models (FakeEncoders) on first use like a model family; ``transient`` drops what was
+    loaded inside; ``use_encoded_prompt`` records the hand-over of the cache's empty prompt."""
 
-    def load():
-        loads.append(1)
-        return FakeEncoders()
+    def __init__(self):
+        self.loads, self.models, self.handed = 0, None, {}
 
-    def lazy():
-        return LazyEncoders(lambda: FakeEncoders().fingerprint(), load)
+    def fingerprint(self) -> str:
+        return FakeEncoders().fingerprint()
 
-    enc = lazy()
-    first = _build(open_dataset(cfg), enc, tmp_path / "cache", cfg)
-    assert enc.is_loaded and len(loads) == 1 and enc.image_calls > 0  # attributes come from the loaded object
-    enc = lazy()
-    again = _build(open_dataset(cfg), enc, tmp_path / "cache", cfg)
-    assert not enc.is_loaded and len(loads) == 1 and again.folder == first.folder
+    def _loaded(self) -> FakeEncoders:
+        if self.models is None:
+            self.loads += 1
+            self.models = FakeEncoders()
+        return self.models
+
+    def encode_images(self, x):
+        return self._loaded().encode_images(x)
+
+    def encode_prompts(self, captions):
+        return self._loaded().encode_prompts(captions)
+
+    @contextlib.contextmanager
+    def transient(self):
+        before = self.models
+        yield
+        if before is None:
+            self.models = None
+
+    def use_encoded_prompt(self, caption, embeds):
+        self.handed[caption] = embeds
+
+
+def test_loader_decides_the_cache_and_loads_encoders_only_to_build(multi_folder, tmp_path):
+    """Finding a finished cache needs the fingerprint only; building loads the models once and drops them;
+    the cache's empty-prompt embedding is handed to the encoders; without data.cache nothing is encoded."""
+    cfg = data_cfg(multi_folder, cache=True)
+    enc = _LazyFakeEncoders()
+    loader = build_loader(cfg, batch_size=2, seed=0, encoders=enc, cache_root=tmp_path / "cache")
+    assert enc.loads == 1 and enc.models is None and "latent_moments" in next(loader)
+    empty = FakeEncoders().encode_prompts([""])
+    torch.testing.assert_close(enc.handed[""]["prompt_embeds"], empty["prompt_embeds"][0], atol=1e-3, rtol=1e-3)
+    enc = _LazyFakeEncoders()
+    loader = build_loader(cfg, batch_size=2, seed=0, encoders=enc, cache_root=tmp_path / "cache")
+    assert enc.loads == 0 and "" in enc.handed and "latent_moments" in next(loader)
+    enc = _LazyFakeEncoders()
+    loader = build_loader(replace(cfg, cache=False), batch_size=2, seed=0, encoders=enc, cache_root=tmp_path / "c2")
+    assert enc.loads == 0 and enc.handed == {} and "pixel_values" in next(loader)
 
 
 def test_cache_build_resumes(multi_folder, tmp_path):
@@ -220,10 +251,11 @@ def test_two_processes_with_accelerate_launch(layouts, tmp_path):
 
 @pytest.mark.slow
 def test_cache_with_sdxl_models(layouts, tmp_path, tiny_sdxl):
-    """The real encoders (SDModels, tiny SDXL: prompt + pooled embeddings) through the cache."""
-    from ldmkit.models.sd import SDModels
+    """The real encoders (the SDXL family, tiny SDXL: prompt + pooled embeddings) through the cache."""
+    from ldmkit.config import ModelConfig
+    from ldmkit.models.families import load_family
 
-    models = SDModels.load(str(tiny_sdxl), unet=False)
+    models = load_family(ModelConfig(pretrained=str(tiny_sdxl)))
     cfg = data_cfg(layouts["folder"], random_flip=True, proportion_empty_prompts=0.3)
     source = open_dataset(cfg)
     cache = build_cache(source, models, tmp_path / "cache", cfg, batch_size=4)

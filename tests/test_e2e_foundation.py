@@ -18,8 +18,8 @@ from helpers.runs import launch_two, logged
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "configs" / "lora" / "debug.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-# SDModels.load logs what it loaded; the training models of a cached run must be the UNet alone.
-LOADED = re.compile(r"loaded SD from \S+ \(unet=(\w+) vae=(\w+) text=(\w+)\)")
+# The model family logs every part it loads; the training models of a cached run must be the UNet alone.
+LOADED = re.compile(r"loaded SD (unet|vae|text encoders) from")
 
 
 def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -36,10 +36,10 @@ def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _training_loads(log: str) -> list[tuple[str, str, str]]:
-    """(unet, vae, text) of every SDModels load that included the UNet (the method's training models;
-    cache building, validation and export load the VAE + text encoders without the UNet)."""
-    return [m for m in LOADED.findall(log) if m[0] == "True"]
+def _training_loads(log: str) -> list[str]:
+    """Parts loaded before the cache was built (the method's training models; the cache build, validation
+    and export load the VAE + text encoders, and drop them afterwards)."""
+    return LOADED.findall(log.split("building the latent cache")[0])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_lora_debug_recipe_from_cache_exports_a_lora_for_stock_diffusers(one_pro
     out, log = one_process
     # The cache was built, and training loaded the UNet only (no VAE, no text encoder).
     assert len(list((out / "cache").glob("*/index.json"))) == 1
-    assert _training_loads(log) == [("True", "False", "False")], LOADED.findall(log)
+    assert _training_loads(log) == ["unet"] and LOADED.findall(log).count("unet") == 1, LOADED.findall(log)
     assert len(logged(out)) == 4 and (out / "samples" / "step-0000002.png").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
 
@@ -104,7 +104,8 @@ def test_two_processes_reproduce_the_one_process_curve(one_process, tiny_sd15, s
     args = _train_args(tiny_sd15, shapes_folder, two, "--train.batch_size=1")[1:]  # drop "-m": launch takes it
     r = subprocess.run([*launch, "-m", *args], env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _training_loads(r.stderr) == [("True", "False", "False")] * 2  # each rank: UNet only
+    loads = LOADED.findall(r.stderr)
+    assert _training_loads(r.stderr) == ["unet"] * 2 and loads.count("unet") == 2, loads  # each rank: UNet only
 
     l1, l2 = logged(one), logged(two)
     assert len(l1) == len(l2) == 4

@@ -172,7 +172,7 @@ def test_bad_decay_is_a_user_error():
 def test_finetune_with_ema_resume_equals_uninterrupted(tmp_path, tiny_sd15, shapes_folder):
     """The finetune debug recipe with use_ema through the training loop: stopped at step 2 and resumed, its
     exported (EMA) UNet and its losses equal an uninterrupted run's."""
-    from ldmkit.config import load_config
+    from ldmkit.methods import load_config
     from ldmkit.train.loop import train
 
     def cfg(run: str, steps: int):

@@ -20,9 +20,10 @@ from helpers.uvit import RESOLUTION, features_dir, one_thread, run_prepare, shap
 
 @pytest.fixture(scope="module")
 def encoders(tiny_sd15):
-    from ldmkit.models.sd import SDModels
+    from ldmkit.config import ModelConfig
+    from ldmkit.models.families import load_family
 
-    return SDModels.load(str(tiny_sd15), unet=False)
+    return load_family(ModelConfig(pretrained=str(tiny_sd15)))
 
 
 def test_layout_and_read_back(features_dir, shapes_dir, encoders):

@@ -115,7 +115,7 @@ def test_finetune_with_ema_trains_validates_and_exports_a_pipeline(tiny_sd15, tm
     )
     assert method.trainable_names == ("unet",)
     assert method.unet.dtype == torch.float32 and not any(
-        p.requires_grad for p in method.sd.text_encoders[0].parameters()
+        p.requires_grad for p in method.family.text_encoders[0].parameters()
     )
     losses = train_steps(method, make_batch(2), steps=5, lr=1e-3)
     assert losses[-1] < 0.8 * losses[0], losses
@@ -144,7 +144,7 @@ def test_finetune_sdxl_v_prediction_exports_its_prediction_type(tiny_sdxl, tmp_p
         prediction_type="v_prediction", use_fix_crop_and_size=True, noise_offset=0.05, input_perturbation=0.1
     )
     method = FinetuneMethod(make_cfg(tiny_sdxl, mcfg), accelerator())
-    assert method.sd.noise_scheduler.config.prediction_type == "v_prediction"
+    assert method.family.noise_scheduler.config.prediction_type == "v_prediction"
     losses = train_steps(method, make_batch(2), steps=3, lr=1e-3)
     assert losses[-1] < losses[0]
     method.export(tmp_path)
@@ -158,20 +158,23 @@ def test_cached_batches_load_no_encoders_and_give_the_raw_loss(tiny_sd15):
     cached_method = FinetuneMethod(
         make_cfg(tiny_sd15, FinetuneConfig(validation_inference_steps=2), cache=True), accelerator()
     )
-    assert cached_method.sd.vae is None and cached_method.sd.text_encoders == []
+    assert not cached_method.family.loaded("vae") and not cached_method.family.loaded("text_encoders")
     raw_method = FinetuneMethod(make_cfg(tiny_sd15, FinetuneConfig()), accelerator())
-    assert raw_method.encoders() is raw_method.sd
+    assert raw_method.encoders() is raw_method.family
 
-    enc = cached_method.encoders()  # loaded on demand for the cache builder
+    enc = cached_method.encoders()  # loaded on demand for the cache builder, dropped after it (as build_loader)
     batch = make_batch(3)
     cached = {k: v for k, v in batch.items() if k != "pixel_values"}
-    cached["latent_moments"] = enc.encode_images(batch["pixel_values"])
-    cached.update(enc.encode_prompts(batch["captions"]))
-    assert enc.fingerprint() == raw_method.sd.fingerprint()
+    with enc.transient():
+        cached["latent_moments"] = enc.encode_images(batch["pixel_values"])
+        cached.update(enc.encode_prompts(batch["captions"]))
+    assert not cached_method.family.loaded("vae") and not cached_method.family.loaded("text_encoders")
+    assert enc.fingerprint() == raw_method.family.fingerprint()
     with torch.no_grad():
         torch.testing.assert_close(cached_method.loss(cached)[0], raw_method.loss(batch)[0])
+    assert not cached_method.family.loaded("vae")  # the cached loss needs no VAE
     assert cached_method.validate(1).size == (128, 64)  # VAE and text encoder loaded just for this
-    assert cached_method.sd.vae is None
+    assert not cached_method.family.loaded("vae") and not cached_method.family.loaded("text_encoders")
 
 
 def test_config_errors_are_user_errors(tiny_sd15):

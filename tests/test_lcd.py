@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from ldmkit.errors import UserError
 from ldmkit.lora import formats
+from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.methods import get_method, load_config
-from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod, _adapters_disabled
+from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod
 
 from helpers.lcm import unet_inputs, unet_out
 from helpers.runs import assert_same_exports, logged
@@ -110,11 +111,12 @@ def test_loss_decreases_on_a_fixed_batch(trained, arch, name):
 def test_lcm_lora_keeps_one_unet_and_its_teacher_is_the_base(trained, tiny_sd15):
     method, _ = trained("sd15", "lcm_lora")
     unets = {id(v) for v in vars(method).values() if isinstance(v, UNet2DConditionModel)}
-    assert unets == {id(method.unet)} and method.models.unet is method.unet
-    assert method._teacher_model() is method._target_model() is method.unet
+    assert unets == {id(method.unet)} and method.family.denoiser is method.unet
+    roles = method.roles()
+    assert roles.teacher is roles.target is method.unet
     inputs = unet_inputs(method.unet)
     base = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
-    with _adapters_disabled(method.unet):
+    with adapters_disabled(method.unet):
         teacher = unet_out(method.unet, inputs)
     torch.testing.assert_close(teacher, unet_out(base, inputs))
     assert not torch.allclose(unet_out(method.unet, inputs), teacher, atol=1e-4)  # the trained LoRA is back on

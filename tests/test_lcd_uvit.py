@@ -13,7 +13,8 @@ from diffusers import LCMScheduler
 from ldmkit.errors import UserError
 from ldmkit.lora import adapters, formats
 from ldmkit.methods import get_method, load_config
-from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES, is_uvit_pipeline
+from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES
+from ldmkit.models.families import SDFamily, UViTFamily, detect_family
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline
 
@@ -117,27 +118,28 @@ def trained(uvit_teacher, tmp_path_factory):
 
 
 def test_teacher_folder_is_recognised(uvit_teacher, tiny_sd15):
-    assert is_uvit_pipeline(uvit_teacher) and not is_uvit_pipeline(tiny_sd15)
+    assert detect_family(uvit_teacher) is UViTFamily and detect_family(tiny_sd15) is SDFamily
 
 
 @pytest.mark.parametrize("name", ["lcm_lora", "lcd"])
 def test_loss_decreases_on_a_fixed_batch(trained, name):
     method, losses = trained(name)
-    assert method.is_uvit and isinstance(method.unet, UViT)
+    assert isinstance(method.family, UViTFamily) and isinstance(method.unet, UViT)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 
 def test_lcm_lora_keeps_one_uvit_and_its_teacher_is_the_base(trained, uvit_teacher):
     method, _ = trained("lcm_lora")
-    models = {id(v) for v in vars(method).values() if isinstance(v, UViT)} | {id(method.models.unet)}
+    models = {id(v) for v in vars(method).values() if isinstance(v, UViT)} | {id(method.family.denoiser)}
     assert models == {id(method.unet)}
-    assert method._teacher_model() is method._target_model() is method.unet
+    roles = method.roles()
+    assert roles.teacher is roles.target is method.unet
     assert formats.count_lora_modules(method.unet) == LORA_MODULES
     assert all(p.requires_grad == ("lora_" in n) for n, p in method.unet.named_parameters())
     inputs = uvit_inputs(method.unet)
     base = UViT.from_pretrained(uvit_teacher, subfolder="unet")
-    with method._teacher_context():
+    with roles.teacher_context():
         teacher = out(method.unet, inputs)
     torch.testing.assert_close(teacher, out(base, inputs))
     assert not torch.allclose(out(method.unet, inputs), teacher, atol=1e-4)  # the trained LoRA is back on

@@ -133,6 +133,26 @@ def test_lcm_scheduler_four_steps_and_denoised_by_hand():
         x = step.prev_sample
 
 
+@pytest.mark.parametrize("prediction_type,scaling", [("epsilon", 10.0), ("v_prediction", 5.0)])
+def test_consistency_function_is_lcm_scheduler_denoised(prediction_type, scaling):
+    ddpm = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    s = lcm.lcm_scheduler(ddpm.config, original_inference_steps=50, timestep_scaling=scaling)
+    s.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    for t in s.timesteps.tolist():
+        out = torch.randn(2, 4, 8, 8, generator=g)
+        step = s.step(out, t, x, generator=torch.Generator().manual_seed(1))
+        f = lcm.consistency_function(out, x, torch.full((2,), t), prediction_type, s.alphas_cumprod, scaling)
+        torch.testing.assert_close(f, step.denoised, rtol=1e-5, atol=1e-5)
+        x = step.prev_sample
+    # f(x, 0) = x: the boundary condition.
+    torch.testing.assert_close(
+        lcm.consistency_function(out, x, torch.zeros(2, dtype=torch.long), prediction_type, s.alphas_cumprod, scaling),
+        x,
+    )
+
+
 @pytest.mark.parametrize("n,scaling", [(25, 5.0), (50, 10.0), (100, 20.0)])
 def test_lcm_scheduler_carries_run_settings(n, scaling):
     s = lcm.lcm_scheduler(DDPMScheduler(**SD_SCHEDULE).config, original_inference_steps=n, timestep_scaling=scaling)

@@ -1,4 +1,4 @@
-"""Tiny pipelines, SDModels (against diffusers' own pipelines) and the fine-tuning loss helpers."""
+"""Tiny pipelines, the SD / SDXL model families (against diffusers' own pipelines) and the fine-tuning loss helpers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
+from ldmkit.config import ModelConfig
 from ldmkit.errors import UserError
-from ldmkit.models.sd import SDModels
+from ldmkit.models.families import SDFamily, SDXLFamily, detect_family, load_family
 from ldmkit.rng import SampleRNG
 
 from helpers.sd import make_batch, one_thread  # noqa: F401  (autouse fixture)
@@ -20,12 +21,12 @@ LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 
 @pytest.fixture(scope="module")
 def sd15(tiny_sd15):
-    return SDModels.load(str(tiny_sd15))
+    return load_family(ModelConfig(pretrained=str(tiny_sd15)))
 
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl):
-    return SDModels.load(str(tiny_sdxl))
+    return load_family(ModelConfig(pretrained=str(tiny_sdxl)))
 
 
 # ---- tiny pipelines -------------------------------------------------------------------------------
@@ -93,20 +94,37 @@ def test_tiny_model_command(tmp_path):
     assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
 
 
-# ---- SDModels ------------------------------------------------------------------------------------
+# ---- families -------------------------------------------------------------------------------------
+def _family(path, **kw):
+    return load_family(ModelConfig(pretrained=str(path), vae=kw.pop("vae", None)), **kw)
+
+
 def test_load_errors_name_the_problem(tmp_path, tiny_sd15):
     with pytest.raises(UserError, match="not found"):
-        SDModels.load(str(tmp_path / "nope"))
+        _family(tmp_path / "nope")
     with pytest.raises(UserError, match="empty"):
-        SDModels.load("")
+        load_family(ModelConfig(pretrained=""))
     broken = tmp_path / "broken"
     shutil.copytree(tiny_sd15, broken)
     shutil.rmtree(broken / "unet")
+    family = _family(broken)  # fine while the UNet is not asked for
     with pytest.raises(UserError, match="unet"):
-        SDModels.load(str(broken))
-    SDModels.load(str(broken), unet=False)  # fine when the UNet is not asked for
+        _ = family.denoiser
     with pytest.raises(UserError, match="model.vae"):
-        SDModels.load(str(tiny_sd15), vae=str(tmp_path))
+        _family(tiny_sd15, vae=str(tmp_path))
+
+
+def test_family_detection_and_lazy_parts(tiny_sd15, tiny_sdxl):
+    assert detect_family(tiny_sd15) is SDFamily and detect_family(tiny_sdxl) is SDXLFamily
+    family = _family(tiny_sdxl)
+    assert not any(family.loaded(p) for p in ("denoiser", "vae", "tokenizers", "text_encoders"))
+    with family.transient():
+        assert len(family.text_encoders) == 2 and family.loaded("text_encoders")
+    assert not family.loaded("text_encoders")  # loaded inside the block: dropped
+    _ = family.vae
+    with family.transient():
+        _ = family.vae
+    assert family.loaded("vae")  # loaded before the block: kept
 
 
 def test_prompt_embeds_match_diffusers_pipelines(sd15, sdxl, tiny_sd15, tiny_sdxl):
@@ -176,22 +194,21 @@ def test_fingerprint_tracks_vae_and_text_encoder_content(tmp_path, tiny_sd15):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_sd15, copy)
-    light = SDModels.load(str(copy), unet=False, vae_model=False, text=False)  # needs no models in memory
+    light = _family(copy)
     fp = light.fingerprint()
-    assert fp == SDModels.load(str(tiny_sd15), unet=False, vae_model=False, text=False).fingerprint()
+    assert not any(light.loaded(p) for p in ("denoiser", "vae", "text_encoders"))  # needs no models in memory
+    assert fp == _family(tiny_sd15).fingerprint()
     # The UNet is not part of it; the VAE weights, the text encoder and the dtype are.
     unet_file = copy / "unet" / "diffusion_pytorch_model.safetensors"
     w = load_file(unet_file)
     save_file({k: v + 1 for k, v in w.items()}, unet_file)
-    assert SDModels.load(str(copy), unet=False, vae_model=False, text=False).fingerprint() == fp
+    assert _family(copy).fingerprint() == fp
     vae_file = copy / "vae" / "diffusion_pytorch_model.safetensors"
     w = load_file(vae_file)
     save_file({k: v * 1.01 for k, v in w.items()}, vae_file, metadata={"format": "pt"})
-    fp_vae = SDModels.load(str(copy), unet=False, vae_model=False, text=False).fingerprint()
+    fp_vae = _family(copy).fingerprint()
     assert fp_vae != fp
-    assert (
-        SDModels.load(str(copy), unet=False, vae_model=False, text=False, dtype=torch.float16).fingerprint() != fp_vae
-    )
+    assert _family(copy, dtype=torch.float16).fingerprint() != fp_vae
 
 
 # ---- losses --------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Offline text conditioning (ldmkit.models.text): word tokenizer, frozen random CLIP text encoder, the
-folder SDModels / UViTPipeline load, and the caption-separation measure on the shapes captions."""
+folder the model families / UViTPipeline load, and the caption-separation measure on the shapes captions."""
 
 from __future__ import annotations
 
@@ -151,17 +151,18 @@ def test_encoder_is_frozen_and_deterministic_per_seed():
     assert torch.equal(wa, wb) and not torch.allclose(wa, wc)
 
 
-def test_sdmodels_and_uvit_pipeline_load_the_folder(text_dir, vae_dir, tmp_path):
+def test_family_and_uvit_pipeline_load_the_folder(text_dir, vae_dir, tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 
+    from ldmkit.config import ModelConfig
     from ldmkit.methods.uvit import training_scheduler
-    from ldmkit.models.sd import SDModels
+    from ldmkit.models.families import load_family
     from ldmkit.models.uvit import UViT
     from ldmkit.pipelines.uvit import UViTPipeline
 
-    with pytest.raises(UserError, match="VAE config"):  # SDModels always reads a VAE config
-        SDModels.load(str(text_dir), unet=False, vae_model=False)
-    models = SDModels.load(str(text_dir), vae=str(vae_dir), unet=False)
+    with pytest.raises(UserError, match="VAE config"):  # a family always reads a VAE config
+        load_family(ModelConfig(pretrained=str(text_dir)))
+    models = load_family(ModelConfig(pretrained=str(text_dir), vae=str(vae_dir)))
     embeds = models.encode_prompts(SHAPES[:3])["prompt_embeds"]
     assert embeds.shape == (3, MAX_LENGTH, HIDDEN)
 
@@ -170,7 +171,7 @@ def test_sdmodels_and_uvit_pipeline_load_the_folder(text_dir, vae_dir, tmp_path)
     shutil.copytree(vae_dir, inside / "vae")
     write_text_components(inside, SHAPES, hidden_size=HIDDEN, num_layers=LAYERS, max_length=MAX_LENGTH, seed=0)
     assert "vae" in json.loads((inside / "model_index.json").read_text())
-    models2 = SDModels.load(str(inside), unet=False)
+    models2 = load_family(ModelConfig(pretrained=str(inside)))
     torch.testing.assert_close(models2.encode_prompts(SHAPES[:3])["prompt_embeds"], embeds)
 
     unet = UViT.from_preset("uvit-tiny", sample_size=4, context_dim=HIDDEN, num_text_tokens=MAX_LENGTH)

@@ -78,7 +78,8 @@ def test_loss_is_epsilon_mse_of_scaled_posterior_samples(method):
     xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     ref = torch.nn.functional.mse_loss(method.unet(xt, t, batch["prompt_embeds"]).sample, noise)
     torch.testing.assert_close(loss, ref)
-    assert method.models.vae.config.scaling_factor == pytest.approx(0.2301)
+    pipe = method._pipeline(method.unet, method.family.vae, method.family.text_encoders[0])  # validation / export
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.2301)
 
 
 def test_min_snr_loss_weights_each_sample(tiny_sd15, features_dir, tmp_path):

@@ -96,7 +96,7 @@ def data_cfg(path, **kw) -> DataConfig:
 
 
 class FakeEncoders:
-    """Stands in for SDModels (same three methods): a fixed random stride-2 conv as the VAE encoder
+    """Stands in for a model family (its three encoder methods): a fixed random stride-2 conv as the VAE encoder
     (moments [B, 8, H/2, W/2]) and a fixed byte-embedding table as the text encoder. Plain torch: importing
     diffusers would cost ~10 s of the test budget and the cache only stores what the encoders return."""
 

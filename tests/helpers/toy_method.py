@@ -47,10 +47,7 @@ class ToyMethod(Method):
 
     def loss(self, batch):
         self.calls += 1
-        if (
-            self.crash_at_step
-            and self.calls > (self.crash_at_step - 1) * self.cfg.train.gradient_accumulation_steps
-        ):
+        if self.crash_at_step and self.calls > (self.crash_at_step - 1) * self.cfg.train.gradient_accumulation_steps:
             raise RuntimeError("simulated crash")
         x = batch["pixel_values"]
         rng = SampleRNG(batch["seed"], x.device)

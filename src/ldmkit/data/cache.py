@@ -25,8 +25,8 @@ finished shards kept. With several processes (``accelerator``), rank r encodes s
 all wait, and the main process writes the index. For a streamed WebDataset every rank reads (without
 decoding) the whole stream to find its shards.
 
-Finding a cache needs only the encoders' fingerprint: wrapped in ``LazyEncoders``, the models are loaded
-only when a cache has to be built.
+Finding a cache needs only the encoders' fingerprint: the model families (ldmkit.models.families) read
+it from files and load the VAE / text encoders only when a cache has to be built.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,40 +58,11 @@ SHARD_SIZE = 512  # samples per shard file
 
 
 class Encoders(Protocol):
-    """What the cache needs from the models (ldmkit.models.sd.SDModels has it)."""
+    """What the cache needs from the models (ldmkit.models.families' Family has it)."""
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...  # VAE moments [B,2C,h,w]
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]: ...
     def fingerprint(self) -> str: ...
-
-
-class LazyEncoders:
-    """Encoders that are loaded only when something has to be encoded.
-
-    ``fingerprint`` comes from a cheap function (``SDModels.fingerprint`` reads files, not models), so
-    training from a finished cache never loads the VAE or the text encoders just to find the cache.
-    Any other attribute (``encode_images``, ``encode_prompts``, ``vae``, ``tokenizers``, ...) loads them
-    once with ``load`` and is read from the loaded object, so a method can return this wherever it
-    returned the loaded models.
-    """
-
-    def __init__(self, fingerprint: Callable[[], str], load: Callable[[], Any]):
-        self._fingerprint, self._load, self._loaded = fingerprint, load, None
-
-    @property
-    def is_loaded(self) -> bool:
-        return self._loaded is not None
-
-    def fingerprint(self) -> str:
-        return self._fingerprint()
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # not loaded state (copy / pickle probe attributes before __init__ ran)
-            raise AttributeError(name)
-        if self._loaded is None:
-            logger.info("loading the encoders to encode data")
-            self._loaded = self._load()
-        return getattr(self._loaded, name)
 
 
 def _stat(path: str) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,12 @@ def build_loader(
     processes with batch B; resume skips without loading). WebDataset streams are split per rank and
     worker (data/wds.py). With ``data_cfg.cache`` and ``encoders``, the source is encoded once
     (data/cache.py) and batches carry ``latent_moments`` / ``prompt_embeds`` instead of pixels.
+
+    This is the one place that decides whether the cache is used: methods hand over their encoders
+    (a model family: ``encode_images``, ``encode_prompts``, ``fingerprint``) whatever the config says.
+    Encoders that load models on demand (ldmkit.models.families) may offer ``transient()``: what encoding
+    loaded is dropped once the cache is built; and ``use_encoded_prompt(caption, embeds)``: they receive
+    the cache's empty-prompt embedding, so the unconditional pass needs no text encoder either.
     """
     dataset = open_dataset(
         data_cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch
@@ -204,14 +211,18 @@ def build_loader(
         root = cache_root or data_cfg.cache_dir
         if root is None:
             raise UserError("data.cache is true but no cache folder is known: set data.cache_dir")
-        dataset = build_cache(
-            dataset,
-            encoders,
-            root,
-            data_cfg,
-            batch_size=data_cfg.encode_batch_size,
-            accelerator=_Ranks(rank, world_size) if world_size > 1 else None,
-        )
+        transient = getattr(encoders, "transient", contextlib.nullcontext)
+        with transient():
+            dataset = build_cache(
+                dataset,
+                encoders,
+                root,
+                data_cfg,
+                batch_size=data_cfg.encode_batch_size,
+                accelerator=_Ranks(rank, world_size) if world_size > 1 else None,
+            )
+        if hasattr(encoders, "use_encoded_prompt"):
+            encoders.use_encoded_prompt("", dataset.empty)
     elif data_cfg.cache:
         logger.info("data.cache: nothing to encode (no encoders, or the source is already encoded)")
 

@@ -50,7 +50,7 @@ def prepare_features(
     total: int | None = None,
 ) -> dict[str, int]:
     """Encode ``samples`` ((position, load) pairs of a data-layer reader's ``lazy_samples()``) with
-    ``encoders`` (``encode_images`` / ``encode_prompts``, e.g. SDModels) into ``out``.
+    ``encoders`` (``encode_images`` / ``encode_prompts``, e.g. a model family of ldmkit.models.families) into ``out``.
 
     Returns counts: ``written``, ``skipped`` (already present), ``unreadable``.
     """
@@ -129,9 +129,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldmkit.config import DataConfig
+    from ldmkit.config import DataConfig, ModelConfig
     from ldmkit.data.loader import detect_format, open_dataset
-    from ldmkit.models.sd import SDModels
+    from ldmkit.models.families import load_family
+    from ldmkit.models.families.sd import check_single_text_encoder
 
     if args.batch_size < 1 or args.resolution < 8:
         raise UserError("--batch-size must be >= 1 and --resolution >= 8")
@@ -149,10 +150,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data} is already a feature folder")
     dataset = open_dataset(cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models = SDModels.load(args.model, unet=False, device=device)
-    if models.is_sdxl:
-        raise UserError("prepare features needs a single-text-encoder (SD1.x-style) model, got SDXL")
-    models.vae_batch_size = args.batch_size
+    models = load_family(ModelConfig(pretrained=args.model), device=device, encode_batch_size=args.batch_size)
+    check_single_text_encoder(models, "prepare features")
     # A resumed or second-split run must use the same encoders and resolution as the files already there.
     meta = {
         "resolution": args.resolution,

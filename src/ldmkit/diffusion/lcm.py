@@ -124,6 +124,26 @@ def predicted_noise(
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def consistency_function(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    prediction_type: str,
+    alphas_cumprod: torch.Tensor,
+    timestep_scaling: float = 10.0,
+) -> torch.Tensor:
+    """The consistency function f(x_t, t) = c_skip(t) x_t + c_out(t) x0(model_output, x_t, t) (LCM paper eq. 9).
+
+    The one parameterisation used by distillation (student and target) and by sampling: it is the
+    ``denoised`` of ``LCMScheduler.step`` configured with the same ``timestep_scaling``.
+    """
+    c_skip, c_out = (
+        append_dims(c, sample.ndim)
+        for c in scalings_for_boundary_conditions(timesteps, timestep_scaling=timestep_scaling)
+    )
+    return c_skip * sample + c_out * predicted_origin(model_output, timesteps, sample, prediction_type, alphas_cumprod)
+
+
 def guidance_scale_embedding(w: torch.Tensor, dim: int = 512, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Sinusoidal embedding of guidance scales [B] -> [B, dim] (VDM, Kingma et al. 2021; LCM paper sec. 4.2).
 

@@ -1,12 +1,12 @@
 """Fine-tuning Stable Diffusion 1.x/2.x and SDXL: the full UNet (``finetune``) or LoRA adapters (``lora``).
 
-The denoising loss of diffusers' examples/text_to_image (train_text_to_image*.py), without their bugs
-(REFERENCE.md sec 2): min-SNR weights per sample, and no VAE / text-encoder work per step when the
-batch carries cached latents and embeddings.
+The denoising loss of diffusers' examples/text_to_image (train_text_to_image*.py), with min-SNR weights
+per sample (Hang et al. 2023, arXiv:2303.09556), and no VAE / text-encoder work per step when the batch
+carries cached latents and embeddings.
 
-Cached data (``data.cache`` or a ``features`` source): the VAE and text encoders are not loaded for
-training. Validation and export load the missing parts from ``model.pretrained`` when they need them
-and drop them afterwards, so the memory they take is only used for the few seconds of a validation.
+The model family (ldmkit.models.families) loads the VAE and text encoders only when a batch without cached
+tensors needs them; validation and export load what is missing and drop it afterwards, so with cached data
+the memory they take is only used for the few seconds of a validation.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
-from ldmkit.models.sd import SDModels
+from ldmkit.models.families import Family, load_family
 from ldmkit.rng import SampleRNG, sample_seed
 from ldmkit.train.ema import EMA
 
@@ -116,26 +116,21 @@ class _SDMethod(Method):
         super().__init__(cfg, accelerator)
         m = self.mcfg
         m.check(cfg)  # also when the config was built in code rather than by load_config
-        self.cached = bool(cfg.data.cache or cfg.data.format == "features")
-        self.sd = SDModels.load(
-            cfg.model.pretrained,
-            vae=cfg.model.vae,
-            variant=cfg.model.variant,
+        self.family: Family = load_family(
+            cfg.model,
             dtype=self.weight_dtype,
             device=self.device,
-            vae_model=not self.cached,
-            text=not self.cached or m.train_text_encoder,
-            unet_dtype=self._unet_load_dtype(),
+            denoiser_dtype=self._unet_load_dtype(),
             text_dtype=self._text_load_dtype(),
+            encode_batch_size=cfg.data.encode_batch_size,
         )
-        self.sd.vae_batch_size = cfg.data.encode_batch_size
         if m.prediction_type:
-            self.sd.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
-        self.unet = self.sd.unet
+            self.family.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
+        self.unet = self.family.denoiser
         self.text_encoder_names: tuple[str, ...] = ()
         if m.train_text_encoder:
-            self.text_encoder_names = ("text_encoder", "text_encoder_2")[: len(self.sd.text_encoders)]
-            for name, te in zip(self.text_encoder_names, self.sd.text_encoders):
+            self.text_encoder_names = self.family.text_encoder_names
+            for name, te in zip(self.text_encoder_names, self.family.text_encoders):
                 setattr(self, name, te)
         self.trainable_names = ("unet", *self.text_encoder_names)
         self._make_trainable()  # gradient checkpointing of trainable modules is enabled by the loop
@@ -157,10 +152,10 @@ class _SDMethod(Method):
 
     # ---- training ---------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        m, sched = self.mcfg, self.sd.noise_scheduler
+        m, sched = self.mcfg, self.family.noise_scheduler
         rng = SampleRNG(batch["seed"], self.device)
         # 1. x0 ~ q(z | image): cached moments or the VAE; then the per-sample noise and timestep.
-        latents = self.sd.latents(batch, rng)  # (B, C, h, w) fp32, scaled
+        latents = self.family.latents(batch, rng)  # (B, C, h, w) fp32, scaled
         noise = rng.randn(*latents.shape[1:])  # (B, C, h, w)
         if m.noise_offset:
             noise = noise + m.noise_offset * rng.randn(latents.shape[1], 1, 1)  # (B, C, 1, 1) per channel
@@ -174,14 +169,15 @@ class _SDMethod(Method):
         encoders = [getattr(self, n) for n in self.text_encoder_names] or None
         if encoders and "prompt_embeds" in batch:  # e.g. a features folder found by format: auto
             raise UserError("method.train_text_encoder needs captions, but the data gives fixed prompt_embeds")
-        text = self.sd.text(batch, text_encoders=encoders)
-        added = None
-        if self.sd.is_sdxl:
-            time_ids = self.sd.add_time_ids(batch, self.cfg.data.resolution, m.use_fix_crop_and_size)
-            added = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": time_ids}
+        cond = self.family.condition(
+            batch,
+            resolution=self.cfg.data.resolution,
+            fix_crop_and_size=m.use_fix_crop_and_size,
+            text_encoders=encoders,
+        )
         # 4. Prediction vs. target, MSE in fp32, per-sample min-SNR weights.
         with self._forward_rng(batch["seed"]), self.accelerator.autocast():
-            pred = self.unet(noisy, t, text["prompt_embeds"], added_cond_kwargs=added).sample
+            pred = self.family.denoise(self.unet, noisy, t, cond)
         target = diffusion_target(sched, latents, noise, t)
         mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         logs = {"mse": mse.detach().mean().item()}
@@ -201,14 +197,9 @@ class _SDMethod(Method):
             yield
 
     # ---- validation / export ----------------------------------------------------------------------
-    def _frozen_parts(self) -> SDModels:
-        """VAE and text encoders for inference: the loaded ones, or (cached data) a fresh load."""
-        if self.sd.vae is not None and self.sd.text_encoders:
-            return self.sd
-        return self.encoders()
-
-    def _pipeline(self, parts: SDModels):
-        """A stock diffusers pipeline around the in-memory UNet (+ trained text encoders)."""
+    def _pipeline(self):
+        """A stock diffusers pipeline around the in-memory UNet (+ trained text encoders), with the
+        folder's own inference scheduler."""
         import diffusers
 
         root = Path(self.cfg.model.pretrained)
@@ -216,22 +207,8 @@ class _SDMethod(Method):
         scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
         if self.mcfg.prediction_type:
             scheduler.register_to_config(prediction_type=self.mcfg.prediction_type)
-        text = [self.unwrap(getattr(self, n)) for n in self.text_encoder_names] or parts.text_encoders
-        common = dict(
-            unet=self.unwrap(self.unet),
-            vae=parts.vae,
-            scheduler=scheduler,
-            text_encoder=text[0],
-            tokenizer=parts.tokenizers[0],
-        )
-        if self.sd.is_sdxl:
-            pipe = diffusers.StableDiffusionXLPipeline(
-                text_encoder_2=text[1], tokenizer_2=parts.tokenizers[1], **common
-            )
-        else:
-            pipe = diffusers.StableDiffusionPipeline(
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common
-            )
+        text = [self.unwrap(getattr(self, n)) for n in self.text_encoder_names] or None
+        pipe = self.family.pipeline(unet=self.unwrap(self.unet), scheduler=scheduler, text_encoders=text)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -255,9 +232,9 @@ class _SDMethod(Method):
         prompts = self.cfg.train.validation_prompts
         if not prompts:
             return None
-        parts = self._frozen_parts()
-        with self._inference_weights(), torch.no_grad(), self.accelerator.autocast():
-            pipe = self._pipeline(parts)
+        # Parts not in memory (cached data) are loaded for this and dropped afterwards.
+        with self.family.transient(), self._inference_weights(), torch.no_grad(), self.accelerator.autocast():
+            pipe = self._pipeline()
             res = self.cfg.data.resolution
             images = generate_images(
                 pipe,
@@ -268,23 +245,13 @@ class _SDMethod(Method):
                 height=res,
                 width=res,
             )
-        del pipe, parts
+            del pipe
         gc.collect()
         return make_image_grid(images, rows=1, cols=len(images))
 
     def encoders(self):
-        """VAE + text encoders for building the cache (loaded only when the cache must be built)."""
-        if self.sd.vae is not None and self.sd.text_encoders and not self.text_encoder_names:
-            return self.sd
-        cfg = self.cfg.model
-        return SDModels.lazy_encoders(
-            cfg.pretrained,
-            vae=cfg.vae,
-            variant=cfg.variant,
-            dtype=self.weight_dtype,
-            device=self.device,
-            batch_size=self.cfg.data.encode_batch_size,
-        )
+        """The family: the data layer may build a cache with it (loading the VAE / text encoders then only)."""
+        return self.family
 
 
 class FinetuneMethod(_SDMethod):
@@ -325,22 +292,17 @@ class FinetuneMethod(_SDMethod):
     def export(self, out_dir: Path) -> None:
         """A complete diffusers pipeline folder: the trained (EMA) UNet and text encoders, everything
         else copied from model.pretrained as stored there (not the fp16 training copies)."""
-        from diffusers import AutoencoderKL, DiffusionPipeline
+        import diffusers
 
-        cfg = self.cfg.model
-        parts: dict[str, Any] = {}
-        for name in self.text_encoder_names:
-            parts[name] = self.unwrap(getattr(self, name))
-        if cfg.vae:
-            sub = "vae" if (Path(cfg.vae) / "vae" / "config.json").exists() else None
-            parts["vae"] = AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, variant=cfg.variant)
-        with self._inference_weights():
-            pipe = DiffusionPipeline.from_pretrained(
-                cfg.pretrained, unet=self.unwrap(self.unet), variant=cfg.variant, **parts
+        parts: dict[str, Any] = {name: self.unwrap(getattr(self, name)) for name in self.text_encoder_names}
+        if self.mcfg.prediction_type:
+            root = Path(self.cfg.model.pretrained)
+            sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+            parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(
+                sched_cfg, prediction_type=self.mcfg.prediction_type
             )
-            if self.mcfg.prediction_type:
-                pipe.scheduler.register_to_config(prediction_type=self.mcfg.prediction_type)
-            pipe.save_pretrained(out_dir)
+        with self._inference_weights():
+            self.family.export_pipeline(out_dir, unet=self.unwrap(self.unet), **parts)
         log.info("exported pipeline to %s", out_dir)
 
 
@@ -412,8 +374,8 @@ class LoraMethod(_SDMethod):
         ``lora_te1_*`` / ``lora_te2_*``, the prefixes A1111, ComfyUI and diffusers read)."""
         from ldmkit.lora.formats import KOHYA_PREFIX, layers_from_peft_model, to_kohya
 
-        te = ("lora_te1_", "lora_te2_") if self.sd.is_sdxl else ("lora_te_",)
-        prefixes = dict(zip(("unet", "text_encoder", "text_encoder_2"), (KOHYA_PREFIX, *te)))
+        names = ("unet", *self.family.text_encoder_names)
+        prefixes = dict(zip(names, (KOHYA_PREFIX, *self.family.kohya_text_prefixes)))
         out = {}
         for name in self.trainable_names:
             kohya = to_kohya(layers_from_peft_model(self.unwrap(getattr(self, name))))
@@ -428,9 +390,8 @@ class LoraMethod(_SDMethod):
     def export(self, out_dir: Path) -> None:
         """``pytorch_lora_weights.safetensors`` for ``load_lora_weights``, written by the pipeline's own
         ``save_lora_weights`` from peft keys (converting them with convert_state_dict_to_diffusers makes
-        diffusers skip the attention LoRAs, REFERENCE.md sec 1), and a kohya copy
+        diffusers skip the attention LoRAs: diffusers loaders/lora_pipeline.py reads peft keys as they are), and a kohya copy
         ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from safetensors.torch import save_file
 
         from ldmkit.lora.formats import KOHYA_WEIGHT_NAME
@@ -438,7 +399,6 @@ class LoraMethod(_SDMethod):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         layers = {f"{name}_lora_layers": sd for name, sd in self.lora_state_dicts().items()}
-        cls = StableDiffusionXLPipeline if self.sd.is_sdxl else StableDiffusionPipeline
-        cls.save_lora_weights(out_dir, **layers)
+        self.family.pipeline_class.save_lora_weights(out_dir, **layers)
         save_file(self.kohya_state_dict(), out_dir / KOHYA_WEIGHT_NAME, metadata={"format": "pt"})
         log.info("exported LoRA to %s", out_dir)

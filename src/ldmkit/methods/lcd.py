@@ -2,7 +2,7 @@
 
 LCM paper (Luo et al. 2023, arXiv:2310.04378) Algorithm 1; LCM-LoRA report (arXiv:2311.05556).
 The reference implementations are diffusers' ``examples/consistency_distillation/train_lcm_distill_*``
-and PaddleMIX's ``lcm_trainer``; the facts we match are collected in REFERENCE.md section 1.
+and PaddleMIX's ``ppdiffusers/examples/consistency_distillation`` (``lcm_trainer``).
 
 Differences from the references, on purpose:
 - the teacher's conditional and unconditional passes run as one batched forward
@@ -14,12 +14,11 @@ Differences from the references, on purpose:
 - exports carry the run's ``num_ddim_timesteps`` and ``timestep_scaling_factor`` in an LCMScheduler
   config, and the LoRA loads in stock diffusers (all modules) and as a kohya file.
 
-Any teacher: the algorithm needs only an epsilon- or v-predicting denoiser called as
-``model(x_t, t, encoder_hidden_states=..., timestep_cond=...)``. Besides SD1.x/SDXL UNets, a
-``UViTPipeline`` folder (ldmkit's U-ViT, e.g. the export of a ``uvit`` run) is a teacher: its U-ViT takes
-the same call, its scheduler/ gives the DDPM training schedule, and its exports are a LoRA for
-``UViTPipeline.load_lora_weights`` or a full ``UViTPipeline`` folder. The U-ViT-specific code is the
-loader (``_load_teacher_denoiser``), the pipeline class and the LoRA target names.
+Any teacher: the algorithm talks to the model only through its family (``ldmkit.models.families``):
+``family.denoise`` calls the denoiser, ``family.conditions`` gives (cond, uncond), ``family.pipeline``
+samples, and the family's defaults (LoRA targets, w_min, guidance) fill what the config leaves open. SD1.x,
+SDXL and ldmkit's U-ViT (a ``UViTPipeline`` folder, e.g. the export of a ``uvit`` run) are families.
+lcm_lora and lcd differ only in who plays student, teacher and target (``Roles``).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import contextlib
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,11 +35,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ldmkit.compat import dtype_kwargs
 from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
 from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.models.families.sd import UNET_LORA_TARGET_MODULES as LCM_LORA_TARGET_MODULES
+from ldmkit.models.families.uvit import UVIT_LORA_TARGET_MODULES
 from ldmkit.rng import SampleRNG
 from ldmkit.train.ema import EMA
 
@@ -47,18 +48,10 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from ldmkit.config import Config
-    from ldmkit.models.sd import SDModels
+
+__all__ = ["LCM_LORA_TARGET_MODULES", "UVIT_LORA_TARGET_MODULES", "LCDMethod", "LCMLoraMethod", "Roles"]
 
 logger = logging.getLogger(__name__)
-
-LCM_LORA_TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)  # fmt: skip
-"""The UNet modules LCM-LoRA adapts (diffusers' train_lcm_distill_lora_* scripts)."""
-UVIT_LORA_TARGET_MODULES = ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")
-"""The U-ViT modules LCM-LoRA adapts: every attention and MLP projection (models/uvit.py Block), the
-counterpart of the UNet list's transformer-block entries."""
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -146,38 +139,22 @@ class LCDConfig(LCDCommonConfig):
             raise UserError(f"method.unet_time_cond_proj_dim must be >= 2, got {self.unet_time_cond_proj_dim}")
 
 
-# ------------------------------------------------------------------------------------------- denoiser
-class SDDenoiser:
-    """How LCD calls the denoiser: (model, x_t, t, cond, w embedding) -> raw model output.
+# ------------------------------------------------------------------------------------------- roles
+@dataclass
+class Roles:
+    """Who plays which part of Algorithm 1: the methods differ only here (LCM-LoRA: one denoiser in three
+    roles; full LCD: student, frozen teacher, EMA target). Models are called through ``Family.denoise``."""
 
-    ``cond`` holds ``prompt_embeds`` and, for SDXL, ``pooled_prompt_embeds`` and ``time_ids``. Serves
-    UNet2DConditionModel and ldmkit's U-ViT alike (its forward takes the UNet's arguments and returns
-    ``.sample``); another teacher plugs in by providing an object with the same ``__call__``.
-    """
-
-    def __call__(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], w_emb=None):
-        added = None
-        if "pooled_prompt_embeds" in cond:
-            added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]}
-        return model(
-            x, t, encoder_hidden_states=cond["prompt_embeds"], timestep_cond=w_emb, added_cond_kwargs=added
-        ).sample
-
-
-def is_uvit_pipeline(folder: str | Path) -> bool:
-    """Whether ``folder`` is a UViTPipeline (model_index.json ``_class_name``)."""
-    index = Path(folder) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "UViTPipeline"
-
-
-def _load_teacher_denoiser(pretrained: str, variant: str | None, dtype: torch.dtype) -> torch.nn.Module:
-    """The U-ViT of a UViTPipeline folder, frozen (SDModels loads UNets; this is the one U-ViT branch)."""
-    from ldmkit.models.uvit import UViT
-
-    if not (Path(pretrained) / "unet" / "config.json").is_file():
-        raise UserError(f"unet of model.pretrained not found: {Path(pretrained) / 'unet'}")
-    model = UViT.from_pretrained(pretrained, subfolder="unet", variant=variant, **dtype_kwargs(dtype))
-    return model.requires_grad_(False).eval()
+    student: torch.nn.Module
+    """f_theta, trained: the accelerate-prepared module (DDP sync, autocast)."""
+    teacher: torch.nn.Module
+    """The ODE solver's denoiser (with classifier-free guidance), no gradient."""
+    target: torch.nn.Module
+    """f_theta^-, no gradient."""
+    teacher_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    """Entered around the teacher's passes (LCM-LoRA: adapters disabled)."""
+    w_embedding: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Guidance scales w [B] -> the student's and target's ``timestep_cond``, or None (no w-embedding)."""
 
 
 def _cat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,39 +163,22 @@ def _cat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[st
 
 # ------------------------------------------------------------------------------------------- methods
 class _LCDBase(Method):
-    """Algorithm 1 of the LCM paper; subclasses say who the student, teacher and target are."""
+    """Algorithm 1 of the LCM paper; subclasses say who the student, teacher and target are (``roles``)."""
 
     trainable_names = ("unet",)
     mcfg: LCDCommonConfig
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
-        from ldmkit.models.sd import SDModels
+        from ldmkit.models.families import load_family
 
         m = self.mcfg
-        cache = cfg.data.cache
-        self.is_uvit = is_uvit_pipeline(cfg.model.pretrained)
-        # With a data cache the VAE and text encoders are not needed per step (REFERENCE sec. 1: then
-        # only the 4 UNet forwards run); they are loaded on demand for caching and validation.
-        self.models: SDModels = SDModels.load(
-            cfg.model.pretrained,
-            vae=cfg.model.vae,
-            variant=cfg.model.variant,
-            dtype=self.weight_dtype,
-            device=self.device,
-            vae_model=not cache,
-            text=not cache,
-            unet=not self.is_uvit,
+        # Lazy: the denoiser is loaded by the subclass; the VAE and text encoders only when a batch without
+        # cached tensors, validation or export needs them (with a data cache the loss runs the denoiser only).
+        self.family = load_family(
+            cfg.model, dtype=self.weight_dtype, device=self.device, encode_batch_size=cfg.data.encode_batch_size
         )
-        if self.is_uvit:
-            self.models.unet = _load_teacher_denoiser(cfg.model.pretrained, cfg.model.variant, self.weight_dtype).to(
-                self.device
-            )
-        self.models.vae_batch_size = cfg.data.encode_batch_size
-        self.is_sdxl = self.models.is_sdxl
-        self.denoiser = SDDenoiser()
-
-        sched = self.models.noise_scheduler
+        sched = self.family.noise_scheduler
         self.prediction_type = m.prediction_type or sched.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise UserError(
@@ -227,90 +187,41 @@ class _LCDBase(Method):
         T = sched.config.num_train_timesteps
         if m.num_ddim_timesteps > T:
             raise UserError(f"method.num_ddim_timesteps ({m.num_ddim_timesteps}) exceeds the teacher's {T} timesteps")
-        self.w_min = m.w_min if m.w_min is not None else (3.0 if self.is_sdxl else 5.0)
+        self.w_min = m.w_min if m.w_min is not None else self.family.lcd_w_min
         self.k = T // m.num_ddim_timesteps
         self.alphas_cumprod = sched.alphas_cumprod.to(self.device)
         self.ddim_timesteps = lcm.ddim_timesteps(T, m.num_ddim_timesteps).to(self.device)
         self.alpha_prev = lcm.ddim_alpha_prev(self.alphas_cumprod, self.ddim_timesteps)
 
-        # SD1.x: the unconditional embedding is the empty prompt's (encoded once, only the tensor kept);
-        # SDXL: zeros for prompt and pooled embeds (REFERENCE sec. 1).
-        self.empty_embeds: torch.Tensor | None = None
-        if not self.is_sdxl:
-            text_models = self.models if self.models.text_encoders else self._load_aux()
-            with torch.no_grad():
-                self.empty_embeds = text_models.encode_prompts([""])["prompt_embeds"].float()  # (1, L, D)
-
-    # ---- models on demand -------------------------------------------------------------------------
-    def _load_aux(self) -> SDModels:
-        from ldmkit.models.sd import SDModels
-
-        c = self.cfg.model
-        aux = SDModels.load(
-            c.pretrained, vae=c.vae, variant=c.variant, dtype=self.weight_dtype, device=self.device, unet=False
-        )
-        aux.vae_batch_size = self.cfg.data.encode_batch_size
-        return aux
-
-    def _aux(self) -> SDModels:
-        """VAE + text encoders: the training ones, or a fresh load when the cache made them unnecessary."""
-        if self.models.vae is not None and self.models.text_encoders:
-            return self.models
-        return self._load_aux()
-
     def encoders(self):
-        return self._aux()
+        """The family: fingerprint from files; it loads the VAE / text encoders only if the cache is built."""
+        return self.family
 
     # ---- the roles of Algorithm 1 -----------------------------------------------------------------
-    def _student(self, x, t, cond, w_emb):
-        """f_theta with gradients (the accelerate-prepared module: DDP sync, autocast)."""
-        return self.denoiser(self.unet, x, t, cond, w_emb)
-
-    def _teacher_model(self) -> torch.nn.Module:
+    def roles(self) -> Roles:
         raise NotImplementedError
 
-    def _teacher_context(self):
-        return contextlib.nullcontext()
-
-    def _target_model(self) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def _w_embedding(self, w: torch.Tensor) -> torch.Tensor | None:
-        return None
-
-    # ---- batch -> conditioning --------------------------------------------------------------------
-    def _conditions(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        text = self.models.text(batch)  # cached embeddings, or the text encoders (loaded unless data.cache)
-        cond = {"prompt_embeds": text["prompt_embeds"].float()}
-        if self.is_sdxl:
-            cond["pooled_prompt_embeds"] = text["pooled_prompt_embeds"].float()
-            cond["time_ids"] = self.models.add_time_ids(
-                batch, self.cfg.data.resolution, self.mcfg.use_fix_crop_and_size
-            )
-            uncond = {
-                "prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
-                "pooled_prompt_embeds": torch.zeros_like(cond["pooled_prompt_embeds"]),
-                "time_ids": cond["time_ids"],
-            }
-        else:
-            b = cond["prompt_embeds"].shape[0]
-            uncond = {"prompt_embeds": self.empty_embeds.to(cond["prompt_embeds"].device).expand(b, -1, -1)}
-        return cond, uncond
+    def _f(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The consistency function f = c_skip(t) x + c_out(t) x0_hat (diffusion/lcm.py)."""
+        return lcm.consistency_function(
+            model_output, x, t, self.prediction_type, self.alphas_cumprod, self.mcfg.timestep_scaling_factor
+        )
 
     # ---- the loss: LCM paper, Algorithm 1 ---------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        m, ptype, ac = self.mcfg, self.prediction_type, self.alphas_cumprod
+        return self.distillation_loss(batch, self.roles())
+
+    def distillation_loss(self, batch: dict[str, Any], roles: Roles) -> tuple[torch.Tensor, dict[str, float]]:
+        m, ptype, ac, family = self.mcfg, self.prediction_type, self.alphas_cumprod, self.family
         rng = SampleRNG(batch["seed"], self.device)
         with self.accelerator.autocast():
             # 1. Data: z = E(x) (scaled latents) and the text condition c; uncond for the teacher's CFG.
-            z = self.models.latents(batch, rng)  # cached VAE moments, or the VAE (loaded unless data.cache)
-            cond, uncond = self._conditions(batch)
+            z = family.latents(batch, rng)  # cached VAE moments, or the VAE
+            cond, uncond = family.conditions(
+                batch, resolution=self.cfg.data.resolution, fix_crop_and_size=m.use_fix_crop_and_size
+            )
+            cond, uncond = ({k: v.float() for k, v in c.items()} for c in (cond, uncond))
             nd = z.ndim
-            if self.is_uvit and z.shape[-1] != self.models.unet.config.sample_size:  # a fixed token grid
-                raise UserError(
-                    f"the U-ViT teacher takes {self.models.unet.config.sample_size}px-wide latents, data.resolution="
-                    f"{self.cfg.data.resolution} gives {z.shape[-1]}; set data.resolution to the teacher's"
-                )
 
             # 2. Sample n ~ U{0..N-1}: t_{n+k} = ddim_timesteps[n] and t_n = max(t_{n+k} - k, 0).
             index = rng.randint(0, m.num_ddim_timesteps).to(self.device)  # (B,)
@@ -322,30 +233,24 @@ class _LCDBase(Method):
             a_start = lcm.append_dims(ac[t_start], nd)
             z_start = a_start.sqrt() * z + (1 - a_start).sqrt() * noise
 
-            # 4. Guidance scale w ~ U[w_min, w_max] (and its embedding for full LCD).
+            # 4. Guidance scale w ~ U[w_min, w_max] (and its embedding when the student has one).
             w = self.w_min + (m.w_max - self.w_min) * rng.rand().to(self.device)  # (B,)
-            w_emb = self._w_embedding(w)
+            w_emb = roles.w_embedding(w) if roles.w_embedding is not None else None
 
             # 5. Online consistency function f_theta(z_{t_{n+k}}, w, c, t_{n+k}) = c_skip z + c_out x0_hat.
-            c_skip_start, c_out_start = (
-                lcm.append_dims(c, nd)
-                for c in lcm.scalings_for_boundary_conditions(t_start, timestep_scaling=m.timestep_scaling_factor)
-            )
-            out = self._student(z_start, t_start, cond, w_emb)
-            x0_student = lcm.predicted_origin(out, t_start, z_start, ptype, ac)
-            model_pred = c_skip_start * z_start + c_out_start * x0_student
+            model_pred = self._f(family.denoise(roles.student, z_start, t_start, cond, w_emb), z_start, t_start)
 
             # 6. Teacher ODE solver with CFG: z_hat_{t_n} = Psi(z_{t_{n+k}}, t_{n+k}, t_n, c, w) (one DDIM step).
-            with torch.no_grad(), self._teacher_context():
-                teacher = self._teacher_model()
+            with torch.no_grad(), roles.teacher_context():
+                teacher = roles.teacher
                 if m.batch_teacher_passes:
-                    both = self.denoiser(
+                    both = family.denoise(
                         teacher, torch.cat([z_start, z_start]), torch.cat([t_start, t_start]), _cat_cond(cond, uncond)
                     )
                     out_c, out_u = both.chunk(2)
                 else:
-                    out_c = self.denoiser(teacher, z_start, t_start, cond)
-                    out_u = self.denoiser(teacher, z_start, t_start, uncond)
+                    out_c = family.denoise(teacher, z_start, t_start, cond)
+                    out_u = family.denoise(teacher, z_start, t_start, uncond)
                 x0_c, x0_u = (lcm.predicted_origin(o, t_start, z_start, ptype, ac) for o in (out_c, out_u))
                 eps_c, eps_u = (lcm.predicted_noise(o, t_start, z_start, ptype, ac) for o in (out_c, out_u))
                 wb = lcm.append_dims(w, nd)
@@ -355,12 +260,7 @@ class _LCDBase(Method):
 
             # 7. Target f_theta^-(z_hat_{t_n}, w, c, t_n), no gradient.
             with torch.no_grad():
-                c_skip, c_out = (
-                    lcm.append_dims(c, nd)
-                    for c in lcm.scalings_for_boundary_conditions(t, timestep_scaling=m.timestep_scaling_factor)
-                )
-                target_out = self.denoiser(self._target_model(), z_prev, t, cond, w_emb)
-                target = c_skip * z_prev + c_out * lcm.predicted_origin(target_out, t, z_prev, ptype, ac)
+                target = self._f(family.denoise(roles.target, z_prev, t, cond, w_emb), z_prev, t)
 
         # 8. Consistency distillation loss d(f_theta, f_theta^-) in fp32.
         if m.loss_type == "huber":
@@ -372,7 +272,7 @@ class _LCDBase(Method):
     # ---- validation -------------------------------------------------------------------------------
     def _lcm_scheduler(self):
         return lcm.lcm_scheduler(
-            self.models.noise_scheduler.config,
+            self.family.noise_scheduler.config,
             self.mcfg.num_ddim_timesteps,
             self.mcfg.timestep_scaling_factor,
             prediction_type=self.prediction_type,
@@ -383,28 +283,6 @@ class _LCDBase(Method):
 
     def _default_guidance(self) -> float:
         raise NotImplementedError
-
-    def _pipeline(self, unet, aux: SDModels):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        parts = dict(
-            vae=aux.vae,
-            unet=unet,
-            scheduler=self._lcm_scheduler(),
-            text_encoder=aux.text_encoders[0],
-            tokenizer=aux.tokenizers[0],
-        )
-        if self.is_uvit:
-            from ldmkit.pipelines.uvit import UViTPipeline
-
-            return UViTPipeline(**parts)
-        if self.is_sdxl:
-            return StableDiffusionXLPipeline(
-                text_encoder_2=aux.text_encoders[1], tokenizer_2=aux.tokenizers[1], **parts
-            )
-        return StableDiffusionPipeline(
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts
-        )
 
     @torch.no_grad()
     def validate(self, step: int):
@@ -419,14 +297,16 @@ class _LCDBase(Method):
         unet = self._sampling_unet()
         was_training = unet.training
         unet.eval()
-        pipe = self._pipeline(unet, self._aux())
-        pipe.set_progress_bar_config(disable=True)
         guidance = self.mcfg.validation_guidance
         guidance = self._default_guidance() if guidance is None else guidance
         res, seed, steps = self.cfg.data.resolution, self.cfg.train.validation_seed, self.mcfg.validation_steps
+        # VAE and text encoders the training did not need are loaded for this and dropped afterwards.
         try:
-            with self.accelerator.autocast():
+            with self.family.transient(), self.accelerator.autocast():
+                pipe = self.family.pipeline(unet=unet, scheduler=self._lcm_scheduler())
+                pipe.set_progress_bar_config(disable=True)
                 columns = [generate_images(pipe, prompts, n, guidance, seed, height=res, width=res) for n in steps]
+                del pipe
         finally:
             unet.train(was_training)
         images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
@@ -448,16 +328,6 @@ class _LCDBase(Method):
             f"## Method hyperparameters\n\n```json\n{knobs}\n```\n"
         )
 
-    def _pipeline_class_name(self) -> str:
-        if self.is_uvit:
-            return "UViTPipeline"
-        return "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
-
-    def _pipeline_import(self) -> str:
-        if self.is_uvit:
-            return "from ldmkit.pipelines.uvit import UViTPipeline\n"
-        return f"from diffusers import {self._pipeline_class_name()}\n"
-
 
 class LCMLoraMethod(_LCDBase):
     """LCM-LoRA: one denoiser (UNet or U-ViT); teacher = base weights (adapters disabled), student = base + LoRA,
@@ -474,8 +344,8 @@ class LCMLoraMethod(_LCDBase):
         from ldmkit.lora import adapters
 
         m = self.mcfg
-        targets = m.lora_target_modules or list(UVIT_LORA_TARGET_MODULES if self.is_uvit else LCM_LORA_TARGET_MODULES)
-        self.unet = self.models.unet  # the one denoiser: frozen base in weight dtype + trainable LoRA
+        targets = m.lora_target_modules or list(self.family.lora_target_modules)
+        self.unet = self.family.denoiser  # the one denoiser: frozen base in weight dtype + trainable LoRA
         adapters.add_lora(
             self.unet,
             LoraConfig(
@@ -489,20 +359,15 @@ class LCMLoraMethod(_LCDBase):
         cast_training_params(self.unet, dtype=torch.float32)  # LoRA weights train in fp32
         self.unet.train()
 
-    def _teacher_model(self):
-        return self.unwrap(self.unet)
-
-    def _teacher_context(self):
-        return adapters_disabled(self.unwrap(self.unet))
-
-    def _target_model(self):
-        return self.unwrap(self.unet)
+    def roles(self) -> Roles:
+        base = self.unwrap(self.unet)
+        return Roles(student=self.unet, teacher=base, target=base, teacher_context=lambda: adapters_disabled(base))
 
     def _sampling_unet(self):
         return self.unwrap(self.unet)
 
     def _default_guidance(self) -> float:
-        return 0.0 if self.is_sdxl else 1.0
+        return self.family.lcm_lora_guidance
 
     def export(self, out_dir: Path) -> None:
         """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy, an LCMScheduler
@@ -512,13 +377,14 @@ class LCMLoraMethod(_LCDBase):
         out_dir = Path(out_dir)
         layers = formats.layers_from_peft_model(self.unwrap(self.unet))
         formats.save_lora(layers, out_dir / formats.LORA_WEIGHT_NAME, to="diffusers")
-        if not self.is_uvit:  # A1111/ComfyUI know UNets only
+        kohya = ""
+        if self.family.exports_kohya:  # A1111/ComfyUI know UNets only
             formats.save_lora(layers, out_dir / formats.KOHYA_WEIGHT_NAME, to="kohya")
+            kohya = f"  # or {formats.KOHYA_WEIGHT_NAME} in A1111/ComfyUI"
         self._lcm_scheduler().save_pretrained(out_dir / "scheduler")
-        kohya = "" if self.is_uvit else f"  # or {formats.KOHYA_WEIGHT_NAME} in A1111/ComfyUI"
         load = (
-            f"from diffusers import LCMScheduler\n{self._pipeline_import()}\n"
-            f'pipe = {self._pipeline_class_name()}.from_pretrained("{self.cfg.model.pretrained}")\n'
+            f"from diffusers import LCMScheduler\n{self.family.pipeline_import}\n"
+            f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{self.cfg.model.pretrained}")\n'
             f'pipe.scheduler = LCMScheduler.from_pretrained("{out_dir}", subfolder="scheduler")\n'
             f'pipe.load_lora_weights("{out_dir}"){kohya}\n'
             f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={self._default_guidance()}).images[0]\n'
@@ -536,7 +402,7 @@ class LCDMethod(_LCDBase):
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         m = self.mcfg
-        self.teacher_unet = self.models.unet  # frozen, weight dtype
+        self.teacher_unet = self.family.denoiser  # frozen, weight dtype
         have = self.teacher_unet.config.time_cond_proj_dim
         if have is not None and have != m.unet_time_cond_proj_dim:
             raise UserError(f"teacher already has time_cond_proj_dim={have}; set method.unet_time_cond_proj_dim={have}")
@@ -546,7 +412,7 @@ class LCDMethod(_LCDBase):
         student = cls.from_config(self.teacher_unet.config, time_cond_proj_dim=m.unet_time_cond_proj_dim)
         source = self.teacher_unet
         if self.teacher_unet.dtype != torch.float32:  # initialise the fp32 student from the fp32 weights on disk
-            source = cls.from_pretrained(cfg.model.pretrained, subfolder="unet", variant=cfg.model.variant)
+            source = self.family.load_denoiser(torch.float32)
         missing, unexpected = student.load_state_dict(source.state_dict(), strict=False)
         if unexpected or any("cond_proj" not in k for k in missing):
             raise RuntimeError(f"student/teacher mismatch: missing {missing}, unexpected {unexpected}")
@@ -563,11 +429,10 @@ class LCDMethod(_LCDBase):
     def _w_embedding(self, w: torch.Tensor) -> torch.Tensor:
         return lcm.guidance_scale_embedding(w, self.mcfg.unet_time_cond_proj_dim)
 
-    def _teacher_model(self):
-        return self.teacher_unet
-
-    def _target_model(self):
-        return self.target_unet
+    def roles(self) -> Roles:
+        return Roles(
+            student=self.unet, teacher=self.teacher_unet, target=self.target_unet, w_embedding=self._w_embedding
+        )
 
     def _sampling_unet(self):
         return self.target_unet
@@ -588,37 +453,15 @@ class LCDMethod(_LCDBase):
     def export(self, out_dir: Path) -> None:
         """A full pipeline folder (the teacher's pipeline class: SD, SDXL or UViTPipeline): the EMA target
         denoiser (with time_cond_proj_dim) + LCMScheduler with N and s."""
-        from diffusers import DiffusionPipeline
-
-        from ldmkit.pipelines.uvit import UViTPipeline
-
         out_dir = Path(out_dir)
-        extra: dict[str, Any] = {}
-        if self.cfg.model.vae:  # the separate VAE as stored (not the weight-dtype training copy)
-            from diffusers import AutoencoderKL
-
-            vae = Path(self.cfg.model.vae)
-            sub = "vae" if (vae / "vae" / "config.json").is_file() else None
-            extra["vae"] = AutoencoderKL.from_pretrained(vae, subfolder=sub, variant=self.cfg.model.variant)
-        if not self.is_sdxl and not self.is_uvit:
-            extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipeline_cls = UViTPipeline if self.is_uvit else DiffusionPipeline
-        pipe = pipeline_cls.from_pretrained(
-            self.cfg.model.pretrained,
-            unet=self.target_unet,
-            scheduler=self._lcm_scheduler(),
-            variant=self.cfg.model.variant,
-            **extra,
+        self.family.export_pipeline(
+            out_dir, unet=self.target_unet, scheduler=self._lcm_scheduler(), safety_checker=False
         )
-        pipe.save_pretrained(out_dir)
         g = self._default_guidance()
         load = (
-            f"{self._pipeline_import()}\n"
-            f'pipe = {self._pipeline_class_name()}.from_pretrained("{out_dir}")  # scheduler: LCMScheduler\n'
+            f"{self.family.pipeline_import}\n"
+            f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{out_dir}")  # scheduler: LCMScheduler\n'
             f"# guidance_scale is embedded as w = guidance_scale - 1 (no classifier-free guidance pass)\n"
             f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={g}).images[0]'
         )
         (out_dir / "README.md").write_text(self._model_card("Latent Consistency Model", load))
-
-
-_adapters_disabled = adapters_disabled  # the name tests/test_lcd.py imports

@@ -1,5 +1,5 @@
-"""``uvit``: train a text-to-image U-ViT from scratch in the latent space of a frozen VAE (REFERENCE.md
-sec. 3; Bao et al., "All are Worth Words", CVPR 2023; baofff/U-ViT ``train_t2i_discrete.py``).
+"""``uvit``: train a text-to-image U-ViT from scratch in the latent space of a frozen VAE (Bao et al.,
+"All are Worth Words", CVPR 2023; baofff/U-ViT ``train_t2i_discrete.py``).
 
 Loss: epsilon (or v) MSE under SD's scaled-linear DDPM schedule; t ~ U{0..999} in diffusers' convention
 (the original's 1..1000 is converted inside the model, see models/uvit.py). Latents are sampled from the
@@ -111,31 +111,26 @@ class UViTMethod(Method):
 
     def __init__(self, cfg: Config, accelerator):
         super().__init__(cfg, accelerator)
-        from ldmkit.models.sd import SDModels
+        from ldmkit.models.families import load_family
+        from ldmkit.models.families.sd import check_single_text_encoder
 
         m = self.mcfg
         m.check(cfg)  # idempotent; covers configs built in code rather than by load_config
-        self.models = SDModels.load(
-            cfg.model.pretrained,
-            vae=cfg.model.vae,
-            variant=cfg.model.variant,
-            dtype=self.weight_dtype,
-            device=self.device,
-            unet=False,
+        # The VAE and text encoder of model.pretrained (a U-ViT folder's or an SD1.x folder's), loaded when
+        # a batch without cached tensors, validation or export needs them; the configs are read from files.
+        self.family = load_family(
+            cfg.model, dtype=self.weight_dtype, device=self.device, encode_batch_size=cfg.data.encode_batch_size
         )
-        if self.models.is_sdxl:
-            raise UserError("method uvit needs a single-text-encoder (SD1.x-style) model.pretrained, got SDXL")
-        vae, text_encoder = self.models.vae, self.models.text_encoders[0]
-        self.scale = m.scale_factor if m.scale_factor is not None else self.models.vae_scale
-        # The factor lives in the VAE config from here on: validation and export decode with it.
-        vae.register_to_config(scaling_factor=self.scale)
+        check_single_text_encoder(self.family, "method uvit")
+        vae_config = self.family.vae_config
+        self.scale = m.scale_factor if m.scale_factor is not None else self.family.vae_scale
 
-        width = text_encoder.config.hidden_size
+        width = self.family.text_encoder_config(0)["hidden_size"]
         if m.context_dim is not None and m.context_dim != width:
             raise UserError(
                 f"method.context_dim={m.context_dim} but the text encoder of model.pretrained is {width} wide"
             )
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        down = 2 ** (len(vae_config["block_out_channels"]) - 1)
         if m.sample_size is None and cfg.data.resolution % down:
             raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor {down}")
         overrides = {
@@ -148,10 +143,10 @@ class UViTMethod(Method):
                 m.arch,
                 **overrides,
                 patch_size=m.patch_size,
-                in_channels=vae.config.latent_channels,
+                in_channels=vae_config["latent_channels"],
                 sample_size=m.sample_size or cfg.data.resolution // down,
                 context_dim=width,
-                num_text_tokens=self.models.tokenizers[0].model_max_length,
+                num_text_tokens=self.family.tokenizers[0].model_max_length,
             ).to(self.device)
         except ValueError as e:
             raise UserError(f"method uvit: {e}") from None
@@ -167,9 +162,9 @@ class UViTMethod(Method):
 
     def loss(self, batch):
         rng = SampleRNG(batch["seed"], self.device)
-        # SDModels scales by the VAE config's factor; rescale to ours.
-        x0 = self.models.latents(batch, rng) * (self.scale / self.models.vae_scale)  # (B, C, h, w)
-        context = self.models.text(batch)["prompt_embeds"]  # (B, L, D); empty context when dropped
+        # The family scales by the VAE config's factor; rescale to ours.
+        x0 = self.family.latents(batch, rng) * (self.scale / self.family.vae_scale)  # (B, C, h, w)
+        context = self.family.text(batch)["prompt_embeds"]  # (B, L, D); empty context when dropped
         noise = rng.randn(*x0.shape[1:])
         t = rng.randint(0, self.noise_scheduler.config.num_train_timesteps)  # (B,), diffusers 0..999
         xt = self.noise_scheduler.add_noise(x0, noise, t)
@@ -188,16 +183,18 @@ class UViTMethod(Method):
         return {"ema": self.ema}
 
     def encoders(self):
-        return self.models
+        return self.family
 
-    def _pipeline(self, unet: UViT, parts) -> UViTPipeline:
-        """UViTPipeline of ``unet`` with the VAE / text encoder / tokenizer of ``parts`` (an SDModels)."""
+    def _pipeline(self, unet: UViT, vae, text_encoder) -> UViTPipeline:
+        """UViTPipeline of ``unet`` with ``vae`` (its config given this run's scale factor, so decoding
+        divides by exactly what training multiplied by), ``text_encoder`` and the family's tokenizer."""
         from ldmkit.pipelines.uvit import UViTPipeline
 
+        vae.register_to_config(scaling_factor=self.scale)
         return UViTPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoders[0],
-            tokenizer=parts.tokenizers[0],
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=self.family.tokenizers[0],
             unet=unet,
             scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config),
         )
@@ -209,8 +206,9 @@ class UViTMethod(Method):
             return None
         m = self.mcfg
         unet = self.unwrap(self.unet)
-        with self.ema.swapped_into(unet.parameters()):
-            pipe = self._pipeline(unet, self.models)
+        with self.ema.swapped_into(unet.parameters()), self.family.transient():
+            # parts the training did not need are dropped afterwards
+            pipe = self._pipeline(unet, self.family.vae, self.family.text_encoders[0])
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator(self.device).manual_seed(self.cfg.train.validation_seed)
             with self.accelerator.autocast():
@@ -226,15 +224,12 @@ class UViTMethod(Method):
     def export(self, out_dir: Path) -> None:
         """A UViTPipeline folder with the EMA weights, the VAE (config carrying the training scale factor),
         text encoder and tokenizer of model.pretrained, and a DPM-Solver scheduler with the training betas."""
-        from ldmkit.models.sd import SDModels
+        from ldmkit.models.families import load_family
 
         unet = UViT.from_config(self.unwrap(self.unet).config)
         self.ema.copy_to(unet.parameters())
         # Fresh fp32 copies: the training ones may be stored in the mixed-precision dtype.
-        parts = SDModels.load(
-            self.cfg.model.pretrained, vae=self.cfg.model.vae, variant=self.cfg.model.variant, unet=False
-        )
-        parts.vae.register_to_config(scaling_factor=self.scale)
-        pipe = self._pipeline(unet, parts)
+        parts = load_family(self.cfg.model)
+        pipe = self._pipeline(unet, parts.vae, parts.text_encoders[0])
         pipe.save_pretrained(out_dir)
         logger.info("exported UViTPipeline to %s", out_dir)

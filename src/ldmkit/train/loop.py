@@ -403,7 +403,7 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         start_batch=step * micro_per_step,
-        encoders=method.encoders() if cfg.data.cache else None,
+        encoders=method.encoders(),  # the data layer decides whether to encode (data.cache)
         cache_root=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache",
     )
     data_iter = iter(loader)
