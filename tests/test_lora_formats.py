@@ -1,6 +1,6 @@
 """LoRA layouts, conversion, merging and the merge-lora / convert-lora commands, on tiny SD1.5/SDXL UNets.
 
-Every load through stock diffusers counts the adapted modules (REFERENCE.md sec. 1: a mixed file loads
+Every load through stock diffusers counts the adapted modules (diffusers 0.42: a mixed file loads
 only part of its modules with nothing but a warning, so "the output changed" proves nothing).
 """
 
@@ -100,7 +100,7 @@ def _same_weights(a: formats.Layers, b: formats.Layers, check_scale: bool = True
 def test_reads_stock_reference_and_legacy_layouts(tmp_path, sd15_scale1):
     unet, ours = sd15_scale1
     peft_sd = get_peft_model_state_dict(unet)
-    # what REFERENCE says works: save_lora_weights(get_peft_model_state_dict(unet)) -> unet.<m>.lora_A.weight
+    # what loads fully in diffusers 0.42: save_lora_weights(get_peft_model_state_dict(unet)) -> unet.<m>.lora_A.weight
     StableDiffusionPipeline.save_lora_weights(tmp_path / "stock", unet_lora_layers=peft_sd)
     _same_weights(formats.read_lora(formats.load_lora_file(tmp_path / "stock")), ours)
     # the reference LCM-LoRA script: a PeftModel's keys carry base_model.model.
@@ -131,7 +131,7 @@ def test_mixed_and_prefixed_files_are_fixed_by_convert(tmp_path, tiny_sd15, sd15
     mixed = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(peft_sd).items()}
     save_file(mixed, str(tmp_path / "mixed.safetensors"))
     stock = _loaded(tiny_sd15, tmp_path / "mixed.safetensors")
-    assert formats.count_lora_modules(stock.unet) < n  # the silent partial load of REFERENCE sec. 1
+    assert formats.count_lora_modules(stock.unet) < n  # diffusers' silent partial load of a mixed file
     save_file(formats.convert(mixed, "diffusers"), str(tmp_path / "fixed.safetensors"))
     assert formats.count_lora_modules(_loaded(tiny_sd15, tmp_path / "fixed.safetensors").unet) == n
 

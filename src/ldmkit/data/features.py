@@ -37,12 +37,6 @@ META_FILE = "meta.json"
 EMPTY_CONTEXT = "empty_context.npy"
 
 
-def is_feature_dir(path: str | Path) -> bool:
-    """Whether ``path`` looks like a feature folder (for data.format=auto)."""
-    root = Path(path)
-    return (root / EMPTY_CONTEXT).is_file() and (root / "train").is_dir()
-
-
 def scan_split(split_dir: Path) -> dict[int, int]:
     """{sample id: number of contexts K} of a split folder, from one directory listing.
 

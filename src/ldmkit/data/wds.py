@@ -8,7 +8,7 @@ A sample is the files of one key, adjacent in the tar (``{key}.jpg|png|jpeg|webp
 ``.caption`` (one caption per non-empty line) or ``.json`` (field ``data.caption_column``, ``caption``
 or ``text``)). Tar members are read and grouped with webdataset's ``tar_file_expander`` and
 ``group_by_keys``. Since webdataset 0.2.96 the expander yields an empty dict ``{}`` at the end of each
-shard; anything without a ``__key__`` is dropped here too (REFERENCE sec 4: the reference LCD scripts
+shard; anything without a ``__key__`` is dropped here too (webdataset >= 0.2.96 yields an empty dict at the end of each shard: diffusers' LCD scripts
 crash on it with ``KeyError: 'fname'``).
 
 Splitting. Processes x workers form U = world_size * num_workers units; unit u = rank * num_workers + w.

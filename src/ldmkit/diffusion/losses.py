@@ -1,4 +1,4 @@
-"""Denoising targets and min-SNR loss weights for fine-tuning (REFERENCE.md sec 2)."""
+"""Denoising targets and min-SNR loss weights for fine-tuning (diffusers examples/text_to_image/train_text_to_image.py; Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy")."""
 
 from __future__ import annotations
 

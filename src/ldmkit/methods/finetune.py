@@ -51,8 +51,8 @@ class _SDTrainConfig(MethodConfig):
     """Also train the text encoder(s) (full weights for finetune, LoRA for lora). Needs uncached text."""
     use_fix_crop_and_size: bool = False
     """SDXL: condition on (res, res, 0, 0, res, res) instead of each image's original size and crop."""
-    validation_inference_steps: int = 25
-    """Sampling steps of the validation images (the folder's own scheduler)."""
+    validation_steps: list[int] = field(default_factory=lambda: [25])
+    """Sampling step counts of the validation grids, one column each (the folder's own scheduler)."""
     validation_guidance: float = 7.5
     """Guidance scale of the validation images."""
 
@@ -64,10 +64,8 @@ class _SDTrainConfig(MethodConfig):
             )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"method.snr_gamma must be positive (or null), got {self.snr_gamma}")
-        if self.validation_inference_steps < 1:
-            raise UserError(
-                f"method.validation_inference_steps must be at least 1, got {self.validation_inference_steps}"
-            )
+        if not self.validation_steps or min(self.validation_steps) < 1:
+            raise UserError(f"method.validation_steps must be step counts >= 1, got {self.validation_steps}")
 
 
 @dataclass
@@ -235,19 +233,23 @@ class _SDMethod(Method):
         # Parts not in memory (cached data) are loaded for this and dropped afterwards.
         with self.family.transient(), self._inference_weights(), torch.no_grad(), self.accelerator.autocast():
             pipe = self._pipeline()
-            res = self.cfg.data.resolution
-            images = generate_images(
-                pipe,
-                prompts,
-                self.mcfg.validation_inference_steps,
-                self.mcfg.validation_guidance,
-                self.cfg.train.validation_seed,
-                height=res,
-                width=res,
-            )
+            res, steps = self.cfg.data.resolution, self.mcfg.validation_steps
+            columns = [
+                generate_images(
+                    pipe,
+                    prompts,
+                    n,
+                    self.mcfg.validation_guidance,
+                    self.cfg.train.validation_seed,
+                    height=res,
+                    width=res,
+                )
+                for n in steps
+            ]
             del pipe
         gc.collect()
-        return make_image_grid(images, rows=1, cols=len(images))
+        images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
+        return make_image_grid(images, rows=len(prompts), cols=len(steps))
 
     def encoders(self):
         """The family: the data layer may build a cache with it (loading the VAE / text encoders then only)."""

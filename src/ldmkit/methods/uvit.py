@@ -14,7 +14,7 @@ copied into it when the config is resolved, so --dry-run and config.yaml show th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -69,12 +69,12 @@ class UViTConfig(MethodConfig):
     """Maximum EMA decay of the exported weights."""
     ema_power: float = 0.6666666666666666
     """EMA warmup power (diffusers EMAModel use_ema_warmup): decay = 1 - (1 + step)^-power, capped at ema_decay."""
-    validation_steps: int = 50
-    """DPM-Solver steps of the validation grids."""
-    validation_guidance_scale: float = 7.5
+    validation_steps: list[int] = field(default_factory=lambda: [50])
+    """DPM-Solver step counts of the validation grids (columns, times validation_images_per_prompt)."""
+    validation_guidance: float = 7.5
     """Classifier-free guidance scale of the validation grids (diffusers convention)."""
     validation_images_per_prompt: int = 2
-    """Columns of the validation grid."""
+    """Images per prompt and step count in the validation grid."""
 
     def check(self, cfg: Config) -> None:
         """Called when the config is resolved: apply p_uncond to the data layer."""
@@ -94,7 +94,7 @@ class UViTConfig(MethodConfig):
 
 
 def training_scheduler(prediction_type: str) -> DDPMScheduler:
-    """SD's training schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps (REFERENCE.md sec. 3)."""
+    """SD's training schedule: scaled-linear betas 0.00085 -> 0.012 over 1000 steps (the U-ViT repository's text-to-image configs, as Stable Diffusion)."""
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -210,16 +210,22 @@ class UViTMethod(Method):
             # parts the training did not need are dropped afterwards
             pipe = self._pipeline(unet, self.family.vae, self.family.text_encoders[0])
             pipe.set_progress_bar_config(disable=True)
-            generator = torch.Generator(self.device).manual_seed(self.cfg.train.validation_seed)
-            with self.accelerator.autocast():
-                images = pipe(
-                    prompts,
-                    num_inference_steps=m.validation_steps,
-                    guidance_scale=m.validation_guidance_scale,
-                    generator=generator,
-                    num_images_per_prompt=m.validation_images_per_prompt,
-                ).images
-        return make_image_grid(images, rows=len(prompts), cols=m.validation_images_per_prompt)
+            columns = []
+            for n in m.validation_steps:
+                generator = torch.Generator(self.device).manual_seed(self.cfg.train.validation_seed)
+                with self.accelerator.autocast():
+                    columns.append(
+                        pipe(
+                            prompts,
+                            num_inference_steps=n,
+                            guidance_scale=m.validation_guidance,
+                            generator=generator,
+                            num_images_per_prompt=m.validation_images_per_prompt,
+                        ).images
+                    )
+        k = m.validation_images_per_prompt
+        images = [columns[j][i * k + c] for i in range(len(prompts)) for j in range(len(columns)) for c in range(k)]
+        return make_image_grid(images, rows=len(prompts), cols=len(columns) * k)
 
     def export(self, out_dir: Path) -> None:
         """A UViTPipeline folder with the EMA weights, the VAE (config carrying the training scale factor),

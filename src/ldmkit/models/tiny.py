@@ -4,9 +4,9 @@ They use the same classes and config conventions as the real checkpoints (UNet2D
 CrossAttn/Down/Up blocks, AutoencoderKL with an 8x downsampling encoder, CLIPTextModel and, for SDXL,
 CLIPTextModelWithProjection plus ``addition_embed_type="text_time"``), so every code path of ldmkit
 (training, LoRA targets, exports, stock diffusers pipelines) runs on CPU in tests and debug recipes.
-The UNets contain every LCM-LoRA target module kind (to_q ... time_emb_proj, see REFERENCE.md sec 1).
+The UNets contain every LCM-LoRA target module kind (to_q ... time_emb_proj, as diffusers' train_lcm_distill_lora_sd_wds.py lists them).
 
-The tokenizer is a byte-level CLIP tokenizer with no merges (REFERENCE.md sec 1): the 256 byte
+The tokenizer is a byte-level CLIP tokenizer with no merges (transformers' CLIPTokenizer accepts it): the 256 byte
 characters, the same with ``</w>``, plus ``<|startoftext|>`` / ``<|endoftext|>``. Every character becomes
 one token; that needs no download and loads in transformers' CLIPTokenizer.
 """

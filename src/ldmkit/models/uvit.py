@@ -138,7 +138,7 @@ class UViT(ModelMixin, ConfigMixin):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         if self.cond_proj is not None:
-            # Zero init: a student built from a teacher starts equal to it (REFERENCE.md section 1).
+            # Zero init: a student built from a teacher starts equal to it (docs/DESIGN.md; the LCM references leave it random).
             nn.init.zeros_(self.cond_proj.weight)
             nn.init.zeros_(self.cond_proj.bias)
 

@@ -19,16 +19,6 @@ Show one method's options: ldmkit train --help --method.name=lcm_lora (or CONFIG
 CONFIG_HELP = "YAML recipe: a file, or a shipped one by name (lcm_lora/sd15; the checkout's configs/ holds them)."
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help=CONFIG_HELP)
-    parser.add_argument("--dry-run", action="store_true", help="Print the resolved config and exit.")
-    parser.add_argument(
-        "overrides",
-        nargs=argparse.REMAINDER,
-        help="--section.key=value overrides of any config key (see the options below).",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:

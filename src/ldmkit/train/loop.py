@@ -1,6 +1,6 @@
 """The one training loop. It knows nothing about diffusion: a method supplies models and ``loss``.
 
-What the loop owns (STYLE.md 4): accelerate set-up, data, AdamW, LR schedule, accumulation, clipping,
+What the loop owns (docs/DESIGN.md, Method contract): accelerate set-up, data, AdamW, LR schedule, accumulation, clipping,
 logging (progress bar, TensorBoard, metrics.jsonl), validation grids, checkpoints and resume, export.
 
 Resume = run the same command again (after NVlabs/edm2): the latest complete checkpoint restores
@@ -69,7 +69,7 @@ def make_lr_scheduler(cfg: Config, optimizer):
 
     It is deliberately not passed through ``accelerator.prepare``: a prepared scheduler steps once per
     process unless batches are split, which silently shortens warmup and decay on several GPUs
-    (REFERENCE sec. 6).
+    (a known fault of diffusers' training examples with accelerate >= 1.0).
     """
     from diffusers.optimization import get_scheduler
 
