@@ -259,7 +259,7 @@ def stage_evaluate(
 ) -> dict[str, Any]:
     from ldmkit.data.synth import heldout_prompts
     from ldmkit.eval.evaluate import evaluate_pipeline, read_data, read_images
-    from ldmkit.generate import load_pipeline, set_scheduler
+    from ldmkit.inference import load_pipeline, set_scheduler
 
     ev = _eval_dir(out, lcd)
     result_file = ev / "results.json"
@@ -312,7 +312,7 @@ def _student_guidance(lcd: bool, plan: Plan) -> float:
 
 
 def _load_student(student: Path, teacher: Path, lcd: bool):
-    from ldmkit.generate import load_lora, load_pipeline, set_scheduler
+    from ldmkit.inference import load_lora, load_pipeline, set_scheduler
 
     # A full-LCD export is a pipeline with its run's LCMScheduler; an LCM-LoRA export is loaded onto the
     # teacher, and load_lora adopts the export's LCMScheduler settings (grid, boundary scaling).
