@@ -130,7 +130,8 @@ def _captions(data: Path, limit: int = 20000) -> list[str]:
 
 def stage_text(out: Path, data: Path, seed: int) -> tuple[Path, dict[str, Any]]:
     """The base folder (text encoder + tokenizer now, the VAE after its stage) and the separation figures."""
-    from ldmkit.models.text import caption_separation, write_text_components
+    from ldmkit.eval.text_probe import caption_separation
+    from ldmkit.models.text import write_text_components
 
     base = out / "base"
     stats_file = base / "text_separation.json"
