@@ -1,4 +1,5 @@
-"""ldmkit generate: reproducible images, scheduler swaps, LoRA loading, output files."""
+"""ldmkit.inference (reproducible images, scheduler swaps, LoRA loading, grids) and the ldmkit generate
+command (output files)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmkit import generate
+from ldmkit import generate, inference
 from ldmkit.errors import UserError
 
 from helpers.sd import one_thread  # noqa: F401  (autouse fixture)
@@ -37,10 +38,10 @@ def run_cli(*argv: str) -> int:
 
 def test_generate_images_is_reproducible_per_image(pipe):
     kw = dict(steps=2, guidance=7.5, height=64, width=64)
-    images = generate.generate_images(pipe, ["a red circle", "a blue square"], seed=10, num_images=2, **kw)
+    images = inference.generate_images(pipe, ["a red circle", "a blue square"], seed=10, num_images=2, **kw)
     assert len(images) == 4 and images[0].size == (64, 64)
     # Image j of prompt i is seed + i * num_images + j, whatever else is generated with it.
-    alone = generate.generate_images(pipe, ["a blue square"], seed=13, **kw)[0]
+    alone = inference.generate_images(pipe, ["a blue square"], seed=13, **kw)[0]
     # Same noise, but the batch of 2 and the batch of 1 may block their float kernels differently on
     # another CPU model: allow 2 of 255 levels (a different seed moves pixels by far more; checked below).
     diff = np.abs(arr(images[3]).astype(int) - arr(alone).astype(int))
@@ -49,16 +50,45 @@ def test_generate_images_is_reproducible_per_image(pipe):
     assert other.mean() > 10 * max(diff.mean(), 0.1), (other.mean(), diff.mean())
 
 
-@pytest.mark.parametrize("name", sorted(generate.SCHEDULERS))
+def test_batched_prompts_keep_every_images_seed(pipe):
+    """batch_size prompts per pipeline call draw the same noise per image as one prompt per call."""
+    kw = dict(steps=2, guidance=7.5, seed=3, num_images=2, height=64, width=64)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    one = inference.generate_images(pipe, prompts, batch_size=1, **kw)
+    two = inference.generate_images(pipe, prompts, batch_size=2, negative_prompt="blurry", **kw)
+    three = inference.generate_images(pipe, prompts, batch_size=3, **kw)
+    assert len(one) == len(three) == 6
+    for a, b in zip(one, three):  # within 2 of 255 levels: a batch may block its float kernels differently
+        assert np.abs(arr(a) - arr(b)).max() <= 2
+    # A negative prompt changes the guidance, not the batch layout: the uneven chunks (2 + 1 prompts)
+    # still give image k of the batched run the seed of image k of a prompt-by-prompt run.
+    for k, prompt in enumerate(prompts):
+        alone = inference.generate_images(pipe, [prompt], **{**kw, "seed": 3 + 2 * k}, negative_prompt="blurry")
+        for j in range(2):
+            assert np.abs(arr(two[2 * k + j]) - arr(alone[j])).max() <= 2, (k, j)
+    assert np.abs(arr(one[0]) - arr(one[1])).mean() > 10  # another seed is far away
+
+
+def test_image_grid_fills_a_short_last_row_with_black():
+    tiles = [Image.new("RGB", (4, 3), (10 * i, 200, 0)) for i in range(1, 4)]
+    grid = inference.image_grid(tiles, cols=2)
+    assert grid.size == (8, 6)
+    assert grid.getpixel((5, 1)) == (20, 200, 0) and grid.getpixel((1, 4)) == (30, 200, 0)
+    assert grid.getpixel((5, 4)) == (0, 0, 0)
+    with pytest.raises(UserError, match="no images"):
+        inference.image_grid([], cols=2)
+
+
+@pytest.mark.parametrize("name", sorted(inference.SCHEDULERS))
 def test_set_scheduler_keeps_the_training_schedule(pipe, name):
     from diffusers import LCMScheduler
 
     base = pipe.scheduler
     try:
-        generate.set_scheduler(pipe, name)
-        assert type(pipe.scheduler).__name__ == generate.SCHEDULERS[name]
+        inference.set_scheduler(pipe, name)
+        assert type(pipe.scheduler).__name__ == inference.SCHEDULERS[name]
         assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.beta_end == 0.012
-        images = generate.generate_images(pipe, ["x"], steps=2, guidance=1.0, seed=0, height=64, width=64)
+        images = inference.generate_images(pipe, ["x"], steps=2, guidance=1.0, seed=0, height=64, width=64)
         assert images[0].size == (64, 64)
     finally:
         pipe.scheduler = base
@@ -66,12 +96,12 @@ def test_set_scheduler_keeps_the_training_schedule(pipe, name):
     lcm = LCMScheduler.from_config(base.config, original_inference_steps=25, timestep_scaling=7.0)
     pipe.scheduler = lcm
     try:
-        generate.set_scheduler(pipe, "lcm")
+        inference.set_scheduler(pipe, "lcm")
         assert pipe.scheduler.config.original_inference_steps == 25 and pipe.scheduler.config.timestep_scaling == 7.0
     finally:
         pipe.scheduler = base
     with pytest.raises(UserError, match="scheduler"):
-        generate.set_scheduler(pipe, "heun")
+        inference.set_scheduler(pipe, "heun")
 
 
 def test_generate_command_writes_images_grid_and_settings(tiny_sd15, tmp_path):
@@ -131,17 +161,17 @@ def test_generate_with_lora_file_or_folder_in_both_formats(tiny_sd15, tmp_path):
     assert np.abs(with_dir - with_file).max() <= 1  # same LoRA, two file formats
 
     with pytest.raises(UserError, match="lora"):
-        generate.lora_location(tmp_path / "missing")
+        inference.lora_location(tmp_path / "missing")
     (tmp_path / "two").mkdir()
     for name in ("a.safetensors", "b.safetensors"):
         (tmp_path / "two" / name).write_bytes(b"")
     with pytest.raises(UserError, match="exactly one"):
-        generate.lora_location(tmp_path / "two")
+        inference.lora_location(tmp_path / "two")
 
 
 def test_generate_rejects_a_folder_without_model_index(tmp_path):
     with pytest.raises(UserError, match="model_index.json"):
-        generate.load_pipeline(tmp_path)
+        inference.load_pipeline(tmp_path)
 
 
 def test_uvit_folders_go_to_ldmkit_pipeline(tmp_path, monkeypatch):
@@ -159,10 +189,13 @@ def test_uvit_folders_go_to_ldmkit_pipeline(tmp_path, monkeypatch):
 
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "UViTPipeline"}))
     monkeypatch.setitem(sys.modules, "ldmkit.pipelines.uvit", types.SimpleNamespace(UViTPipeline=FakeUViTPipeline))
-    assert isinstance(generate.load_pipeline(tmp_path), FakeUViTPipeline)
+    assert isinstance(inference.load_pipeline(tmp_path), FakeUViTPipeline)
     assert calls == [(tmp_path, torch.float32)]
 
 
-def test_resolve_device():
-    assert generate.resolve_device("cpu") == torch.device("cpu")
-    assert generate.resolve_device("auto").type in ("cpu", "cuda", "mps")
+def test_resolve_device_and_dtype():
+    assert inference.resolve_device("cpu") == torch.device("cpu")
+    assert inference.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert inference.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert inference.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert inference.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16

@@ -332,7 +332,7 @@ def test_evaluate_on_exports(trained, tmp_path, tiny_sd15, name):
 
     if name == "lcm_lora":
         # The export's LCMScheduler settings are adopted when a LoRA loads onto an LCM-sampling pipeline.
-        from ldmkit.generate import load_lora, load_pipeline, set_scheduler
+        from ldmkit.inference import load_lora, load_pipeline, set_scheduler
 
         cfg_file = export / "scheduler" / "scheduler_config.json"
         cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "original_inference_steps": 25}))

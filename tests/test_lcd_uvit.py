@@ -182,7 +182,7 @@ def _generate(pipe: UViTPipeline, guidance: float, steps=(1, 2, 4)) -> list:
 
 
 def test_lcm_lora_export_loads_in_uvit_pipeline(trained, uvit_teacher, tmp_path):
-    from ldmkit.generate import load_lora, load_pipeline
+    from ldmkit.inference import load_lora, load_pipeline
 
     method, _ = trained("lcm_lora")
     method.export(tmp_path)

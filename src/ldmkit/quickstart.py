@@ -16,7 +16,6 @@ through the training loop's checkpoints when interrupted):
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import logging
 import shutil
@@ -130,7 +129,8 @@ def _captions(data: Path, limit: int = 20000) -> list[str]:
 
 def stage_text(out: Path, data: Path, seed: int) -> tuple[Path, dict[str, Any]]:
     """The base folder (text encoder + tokenizer now, the VAE after its stage) and the separation figures."""
-    from ldmkit.models.text import caption_separation, write_text_components
+    from ldmkit.eval.text_probe import caption_separation
+    from ldmkit.models.text import write_text_components
 
     base = out / "base"
     stats_file = base / "text_separation.json"
@@ -222,44 +222,13 @@ def is_shapes_data(data: Path, limit: int = 500) -> bool:
     return bool(captions) and all(parse_caption(c) is not None for c in captions)
 
 
-def _distances_to(ref_dir: Path, sets: dict[str, Path], n: int) -> dict[str, dict[str, float]]:
-    """How far each saved image set is from the teacher's 50-step set (same prompts and seeds):
-
-    - ``rms``: root-mean-square pixel difference (0-1 scale) image by image, i.e. from the same initial
-      noise: the LCM learns to jump along the teacher's guided probability-flow ODE, so this is what
-      distillation optimises; but a multistep LCM re-noises between steps (LCMScheduler draws fresh
-      noise) and so leaves the teacher's path while still sampling the same distribution;
-    - ``fd``: Fréchet distance of the whole set (ldmkit's built-in features), which does not penalise
-      that. KID was too noisy at ~100 images to rank the settings.
-    """
-    import numpy as np
-    from PIL import Image
-
-    from ldmkit.eval.fid import frechet_distance, load_feature_extractor
-
-    features = load_feature_extractor(None)
-
-    def load(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-        images = [Image.open(folder / f"{i:05d}.png").convert("RGB") for i in range(n)]
-        return np.stack([np.asarray(im, dtype=np.float64) / 255 for im in images]), features(images)
-
-    ref_pixels, ref_feats = load(ref_dir)
-    out = {}
-    for name, folder in sets.items():
-        pixels, feats = load(folder)
-        out[name] = {
-            "rms": float(np.sqrt(((pixels - ref_pixels) ** 2).mean())),
-            "fd": frechet_distance(feats, ref_feats),
-        }
-    return out
-
-
 def stage_evaluate(
     out: Path, plan: Plan, teacher: Path, student: Path, lcd: bool, data: Path, shapes: bool, seed: int
 ) -> dict[str, Any]:
     from ldmkit.data.synth import heldout_prompts
+    from ldmkit.eval.distances import distances_to
     from ldmkit.eval.evaluate import evaluate_pipeline, read_data, read_images
-    from ldmkit.generate import load_pipeline, set_scheduler
+    from ldmkit.inference import load_pipeline, set_scheduler
 
     ev = _eval_dir(out, lcd)
     result_file = ev / "results.json"
@@ -294,7 +263,7 @@ def stage_evaluate(
         "teacher_4": ev / "teacher_ddim" / "steps-4",
         **{f"lcm_{s}": ev / "lcm" / f"steps-{s}" for s in plan.lcm_steps},
     }
-    distances = _distances_to(ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}", sets, len(prompts))
+    distances = distances_to(ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}", sets, len(prompts))
     results = {"prompts": prompts, "runs": runs, "distance_to_teacher_50": distances}
     result_file.write_text(json.dumps(results, indent=1))
     return results
@@ -312,7 +281,7 @@ def _student_guidance(lcd: bool, plan: Plan) -> float:
 
 
 def _load_student(student: Path, teacher: Path, lcd: bool):
-    from ldmkit.generate import load_lora, load_pipeline, set_scheduler
+    from ldmkit.inference import load_lora, load_pipeline, set_scheduler
 
     # A full-LCD export is a pipeline with its run's LCMScheduler; an LCM-LoRA export is loaded onto the
     # teacher, and load_lora adopts the export's LCMScheduler settings (grid, boundary scaling).
@@ -325,149 +294,14 @@ def _load_student(student: Path, teacher: Path, lcd: bool):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Report
-
-
-def _setting(run: dict[str, Any], steps: int) -> dict[str, Any]:
-    return next(s for s in run["settings"] if s["steps"] == steps)
-
-
-def summarise(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
-    """The headline figures under stable key names."""
-    runs = results["runs"]
-    t50 = _setting(runs["teacher_ddim"], plan.teacher_steps_full)
-    t4 = _setting(runs["teacher_ddim"], 4)
-    figures: dict[str, Any] = {}
-
-    def put(name: str, s: dict[str, Any]) -> None:
-        figures[name] = {
-            "steps": s["steps"],
-            "seconds_per_image": s["seconds_per_image"],
-            "unet_evals_per_image": s["unet_evals_per_image"],
-            "adherence": s["adherence"]["all"] if s.get("adherence") else None,
-            "adherence_per_attribute": s.get("adherence"),
-            "fd": s.get("fd"),
-            "kid": s.get("kid"),
-        }
-
-    put("teacher_50", t50)
-    put("teacher_4", t4)
-    for steps in plan.lcm_steps:
-        put(f"lcm_{steps}", _setting(runs["lcm"], steps))
-    for name, d in results["distance_to_teacher_50"].items():
-        figures[name]["rms_to_teacher_50"], figures[name]["fd_to_teacher_50"] = d["rms"], d["fd"]
-    lcm4 = figures.get("lcm_4")
-    if lcm4 and figures["teacher_50"]["adherence"] is not None:
-        figures["lcm4_over_teacher50_adherence"] = lcm4["adherence"] / max(figures["teacher_50"]["adherence"], 1e-9)
-    if lcm4:
-        figures["lcm4_speedup_over_teacher50"] = figures["teacher_50"]["seconds_per_image"] / lcm4["seconds_per_image"]
-    return figures
-
-
-def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], plan: Plan) -> None:
-    from PIL import Image, ImageDraw
-
-    from ldmkit.eval.plot import line_chart
-
-    ev = _eval_dir(out, report["method"] == "lcd")
-    rows = [
-        ("teacher 50 steps (DDIM, guided)", ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}"),
-        ("teacher 4 steps (DDIM, guided)", ev / "teacher_ddim" / "steps-4"),
-    ]
-    rows += [(f"LCM {s} step{'s' if s > 1 else ''}", ev / "lcm" / f"steps-{s}") for s in plan.lcm_steps]
-    cols = min(8, len(results["prompts"]))
-    first = Image.open(rows[0][1] / "00000.png")
-    w, h = first.size
-    scale = max(1, 96 // w)
-    label_w = 230
-    grid = Image.new("RGB", (label_w + cols * w * scale, len(rows) * h * scale + 40), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (label, folder) in enumerate(rows):
-        y = 40 + r * h * scale
-        draw.text((6, y + h * scale // 2 - 6), label, fill="black")
-        for c in range(cols):
-            im = Image.open(folder / f"{c:05d}.png").convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
-            grid.paste(im, (label_w + c * w * scale, y))
-    for c in range(cols):
-        words, lines = results["prompts"][c].split(), [""]
-        for word in words:  # wrap the prompt over the column
-            if len(lines[-1]) + len(word) > 14 and lines[-1]:
-                lines.append("")
-            lines[-1] = f"{lines[-1]} {word}".strip()
-        for k, line in enumerate(lines[:3]):
-            draw.text((label_w + c * w * scale + 2, 2 + 12 * k), line, fill="black")
-    grid.save(out / "grids.png")
-
-    figs = report["figures"]
-    names = ["teacher_50", "teacher_4"] + [f"lcm_{s}" for s in plan.lcm_steps]
-    quality_key = "adherence" if figs["teacher_50"]["adherence"] is not None else "fd"
-    teacher_pts = [(figs[n]["steps"], figs[n][quality_key]) for n in ("teacher_4", "teacher_50")]
-    lcm_pts = [(figs[f"lcm_{s}"]["steps"], figs[f"lcm_{s}"][quality_key]) for s in plan.lcm_steps]
-    y_range = (0.0, 1.0) if quality_key == "adherence" else None
-    chart_steps = line_chart(
-        {"teacher (DDIM)": teacher_pts, "LCM": lcm_pts}, f"{quality_key} vs steps", y_range=y_range
-    )
-    teacher_t = [
-        (round(figs[n]["seconds_per_image"] * 1000), figs[n][quality_key]) for n in ("teacher_4", "teacher_50")
-    ]
-    lcm_t = [
-        (round(figs[f"lcm_{s}"]["seconds_per_image"] * 1000), figs[f"lcm_{s}"][quality_key]) for s in plan.lcm_steps
-    ]
-    chart_time = line_chart(
-        {"teacher (DDIM)": teacher_t, "LCM": lcm_t}, f"{quality_key} vs milliseconds per image", y_range=y_range
-    )
-    plot = Image.new("RGB", (chart_steps.width + chart_time.width, max(chart_steps.height, chart_time.height)), "white")
-    plot.paste(chart_steps, (0, 0))
-    plot.paste(chart_time, (chart_steps.width, 0))
-    plot.save(out / "quality.png")
-
-    def cell(v: Any, fmt: str = "{:.3f}") -> str:
-        return "" if v is None else fmt.format(v)
-
-    table = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{figs[n]['steps']}</td><td>{cell(figs[n]['adherence'])}</td>"
-        + "".join(
-            f"<td>{cell((figs[n]['adherence_per_attribute'] or {}).get(a))}</td>"
-            for a in ("color", "shape", "size", "position")
-        )
-        + f"<td>{cell(figs[n].get('rms_to_teacher_50'))}</td><td>{cell(figs[n].get('fd_to_teacher_50'), '{:.3f}')}</td>"
-        f"<td>{cell(figs[n]['fd'], '{:.2f}')}</td><td>{cell(figs[n]['kid'], '{:.4f}')}</td>"
-        f"<td>{cell(figs[n]['seconds_per_image'] * 1000, '{:.1f}')}</td><td>{cell(figs[n]['unet_evals_per_image'], '{:.0f}')}</td></tr>"
-        for n in names
-    )
-    stages = "".join(
-        f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in report["exports"].items()
-    )
-    text = report.get("text_separation", {})
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>ldmkit quickstart</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
-<h1>ldmkit quickstart report</h1>
-<p>{"Quick run" if report["quick"] else "Full run"}, {report["method"]} distillation, {len(results["prompts"])} held-out prompts, same seeds for every setting.
-Total time {report["seconds_total"] / 60:.1f} min.</p>
-<h2>Samples</h2><p>Same prompts and initial noise in every column.</p><img src="grids.png">
-<h2>Quality against steps and time</h2><img src="quality.png">
-<h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher 50</th><th>FD to teacher 50</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
-<p>Adherence: share of images whose colour, shape, size and position all match the prompt (ldmkit.eval.scorer).
-RMS to teacher 50: root-mean-square pixel difference to the teacher's 50-step image from the same noise
-(per image; a multistep LCM re-noises between steps, so it leaves the teacher's path: read the 1-step row).
-FD to teacher 50: Fréchet distance of the whole image set to the teacher's 50-step set (distribution level).
-FD / KID to data: to {report["plan"]["reference_images"]} training images. Features: {html.escape(str(report.get("feature_net")))}
-(a fixed random conv net, comparable only within ldmkit).
-LCM 4 steps reaches {cell(figs.get("lcm4_over_teacher50_adherence"), "{:.0%}")} of the teacher's 50-step adherence and is
-{cell(figs.get("lcm4_speedup_over_teacher50"), "{:.1f}")}x faster per image.</p>
-<h2>Text conditioning</h2><pre>{html.escape(json.dumps(text, indent=1))}</pre>
-<h2>Stages</h2><ul>{stages}</ul><pre>{html.escape(json.dumps(report["stage_seconds"], indent=1))}</pre>
-</body></html>"""
-    (out / "report.html").write_text(doc)
-
-
-# ----------------------------------------------------------------------------------------------------
 
 
 def quickstart(
     out: str | Path = "quickstart", quick: bool = False, lcd: bool = False, data: str | None = None, seed: int = 0
 ) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the report dict written to report.json."""
+    from ldmkit.eval.report import summarise, write_report
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = QUICK if quick else FULL
@@ -503,10 +337,9 @@ def quickstart(
         "feature_net": results["runs"]["teacher_ddim"].get("feature_net"),
         "stage_seconds": times,
     }
-    report["figures"] = summarise(results, plan)
+    report["figures"] = summarise(results, report["plan"])
     report["seconds_total"] = time.perf_counter() - t_all
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    write_report(out, report, results, plan)
+    write_report(out, report, results, _eval_dir(out, lcd))
     return report
 
 

@@ -3,8 +3,8 @@
 Per step count: images/s, seconds per image, denoiser evaluations per image, and quality: shapes
 prompt adherence (``ldmkit.eval.scorer``, when every prompt is a shapes caption), FD and KID against
 reference images (``ldmkit.eval.fid``), CLIP score with a local CLIP folder. Every setting uses the
-same per-prompt seeds (image i: CPU generator seeded ``seed + i``, as ``ldmkit generate``), so the
-settings differ only in the sampler's step count.
+same per-prompt seeds (image i: CPU generator seeded ``seed + i``, ``ldmkit.inference.generate_images``
+with one image per prompt), so the settings differ only in the sampler's step count.
 
 Denoiser evaluations are counted with a forward pre-hook on ``pipe.unet`` (``pipe.transformer`` for
 pipelines that have one): ``unet_evals_per_image`` adds up the batch rows of every forward call and
@@ -37,7 +37,16 @@ from ldmkit.errors import UserError
 from ldmkit.eval.fid import frechet_distance, kernel_inception_distance, load_feature_extractor
 from ldmkit.eval.plot import quality_vs_steps
 from ldmkit.eval.scorer import adherence
-from ldmkit.generate import load_lora, load_pipeline, resolve_device, set_scheduler
+from ldmkit.inference import (
+    SCHEDULERS,
+    generate_images,
+    image_grid,
+    load_lora,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+    set_scheduler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,40 +102,6 @@ class EvalCounter:
         self._handle.remove()
 
 
-def generate_batched(
-    pipe,
-    prompts: Sequence[str],
-    steps: int,
-    guidance: float | None,
-    seed: int,
-    *,
-    batch_size: int = 8,
-    height: int | None = None,
-    width: int | None = None,
-) -> tuple[list[Image.Image], int]:
-    """PIL images for ``prompts`` (image i from a CPU generator seeded ``seed + i``) and the number of pipeline calls."""
-    accepted = inspect.signature(pipe.__call__).parameters
-    images: list[Image.Image] = []
-    calls = 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        gens = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
-        kwargs: dict[str, Any] = dict(
-            prompt=chunk,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gens,
-            height=height,
-            width=width,
-            output_type="pil",
-        )
-        # Only what this pipeline takes; None means "the pipeline's default".
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
-        images += pipe(**kwargs).images
-        calls += 1
-    return images, calls
-
-
 class ClipScorer:
     """CLIP score of (image, prompt) pairs with a local transformers CLIP folder: mean of 100 * max(cos, 0)
     between image and text embeddings (the torchmetrics convention; Hessel et al. 2021 scale by 2.5 instead)."""
@@ -176,16 +151,6 @@ def _match_size(images: Sequence[Image.Image], size: tuple[int, int]) -> list[Im
     return out
 
 
-def image_grid(images: Sequence[Image.Image], cols: int = 4) -> Image.Image:
-    """The images tiled row-major in ``cols`` columns."""
-    w, h = images[0].size
-    rows = -(-len(images) // cols)
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def evaluate_pipeline(
     pipe,
     prompts: Sequence[str],
@@ -233,7 +198,7 @@ def evaluate_pipeline(
     counter_module = denoiser(pipe)
     if warmup:
         # A full batch, so first-call allocations do not land in the first timed setting.
-        generate_batched(
+        generate_images(
             pipe,
             prompts[:batch_size],
             min(steps_list),
@@ -248,11 +213,12 @@ def evaluate_pipeline(
     for steps in steps_list:
         with EvalCounter(counter_module) as counter:
             t0 = time.perf_counter()
-            images, pipe_calls = generate_batched(
+            images = generate_images(
                 pipe, prompts, steps, guidance, seed, batch_size=batch_size, height=height, width=width
             )
             seconds = time.perf_counter() - t0
         n = len(images)
+        pipe_calls = -(-n // batch_size)  # generate_images: one pipeline call per batch_size prompts
         result: dict[str, Any] = {
             "steps": steps,
             "images": n,
@@ -283,7 +249,7 @@ def evaluate_pipeline(
             f", adherence {result['adherence']['all']:.3f}" if result["adherence"] else "",
         )
         if out is not None:
-            image_grid(images[:16]).save(out / f"grid-steps-{steps}.png")
+            image_grid(images[:16], cols=4).save(out / f"grid-steps-{steps}.png")
             if save_images:
                 (out / f"steps-{steps}").mkdir(exist_ok=True)
                 for i, im in enumerate(images):
@@ -372,9 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes", action="store_true", help="Held-out synthetic-shapes prompts (ldmkit data synth vocabulary)."
     )
     add("--steps", default="1,2,4,8", help="Comma-separated step counts to evaluate.")
-    add(
-        "--scheduler", choices=("lcm", "ddim", "dpm", "euler"), default=None, help="Sampler; default: the folder's own."
-    )
+    add("--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own.")
     add("--guidance", type=float, default=None, help="Guidance scale; default: the pipeline's default.")
     add(
         "--num-images",
@@ -415,9 +379,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     device = resolve_device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        args.dtype, torch.float16 if device.type == "cuda" else torch.float32
-    )
+    dtype = resolve_dtype(args.dtype, device)
 
     reference = None
     if args.prompts:

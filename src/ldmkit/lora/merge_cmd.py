@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusers import LCMScheduler
 
     from ldmkit.diffusion.lcm import lcm_scheduler
-    from ldmkit.generate import load_pipeline
+    from ldmkit.inference import load_pipeline
 
     model, lora = Path(args.model), Path(args.lora)
     if not (model / "model_index.json").is_file():

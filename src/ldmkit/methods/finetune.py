@@ -225,7 +225,7 @@ class _SDMethod(Method):
     def validate(self, step: int):
         from diffusers.utils import make_image_grid
 
-        from ldmkit.generate import generate_images
+        from ldmkit.inference import generate_images
 
         prompts = self.cfg.train.validation_prompts
         if not prompts:

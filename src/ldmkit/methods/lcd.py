@@ -289,7 +289,7 @@ class _LCDBase(Method):
         """Rows: cfg.train.validation_prompts; columns: LCM samples at method.validation_steps (fixed seed)."""
         from diffusers.utils import make_image_grid
 
-        from ldmkit.generate import generate_images
+        from ldmkit.inference import generate_images
 
         prompts = self.cfg.train.validation_prompts
         if not prompts:

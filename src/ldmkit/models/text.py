@@ -1,35 +1,30 @@
 """Offline text conditioning for models trained from scratch: a word-level CLIP tokenizer built from the
-training captions and a frozen, randomly initialised CLIP text encoder, plus a measure of whether that
-encoder tells the captions apart.
+training captions, a frozen, randomly initialised CLIP text encoder, and the writer of both into a
+pipeline folder. Whether the encoder tells the captions apart is measured by
+``ldmkit.eval.text_probe.caption_separation``.
 
 Why a random frozen encoder can be enough: the U-ViT consumes the whole last hidden state (one vector
 per token position, models/uvit.py ``context_embed``), not a pooled summary, so it only needs distinct
 captions to give distinct, linearly readable sequences. With one token per word, each word's random
-embedding sits at its own position and the causal attention mixes in what came before it;
-``caption_separation`` checks that this holds for the actual captions (nearest-neighbour distances and
-a linear probe per attribute) instead of assuming it.
+embedding sits at its own position and the causal attention mixes in what came before it.
 
 Tokenizer: the byte-level vocabulary of models/tiny.py (every text still tokenises, byte by byte) plus
-byte-pair merges learned on the captions' words until each of them is a single token (Sennrich et al.
-2016, "Neural Machine Translation of Rare Words with Subword Units", Algorithm 1, run to completion).
-The merges are applied by the stock BPE of ``tokenizers`` / transformers' ``CLIPTokenizer``, which
-applies the lowest-ranked pair first; a pair can only involve tokens made by earlier merges, so
-encoding a training word replays the training merges in order and ends in the same single token. (The
-one exception, the same token reached by two merge paths, is checked for and logged.)
+byte-pair merges learned on the captions' words by the ``tokenizers`` library's ``BpeTrainer`` (Sennrich
+et al. 2016, "Neural Machine Translation of Rare Words with Subword Units"), run to completion so each
+word ends as a single token. The merges are applied by the stock BPE of ``tokenizers`` / transformers'
+``CLIPTokenizer``, which applies the lowest-ranked pair first; a pair can only involve tokens made by
+earlier merges, so encoding a training word replays the training merges in order and ends in the same
+single token. (The one exception, the same token reached by two merge paths, is checked for and logged.)
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
-import random
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ldmkit.errors import UserError
@@ -38,7 +33,7 @@ from ldmkit.models.tiny import BOS, EOS, byte_tokenizer, byte_vocab
 log = logging.getLogger(__name__)
 
 # SD's scaled-linear training schedule (as models/tiny.py and methods/uvit.py training_scheduler), so
-# SDModels.load finds a scheduler; the U-ViT method builds its own from the same numbers.
+# the model families find a scheduler; the U-ViT method builds its own from the same numbers.
 _SCHEDULER = {
     "_class_name": "DDPMScheduler",
     "beta_end": 0.012,
@@ -48,8 +43,6 @@ _SCHEDULER = {
     "num_train_timesteps": 1000,
     "prediction_type": "epsilon",
 }
-PROBE_RIDGE = 1e-3
-"""Ridge penalty of the attribute probe, relative to the mean squared norm of the centred embeddings."""
 
 
 def caption_words(captions: list[str]) -> Counter[str]:
@@ -65,61 +58,29 @@ def caption_words(captions: list[str]) -> Counter[str]:
 
 
 def learn_merges(words: Counter[str]) -> list[tuple[str, str]]:
-    """BPE merges, most frequent pair first (ties: smallest pair), until every word is a single symbol.
+    """BPE merges, in rank order, that make every word of ``words`` (word -> count, already
+    pre-tokenised by ``caption_words``) a single symbol: ``tokenizers``' BpeTrainer over the byte-level
+    alphabet with CLIP's ``</w>`` end-of-word suffix, most frequent pair first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    A word's symbols are its characters with ``</w>`` on the last one (CLIP's end-of-word suffix).
-    Pair counts are kept up to date incrementally, with a lazy max-heap, so thousands of words take
-    well under a second.
-    """
-    symbols = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
-    freqs = list(words.values())
-    counts: Counter[tuple[str, str]] = Counter()
-    where: dict[tuple[str, str], set[int]] = {}
-    for i, syms in enumerate(symbols):
-        for pair in zip(syms, syms[1:]):
-            counts[pair] += freqs[i]
-            where.setdefault(pair, set()).add(i)
-    heap = [(-c, p) for p, c in counts.items()]
-    heapq.heapify(heap)
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    while heap:
-        neg, pair = heapq.heappop(heap)
-        if counts.get(pair, 0) != -neg or neg == 0:
-            continue  # stale entry: the count changed since it was pushed
-        if pair not in seen:  # a pair can re-form only via another path to the same token; rank it once
-            merges.append(pair)
-            seen.add(pair)
-        merged = pair[0] + pair[1]
-        changed: set[tuple[str, str]] = set()
-        for i in where.pop(pair):
-            old = symbols[i]
-            new: list[str] = []
-            k = 0
-            while k < len(old):  # left to right, non-overlapping, like BPE encoding
-                if k + 1 < len(old) and (old[k], old[k + 1]) == pair:
-                    new.append(merged)
-                    k += 2
-                else:
-                    new.append(old[k])
-                    k += 1
-            if len(new) == len(old):
-                continue  # stale index entry: the pair was consumed by an earlier merge
-            for p in zip(old, old[1:]):
-                counts[p] -= freqs[i]
-                changed.add(p)
-            for p in zip(new, new[1:]):
-                counts[p] += freqs[i]
-                where.setdefault(p, set()).add(i)
-                changed.add(p)
-            symbols[i] = new
-        counts.pop(pair, None)
-        for p in changed:
-            if counts.get(p, 0) > 0:
-                heapq.heappush(heap, (-counts[p], p))
-            else:
-                counts.pop(p, None)
-    return merges
+    base = byte_vocab()
+    trainer = trainers.BpeTrainer(
+        # Room for every merge (each shortens some word by a symbol); training stops when no pair is left.
+        vocab_size=len(base) + sum(len(w) for w in words),
+        min_frequency=0,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # The trainer breaks ties between equally frequent pairs by symbol id and would number the
+        # "c</w>" symbols in hash-map order (different merges from run to run); listing the byte
+        # vocabulary first gives every initial symbol its tiny.py id.
+        special_tokens=list(base),
+        end_of_word_suffix="</w>",
+    )
+    # No normalizer or pre-tokenizer: the words are CLIP-pre-tokenised already, each input one word.
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.train_from_iterator((w for w, n in words.items() for _ in range(n)), trainer=trainer)
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
 
 
 def build_word_tokenizer(captions: list[str], max_length: int = 32, max_words: int = 4096) -> Any:
@@ -211,8 +172,8 @@ def write_text_components(
 ) -> Path:
     """Write ``tokenizer/``, ``text_encoder/``, ``scheduler/`` and ``model_index.json`` to ``out_dir``.
 
-    ``SDModels.load(out_dir, unet=False, vae=VAE_DIR)`` then loads it (SDModels always reads a VAE
-    config: pass ``vae=`` / model.vae, or put the VAE in ``out_dir/vae``). model_index.json lists the
+    ``load_family`` then loads it with ``model.vae`` pointing at a VAE (a family always reads a VAE
+    config: pass model.vae, or put the VAE in ``out_dir/vae``). model_index.json lists the
     parts present when it is written, under the UViTPipeline they are the text half of.
     """
     import diffusers
@@ -257,95 +218,3 @@ def write_text_components(
         out,
     )
     return out
-
-
-@torch.no_grad()
-def embed_captions(text_encoder: Any, tokenizer: Any, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Last hidden state [N, L, D] in fp32, tokenised exactly as SDModels / UViTPipeline do (padded to
-    ``model_max_length``)."""
-    device = next(text_encoder.parameters()).device
-    out = []
-    for start in range(0, len(captions), batch_size):
-        ids = tokenizer(
-            captions[start : start + batch_size],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        out.append(text_encoder(ids.to(device))[0].float().cpu())  # (b, L, D)
-    return torch.cat(out)
-
-
-def _probe_accuracy(x: np.ndarray, labels: list[str], ridge: float) -> float:
-    """Leave-one-out accuracy of a one-vs-rest ridge regression (unpenalised intercept) on ``x`` [n, d].
-
-    Exact LOO from one fit: residual_i / (1 - h_ii) with the hat matrix H = 11^T/n + K (K + lam I)^-1,
-    K the Gram matrix of the centred rows (Hastie et al., Elements of Statistical Learning, eq. 7.52).
-    """
-    classes = sorted(set(labels))
-    y = np.eye(len(classes))[[classes.index(v) for v in labels]]  # (n, C)
-    xc = x - x.mean(axis=0)
-    gram = xc @ xc.T  # (n, n)
-    n = len(labels)
-    lam = ridge * np.trace(gram) / n
-    hat = np.full((n, n), 1.0 / n) + gram @ np.linalg.inv(gram + lam * np.eye(n))
-    h = np.diag(hat)[:, None]
-    loo = (hat @ y - h * y) / (1.0 - h)  # (n, C) prediction for each row without that row
-    return float(np.mean(loo.argmax(axis=1) == y.argmax(axis=1)))
-
-
-def caption_separation(
-    text_encoder: Any,
-    tokenizer: Any,
-    captions: list[str],
-    attributes: Mapping[str, Mapping[str, str] | None] | None = None,
-    ridge: float = PROBE_RIDGE,
-    max_captions: int = 2048,
-) -> dict[str, float]:
-    """How well the frozen encoder tells ``captions`` apart, from its last hidden state flattened over
-    the token positions (what the U-ViT attends to).
-
-    - ``min_to_median_distance``: smallest Euclidean distance between two distinct captions divided by
-      the median one (0: two captions look identical to the model).
-    - ``empty_to_median_distance``: distance of the empty prompt (the classifier-free guidance
-      unconditional input) to its nearest caption, over the same median.
-    - ``truncated_fraction``: share of distinct captions longer than the tokenizer's max length.
-    - ``num_captions``: distinct captions measured; above ``max_captions``, a fixed random subset of
-      that many (the distances are quadratic in it).
-    - ``probe_<attribute>``: with ``attributes`` (caption -> {attribute: value}, e.g.
-      ``ldmkit.data.synth.parse_caption``; captions mapped to None or missing are left out), the
-      leave-one-out accuracy of a linear (ridge) probe predicting each attribute from the embedding.
-    """
-    distinct = [c for c in dict.fromkeys(captions) if c]  # "" is measured separately, as the empty prompt
-    if len(distinct) < 2:
-        raise UserError(f"caption separation needs at least 2 distinct captions, got {len(distinct)}")
-    if len(distinct) > max_captions:
-        distinct = random.Random(0).sample(distinct, max_captions)
-    emb = embed_captions(text_encoder, tokenizer, distinct + [""]).flatten(1).double()  # (N+1, L*D)
-    x, empty = emb[:-1], emb[-1:]
-    dist = torch.cdist(x, x)
-    upper = dist[torch.triu_indices(len(x), len(x), offset=1).unbind()]
-    median = upper.median()
-    i, j = divmod(int((dist + torch.diag(torch.full((len(x),), float("inf"), dtype=dist.dtype))).argmin()), len(x))
-    log.info("closest captions: %r / %r (distance %.3g, median %.3g)", distinct[i], distinct[j], dist[i, j], median)
-    # Tokenised one past the limit: longer means truncated (and no over-length warning).
-    lengths = [
-        len(ids) for ids in tokenizer(distinct, truncation=True, max_length=tokenizer.model_max_length + 1).input_ids
-    ]
-    result = {
-        "num_captions": float(len(distinct)),
-        "min_to_median_distance": float(upper.min() / median),
-        "empty_to_median_distance": float(torch.cdist(empty, x).min() / median),
-        "truncated_fraction": float(np.mean([n > tokenizer.model_max_length for n in lengths])),
-    }
-    if attributes:
-        rows = {c: k for k, c in enumerate(distinct)}
-        labelled = [(c, a) for c, a in attributes.items() if a and c in rows]
-        for key in sorted({k for _, a in labelled for k in a}):
-            pairs = [(rows[c], a[key]) for c, a in labelled if a.get(key) is not None]
-            if len({v for _, v in pairs}) < 2 or len(pairs) < 3:
-                continue  # nothing to tell apart
-            feats = x[[r for r, _ in pairs]].numpy()
-            result[f"probe_{key}"] = _probe_accuracy(feats, [v for _, v in pairs], ridge)
-    return result

@@ -1,0 +1,180 @@
+"""Inference as a library: load a local pipeline folder, pick its sampler, load a LoRA, generate
+reproducible images, tile them.
+
+Everything runs through stock diffusers pipelines and schedulers (our own pipeline only for U-ViT), so
+what validation, ``ldmkit evaluate``, the quickstart and ``ldmkit generate`` show is what users of the
+exported models get. Layer: above models / lora / methods' math, below the commands.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldmkit.compat import dtype_kwargs
+from ldmkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "lcm": "LCMScheduler",
+}
+"""Sampler names the commands accept -> diffusers scheduler class."""
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``fp32`` / ``fp16`` / ``bf16``; ``auto``: fp16 on CUDA, else fp32."""
+    return DTYPES.get(name, torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline for a local folder: the class named in model_index.json (SD, SDXL, ...), or
+    ldmkit's UViTPipeline, which diffusers does not know."""
+    from diffusers import DiffusionPipeline
+
+    root = Path(model)
+    if not (root / "model_index.json").exists():
+        raise UserError(f"--model is not a diffusers pipeline folder (no model_index.json): {root}")
+    cls_name = json.loads((root / "model_index.json").read_text()).get("_class_name")
+    if cls_name == "UViTPipeline":
+        from ldmkit.pipelines.uvit import UViTPipeline  # optional component, imported only when needed
+
+        return UViTPipeline.from_pretrained(root, **dtype_kwargs(dtype))
+    return DiffusionPipeline.from_pretrained(root, **dtype_kwargs(dtype))
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap in a stock scheduler built from the loaded one's config, so betas, prediction_type and (for
+    an LCM folder) original_inference_steps / timestep_scaling carry over."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def lora_location(path: str | Path) -> tuple[Path, str]:
+    """(folder, weight_name) for ``load_lora_weights`` from a LoRA file or a folder holding one."""
+    p = Path(path)
+    if p.is_file():
+        return p.parent, p.name
+    if not p.is_dir():
+        raise UserError(f"--lora not found: {p}")
+    if (p / "pytorch_lora_weights.safetensors").exists():
+        return p, "pytorch_lora_weights.safetensors"
+    files = sorted(p.glob("*.safetensors"))
+    if len(files) != 1:
+        raise UserError(
+            f"--lora folder must hold pytorch_lora_weights.safetensors or exactly one .safetensors file: {p}"
+        )
+    return p, files[0].name
+
+
+def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
+    """Load a diffusers/peft- or kohya-format LoRA file into ``pipe`` (diffusers converts kohya keys)."""
+    folder, weight_name = lora_location(path)
+    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="default")
+    if scale != 1.0:
+        pipe.set_adapters(["default"], adapter_weights=[scale])
+    adopt_lcm_settings(pipe, folder)
+
+
+def adopt_lcm_settings(pipe, lora_folder: Path) -> None:
+    """An ldmkit LCM-LoRA export carries the LCMScheduler of its run (original_inference_steps = the
+    distillation's num_ddim_timesteps, timestep_scaling): sampling with a different grid or boundary
+    scaling than the LoRA was trained on degrades few-step images. Adopt those two settings when the
+    pipeline samples with an LCMScheduler; the base model's betas and prediction type stay."""
+    from diffusers import LCMScheduler
+
+    cfg_file = lora_folder / "scheduler" / "scheduler_config.json"
+    if not isinstance(pipe.scheduler, LCMScheduler) or not cfg_file.is_file():
+        return
+    trained = json.loads(cfg_file.read_text())
+    keep = {k: trained[k] for k in ("original_inference_steps", "timestep_scaling") if k in trained}
+    if keep:
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **keep)
+
+
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    steps: int,
+    guidance: float | None,
+    seed: int,
+    *,
+    negative_prompt: str | None = None,
+    num_images: int = 1,
+    batch_size: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Any]:
+    """``num_images`` PIL images per prompt, prompt-major.
+
+    The one seed rule of ldmkit: image j of prompt i comes from its own CPU generator seeded
+    ``seed + i * num_images + j`` (with one image per prompt: image i uses ``seed + i``), so each image
+    is reproducible on any device and whatever else is generated with it. ``batch_size`` prompts go
+    through one pipeline call (their ``num_images`` each); diffusers pipelines lay the batch out
+    prompt-major (``num_images_per_prompt`` copies of each prompt in turn) and draw row k's noise from
+    generator k, so the generators are listed in that order. ``guidance`` None (and any other None)
+    means the pipeline's default.
+    """
+    if batch_size < 1 or num_images < 1:
+        raise UserError(f"batch_size and num_images must be at least 1, got {batch_size} and {num_images}")
+    accepted = inspect.signature(pipe.__call__).parameters
+    prompts = list(prompts)
+    images: list[Any] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        first = start * num_images
+        gens = [torch.Generator("cpu").manual_seed(seed + first + k) for k in range(len(chunk) * num_images)]
+        kwargs: dict[str, Any] = dict(
+            prompt=chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            num_images_per_prompt=num_images,
+            # diffusers wants a list of negatives as long as a list of prompts
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
+            height=height,
+            width=width,
+            output_type="pil",
+        )
+        # Only pass what this pipeline takes (U-ViT's pipeline has a smaller signature).
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+        images += pipe(**kwargs).images
+    return images
+
+
+def image_grid(images: Sequence[Any], cols: int) -> Any:
+    """The images tiled row-major in ``cols`` columns (diffusers' ``make_image_grid``); a short last row
+    is filled with black."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    if not images:
+        raise UserError("no images to tile")
+    rows = -(-len(images) // cols)
+    blank = Image.new("RGB", images[0].size)
+    return make_image_grid([*images, *[blank] * (rows * cols - len(images))], rows=rows, cols=cols)

@@ -1,0 +1,108 @@
+"""The quickstart's report (ldmkit.eval.report) from a small hand-made evaluation result, and the
+distances to a reference image set (ldmkit.eval.distances)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmkit.eval.distances import distances_to
+from ldmkit.eval.report import summarise, write_report
+
+PLAN = {"teacher_steps_full": 50, "lcm_steps": [1, 2, 4], "reference_images": 7}
+PROMPTS = ["a small red circle in the center", "a large blue square in the top left"]
+
+
+def _setting(steps: int, seconds: float, adherence: float | None, evals: int) -> dict:
+    per_attribute = None if adherence is None else {"color": 1.0, "shape": 0.5, "size": 1.0, "position": 0.5}
+    return {
+        "steps": steps,
+        "seconds_per_image": seconds,
+        "unet_evals_per_image": evals,
+        "adherence": None if adherence is None else {**per_attribute, "all": adherence},
+        "fd": 3.0 + steps,
+        "kid": 0.01,
+    }
+
+
+def _results(adherence: bool = True) -> dict:
+    a = (lambda v: v) if adherence else (lambda v: None)
+    return {
+        "prompts": PROMPTS,
+        "runs": {
+            "teacher_ddim": {"settings": [_setting(4, 0.02, a(0.25), 8), _setting(50, 0.2, a(0.5), 100)]},
+            "lcm": {"settings": [_setting(s, 0.005 * s, a(0.1 * s), s) for s in (1, 2, 4)]},
+        },
+        "distance_to_teacher_50": {n: {"rms": 0.1, "fd": 2.0} for n in ("teacher_4", "lcm_1", "lcm_2", "lcm_4")},
+    }
+
+
+def _image_folders(ev, size: int = 8) -> None:
+    for folder in ["teacher_ddim/steps-4", "teacher_ddim/steps-50", *[f"lcm/steps-{s}" for s in (1, 2, 4)]]:
+        (ev / folder).mkdir(parents=True)
+        for i in range(len(PROMPTS)):
+            Image.new("RGB", (size, size), (40 * i, 100, 200)).save(ev / folder / f"{i:05d}.png")
+
+
+def _report(results: dict) -> dict:
+    return {
+        "quick": True,
+        "method": "lcm_lora",
+        "plan": PLAN,
+        "exports": {"teacher": "/runs/teacher", "distilled": "/runs/lcm_lora"},
+        "text_separation": {"probe_color": 1.0},
+        "feature_net": "random-conv-v1-seed0",
+        "stage_seconds": {"data": 1.0},
+        "figures": summarise(results, PLAN),
+        "seconds_total": 90.0,
+    }
+
+
+def test_summarise_names_every_setting():
+    figs = summarise(_results(), PLAN)
+    assert set(figs) >= {"teacher_50", "teacher_4", "lcm_1", "lcm_2", "lcm_4"}
+    assert figs["teacher_50"]["adherence"] == 0.5 and figs["teacher_50"]["unet_evals_per_image"] == 100
+    assert figs["lcm_4"]["adherence_per_attribute"]["shape"] == 0.5 and figs["lcm_2"]["fd"] == 5.0
+    assert figs["lcm_1"]["rms_to_teacher_50"] == 0.1 and "rms_to_teacher_50" not in figs["teacher_50"]
+    assert figs["lcm4_over_teacher50_adherence"] == pytest.approx(0.8)
+    assert figs["lcm4_speedup_over_teacher50"] == pytest.approx(10.0)
+    # Not shapes captions: no adherence, so no adherence ratio either.
+    plain = summarise(_results(adherence=False), PLAN)
+    assert plain["lcm_4"]["adherence"] is None and "lcm4_over_teacher50_adherence" not in plain
+
+
+@pytest.mark.parametrize("adherence", [True, False])
+def test_write_report_writes_json_html_and_images(tmp_path, adherence):
+    ev = tmp_path / "evaluate" / "lcm_lora"
+    _image_folders(ev)
+    results = _results(adherence)
+    report = _report(results)
+    write_report(tmp_path, report, results, ev)
+
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    doc = (tmp_path / "report.html").read_text()
+    assert '<img src="grids.png">' in doc and '<img src="quality.png">' in doc
+    assert doc.count("<tr><td>") == 5  # a row per setting
+    assert "<td>lcm_4</td><td>4</td>" in doc and "/runs/lcm_lora" in doc and "Total time 1.5 min" in doc
+    assert "to 7 training images" in doc and "<td>5.0</td><td>1</td></tr>" in doc  # LCM 1: ms and evals / image
+    assert ("<td>0.400</td>" in doc) == adherence  # LCM 4 steps' adherence
+    with Image.open(tmp_path / "grids.png") as grid:
+        # a label column, then the 2 prompts at 8 px scaled by 96 // 8; a row per setting under the captions
+        assert grid.size == (230 + 2 * 96, 5 * 96 + 40)
+        assert grid.getpixel((230 + 96 + 5, 40 + 5)) == (40, 100, 200)  # prompt 1, teacher 50 steps
+    with Image.open(tmp_path / "quality.png") as plot:
+        assert plot.width > 800 and plot.height > 250
+
+
+def test_distances_to_reference_set(tmp_path):
+    ref = np.random.default_rng(0).integers(0, 100, (4, 16, 16, 3))
+    for name, shift in (("ref", 0), ("near", 10), ("far", 120)):
+        (tmp_path / name).mkdir()
+        for i, pixels in enumerate(ref + shift):
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / name / f"{i:05d}.png")
+    d = distances_to(tmp_path / "ref", {"near": tmp_path / "near", "far": tmp_path / "far"}, 4)
+    assert d["near"]["rms"] == pytest.approx(10 / 255) and d["far"]["rms"] == pytest.approx(120 / 255)
+    assert 0 < d["near"]["fd"] < d["far"]["fd"]
