@@ -506,15 +506,16 @@ class LCMLoraMethod(_LCDBase):
     def export(self, out_dir: Path) -> None:
         """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy, an LCMScheduler
         config with the run's N and s, and a model card."""
-        from ldmkit.lora import formats
+        import diffusers
+
+        from ldmkit.lora import export
+        from ldmkit.pipelines.uvit import UViTPipeline
 
         out_dir = Path(out_dir)
-        layers = formats.layers_from_peft_model(self.unwrap(self.unet))
-        formats.save_lora(layers, out_dir / formats.LORA_WEIGHT_NAME, to="diffusers")
-        if not self.is_uvit:  # A1111/ComfyUI know UNets only
-            formats.save_lora(layers, out_dir / formats.KOHYA_WEIGHT_NAME, to="kohya")
+        pipeline_cls = UViTPipeline if self.is_uvit else getattr(diffusers, self._pipeline_class_name())
+        n = export.export_lora(out_dir, {"unet": self.unwrap(self.unet)}, pipeline_cls, kohya=not self.is_uvit)
         self._lcm_scheduler().save_pretrained(out_dir / "scheduler")
-        kohya = "" if self.is_uvit else f"  # or {formats.KOHYA_WEIGHT_NAME} in A1111/ComfyUI"
+        kohya = "" if self.is_uvit else f"  # or {export.KOHYA_WEIGHT_NAME} in A1111/ComfyUI"
         load = (
             f"from diffusers import LCMScheduler\n{self._pipeline_import()}\n"
             f'pipe = {self._pipeline_class_name()}.from_pretrained("{self.cfg.model.pretrained}")\n'
@@ -523,7 +524,7 @@ class LCMLoraMethod(_LCDBase):
             f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={self._default_guidance()}).images[0]\n'
             f"# or bake it in: ldmkit merge-lora --model {self.cfg.model.pretrained} --lora {out_dir} --out merged"
         )
-        (out_dir / "README.md").write_text(self._model_card(f"LCM-LoRA ({len(layers)} adapted modules)", load))
+        (out_dir / "README.md").write_text(self._model_card(f"LCM-LoRA ({n} adapted modules)", load))
 
 
 class LCDMethod(_LCDBase):
