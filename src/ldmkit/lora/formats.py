@@ -213,8 +213,11 @@ def peft_state_dict(components: Mapping[str, Layers]) -> dict[str, torch.Tensor]
 
 
 def check_modules(components: Mapping[str, Layers], component: str, module_names: Iterable[str]) -> None:
-    """UserError naming the first LoRA module of ``component`` that the model lacks."""
+    """UserError naming the first LoRA module of ``component`` that the model lacks. A module matches a
+    model name equal to it or ending in ``.<module>``, as peft matches target modules (text-encoder paths
+    lose their ``text_model.`` in diffusers' kohya conversion with some transformers versions)."""
     names = set(module_names)
-    missing = sorted(m for m in components.get(component, {}) if m not in names)
+    suffixes = {n.split(".", i)[-1] for n in names for i in range(1, n.count(".") + 1)}
+    missing = sorted(m for m in components.get(component, {}) if m not in names and m not in suffixes)
     if missing:
         raise UserError(f"LoRA module {component}.{missing[0]} is not in the model ({len(missing)} missing)")
