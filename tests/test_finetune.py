@@ -63,7 +63,7 @@ def text_out(te) -> torch.Tensor:
 
 
 def count(model) -> int:
-    from ldmkit.lora.formats import count_lora_modules
+    from helpers.lcm import count_lora_modules
 
     return count_lora_modules(model)
 
@@ -72,7 +72,7 @@ def count(model) -> int:
 def test_lora_trains_and_both_export_formats_load_in_stock_pipelines(arch, request, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from ldmkit.lora.formats import KOHYA_WEIGHT_NAME
+    from ldmkit.lora.export import KOHYA_WEIGHT_NAME
 
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     # alpha != rank: the export must carry the scale; text-encoder LoRA on every encoder.
@@ -226,9 +226,10 @@ def test_debug_recipes_train_end_to_end(recipe, arch, extra, request, shapes_fol
     diffusers; running the same command again resumes at the end and does not train."""
     from diffusers import DiffusionPipeline
 
-    from ldmkit.lora.formats import count_lora_modules
     from ldmkit.methods import load_config
     from ldmkit.train.loop import train
+
+    from helpers.lcm import count_lora_modules
 
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     overrides = [f"--model.pretrained={model_dir}", f"--data.path={shapes_folder}", f"--output_dir={tmp_path}", *extra]

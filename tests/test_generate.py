@@ -127,7 +127,7 @@ def test_generate_with_lora_file_or_folder_in_both_formats(tiny_sd15, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from ldmkit.lora.formats import layers_from_peft_model, save_lora
+    from ldmkit.lora.export import layers_from_peft_model, save_kohya
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
@@ -137,7 +137,7 @@ def test_generate_with_lora_file_or_folder_in_both_formats(tiny_sd15, tmp_path):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
-    kohya = save_lora(layers_from_peft_model(unet), tmp_path / "kohya" / "style.safetensors", to="kohya")
+    kohya = save_kohya(tmp_path / "kohya" / "style.safetensors", {"unet": layers_from_peft_model(unet)}, sdxl=False)
 
     common = [
         "--model",

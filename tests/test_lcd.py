@@ -19,12 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldmkit.errors import UserError
-from ldmkit.lora import formats
 from ldmkit.lora.adapters import adapters_disabled
+from ldmkit.lora.export import KOHYA_WEIGHT_NAME, layers_from_peft_model
 from ldmkit.methods import get_method, load_config
 from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod
 
-from helpers.lcm import unet_inputs, unet_out
+from helpers.lcm import count_lora_modules, unet_inputs, unet_out
 from helpers.runs import assert_same_exports, logged
 
 ROOT = Path(__file__).parents[1]
@@ -120,7 +120,7 @@ def test_lcm_lora_keeps_one_unet_and_its_teacher_is_the_base(trained, tiny_sd15)
         teacher = unet_out(method.unet, inputs)
     torch.testing.assert_close(teacher, unet_out(base, inputs))
     assert not torch.allclose(unet_out(method.unet, inputs), teacher, atol=1e-4)  # the trained LoRA is back on
-    assert formats.count_lora_modules(method.unet) == len(formats.layers_from_peft_model(method.unet)) > 0
+    assert count_lora_modules(method.unet) == len(layers_from_peft_model(method.unet)) > 0
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -183,13 +183,13 @@ def test_lcm_lora_export_loads_in_stock_pipeline(trained, tmp_path, request, arc
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     inputs = unet_inputs(method.unet)
     expected = unet_out(method.unet, inputs)
-    n = formats.count_lora_modules(method.unet)
-    for weights in (tmp_path, tmp_path / formats.KOHYA_WEIGHT_NAME):  # the diffusers file, then the kohya copy
+    n = count_lora_modules(method.unet)
+    for weights in (tmp_path, tmp_path / KOHYA_WEIGHT_NAME):  # the diffusers file, then the kohya copy
         pipe = cls.from_pretrained(model_dir)
         pipe.load_lora_weights(str(weights))
-        assert formats.count_lora_modules(pipe.unet) == n
+        assert count_lora_modules(pipe.unet) == n
         torch.testing.assert_close(unet_out(pipe.unet, inputs), expected, rtol=1e-5, atol=1e-5)
-    assert all(k.startswith("lora_unet_") for k in load_file(str(tmp_path / formats.KOHYA_WEIGHT_NAME)))
+    assert all(k.startswith("lora_unet_") for k in load_file(str(tmp_path / KOHYA_WEIGHT_NAME)))
     pipe.scheduler = LCMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
     assert pipe.scheduler.config.original_inference_steps == 50 and pipe.scheduler.config.timestep_scaling == 10.0
     _generate(pipe, guidance=0.0 if arch == "sdxl" else 1.0)

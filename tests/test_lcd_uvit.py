@@ -11,13 +11,15 @@ import torch
 from diffusers import LCMScheduler
 
 from ldmkit.errors import UserError
-from ldmkit.lora import adapters, formats
+from ldmkit.lora import adapters, convert_cmd
+from ldmkit.lora.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from ldmkit.methods import get_method, load_config
 from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES
 from ldmkit.models.families import SDFamily, UViTFamily, detect_family
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline
 
+from helpers.lcm import count_lora_modules
 from helpers.runs import assert_same_exports
 from helpers.uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
 
@@ -135,7 +137,7 @@ def test_lcm_lora_keeps_one_uvit_and_its_teacher_is_the_base(trained, uvit_teach
     assert models == {id(method.unet)}
     roles = method.roles()
     assert roles.teacher is roles.target is method.unet
-    assert formats.count_lora_modules(method.unet) == LORA_MODULES
+    assert count_lora_modules(method.unet) == LORA_MODULES
     assert all(p.requires_grad == ("lora_" in n) for n, p in method.unet.named_parameters())
     inputs = uvit_inputs(method.unet)
     base = UViT.from_pretrained(uvit_teacher, subfolder="unet")
@@ -186,7 +188,7 @@ def test_lcm_lora_export_loads_in_uvit_pipeline(trained, uvit_teacher, tmp_path)
 
     method, _ = trained("lcm_lora")
     method.export(tmp_path)
-    assert (tmp_path / formats.LORA_WEIGHT_NAME).is_file() and not (tmp_path / formats.KOHYA_WEIGHT_NAME).exists()
+    assert (tmp_path / LORA_WEIGHT_NAME).is_file() and not (tmp_path / KOHYA_WEIGHT_NAME).exists()
     assert "UViTPipeline" in (tmp_path / "README.md").read_text()
     inputs = uvit_inputs(method.unet)
     expected = out(method.unet, inputs)
@@ -194,7 +196,7 @@ def test_lcm_lora_export_loads_in_uvit_pipeline(trained, uvit_teacher, tmp_path)
     pipe = load_pipeline(uvit_teacher)
     base = out(pipe.unet, inputs)
     load_lora(pipe, tmp_path)  # what ldmkit generate / the quickstart call
-    assert formats.count_lora_modules(pipe.unet) == LORA_MODULES
+    assert count_lora_modules(pipe.unet) == LORA_MODULES
     torch.testing.assert_close(out(pipe.unet, inputs), expected, rtol=1e-5, atol=1e-5)
     assert (out(pipe.unet, inputs) - base).abs().max() > 1e-4
     pipe.set_adapters("default", 0.0)
@@ -210,7 +212,7 @@ def test_lcm_lora_export_loads_in_uvit_pipeline(trained, uvit_teacher, tmp_path)
     assert pipe.scheduler.config.original_inference_steps == 50 and pipe.scheduler.config.timestep_scaling == 10.0
     lora_images = _generate(pipe, guidance=1.0)
     pipe.unload_lora_weights()
-    assert formats.count_lora_modules(pipe.unet) == 0
+    assert count_lora_modules(pipe.unet) == 0
     assert all(abs(a - b).max() > 1e-4 for a, b in zip(lora_images, _generate(pipe, guidance=1.0)))
 
 
@@ -252,7 +254,7 @@ def test_merge_lora_into_uvit_folder(trained, uvit_teacher, tmp_path):
         )
     )
     merged = UViTPipeline.from_pretrained(tmp_path / "merged")
-    assert isinstance(merged.scheduler, LCMScheduler) and formats.count_lora_modules(merged.unet) == 0
+    assert isinstance(merged.scheduler, LCMScheduler) and count_lora_modules(merged.unet) == 0
     inputs = uvit_inputs(merged.unet)
     torch.testing.assert_close(out(merged.unet, inputs), out(method.unet, inputs), rtol=1e-5, atol=1e-5)
 
@@ -287,13 +289,22 @@ def test_kohya_copy_of_a_uvit_lora_loads_the_same(trained, uvit_teacher, tmp_pat
 
     method, _ = trained("lcm_lora")
     method.export(tmp_path)
-    peft_file = load_file(str(tmp_path / formats.LORA_WEIGHT_NAME))
-    kohya = formats.convert(peft_file, to="kohya")  # no module names: compound-name rejoining
-    assert set(formats.read_lora(kohya)) == set(formats.read_lora(peft_file))
-    pipe = UViTPipeline.from_pretrained(uvit_teacher)
-    pipe.load_lora_weights(kohya)
+    peft_file = load_file(str(tmp_path / LORA_WEIGHT_NAME))
     inputs = uvit_inputs(method.unet)
-    assert formats.count_lora_modules(pipe.unet) == LORA_MODULES
+    kohya = tmp_path / "kohya.safetensors"
+    for model in ([], ["--model", str(uvit_teacher)]):
+        parser = argparse.ArgumentParser()
+        convert_cmd.add_arguments(parser)
+        args = ["--in", str(tmp_path), "--to", "kohya", "--out", str(kohya), *model]
+        assert convert_cmd.run(parser.parse_args(args)) == 0
+        assert all(k.startswith("lora_unet_") for k in load_file(str(kohya)))
+        back = tmp_path / "back.safetensors"
+        args = ["--in", str(kohya), "--to", "diffusers", "--out", str(back), *model]
+        assert convert_cmd.run(parser.parse_args(args)) == 0  # no model: names of a U-ViT of the file's depth
+        assert set(load_file(str(back))) == set(peft_file)
+    pipe = UViTPipeline.from_pretrained(uvit_teacher)
+    pipe.load_lora_weights(load_file(str(kohya)))
+    assert count_lora_modules(pipe.unet) == LORA_MODULES
     torch.testing.assert_close(out(pipe.unet, inputs), out(method.unet, inputs), rtol=1e-5, atol=1e-5)
 
 

@@ -44,3 +44,10 @@ def unet_inputs(unet, batch: int = 2, seed: int = 0) -> dict:
 @torch.no_grad()
 def unet_out(unet, inputs: dict) -> torch.Tensor:
     return unet(**inputs).sample
+
+
+def count_lora_modules(model) -> int:
+    """How many modules of ``model`` carry a peft LoRA adapter (to check a load did not skip any)."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(1 for m in model.modules() if isinstance(m, LoraLayer) and len(m.lora_A) > 0)

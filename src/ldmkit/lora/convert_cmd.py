@@ -1,30 +1,41 @@
-"""``ldmkit convert-lora --in FILE --to kohya|diffusers --out FILE``: rewrite a UNet LoRA in another layout.
+"""``ldmkit convert-lora --in FILE --to kohya|diffusers --out FILE``: rewrite a LoRA in another layout.
 
-Reads every layout of ``ldmkit.lora.formats`` (peft/diffusers, the reference script's
-``base_model.model.`` keys, old diffusers, mixed files, kohya, PaddleMIX ``lcm_lora.safetensors``).
+Reads what ``ldmkit.lora.formats`` reads (every layout diffusers' ``load_lora_weights`` reads: peft /
+diffusers, old diffusers, mixed files, kohya with diffusers or original-SD block names, text-encoder
+keys, PaddleMIX ``lcm_lora.safetensors``; plus the reference script's ``base_model.model.`` keys and U-ViT
+kohya files) and writes with ``ldmkit.lora.export``, the exporter of ``ldmkit train``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ldmkit.errors import UserError
-from ldmkit.lora import formats
+from ldmkit.lora import export, formats
 
 
-def _module_names(model_dir: str) -> list[str]:
-    """The UNet's module names, from its config alone (weights are not loaded: built on the meta device)."""
+def _model_info(model_dir: str) -> tuple[list[str], object | None, bool]:
+    """(the denoiser's module names, its UNet config or None for a U-ViT, SDXL?) from the config alone
+    (weights are not loaded: built on the meta device)."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
+    from ldmkit.models.uvit import UViT
+
     root = Path(model_dir)
-    sub = "unet" if (root / "unet" / "config.json").is_file() else None
-    if not (root / (sub or "") / "config.json").is_file():
+    sub = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    if not (sub / "config.json").is_file():
         raise UserError(f"no UNet config.json in {model_dir} (nor in {model_dir}/unet)")
+    is_uvit = json.loads((sub / "config.json").read_text()).get("_class_name") == "UViT"
+    cls = UViT if is_uvit else UNet2DConditionModel
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder=sub))
-    return [n for n, _ in unet.named_modules()]
+        model = cls.from_config(cls.load_config(sub))
+    names = [n for n, _ in model.named_modules()]
+    if is_uvit:
+        return names, None, False
+    return names, model.config, model.config.addition_embed_type == "text_time"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--to",
         required=True,
         choices=("kohya", "diffusers"),
-        help="Layout to write: kohya (lora_unet_*, with .alpha) or diffusers (unet.*.lora_A/lora_B).",
+        help="Layout to write: kohya (lora_unet_* / lora_te*_*, with .alpha) or diffusers (unet.*.lora_A/lora_B).",
     )
     parser.add_argument(
         "--out",
@@ -48,15 +59,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="Optional model folder: resolve kohya module names exactly against its UNet and check they exist.",
+        help="Optional model folder: check the LoRA's modules exist in its UNet / U-ViT; needed for kohya files "
+        "with original SD block names (input_blocks_*).",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    names = _module_names(args.model) if args.model else None
-    layers = formats.read_lora(formats.load_lora_file(args.input), names)
-    out = formats.save_lora(layers, args.out, to=args.to)
-    ranks = sorted({layer.rank for layer in layers.values()})
-    scales = sorted({round(layer.scale, 6) for layer in layers.values()})
-    print(f"wrote {out}: {len(layers)} modules, {args.to} layout, rank {ranks}, alpha/rank {scales}")
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    state_dict = formats.load_lora_file(args.input)
+    names, unet_config, sdxl = _model_info(args.model) if args.model else (None, None, None)
+    components = formats.read_lora(
+        state_dict, unet_config=unet_config, uvit_names=names if unet_config is None else None
+    )
+    if names is not None:
+        formats.check_modules(components, "unet", names)
+    if sdxl is None:  # no model: SDXL when the file has the second text encoder
+        sdxl = "text_encoder_2" in components or any(k.startswith(("lora_te1_", "lora_te2_")) for k in state_dict)
+    if args.to == "diffusers":
+        out = export.save_diffusers(
+            args.out, components, StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        )
+    else:
+        out = export.save_kohya(args.out, components, sdxl)
+    layers = [layer for c in components.values() for layer in c.values()]
+    ranks = sorted({layer.rank for layer in layers})
+    scales = sorted({round(layer.scale, 6) for layer in layers})
+    print(
+        f"wrote {out}: {len(layers)} modules ({', '.join(components)}), {args.to} layout, rank {ranks}, "
+        f"alpha/rank {scales}"
+    )
     return 0

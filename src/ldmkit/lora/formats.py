@@ -1,24 +1,21 @@
-"""UNet LoRA files: read any common layout, write diffusers (peft) and kohya, merge into a UNet.
+"""Reading LoRA files into ``{component: {module path: LoraLayer}}`` (``ldmkit.lora.export``'s form).
 
-Everything goes through one neutral form, ``{module path: LoraLayer(down, up, alpha)}``, where the
-module path is the diffusers UNet attribute path (``down_blocks.0.attentions.0.proj_in``), ``down`` is
-peft's ``lora_A`` / kohya's ``lora_down`` ([r, in] or [r, in, kh, kw]) and ``up`` is ``lora_B`` /
-``lora_up`` ([out, r] or [out, r, 1, 1]). The weight update is ``W += (alpha / r) * up @ down``.
+SD / SDXL files go through diffusers' own reader, ``StableDiffusionPipeline.lora_state_dict``
+(``src/diffusers/loaders/lora_pipeline.py``): it converts kohya files (``lora_unet_*``, the text encoders'
+``lora_te_*`` / ``lora_te1_*`` / ``lora_te2_*``, DoRA ``dora_scale`` dropped as ``load_lora_weights`` does,
+PaddleMIX's ``lcm_lora.safetensors`` with its 0-d alphas) and, given the UNet config, SDXL files with
+original-SD block names (``input_blocks_*``, ``middle_block_*``, ``output_blocks_*``). Each key is then
+put in peft form with diffusers' key maps (``convert_unet_state_dict_to_peft`` /
+``convert_state_dict_to_peft``, ``src/diffusers/utils/state_dict_utils.py``) one key at a time, so files
+that mix layouts (what ``convert_state_dict_to_diffusers`` writes; ``load_lora_adapter`` converts by the
+first key only and silently skips the rest) are read whole.
 
-Layouts read (REFERENCE.md section 1, "LoRA file formats"):
-- peft / diffusers: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` as written by
-  ``StableDiffusionPipeline.save_lora_weights(dir, unet_lora_layers=get_peft_model_state_dict(unet))``;
-  also the ``base_model.model.`` prefix of the reference LCM-LoRA script (which ``load_lora_weights``
-  rejects), peft adapter names (``lora_A.default.weight``), old diffusers ``lora.down`` / ``lora.up`` and
-  attention-processor keys (``attn1.processor.to_q_lora.down.weight``), and files that mix them (what
-  ``convert_state_dict_to_diffusers`` writes, of which ``load_lora_weights`` silently skips a part).
-- kohya (A1111 / ComfyUI / PaddleMIX ``lcm_lora.safetensors``): ``lora_unet_<path with dots as
-  underscores>.lora_down.weight`` / ``.lora_up.weight`` / scalar ``.alpha`` (PaddleMIX writes a 0-d alpha,
-  lora_alpha 8 for rank 64: scale 0.125).
-
-Layouts written: diffusers/peft keys (``unet.<module>.lora_A.weight``; alpha / r is folded into
-``lora_B`` so that any loader, which assumes alpha = r for peft files without metadata, gets the same
-update) and kohya keys with an explicit ``.alpha``.
+What diffusers lacks, and so ldmkit keeps:
+- the ``base_model.model.`` prefix of a PeftModel's keys (the reference LCM-LoRA script) and peft adapter
+  names (``lora_A.default.weight``), which ``load_lora_weights`` rejects;
+- keys without a component prefix (``down_blocks...lora_A.weight``), read as the denoiser's;
+- kohya files of ldmkit's U-ViT: ``lora_unet_<path with underscores>`` resolved against the U-ViT's own
+  module names (diffusers' converter knows only UNet names).
 """
 
 from __future__ import annotations
@@ -26,78 +23,22 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldmkit.errors import UserError
+from ldmkit.lora.export import COMPONENTS, LORA_WEIGHT_NAME, Layers, LoraLayer
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-"""diffusers' file name: what ``pipe.load_lora_weights(dir)`` looks for."""
-KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-"""The kohya-format copy written next to it."""
-
-KOHYA_PREFIX = "lora_unet_"
-
-# Attribute names of diffusers UNets (and ldmkit's U-ViT) that contain underscores: kohya keys turn every dot into an
-# underscore, so without the model at hand these are re-joined greedily (longest first).
-_COMPOUND_NAMES = {
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-    "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "time_embedding", "linear_1", "linear_2",
-    "conv_in", "conv_out", "conv_norm_out", "add_embedding", "cond_proj", "time_proj", "class_embedding",
-    "encoder_hid_proj", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_out",
-    # ldmkit's U-ViT (models/uvit.py)
-    "in_blocks", "out_blocks", "skip_linear", "patch_embed", "context_embed", "decoder_pred", "final_layer",
-}  # fmt: skip
-_SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
-
-# Suffixes of the peft / diffusers layouts; an optional peft adapter name may sit before ``.weight``.
-_PEFT_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
-    r"(?:\.(?P<adapter>[^.]+))?\.weight$"
-)
-# Old diffusers attention-processor keys: ``attn1.processor.to_q_lora.down.weight``.
-_PROCESSOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
+_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B)\.[^.]+\.weight$")
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)\.weight$")
 
 
-@dataclass
-class LoraLayer:
-    """One adapted module: ``W += (alpha / rank) * up @ down``; alpha None means alpha = rank."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
-    def delta(self) -> torch.Tensor:
-        """The weight update ``scale * up @ down`` in fp32, shaped like the base weight.
-
-        Linear: [out, r] @ [r, in]. Conv: ``up`` is 1x1, so composing conv(down) then conv(up) is the
-        kxk kernel sum_r up[o, r] * down[r, i, :, :] (covers 1x1 convs too).
-        """
-        down, up = self.down.float(), self.up.float()
-        if down.ndim == 2:
-            return self.scale * (up @ down)  # (out, in)
-        if up.shape[2:] != (1, 1):
-            raise UserError(f"LoRA conv 'up' kernels must be 1x1, got {tuple(up.shape)}")
-        return self.scale * torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # (out, in, kh, kw)
-
-
-Layers = dict[str, LoraLayer]
-
-
-# ---------------------------------------------------------------------------------------------- reading
 def load_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a LoRA ``.safetensors`` file, or of the one LoRA file inside a folder."""
     p = Path(path)
@@ -116,198 +57,167 @@ def load_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(p))
 
 
-def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """'kohya' when every key is ``lora_unet_*``/``lora_te*``, else 'diffusers' (peft or older diffusers keys)."""
+def is_kohya(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Every key kohya's (the test diffusers' ``lora_state_dict`` applies)."""
+    return bool(state_dict) and all(k.startswith(_KOHYA_PREFIXES) for k in state_dict)
+
+
+def uvit_module_names(state_dict: Mapping[str, torch.Tensor]) -> list[str] | None:
+    """Module names of a U-ViT deep enough for the block indices in ``state_dict``'s kohya keys (built on
+    the meta device from models/uvit.py, so no name list is kept here), or None when no key names a U-ViT
+    block."""
+    from accelerate import init_empty_weights
+
+    from ldmkit.models.uvit import UViT
+
+    flats = [k[len("lora_unet_") :].partition(".")[0] for k in state_dict if k.startswith("lora_unet_")]
+    if not any(f.startswith(("in_blocks_", "out_blocks_", "mid_block_attn_", "mid_block_mlp_")) for f in flats):
+        return None
+    blocks = [int(m[1]) for f in flats if (m := re.match(r"(?:in|out)_blocks_(\d+)_", f))]
+    with init_empty_weights():
+        uvit = UViT(
+            sample_size=2, patch_size=1, embed_dim=2, depth=2 * (max(blocks, default=0) + 1), num_heads=1,
+            context_dim=1, num_text_tokens=1, time_cond_proj_dim=1,
+        )  # fmt: skip
+    return [n for n, _ in uvit.named_modules()]
+
+
+def _uvit_kohya(state_dict: Mapping[str, torch.Tensor], module_names: Iterable[str]):
+    """``lora_unet_*`` keys resolved against U-ViT module names -> (peft-keyed dict, alphas), or None when a
+    name is not the U-ViT's (then the file is a UNet's)."""
+    exact = {n.replace(".", "_"): n for n in module_names if n}
+    out, alphas = {}, {}
+    for key, value in state_dict.items():
+        if not key.startswith("lora_unet_"):
+            out[key] = value
+            continue
+        flat, _, suffix = key[len("lora_unet_") :].partition(".")
+        if flat not in exact:
+            return None
+        module = f"unet.{exact[flat]}"
+        if suffix == "lora_down.weight":
+            out[f"{module}.lora_A.weight"] = value
+        elif suffix == "lora_up.weight":
+            out[f"{module}.lora_B.weight"] = value
+        elif suffix == "alpha":
+            alphas[f"{module}.alpha"] = float(value.float().reshape(-1)[0])
+        else:
+            raise UserError(f"unrecognised kohya LoRA key: {key}")
+    return out, alphas
+
+
+def _split_component(key: str) -> tuple[str, str]:
+    for component in sorted(COMPONENTS, key=len, reverse=True):
+        if key.startswith(component + "."):
+            return component, key[len(component) + 1 :]
+    return "unet", key  # no prefix: the denoiser's (old diffusers / bare peft keys)
+
+
+def _peft_key(component: str, key: str) -> str:
+    """One key in peft form (``<module>.lora_A.weight``) through diffusers' key maps."""
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if ".lora_A." not in key and ".lora_B." not in key:
+        if component != "unet" and "lora_linear_layer" in key:
+            key = next(iter(convert_state_dict_to_peft({key: None}, StateDictType.DIFFUSERS)))
+        elif component != "unet" and re.search(r"\.to_(q|k|v|out)_lora\.", key):  # text-encoder attention
+            key = next(iter(convert_state_dict_to_peft({key: None}, StateDictType.DIFFUSERS_OLD)))
+        else:  # UNet keys, and the generic lora.down / lora.up
+            key = next(iter(convert_unet_state_dict_to_peft({key: None})))
+    return key.replace(".processor.", ".")  # attention-processor keys name the attention's projections
+
+
+def read_lora(
+    state_dict: Mapping[str, torch.Tensor], unet_config=None, uvit_names: Iterable[str] | None = None
+) -> dict[str, Layers]:
+    """Any supported file -> ``{component: {module path: LoraLayer}}``.
+
+    ``unet_config`` (the UNet's config) lets original-SD block names resolve, as SDXL's
+    ``load_lora_weights`` does; ``uvit_names`` (a U-ViT's ``named_modules()`` names) resolves U-ViT kohya
+    names against the model at hand (without it, against a U-ViT of the file's depth).
+    """
+    from diffusers import StableDiffusionPipeline
+
     if not state_dict:
         raise UserError("the LoRA file holds no tensors")
-    if all(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):
-        return "kohya"
-    return "diffusers"
-
-
-def _check_unet_key(key: str) -> None:
-    if key.startswith(("text_encoder", "lora_te")):
-        raise UserError(f"text-encoder LoRA keys are not supported (only UNet LoRAs): {key}")
-    if "dora_scale" in key or "lora_magnitude_vector" in key:
-        raise UserError(f"DoRA LoRAs are not supported: {key}")
-
-
-def _kohya_name_resolver(module_names: Iterable[str] | None):
-    """Map a kohya module name (dots as underscores) back to a module path.
-
-    With the model's module names this is exact; without, known compound attribute names are re-joined.
-    """
-    exact = {}
-    if module_names is not None:
-        for n in module_names:
-            exact.setdefault(n.replace(".", "_"), n)
-
-    def resolve(flat: str) -> str:
-        if flat in exact:
-            return exact[flat]
-        if flat.startswith(_SGM_BLOCKS):
-            raise UserError(
-                f"kohya key uses original SD (sgm) block names ({flat}); only diffusers module names are "
-                "supported here (load such files with diffusers' load_lora_weights)"
-            )
-        parts, tokens, i = [], flat.split("_"), 0
-        while i < len(tokens):
-            for n in (3, 2, 1):
-                name = "_".join(tokens[i : i + n])
-                if n == 1 or name in _COMPOUND_NAMES:
-                    parts.append(name)
-                    i += n
-                    break
-        path = ".".join(parts)
-        if module_names is not None and exact:
-            raise UserError(f"LoRA module {path} (kohya name {flat}) is not in the model")
-        return path
-
-    return resolve
-
-
-def read_lora(state_dict: Mapping[str, torch.Tensor], module_names: Iterable[str] | None = None) -> Layers:
-    """Any supported layout -> ``{module path: LoraLayer}``.
-
-    ``module_names`` (the UNet's ``named_modules()`` names) makes kohya names resolve exactly and is
-    recommended whenever the model is at hand.
-    """
-    downs: dict[str, torch.Tensor] = {}
-    ups: dict[str, torch.Tensor] = {}
+    # ldmkit's extra layouts: a PeftModel's prefix and peft adapter names.
+    sd = {_ADAPTER_NAME.sub(r".\1.weight", k.replace("base_model.model.", "")): v for k, v in state_dict.items()}
+    dora = next((k for k in sd if "lora_magnitude_vector" in k), None)
+    if dora:
+        raise UserError(f"DoRA LoRAs in peft layout are not supported here (load them with generate --lora): {dora}")
     alphas: dict[str, float] = {}
-    fmt = detect_format(state_dict)
-    if fmt == "kohya":
-        resolve = _kohya_name_resolver(module_names)
-        for key, value in state_dict.items():
-            _check_unet_key(key)
-            flat, _, suffix = key[len(KOHYA_PREFIX) :].partition(".")
-            if suffix == "lora_down.weight":
-                downs[resolve(flat)] = value
-            elif suffix == "lora_up.weight":
-                ups[resolve(flat)] = value
-            elif suffix == "alpha":
-                alphas[resolve(flat)] = float(value.float().reshape(-1)[0])
-            else:
-                raise UserError(f"unrecognised kohya LoRA key: {key}")
-    else:
-        for key, value in state_dict.items():
-            _check_unet_key(key)
-            k = key.removeprefix("unet.").removeprefix("base_model.model.").replace(".processor.", ".")
-            if k.endswith(".alpha"):  # network alphas of the old diffusers layout
-                alphas[k.removesuffix(".alpha")] = float(value.float().reshape(-1)[0])
-                continue
-            m = _PROCESSOR_KEY.match(k)
-            if m:
-                proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
-                module, is_down = f"{m['module']}.{proj}", m["kind"] == "down"
-            else:
-                m = _PEFT_KEY.match(k)
-                if not m:
-                    raise UserError(f"unrecognised LoRA key: {key}")
-                module, is_down = m["module"], m["kind"] in ("lora_A", "lora.down", "lora_linear_layer.down")
-            (downs if is_down else ups)[module] = value
-
-    layers: Layers = {}
-    for module in sorted(set(downs) | set(ups)):
-        if module not in downs or module not in ups:
-            raise UserError(f"LoRA module {module} has only one of its down/up weights")
-        down, up = downs[module], ups[module]
-        if up.shape[1] != down.shape[0]:
-            raise UserError(f"LoRA module {module}: up {tuple(up.shape)} does not fit down {tuple(down.shape)}")
-        layers[module] = LoraLayer(down=down, up=up, alpha=alphas.get(module))
-    if not layers:
-        raise UserError("no UNet LoRA weights found in the file")
-    return layers
-
-
-def layers_from_peft_model(unet: torch.nn.Module, adapter_name: str = "default") -> Layers:
-    """The LoRA of a live peft-adapted model, with each module's effective scale (rank/alpha patterns, rsLoRA).
-
-    peft keeps ``scaling[adapter] = lora_alpha / r`` per layer, so alpha = scaling * r reproduces it.
-    """
-    from peft.tuners.lora import LoraLayer as PeftLoraLayer
-
-    layers: Layers = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, PeftLoraLayer) and adapter_name in module.lora_A:
-            down = module.lora_A[adapter_name].weight.detach()
-            up = module.lora_B[adapter_name].weight.detach()
-            layers[name] = LoraLayer(down=down, up=up, alpha=module.scaling[adapter_name] * down.shape[0])
-    return layers
-
-
-def count_lora_modules(model: torch.nn.Module) -> int:
-    """How many modules of ``model`` carry a peft LoRA adapter (to check a load did not skip any)."""
-    from peft.tuners.lora import LoraLayer as PeftLoraLayer
-
-    return sum(1 for m in model.modules() if isinstance(m, PeftLoraLayer) and len(m.lora_A) > 0)
-
-
-# ---------------------------------------------------------------------------------------------- writing
-def to_diffusers(layers: Layers, prefix: str = "unet") -> dict[str, torch.Tensor]:
-    """peft-style keys that ``load_lora_weights`` accepts; alpha / r is folded into ``lora_B``."""
-    out = {}
-    for module, layer in layers.items():
-        key = f"{prefix}.{module}" if prefix else module
-        out[f"{key}.lora_A.weight"] = layer.down.contiguous()
-        up = layer.up if layer.scale == 1.0 else (layer.up.float() * layer.scale).to(layer.up.dtype)
-        out[f"{key}.lora_B.weight"] = up.contiguous()
-    return out
-
-
-def to_kohya(layers: Layers) -> dict[str, torch.Tensor]:
-    """kohya keys ``lora_unet_<path_with_underscores>.lora_down/.lora_up/.alpha`` (alpha as a 0-d fp32 tensor)."""
-    out = {}
-    for module, layer in layers.items():
-        key = KOHYA_PREFIX + module.replace(".", "_")
-        out[f"{key}.lora_down.weight"] = layer.down.contiguous()
-        out[f"{key}.lora_up.weight"] = layer.up.contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(layer.alpha if layer.alpha is not None else layer.rank))
-    return out
-
-
-def convert(state_dict: Mapping[str, torch.Tensor], to: str, module_names: Iterable[str] | None = None):
-    """Any supported layout -> 'diffusers' or 'kohya' tensors."""
-    layers = read_lora(state_dict, module_names)
-    if to == "diffusers":
-        return to_diffusers(layers)
-    if to == "kohya":
-        return to_kohya(layers)
-    raise UserError(f"unknown LoRA format {to!r}; choose diffusers or kohya")
-
-
-def save_lora(layers: Layers, path: str | Path, to: str = "diffusers") -> Path:
-    """Write ``layers`` as one safetensors file (a folder gets the standard file name)."""
-    p = Path(path)
-    if p.suffix != ".safetensors":
-        p = p / (LORA_WEIGHT_NAME if to == "diffusers" else KOHYA_WEIGHT_NAME)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tensors = to_diffusers(layers) if to == "diffusers" else to_kohya(layers)
-    save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(p), metadata={"format": "pt"})
-    return p
-
-
-# ---------------------------------------------------------------------------------------------- merging
-@torch.no_grad()
-def merge_lora_into_unet(unet: torch.nn.Module, lora: Mapping[str, torch.Tensor] | Layers, scale: float = 1.0) -> int:
-    """Fold a LoRA into the weights in place: ``W += scale * (alpha / r) * up @ down``; returns the module count.
-
-    ``lora`` is a state dict in any supported layout or already-read ``Layers``. Works on any model whose
-    adapted modules are plain Linear/Conv2d (no peft needed); the result is tested against diffusers'
-    ``load_lora_weights`` + ``fuse_lora``.
-    """
-    names = [n for n, _ in unet.named_modules()]
-    layers = lora if lora and isinstance(next(iter(lora.values())), LoraLayer) else read_lora(lora, names)
-    modules = dict(unet.named_modules())
-    for name, layer in layers.items():
-        if name not in modules or not isinstance(getattr(modules[name], "weight", None), torch.Tensor):
-            raise UserError(f"LoRA module {name} is not a weight-carrying module of the model")
-        weight = modules[name].weight
-        delta = layer.delta().to(weight.device)
-        if delta.shape != weight.shape:
+    if any(k.startswith("lora_unet_") for k in sd) and unet_config is None:
+        names = uvit_module_names(sd) if uvit_names is None else list(uvit_names)
+        uvit = _uvit_kohya(sd, names) if names else None
+        if uvit is not None:
+            sd, alphas = uvit
+    if is_kohya(sd):
+        if unet_config is None and any(k.startswith("lora_unet_" + b) for k in sd for b in _SGM_BLOCKS):
             raise UserError(
-                f"LoRA module {name}: update {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}"
+                "this kohya LoRA uses original SD block names (input_blocks_*, ...): give the model it is for "
+                "(--model) so they map to the UNet's blocks"
             )
-        weight.copy_((weight.float() + scale * delta).to(weight.dtype))
-    logger.info("merged LoRA into %d modules (scale %s)", len(layers), scale)
-    return len(layers)
+        try:
+            sd, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(sd), unet_config=unet_config)
+        except (ValueError, KeyError, IndexError) as e:
+            raise UserError(f"kohya LoRA not readable by diffusers: {str(e).strip().splitlines()[-1]}") from None
+        alphas.update(network_alphas or {})
+    elif any(k.startswith(_KOHYA_PREFIXES) for k in sd):
+        first = next(k for k in sd if k.startswith(_KOHYA_PREFIXES))
+        raise UserError(f"the LoRA file mixes kohya keys ({first}) with other keys")
+
+    downs: dict[tuple[str, str], torch.Tensor] = {}
+    ups: dict[tuple[str, str], torch.Tensor] = {}
+    scales: dict[tuple[str, str], float] = {}
+    for key, value in sd.items():
+        component, rest = _split_component(key)
+        if rest.endswith(".alpha"):  # network alphas of the old diffusers layout
+            alphas[key] = float(value.float().reshape(-1)[0])
+            continue
+        m = _PEFT_KEY.match(_peft_key(component, rest))
+        if not m:
+            raise UserError(f"unrecognised LoRA key: {key}")
+        (downs if m["kind"] == "A" else ups)[(component, m["module"])] = value
+    for key, alpha in alphas.items():
+        component, rest = _split_component(key)
+        rest = rest.removesuffix(".alpha")
+        if rest.endswith(".weight"):  # diffusers names kohya attention alphas after their down weight
+            m = _PEFT_KEY.match(_peft_key(component, rest))
+            rest = m["module"] if m else rest
+        scales[(component, rest.replace(".processor.", "."))] = alpha
+
+    out: dict[str, Layers] = {}
+    for component, module in sorted(set(downs) | set(ups)):
+        if (component, module) not in downs or (component, module) not in ups:
+            raise UserError(f"LoRA module {component}.{module} has only one of its down/up weights")
+        down, up = downs[(component, module)], ups[(component, module)]
+        if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
+            raise UserError(
+                f"LoRA module {component}.{module}: up {tuple(up.shape)} does not fit down {tuple(down.shape)}"
+            )
+        out.setdefault(component, {})[module] = LoraLayer(down, up, scales.get((component, module)))
+    if not out:
+        raise UserError("no LoRA weights found in the file")
+    return out
+
+
+def peft_state_dict(components: Mapping[str, Layers]) -> dict[str, torch.Tensor]:
+    """``<component>.<module>.lora_A/B.weight`` with alpha / r folded in: what ``load_lora_weights`` takes."""
+    from ldmkit.lora.export import peft_state_dict as component_state_dict
+
+    return {f"{c}.{k}": v for c, layers in components.items() for k, v in component_state_dict(layers).items()}
+
+
+def check_modules(components: Mapping[str, Layers], component: str, module_names: Iterable[str]) -> None:
+    """UserError naming the first LoRA module of ``component`` that the model lacks. A module matches a
+    model name equal to it or ending in ``.<module>``, as peft matches target modules (text-encoder paths
+    lose their ``text_model.`` in diffusers' kohya conversion with some transformers versions)."""
+    names = set(module_names)
+    suffixes = {n.split(".", i)[-1] for n in names for i in range(1, n.count(".") + 1)}
+    missing = sorted(m for m in components.get(component, {}) if m not in names and m not in suffixes)
+    if missing:
+        raise UserError(f"LoRA module {component}.{missing[0]} is not in the model ({len(missing)} missing)")

@@ -1,5 +1,8 @@
 """``ldmkit merge-lora --model DIR --lora FILE_OR_DIR [--scale S] --out DIR``: bake a LoRA into the UNet
-(or the U-ViT of a UViTPipeline folder).
+(or the U-ViT of a UViTPipeline folder) and the text encoders when the file adapts them.
+
+The file is read by ``ldmkit.lora.formats`` (every layout ``load_lora_weights`` reads, and ldmkit's extra
+ones) and merged by diffusers: ``load_lora_weights`` + ``fuse_lora(lora_scale=S)`` + ``unload_lora_weights``.
 
 The result is a complete pipeline folder of the model's class that needs no LoRA loading (e.g. for
 export to other runtimes). For an LCM-LoRA the scheduler matters as much as the weights: ``--scheduler auto``
@@ -25,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora",
         required=True,
-        help="LoRA .safetensors (diffusers, peft or kohya layout) or a folder with pytorch_lora_weights.safetensors.",
+        help="LoRA .safetensors (diffusers, peft or kohya layout; UNet and text encoders) or a folder with "
+        "pytorch_lora_weights.safetensors.",
     )
     parser.add_argument(
         "--scale", type=float, default=1.0, help="Multiplier of the LoRA update (W += scale * alpha/r * up @ down)."
@@ -60,6 +64,32 @@ def _saved_lcm_config(lora: Path) -> dict | None:
     return config if config.get("_class_name") == "LCMScheduler" else None
 
 
+def merge(pipe, state_dict: dict, scale: float = 1.0) -> int:
+    """Fold the LoRA in ``state_dict`` into ``pipe``'s weights (``W += scale * alpha/r * up @ down``) with
+    diffusers' fuse_lora; returns the number of merged modules."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ldmkit.models.uvit import UViT
+
+    is_uvit = isinstance(pipe.unet, UViT)
+    unet_names = [n for n, _ in pipe.unet.named_modules()]
+    components = formats.read_lora(
+        state_dict, unet_config=None if is_uvit else pipe.unet.config, uvit_names=unet_names if is_uvit else None
+    )
+    for name in components:
+        model = getattr(pipe, name, None)
+        if model is None:
+            raise UserError(f"the LoRA adapts {name}, which {type(pipe).__name__} does not have")
+        formats.check_modules(components, name, (n for n, _ in model.named_modules()))
+    pipe.load_lora_weights(formats.peft_state_dict(components), adapter_name="merge")
+    n = sum(isinstance(m, BaseTunerLayer) for name in components for m in getattr(pipe, name).modules())
+    if n != sum(len(layers) for layers in components.values()):
+        raise UserError(f"only {n} of the LoRA's modules were adapted by load_lora_weights")
+    pipe.fuse_lora(components=list(components), lora_scale=scale, adapter_names=["merge"])
+    pipe.unload_lora_weights()
+    return n
+
+
 def run(args: argparse.Namespace) -> int:
     from diffusers import LCMScheduler
 
@@ -71,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--model is not a diffusers pipeline folder (no model_index.json): {model}")
     state_dict = formats.load_lora_file(lora)
     pipe = load_pipeline(model)  # the class in model_index.json, UViTPipeline included
-    n = formats.merge_lora_into_unet(pipe.unet, state_dict, scale=args.scale)
+    n = merge(pipe, state_dict, args.scale)
 
     saved = _saved_lcm_config(lora)
     mode = args.scheduler if args.scheduler != "auto" else ("lcm" if saved else "keep")

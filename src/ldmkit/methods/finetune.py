@@ -353,54 +353,28 @@ class LoraMethod(_SDMethod):
 
     def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """peft-format adapter weights per trained module (keys ``<module path>.lora_A.weight`` /
-        ``lora_B``), with alpha / rank folded into lora_B: loaders assume alpha = rank for peft files
-        without metadata, so the file means the same to every tool (as ldmkit.lora.formats writes)."""
-        from peft.utils import get_peft_model_state_dict
+        ``lora_B``), with alpha / rank folded into lora_B (ldmkit.lora.export)."""
+        from ldmkit.lora import export
 
-        from ldmkit.lora.formats import layers_from_peft_model
-
-        out = {}
-        for name in self.trainable_names:
-            model = self.unwrap(getattr(self, name))
-            sd = {
-                k: v.detach().float().cpu()
-                for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
-            }
-            for module, layer in layers_from_peft_model(model).items():
-                sd[f"{module}.lora_B.weight"] = sd[f"{module}.lora_B.weight"] * layer.scale
-            out[name] = sd
-        return out
+        return {
+            name: export.peft_state_dict(export.layers_from_peft_model(self.unwrap(getattr(self, name))))
+            for name in self.trainable_names
+        }
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
         """The same adapters in kohya keys (``lora_unet_*``; text encoders ``lora_te_*``, SDXL
         ``lora_te1_*`` / ``lora_te2_*``, the prefixes A1111, ComfyUI and diffusers read)."""
-        from ldmkit.lora.formats import KOHYA_PREFIX, layers_from_peft_model, to_kohya
+        from ldmkit.lora import export
 
-        names = ("unet", *self.family.text_encoder_names)
-        prefixes = dict(zip(names, (KOHYA_PREFIX, *self.family.kohya_text_prefixes)))
-        out = {}
-        for name in self.trainable_names:
-            kohya = to_kohya(layers_from_peft_model(self.unwrap(getattr(self, name))))
-            out.update(
-                {
-                    prefixes[name] + k.removeprefix(KOHYA_PREFIX): v.detach().float().cpu().contiguous()
-                    for k, v in kohya.items()
-                }
-            )
-        return out
+        models = {name: self.unwrap(getattr(self, name)) for name in self.trainable_names}
+        layers = {name: export.layers_from_peft_model(model) for name, model in models.items()}
+        return export.kohya_state_dict(layers, export.is_sdxl_pipeline(self.family.pipeline_class))
 
     def export(self, out_dir: Path) -> None:
-        """``pytorch_lora_weights.safetensors`` for ``load_lora_weights``, written by the pipeline's own
-        ``save_lora_weights`` from peft keys (converting them with convert_state_dict_to_diffusers makes
-        diffusers skip the attention LoRAs: diffusers loaders/lora_pipeline.py reads peft keys as they are), and a kohya copy
-        ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI."""
-        from safetensors.torch import save_file
+        """``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` and a kohya copy
+        ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI (ldmkit.lora.export)."""
 
-        from ldmkit.lora.formats import KOHYA_WEIGHT_NAME
+        from ldmkit.lora import export
 
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        layers = {f"{name}_lora_layers": sd for name, sd in self.lora_state_dicts().items()}
-        self.family.pipeline_class.save_lora_weights(out_dir, **layers)
-        save_file(self.kohya_state_dict(), out_dir / KOHYA_WEIGHT_NAME, metadata={"format": "pt"})
-        log.info("exported LoRA to %s", out_dir)
+        models = {name: self.unwrap(getattr(self, name)) for name in self.trainable_names}
+        export.export_lora(out_dir, models, self.family.pipeline_class)

@@ -372,16 +372,14 @@ class LCMLoraMethod(_LCDBase):
     def export(self, out_dir: Path) -> None:
         """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy, an LCMScheduler
         config with the run's N and s, and a model card."""
-        from ldmkit.lora import formats
+        from ldmkit.lora import export
 
         out_dir = Path(out_dir)
-        layers = formats.layers_from_peft_model(self.unwrap(self.unet))
-        formats.save_lora(layers, out_dir / formats.LORA_WEIGHT_NAME, to="diffusers")
-        kohya = ""
-        if self.family.exports_kohya:  # A1111/ComfyUI know UNets only
-            formats.save_lora(layers, out_dir / formats.KOHYA_WEIGHT_NAME, to="kohya")
-            kohya = f"  # or {formats.KOHYA_WEIGHT_NAME} in A1111/ComfyUI"
+        n = export.export_lora(
+            out_dir, {"unet": self.unwrap(self.unet)}, self.family.pipeline_class, kohya=self.family.exports_kohya
+        )
         self._lcm_scheduler().save_pretrained(out_dir / "scheduler")
+        kohya = f"  # or {export.KOHYA_WEIGHT_NAME} in A1111/ComfyUI" if self.family.exports_kohya else ""
         load = (
             f"from diffusers import LCMScheduler\n{self.family.pipeline_import}\n"
             f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{self.cfg.model.pretrained}")\n'
@@ -390,7 +388,7 @@ class LCMLoraMethod(_LCDBase):
             f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={self._default_guidance()}).images[0]\n'
             f"# or bake it in: ldmkit merge-lora --model {self.cfg.model.pretrained} --lora {out_dir} --out merged"
         )
-        (out_dir / "README.md").write_text(self._model_card(f"LCM-LoRA ({len(layers)} adapted modules)", load))
+        (out_dir / "README.md").write_text(self._model_card(f"LCM-LoRA ({n} adapted modules)", load))
 
 
 class LCDMethod(_LCDBase):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -84,11 +85,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))  # (B, N, D)
 
 
-class UViT(ModelMixin, ConfigMixin):
+class UViT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Text-conditioned U-ViT predicting noise for latents [B, in_channels, sample_size, sample_size].
 
     ``time_cond_proj_dim`` adds a zero-initialised projection of ``timestep_cond`` (the LCM guidance-scale
     embedding) onto the time token, the U-ViT counterpart of UNet2DConditionModel's ``cond_proj``.
+    diffusers' ``PeftAdapterMixin`` gives it the UNet's LoRA methods (add_adapter, disable_adapters,
+    load_lora_adapter, fuse_lora, unload_lora, ...).
     """
 
     _supports_gradient_checkpointing = True

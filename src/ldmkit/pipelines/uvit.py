@@ -14,9 +14,10 @@ reference U-ViT pipeline, names it ``unet`` too. model_index.json records it as
 diffusers/transformers is recorded by its full module path), so ``UViTPipeline.from_pretrained(dir)`` works
 in a fresh process without ``trust_remote_code``.
 
-LoRA: ``load_lora_weights`` / ``set_adapters`` / ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights``
-take the arguments of diffusers' ``StableDiffusionLoraLoaderMixin`` (the denoiser only; files in the
-layouts of ``ldmkit.lora.formats``, e.g. an ldmkit LCM-LoRA export), so code written for diffusers'
+LoRA: the pipeline is a diffusers ``StableDiffusionLoraLoaderMixin`` (``load_lora_weights`` /
+``set_adapters`` / ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights`` / ``save_lora_weights``), whose
+``load_lora_weights`` calls ``self.unet.load_lora_adapter`` on the U-ViT (a ``PeftAdapterMixin``); only
+reading files is ldmkit's (``ldmkit.lora.formats``: U-ViT kohya names), so code written for diffusers'
 pipelines (ldmkit.generate.load_lora) works unchanged.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -37,7 +39,7 @@ from ldmkit.diffusion.lcm import guidance_scale_embedding
 from ldmkit.models.uvit import UViT
 
 
-class UViTPipeline(DiffusionPipeline):
+class UViTPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """vae (AutoencoderKL), text_encoder (CLIPTextModel), tokenizer (CLIPTokenizer), unet (UViT), scheduler."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -55,46 +57,33 @@ class UViTPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # ---- LoRA (diffusers' StableDiffusionLoraLoaderMixin interface, denoiser only) ------------------
-    def load_lora_weights(
-        self,
-        pretrained_model_name_or_path_or_dict: str | Path | dict[str, torch.Tensor],
-        weight_name: str | None = None,
-        adapter_name: str = "default",
-    ) -> None:
-        """Add a LoRA to the U-ViT: a state dict, a ``.safetensors`` file, or a folder (with ``weight_name``,
-        else its pytorch_lora_weights.safetensors). Keys: ``unet.<module>.lora_A/B.weight`` or kohya."""
-        from ldmkit.lora import adapters, formats
+    # ---- LoRA: diffusers' StableDiffusionLoraLoaderMixin (set_adapters, fuse_lora, unfuse_lora,
+    # unload_lora_weights, save_lora_weights are the mixin's; loading reaches unet.load_lora_adapter) --------
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        """The mixin's reader knows UNet names only, so files are read by ``ldmkit.lora.formats`` (U-ViT kohya
+        names resolved against ``uvit_names``, the U-ViT's module names) and handed on as peft keys."""
+        from ldmkit.lora import formats
 
+        return_metadata = kwargs.pop("return_lora_metadata", False)
+        weight_name = kwargs.pop("weight_name", None)
+        uvit_names = kwargs.pop("uvit_names", None)
         source = pretrained_model_name_or_path_or_dict
         if not isinstance(source, dict):
             source = formats.load_lora_file(Path(source) / weight_name if weight_name else source)
-        adapters.load_lora(self.unet, source, adapter_name)
+        state_dict = formats.peft_state_dict(formats.read_lora(source, uvit_names=uvit_names))
+        return (state_dict, None, None) if return_metadata else (state_dict, None)
 
-    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
-        """Activate the named adapters with the given strengths (default 1.0)."""
-        from ldmkit.lora import adapters
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = "default", **kwargs
+    ) -> None:
+        """The mixin's ``load_lora_weights`` (adapter ``default`` unless named); a name in use is a UserError."""
+        from ldmkit.errors import UserError
 
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else adapter_weights
-        adapters.set_adapters(self.unet, names, weights)
-
-    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
-        """Merge the active LoRA into the U-ViT weights (faster sampling; ``unfuse_lora`` undoes it)."""
-        from ldmkit.lora import adapters
-
-        adapters.fuse_lora(self.unet, lora_scale, adapter_names)
-
-    def unfuse_lora(self) -> None:
-        from ldmkit.lora import adapters
-
-        adapters.unfuse_lora(self.unet)
-
-    def unload_lora_weights(self) -> None:
-        """Remove every LoRA (the plain U-ViT again)."""
-        from ldmkit.lora import adapters
-
-        adapters.unload_lora(self.unet)
+        if adapter_name in getattr(self.unet, "peft_config", {}):
+            raise UserError(f"the U-ViT already has a LoRA adapter named {adapter_name!r}")
+        names = [n for n, _ in self.unet.named_modules()]
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name, uvit_names=names, **kwargs)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:

@@ -72,8 +72,6 @@ class Family:
     """Subfolders of the text encoders (their tokenizers: the same names with ``tokenizer``)."""
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
     """Modules of the denoiser that LCM-LoRA adapts by default."""
-    kohya_text_prefixes: ClassVar[tuple[str, ...]] = ("lora_te_",)
-    """kohya key prefixes of the text encoders' LoRA layers, one per text encoder."""
     exports_kohya: ClassVar[bool] = True
     """Whether A1111 / ComfyUI read this denoiser's LoRA (kohya copy next to the diffusers file)."""
     lcd_w_min: ClassVar[float] = 5.0

@@ -18,7 +18,6 @@ class SDXLFamily(SDFamily):
 
     name = "SDXL"
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    kohya_text_prefixes = ("lora_te1_", "lora_te2_")
     lcd_w_min = 3.0  # diffusers' train_lcm_distill_sdxl_wds.py default
     lcm_lora_guidance = 0.0  # SDXL pipelines skip CFG at guidance_scale <= 1; 0 as the LCM-LoRA model cards
     pipeline_import: ClassVar[str] = "from diffusers import StableDiffusionXLPipeline\n"
