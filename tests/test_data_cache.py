@@ -253,7 +253,7 @@ def test_two_processes_with_accelerate_launch(layouts, tmp_path):
 def test_cache_with_sdxl_models(layouts, tmp_path, tiny_sdxl):
     """The real encoders (the SDXL family, tiny SDXL: prompt + pooled embeddings) through the cache."""
     from ldmkit.config import ModelConfig
-    from ldmkit.models.families import load_family
+    from ldmkit.families import load_family
 
     models = load_family(ModelConfig(pretrained=str(tiny_sdxl)))
     cfg = data_cfg(layouts["folder"], random_flip=True, proportion_empty_prompts=0.3)

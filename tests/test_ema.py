@@ -1,4 +1,4 @@
-"""ldmkit.train.ema.EMA: bit-identical to diffusers' EMAModel for its schedules, the LCD target's lerp for the
+"""ldmkit.methods.ema.EMA: bit-identical to diffusers' EMAModel for its schedules, the LCD target's lerp for the
 constant one, checkpoints that load onto the model's device, and a finetune run with EMA that resumes exactly."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from ldmkit.errors import UserError
+from ldmkit.methods.ema import EMA
 from ldmkit.train import checkpoint as ckpt
-from ldmkit.train.ema import EMA
 
 from helpers.runs import assert_same_exports, logged
 from helpers.sd import accelerator, make_cfg, one_thread  # noqa: F401  (autouse fixture)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ldmkit.commands import evaluate
 from ldmkit.data import synth
 from ldmkit.errors import UserError
-from ldmkit.eval import evaluate
 from ldmkit.inference import generate_images
 
 

@@ -21,7 +21,7 @@ from helpers.uvit import RESOLUTION, features_dir, one_thread, run_prepare, shap
 @pytest.fixture(scope="module")
 def encoders(tiny_sd15):
     from ldmkit.config import ModelConfig
-    from ldmkit.models.families import load_family
+    from ldmkit.families import load_family
 
     return load_family(ModelConfig(pretrained=str(tiny_sd15)))
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmkit import generate, inference
+from ldmkit import inference
+from ldmkit.commands import generate
 from ldmkit.errors import UserError
 
 from helpers.sd import one_thread  # noqa: F401  (autouse fixture)

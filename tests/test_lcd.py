@@ -295,7 +295,7 @@ def test_evaluate_on_exports(trained, tmp_path, tiny_sd15, name):
     per step at the guidance each kind is sampled with, the run's LCM grid, images that the LoRA changes."""
     import argparse
 
-    from ldmkit.eval import evaluate
+    from ldmkit.commands import evaluate
 
     method, _ = trained("sd15", name)
     export = tmp_path / "export"

@@ -10,12 +10,13 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
+from ldmkit.commands import convert_lora as convert_cmd
 from ldmkit.errors import UserError
-from ldmkit.lora import adapters, convert_cmd
+from ldmkit.families import SDFamily, UViTFamily, detect_family
+from ldmkit.lora import adapters
 from ldmkit.lora.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from ldmkit.methods import get_method, load_config
 from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES
-from ldmkit.models.families import SDFamily, UViTFamily, detect_family
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline
 
@@ -242,7 +243,7 @@ def test_validate_grid(trained):
 
 
 def test_merge_lora_into_uvit_folder(trained, uvit_teacher, tmp_path):
-    from ldmkit.lora import merge_cmd
+    from ldmkit.commands import merge_lora as merge_cmd
 
     method, _ = trained("lcm_lora")
     method.export(tmp_path / "lora")

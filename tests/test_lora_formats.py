@@ -23,8 +23,10 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from ldmkit.commands import convert_lora as convert_cmd
+from ldmkit.commands import merge_lora as merge_cmd
 from ldmkit.errors import UserError
-from ldmkit.lora import convert_cmd, export, formats, merge_cmd
+from ldmkit.lora import export, formats
 from ldmkit.lora.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, layers_from_peft_model
 from ldmkit.methods.lcd import LCM_LORA_TARGET_MODULES
 

@@ -10,7 +10,7 @@ import torch
 
 from ldmkit.config import ModelConfig
 from ldmkit.errors import UserError
-from ldmkit.models.families import SDFamily, SDXLFamily, detect_family, load_family
+from ldmkit.families import SDFamily, SDXLFamily, detect_family, load_family
 from ldmkit.rng import SampleRNG
 
 from helpers.sd import make_batch, one_thread  # noqa: F401  (autouse fixture)
@@ -86,7 +86,7 @@ def test_byte_tokenizer_is_one_token_per_character(tiny_sd15):
 def test_tiny_model_command(tmp_path):
     import argparse
 
-    from ldmkit.models import tiny
+    from ldmkit.commands import tiny_model as tiny
 
     parser = argparse.ArgumentParser()
     tiny.add_arguments(parser)

@@ -128,14 +128,16 @@ def test_wds_output(tmp_path):
 
 
 def test_command_and_errors(tmp_path, capsys):
+    from ldmkit.commands import data_synth
+
     parser = argparse.ArgumentParser()
-    synth.add_arguments(parser)
+    data_synth.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path / "d"), "--num", "3", "--size", "24", "--format", "wds"])
-    assert synth.run(args) == 0
+    assert data_synth.run(args) == 0
     assert "wrote 3 samples" in capsys.readouterr().out
     assert (tmp_path / "d" / "shapes-000000.tar").exists()
     with pytest.raises(UserError, match="not empty"):
-        synth.run(args)
+        data_synth.run(args)
     with pytest.raises(UserError, match="--num"):
         synth.write_dataset(tmp_path / "e", num=0)
     with pytest.raises(UserError, match="color"):

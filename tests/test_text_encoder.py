@@ -161,8 +161,8 @@ def test_family_and_uvit_pipeline_load_the_folder(text_dir, vae_dir, tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 
     from ldmkit.config import ModelConfig
+    from ldmkit.families import load_family
     from ldmkit.methods.uvit import training_scheduler
-    from ldmkit.models.families import load_family
     from ldmkit.models.uvit import UViT
     from ldmkit.pipelines.uvit import UViTPipeline
 

@@ -13,20 +13,26 @@ from ldmkit.errors import Interrupted, UserError
 
 # command -> (module, one-line help). Two-word commands are nested ("data synth").
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("ldmkit.generate", "Generate images with a pipeline folder (SD1.5, SDXL, U-ViT; LCM or LoRA)."),
-    "tiny-model": ("ldmkit.models.tiny", "Build a tiny random SD1.5/SDXL-architecture pipeline offline."),
-    "merge-lora": ("ldmkit.lora.merge_cmd", "Fuse a LoRA (diffusers or kohya) into the UNet and save a full pipeline."),
-    "convert-lora": ("ldmkit.lora.convert_cmd", "Convert a LoRA file between diffusers and kohya formats."),
-    "evaluate": ("ldmkit.eval.evaluate", "Generate at several step counts and report speed and quality."),
+    "generate": (
+        "ldmkit.commands.generate",
+        "Generate images with a pipeline folder (SD1.5, SDXL, U-ViT; LCM or LoRA).",
+    ),
+    "tiny-model": ("ldmkit.commands.tiny_model", "Build a tiny random SD1.5/SDXL-architecture pipeline offline."),
+    "merge-lora": (
+        "ldmkit.commands.merge_lora",
+        "Fuse a LoRA (diffusers or kohya) into the UNet and save a full pipeline.",
+    ),
+    "convert-lora": ("ldmkit.commands.convert_lora", "Convert a LoRA file between diffusers and kohya formats."),
+    "evaluate": ("ldmkit.commands.evaluate", "Generate at several step counts and report speed and quality."),
     "quickstart": (
         "ldmkit.quickstart",
         "From nothing to a measured few-step model on a CPU (data, VAE, teacher, LCM, report).",
     ),
 }
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {
-    "data": {"synth": ("ldmkit.data.synth", "Write a synthetic coloured-shapes text-to-image dataset.")},
+    "data": {"synth": ("ldmkit.commands.data_synth", "Write a synthetic coloured-shapes text-to-image dataset.")},
     "prepare": {
-        "features": ("ldmkit.data.prepare_features", "Encode a dataset into the MS-COCO feature layout for U-ViT.")
+        "features": ("ldmkit.commands.prepare_features", "Encode a dataset into the MS-COCO feature layout for U-ViT.")
     },
 }
 
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if argv[:1] == ["train"]:
-            from ldmkit.train.cli import main as train_main
+            from ldmkit.commands.train import main as train_main
 
             return train_main(argv[1:])
         parser = build_parser(argv)

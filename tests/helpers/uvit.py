@@ -58,7 +58,7 @@ def run_prepare(model: Path, data: Path, out: Path, *extra: str) -> int:
     """``ldmkit prepare features`` through its module (what cli.py dispatches to)."""
     import argparse
 
-    from ldmkit.data import prepare_features
+    from ldmkit.commands import prepare_features
 
     parser = argparse.ArgumentParser()
     prepare_features.add_arguments(parser)

@@ -25,7 +25,7 @@ finished shards kept. With several processes (``accelerator``), rank r encodes s
 all wait, and the main process writes the index. For a streamed WebDataset every rank reads (without
 decoding) the whole stream to find its shards.
 
-Finding a cache needs only the encoders' fingerprint: the model families (ldmkit.models.families) read
+Finding a cache needs only the encoders' fingerprint: the model families (ldmkit.families) read
 it from files and load the VAE / text encoders only when a cache has to be built.
 """
 
@@ -58,7 +58,7 @@ SHARD_SIZE = 512  # samples per shard file
 
 
 class Encoders(Protocol):
-    """What the cache needs from the models (ldmkit.models.families' Family has it)."""
+    """What the cache needs from the models (ldmkit.families' Family has it)."""
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...  # VAE moments [B,2C,h,w]
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]: ...

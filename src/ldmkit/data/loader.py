@@ -198,7 +198,7 @@ def build_loader(
 
     This is the one place that decides whether the cache is used: methods hand over their encoders
     (a model family: ``encode_images``, ``encode_prompts``, ``fingerprint``) whatever the config says.
-    Encoders that load models on demand (ldmkit.models.families) may offer ``transient()``: what encoding
+    Encoders that load models on demand (ldmkit.families) may offer ``transient()``: what encoding
     loaded is dropped once the cache is built; and ``use_encoded_prompt(caption, embeds)``: they receive
     the cache's empty-prompt embedding, so the unconditional pass needs no text encoder either.
     """

@@ -12,7 +12,6 @@ written last for each sample and atomically, so its presence means the sample is
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,9 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldmkit.data.features import CAPTIONS_FILE, EMPTY_CONTEXT, META_FILE
+from ldmkit.data.features import CAPTIONS_FILE, EMPTY_CONTEXT
 from ldmkit.data.transforms import Draws, ImageTransform, RawSample
-from ldmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ def prepare_features(
     total: int | None = None,
 ) -> dict[str, int]:
     """Encode ``samples`` ((position, load) pairs of a data-layer reader's ``lazy_samples()``) with
-    ``encoders`` (``encode_images`` / ``encode_prompts``, e.g. a model family of ldmkit.models.families) into ``out``.
+    ``encoders`` (``encode_images`` / ``encode_prompts``, e.g. a model family of ldmkit.families) into ``out``.
 
     Returns counts: ``written``, ``skipped`` (already present), ``unreadable``.
     """
@@ -100,88 +98,3 @@ def prepare_features(
     if counts["unreadable"]:
         logger.warning("%d unreadable samples were left out", counts["unreadable"])
     return counts
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help="Diffusers folder with vae/, text_encoder/, tokenizer/ (e.g. SD1.5)."
-    )
-    parser.add_argument(
-        "--data", required=True, help="Image folder, metadata.jsonl folder, WebDataset shards or a *.filelist.list."
-    )
-    parser.add_argument("--out", required=True, help="Feature folder to write (train/, val/, empty_context.npy).")
-    parser.add_argument(
-        "--resolution", type=int, default=256, help="Square size the images are resized and centre-cropped to."
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="Images per VAE / text-encoder batch.")
-    parser.add_argument("--split", choices=["train", "val"], default="train", help="Split folder to write.")
-    parser.add_argument(
-        "--interpolation",
-        choices=["nearest", "bilinear", "bicubic", "lanczos"],
-        default="bicubic",
-        help="Resize filter (the original extraction resizes with bicubic).",
-    )
-    parser.add_argument("--caption-column", default="text", help="Caption field of metadata.jsonl / WebDataset json.")
-    parser.add_argument("--max-samples", type=int, default=None, help="Encode only the first N samples.")
-    parser.add_argument(
-        "--device", default=None, help="Device for the encoders (default: cuda if available, else cpu)."
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from ldmkit.config import DataConfig, ModelConfig
-    from ldmkit.data.loader import detect_format, open_dataset
-    from ldmkit.models.families import load_family
-    from ldmkit.models.families.sd import check_single_text_encoder
-
-    if args.batch_size < 1 or args.resolution < 8:
-        raise UserError("--batch-size must be >= 1 and --resolution >= 8")
-    cfg = DataConfig(
-        path=args.data,
-        resolution=args.resolution,
-        center_crop=True,
-        random_flip=False,
-        interpolation=args.interpolation,
-        caption_column=args.caption_column,
-        max_samples=args.max_samples,
-        allow_shell=False,
-    )
-    if detect_format(args.data) == "features":
-        raise UserError(f"--data {args.data} is already a feature folder")
-    dataset = open_dataset(cfg)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models = load_family(ModelConfig(pretrained=args.model), device=device, encode_batch_size=args.batch_size)
-    check_single_text_encoder(models, "prepare features")
-    # A resumed or second-split run must use the same encoders and resolution as the files already there.
-    meta = {
-        "resolution": args.resolution,
-        "fingerprint": models.fingerprint(),
-        "model": str(Path(args.model).resolve()),
-        "scaling_factor": models.vae_scale,
-    }
-    meta_path = Path(args.out) / META_FILE
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        for key in ("resolution", "fingerprint"):
-            if old.get(key) != meta[key]:
-                raise UserError(
-                    f"{args.out} holds features with another {key} ({old.get(key)} vs {meta[key]}); use a new --out"
-                )
-    else:
-        meta_path.parent.mkdir(parents=True, exist_ok=True)
-        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
-    total = len(dataset) if hasattr(dataset, "__len__") else None
-    counts = prepare_features(
-        models,
-        dataset.lazy_samples(),
-        args.out,
-        transform=ImageTransform.from_config(cfg),
-        split=args.split,
-        batch_size=args.batch_size,
-        total=total,
-    )
-    print(
-        f"{args.out}/{args.split}: {counts['written']} written, {counts['skipped']} already there, "
-        f"{counts['unreadable']} unreadable"
-    )
-    return 0

@@ -11,7 +11,6 @@ on Pillow's rasteriser and edges are anti-aliased exactly.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -230,24 +229,3 @@ def write_dataset(
                 sink.write({"__key__": f"{i:0{width}d}", "png": _png(image), "txt": text, "json": json.dumps(meta)})
         written.append(path)
     return written
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="Output folder (created; must be empty or absent).")
-    parser.add_argument("--num", type=int, required=True, help="Number of samples.")
-    parser.add_argument(
-        "--format",
-        choices=("folder", "wds"),
-        default="folder",
-        help="folder: NNNNN.png + .txt + metadata.jsonl; wds: WebDataset tar shards (png, txt, json).",
-    )
-    parser.add_argument("--size", type=int, default=32, help="Image side in pixels (square).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed; sample i depends only on (seed, i).")
-    parser.add_argument("--shard-size", type=int, default=1000, help="Samples per WebDataset shard.")
-
-
-def run(args: argparse.Namespace) -> int:
-    written = write_dataset(args.out, args.num, args.format, args.size, args.seed, args.shard_size)
-    what = "images" if args.format == "folder" else "shards"
-    print(f"wrote {args.num} samples ({len(written)} {what}, {args.size} px) to {args.out}")
-    return 0

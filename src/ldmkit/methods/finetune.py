@@ -4,7 +4,7 @@ The denoising loss of diffusers' examples/text_to_image (train_text_to_image*.py
 per sample (Hang et al. 2023, arXiv:2303.09556), and no VAE / text-encoder work per step when the batch
 carries cached latents and embeddings.
 
-The model family (ldmkit.models.families) loads the VAE and text encoders only when a batch without cached
+The model family (ldmkit.families) loads the VAE and text encoders only when a batch without cached
 tensors needs them; validation and export load what is missing and drop it afterwards, so with cached data
 the memory they take is only used for the few seconds of a validation.
 """
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
+from ldmkit.families import Family, load_family
 from ldmkit.methods.base import Method, MethodConfig
-from ldmkit.models.families import Family, load_family
+from ldmkit.methods.ema import EMA
 from ldmkit.rng import SampleRNG, sample_seed
-from ldmkit.train.ema import EMA
 
 log = logging.getLogger(__name__)
 

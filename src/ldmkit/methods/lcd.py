@@ -14,7 +14,7 @@ Differences from the references, on purpose:
 - exports carry the run's ``num_ddim_timesteps`` and ``timestep_scaling_factor`` in an LCMScheduler
   config, and the LoRA loads in stock diffusers (all modules) and as a kohya file.
 
-Any teacher: the algorithm talks to the model only through its family (``ldmkit.models.families``):
+Any teacher: the algorithm talks to the model only through its family (``ldmkit.families``):
 ``family.denoise`` calls the denoiser, ``family.conditions`` gives (cond, uncond), ``family.pipeline``
 samples, and the family's defaults (LoRA targets, w_min, guidance) fill what the config leaves open. SD1.x,
 SDXL and ldmkit's U-ViT (a ``UViTPipeline`` folder, e.g. the export of a ``uvit`` run) are families.
@@ -37,12 +37,12 @@ import torch.nn.functional as F
 
 from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
+from ldmkit.families.sd import UNET_LORA_TARGET_MODULES as LCM_LORA_TARGET_MODULES
+from ldmkit.families.uvit import UVIT_LORA_TARGET_MODULES
 from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.methods.base import Method, MethodConfig
-from ldmkit.models.families.sd import UNET_LORA_TARGET_MODULES as LCM_LORA_TARGET_MODULES
-from ldmkit.models.families.uvit import UVIT_LORA_TARGET_MODULES
+from ldmkit.methods.ema import EMA
 from ldmkit.rng import SampleRNG
-from ldmkit.train.ema import EMA
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -170,7 +170,7 @@ class _LCDBase(Method):
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
-        from ldmkit.models.families import load_family
+        from ldmkit.families import load_family
 
         m = self.mcfg
         # Lazy: the denoiser is loaded by the subclass; the VAE and text encoders only when a batch without

@@ -26,9 +26,9 @@ from diffusers.utils import make_image_grid
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.methods.ema import EMA
 from ldmkit.models.uvit import UViT
 from ldmkit.rng import SampleRNG
-from ldmkit.train.ema import EMA
 
 if TYPE_CHECKING:
     from ldmkit.config import Config
@@ -111,8 +111,8 @@ class UViTMethod(Method):
 
     def __init__(self, cfg: Config, accelerator):
         super().__init__(cfg, accelerator)
-        from ldmkit.models.families import load_family
-        from ldmkit.models.families.sd import check_single_text_encoder
+        from ldmkit.families import load_family
+        from ldmkit.families.sd import check_single_text_encoder
 
         m = self.mcfg
         m.check(cfg)  # idempotent; covers configs built in code rather than by load_config
@@ -230,7 +230,7 @@ class UViTMethod(Method):
     def export(self, out_dir: Path) -> None:
         """A UViTPipeline folder with the EMA weights, the VAE (config carrying the training scale factor),
         text encoder and tokenizer of model.pretrained, and a DPM-Solver scheduler with the training betas."""
-        from ldmkit.models.families import load_family
+        from ldmkit.families import load_family
 
         unet = UViT.from_config(self.unwrap(self.unet).config)
         self.ema.copy_to(unet.parameters())

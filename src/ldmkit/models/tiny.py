@@ -13,7 +13,6 @@ one token; that needs no download and loads in transformers' CLIPTokenizer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -206,15 +205,3 @@ def build_tiny_pipeline(arch: Literal["sd15", "sdxl"], out_dir: str | Path, seed
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
     log.info("wrote tiny %s pipeline to %s", arch, out)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", choices=ARCHS, required=True, help="Architecture to mimic: sd15 or sdxl.")
-    parser.add_argument("--out", required=True, help="Folder to write the diffusers pipeline to.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = build_tiny_pipeline(args.arch, args.out, seed=args.seed)
-    print(f"tiny {args.arch} pipeline written to {out}")
-    return 0

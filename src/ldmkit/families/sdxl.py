@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from ldmkit.errors import UserError
-from ldmkit.models.families.sd import SDFamily
+from ldmkit.families.sd import SDFamily
 
 
 class SDXLFamily(SDFamily):

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from ldmkit.errors import UserError
-from ldmkit.models.families.base import Family, require
-from ldmkit.models.families.sd import SDFamily
-from ldmkit.models.families.sdxl import SDXLFamily
-from ldmkit.models.families.uvit import UViTFamily
+from ldmkit.families.base import Family, require
+from ldmkit.families.sd import SDFamily
+from ldmkit.families.sdxl import SDXLFamily
+from ldmkit.families.uvit import UViTFamily
 
 __all__ = ["Family", "SDFamily", "SDXLFamily", "UViTFamily", "detect_family", "load_family"]
 

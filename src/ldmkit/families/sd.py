@@ -9,7 +9,7 @@ import torch
 
 from ldmkit.compat import dtype_kwargs
 from ldmkit.errors import UserError
-from ldmkit.models.families.base import Family, require
+from ldmkit.families.base import Family, require
 
 log = logging.getLogger(__name__)
 

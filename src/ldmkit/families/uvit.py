@@ -10,8 +10,8 @@ import torch
 
 from ldmkit.compat import dtype_kwargs
 from ldmkit.errors import UserError
-from ldmkit.models.families.base import require
-from ldmkit.models.families.sd import SDFamily
+from ldmkit.families.base import require
+from ldmkit.families.sd import SDFamily
 
 log = logging.getLogger(__name__)
 

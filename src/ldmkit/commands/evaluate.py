@@ -1,0 +1,161 @@
+"""``ldmkit evaluate``: speed and quality per scheduler and step count (library: ldmkit.eval.evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ldmkit.data.synth import heldout_prompts
+from ldmkit.errors import UserError
+from ldmkit.eval.evaluate import (
+    ClipScorer,
+    evaluate_pipeline,
+    parse_steps,
+    read_data,
+    read_images,
+    read_prompts,
+)
+from ldmkit.eval.fid import load_feature_extractor
+from ldmkit.eval.plot import quality_vs_steps
+from ldmkit.inference import (
+    SCHEDULERS,
+    load_lora,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+    set_scheduler,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
+    add("--lora", default=None, help="LoRA file or folder to load on top (e.g. an LCM-LoRA).")
+    add(
+        "--no-fuse-lora",
+        action="store_true",
+        help="Keep the LoRA as separate peft layers; default: fuse it into the weights (what merge-lora saves), so "
+        "speed figures measure the model rather than the unfused adapter's extra matmuls.",
+    )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", default=None, help="Text file with one prompt per line.")
+    src.add_argument(
+        "--data",
+        default=None,
+        help="Dataset (folder, WebDataset shards, file list): its captions are the prompts and its "
+        "images the FD/KID reference.",
+    )
+    src.add_argument(
+        "--shapes", action="store_true", help="Held-out synthetic-shapes prompts (ldmkit data synth vocabulary)."
+    )
+    add("--steps", default="1,2,4,8", help="Comma-separated step counts to evaluate.")
+    add("--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own.")
+    add("--guidance", type=float, default=None, help="Guidance scale; default: the pipeline's default.")
+    add(
+        "--num-images",
+        type=int,
+        default=100,
+        help="Number of prompts (one image each); fewer if the file or data has fewer.",
+    )
+    add("--seed", type=int, default=0, help="Image i of every setting uses seed + i.")
+    add("--batch-size", type=int, default=8, help="Prompts per pipeline call.")
+    add("--height", type=int, default=None, help="Image height; default: the model's.")
+    add("--width", type=int, default=None, help="Image width; default: the model's.")
+    add(
+        "--reference",
+        default=None,
+        help="Reference images for FD/KID: an image folder or a dataset (default with --data: the data's images).",
+    )
+    add("--max-reference", type=int, default=2000, help="Use at most this many reference images.")
+    add(
+        "--feature-net",
+        default=None,
+        help="Local TorchScript (.pt) or torch.export (.pt2) feature network for FD/KID, e.g. StyleGAN2-ADA's "
+        "inception-2015-12-05.pt; default: ldmkit's weight-free random conv features (comparable only within ldmkit).",
+    )
+    add("--clip", default=None, help="Local transformers CLIP folder for CLIP score.")
+    add("--save-images", action="store_true", help="Also write every generated image (steps-N/IIIII.png).")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
+    add(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="Weights dtype; auto: fp16 on CUDA, else fp32.",
+    )
+    add("--out", required=True, help="Output folder: metrics.json, quality_vs_steps.png, grid-steps-N.png.")
+
+
+def run(args: argparse.Namespace) -> int:
+    steps = parse_steps(args.steps)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+
+    reference = None
+    if args.prompts:
+        prompts = read_prompts(args.prompts)[: args.num_images]
+    elif args.data:
+        data_images, prompts = read_data(args.data, max(args.num_images, args.max_reference))
+        prompts = prompts[: args.num_images]
+        reference = data_images[: args.max_reference]
+    else:
+        prompts = heldout_prompts(args.num_images, args.seed)
+    if args.reference:
+        reference = read_images(args.reference, args.max_reference)
+    features = load_feature_extractor(args.feature_net, device) if reference is not None else None
+    clip = ClipScorer(args.clip, device) if args.clip else None
+
+    pipe = load_pipeline(args.model, dtype)
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
+    if args.lora:
+        load_lora(pipe, args.lora)
+        if not args.no_fuse_lora:
+            pipe.fuse_lora()
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    out = Path(args.out)
+    metrics = evaluate_pipeline(
+        pipe,
+        prompts,
+        steps,
+        args.guidance,
+        args.seed,
+        batch_size=args.batch_size,
+        reference=reference,
+        feature_extractor=features,
+        clip=clip,
+        height=args.height,
+        width=args.width,
+        out_dir=out,
+        save_images=args.save_images,
+    )
+    metrics.update(
+        model=str(args.model),
+        lora=args.lora,
+        lora_fused=bool(args.lora and not args.no_fuse_lora),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    label = (metrics["scheduler"] or "pipeline") + (" + LoRA" if args.lora else "")
+    quality_vs_steps({label: metrics["settings"]}).save(out / "quality_vs_steps.png")
+    print(f"{'steps':>5} {'s/img':>8} {'evals/img':>9} {'adherence':>9} {'FD':>9} {'KID':>9} {'CLIP':>6}")
+    for s in metrics["settings"]:
+        adh = s["adherence"]["all"] if s["adherence"] else None
+        cells = [
+            _cell(adh, 9, ".3f"),
+            _cell(s["fd"], 9, ".3f"),
+            _cell(s["kid"], 9, ".4f"),
+            _cell(s["clip_score"], 6, ".2f"),
+        ]
+        print(f"{s['steps']:>5} {s['seconds_per_image']:>8.4f} {s['unet_evals_per_image']:>9.1f} " + " ".join(cells))
+    print(f"wrote {out / 'metrics.json'} and {out / 'quality_vs_steps.png'}")
+    return 0
+
+
+def _cell(v: float | None, width: int, fmt: str) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"

@@ -1,0 +1,22 @@
+"""``ldmkit tiny-model``: a tiny random SD1.5/SDXL-architecture pipeline, offline (library: ldmkit.models.tiny)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ldmkit.models.tiny import (
+    ARCHS,
+    build_tiny_pipeline,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=ARCHS, required=True, help="Architecture to mimic: sd15 or sdxl.")
+    parser.add_argument("--out", required=True, help="Folder to write the diffusers pipeline to.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = build_tiny_pipeline(args.arch, args.out, seed=args.seed)
+    print(f"tiny {args.arch} pipeline written to {out}")
+    return 0
