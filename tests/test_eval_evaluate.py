@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmkit.commands import evaluate
+from ldmkit.commands import evaluate as evaluate_cmd
 from ldmkit.data import synth
 from ldmkit.errors import UserError
+from ldmkit.eval import evaluate
 from ldmkit.inference import generate_images
 
 
@@ -65,8 +66,8 @@ def test_images_do_not_depend_on_batch_size(ddim_pipe):
 
 def _run(args: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    return evaluate.run(parser.parse_args(args))
+    evaluate_cmd.add_arguments(parser)
+    return evaluate_cmd.run(parser.parse_args(args))
 
 
 def test_command_with_data(tiny_sd15, shapes_folder, tmp_path, capsys):
