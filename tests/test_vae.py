@@ -116,3 +116,23 @@ def test_mid_block_attention_can_be_dropped(shapes_folder, tmp_path):
     attn = [n for n, _ in without.vae.named_modules() if n.endswith("attentions.0")]
     assert not attn and any(n.endswith("attentions.0") for n, _ in with_attn.vae.named_modules())
     assert without.vae.config.mid_block_add_attention is False
+
+
+@pytest.mark.parametrize("recompute", [None, True])
+def test_fine_tuning_keeps_the_scaling_factor_unless_asked(tiny_sd15, shapes_folder, tmp_path, recompute):
+    """An SD VAE's factor is what every SD pipeline decodes with: fine-tuning must not rewrite it silently."""
+    from ldmkit.train.loop import train
+
+    given = AutoencoderKL.from_pretrained(tiny_sd15, subfolder="vae").config.scaling_factor
+    extra = [f"--model.pretrained={tiny_sd15}", "--train.max_steps=3", "--train.learning_rate=1e-6"]
+    if recompute:
+        extra.append("--method.recompute_scaling_factor=true")
+    export = train(debug_cfg(shapes_folder, tmp_path / "run", *extra))
+    stats = json.loads((export / "vae_stats.json").read_text())
+    factor = AutoencoderKL.from_pretrained(export).config.scaling_factor
+    assert stats["measured_scaling_factor"] == pytest.approx(1 / stats["std"])
+    assert abs(stats["measured_scaling_factor"] - given) > 1e-3  # the data's latents differ from SD's
+    if recompute:
+        assert factor == pytest.approx(stats["measured_scaling_factor"])
+    else:
+        assert factor == given and stats["scaling_factor"] == given

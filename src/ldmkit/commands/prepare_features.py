@@ -32,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--interpolation",
         choices=["nearest", "bilinear", "bicubic", "lanczos"],
-        default="bicubic",
-        help="Resize filter (the original extraction resizes with bicubic).",
+        default="lanczos",
+        help="Resize filter. U-ViT's MS-COCO extraction (scripts/extract_mscoco_feature.py) centre-crops a square "
+        "and resizes it with LANCZOS; ldmkit resizes the shorter side, then centre-crops (the same pixels up to "
+        "the filter's support at the borders).",
     )
     parser.add_argument("--caption-column", default="text", help="Caption field of metadata.jsonl / WebDataset json.")
     parser.add_argument("--max-samples", type=int, default=None, help="Encode only the first N samples.")

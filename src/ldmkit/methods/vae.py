@@ -56,6 +56,10 @@ class VAEConfig(MethodConfig):
     """Momentum of the running latent statistics that give the exported scaling_factor."""
     validation_images: int = 4
     """Images of the originals-vs-reconstructions grid (taken from the first training batch)."""
+    recompute_scaling_factor: bool | None = None
+    """Write 1/std of the training latents as the exported scaling_factor. null: yes for a VAE trained from
+    scratch, no when fine-tuning an existing VAE (every SD pipeline it is dropped into decodes with the given
+    factor: a changed one would mis-scale them all)."""
 
 
 class LatentStats:
@@ -146,6 +150,8 @@ class VAEMethod(Method):
                 mid_block_add_attention=m.mid_block_attention,
             )
             logger.info("VAE from scratch: %.2fM parameters", sum(p.numel() for p in vae.parameters()) / 1e6)
+        self.from_scratch = cfg.model.vae is None and not cfg.model.pretrained
+        self.recompute = m.recompute_scaling_factor if m.recompute_scaling_factor is not None else self.from_scratch
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if cfg.data.resolution % self.factor:
             raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor {self.factor}")
@@ -199,12 +205,23 @@ class VAEMethod(Method):
 
     def export(self, out_dir: Path) -> None:
         vae = self.vae
+        given = vae.config.scaling_factor
         if self.stats.steps:
             summary = self.stats.summary()
-            vae.register_to_config(scaling_factor=summary["scaling_factor"])
+            summary["measured_scaling_factor"] = summary["scaling_factor"]
+            if self.recompute:
+                vae.register_to_config(scaling_factor=summary["scaling_factor"])
+            else:
+                summary["scaling_factor"] = given
+                logger.info(
+                    "keeping the VAE's scaling_factor %s (measured on this data: %.5f; "
+                    "method.recompute_scaling_factor=true writes that instead)",
+                    given,
+                    summary["measured_scaling_factor"],
+                )
         else:
-            summary = {"scaling_factor": vae.config.scaling_factor, "steps": 0}
-            logger.warning("no training step seen: keeping scaling_factor %s", vae.config.scaling_factor)
+            summary = {"scaling_factor": given, "steps": 0}
+            logger.warning("no training step seen: keeping scaling_factor %s", given)
         vae.save_pretrained(out_dir)
         (Path(out_dir) / "vae_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info("exported VAE to %s (scaling_factor %.5f)", out_dir, summary["scaling_factor"])
