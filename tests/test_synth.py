@@ -134,7 +134,7 @@ def test_command_and_errors(tmp_path, capsys):
     data_synth.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path / "d"), "--num", "3", "--size", "24", "--format", "wds"])
     assert data_synth.run(args) == 0
-    assert "wrote 3 samples" in capsys.readouterr().out
+    assert "wrote 3 shapes samples" in capsys.readouterr().out
     assert (tmp_path / "d" / "shapes-000000.tar").exists()
     with pytest.raises(UserError, match="not empty"):
         data_synth.run(args)

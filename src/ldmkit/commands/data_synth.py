@@ -1,12 +1,10 @@
-"""``ldmkit data synth``: the synthetic coloured-shapes dataset (library: ldmkit.data.synth)."""
+"""``ldmkit data synth``: synthetic text-to-image datasets (library: ldmkit.data.synth, ldmkit.data.glyphs)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ldmkit.data.synth import (
-    write_dataset,
-)
+from ldmkit.data.synth import KINDS, write_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +19,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=32, help="Image side in pixels (square).")
     parser.add_argument("--seed", type=int, default=0, help="Seed; sample i depends only on (seed, i).")
     parser.add_argument("--shard-size", type=int, default=1000, help="Samples per WebDataset shard.")
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="shapes",
+        help="shapes: coloured shapes whose captions state four scoreable attributes; glyphs: letters whose "
+        "captions differ in one word (a label, as class-labelled data).",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    written = write_dataset(args.out, args.num, args.format, args.size, args.seed, args.shard_size)
+    written = write_dataset(args.out, args.num, args.format, args.size, args.seed, args.shard_size, args.kind)
     what = "images" if args.format == "folder" else "shards"
-    print(f"wrote {args.num} samples ({len(written)} {what}, {args.size} px) to {args.out}")
+    print(f"wrote {args.num} {args.kind} samples ({len(written)} {what}, {args.size} px) to {args.out}")
     return 0

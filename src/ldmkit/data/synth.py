@@ -181,10 +181,21 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+KINDS = ("shapes", "glyphs")
+"""shapes: this module's coloured shapes (four scoreable attributes); glyphs: data/glyphs.py, captions that
+differ in one word (a label)."""
+
+
 def write_dataset(
-    out: str | Path, num: int, fmt: str = "folder", size: int = 32, seed: int = 0, shard_size: int = 1000
+    out: str | Path,
+    num: int,
+    fmt: str = "folder",
+    size: int = 32,
+    seed: int = 0,
+    shard_size: int = 1000,
+    kind: str = "shapes",
 ) -> list[Path]:
-    """Write ``num`` samples to ``out`` and return the written image files (folder) or shards (wds).
+    """Write ``num`` samples of ``kind`` to ``out`` and return the written image files (folder) or shards (wds).
 
     folder: ``NNNNN.png`` + ``NNNNN.txt`` + ``metadata.jsonl`` (``file_name``, ``text`` and the attributes),
     readable as an image folder or a Hugging Face imagefolder.
@@ -199,6 +210,14 @@ def write_dataset(
         raise UserError(f"--format must be folder or wds, got {fmt!r}")
     if shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+    if kind not in KINDS:
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "glyphs":
+        from ldmkit.data import glyphs
+
+        make, describe = glyphs.make_sample, glyphs.caption
+    else:
+        make, describe = make_sample, caption
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty")
@@ -208,9 +227,9 @@ def write_dataset(
     if fmt == "folder":
         with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:
             for i in range(num):
-                image, attrs = make_sample(i, size, seed)
+                image, attrs = make(i, size, seed)
                 stem = f"{i:0{width}d}"
-                text = caption(attrs)
+                text = describe(attrs)
                 image.save(out / f"{stem}.png")
                 (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
                 meta.write(json.dumps({"file_name": f"{stem}.png", "text": text, **attrs}) + "\n")
@@ -220,11 +239,11 @@ def write_dataset(
     import webdataset as wds
 
     for start in range(0, num, shard_size):
-        path = out / f"shapes-{start // shard_size:06d}.tar"
+        path = out / f"{kind}-{start // shard_size:06d}.tar"
         with wds.TarWriter(str(path), mtime=0) as sink:
             for i in range(start, min(start + shard_size, num)):
-                image, attrs = make_sample(i, size, seed)
-                text = caption(attrs)
+                image, attrs = make(i, size, seed)
+                text = describe(attrs)
                 meta = {"text": text, "width": size, "height": size, **attrs}
                 sink.write({"__key__": f"{i:0{width}d}", "png": _png(image), "txt": text, "json": json.dumps(meta)})
         written.append(path)

@@ -1,0 +1,72 @@
+"""Caption sensitivity and the label classifier (ldmkit.eval.adherence) on the glyph data, with
+stand-in "models" whose behaviour is known: one that draws the prompt's label, one that ignores it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ldmkit.data import glyphs
+from ldmkit.eval.adherence import (
+    LabelClassifier,
+    caption_sensitivity,
+    caption_warning,
+    generate_grid,
+    labels_of,
+)
+
+LABELS = glyphs.LABELS
+
+
+def follows(prompt: str, n: int, seed: int):
+    """Draws the prompt's letter; the seed picks style, size, position."""
+    out = []
+    for j in range(n):
+        attrs = glyphs.sample_attrs(random.Random(seed + j))
+        attrs["label"] = glyphs.label_of(prompt)
+        out.append(glyphs.render(attrs, 32))
+    return out
+
+
+def ignores(prompt: str, n: int, seed: int):
+    """Draws a letter chosen by the seed alone."""
+    return [glyphs.render(glyphs.sample_attrs(random.Random(seed + j)), 32) for j in range(n)]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    train = [glyphs.make_sample(i, 32, seed=1) for i in range(600)]
+    clf = LabelClassifier(LABELS, seed=0).fit([im for im, _ in train], [a["label"] for _, a in train], epochs=25)
+    return clf
+
+
+def test_glyph_captions_differ_in_one_word():
+    caps = {glyphs.caption(glyphs.make_sample(i, 32, 0)[1]) for i in range(200)}
+    assert len(caps) == len(LABELS)
+    words = [c.split() for c in caps]
+    assert all(w[:-1] == words[0][:-1] for w in words) and len({w[-1] for w in words}) == len(LABELS)
+    assert labels_of([glyphs.caption(glyphs.make_sample(i, 32, 0)[1]) for i in range(300)]) == sorted(caps)
+    assert labels_of([f"free caption {i}" for i in range(300)]) is None  # too many distinct captions
+
+
+def test_sensitivity_separates_following_from_ignoring():
+    prompts = glyphs.heldout_prompts(len(LABELS))
+    good = caption_sensitivity(generate_grid(follows, prompts, seeds=4))
+    bad = caption_sensitivity(generate_grid(ignores, prompts, seeds=4))
+    assert bad["caption_distance"] == 0.0 and bad["sensitivity"] == 0.0
+    assert good["sensitivity"] > 0.5 and good["seed_distance"] > 0
+    assert caption_warning(bad["sensitivity"]) is not None and caption_warning(good["sensitivity"]) is None
+
+
+def test_label_classifier_judges_samples(classifier):
+    real = [glyphs.make_sample(i, 32, seed=2) for i in range(200)]  # held out from the classifier's data
+    real_acc = classifier.accuracy([im for im, _ in real], [a["label"] for _, a in real])
+    assert real_acc > 0.8
+    prompts = glyphs.heldout_prompts(100)
+    labels = [glyphs.label_of(p) for p in prompts]
+    good = classifier.accuracy([follows(p, 1, 1000 + i)[0] for i, p in enumerate(prompts)], labels)
+    bad = classifier.accuracy([ignores(p, 1, 1000 + i)[0] for i, p in enumerate(prompts)], labels)
+    assert good > 0.7 and bad < 0.3
+    chance = 1 / len(LABELS)
+    assert caption_warning(1.0, bad, chance) is not None and caption_warning(1.0, good, chance) is None
