@@ -91,7 +91,13 @@ def _done(path: Path) -> bool:
     return (path / "ldmkit_config.yaml").is_file() or (path / "DONE").is_file()
 
 
-def stage_data(out: Path, plan: Plan, seed: int, user_data: str | None) -> Path:
+HELDOUT_IMAGES = 1000
+"""Images of generated data kept out of every training stage: the label classifier learns from them."""
+
+
+def stage_data(out: Path, plan: Plan, seed: int, user_data: str | None, kind: str = "shapes") -> Path:
+    """The training data: the user's, or ``kind`` (shapes | glyphs) generated into ``out/data``; glyphs also
+    get ``out/data-heldout`` (another seed), never trained on, for the label classifier."""
     if user_data:
         if not Path(user_data).exists() and "://" not in user_data:
             raise UserError(f"--data not found: {user_data}")
@@ -99,14 +105,18 @@ def stage_data(out: Path, plan: Plan, seed: int, user_data: str | None) -> Path:
     from ldmkit.data.synth import write_dataset
 
     data = out / "data"
-    if (data / "DONE").is_file():
-        return data
-    tmp = out / ".data-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_dataset(tmp, num=plan.num_images, fmt="folder", size=plan.image_size, seed=seed)
-    (tmp / "DONE").write_text("")
-    shutil.rmtree(data, ignore_errors=True)
-    tmp.rename(data)
+    folders = [(data, plan.num_images, seed)]
+    if kind == "glyphs":  # labelled: the classifier's images
+        folders.append((out / "data-heldout", HELDOUT_IMAGES, seed + 7919))
+    for folder, num, s in folders:
+        if (folder / "DONE").is_file():
+            continue
+        tmp = out / f".{folder.name}-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_dataset(tmp, num=num, fmt="folder", size=plan.image_size, seed=s, kind=kind)
+        (tmp / "DONE").write_text("")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
     return data
 
 
@@ -269,6 +279,72 @@ def stage_evaluate(
     return results
 
 
+def stage_adherence(
+    out: Path, plan: Plan, teacher: Path, student: Path, lcd: bool, data: Path, seed: int
+) -> dict[str, Any]:
+    """Do samples follow their captions (eval/adherence.py)? Caption sensitivity of the teacher (guided,
+    full steps) and of the distilled model (4 steps, or its largest step count below), and on labelled data
+    a label classifier's accuracy on their samples next to its accuracy on real held-out images."""
+    from ldmkit.eval.adherence import LabelClassifier, caption_sensitivity, caption_warning, labels_of
+    from ldmkit.eval.evaluate import read_data
+    from ldmkit.inference import generate_images, load_pipeline, set_scheduler
+
+    result_file = _eval_dir(out, lcd) / "adherence.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    captions = _captions(data)
+    labels = labels_of(captions)
+    distinct = labels if labels is not None else sorted(set(captions))
+    prompts = [distinct[i * len(distinct) // min(8, len(distinct))] for i in range(min(8, len(distinct)))]
+    seeds = 4
+    lcm_steps = max((s for s in plan.lcm_steps if s <= 4), default=min(plan.lcm_steps))
+    teacher_pipe = load_pipeline(teacher)
+    set_scheduler(teacher_pipe, "ddim")
+    models = {
+        f"teacher_{plan.teacher_steps_full}": (teacher_pipe, plan.teacher_steps_full, plan.teacher_guidance),
+        f"lcm_{lcm_steps}": (_load_student(student, teacher, lcd), lcm_steps, _student_guidance(lcd, plan)),
+    }
+    for pipe, _, _ in models.values():
+        pipe.set_progress_bar_config(disable=True)
+
+    classifier, real_accuracy, held_out = None, None, False
+    if labels is not None:
+        heldout = out / "data-heldout"
+        held_out = (heldout / "DONE").is_file()
+        if held_out:
+            images, caps = read_data(heldout, HELDOUT_IMAGES)
+            n = len(images) * 3 // 4
+            train_x, train_y, test_x, test_y = images[:n], caps[:n], images[n:], caps[n:]
+        else:  # the user's data: a split of it (the teacher saw these images too: said in the report)
+            images, caps = read_data(data, 2000)
+            n = len(images) * 3 // 4
+            train_x, train_y, test_x, test_y = images[:n], caps[:n], images[n:], caps[n:]
+        classifier = LabelClassifier(labels, seed=seed).fit(train_x, train_y)
+        real_accuracy = classifier.accuracy(test_x, test_y)
+
+    result: dict[str, Any] = {"prompts": prompts, "seeds": seeds, "labels": labels, "models": {}}
+    if labels is not None:
+        result.update(
+            classifier_real_accuracy=real_accuracy, chance=1 / len(labels), classifier_held_out_from_teacher=held_out
+        )
+    per_label = max(1, plan.eval_prompts // len(labels)) if labels is not None else 0
+    for name, (pipe, steps, guidance) in models.items():
+        grid = [generate_images(pipe, [p], steps, guidance, seed + 4242, num_images=seeds) for p in prompts]
+        entry: dict[str, Any] = caption_sensitivity(grid)
+        if classifier is not None:
+            label_prompts = [lab for lab in labels for _ in range(per_label)]
+            samples = generate_images(pipe, label_prompts, steps, guidance, seed + 777, batch_size=24)
+            entry["label_accuracy"] = classifier.accuracy(samples, label_prompts)
+        entry["warning"] = caption_warning(
+            entry["sensitivity"], entry.get("label_accuracy"), result.get("chance") if labels else None
+        )
+        if entry["warning"]:
+            logger.warning("%s: %s", name, entry["warning"])
+        result["models"][name] = entry
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def _eval_dir(out: Path, lcd: bool) -> Path:
     # One folder per distillation method: `quickstart` then `quickstart --lcd` in the same --out share
     # data, VAE and teacher, and each evaluates its own student.
@@ -297,7 +373,12 @@ def _load_student(student: Path, teacher: Path, lcd: bool):
 
 
 def quickstart(
-    out: str | Path = "quickstart", quick: bool = False, lcd: bool = False, data: str | None = None, seed: int = 0
+    out: str | Path = "quickstart",
+    quick: bool = False,
+    lcd: bool = False,
+    data: str | None = None,
+    seed: int = 0,
+    kind: str = "shapes",
 ) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the report dict written to report.json."""
     from ldmkit.eval.report import summarise, write_report
@@ -315,13 +396,14 @@ def quickstart(
         times[name] = time.perf_counter() - t0
         return r
 
-    data_dir = timed("data", stage_data, out, plan, seed, data)
+    data_dir = timed("data", stage_data, out, plan, seed, data, kind)
     base, text_stats = timed("text", stage_text, out, data_dir, seed)
     vae = timed("vae", stage_vae, out, data_dir, plan, base)
     teacher = timed("teacher", stage_teacher, out, data_dir, plan, base)
     student = timed("distill", stage_distill, out, data_dir, plan, teacher, lcd)
-    shapes = data is None or is_shapes_data(data_dir)
+    shapes = (data is None and kind == "shapes") or is_shapes_data(data_dir)
     results = timed("evaluate", stage_evaluate, out, plan, teacher, student, lcd, data_dir, shapes, seed)
+    adherence = timed("adherence", stage_adherence, out, plan, teacher, student, lcd, data_dir, seed)
     report = {
         "quick": quick,
         "method": _method(lcd),
@@ -336,6 +418,7 @@ def quickstart(
         "text_separation": text_stats,
         "feature_net": results["runs"]["teacher_ddim"].get("feature_net"),
         "stage_seconds": times,
+        "caption_adherence": adherence,
     }
     report["figures"] = summarise(results, report["plan"])
     report["seconds_total"] = time.perf_counter() - t_all
@@ -358,15 +441,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Your own image-caption data (any ldmkit data source) instead of the synthetic shapes.",
     )
+    parser.add_argument(
+        "--kind",
+        choices=("shapes", "glyphs"),
+        default="shapes",
+        help="Generated data when no --data: shapes (four scoreable attributes) or glyphs (captions that differ "
+        "in one word, as class-labelled data).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of data synthesis, training and evaluation.")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = quickstart(args.out, quick=args.quick, lcd=args.lcd, data=args.data, seed=args.seed)
+    report = quickstart(args.out, quick=args.quick, lcd=args.lcd, data=args.data, seed=args.seed, kind=args.kind)
     figs = report["figures"]
     for name in ["teacher_50", "teacher_4"] + [k for k in figs if k.startswith("lcm_") and k[4:].isdigit()]:
         f = figs[name]
         adh = f"adherence {f['adherence']:.3f}  " if f["adherence"] is not None else ""
         print(f"{name:>11}: {adh}{f['seconds_per_image'] * 1000:7.1f} ms/image")
+    for name, entry in report["caption_adherence"]["models"].items():
+        acc = f", label accuracy {entry['label_accuracy']:.2f}" if "label_accuracy" in entry else ""
+        print(f"{name:>11}: caption sensitivity {entry['sensitivity']:.2f}{acc}")
+        if entry["warning"]:
+            print(f"WARNING {name}: {entry['warning']}")
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

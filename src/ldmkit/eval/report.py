@@ -131,11 +131,13 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
         f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in report["exports"].items()
     )
     text = report.get("text_separation", {})
+    adherence_html = _caption_adherence_html(report.get("caption_adherence"))
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>ldmkit quickstart</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
 <h1>ldmkit quickstart report</h1>
 <p>{"Quick run" if report["quick"] else "Full run"}, {report["method"]} distillation, {len(results["prompts"])} held-out prompts, same seeds for every setting.
 Total time {report["seconds_total"] / 60:.1f} min.</p>
+{adherence_html}
 <h2>Samples</h2><p>Same prompts and initial noise in every column.</p><img src="grids.png">
 <h2>Quality against steps and time</h2><img src="quality.png">
 <h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher 50</th><th>FD to teacher 50</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
@@ -151,3 +153,41 @@ LCM 4 steps reaches {cell(figs.get("lcm4_over_teacher50_adherence"), "{:.0%}")} 
 <h2>Stages</h2><ul>{stages}</ul><pre>{html.escape(json.dumps(report["stage_seconds"], indent=1))}</pre>
 </body></html>"""
     (out / "report.html").write_text(doc)
+
+
+def _caption_adherence_html(adh: dict[str, Any] | None) -> str:
+    """The "do samples follow their captions?" block: warnings first (visible at the top of the report),
+    then caption sensitivity and label accuracy per model (ldmkit.eval.adherence)."""
+    if not adh:
+        return ""
+    warnings = "".join(
+        f'<p style="background:#fdd;padding:8px;border-left:4px solid #c00"><b>Warning ({html.escape(name)}):</b> '
+        f"{html.escape(entry['warning'])}</p>"
+        for name, entry in adh["models"].items()
+        if entry.get("warning")
+    )
+    labelled = adh.get("labels") is not None
+    head = "<tr><th>model</th><th>caption sensitivity</th><th>caption distance</th><th>seed distance</th>"
+    head += "<th>label accuracy</th></tr>" if labelled else "</tr>"
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{e['sensitivity']:.2f}</td><td>{e['caption_distance']:.3f}</td>"
+        f"<td>{e['seed_distance']:.3f}</td>" + (f"<td>{e['label_accuracy']:.2f}</td>" if labelled else "") + "</tr>"
+        for name, e in adh["models"].items()
+    )
+    note = (
+        "Caption sensitivity: at a fixed seed, how much the image changes when only the caption changes, "
+        f"relative to how much it changes with the seed at a fixed caption ({len(adh['prompts'])} prompts x "
+        f"{adh['seeds']} seeds); near 0 means the captions are ignored."
+    )
+    if labelled:
+        held = (
+            "held out from every training stage"
+            if adh.get("classifier_held_out_from_teacher")
+            else "a split of the training data"
+        )
+        note += (
+            f" Label accuracy: a small classifier trained on {held} finds the prompt's label in this share of "
+            f"the samples; on real images it scores {adh['classifier_real_accuracy']:.2f} (chance "
+            f"{adh['chance']:.2f}, {len(adh['labels'])} labels)."
+        )
+    return f"<h2>Do samples follow their captions?</h2>{warnings}<table>{head}{rows}</table><p>{note}</p>"
