@@ -178,7 +178,14 @@ def load_single_file(
         for rel, cfg in configs.items():
             (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
             (Path(tmp) / rel).write_text(json.dumps(cfg))
-        pipe = cls.from_single_file(str(path), config=tmp, local_files_only=True, torch_dtype=dtype, **extra)
+        try:
+            pipe = cls.from_single_file(str(path), config=tmp, local_files_only=True, torch_dtype=dtype, **extra)
+        except ValueError as e:
+            if CONFIG_KEY in metadata or "shape" not in str(e):
+                raise
+            raise UserError(
+                f"{path.name} does not have the released {FAMILY_NAMES[kind]} architecture ({str(e).split('. ')[0]})"
+            ) from None
         pipe.save_pretrained(out_dir)
     return kind
 
