@@ -140,7 +140,7 @@ def test_prompt_embeds_match_diffusers_pipelines(sd15, sdxl, tiny_sd15, tiny_sdx
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     ref, _, ref_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
     out = sdxl.encode_prompts(prompts)
-    assert out["prompt_embeds"].shape == (2, 77, 64)  # both encoders' hidden_states[-2], concatenated
+    assert out["prompt_embeds"].shape == (2, 77, 80)  # both encoders' hidden_states[-2], concatenated
     torch.testing.assert_close(out["prompt_embeds"], ref)
     torch.testing.assert_close(out["pooled_prompt_embeds"], ref_pooled)
 
@@ -175,9 +175,9 @@ def test_text_uses_cached_embeddings(sd15, sdxl):
         sd15.text(batch)["prompt_embeds"], sd15.encode_prompts(batch["captions"])["prompt_embeds"]
     )
     with pytest.raises(UserError, match="pooled"):
-        sdxl.text(batch | {"prompt_embeds": torch.randn(2, 77, 64)})
-    out = sdxl.text(batch | {"prompt_embeds": torch.randn(2, 77, 64), "pooled_prompt_embeds": torch.randn(2, 32)})
-    assert out["pooled_prompt_embeds"].shape == (2, 32)
+        sdxl.text(batch | {"prompt_embeds": torch.randn(2, 77, 80)})
+    out = sdxl.text(batch | {"prompt_embeds": torch.randn(2, 77, 80), "pooled_prompt_embeds": torch.randn(2, 48)})
+    assert out["pooled_prompt_embeds"].shape == (2, 48)
 
 
 def test_add_time_ids_are_height_width_crop_target(sdxl):

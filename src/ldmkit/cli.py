@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ldmkit.commands.merge_lora",
         "Fuse a LoRA (diffusers or kohya) into the UNet and save a full pipeline.",
     ),
+    "convert-model": (
+        "ldmkit.commands.convert_model",
+        "Convert a model between a diffusers folder and one original-layout .safetensors file.",
+    ),
     "convert-lora": ("ldmkit.commands.convert_lora", "Convert a LoRA file between diffusers and kohya formats."),
     "evaluate": ("ldmkit.commands.evaluate", "Generate at several step counts and report speed and quality."),
     "quickstart": (

@@ -28,11 +28,17 @@ class MethodConfig:
 @dataclass
 class ModelConfig:
     pretrained: str = ""
-    """Local diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    """A diffusers folder, a single-file SD1.x/SD2.x/SDXL checkpoint (.safetensors), or a Hugging Face repo id (owner/name[@revision]) in the local HF cache."""
     vae: str | None = None
-    """Separate VAE folder (e.g. the fp16-safe SDXL VAE); default: <pretrained>/vae."""
+    """Separate VAE (e.g. the fp16-safe SDXL VAE): a folder, a single-file VAE or a cached repo id; default: the model's own."""
     variant: str | None = None
     """Weight variant to load (e.g. fp16), as in diffusers from_pretrained."""
+    allow_pickle: bool = False
+    """Allow pickled single-file checkpoints (.ckpt/.pt/.bin), which can run code when loaded (opt-in)."""
+    tokenizer: str | None = None
+    """Tokenizer folder for a single-file checkpoint (a diffusers folder with tokenizer/, or one tokenizer); default: the HF cache."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Prediction type of a single-file checkpoint that does not say (SD2.x); default: its v_pred key, else v-prediction for SD2.x."""
 
 
 @dataclass

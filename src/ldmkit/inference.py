@@ -1,4 +1,4 @@
-"""Inference as a library: load a local pipeline folder, pick its sampler, load a LoRA, generate
+"""Inference as a library: load a pipeline (folder, single file or cached repo id), pick its sampler, load a LoRA, generate
 reproducible images, tile them.
 
 Everything runs through stock diffusers pipelines and schedulers (our own pipeline only for U-ViT), so
@@ -49,20 +49,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES.get(name, torch.float16 if device.type == "cuda" else torch.float32)
 
 
-def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline for a local folder: the class named in model_index.json (SD, SDXL, ...), or
+def load_pipeline(
+    model: str | Path,
+    dtype: torch.dtype = torch.float32,
+    *,
+    allow_pickle: bool = False,
+    tokenizer: str | None = None,
+    variant: str | None = None,
+):
+    """A diffusers pipeline for a model reference, resolved as ``model.pretrained`` is (families.hub): a
+    diffusers folder, a single-file SD1.x/SD2.x/SDXL checkpoint (``.ckpt`` only with ``allow_pickle``) or a
+    Hugging Face repo id in the local cache. The class named in model_index.json (SD, SDXL, ...), or
     ldmkit's UViTPipeline, which diffusers does not know."""
     from diffusers import DiffusionPipeline
 
-    root = Path(model)
+    from ldmkit.families import resolve_model
+
+    root = resolve_model(model, what="--model", allow_pickle=allow_pickle, tokenizer=tokenizer)
     if not (root / "model_index.json").exists():
         raise UserError(f"--model is not a diffusers pipeline folder (no model_index.json): {root}")
     cls_name = json.loads((root / "model_index.json").read_text()).get("_class_name")
     if cls_name == "UViTPipeline":
         from ldmkit.pipelines.uvit import UViTPipeline  # optional component, imported only when needed
 
-        return UViTPipeline.from_pretrained(root, **dtype_kwargs(dtype))
-    return DiffusionPipeline.from_pretrained(root, **dtype_kwargs(dtype))
+        return UViTPipeline.from_pretrained(root, variant=variant, **dtype_kwargs(dtype))
+    return DiffusionPipeline.from_pretrained(root, variant=variant, **dtype_kwargs(dtype))
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -8,7 +8,8 @@ The result is a complete pipeline folder of the model's class that needs no LoRA
 export to other runtimes). For an LCM-LoRA the scheduler matters as much as the weights: ``--scheduler auto``
 uses the LCMScheduler saved next to the LoRA by ``ldmkit train`` (it carries the run's
 original_inference_steps and timestep_scaling), ``lcm`` builds one from the model's noise schedule and
-the flags, ``keep`` leaves the model's scheduler.
+the flags, ``keep`` leaves the model's scheduler. ``--single-file OUT.safetensors`` writes the merged
+model as one original-layout checkpoint for A1111 / ComfyUI / sd-scripts instead (families/single_file.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from ldmkit.lora import formats
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="Base pipeline folder (SD1.x/2.x, SDXL, or an ldmkit UViTPipeline)."
+        "--model",
+        required=True,
+        help="Base model: a diffusers folder (SD1.x/2.x, SDXL, or an ldmkit UViTPipeline), a single-file "
+        "SD1.x/SD2.x/SDXL .safetensors, or a Hugging Face repo id (owner/name[@revision]) in the local cache.",
+    )
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="Allow a pickled .ckpt --model (it can run code when loaded)."
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="Tokenizer folder for a single-file --model (default: the HF cache)."
     )
     parser.add_argument(
         "--lora",
@@ -34,7 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scale", type=float, default=1.0, help="Multiplier of the LoRA update (W += scale * alpha/r * up @ down)."
     )
-    parser.add_argument("--out", required=True, help="Folder to write the merged pipeline to.")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="Folder to write the merged pipeline to.")
+    out.add_argument(
+        "--single-file",
+        metavar="OUT.safetensors",
+        help="Write the merged model as one original-layout checkpoint (A1111, ComfyUI, sd-scripts) instead.",
+    )
     parser.add_argument(
         "--scheduler",
         choices=("auto", "lcm", "keep"),
@@ -94,13 +110,18 @@ def run(args: argparse.Namespace) -> int:
     from diffusers import LCMScheduler
 
     from ldmkit.diffusion.lcm import lcm_scheduler
+    from ldmkit.families.single_file import save_single_file
     from ldmkit.inference import load_pipeline
+    from ldmkit.models.uvit import UViT
 
     model, lora = Path(args.model), Path(args.lora)
-    if not (model / "model_index.json").is_file():
-        raise UserError(f"--model is not a diffusers pipeline folder (no model_index.json): {model}")
+    if args.single_file and not args.single_file.endswith(".safetensors"):
+        raise UserError(f"--single-file must end in .safetensors: {args.single_file}")
     state_dict = formats.load_lora_file(lora)
-    pipe = load_pipeline(model)  # the class in model_index.json, UViTPipeline included
+    # the class in model_index.json, UViTPipeline included; single files and repo ids resolve to a folder
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
+    if args.single_file and isinstance(pipe.unet, UViT):
+        raise UserError("--single-file is for SD1.x/SD2.x/SDXL models; a U-ViT has no original single-file layout")
     n = merge(pipe, state_dict, args.scale)
 
     saved = _saved_lcm_config(lora)
@@ -109,11 +130,15 @@ def run(args: argparse.Namespace) -> int:
         steps = args.original_inference_steps or (saved or {}).get("original_inference_steps", 50)
         scaling = args.timestep_scaling or (saved or {}).get("timestep_scaling", 10.0)
         pipe.scheduler = lcm_scheduler(saved or dict(pipe.scheduler.config), steps, scaling)
-    pipe.save_pretrained(args.out)
+    target = args.single_file or args.out
+    if args.single_file:
+        save_single_file(pipe, args.single_file)
+    else:
+        pipe.save_pretrained(args.out)
     kind = type(pipe.scheduler).__name__
     extra = ""
     if isinstance(pipe.scheduler, LCMScheduler):
         c = pipe.scheduler.config
         extra = f" (original_inference_steps={c.original_inference_steps}, timestep_scaling={c.timestep_scaling})"
-    print(f"merged {n} LoRA modules (scale {args.scale}) into {model.name}; saved to {args.out} with {kind}{extra}")
+    print(f"merged {n} LoRA modules (scale {args.scale}) into {model.name}; saved to {target} with {kind}{extra}")
     return 0

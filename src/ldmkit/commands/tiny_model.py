@@ -11,7 +11,9 @@ from ldmkit.models.tiny import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", choices=ARCHS, required=True, help="Architecture to mimic: sd15 or sdxl.")
+    parser.add_argument(
+        "--arch", choices=ARCHS, required=True, help="Architecture to mimic: sd15, sd2v (SD2.x, v-prediction) or sdxl."
+    )
     parser.add_argument("--out", required=True, help="Folder to write the diffusers pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
 

@@ -1,12 +1,15 @@
 """Model families: one module per family (sd, sdxl, uvit), the interface in base.py.
 
-``load_family(model_cfg)`` detects the family of ``model.pretrained`` and returns its (lazy) family
-object. A new family is one module with a ``Family`` subclass plus one line in ``detect_family``.
+``load_family(model_cfg)`` resolves ``model.pretrained`` (a diffusers folder, a single-file SD1.x / SD2.x /
+SDXL checkpoint, or a Hugging Face repo id in the local cache: hub.py), detects its family and returns
+the (lazy) family object. A new family is one module with a ``Family`` subclass plus one line in
+``detect_family``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +17,37 @@ import torch
 
 from ldmkit.errors import UserError
 from ldmkit.families.base import Family, require
+from ldmkit.families.hub import resolve_model, resolve_vae
 from ldmkit.families.sd import SDFamily
 from ldmkit.families.sdxl import SDXLFamily
+from ldmkit.families.single_file import FAMILY_NAMES, SUFFIXES, detect_kind, read_keys
 from ldmkit.families.uvit import UViTFamily
 
-__all__ = ["Family", "SDFamily", "SDXLFamily", "UViTFamily", "detect_family", "load_family"]
+__all__ = [
+    "Family",
+    "SDFamily",
+    "SDXLFamily",
+    "UViTFamily",
+    "detect_family",
+    "load_family",
+    "resolve_model",
+    "resolve_model_cfg",
+]
+
+log = logging.getLogger(__name__)
 
 
-def detect_family(pretrained: str | Path) -> type[Family]:
-    """The family class of a local diffusers-style folder, from its model_index.json: the pipeline
-    ``_class_name`` (UViTPipeline), else a second text encoder (SDXL), else SD1.x/2.x."""
+def detect_family(pretrained: str | Path, *, allow_pickle: bool = False) -> type[Family]:
+    """The family class of a model: for a diffusers folder from its model_index.json (the pipeline
+    ``_class_name`` UViTPipeline, else a second text encoder: SDXL, else SD1.x/2.x); for a single-file
+    checkpoint from its state-dict keys (single_file.detect_kind; logged)."""
     if not str(pretrained):
-        raise UserError("model.pretrained is empty: set it to a local diffusers model folder")
+        raise UserError("model.pretrained is empty: set it to a diffusers folder, a .safetensors file or a repo id")
     root = Path(pretrained)
+    if root.suffix in SUFFIXES and root.is_file():
+        kind = detect_kind(read_keys(root, allow_pickle)[0])
+        log.info("%s: detected a %s checkpoint", root.name, FAMILY_NAMES[kind])
+        return SDXLFamily if kind == "sdxl" else SDFamily
     if not root.is_dir():
         raise UserError(f"model.pretrained folder not found: {root}")
     require(root / "model_index.json", "model_index.json of model.pretrained")
@@ -38,6 +59,18 @@ def detect_family(pretrained: str | Path) -> type[Family]:
     return SDFamily
 
 
+def resolve_model_cfg(model_cfg: Any) -> tuple[Path, str | None]:
+    """(diffusers folder of model.pretrained, model.vae as a folder or None), every reference kind resolved."""
+    opts = dict(
+        allow_pickle=getattr(model_cfg, "allow_pickle", False),
+        tokenizer=getattr(model_cfg, "tokenizer", None),
+        prediction_type=getattr(model_cfg, "prediction_type", None),
+    )
+    root = resolve_model(model_cfg.pretrained, **opts)
+    vae = model_cfg.vae and str(resolve_vae(model_cfg.vae, root, allow_pickle=opts["allow_pickle"]))
+    return root, vae
+
+
 def load_family(
     model_cfg: Any,
     *,
@@ -45,7 +78,9 @@ def load_family(
     device: torch.device | str = "cpu",
     **kwargs: Any,
 ) -> Family:
-    """The family object of ``model_cfg`` (``pretrained``, ``vae``, ``variant``; ldmkit.config.ModelConfig).
-    Nothing is loaded yet; ``kwargs``: ``denoiser_dtype``, ``text_dtype``, ``encode_batch_size``."""
-    cls = detect_family(model_cfg.pretrained)
-    return cls(model_cfg.pretrained, vae=model_cfg.vae, variant=model_cfg.variant, dtype=dtype, device=device, **kwargs)
+    """The family object of ``model_cfg`` (``pretrained``, ``vae``, ``variant``, ``allow_pickle``, ``tokenizer``,
+    ``prediction_type``; ldmkit.config.ModelConfig). Nothing is loaded yet; ``kwargs``: ``denoiser_dtype``,
+    ``text_dtype``, ``encode_batch_size``."""
+    root, vae = resolve_model_cfg(model_cfg)
+    cls = detect_family(root)
+    return cls(str(root), vae=vae, variant=model_cfg.variant, dtype=dtype, device=device, **kwargs)

@@ -200,7 +200,7 @@ class _SDMethod(Method):
         folder's own inference scheduler."""
         import diffusers
 
-        root = Path(self.cfg.model.pretrained)
+        root = self.family.root  # the resolved folder (a single file or repo id resolves to one)
         sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
         if self.mcfg.prediction_type:
@@ -298,7 +298,7 @@ class FinetuneMethod(_SDMethod):
 
         parts: dict[str, Any] = {name: self.unwrap(getattr(self, name)) for name in self.text_encoder_names}
         if self.mcfg.prediction_type:
-            root = Path(self.cfg.model.pretrained)
+            root = self.family.root  # the resolved folder (a single file or repo id resolves to one)
             sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
             parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(
                 sched_cfg, prediction_type=self.mcfg.prediction_type

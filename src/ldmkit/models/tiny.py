@@ -1,9 +1,12 @@
-"""Tiny, randomly initialised SD1.5 / SDXL pipelines, built offline in about a second.
+"""Tiny, randomly initialised SD1.5 / SD2 (v-prediction) / SDXL pipelines, built offline in about a second.
 
 They use the same classes and config conventions as the real checkpoints (UNet2DConditionModel with
 CrossAttn/Down/Up blocks, AutoencoderKL with an 8x downsampling encoder, CLIPTextModel and, for SDXL,
 CLIPTextModelWithProjection plus ``addition_embed_type="text_time"``), so every code path of ldmkit
 (training, LoRA targets, exports, stock diffusers pipelines) runs on CPU in tests and debug recipes.
+``sd2v`` is SD2.1's layout: an OpenCLIP-style text encoder (gelu), linear transformer projections, per-level
+head counts and a v-prediction DDIM scheduler. SDXL's two text encoders have different widths, as in the
+real model (768 / 1280): single-file loaders tell the two apart by width.
 The UNets contain every LCM-LoRA target module kind (to_q ... time_emb_proj, as diffusers' train_lcm_distill_lora_sd_wds.py lists them).
 
 The tokenizer is a byte-level CLIP tokenizer with no merges (transformers' CLIPTokenizer accepts it): the 256 byte
@@ -22,9 +25,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("sd15", "sdxl")
+ARCHS = ("sd15", "sd2v", "sdxl")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-TEXT_HIDDEN = 32  # hidden size of each tiny CLIP text encoder
+TEXT_HIDDEN = 32  # hidden size of the tiny CLIP text encoder (SDXL: the first one)
+TEXT_HIDDEN_2 = 48  # SDXL's second text encoder
 TIME_EMBED = 8  # SDXL addition_time_embed_dim (256 in the real model)
 
 # Scheduler configs as shipped in the real model folders (runwayml SD1.5 / stabilityai SDXL base);
@@ -37,6 +41,19 @@ _SCHEDULERS = {
         "beta_start": 0.00085,
         "clip_sample": False,
         "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+    },
+    "sd2v": {  # stabilityai/stable-diffusion-2-1
+        "_class_name": "DDIMScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction",
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
         "steps_offset": 1,
@@ -88,22 +105,22 @@ def _write_slow_tokenizer_files(out_dir: Path) -> None:
     (out_dir / "merges.txt").write_text("#version: 0.2\n")
 
 
-def _text_encoder(with_projection: bool):
+def _text_encoder(with_projection: bool, width: int = TEXT_HIDDEN, gelu: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     n = len(byte_vocab())
     config = CLIPTextConfig(
         vocab_size=n,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=77,
         bos_token_id=n - 2,
         eos_token_id=n - 1,  # pooled output is taken at the EOS position
         pad_token_id=n - 1,
-        hidden_act="gelu" if with_projection else "quick_gelu",  # OpenCLIP bigG vs OpenAI ViT-L
-        projection_dim=TEXT_HIDDEN,
+        hidden_act="gelu" if with_projection or gelu else "quick_gelu",  # OpenCLIP vs OpenAI ViT-L
+        projection_dim=width,
     )
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
@@ -139,29 +156,40 @@ def _unet(arch: str):
             attention_head_dim=8,
             **common,
         )
+    if arch == "sd2v":
+        # SD2.x: SD1.5's block order with linear proj_in/out and a head count per level.
+        return UNet2DConditionModel(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TEXT_HIDDEN,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            **common,
+        )
     # SDXL order: a plain block first; linear proj_in/out; prompt embeds = both encoders concatenated;
     # add_embedding input = 6 time ids * addition_time_embed_dim + pooled (text_encoder_2 projection).
     return UNet2DConditionModel(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2 * TEXT_HIDDEN,
+        cross_attention_dim=TEXT_HIDDEN + TEXT_HIDDEN_2,
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_HIDDEN,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_HIDDEN_2,
         **common,
     )
 
 
-def build_tiny_pipeline(arch: Literal["sd15", "sdxl"], out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random SD1.5 or SDXL diffusers pipeline folder to ``out_dir`` and return its path.
+def build_tiny_pipeline(arch: Literal["sd15", "sd2v", "sdxl"], out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random SD1.5, SD2 (v-prediction) or SDXL diffusers pipeline folder to ``out_dir`` and return its path.
 
     The global torch RNG is left untouched (weights are drawn inside ``fork_rng``), and the same seed
     gives the same weights.
     """
     from diffusers import (
+        DDIMScheduler,
         EulerDiscreteScheduler,
         PNDMScheduler,
         StableDiffusionPipeline,
@@ -176,13 +204,14 @@ def build_tiny_pipeline(arch: Literal["sd15", "sdxl"], out_dir: str | Path, seed
     sched_cfg = _SCHEDULERS[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if arch == "sd15":
+        if arch in ("sd15", "sd2v"):
+            scheduler = (PNDMScheduler if arch == "sd15" else DDIMScheduler).from_config(sched_cfg)
             pipe = StableDiffusionPipeline(
                 unet=_unet(arch),
                 vae=_vae(0.18215),
-                text_encoder=_text_encoder(False),
+                text_encoder=_text_encoder(False, gelu=arch == "sd2v"),
                 tokenizer=byte_tokenizer(),
-                scheduler=PNDMScheduler.from_config(sched_cfg),
+                scheduler=scheduler,
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -192,7 +221,7 @@ def build_tiny_pipeline(arch: Literal["sd15", "sdxl"], out_dir: str | Path, seed
                 unet=_unet(arch),
                 vae=_vae(0.13025),
                 text_encoder=_text_encoder(False),
-                text_encoder_2=_text_encoder(True),
+                text_encoder_2=_text_encoder(True, TEXT_HIDDEN_2),
                 tokenizer=byte_tokenizer(),
                 tokenizer_2=byte_tokenizer(),
                 scheduler=EulerDiscreteScheduler.from_config(sched_cfg),

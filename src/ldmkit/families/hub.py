@@ -1,0 +1,116 @@
+"""Model references as users have them: a diffusers folder, a single-file checkpoint, or a Hugging Face
+repo id (``owner/name[@revision]``) resolved from the local Hugging Face cache (``HF_HUB_CACHE`` /
+``HF_HOME``), all offline. Every reference resolves to a local diffusers folder; a single file is
+converted once into ``$LDMKIT_CACHE/single-file/`` (default ``~/.cache/ldmkit``), keyed by its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ldmkit.errors import UserError
+from ldmkit.families.single_file import SUFFIXES, cached_folder, load_single_file
+
+log = logging.getLogger(__name__)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def split_repo_id(ref: str) -> tuple[str, str | None] | None:
+    """(repo_id, revision) when ``ref`` has the form of a Hub repo id (``owner/name[@revision]``), else None."""
+    if ref.startswith((".", "/", "~")) or not _REPO_ID.match(ref):
+        return None
+    repo, _, revision = ref.partition("@")
+    return repo, revision or None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LDMKIT_CACHE") or Path.home() / ".cache" / "ldmkit")
+
+
+def _file_key(path: Path, tokenizer: str | None, prediction_type: str | None) -> str:
+    from ldmkit.families.base import _file_identity
+
+    h = hashlib.sha256(_file_identity(path))
+    h.update(f"{tokenizer and Path(tokenizer).resolve()}|{prediction_type}".encode())
+    return h.hexdigest()[:16]
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out`` (complete folders only: an interrupted conversion is redone);
+    when another process got there first, keep its folder."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not any(out.glob("*.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_vae(ref: str, pretrained: Path, *, allow_pickle: bool = False) -> Path:
+    """model.vae as a folder: a VAE or pipeline folder, a cached repo id, or a single-file VAE (original
+    ``encoder.*/decoder.*`` keys, or a whole checkpoint's ``first_stage_model.*``) loaded with diffusers'
+    ``AutoencoderKL.from_single_file`` on the VAE config of model.pretrained (same architecture)."""
+    path = Path(ref).expanduser()
+    if path.suffix not in SUFFIXES:
+        return resolve_model(ref, what="model.vae")
+    if not path.is_file():
+        raise UserError(f"model.vae checkpoint file not found: {path}")
+    if path.suffix != ".safetensors" and not allow_pickle:
+        raise UserError(
+            f"model.vae {path.name} is a pickle: convert it to .safetensors or set model.allow_pickle: true"
+        )
+    from diffusers import AutoencoderKL
+
+    out = cache_root() / "single-file" / f"{path.stem}-vae-{_file_key(path, str(pretrained), None)}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        vae = AutoencoderKL.from_single_file(str(path), config=str(pretrained), subfolder="vae", local_files_only=True)
+        vae.save_pretrained(tmp)
+        _publish(tmp, out)
+    return out
+
+
+def resolve_model(
+    ref: str | Path,
+    *,
+    what: str = "model.pretrained",
+    allow_pickle: bool = False,
+    tokenizer: str | None = None,
+    prediction_type: str | None = None,
+) -> Path:
+    """The local diffusers folder ``ref`` stands for (a folder, a single file, or a cached repo id)."""
+    text = str(ref)
+    if not text:
+        raise UserError(f"{what} is empty: set it to a diffusers folder, a .safetensors checkpoint or a repo id")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix in SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"{what} checkpoint file not found: {path}")
+        out = cache_root() / "single-file" / f"{path.stem}-{_file_key(path, tokenizer, prediction_type)}"
+        if not (out / "model_index.json").is_file():
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            load_single_file(path, tmp, allow_pickle=allow_pickle, tokenizer=tokenizer, prediction_type=prediction_type)
+            _publish(tmp, out)
+            log.info("converted %s into the diffusers folder %s", path, out)
+        return out
+    repo = split_repo_id(text)
+    if repo is None or path.exists():
+        raise UserError(f"{what} not found: {path} (give a diffusers folder, a .safetensors file or a repo id)")
+    folder = cached_folder(*repo)
+    if folder is None:
+        from huggingface_hub import constants
+
+        raise UserError(
+            f"{what} {text} is neither a local path nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"download it first (hf download {repo[0]}) or give a local folder"
+        )
+    return folder
