@@ -274,3 +274,77 @@ def test_resume_equals_uninterrupted(tmp_path, request, shapes_folder, name, arc
     assert_same_exports(tmp_path / "full" / "export", tmp_path / "resumed" / "export", model)
     la, lb = logged(tmp_path / "full"), logged(tmp_path / "resumed")
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
+
+
+def _cmd(module, argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def test_evaluate_tcd_lora_next_to_the_teachers_solvers(trained, tmp_path, tiny_sd15, shapes_folder):
+    """``ldmkit evaluate --scheduler tcd --eta 0.3 --teacher-solvers``: the distilled model and the teacher with
+    DDIM, DPM-Solver++ 2M and UniPC at the same steps and seeds; UNet evaluations per image for equal compute."""
+    import json
+
+    from ldmkit.commands import evaluate
+
+    method, _ = trained("sd15", "tcd_lora")
+    export = tmp_path / "export"
+    method.export(export)
+    out = tmp_path / "eval"
+    argv = ["--model", str(tiny_sd15), "--lora", str(export), "--data", str(shapes_folder), "--max-reference", "8"]
+    argv += ["--num-images", "2", "--steps", "1,2,4,8", "--scheduler", "tcd", "--eta", "0.3", "--guidance", "1.0"]
+    argv += ["--teacher-solvers", "--teacher-guidance", "3.0", "--device", "cpu", "--out", str(out)]
+    argv += ["--height", str(RES), "--width", str(RES)]
+    assert _cmd(evaluate, argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["scheduler"] == "TCDScheduler" and m["eta"] == 0.3 and m["teacher_model"] == str(tiny_sd15)
+    assert [s["unet_evals_per_image"] for s in m["settings"]] == [1, 2, 4, 8]
+    assert set(m["teacher"]) == {"ddim", "dpm", "unipc"}
+    classes = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
+    for name, t in m["teacher"].items():
+        assert t["scheduler"] == classes[name] and t["guidance"] == 3.0
+        # guided teacher: 2 UNet evaluations per step (cond + uncond)
+        assert [s["unet_evals_per_image"] for s in t["settings"]] == [2, 4, 8, 16]
+        assert all(s["fd"] is not None for s in t["settings"])
+        assert (out / "teacher" / name / "grid-steps-4.png").is_file()
+    assert (out / "quality_vs_unet_evals.png").is_file() and (out / "quality_vs_steps.png").is_file()
+    with pytest.raises(UserError):
+        _cmd(evaluate, [*argv[:-4], "--teacher-solvers", "ddim,rk4", "--out", str(tmp_path / "bad")])
+
+
+def test_evaluate_solvers_restores_the_scheduler(tiny_sd15):
+    from ldmkit.eval.evaluate import TEACHER_SOLVERS, evaluate_solvers
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe.scheduler
+    res = evaluate_solvers(pipe, TEACHER_SOLVERS, ["a red circle"], [1, 2], 1.0, 0, warmup=False, height=RES, width=RES)
+    assert pipe.scheduler is before and list(res) == list(TEACHER_SOLVERS)
+    assert [s["unet_evals_per_image"] for s in res["unipc"]["settings"]] == [1, 2]
+
+
+def test_generate_with_tcd_scheduler_and_gamma(trained, tmp_path, tiny_sd15):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.commands import generate
+
+    method, _ = trained("sd15", "tcd_lora")
+    method.export(tmp_path / "export")
+    base = ["--model", str(tiny_sd15), "--lora", str(tmp_path / "export"), "--scheduler", "tcd", "--steps", "4"]
+    base += ["--guidance", "1.0", "--prompt", "a red circle", "--height", str(RES), "--width", str(RES)]
+    base += ["--device", "cpu"]
+    for eta in ("0.0", "0.3"):
+        assert _cmd(generate, [*base, "--eta", eta, "--out", str(tmp_path / eta)]) == 0
+        settings = json.loads((tmp_path / eta / "generate.json").read_text())
+        assert settings["scheduler_class"] == "TCDScheduler" and settings["eta"] == float(eta)
+    a, b = (np.asarray(Image.open(tmp_path / eta / "000.png"), dtype=np.int16) for eta in ("0.0", "0.3"))
+    assert np.abs(a - b).max() > 0  # gamma injects noise between steps
+    with pytest.raises(UserError):
+        _cmd(generate, [*base, "--eta", "2", "--out", str(tmp_path / "bad")])
