@@ -18,7 +18,9 @@ Any teacher: the algorithm talks to the model only through its family (``ldmkit.
 ``family.denoise`` calls the denoiser, ``family.conditions`` gives (cond, uncond), ``family.pipeline``
 samples, and the family's defaults (LoRA targets, w_min, guidance) fill what the config leaves open. SD1.x,
 SDXL and ldmkit's U-ViT (a ``UViTPipeline`` folder, e.g. the export of a ``uvit`` run) are families.
-lcm_lora and lcd differ only in who plays student, teacher and target (``Roles``).
+lcm_lora and lcd differ only in who plays student, teacher and target (``Roles``); TCD and PCM
+(methods/tcd.py, methods/pcm.py) reuse both and override only the target point s, the consistency function
+and the sampling scheduler (``_end_timesteps``, ``_f``, ``_sampling_scheduler``, ``_sampling_eta``).
 """
 
 from __future__ import annotations
@@ -64,13 +66,14 @@ class LCDCommonConfig(MethodConfig):
     w_max: float = 15.0
     """Largest guidance scale w (teacher CFG in the LCM form x0 = c + w (c - u))."""
     num_ddim_timesteps: int = 50
-    """N: DDIM solver grid size; skipping step k = T // N. Written to the exported LCMScheduler as original_inference_steps."""
+    """N: DDIM solver grid size; skipping step k = T // N. Written to the exported LCM/TCD scheduler as original_inference_steps."""
     loss_type: Literal["l2", "huber"] = "l2"
     """Distance between student and target: l2 (MSE) or pseudo-Huber (the recipes use huber)."""
     huber_c: float = 0.001
     """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
     timestep_scaling_factor: float = 10.0
-    """s in the boundary scalings c_skip/c_out(s * t); higher s = smaller approximation error. Exported as timestep_scaling."""
+    """s in the boundary scalings c_skip/c_out(s * t); higher s = smaller approximation error. Exported as timestep_scaling.
+    LCM only: TCD and PCM's consistency function has no boundary scalings."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the teacher predicts; null: the teacher scheduler's prediction_type."""
     use_fix_crop_and_size: bool = True
