@@ -27,8 +27,12 @@ SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
-"""Sampler names the commands accept -> diffusers scheduler class."""
+"""Sampler names the commands accept -> diffusers scheduler class ("dpm" is DPM-Solver++ 2M, diffusers'
+default algorithm_type "dpmsolver++" and solver_order 2; "tcd" samples TCD and PCM models, with ``eta`` as
+TCD's gamma)."""
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -113,19 +117,19 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
 
 
 def adopt_lcm_settings(pipe, lora_folder: Path) -> None:
-    """An ldmkit LCM-LoRA export carries the LCMScheduler of its run (original_inference_steps = the
-    distillation's num_ddim_timesteps, timestep_scaling): sampling with a different grid or boundary
-    scaling than the LoRA was trained on degrades few-step images. Adopt those two settings when the
-    pipeline samples with an LCMScheduler; the base model's betas and prediction type stay."""
-    from diffusers import LCMScheduler
+    """An ldmkit LCM-, TCD- or PCM-LoRA export carries the scheduler of its run (original_inference_steps =
+    the distillation's num_ddim_timesteps, LCM's timestep_scaling): sampling with a different grid or
+    boundary scaling than the LoRA was trained on degrades few-step images. Adopt those settings when the
+    pipeline samples with an LCMScheduler or TCDScheduler; the base model's betas and prediction type stay."""
+    from diffusers import LCMScheduler, TCDScheduler
 
     cfg_file = lora_folder / "scheduler" / "scheduler_config.json"
-    if not isinstance(pipe.scheduler, LCMScheduler) or not cfg_file.is_file():
+    if not isinstance(pipe.scheduler, (LCMScheduler, TCDScheduler)) or not cfg_file.is_file():
         return
     trained = json.loads(cfg_file.read_text())
     keep = {k: trained[k] for k in ("original_inference_steps", "timestep_scaling") if k in trained}
     if keep:
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **keep)
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **keep)
 
 
 def generate_images(
@@ -140,6 +144,7 @@ def generate_images(
     batch_size: int = 1,
     height: int | None = None,
     width: int | None = None,
+    eta: float | None = None,
 ) -> list[Any]:
     """``num_images`` PIL images per prompt, prompt-major.
 
@@ -149,7 +154,7 @@ def generate_images(
     through one pipeline call (their ``num_images`` each); diffusers pipelines lay the batch out
     prompt-major (``num_images_per_prompt`` copies of each prompt in turn) and draw row k's noise from
     generator k, so the generators are listed in that order. ``guidance`` None (and any other None)
-    means the pipeline's default.
+    means the pipeline's default; ``eta`` goes to schedulers that take it (DDIM's eta, TCD's gamma).
     """
     if batch_size < 1 or num_images < 1:
         raise UserError(f"batch_size and num_images must be at least 1, got {batch_size} and {num_images}")
@@ -170,6 +175,7 @@ def generate_images(
             negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
             height=height,
             width=width,
+            eta=eta,
             output_type="pil",
         )
         # Only pass what this pipeline takes (U-ViT's pipeline has a smaller signature).

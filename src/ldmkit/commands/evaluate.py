@@ -9,8 +9,10 @@ from pathlib import Path
 from ldmkit.data.synth import heldout_prompts
 from ldmkit.errors import UserError
 from ldmkit.eval.evaluate import (
+    TEACHER_SOLVERS,
     ClipScorer,
     evaluate_pipeline,
+    evaluate_solvers,
     parse_steps,
     read_data,
     read_images,
@@ -53,6 +55,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own.")
     add("--guidance", type=float, default=None, help="Guidance scale; default: the pipeline's default.")
     add(
+        "--eta",
+        type=float,
+        default=None,
+        help="eta of the sampler: TCD's gamma with --scheduler tcd (0.3 for TCD models, 0 for PCM); "
+        "default: the pipeline's (0).",
+    )
+    add(
+        "--teacher-solvers",
+        nargs="?",
+        const=",".join(TEACHER_SOLVERS),
+        default=None,
+        help="Also evaluate the teacher with these training-free solvers at the same steps and seeds "
+        f"(comma-separated; the flag alone: {','.join(TEACHER_SOLVERS)} = DDIM, DPM-Solver++ 2M, UniPC), "
+        "for equal-step and equal-compute (UNet evaluations) comparisons.",
+    )
+    add(
+        "--teacher",
+        default=None,
+        help="Teacher pipeline folder for --teacher-solvers; default: --model (without the --lora).",
+    )
+    add(
+        "--teacher-guidance",
+        type=float,
+        default=None,
+        help="Guidance scale of the teacher's solvers; default: the teacher pipeline's default.",
+    )
+    add(
         "--num-images",
         type=int,
         default=100,
@@ -90,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
     steps = parse_steps(args.steps)
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
+    solvers = [s.strip() for s in args.teacher_solvers.split(",") if s.strip()] if args.teacher_solvers else []
+    unknown = [s for s in solvers if s not in SCHEDULERS]
+    if unknown or (args.teacher_solvers is not None and not solvers):
+        raise UserError(f"--teacher-solvers: unknown solver(s) {unknown}; choose from {', '.join(SCHEDULERS)}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 
@@ -118,20 +153,24 @@ def run(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
 
     out = Path(args.out)
-    metrics = evaluate_pipeline(
-        pipe,
-        prompts,
-        steps,
-        args.guidance,
-        args.seed,
+    common = dict(
         batch_size=args.batch_size,
         reference=reference,
         feature_extractor=features,
         clip=clip,
         height=args.height,
         width=args.width,
+    )
+    metrics = evaluate_pipeline(
+        pipe,
+        prompts,
+        steps,
+        args.guidance,
+        args.seed,
         out_dir=out,
         save_images=args.save_images,
+        eta=args.eta,
+        **common,
     )
     metrics.update(
         model=str(args.model),
@@ -140,11 +179,32 @@ def run(args: argparse.Namespace) -> int:
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     label = (metrics["scheduler"] or "pipeline") + (" + LoRA" if args.lora else "")
-    quality_vs_steps({label: metrics["settings"]}).save(out / "quality_vs_steps.png")
+    runs = {label: metrics["settings"]}
+    if solvers:
+        del pipe
+        teacher = load_pipeline(args.teacher or args.model, dtype)
+        teacher.to(device)
+        teacher.set_progress_bar_config(disable=True)
+        metrics["teacher"] = evaluate_solvers(
+            teacher, solvers, prompts, steps, args.teacher_guidance, args.seed, out_dir=out / "teacher", **common
+        )
+        metrics["teacher_model"] = str(args.teacher or args.model)
+        runs.update({f"teacher {name}": m["settings"] for name, m in metrics["teacher"].items()})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    quality_vs_steps(runs).save(out / "quality_vs_steps.png")
+    quality_vs_steps(runs, x="unet_evals_per_image").save(out / "quality_vs_unet_evals.png")
+    _print_table(label, metrics["settings"])
+    for name, m in metrics.get("teacher", {}).items():
+        _print_table(f"teacher {name} (guidance {m['guidance']})", m["settings"])
+    print(f"wrote {out / 'metrics.json'}, {out / 'quality_vs_steps.png'} and {out / 'quality_vs_unet_evals.png'}")
+    return 0
+
+
+def _print_table(label: str, settings: list[dict]) -> None:
+    print(label)
     print(f"{'steps':>5} {'s/img':>8} {'evals/img':>9} {'adherence':>9} {'FD':>9} {'KID':>9} {'CLIP':>6}")
-    for s in metrics["settings"]:
+    for s in settings:
         adh = s["adherence"]["all"] if s["adherence"] else None
         cells = [
             _cell(adh, 9, ".3f"),
@@ -153,8 +213,6 @@ def run(args: argparse.Namespace) -> int:
             _cell(s["clip_score"], 6, ".2f"),
         ]
         print(f"{s['steps']:>5} {s['seconds_per_image']:>8.4f} {s['unet_evals_per_image']:>9.1f} " + " ".join(cells))
-    print(f"wrote {out / 'metrics.json'} and {out / 'quality_vs_steps.png'}")
-    return 0
 
 
 def _cell(v: float | None, width: int, fmt: str) -> str:

@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own."
     )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="eta of the sampler: TCD's gamma with --scheduler tcd (0.3 for TCD models, 0 deterministic, for PCM); "
+        "default: the pipeline's (0).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image; image k uses seed + k.")
     parser.add_argument("--num-images", type=int, default=1, help="Images per prompt.")
     parser.add_argument("--height", type=int, default=None, help="Image height in pixels; default: the model's.")
@@ -56,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.num_images < 1:
         raise UserError("--steps and --num-images must be at least 1")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype)
@@ -75,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         height=args.height,
         width=args.width,
+        eta=args.eta,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

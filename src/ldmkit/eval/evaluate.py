@@ -37,11 +37,16 @@ from ldmkit.eval.scorer import adherence
 from ldmkit.inference import (
     generate_images,
     image_grid,
+    set_scheduler,
 )
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+TEACHER_SOLVERS = ("ddim", "dpm", "unipc")
+"""The training-free few-step solvers a distilled model is compared with (``ldmkit.inference.SCHEDULERS``
+names): DDIM, DPM-Solver++ (2M) and UniPC."""
 
 
 def parse_steps(text: str) -> list[int]:
@@ -160,6 +165,7 @@ def evaluate_pipeline(
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     warmup: bool = True,
+    eta: float | None = None,
 ) -> dict[str, Any]:
     """Generate ``prompts`` at every step count and measure speed and quality; returns the metrics dict.
 
@@ -168,6 +174,7 @@ def evaluate_pipeline(
     With ``out_dir``, a 4-column sample grid of the first 16 images per setting is written
     (``grid-steps-N.png``), and with ``save_images`` every image (``steps-N/IIIII.png``).
     One untimed warm-up call (one prompt, fewest steps) comes first unless ``warmup`` is False.
+    ``eta`` goes to schedulers that take it (TCD's gamma); None: the pipeline's default.
     """
     if not prompts:
         raise UserError("no prompts to evaluate")
@@ -198,6 +205,7 @@ def evaluate_pipeline(
             batch_size=batch_size,
             height=height,
             width=width,
+            eta=eta,
         )
 
     settings = []
@@ -205,7 +213,7 @@ def evaluate_pipeline(
         with EvalCounter(counter_module) as counter:
             t0 = time.perf_counter()
             images = generate_images(
-                pipe, prompts, steps, guidance, seed, batch_size=batch_size, height=height, width=width
+                pipe, prompts, steps, guidance, seed, batch_size=batch_size, height=height, width=width, eta=eta
             )
             seconds = time.perf_counter() - t0
         n = len(images)
@@ -251,6 +259,7 @@ def evaluate_pipeline(
         "num_images": len(prompts),
         "seed": seed,
         "guidance": guidance_used,
+        "eta": eta,
         "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
         "shapes_prompts": shapes,
         "feature_net": getattr(feature_extractor, "name", None) if reference is not None else None,
@@ -258,6 +267,34 @@ def evaluate_pipeline(
         "clip_model": clip.name if clip is not None else None,
         "settings": settings,
     }
+
+
+def evaluate_solvers(
+    pipe,
+    solvers: Sequence[str],
+    prompts: Sequence[str],
+    steps_list: Sequence[int],
+    guidance: float | None = None,
+    seed: int = 0,
+    *,
+    out_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """``evaluate_pipeline`` once per solver (``ldmkit.inference.SCHEDULERS`` names, e.g. ``TEACHER_SOLVERS``)
+    on the same pipeline, prompts, seeds and step counts: solver name -> metrics. Each solver is built from
+    the pipeline's scheduler config (betas, prediction type); the pipeline's own scheduler is restored after.
+    With ``out_dir``, each solver's grids go to ``out_dir/<solver>/``."""
+    original = pipe.scheduler
+    results = {}
+    try:
+        for name in solvers:
+            set_scheduler(pipe, name)
+            sub = Path(out_dir) / name if out_dir is not None else None
+            results[name] = evaluate_pipeline(pipe, prompts, steps_list, guidance, seed, out_dir=sub, **kwargs)
+            results[name]["solver"] = name
+    finally:
+        pipe.scheduler = original
+    return results
 
 
 def read_prompts(path: str | Path) -> list[str]:

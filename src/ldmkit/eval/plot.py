@@ -25,6 +25,7 @@ def line_chart(
     title: str,
     size: tuple[int, int] = (440, 300),
     y_range: tuple[float, float] | None = None,
+    x_label: str = "steps",
 ) -> Image.Image:
     """One panel: a line per series of (steps, value) points; x on a log2 axis, ticks at the steps used.
 
@@ -65,7 +66,7 @@ def line_chart(
         _, py = to_px(xs[0], y)
         draw.line([left - 4, py, left, py], fill="black")
         draw.text((4, py - 6), f"{y:.{decimals}f}", fill="black", font=font)
-    draw.text(((left + w - right) // 2 - 14, h - 16), "steps", fill="black", font=font)
+    draw.text(((left + w - right) // 2 - 3 * len(x_label), h - 16), x_label, fill="black", font=font)
     for k, (label, pts_s) in enumerate(series.items()):
         color = COLORS[k % len(COLORS)]
         line = [to_px(x, y) for x, y in sorted(pts_s)]
@@ -77,16 +78,17 @@ def line_chart(
     return img
 
 
-def quality_vs_steps(runs: dict[str, Sequence[dict[str, Any]]]) -> Image.Image:
-    """All available panels for one or more runs (label -> ``evaluate_pipeline(...)["settings"]``), two per row."""
+def quality_vs_steps(runs: dict[str, Sequence[dict[str, Any]]], x: str = "steps") -> Image.Image:
+    """All available panels for one or more runs (label -> ``evaluate_pipeline(...)["settings"]``), two per row.
+
+    ``x`` is the settings' key on the horizontal axis: ``steps``, or ``unet_evals_per_image`` for
+    equal-compute comparisons (a guided teacher step costs 2 evaluations, a distilled step 1)."""
     panels = []
     for title, get, y_range in PANELS:
-        series = {
-            label: [(s["steps"], get(s)) for s in settings if get(s) is not None] for label, settings in runs.items()
-        }
+        series = {label: [(s[x], get(s)) for s in settings if get(s) is not None] for label, settings in runs.items()}
         series = {k: v for k, v in series.items() if v}
         if series:
-            panels.append(line_chart(series, title, y_range=y_range))
+            panels.append(line_chart(series, title, y_range=y_range, x_label=x.replace("_", " ")))
     if not panels:
         panels.append(line_chart({}, "no metrics"))
     cols = min(2, len(panels))

@@ -14,6 +14,10 @@ BUILTIN_METHODS: dict[str, str] = {
     "lora": "ldmkit.methods.finetune:LoraMethod",
     "lcm_lora": "ldmkit.methods.lcd:LCMLoraMethod",
     "lcd": "ldmkit.methods.lcd:LCDMethod",
+    "tcd_lora": "ldmkit.methods.tcd:TCDLoraMethod",
+    "tcd": "ldmkit.methods.tcd:TCDMethod",
+    "pcm_lora": "ldmkit.methods.pcm:PCMLoraMethod",
+    "pcm": "ldmkit.methods.pcm:PCMMethod",
     "uvit": "ldmkit.methods.uvit:UViTMethod",
     "vae": "ldmkit.methods.vae:VAEMethod",
 }

@@ -18,7 +18,9 @@ Any teacher: the algorithm talks to the model only through its family (``ldmkit.
 ``family.denoise`` calls the denoiser, ``family.conditions`` gives (cond, uncond), ``family.pipeline``
 samples, and the family's defaults (LoRA targets, w_min, guidance) fill what the config leaves open. SD1.x,
 SDXL and ldmkit's U-ViT (a ``UViTPipeline`` folder, e.g. the export of a ``uvit`` run) are families.
-lcm_lora and lcd differ only in who plays student, teacher and target (``Roles``).
+lcm_lora and lcd differ only in who plays student, teacher and target (``Roles``); TCD and PCM
+(methods/tcd.py, methods/pcm.py) reuse both and override only the target point s, the consistency function
+and the sampling scheduler (``_end_timesteps``, ``_f``, ``_sampling_scheduler``, ``_sampling_eta``).
 """
 
 from __future__ import annotations
@@ -64,13 +66,14 @@ class LCDCommonConfig(MethodConfig):
     w_max: float = 15.0
     """Largest guidance scale w (teacher CFG in the LCM form x0 = c + w (c - u))."""
     num_ddim_timesteps: int = 50
-    """N: DDIM solver grid size; skipping step k = T // N. Written to the exported LCMScheduler as original_inference_steps."""
+    """N: DDIM solver grid size; skipping step k = T // N. Written to the exported LCM/TCD scheduler as original_inference_steps."""
     loss_type: Literal["l2", "huber"] = "l2"
     """Distance between student and target: l2 (MSE) or pseudo-Huber (the recipes use huber)."""
     huber_c: float = 0.001
     """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
     timestep_scaling_factor: float = 10.0
-    """s in the boundary scalings c_skip/c_out(s * t); higher s = smaller approximation error. Exported as timestep_scaling."""
+    """s in the boundary scalings c_skip/c_out(s * t); higher s = smaller approximation error. Exported as timestep_scaling.
+    LCM only: TCD and PCM's consistency function has no boundary scalings."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the teacher predicts; null: the teacher scheduler's prediction_type."""
     use_fix_crop_and_size: bool = True
@@ -201,11 +204,26 @@ class _LCDBase(Method):
     def roles(self) -> Roles:
         raise NotImplementedError
 
-    def _f(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The consistency function f = c_skip(t) x + c_out(t) x0_hat (diffusion/lcm.py)."""
+    # ---- what LCM, TCD and PCM differ in: the target point and the parameterisation -----------------
+    def _end_timesteps(self, index: torch.Tensor, t: torch.Tensor, rng: SampleRNG) -> torch.Tensor | None:
+        """The time s the consistency function maps to, per sample; LCM: None (always the origin)."""
+        return None
+
+    def _f(
+        self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, end: torch.Tensor | None
+    ) -> torch.Tensor:
+        """LCM's consistency function f = c_skip(t) x + c_out(t) x0_hat (diffusion/lcm.py); ``end`` unused."""
         return lcm.consistency_function(
             model_output, x, t, self.prediction_type, self.alphas_cumprod, self.mcfg.timestep_scaling_factor
         )
+
+    def _sampling_scheduler(self):
+        """The stock diffusers scheduler that samples the distilled model (saved with every export)."""
+        return self._lcm_scheduler()
+
+    def _sampling_eta(self) -> float | None:
+        """``eta`` for the pipeline call (TCD's gamma); None: the pipeline's default."""
+        return None
 
     # ---- the loss: LCM paper, Algorithm 1 ---------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -237,8 +255,12 @@ class _LCDBase(Method):
             w = self.w_min + (m.w_max - self.w_min) * rng.rand().to(self.device)  # (B,)
             w_emb = roles.w_embedding(w) if roles.w_embedding is not None else None
 
-            # 5. Online consistency function f_theta(z_{t_{n+k}}, w, c, t_{n+k}) = c_skip z + c_out x0_hat.
-            model_pred = self._f(family.denoise(roles.student, z_start, t_start, cond, w_emb), z_start, t_start)
+            # 4b. The point s both consistency functions map to: what the methods differ in (LCM: 0, via the
+            #     boundary scalings; TCD: sampled on the solver grid below t_n; PCM: the lower edge of the phase).
+            end = self._end_timesteps(index, t, rng)
+
+            # 5. Online consistency function f_theta(z_{t_{n+k}}, w, c, t_{n+k} -> s).
+            model_pred = self._f(family.denoise(roles.student, z_start, t_start, cond, w_emb), z_start, t_start, end)
 
             # 6. Teacher ODE solver with CFG: z_hat_{t_n} = Psi(z_{t_{n+k}}, t_{n+k}, t_n, c, w) (one DDIM step).
             with torch.no_grad(), roles.teacher_context():
@@ -258,9 +280,9 @@ class _LCDBase(Method):
                 eps_hat = eps_c + wb * (eps_c - eps_u)
                 z_prev = lcm.ddim_step(x0_hat, eps_hat, self.alpha_prev[index]).float()
 
-            # 7. Target f_theta^-(z_hat_{t_n}, w, c, t_n), no gradient.
+            # 7. Target f_theta^-(z_hat_{t_n}, w, c, t_n -> s), no gradient.
             with torch.no_grad():
-                target = self._f(family.denoise(roles.target, z_prev, t, cond, w_emb), z_prev, t)
+                target = self._f(family.denoise(roles.target, z_prev, t, cond, w_emb), z_prev, t, end)
 
         # 8. Consistency distillation loss d(f_theta, f_theta^-) in fp32.
         if m.loss_type == "huber":
@@ -286,7 +308,7 @@ class _LCDBase(Method):
 
     @torch.no_grad()
     def validate(self, step: int):
-        """Rows: cfg.train.validation_prompts; columns: LCM samples at method.validation_steps (fixed seed)."""
+        """Rows: cfg.train.validation_prompts; columns: few-step samples at method.validation_steps (fixed seed)."""
         from diffusers.utils import make_image_grid
 
         from ldmkit.inference import generate_images
@@ -303,9 +325,12 @@ class _LCDBase(Method):
         # VAE and text encoders the training did not need are loaded for this and dropped afterwards.
         try:
             with self.family.transient(), self.accelerator.autocast():
-                pipe = self.family.pipeline(unet=unet, scheduler=self._lcm_scheduler())
+                pipe = self.family.pipeline(unet=unet, scheduler=self._sampling_scheduler())
                 pipe.set_progress_bar_config(disable=True)
-                columns = [generate_images(pipe, prompts, n, guidance, seed, height=res, width=res) for n in steps]
+                eta = self._sampling_eta()
+                columns = [
+                    generate_images(pipe, prompts, n, guidance, seed, height=res, width=res, eta=eta) for n in steps
+                ]
                 del pipe
         finally:
             unet.train(was_training)
@@ -313,6 +338,20 @@ class _LCDBase(Method):
         return make_image_grid(images, rows=len(prompts), cols=len(steps))
 
     # ---- export helpers ---------------------------------------------------------------------------
+    kind = "Latent Consistency Model"
+    """Name of the deliverable in the model card."""
+
+    def _scheduler_note(self) -> str:
+        return (
+            f"LCMScheduler, original_inference_steps={self.mcfg.num_ddim_timesteps}, "
+            f"timestep_scaling={self.mcfg.timestep_scaling_factor} (use these at inference)"
+        )
+
+    def _call_example(self, guidance: float) -> str:
+        eta = self._sampling_eta()
+        extra = "" if eta is None else f", eta={eta}"
+        return f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={guidance}{extra}).images[0]'
+
     def _model_card(self, kind: str, how_to_load: str) -> str:
         c = self.cfg
         knobs = json.dumps(asdict(self.mcfg), indent=2)
@@ -322,8 +361,7 @@ class _LCDBase(Method):
             f"- data: `{c.data.path}` at {c.data.resolution} px\n"
             f"- steps: {c.train.max_steps}, batch {c.train.batch_size} x {c.train.gradient_accumulation_steps} "
             f"accumulation, learning rate {c.train.learning_rate}, mixed precision {c.train.mixed_precision}\n"
-            f"- LCM scheduler: original_inference_steps={self.mcfg.num_ddim_timesteps}, "
-            f"timestep_scaling={self.mcfg.timestep_scaling_factor} (use these at inference)\n\n"
+            f"- sampler: {self._scheduler_note()}\n\n"
             f"## How to load\n\n```python\n{how_to_load}\n```\n\n"
             f"## Method hyperparameters\n\n```json\n{knobs}\n```\n"
         )
@@ -335,6 +373,7 @@ class LCMLoraMethod(_LCDBase):
 
     Config = LCMLoraConfig
     mcfg: LCMLoraConfig
+    lora_kind = "LCM-LoRA"
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
@@ -370,25 +409,27 @@ class LCMLoraMethod(_LCDBase):
         return self.family.lcm_lora_guidance
 
     def export(self, out_dir: Path) -> None:
-        """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy, an LCMScheduler
-        config with the run's N and s, and a model card."""
+        """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy, the sampling
+        scheduler's config with the run's settings (LCM: N and s), and a model card."""
         from ldmkit.lora import export
 
         out_dir = Path(out_dir)
         n = export.export_lora(
             out_dir, {"unet": self.unwrap(self.unet)}, self.family.pipeline_class, kohya=self.family.exports_kohya
         )
-        self._lcm_scheduler().save_pretrained(out_dir / "scheduler")
+        scheduler = self._sampling_scheduler()
+        scheduler.save_pretrained(out_dir / "scheduler")
+        sname = type(scheduler).__name__
         kohya = f"  # or {export.KOHYA_WEIGHT_NAME} in A1111/ComfyUI" if self.family.exports_kohya else ""
         load = (
-            f"from diffusers import LCMScheduler\n{self.family.pipeline_import}\n"
+            f"from diffusers import {sname}\n{self.family.pipeline_import}\n"
             f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{self.cfg.model.pretrained}")\n'
-            f'pipe.scheduler = LCMScheduler.from_pretrained("{out_dir}", subfolder="scheduler")\n'
+            f'pipe.scheduler = {sname}.from_pretrained("{out_dir}", subfolder="scheduler")\n'
             f'pipe.load_lora_weights("{out_dir}"){kohya}\n'
-            f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={self._default_guidance()}).images[0]\n'
+            f"{self._call_example(self._default_guidance())}\n"
             f"# or bake it in: ldmkit merge-lora --model {self.cfg.model.pretrained} --lora {out_dir} --out merged"
         )
-        (out_dir / "README.md").write_text(self._model_card(f"LCM-LoRA ({n} adapted modules)", load))
+        (out_dir / "README.md").write_text(self._model_card(f"{self.lora_kind} ({n} adapted modules)", load))
 
 
 class LCDMethod(_LCDBase):
@@ -450,16 +491,15 @@ class LCDMethod(_LCDBase):
 
     def export(self, out_dir: Path) -> None:
         """A full pipeline folder (the teacher's pipeline class: SD, SDXL or UViTPipeline): the EMA target
-        denoiser (with time_cond_proj_dim) + LCMScheduler with N and s."""
+        denoiser (with time_cond_proj_dim) + the sampling scheduler with the run's settings (LCM: N and s)."""
         out_dir = Path(out_dir)
-        self.family.export_pipeline(
-            out_dir, unet=self.target_unet, scheduler=self._lcm_scheduler(), safety_checker=False
-        )
-        g = self._default_guidance()
+        scheduler = self._sampling_scheduler()
+        self.family.export_pipeline(out_dir, unet=self.target_unet, scheduler=scheduler, safety_checker=False)
         load = (
             f"{self.family.pipeline_import}\n"
-            f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{out_dir}")  # scheduler: LCMScheduler\n'
+            f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{out_dir}")  # scheduler: '
+            f"{type(scheduler).__name__}\n"
             f"# guidance_scale is embedded as w = guidance_scale - 1 (no classifier-free guidance pass)\n"
-            f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={g}).images[0]'
+            f"{self._call_example(self._default_guidance())}"
         )
-        (out_dir / "README.md").write_text(self._model_card("Latent Consistency Model", load))
+        (out_dir / "README.md").write_text(self._model_card(self.kind, load))

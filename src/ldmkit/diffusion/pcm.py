@@ -1,0 +1,47 @@
+"""Pure Phased Consistency Model math (PCM; Wang et al. 2024, arXiv:2405.18407).
+
+PCM splits the ODE trajectory into K phases and learns consistency only inside each phase: a point at
+time t of phase j is mapped to the phase's lower edge e_j (the lowest phase maps to 0), with the same
+DDIM-form consistency function as TCD (``ldmkit.diffusion.tcd.trajectory_consistency_function``).
+Sampling is deterministic and jumps edge to edge.
+
+Where the edges lie. The reference (G-U-N/Phased-Consistency-Model, code/text_to_image_sd15/
+train_pcm_lora_sd15.py, ``ddim_style_multiphase_pred``) puts phase starts at solver-grid indices
+floor(linspace(0, N, K)) counted from the low-noise end, but samples with a DDIM/TCD scheduler whose K
+timesteps are counted from the high-noise end, so the trained edges and the sampled ones differ a little.
+Here the edges ARE the K timesteps of ``TCDScheduler(original_inference_steps=N).set_timesteps(K)``
+(floor(linspace(0, N, K)) of the descending grid), so the exported TCDScheduler at gamma 0 and K steps
+visits exactly the trained edges: [999, 759, 499, 259] -> edges {759, 499, 259, 0} for N=50, K=4.
+Every edge lies on the DDIM solver grid, so one teacher step from t_{n+k} never crosses an edge; when it
+lands on the edge, the target is that point itself (boundary condition).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def phase_starts(num_ddim_timesteps: int, num_phases: int) -> torch.Tensor:
+    """Solver-grid indices (ascending) of the phases' upper ends: a student at ddim_timesteps[i] is in the phase
+    whose upper end is the smallest start >= i. Same selection as ``TCDScheduler.set_timesteps(K)`` on an
+    N-point origin grid: descending positions floor(linspace(0, N, K, endpoint=False)) -> ascending N-1-pos."""
+    if not 1 <= num_phases <= num_ddim_timesteps:
+        raise ValueError(f"num_phases must be in 1..{num_ddim_timesteps}, got {num_phases}")
+    pos = torch.floor(torch.linspace(0, num_ddim_timesteps, num_phases + 1, dtype=torch.float64)[:-1]).long()
+    return (num_ddim_timesteps - 1 - pos).flip(0)
+
+
+def phase_edges(ddim_timesteps: torch.Tensor, num_phases: int) -> torch.Tensor:
+    """Timesteps the sampler visits at K steps, ascending (the phases' upper ends): [259, 499, 759, 999]
+    for N=50, K=4 on a 1000-step schedule."""
+    return ddim_timesteps[phase_starts(len(ddim_timesteps), num_phases).to(ddim_timesteps.device)]
+
+
+def phase_end_timesteps(index: torch.Tensor, ddim_timesteps: torch.Tensor, num_phases: int) -> torch.Tensor:
+    """For students at ddim_timesteps[index] [B]: the lower edge of their phase (the timestep the consistency
+    function maps to): the next sampled timestep below the phase's upper end, 0 for the lowest phase."""
+    uppers = phase_edges(ddim_timesteps, num_phases)  # ascending
+    lowers = torch.cat([uppers.new_zeros(1), uppers[:-1]])
+    t = ddim_timesteps[index]
+    phase = torch.searchsorted(uppers, t)  # first upper end >= t
+    return lowers[phase]

@@ -1,0 +1,104 @@
+"""Trajectory Consistency Distillation: ``tcd_lora`` (a LoRA, as TCD-LoRA) and ``tcd`` (full student).
+
+TCD (Zheng et al. 2024, arXiv:2402.19159; official inference code jabir-zheng/TCD, sampler diffusers'
+``TCDScheduler``) keeps Algorithm 1 of the LCM paper and changes two things, both in
+``ldmkit.diffusion.tcd``: the consistency function maps x_t to an earlier point x_s of its trajectory
+(semi-linear, the DDIM form alpha_s x0_hat + sigma_s eps_hat, no c_skip / c_out), and s is sampled per
+sample on the solver grid at or below t_n (student and target map to the same s). The shared steps (data,
+t_{n+k}, noise, w, the teacher's guided DDIM step, roles, EMA, exports) are those of ``methods/lcd.py``.
+
+Sampling: ``TCDScheduler`` carrying the run's N (original_inference_steps), with ``eta`` = gamma
+(strategic stochastic sampling; 0.3 the paper's default, 0 deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from ldmkit.diffusion import tcd
+from ldmkit.errors import UserError
+from ldmkit.methods.lcd import LCDConfig, LCDMethod, LCMLoraConfig, LCMLoraMethod
+from ldmkit.rng import SampleRNG
+
+if TYPE_CHECKING:
+    from ldmkit.config import Config
+
+__all__ = ["TCDConfig", "TCDLoraConfig", "TCDLoraMethod", "TCDMethod", "TrajectoryTarget"]
+
+
+@dataclass
+class TCDKnobs:
+    """What TCD adds to the LCD knobs."""
+
+    end_time_sampling: Literal["uniform", "zero"] = "uniform"
+    """Target point s of the trajectory consistency function: uniform over the solver grid points in [0, t_n]
+    (TCD), or always 0 (LCM's target with TCD's parameterisation, for ablations)."""
+    gamma: float = tcd.DEFAULT_GAMMA
+    """Sampling stochasticity of TCDScheduler (``eta`` of the pipeline call) for validation and the model card;
+    0 deterministic, 1 fully stochastic (TCD paper Algorithm 4; 0.3 its default)."""
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)  # type: ignore[misc]
+        if not 0.0 <= self.gamma <= 1.0:
+            raise UserError(f"method.gamma must be in [0, 1], got {self.gamma}")
+
+
+@dataclass
+class TCDLoraConfig(TCDKnobs, LCMLoraConfig):
+    """TCD-LoRA: a LoRA of the teacher (adapters off = the teacher), trajectory consistency targets."""
+
+    name: str = "tcd_lora"
+
+
+@dataclass
+class TCDConfig(TCDKnobs, LCDConfig):
+    """Full TCD: a student with a w-embedding, an EMA target, a frozen teacher; trajectory consistency targets."""
+
+    name: str = "tcd"
+
+
+class TrajectoryTarget:
+    """Mixin over an LCD method: the trajectory consistency function f(x_t, t, s) and the TCDScheduler.
+    Subclasses choose s (``_end_timesteps``) and the sampling gamma (``_sampling_eta``)."""
+
+    kind = "Trajectory Consistency Distillation model"
+    lora_kind = "TCD-LoRA"
+
+    def _end_timesteps(self, index: torch.Tensor, t: torch.Tensor, rng: SampleRNG) -> torch.Tensor:
+        if self.mcfg.end_time_sampling == "zero":
+            return torch.zeros_like(t)
+        return tcd.sample_end_timesteps(index, self.ddim_timesteps, self.k, rng.rand().to(self.device))
+
+    def _f(self, model_output, x, t, end):
+        return tcd.trajectory_consistency_function(model_output, x, t, end, self.prediction_type, self.alphas_cumprod)
+
+    def _sampling_scheduler(self):
+        return tcd.tcd_scheduler(
+            self.family.noise_scheduler.config, self.mcfg.num_ddim_timesteps, prediction_type=self.prediction_type
+        )
+
+    def _sampling_eta(self) -> float:
+        return self.mcfg.gamma
+
+    def _scheduler_note(self) -> str:
+        return (
+            f"TCDScheduler, original_inference_steps={self.mcfg.num_ddim_timesteps}; pass eta (gamma) to the "
+            f"pipeline call: {self._sampling_eta()} as trained for, 0 deterministic"
+        )
+
+
+class TCDLoraMethod(TrajectoryTarget, LCMLoraMethod):
+    """tcd_lora: LCM-LoRA's roles (one denoiser; teacher = adapters off) with TCD's target point."""
+
+    Config = TCDLoraConfig
+    mcfg: TCDLoraConfig
+
+
+class TCDMethod(TrajectoryTarget, LCDMethod):
+    """tcd: full LCD's roles (student with w-embedding, EMA target, frozen teacher) with TCD's target point."""
+
+    Config = TCDConfig
+    mcfg: TCDConfig
