@@ -76,8 +76,8 @@ def _unet_lora(component_layers: dict) -> export.Layers:
     return component_layers["unet"]
 
 
-def _save_kohya(path, layers, sdxl: bool = False):
-    return export.save_kohya(path, {"unet": layers}, sdxl)
+def _save_kohya(path, layers, sdxl: bool = False, unet_config=None):
+    return export.save_kohya(path, {"unet": layers}, sdxl, unet_config)
 
 
 def _save_diffusers(path, layers, sdxl: bool = False):
@@ -238,7 +238,7 @@ def test_merged_unet_equals_lora_loaded_output(request, tmp_path, fixture):
     inputs = unet_inputs(unet)
     expected = unet_out(unet, inputs)
     layers = layers_from_peft_model(unet)
-    path = _save_kohya(tmp_path, layers, sdxl)
+    path = _save_kohya(tmp_path, layers, sdxl, unet.config)
     pipe = _loaded(model_dir, path, sdxl=sdxl)
     assert count_lora_modules(pipe.unet) == len(layers)
     torch.testing.assert_close(unet_out(pipe.unet, inputs), expected, rtol=1e-5, atol=1e-5)
@@ -433,10 +433,12 @@ def test_sdxl_kohya_file_with_original_sd_block_names_and_text_encoders(tmp_path
         "text_encoder_2": _random_lora(base.text_encoder_2, TEXT, 2),
     }
     lpb = base.unet.config.layers_per_block
-    sgm = {**layers, "unet": {_sgm_name(m, lpb): layer for m, layer in layers["unet"].items()}}
     path = tmp_path / "sgm.safetensors"
-    save_file(export.kohya_state_dict(sgm, sdxl=True), str(path))
+    save_file(export.kohya_state_dict(layers, sdxl=True, unet_config=base.unet.config), str(path))
     keys = set(load_file(str(path)))
+    # the SDXL kohya copy names UNet modules by their original SD blocks
+    expected = {"lora_unet_" + _sgm_name(m, lpb).replace(".", "_") for m in layers["unet"]}
+    assert {k.split(".")[0] for k in keys if k.startswith("lora_unet_")} == expected
     assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
 

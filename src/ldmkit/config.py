@@ -44,8 +44,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """Image folder, metadata.jsonl folder, WebDataset shards (path, brace pattern or URL), a PaddleMIX *.filelist.list, or a feature folder."""
-    format: Literal["auto", "folder", "wds", "filelist", "features"] = "auto"
+    """Image folder, metadata.jsonl folder, WebDataset shards (path, brace pattern or URL), a PaddleMIX *.filelist.list, a feature folder, or a Hugging Face datasets source (save_to_disk folder, .parquet or .arrow files)."""
+    format: Literal["auto", "folder", "wds", "filelist", "features", "datasets"] = "auto"
     """Source format; auto detects it from the path."""
     resolution: int = 512
     """Training resolution (square): shorter side is resized to this, then cropped."""
@@ -58,9 +58,17 @@ class DataConfig:
     proportion_empty_prompts: float = 0.0
     """Share of captions replaced by the empty prompt (classifier-free guidance dropout)."""
     caption_column: str = "text"
-    """Caption field in metadata.jsonl (a string or a list of strings)."""
+    """Caption field in metadata.jsonl, or caption column of a Hugging Face datasets source (a string or a list of strings)."""
     image_column: str = "file_name"
-    """Image path field in metadata.jsonl."""
+    """Image path field in metadata.jsonl, or image column of a Hugging Face datasets source (default there: its one Image column)."""
+    shuffle_tags: bool = False
+    """Captions are comma-separated tags: shuffle them per sample and step (from the sample's seed)."""
+    keep_tokens: int = 0
+    """With shuffle_tags / tag_dropout: the first N tags stay in place and are never dropped."""
+    tag_dropout: float = 0.0
+    """Drop each tag (after the first keep_tokens) with this probability, per sample and step."""
+    caption_prefix: str = ""
+    """Put this (a trigger word) first in every non-empty caption: '<prefix>, <caption>'."""
     max_samples: int | None = None
     """Use only the first N samples (debugging)."""
     num_workers: int = 2
@@ -291,6 +299,17 @@ def validate_config(cfg: Config) -> None:
             raise UserError(f"{key} must be in [0, 1), got {value}")
     if not 0.0 <= d.proportion_empty_prompts <= 1.0:
         raise UserError(f"data.proportion_empty_prompts must be in [0, 1], got {d.proportion_empty_prompts}")
+    if not 0.0 <= d.tag_dropout <= 1.0:
+        raise UserError(f"data.tag_dropout must be in [0, 1], got {d.tag_dropout}")
+    _at_least("data.keep_tokens", d.keep_tokens, 0)
+    tags = [k for k, on in (("shuffle_tags", d.shuffle_tags), ("tag_dropout", d.tag_dropout > 0),
+                            ("caption_prefix", bool(d.caption_prefix.strip()))) if on]  # fmt: skip
+    if d.cache and tags:
+        # the cache holds one text embedding per caption, and these change the caption every step
+        raise UserError(
+            f"data.{tags[0]} changes captions per step, but data.cache stores one text embedding per caption: "
+            "turn one of them off"
+        )
     if t.mixed_precision == "fp16":
         import torch
 

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="Optional model folder: check the LoRA's modules exist in its UNet / U-ViT; needed for kohya files "
-        "with original SD block names (input_blocks_*).",
+        "with original SD block names (input_blocks_*); lays out the SDXL kohya names written (default: SDXL's UNet).",
     )
 
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             args.out, components, StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
         )
     else:
-        out = export.save_kohya(args.out, components, sdxl)
+        out = export.save_kohya(args.out, components, sdxl, unet_config)
     layers = [layer for c in components.values() for layer in c.values()]
     ranks = sorted({layer.rank for layer in layers})
     scales = sorted({round(layer.scale, 6) for layer in layers})

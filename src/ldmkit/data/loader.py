@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def detect_format(path: str) -> str:
-    """folder | wds | filelist | features, from the shape of ``data.path``."""
+    """folder | wds | filelist | features | datasets, from the shape of ``data.path``."""
     if not path:
         raise UserError("data.path is empty: give an image folder, WebDataset shards, a file list or a feature folder")
     if path.startswith("pipe:") or "://" in path or "{" in path or "::" in path:
@@ -30,12 +30,18 @@ def detect_format(path: str) -> str:
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"data.path {path} does not exist")
+    from ldmkit.data.hf import is_hf_source
+
+    if is_hf_source(p):
+        return "datasets"
     if p.is_file():
         if p.name.endswith(".tar"):
             return "wds"
         if p.name.endswith((".filelist.list", ".filelist")):
             return "filelist"
-        raise UserError(f"data.path {path}: cannot tell the format of this file (expected *.tar or *.filelist.list)")
+        raise UserError(
+            f"data.path {path}: cannot tell the format of this file (expected *.tar, *.filelist.list, *.parquet or *.arrow)"
+        )
     if (p / "empty_context.npy").is_file():
         return "features"
     if (p / "metadata.jsonl").is_file():
@@ -48,7 +54,7 @@ def detect_format(path: str) -> str:
 def open_dataset(
     cfg: DataConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1, batch_size: int = 1, start_batch: int = 0
 ) -> Dataset:
-    """The reader for ``cfg.path``: map-style (folder, filelist, features) or streamed (wds).
+    """The reader for ``cfg.path``: map-style (folder, filelist, features, datasets) or streamed (wds).
 
     The keyword arguments only matter for WebDataset (its split and resume position).
     """
@@ -67,6 +73,10 @@ def open_dataset(
         return WdsDataset(
             cfg.path, cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch
         )
+    if fmt == "datasets":
+        from ldmkit.data.hf import HFDataset
+
+        return HFDataset(cfg.path, cfg)
     if fmt == "features":
         from ldmkit.data.features import FeatureDataset
 

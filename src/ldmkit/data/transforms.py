@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldmkit.rng import sample_seed
+
 if TYPE_CHECKING:
     from ldmkit.config import DataConfig
 
@@ -182,21 +184,69 @@ def choose_caption(captions: list[str], draws: Draws, proportion_empty: float) -
     return captions[i], i
 
 
+@dataclass(frozen=True)
+class TagCaptions:
+    """Captions as taggers write them (``1girl, solo, red hair, ...``), the way kohya sd-scripts treats them
+    (``shuffle_caption``, ``keep_tokens``, ``caption_tag_dropout_rate``, ``caption_prefix`` of its
+    ``library/train_util.py``): tags are the comma-separated parts of the caption; the first
+    ``keep_tokens`` stay in place and are never dropped, each other tag is dropped with probability
+    ``tag_dropout`` and the rest are shuffled (``shuffle_tags``); ``prefix`` (a trigger word) goes first,
+    untouched. All of it is drawn from the sample's seed (``tag_rng``), so a sample gets the same caption
+    at the same epoch on any number of processes and after resume. The empty caption (dropped for
+    classifier-free guidance) stays empty."""
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout: float = 0.0
+    prefix: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> TagCaptions:
+        return cls(cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_dropout, cfg.caption_prefix.strip())
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout > 0 or bool(self.prefix)
+
+    def __call__(self, caption: str, seed: int) -> str:
+        if not caption or not self.active:
+            return caption
+        tags = [t.strip() for t in caption.split(",")]
+        tags = [t for t in tags if t]
+        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
+        rng = tag_rng(seed)
+        if self.dropout > 0:
+            rest = [t for t in rest if rng.random() >= self.dropout]
+        if self.shuffle:
+            rng.shuffle(rest)
+        return ", ".join(([self.prefix] if self.prefix else []) + kept + rest)
+
+
+def tag_rng(seed: int) -> random.Random:
+    """The sample's generator of tag dropout and shuffling: its own stream derived from the sample seed,
+    so the draws of ``Draws`` (crop, flip, caption choice, dropout) stay what they are with tags on."""
+    return random.Random(sample_seed(seed, "tags"))
+
+
 class SampleBuilder:
     """RawSample + seed -> the sample dict of the batch contract."""
 
-    def __init__(self, transform: ImageTransform, proportion_empty_prompts: float = 0.0):
+    def __init__(
+        self, transform: ImageTransform, proportion_empty_prompts: float = 0.0, tags: TagCaptions | None = None
+    ):
         self.transform = transform
         self.proportion_empty_prompts = proportion_empty_prompts
+        self.tags = tags or TagCaptions()
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> SampleBuilder:
-        return cls(ImageTransform.from_config(cfg), cfg.proportion_empty_prompts)
+        return cls(ImageTransform.from_config(cfg), cfg.proportion_empty_prompts, TagCaptions.from_config(cfg))
 
     def __call__(self, raw: RawSample, seed: int) -> dict[str, Any]:
         draws = Draws.from_seed(seed)
         t = self.transform(raw.image, draws)
         caption, _ = choose_caption(raw.captions, draws, self.proportion_empty_prompts)
+        caption = self.tags(caption, seed)
         sample = {
             "pixel_values": t.pixel_values,
             "captions": caption,

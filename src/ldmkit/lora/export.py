@@ -13,9 +13,13 @@ Two files are written next to each other:
 - ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI: ``lora_unet_*`` and the text encoders'
   ``lora_te_*`` (SDXL ``lora_te1_*`` / ``lora_te2_*``) with ``.lora_down`` / ``.lora_up`` / a 0-d
   ``.alpha``, the names diffusers' ``_convert_non_diffusers_lora_to_diffusers``
-  (``src/diffusers/loaders/lora_conversion_utils.py``) reads back. The UNet's module names are its
-  diffusers paths with dots as underscores (``kohya_name``: the one place to switch SDXL to original-SD
-  block names).
+  (``src/diffusers/loaders/lora_conversion_utils.py``) reads back. SD1.x/2.x UNet modules keep their
+  diffusers paths with dots as underscores (kohya sd-scripts' SD1 UNet uses diffusers names); SDXL UNet
+  modules get their original-SD (SAI / sgm) names (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``,
+  ``output_blocks_2_2_conv``): sd-scripts' SDXL UNet has only those, ComfyUI and A1111 map them, and
+  diffusers' SDXL ``load_lora_weights`` maps them back with the UNet config
+  (``_maybe_map_sgm_blocks_to_diffusers``). ``original_sd_name`` is the inverse of diffusers' single-file
+  conversion ``convert_ldm_unet_checkpoint`` (``src/diffusers/loaders/single_file_utils.py``).
 """
 
 from __future__ import annotations
@@ -103,18 +107,104 @@ def kohya_prefix(component: str, sdxl: bool) -> str:
     raise UserError(f"no kohya name for LoRA component {component!r}")
 
 
-def kohya_name(component: str, module: str, sdxl: bool) -> str:
-    """The kohya module name: prefix + the module path with dots as underscores (diffusers' UNet names
-    for SD and SDXL alike; text encoders: the transformers paths, as kohya writes them)."""
+SDXL_UNET_LAYOUT = {
+    "layers_per_block": 2,
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
+"""The block layout of every SDXL UNet (SDXL base, refiner-free fine-tunes): what the original-SD names
+depend on. Used when no UNet config is at hand."""
+
+# diffusers -> original-SD names outside the blocks (diffusers' DIFFUSERS_TO_LDM_MAPPING["unet"] in
+# src/diffusers/loaders/single_file_utils.py) and inside a resnet (its update_unet_resnet_ldm_to_diffusers).
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "class_embedding.linear_1": "label_emb.0.0",
+    "class_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def _layers_per_block(unet_config: Mapping) -> int:
+    n = unet_config["layers_per_block"]
+    if isinstance(n, (list, tuple)):
+        if len(set(n)) != 1:
+            raise UserError(f"no original-SD block names for a UNet with layers_per_block {list(n)}")
+        n = n[0]
+    return int(n)
+
+
+def original_sd_name(path: str, unet_config: Mapping | None = None) -> str:
+    """The original-SD (sgm) name of a diffusers UNet module or parameter path, given the UNet's config
+    (``layers_per_block``, ``up_block_types``; default: SDXL's layout). Input block k counts conv_in as 0
+    and then ``layers_per_block`` resnets (+ attention at ``.1``) and one downsampler per down block;
+    output blocks have ``layers_per_block + 1`` resnets each, the upsampler sits after the last one's
+    attention (``.2``) or resnet (``.1``)."""
+    cfg = SDXL_UNET_LAYOUT if unet_config is None else unet_config
+    for diffusers, original in _UNET_TOP.items():
+        if path == diffusers or path.startswith(diffusers + "."):
+            return original + path[len(diffusers) :]
+    parts = path.split(".")
+    try:
+        if parts[0] == "mid_block":
+            kind, j, rest = parts[1], int(parts[2]), parts[3:]
+            block = f"middle_block.{2 * j if kind == 'resnets' else 1}"
+        else:
+            n = _layers_per_block(cfg) + 1
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            if parts[0] == "down_blocks":
+                if kind == "downsamplers":  # conv -> op
+                    block, rest = f"input_blocks.{n * (i + 1)}.0", ["op" if r == "conv" else r for r in rest]
+                else:
+                    block = f"input_blocks.{n * i + j + 1}.{0 if kind == 'resnets' else 1}"
+            elif parts[0] == "up_blocks":
+                if kind == "upsamplers":
+                    inner = 2 if "CrossAttn" in cfg["up_block_types"][i] else 1
+                    block = f"output_blocks.{n * i + n - 1}.{inner}"
+                else:
+                    block = f"output_blocks.{n * i + j}.{0 if kind == 'resnets' else 1}"
+            else:
+                raise ValueError(parts[0])
+        if kind not in ("resnets", "attentions", "downsamplers", "upsamplers"):
+            raise ValueError(kind)
+    except (ValueError, IndexError, KeyError):
+        raise UserError(f"no original-SD name for the UNet module {path}") from None
+    if kind == "resnets" and rest:
+        rest = [_RESNET.get(rest[0], rest[0]), *rest[1:]]
+    return ".".join([block, *rest])
+
+
+def kohya_name(component: str, module: str, sdxl: bool, unet_config: Mapping | None = None) -> str:
+    """The kohya module name: prefix + the module path with dots as underscores. SDXL UNet modules are
+    named by their original-SD path (``original_sd_name``, laid out by ``unet_config``; default SDXL's),
+    SD1.x/2.x UNet modules by their diffusers path, text encoders by their transformers path, as kohya
+    writes them."""
+    if component == "unet" and sdxl:
+        module = original_sd_name(module, unet_config)
     return kohya_prefix(component, sdxl) + module.replace(".", "_")
 
 
-def kohya_state_dict(components: Mapping[str, Layers], sdxl: bool) -> dict[str, torch.Tensor]:
-    """kohya keys ``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-d fp32), fp32 weights."""
+def kohya_state_dict(
+    components: Mapping[str, Layers], sdxl: bool, unet_config: Mapping | None = None
+) -> dict[str, torch.Tensor]:
+    """kohya keys ``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-d fp32), fp32 weights;
+    ``unet_config`` lays out SDXL's original-SD names (see ``kohya_name``)."""
     out = {}
     for component, layers in components.items():
         for module, layer in layers.items():
-            key = kohya_name(component, module, sdxl)
+            key = kohya_name(component, module, sdxl, unet_config)
             out[f"{key}.lora_down.weight"] = layer.down.detach().float().cpu().contiguous()
             out[f"{key}.lora_up.weight"] = layer.up.detach().float().cpu().contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(layer.alpha if layer.alpha is not None else layer.rank))
@@ -140,13 +230,15 @@ def save_diffusers(path: str | Path, components: Mapping[str, Layers], pipeline_
     return folder / name
 
 
-def save_kohya(path: str | Path, components: Mapping[str, Layers], sdxl: bool) -> Path:
+def save_kohya(
+    path: str | Path, components: Mapping[str, Layers], sdxl: bool, unet_config: Mapping | None = None
+) -> Path:
     """The kohya file at ``path`` (a ``.safetensors`` file, or a folder that gets
-    pytorch_lora_weights_kohya.safetensors)."""
+    pytorch_lora_weights_kohya.safetensors); ``unet_config``: see ``kohya_name``."""
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p / KOHYA_WEIGHT_NAME
-    tensors = kohya_state_dict(components, sdxl)
+    tensors = kohya_state_dict(components, sdxl, unet_config)
     if not tensors:
         raise UserError("the LoRA has no adapted modules")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +256,8 @@ def export_lora(
     components = {name: layers_from_peft_model(model) for name, model in models.items()}
     save_diffusers(out_dir, components, pipeline_cls)
     if kohya:
-        save_kohya(out_dir, components, is_sdxl_pipeline(pipeline_cls))
+        unet = models.get("unet")
+        save_kohya(out_dir, components, is_sdxl_pipeline(pipeline_cls), getattr(unet, "config", None))
     n = sum(len(layers) for layers in components.values())
     log.info("exported LoRA (%d modules) to %s", n, out_dir)
     return n
