@@ -351,29 +351,9 @@ class LoraMethod(_SDMethod):
         n = sum(p.numel() for mod in modules for p in mod.parameters() if p.requires_grad)
         log.info("LoRA rank %d: %d trainable parameters", m.lora_rank, n)
 
-    def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
-        """peft-format adapter weights per trained module (keys ``<module path>.lora_A.weight`` /
-        ``lora_B``), with alpha / rank folded into lora_B (ldmkit.lora.export)."""
-        from ldmkit.lora import export
-
-        return {
-            name: export.peft_state_dict(export.layers_from_peft_model(self.unwrap(getattr(self, name))))
-            for name in self.trainable_names
-        }
-
-    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        """The same adapters in kohya keys (``lora_unet_*``; text encoders ``lora_te_*``, SDXL
-        ``lora_te1_*`` / ``lora_te2_*``, the prefixes A1111, ComfyUI and diffusers read)."""
-        from ldmkit.lora import export
-
-        models = {name: self.unwrap(getattr(self, name)) for name in self.trainable_names}
-        layers = {name: export.layers_from_peft_model(model) for name, model in models.items()}
-        return export.kohya_state_dict(layers, export.is_sdxl_pipeline(self.family.pipeline_class))
-
     def export(self, out_dir: Path) -> None:
         """``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` and a kohya copy
         ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI (ldmkit.lora.export)."""
-
         from ldmkit.lora import export
 
         models = {name: self.unwrap(getattr(self, name)) for name in self.trainable_names}
