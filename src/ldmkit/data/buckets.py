@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ldmkit.errors import UserError
+
 if TYPE_CHECKING:
     from ldmkit.config import DataConfig
 
@@ -71,6 +73,13 @@ class Buckets:
     step: int
     max_aspect: float = 4.0
 
+    def __post_init__(self):
+        if self.resolution < self.step:
+            raise UserError(
+                f"data.buckets: data.resolution {self.resolution} is below one bucket step ({self.step} px = 8 x the "
+                "VAE factor); raise data.resolution or set data.bucket_step"
+            )
+
     @classmethod
     def from_config(cls, cfg: DataConfig, encoders: Any = None) -> Buckets | None:
         """None when ``data.buckets`` is off (square crops)."""
@@ -88,8 +97,6 @@ class Buckets:
             if max(w / h, h / w) <= self.max_aspect + 1e-9:
                 out.update({(w, h), (h, w)})
             w += step
-        if not out:  # resolution below one step: the one bucket of a step's square
-            out.add((step, step))
         return sorted(out, key=lambda b: (b[0] / b[1], b[0]))
 
     def assign(self, size: Size | None) -> Size:
