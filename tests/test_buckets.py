@@ -29,7 +29,7 @@ STEP = 16  # resolution 32: buckets (16, 64), (16, 48), (32, 32), (48, 16), (64,
 SIZES = [(84 + d, 30) for d in range(8)] + [(30, 84 + d) for d in range(8)] + [(40 + d, 40) for d in range(8)]
 
 
-def _write_images(root: Path, exif_rotate: bool = False) -> Path:
+def _write_images(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i, (w, h) in enumerate(SIZES):
