@@ -48,7 +48,8 @@ class DataConfig:
     format: Literal["auto", "folder", "wds", "filelist", "features", "datasets"] = "auto"
     """Source format; auto detects it from the path."""
     resolution: int = 512
-    """Training resolution (square): shorter side is resized to this, then cropped."""
+    """Training resolution: shorter side is resized to this, then cropped to a square (with data.buckets: buckets of
+    about this squared pixels)."""
     center_crop: bool = True
     """Centre crop (true) or random crop (false)."""
     random_flip: bool = False
@@ -85,6 +86,13 @@ class DataConfig:
     """Where caches live; default: <output_dir>/cache. Caches are keyed by model, data and transform settings."""
     encode_batch_size: int = 32
     """Batch size when building the cache (vae_encode_batch_size of the references)."""
+    buckets: bool = False
+    """Aspect-ratio bucketing (SD methods): every batch from one bucket of about resolution^2 pixels, each image
+    resized to its bucket and cropped as little as possible (at most one bucket step); off: square crops."""
+    bucket_step: int | None = None
+    """Bucket sides are multiples of this; default: 8 x the VAE's downsampling factor (64 for SD/SDXL)."""
+    bucket_max_aspect: float = 4.0
+    """Largest aspect ratio (long side / short side) of a bucket."""
 
 
 @dataclass
@@ -280,12 +288,14 @@ def validate_config(cfg: Config) -> None:
         ("data.num_workers", d.num_workers, 0),
         ("data.encode_batch_size", d.encode_batch_size, 1),
         ("data.shuffle_buffer", d.shuffle_buffer, 1),
+        ("data.bucket_max_aspect", d.bucket_max_aspect, 1.0),
     ):
         _at_least(key, value, low)
     for key, value in (
         ("train.checkpoints_total_limit", t.checkpoints_total_limit),
         ("data.max_samples", d.max_samples),
         ("data.num_samples", d.num_samples),
+        ("data.bucket_step", d.bucket_step),
     ):
         _at_least(key, value, 1, none_ok=True)
     for key, value in (("train.learning_rate", t.learning_rate), ("train.adam_epsilon", t.adam_epsilon)):

@@ -18,15 +18,24 @@ The seeds come from ``GlobalBatchSampler``: ``sample_seed(train.seed, epoch, ind
 Streamed WebDataset shards (``WdsDataset``) are iterable instead and seed samples by
 ``sample_seed(train.seed, epoch, key)``.
 
+With ``data.buckets`` (data/buckets.py): map-style image readers offer ``use_buckets(buckets)``, which
+assigns each index its bucket (from the image headers) and returns the list that ``BucketBatchSampler``
+groups by; samples are then resized and cropped to their bucket (``target_size`` in the batch). The
+latent cache stores each sample at its bucket (``CacheDataset.bucket_of``); WebDataset streams group
+within their shuffle buffer.
+
 Readers also expose ``load(index) -> RawSample`` (decoded PIL image, ALL captions, key) and
 ``lazy_samples()`` for tools that need every caption (the cache, ``prepare features``).
 """
 
-from ldmkit.data.loader import Loader, build_loader, collate, detect_format, open_dataset
-from ldmkit.data.sampler import GlobalBatchSampler
+from ldmkit.data.buckets import Buckets
+from ldmkit.data.loader import Loader, build_loader, collate, detect_format, most_common_bucket, open_dataset
+from ldmkit.data.sampler import BucketBatchSampler, GlobalBatchSampler
 from ldmkit.data.transforms import Draws, ImageTransform, RawSample, SampleBuilder
 
 __all__ = [
+    "BucketBatchSampler",
+    "Buckets",
     "Draws",
     "GlobalBatchSampler",
     "ImageTransform",
@@ -36,5 +45,6 @@ __all__ = [
     "build_loader",
     "collate",
     "detect_format",
+    "most_common_bucket",
     "open_dataset",
 ]

@@ -4,8 +4,10 @@ Layout of ``<cache_root>/<key>/``:
 - ``shard-NNNNN.safetensors``: samples at source positions ``[N*S, (N+1)*S)`` (S = shard size, unreadable
   samples left out): ``moments`` [n,2C,h,w] (and ``moments_flip`` with random_flip), ``text.<name>``
   [m,...] for every caption of the shard's samples (m = all captions, ``caption_offsets`` [n+1] say which
-  rows belong to which sample), ``original_size``, ``crop_top_left`` (+ ``crop_top_left_flip``) [n,2];
-  the metadata holds the keys and captions as JSON.
+  rows belong to which sample), ``original_size``, ``crop_top_left`` (+ ``crop_top_left_flip``),
+  ``target_size`` [n,2]; the metadata holds the keys and captions as JSON. With ``data.buckets`` the
+  moments are stored per bucket, ``moments@{W}x{H}`` [n_b,2C,H/f,W/f] (and ``moments_flip@{W}x{H}``),
+  and ``bucket_row`` [n] gives each sample's row in its bucket's tensor.
 - ``empty.safetensors``: ``text.<name>`` [1,...] of the empty prompt (caption dropout).
 - ``index.json``: written last; its presence marks a complete cache.
 - ``key.json``: what the key was computed from (for people).
@@ -15,7 +17,7 @@ well inside its range, relative error ~1e-3) and returned as float32.
 
 The key hashes the encoders' fingerprint, every data file (path, size, mtime), and the settings that
 change the encoded tensors (resolution, center_crop, random_flip, interpolation, max_samples, caption and
-image columns); any change gives a new folder, so a stale cache is never read. What stays dynamic:
+image columns, the buckets: step and largest aspect ratio); any change gives a new folder, so a stale cache is never read. What stays dynamic:
 flip (with random_flip both orientations are stored and the sample's seed picks one), caption choice and
 caption dropout. With random crop (center_crop false) the crop is drawn once per sample at cache time
 (seeded by its key) and fixed for the whole training.
@@ -45,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ldmkit.data.buckets import Buckets, Size
 from ldmkit.data.transforms import Draws, ImageTransform, RawSample, choose_caption
 from ldmkit.rng import sample_seed
 
@@ -52,7 +55,7 @@ if TYPE_CHECKING:
     from ldmkit.config import DataConfig
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: target_size, bucket_row and per-bucket moments (data.buckets)
 STORE_DTYPE = torch.float16
 SHARD_SIZE = 512  # samples per shard file
 
@@ -73,9 +76,12 @@ def _stat(path: str) -> list[Any]:
     return [path, st.st_size, st.st_mtime_ns]
 
 
-def cache_key(dataset: Any, encoders: Encoders, cfg: DataConfig, shard_size: int) -> dict[str, Any]:
+def cache_key(
+    dataset: Any, encoders: Encoders, cfg: DataConfig, shard_size: int, buckets: Buckets | None = None
+) -> dict[str, Any]:
     """What a cache depends on; hashed into its folder name."""
     return {
+        "buckets": [buckets.step, buckets.max_aspect] if buckets is not None else None,
         "version": CACHE_VERSION,
         "encoders": encoders.fingerprint(),
         "source": type(dataset).__name__,
@@ -112,14 +118,18 @@ def _encode_text(encoders: Encoders, captions: list[str], batch_size: int) -> di
 class _ShardWriter:
     """Accumulates one shard: transforms and VAE-encodes images in chunks of batch_size as they come."""
 
-    def __init__(self, encoders: Encoders, transform: ImageTransform, batch_size: int):
-        self.encoders, self.transform, self.batch_size = encoders, transform, batch_size
+    def __init__(self, encoders: Encoders, transform: ImageTransform, batch_size: int, buckets: Buckets | None = None):
+        self.encoders, self.transform, self.batch_size, self.buckets = encoders, transform, batch_size, buckets
         self.keys: list[str] = []
         self.captions: list[list[str]] = []
         self.sizes: list[tuple[int, int]] = []
+        self.targets: list[tuple[int, int]] = []  # (height, width) of each sample's crop
+        self.rows: list[int] = []  # row of each sample in its group's moments
         self.crops: dict[bool, list[tuple[int, int]]] = {False: [], True: []}
-        self.pending: dict[bool, list[torch.Tensor]] = {False: [], True: []}
-        self.moments: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+        # per group (moments name suffix: "" for square crops, "@{W}x{H}" per bucket) and flip
+        self.pending: dict[tuple[str, bool], list[torch.Tensor]] = {}
+        self.moments: dict[tuple[str, bool], list[torch.Tensor]] = {}
+        self.counts: dict[str, int] = {}
         self.unreadable = 0
         self.replaced_captions = 0
         self.flips = (False, True) if transform.random_flip else (False,)
@@ -130,22 +140,28 @@ class _ShardWriter:
             return
         self.replaced_captions += raw.replaced_captions
         draws = Draws.from_seed(sample_seed("cache-crop", raw.key))  # random crop: fixed per key
+        size = self.buckets.assign(raw.image.size) if self.buckets is not None else None
+        group = f"@{size[0]}x{size[1]}" if size is not None else ""
         for flip in self.flips:
-            t = self.transform(raw.image, draws, flip=flip)
-            self.pending[flip].append(t.pixel_values)
+            t = self.transform(raw.image, draws, flip=flip, size=size)
+            self.pending.setdefault((group, flip), []).append(t.pixel_values)
             self.crops[flip].append(t.crop_top_left)
         self.sizes.append(t.original_size)
+        self.targets.append(tuple(t.pixel_values.shape[-2:]))
+        self.rows.append(self.counts.get(group, 0))
+        self.counts[group] = self.rows[-1] + 1
         self.keys.append(raw.key)
         self.captions.append(list(raw.captions))
-        if len(self.pending[False]) >= self.batch_size:
-            self._encode_pending()
+        if len(self.pending[group, False]) >= self.batch_size:
+            self._encode_pending(group)
 
-    def _encode_pending(self) -> None:
-        for flip in self.flips:
-            if self.pending[flip]:
-                x = torch.stack(self.pending[flip])  # (b, 3, res, res)
-                self.moments[flip].append(self.encoders.encode_images(x).detach().to("cpu", STORE_DTYPE))
-                self.pending[flip] = []
+    def _encode_pending(self, only: str | None = None) -> None:
+        for (group, flip), pixels in self.pending.items():
+            if pixels and only in (None, group):
+                x = torch.stack(pixels)  # (b, 3, H, W)
+                encoded = self.encoders.encode_images(x).detach().to("cpu", STORE_DTYPE)
+                self.moments.setdefault((group, flip), []).append(encoded)
+                self.pending[group, flip] = []
 
     def save(self, path: Path, tag: str) -> int:
         self._encode_pending()
@@ -156,10 +172,12 @@ class _ShardWriter:
             offsets.append(offsets[-1] + len(caps))
         tensors["caption_offsets"] = torch.tensor(offsets, dtype=torch.int64)
         tensors["original_size"] = torch.tensor(self.sizes, dtype=torch.int64).reshape(-1, 2)
+        tensors["target_size"] = torch.tensor(self.targets, dtype=torch.int64).reshape(-1, 2)
+        tensors["bucket_row"] = torch.tensor(self.rows, dtype=torch.int64)
+        for (group, flip), parts in self.moments.items():
+            tensors["moments" + ("_flip" if flip else "") + group] = torch.cat(parts)
         for flip in self.flips:
             suffix = "_flip" if flip else ""
-            if self.moments[flip]:
-                tensors["moments" + suffix] = torch.cat(self.moments[flip])
             tensors["crop_top_left" + suffix] = torch.tensor(self.crops[flip], dtype=torch.int64).reshape(-1, 2)
         meta = {
             "keys": json.dumps(self.keys),
@@ -180,6 +198,7 @@ def build_cache(
     batch_size: int,
     accelerator: Any = None,
     shard_size: int | None = None,
+    buckets: Buckets | None = None,
 ) -> CacheDataset:
     """Build (or reuse) the cache of ``dataset`` and return it as a map-style dataset.
 
@@ -188,7 +207,7 @@ def build_cache(
     (accelerate's Accelerator or PartialState); None for one process.
     """
     shard_size = shard_size or SHARD_SIZE
-    key_info = cache_key(dataset, encoders, data_cfg, shard_size)
+    key_info = cache_key(dataset, encoders, data_cfg, shard_size, buckets)
     digest = hashlib.sha256(json.dumps(key_info, sort_keys=True).encode()).hexdigest()[:20]
     folder = Path(cache_root) / digest
     if (folder / "index.json").is_file():
@@ -213,7 +232,7 @@ def build_cache(
                     writer.save(folder / _shard_name(current), str(rank))
                 current = s
                 todo = s % world == rank and not (folder / _shard_name(s)).is_file()
-                writer = _ShardWriter(encoders, transform, batch_size) if todo else None
+                writer = _ShardWriter(encoders, transform, batch_size, buckets) if todo else None
             if writer is not None:
                 writer.add(load())
             bar.update(1)
@@ -235,6 +254,7 @@ def build_cache(
             "shards": [_shard_name(s) for s in range(num_shards)],
             "random_flip": data_cfg.random_flip,
             "resolution": data_cfg.resolution,
+            "buckets": buckets is not None,
         }
         tmp = folder / "index.json.tmp"
         tmp.write_text(json.dumps(index, indent=1))
@@ -261,7 +281,8 @@ def _report(cache: CacheDataset) -> CacheDataset:
 class CacheDataset(Dataset):
     """Map-style dataset over a finished cache (protocol of ldmkit.data): ``ds[(index, seed)]`` gives
     ``latent_moments``, ``prompt_embeds`` (+ ``pooled_prompt_embeds``), ``captions``, ``original_size``,
-    ``crop_top_left``, ``seed``, ``key``. Flip, caption choice and dropout (-> the cached empty-prompt
+    ``crop_top_left``, ``target_size``, ``seed``, ``key``. ``bucket_of``: (width, height) of every
+    sample's bucket (the BucketBatchSampler groups by it), None for a square-crop cache. Flip, caption choice and dropout (-> the cached empty-prompt
     embedding, caption "") come from ``Draws.from_seed(seed)`` exactly as on the image path."""
 
     def __init__(self, folder: str | Path, proportion_empty_prompts: float = 0.0):
@@ -269,6 +290,7 @@ class CacheDataset(Dataset):
         self.path = str(folder)
         index = json.loads((self.folder / "index.json").read_text())
         self.random_flip = bool(index["random_flip"])
+        self.bucketed = bool(index.get("buckets", False))
         self.proportion_empty_prompts = proportion_empty_prompts
         self.shard_files = [self.folder / name for name in index["shards"]]
         self.keys: list[list[str]] = []
@@ -284,6 +306,12 @@ class CacheDataset(Dataset):
         self.starts = [0]
         for k in self.keys:
             self.starts.append(self.starts[-1] + len(k))
+        self.bucket_of: list[Size] | None = None
+        if self.bucketed:
+            self.bucket_of = []
+            for f in self.shard_files:
+                with safe_open(str(f), "pt") as h:
+                    self.bucket_of += [(int(w), int(hh)) for hh, w in h.get_tensor("target_size").tolist()]
         self.empty = {
             k.removeprefix("text."): v[0].float() for k, v in load_file(str(self.folder / "empty.safetensors")).items()
         }
@@ -315,7 +343,11 @@ class CacheDataset(Dataset):
         suffix = "_flip" if flip else ""
         captions = self.captions[s][j]
         caption, ci = choose_caption(captions, draws, self.proportion_empty_prompts)
-        sample: dict[str, Any] = {"latent_moments": h.get_slice("moments" + suffix)[j : j + 1][0].float()}
+        target = h.get_slice("target_size")[j : j + 1][0]  # (height, width)
+        row = int(h.get_slice("bucket_row")[j : j + 1][0])
+        group = f"@{int(target[1])}x{int(target[0])}" if self.bucketed else ""
+        moments = h.get_slice("moments" + suffix + group)[row : row + 1][0]
+        sample: dict[str, Any] = {"latent_moments": moments.float()}
         if ci is None:
             sample.update({k: v.clone() for k, v in self.empty.items()})
         else:
@@ -328,6 +360,7 @@ class CacheDataset(Dataset):
                 "captions": caption,
                 "original_size": h.get_slice("original_size")[j : j + 1][0],
                 "crop_top_left": h.get_slice("crop_top_left" + suffix)[j : j + 1][0],
+                "target_size": target,
                 "seed": int(seed),
                 "key": self.keys[s][j],
             }

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
+from ldmkit.data.buckets import Buckets, Size, header_size
 from ldmkit.data.transforms import (
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -44,6 +45,7 @@ class ImageDataset(Dataset):
     def __init__(self, cfg: DataConfig, path: str):
         self.path = path
         self.builder = SampleBuilder.from_config(cfg)
+        self.bucket_of: list[Size] | None = None  # per index: (width, height) of its bucket (use_buckets)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -55,6 +57,19 @@ class ImageDataset(Dataset):
     def files(self) -> list[str]:
         """Every file the samples are read from (cache keys stat them)."""
         raise NotImplementedError
+
+    def image_size(self, index: int) -> Size | None:
+        """(width, height) of sample ``index`` as decoded; None if unreadable. Subclasses that can read
+        only the header override this."""
+        raw = self.try_load(index)
+        return raw.image.size if raw is not None else None
+
+    def use_buckets(self, buckets: Buckets) -> list[Size]:
+        """Assign every sample its aspect-ratio bucket (from the image headers); samples are then resized
+        and cropped to it. An unreadable sample's replacement takes the bucket of the index asked for, so
+        a batch stays in one bucket."""
+        self.bucket_of = [buckets.assign(self.image_size(i)) for i in range(len(self))]
+        return self.bucket_of
 
     def try_load(self, index: int) -> RawSample | None:
         try:
@@ -86,7 +101,7 @@ class ImageDataset(Dataset):
         for j in range(n):
             raw = self.try_load((index + j) % n)
             if raw is not None:
-                sample = self.builder(raw, seed)
+                sample = self.builder(raw, seed, self.bucket_of[index] if self.bucket_of is not None else None)
                 if j:
                     sample["_skipped"] = j
                 return sample
@@ -179,6 +194,9 @@ class FolderDataset(ImageDataset):
             captions = split_captions(text)
             return RawSample(decode_image(path), captions, self.key(index), replaced_captions=replaced)
         return RawSample(decode_image(path), captions, self.key(index))
+
+    def image_size(self, index: int) -> Size | None:
+        return header_size(self.images[index])
 
     def files(self) -> list[str]:
         out = [str(p) for p in self.images]

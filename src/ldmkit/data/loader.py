@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldmkit.data.sampler import GlobalBatchSampler
+from ldmkit.data.buckets import Buckets, Size, most_common
+from ldmkit.data.sampler import BucketBatchSampler, GlobalBatchSampler
 from ldmkit.errors import UserError
 
 if TYPE_CHECKING:
@@ -211,7 +212,12 @@ def build_loader(
     Encoders that load models on demand (ldmkit.families) may offer ``transient()``: what encoding
     loaded is dropped once the cache is built; and ``use_encoded_prompt(caption, embeds)``: they receive
     the cache's empty-prompt embedding, so the unconditional pass needs no text encoder either.
+
+    With ``data_cfg.buckets`` every batch comes from one aspect-ratio bucket (data/buckets.py; the
+    bucket step from the encoders' VAE): BucketBatchSampler for map-style sources and the cache, runs
+    of one bucket within the shuffle buffer for WebDataset streams.
     """
+    buckets = Buckets.from_config(data_cfg, encoders)
     dataset = open_dataset(
         data_cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch
     )
@@ -230,6 +236,7 @@ def build_loader(
                 data_cfg,
                 batch_size=data_cfg.encode_batch_size,
                 accelerator=_Ranks(rank, world_size) if world_size > 1 else None,
+                buckets=buckets,
             )
         if hasattr(encoders, "use_encoded_prompt"):
             encoders.use_encoded_prompt("", dataset.empty)
@@ -245,6 +252,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
     )
+    bucket_of = _use_buckets(dataset, buckets, data_cfg.path) if buckets is not None else None
     if isinstance(dataset, torch.utils.data.IterableDataset):
         num_samples = data_cfg.num_samples if data_cfg.num_samples is not None else dataset.count()
         if num_samples == 0:
@@ -260,8 +268,64 @@ def build_loader(
     check = getattr(dataset, "first_readable", None)
     if check is not None:
         check()  # UserError when nothing is readable
-    sampler = GlobalBatchSampler(
-        num_samples, batch_size, seed=seed, rank=rank, world_size=world_size, start_batch=start_batch
-    )
+    if bucket_of is not None:
+        sampler = BucketBatchSampler(
+            bucket_of, batch_size, seed=seed, rank=rank, world_size=world_size, start_batch=start_batch
+        )
+        _log_buckets(sampler)
+    else:
+        sampler = GlobalBatchSampler(
+            num_samples, batch_size, seed=seed, rank=rank, world_size=world_size, start_batch=start_batch
+        )
     loader = DataLoader(dataset, batch_sampler=sampler, **common)
     return Loader(loader, num_samples=num_samples, batches_per_epoch=sampler.batches_per_epoch, start_batch=start_batch)
+
+
+def _use_buckets(dataset: Any, buckets: Buckets, path: str) -> list[Size] | None:
+    """Switch a source to bucketing: the per-sample buckets of a map-style source (None for a stream,
+    which groups on its own, or a source of fixed-size samples, which cannot bucket)."""
+    if getattr(dataset, "bucket_of", None) is not None:  # a bucketed latent cache
+        return dataset.bucket_of
+    if not hasattr(dataset, "use_buckets"):
+        logger.warning("data.buckets: %s holds fixed-size samples (e.g. a feature folder); not bucketed", path)
+        return None
+    return dataset.use_buckets(buckets)
+
+
+def _log_buckets(sampler: BucketBatchSampler) -> None:
+    counts = sorted(sampler.bucket_counts.items(), key=lambda kv: -kv[1])
+    logger.info(
+        "data.buckets: %d buckets (width x height: samples) %s; %d samples per epoch left out (bucket remainders)",
+        len(counts),
+        ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts),
+        sampler.dropped_per_epoch,
+    )
+    small = [f"{w}x{h}" for (w, h), n in counts if n < sampler.global_batch]
+    if small:
+        logger.warning(
+            "data.buckets: buckets %s hold fewer samples than one global batch (%d) and are never drawn",
+            ", ".join(small),
+            sampler.global_batch,
+        )
+
+
+def most_common_bucket(data_cfg: DataConfig, encoders: Any = None, limit: int = 1000) -> Size | None:
+    """(width, height) of the bucket most samples of ``data_cfg`` fall into (of the first ``limit``
+    samples of a stream); None without ``data.buckets`` or for fixed-size samples. The methods' default
+    validation size when bucketing."""
+    buckets = Buckets.from_config(data_cfg, encoders)
+    if buckets is None:
+        return None
+    dataset = open_dataset(data_cfg)
+    if hasattr(dataset, "use_buckets") and not isinstance(dataset, torch.utils.data.IterableDataset):
+        return most_common(dataset.use_buckets(buckets))
+    if not hasattr(dataset, "lazy_samples"):
+        return None
+    sizes = []
+    for i, load in dataset.lazy_samples():
+        if i >= limit:
+            break
+        raw = load()
+        if raw is not None:
+            sizes.append(buckets.assign(raw.image.size))
+    return most_common(sizes)

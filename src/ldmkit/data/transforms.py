@@ -16,6 +16,10 @@ flipped resized image, ``left = width - left - resolution``: the flipped sample 
 the mirrored image, so the conditioning still says where the training window sits. (The reference
 script computes ``x1 = image.width - x1`` on the already cropped image, which gives ``resolution - x1``,
 a value that describes no crop.)
+
+Aspect-ratio buckets (``data.buckets``, data/buckets.py): the image is resized to the smallest size
+covering its bucket instead of the square, then cropped (centre or random) to the bucket, and flipped
+as above; ``target_size`` is the bucket's (height, width).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldmkit.data.buckets import cover_size
 from ldmkit.rng import sample_seed
 
 if TYPE_CHECKING:
@@ -78,7 +83,7 @@ class Draws:
 
 @dataclass(frozen=True)
 class Transformed:
-    pixel_values: torch.Tensor  # (3, res, res) float32 in [-1, 1]
+    pixel_values: torch.Tensor  # (3, res, res) (a bucket: (3, height, width)) float32 in [-1, 1]
     original_size: tuple[int, int]  # (height, width) before resize
     crop_top_left: tuple[int, int]  # (top, left) in the (possibly flipped) resized image
     flipped: bool
@@ -152,9 +157,19 @@ class ImageTransform:
             return image
         return image.resize(size, INTERPOLATIONS[self.interpolation])
 
-    def crop_offsets(self, height: int, width: int, draws: Draws) -> tuple[int, int]:
-        """(top, left) of the square crop in a resized image of this size."""
-        dy, dx = height - self.resolution, width - self.resolution
+    def resize_to_cover(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """Aspect kept, resized to the smallest size covering ``size`` = (width, height) of a bucket
+        (data/buckets.py ``cover_size``)."""
+        target = cover_size(image.size, size)
+        return image if target == image.size else image.resize(target, INTERPOLATIONS[self.interpolation])
+
+    def crop_offsets(
+        self, height: int, width: int, draws: Draws, crop: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
+        """(top, left) of the crop (``crop`` = (width, height); default the square) in a resized image of
+        this size."""
+        cw, ch = crop or (self.resolution, self.resolution)
+        dy, dx = height - ch, width - cw
         if self.center_crop:
             return int(round(dy / 2.0)), int(round(dx / 2.0))
         return min(int(draws.crop_top * (dy + 1)), dy), min(int(draws.crop_left * (dx + 1)), dx)
@@ -162,17 +177,23 @@ class ImageTransform:
     def wants_flip(self, draws: Draws) -> bool:
         return self.random_flip and draws.flip < 0.5
 
-    def __call__(self, image: Image.Image, draws: Draws, flip: bool | None = None) -> Transformed:
-        """Transform with the draws' crop; ``flip`` overrides the drawn flip (the cache stores both)."""
+    def __call__(
+        self, image: Image.Image, draws: Draws, flip: bool | None = None, size: tuple[int, int] | None = None
+    ) -> Transformed:
+        """Transform with the draws' crop; ``flip`` overrides the drawn flip (the cache stores both);
+        ``size`` = (width, height) of the image's aspect-ratio bucket (data/buckets.py), None: the square."""
         original_size = (image.height, image.width)
-        image = self.resize(image)
-        width, res = image.width, self.resolution
-        top, left = self.crop_offsets(image.height, width, draws)
-        image = image.crop((left, top, left + res, top + res))
+        if size is None:
+            image, (cw, ch) = self.resize(image), (self.resolution, self.resolution)
+        else:
+            image, (cw, ch) = self.resize_to_cover(image, size), size
+        width = image.width
+        top, left = self.crop_offsets(image.height, width, draws, (cw, ch))
+        image = image.crop((left, top, left + cw, top + ch))
         flip = self.wants_flip(draws) if flip is None else flip
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = width - left - res  # the same window, in the mirrored resized image
+            left = width - left - cw  # the same window, in the mirrored resized image
         return Transformed(to_tensor(image), original_size, (top, left), flip)
 
 
@@ -242,9 +263,10 @@ class SampleBuilder:
     def from_config(cls, cfg: DataConfig) -> SampleBuilder:
         return cls(ImageTransform.from_config(cfg), cfg.proportion_empty_prompts, TagCaptions.from_config(cfg))
 
-    def __call__(self, raw: RawSample, seed: int) -> dict[str, Any]:
+    def __call__(self, raw: RawSample, seed: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """``size``: (width, height) of the sample's aspect-ratio bucket (data/buckets.py); None: square."""
         draws = Draws.from_seed(seed)
-        t = self.transform(raw.image, draws)
+        t = self.transform(raw.image, draws, size=size)
         caption, _ = choose_caption(raw.captions, draws, self.proportion_empty_prompts)
         caption = self.tags(caption, seed)
         sample = {
@@ -252,6 +274,7 @@ class SampleBuilder:
             "captions": caption,
             "original_size": torch.tensor(t.original_size, dtype=torch.int64),
             "crop_top_left": torch.tensor(t.crop_top_left, dtype=torch.int64),
+            "target_size": torch.tensor(t.pixel_values.shape[-2:], dtype=torch.int64),
             "seed": int(seed),
             "key": raw.key,
         }

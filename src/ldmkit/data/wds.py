@@ -18,6 +18,12 @@ shards ``[u::U]``: every sample once per epoch, no duplicates. With fewer shards
 Each unit shuffles through a buffer of ``data.shuffle_buffer`` samples seeded by (seed, e, u).
 A sample's seed is ``sample_seed(seed, e, key)``.
 
+Buckets (``data.buckets``, data/buckets.py). Bucketing happens within the shuffle buffer: each unit
+reads the image header of every sample leaving its buffer, keeps one pending list per bucket, and emits
+a bucket's list as soon as it holds ``batch_size`` samples, so the DataLoader's batches of that worker
+are single-bucket. Lists still pending at the end of an epoch are dropped (fewer than a batch each).
+Resume skips whole emitted batches without decoding, as above.
+
 Resume. The DataLoader takes batch i from worker i % num_workers, so global micro-batch g comes from
 the unit with w = g % num_workers. A loader started at position p lets worker w play role
 (w + p) % num_workers and skips that role's samples of the batches before p: the stream continues
@@ -40,6 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from ldmkit.data.buckets import Buckets, Size, header_size
 from ldmkit.data.transforms import (
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -178,6 +185,11 @@ class WdsDataset(IterableDataset):
         self.max_samples = cfg.max_samples
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size, self.start_batch = batch_size, start_batch
+        self.buckets: Buckets | None = None
+
+    def use_buckets(self, buckets: Buckets) -> None:
+        """Emit single-bucket runs of ``batch_size`` samples (see the module docstring)."""
+        self.buckets = buckets
 
     def files(self) -> list[str]:
         return list(self.urls)
@@ -229,7 +241,24 @@ class WdsDataset(IterableDataset):
         while epochs is None or epoch < epochs:
             rng = random.Random(sample_seed(self.seed, "shuffle", epoch, unit))
             yielded, skipping = 0, skip > 0
-            for raw in self._shuffled(self._unit_raw(unit, num_units, epoch), rng):
+            stream = self._shuffled(self._unit_raw(unit, num_units, epoch), rng)
+            if self.buckets is not None:
+                left = [skip]
+                for decoded, size, lost in self._bucket_runs(stream, left):
+                    unreadable += lost
+                    sample = self.builder(decoded, sample_seed(self.seed, epoch, decoded.key), size)
+                    if unreadable:
+                        sample["_skipped"], unreadable = unreadable, 0
+                    yielded += 1
+                    yield sample
+                if not yielded and not skipping:
+                    raise UserError(
+                        f"no bucket of loader unit {unit} of {num_units} in {self.path} collected "
+                        f"{self.batch_size} readable samples (data.buckets; fewer samples per bucket than the batch size?)"
+                    )
+                epoch, skip = epoch + 1, left[0]
+                continue
+            for raw in stream:
                 if skip:
                     skip -= 1
                     continue
@@ -248,6 +277,38 @@ class WdsDataset(IterableDataset):
                     "(fewer samples than processes x workers, or unreadable shards)"
                 )
             epoch += 1
+
+    def _bucket_runs(self, stream: Iterator[dict[str, Any]], skip: list[int]) -> Iterator[tuple[RawSample, Size, int]]:
+        """(decoded sample, its bucket, unreadable samples dropped before it) in runs of ``batch_size``
+        of one bucket; the first ``skip[0]`` samples (whole runs) are passed over without decoding, and
+        ``skip[0]`` is left at what remains to skip (in the next epoch)."""
+        pending: dict[Size, list[tuple[dict[str, Any], RawSample | None]]] = {}
+        lost = 0
+        for raw in stream:
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            size = header_size(raw[ext]) if ext is not None else None
+            if size is None:
+                lost += 1
+                continue
+            bucket = self.buckets.assign(size)
+            run = pending.setdefault(bucket, [])
+            run.append((raw, None))
+            if len(run) < self.batch_size:
+                continue
+            if skip[0] >= len(run):
+                skip[0] -= len(run)
+                del pending[bucket]
+                continue
+            decoded = [(r, d if d is not None else self._try_decode(r)) for r, d in run]
+            good = [(r, d) for r, d in decoded if d is not None]
+            lost += len(decoded) - len(good)
+            if len(good) < self.batch_size:  # a header read but the image did not decode: wait for more
+                pending[bucket] = good
+                continue
+            del pending[bucket]
+            for _, d in good:
+                yield d, bucket, lost
+                lost = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

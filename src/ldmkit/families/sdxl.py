@@ -40,17 +40,19 @@ class SDXLFamily(SDFamily):
         return self.encode_prompts(batch["captions"], text_encoders)
 
     def add_time_ids(self, batch: dict[str, Any], resolution: int, fix_crop_and_size: bool = False) -> torch.Tensor:
-        """Micro-conditioning [B, 6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+        """Micro-conditioning [B, 6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), per sample.
 
         ``original_size`` is (height, width) as diffusers' ``_get_add_time_ids`` expects (diffusers'
-        train_text_to_image_sdxl.py once sent (width, height), a bug). ``fix_crop_and_size`` gives
-        (res, res, 0, 0, res, res) for every sample.
+        train_text_to_image_sdxl.py once sent (width, height), a bug). The target is the sample's
+        ``target_size`` (its aspect-ratio bucket with data.buckets; SDXL paper sec. 2.3 conditions on the
+        bucket's size), else (res, res). ``fix_crop_and_size`` gives (h, w, 0, 0, h, w) of that target.
         """
         n = len(batch["seed"])
+        target = batch.get("target_size")
+        target = torch.tensor([[resolution, resolution]] * n) if target is None else target.cpu().reshape(n, 2)
         if fix_crop_and_size:
-            ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * n)
+            ids = torch.cat([target, torch.zeros(n, 2, dtype=target.dtype), target], dim=1)
         else:
-            target = torch.tensor([[resolution, resolution]] * n)
             ids = torch.cat([batch["original_size"].cpu(), batch["crop_top_left"].cpu(), target], dim=1)
         return ids.to(self.device, torch.float32)
 

@@ -7,17 +7,29 @@ See docs/DESIGN.md for the batch contract.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ldmkit.config import Config, MethodConfig
+from ldmkit.errors import UserError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["Method", "MethodConfig"]
+__all__ = ["Method", "MethodConfig", "check_validation_size"]
+logger = logging.getLogger(__name__)
+
+
+def check_validation_size(mcfg: MethodConfig) -> None:
+    """``method.validation_width`` / ``validation_height``: positive multiples of 8 (diffusers' SD
+    pipelines refuse other sizes), or null."""
+    for key in ("validation_width", "validation_height"):
+        value = getattr(mcfg, key, None)
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"method.{key} must be a multiple of 8 (at least 8), got {value}")
 
 
 class Method:
@@ -64,6 +76,26 @@ class Method:
     def validate(self, step: int):
         """A PIL image grid for output_dir/samples, or None."""
         return None
+
+    def validation_size(self) -> tuple[int, int]:
+        """(width, height) of the validation images: ``method.validation_width`` / ``validation_height``
+        where set; otherwise, with ``data.buckets``, the bucket most training images fall into (so the
+        grid shows the shape the model trains on most), else ``data.resolution`` square."""
+        if not hasattr(self, "_validation_size"):
+            from ldmkit.data import most_common_bucket
+
+            res = self.cfg.data.resolution
+            default, source = (res, res), "data.resolution"
+            if self.cfg.data.buckets:
+                common = most_common_bucket(self.cfg.data, self.encoders())
+                default, source = (common, "the most common bucket") if common else (default, source)
+            width = getattr(self.mcfg, "validation_width", None)
+            height = getattr(self.mcfg, "validation_height", None)
+            if width or height:
+                source = "method.validation_width/height"
+            self._validation_size = (width or default[0], height or default[1])
+            logger.info("validation images: %dx%d (width x height, from %s)", *self._validation_size, source)
+        return self._validation_size
 
     def export(self, out_dir: Path) -> None:
         raise NotImplementedError

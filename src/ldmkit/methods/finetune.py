@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
 from ldmkit.families import Family, load_family
-from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.methods.base import Method, MethodConfig, check_validation_size
 from ldmkit.methods.ema import EMA
 from ldmkit.rng import SampleRNG, sample_seed
 
@@ -50,11 +50,15 @@ class _SDTrainConfig(MethodConfig):
     train_text_encoder: bool = False
     """Also train the text encoder(s) (full weights for finetune, LoRA for lora). Needs uncached text."""
     use_fix_crop_and_size: bool = False
-    """SDXL: condition on (res, res, 0, 0, res, res) instead of each image's original size and crop."""
+    """SDXL: condition on (h, w, 0, 0, h, w) of the crop (res x res, or the bucket with data.buckets) instead of each image's original size and crop."""
     validation_steps: list[int] = field(default_factory=lambda: [25])
     """Sampling step counts of the validation grids, one column each (the folder's own scheduler)."""
     validation_guidance: float = 7.5
     """Guidance scale of the validation images."""
+    validation_width: int | None = None
+    """Width of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+    validation_height: int | None = None
+    """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
 
     def check(self, cfg) -> None:
         """Value checks (ldmkit.config.validate_config calls this)."""
@@ -66,6 +70,7 @@ class _SDTrainConfig(MethodConfig):
             raise UserError(f"method.snr_gamma must be positive (or null), got {self.snr_gamma}")
         if not self.validation_steps or min(self.validation_steps) < 1:
             raise UserError(f"method.validation_steps must be step counts >= 1, got {self.validation_steps}")
+        check_validation_size(self)
 
 
 @dataclass
@@ -233,7 +238,7 @@ class _SDMethod(Method):
         # Parts not in memory (cached data) are loaded for this and dropped afterwards.
         with self.family.transient(), self._inference_weights(), torch.no_grad(), self.accelerator.autocast():
             pipe = self._pipeline()
-            res, steps = self.cfg.data.resolution, self.mcfg.validation_steps
+            (width, height), steps = self.validation_size(), self.mcfg.validation_steps
             columns = [
                 generate_images(
                     pipe,
@@ -241,8 +246,8 @@ class _SDMethod(Method):
                     n,
                     self.mcfg.validation_guidance,
                     self.cfg.train.validation_seed,
-                    height=res,
-                    width=res,
+                    height=height,
+                    width=width,
                 )
                 for n in steps
             ]

@@ -42,7 +42,7 @@ from ldmkit.errors import UserError
 from ldmkit.families.sd import UNET_LORA_TARGET_MODULES as LCM_LORA_TARGET_MODULES
 from ldmkit.families.uvit import UVIT_LORA_TARGET_MODULES
 from ldmkit.lora.adapters import adapters_disabled
-from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.methods.base import Method, MethodConfig, check_validation_size
 from ldmkit.methods.ema import EMA
 from ldmkit.rng import SampleRNG
 
@@ -77,13 +77,17 @@ class LCDCommonConfig(MethodConfig):
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the teacher predicts; null: the teacher scheduler's prediction_type."""
     use_fix_crop_and_size: bool = True
-    """SDXL: condition on (res, res, 0, 0, res, res) instead of each image's original size and crop."""
+    """SDXL: condition on (h, w, 0, 0, h, w) of the crop (res x res, or the bucket with data.buckets) instead of each image's original size and crop."""
     batch_teacher_passes: bool = True
     """Run the teacher's conditional and unconditional passes as one batched forward (false: two passes, as the references)."""
     validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """LCM sampling step counts shown in each validation grid (columns)."""
     validation_guidance: float | None = None
     """Pipeline guidance_scale for validation; null: 1.0 for LoRA (0.0 SDXL), 8.0 for full LCD (embedded as w = 7)."""
+    validation_width: int | None = None
+    """Width of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+    validation_height: int | None = None
+    """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
 
     def check(self, cfg: Config) -> None:
         if self.w_min is not None and self.w_min > self.w_max:
@@ -97,6 +101,7 @@ class LCDCommonConfig(MethodConfig):
         bad = [s for s in self.validation_steps if not 1 <= s <= self.num_ddim_timesteps]
         if bad:
             raise UserError(f"method.validation_steps must lie in 1..num_ddim_timesteps, got {bad}")
+        check_validation_size(self)
 
 
 @dataclass
@@ -321,7 +326,11 @@ class _LCDBase(Method):
         unet.eval()
         guidance = self.mcfg.validation_guidance
         guidance = self._default_guidance() if guidance is None else guidance
-        res, seed, steps = self.cfg.data.resolution, self.cfg.train.validation_seed, self.mcfg.validation_steps
+        (width, height), seed, steps = (
+            self.validation_size(),
+            self.cfg.train.validation_seed,
+            self.mcfg.validation_steps,
+        )
         # VAE and text encoders the training did not need are loaded for this and dropped afterwards.
         try:
             with self.family.transient(), self.accelerator.autocast():
@@ -329,7 +338,8 @@ class _LCDBase(Method):
                 pipe.set_progress_bar_config(disable=True)
                 eta = self._sampling_eta()
                 columns = [
-                    generate_images(pipe, prompts, n, guidance, seed, height=res, width=res, eta=eta) for n in steps
+                    generate_images(pipe, prompts, n, guidance, seed, height=height, width=width, eta=eta)
+                    for n in steps
                 ]
                 del pipe
         finally:

@@ -78,6 +78,11 @@ class UViTConfig(MethodConfig):
 
     def check(self, cfg: Config) -> None:
         """Called when the config is resolved: apply p_uncond to the data layer."""
+        if cfg.data.buckets:
+            raise UserError(
+                "method uvit keeps its fixed latent grid (position embeddings of one size): "
+                "data.buckets is not available, set data.buckets: false"
+            )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"method.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
         if self.p_uncond is None:
