@@ -120,13 +120,38 @@ CHECKPOINT_CASES = [
     Case("max_steps below checkpoint", toy("--output_dir={finished}", "--train.max_steps=1"), r"below the step"),
 ]
 
-CASES = CONFIG_CASES + DATA_CASES + CHECKPOINT_CASES
+MODEL_CASES = [
+    Case(
+        "sdxl recipe on an sd15 model", recipe("lcm_lora/debug_sdxl", "--model.pretrained={sd15}"), r"model.family=sdxl"
+    ),
+    Case("sd15 recipe on an sdxl model", recipe("lora/debug", "--model.pretrained={sdxl}"), r"model.family=sd: .*SDXL"),
+    Case(
+        "resolution the unet cannot take",
+        recipe("lora/debug", "--model.pretrained={sd15}", "--data.resolution=36"),
+        r"data.resolution=36 is not a multiple of",
+    ),
+    Case(
+        "sd15 unet with an sdxl vae",
+        recipe("lcm_lora/debug", "--model.pretrained={sd15}", "--model.vae={sdxl}"),
+        r"model.vae has scaling_factor .* mis-scaled",
+    ),
+    Case(
+        "features of another resolution",
+        recipe("uvit/debug", "--data.path={features256}"),
+        r"prepared at 256 px but data.resolution=",
+    ),
+]
+
+CASES = CONFIG_CASES + DATA_CASES + CHECKPOINT_CASES + MODEL_CASES
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, shapes_folder) -> dict[str, Path]:
+def paths(tmp_path_factory, shapes_folder, tiny_sd15, tiny_sdxl) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
-    p = {"shapes": shapes_folder, "root": root}
+    p = {"shapes": shapes_folder, "root": root, "sd15": tiny_sd15, "sdxl": tiny_sdxl}
+    (root / "features256").mkdir()
+    (root / "features256" / "meta.json").write_text(json.dumps({"resolution": 256}))
+    p["features256"] = root / "features256"
     (root / "a_file").write_text("not a folder")
     p["file"] = root / "a_file"
     p["no_method"] = root / "no_method.yaml"

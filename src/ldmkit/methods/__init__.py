@@ -49,7 +49,10 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     overrides = list(overrides or [])
     path = None if path is None else str(resolve_recipe(path))
     name = recipe_method_name(path, overrides)
-    return parse_config(get_method(name).Config, name, path, overrides)
+    method_cls = get_method(name)
+    cfg = parse_config(method_cls.Config, name, path, overrides)
+    method_cls.check_model(cfg)
+    return cfg
 
 
 def method_help(name: str) -> str:

@@ -38,6 +38,11 @@ class Method:
     Config: type[MethodConfig] = MethodConfig
     trainable_names: tuple[str, ...] = ()
 
+    @classmethod
+    def check_model(cls, cfg: Config) -> None:
+        """Cross-checks of ``cfg`` against the model and data it names, when the config is resolved (config
+        files only, nothing loaded; ldmkit.methods.checks). Default: none."""
+
     def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg = cfg
         self.mcfg = cfg.method

@@ -115,6 +115,12 @@ class _SDMethod(Method):
 
     Config: type[_SDTrainConfig] = _SDTrainConfig
 
+    @classmethod
+    def check_model(cls, cfg) -> None:
+        from ldmkit.methods import checks
+
+        checks.check_denoiser_model(cfg)
+
     def __init__(self, cfg, accelerator):
         super().__init__(cfg, accelerator)
         m = self.mcfg

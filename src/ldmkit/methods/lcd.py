@@ -176,6 +176,12 @@ class _LCDBase(Method):
     trainable_names = ("unet",)
     mcfg: LCDCommonConfig
 
+    @classmethod
+    def check_model(cls, cfg) -> None:
+        from ldmkit.methods import checks
+
+        checks.check_denoiser_model(cfg)
+
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         from ldmkit.families import load_family

@@ -114,6 +114,12 @@ class UViTMethod(Method):
     Config = UViTConfig
     trainable_names = ("unet",)
 
+    @classmethod
+    def check_model(cls, cfg) -> None:
+        from ldmkit.methods import checks
+
+        checks.check_features_fit(cfg)
+
     def __init__(self, cfg: Config, accelerator):
         super().__init__(cfg, accelerator)
         from ldmkit.families import load_family
