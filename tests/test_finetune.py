@@ -44,7 +44,9 @@ def unet_inputs(unet, seed: int = 0) -> tuple[tuple, dict]:
     kwargs = {}
     if cfg.addition_embed_type == "text_time":
         kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(2, 32, generator=g),
+            "text_embeds": torch.randn(
+                2, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim, generator=g
+            ),
             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
         }
     return args, kwargs
