@@ -142,13 +142,83 @@ MODEL_CASES = [
     ),
 ]
 
-CASES = CONFIG_CASES + DATA_CASES + CHECKPOINT_CASES + MODEL_CASES
+
+def merge(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
+    return lambda p: ["merge-lora", *[e.format(**p) for e in extra]]
+
+
+COMMAND_CASES = [
+    Case(
+        "merge out is the model", merge("--model={sd15}", "--lora={lora}", "--out={sd15}"), r"is, or is inside, --model"
+    ),
+    Case(
+        "merge out inside the model",
+        merge("--model={sd15}", "--lora={lora}", "--out={sd15}/merged"),
+        r"is, or is inside, --model",
+    ),
+    Case("merge out is a file", merge("--model={sd15}", "--lora={lora}", "--out={file}"), r"--out .* is a file"),
+    Case(
+        "merge scale nan", merge("--model={sd15}", "--lora={lora}", "--out={tmp}/m", "--scale=nan"), r"--scale must be"
+    ),
+    Case("merge lora empty", merge("--model={sd15}", "--lora={empty_lora}", "--out={tmp}/m"), r"is empty \(0 bytes\)"),
+    Case(
+        "merge lora garbage",
+        merge("--model={sd15}", "--lora={garbage_lora}", "--out={tmp}/m"),
+        r"is not a readable safetensors file",
+    ),
+    Case(
+        "merge lora truncated",
+        merge("--model={sd15}", "--lora={truncated_lora}", "--out={tmp}/m"),
+        r"is not a readable safetensors file",
+    ),
+    Case(
+        "merge lora of another model",
+        merge("--model={sd15}", "--lora={foreign_lora}", "--out={tmp}/m"),
+        r"down_blocks.9",
+    ),
+    Case("merge model missing", merge("--model=/no/such/model", "--lora={lora}", "--out={tmp}/m"), r"/no/such/model"),
+    Case("merge lora missing", merge("--model={sd15}", "--lora=/no/such.safetensors", "--out={tmp}/m"), r"not found"),
+    Case(
+        "convert lora garbage",
+        lambda p: [
+            "convert-lora",
+            "--in",
+            str(p["garbage_lora"]),
+            "--to",
+            "kohya",
+            "--out",
+            str(p["tmp"] / "k.safetensors"),
+        ],
+        r"is not a readable safetensors file",
+    ),
+]
+
+CASES = CONFIG_CASES + DATA_CASES + CHECKPOINT_CASES + MODEL_CASES + COMMAND_CASES
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, shapes_folder, tiny_sd15, tiny_sdxl) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
     p = {"shapes": shapes_folder, "root": root, "sd15": tiny_sd15, "sdxl": tiny_sdxl}
+    import torch
+    from safetensors.torch import save_file
+
+    lora = {
+        "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 32),
+        "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 2),
+    }
+    save_file(lora, str(root / "lora.safetensors"))
+    p["lora"] = root / "lora.safetensors"
+    foreign = {k.replace("down_blocks.0", "down_blocks.9"): v for k, v in lora.items()}
+    save_file(foreign, str(root / "foreign.safetensors"))
+    p["foreign_lora"] = root / "foreign.safetensors"
+    (root / "empty.safetensors").write_bytes(b"")
+    p["empty_lora"] = root / "empty.safetensors"
+    (root / "garbage.safetensors").write_bytes(b"\x00garbage" * 100)
+    p["garbage_lora"] = root / "garbage.safetensors"
+    data = p["lora"].read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    p["truncated_lora"] = root / "truncated.safetensors"
     (root / "features256").mkdir()
     (root / "features256" / "meta.json").write_text(json.dumps({"resolution": 256}))
     p["features256"] = root / "features256"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ldmkit.errors import UserError
@@ -106,6 +107,17 @@ def merge(pipe, state_dict: dict, scale: float = 1.0) -> int:
     return n
 
 
+def _check_target(model: Path, target: Path) -> None:
+    """The merged model never overwrites the base model or lands inside it, and never replaces a file."""
+    if model.exists():
+        base = model.resolve()
+        where = target.resolve()
+        if where == base or (base.is_dir() and where.is_relative_to(base)):
+            raise UserError(f"the output {target} is, or is inside, --model {model}: choose another place")
+    if target.suffix != ".safetensors" and target.is_file():
+        raise UserError(f"--out {target} is a file; give a folder")
+
+
 def run(args: argparse.Namespace) -> int:
     from diffusers import LCMScheduler
 
@@ -117,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     model, lora = Path(args.model), Path(args.lora)
     if args.single_file and not args.single_file.endswith(".safetensors"):
         raise UserError(f"--single-file must end in .safetensors: {args.single_file}")
+    _check_target(model, Path(args.single_file or args.out))
+    if not math.isfinite(args.scale):
+        raise UserError(f"--scale must be a finite number, got {args.scale}")
     state_dict = formats.load_lora_file(lora)
     # the class in model_index.json, UViTPipeline included; single files and repo ids resolve to a folder
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)

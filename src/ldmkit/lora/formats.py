@@ -54,7 +54,22 @@ def load_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"LoRA file not found: {path}")
     if p.suffix != ".safetensors":
         raise UserError(f"LoRA file must be .safetensors (pickle files are not loaded): {p}")
-    return load_file(str(p))
+    return read_safetensors(p, "LoRA file")
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path``; an empty, truncated or foreign file is one UserError naming it (safetensors
+    raises a SafetensorError or an OSError with a message about the header, which says nothing of the file)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes)")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors_rust.SafetensorError, OSError, ...: all mean "not a readable file"
+        raise UserError(f"{what} {path} is not a readable safetensors file ({size} bytes): {e}") from None
+    if not state:
+        raise UserError(f"{what} {path} holds no tensors")
+    return state
 
 
 def is_kohya(state_dict: Mapping[str, torch.Tensor]) -> bool:
