@@ -116,6 +116,17 @@ def test_each_module_gets_only_its_own_gradient(shapes_folder, tmp_path):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_clip_groups_split_the_autoencoder_from_the_discriminator(shapes_folder, tmp_path):
+    """train.max_grad_norm clips each module by its own norm: the groups partition the optimizer's parameters."""
+    m = make_method(debug_cfg(shapes_folder, tmp_path, *GAN))
+    net, disc = m.clip_groups()
+    assert {id(p) for p in net} == {id(p) for p in m.net.parameters()}
+    assert {id(p) for p in disc} == {id(p) for p in m.disc.parameters()}
+    assert len(net) + len(disc) == len(m.parameters())
+    plain = make_method(debug_cfg(shapes_folder, tmp_path))
+    assert plain.disc is None and len(plain.clip_groups()) == 1 and plain.trainable_names == ("net",)
+
+
 def test_discriminator_switches_on_at_disc_start(shapes_folder, tmp_path):
     from ldmkit.train.loop import train
 
