@@ -68,6 +68,12 @@ class Method:
             params += [p for p in getattr(self, name).parameters() if p.requires_grad]
         return params
 
+    def clip_groups(self) -> list[list[torch.nn.Parameter]]:
+        """Groups of ``parameters()`` whose gradients train.max_grad_norm clips each by its own norm (the
+        first group's norm is the one logged): one group, unless modules trained together must not scale
+        each other's steps (vae: the autoencoder and its discriminator)."""
+        return [self.parameters()]
+
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 

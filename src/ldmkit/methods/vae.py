@@ -1,13 +1,24 @@
 """``vae``: train a KL autoencoder (diffusers AutoencoderKL) from scratch, or fine-tune one.
 
-Objective (Rombach et al. 2022, LDM ``LPIPSWithDiscriminator`` without the perceptual and GAN terms, so
-nothing needs downloaded weights): per-pixel L1 or L2 reconstruction of a posterior sample plus
-``kl_weight`` times the per-sample KL to N(0, I), both divided by the number of pixel values; the
-weight therefore means what LDM's ``kl_weight`` means (1e-6 in SD's VAE).
+Objective: Rombach et al. 2022 (LDM), ``ldm/modules/losses/contperceptual.py`` ``LPIPSWithDiscriminator``
+(without its learned output log-variance, which starts at 0 and only rescales the reconstruction term):
+
+- reconstruction: per-pixel L1 or L2 of a posterior sample, plus ``perceptual_weight`` times a perceptual
+  distance when ``lpips_weights`` names a local network file (off otherwise: nothing downloads);
+- ``kl_weight`` times the per-sample KL to N(0, I);
+- from step ``disc_start`` on, an adversarial term: a PatchGAN discriminator (models/discriminator.py)
+  trained with the hinge (or vanilla) loss, and the generator term ``-mean(D(reconstruction))`` weighted by
+  ``disc_weight`` times LDM's adaptive weight ||grad rec|| / (||grad gan|| + 1e-4), both gradients taken at
+  the decoder's last layer, clamped to [0, 1e4] and not differentiated (Esser et al. 2021, VQGAN, eq. 7).
+
+LDM sums the reconstruction over the pixels of a sample; here every term is divided by the number of pixel
+values instead, so ``kl_weight`` and ``perceptual_weight`` mean what LDM's do (1e-6 and 1.0 in SD's VAE),
+and the adaptive weight, a ratio of gradients, absorbs the scale of the generator term.
 
 The export is a bare diffusers VAE folder whose ``scaling_factor`` is 1/std of the latents seen in the
 last training steps (an exponential moving average of their first two moments, bias-corrected, summed
-over all processes), as SD's 0.18215 was measured; the numbers also go to ``vae_stats.json``.
+over all processes), as SD's 0.18215 was measured; the numbers also go to ``vae_stats.json``. The
+discriminator is a training aid: it lives in the checkpoints, not in the export.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from torch import nn
 
 from ldmkit.errors import UserError
 from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.models.discriminator import PatchDiscriminator
 from ldmkit.rng import SampleRNG
 
 if TYPE_CHECKING:
@@ -60,6 +72,56 @@ class VAEConfig(MethodConfig):
     """Write 1/std of the training latents as the exported scaling_factor. null: yes for a VAE trained from
     scratch, no when fine-tuning an existing VAE (every SD pipeline it is dropped into decodes with the given
     factor: a changed one would mis-scale them all)."""
+    lpips_weights: str | None = None
+    """Perceptual distance as a local TorchScript file, called as net(x, y) on images in [-1, 1] and returning
+    per-sample (or per-pixel) distances, e.g. LPIPS-VGG saved with
+    torch.jit.trace(lpips.LPIPS(net="vgg").eval(), (x, x)).save(path) where its weights are at hand.
+    null: no perceptual term (nothing is ever downloaded)."""
+    perceptual_weight: float | None = None
+    """Weight of the perceptual term (LDM: 1.0). null: 1.0 with lpips_weights, 0.0 without (config.yaml shows
+    which)."""
+    disc_weight: float = 0.0
+    """Weight of the adversarial term, times the adaptive weight (SD's kl-f8 VAE: 0.5). 0: no discriminator."""
+    disc_start: int = 0
+    """Optimizer steps before the discriminator and the adversarial term switch on (SD's kl-f8 VAE: 50001):
+    the autoencoder first learns to reconstruct."""
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    """Discriminator loss: hinge 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(rec))), or vanilla (softplus)."""
+    disc_layers: int = 3
+    """Stride-2 layers of the PatchGAN discriminator (LDM: 3); data.resolution must be >= 3 * 2**disc_layers."""
+    disc_channels: int = 64
+    """Width of the discriminator's first layer (LDM: 64); doubles per layer, at most 8x."""
+    disc_norm: Literal["batch", "group"] = "batch"
+    """Discriminator normalisation: batch (LDM's BatchNorm: statistics per process) or group (per sample:
+    N processes reproduce one)."""
+
+    def check(self, cfg: Config) -> None:
+        """Called when the config is resolved: the perceptual term's file and weight, the GAN's settings."""
+        if self.lpips_weights is not None and not Path(self.lpips_weights).is_file():
+            raise UserError(f"method.lpips_weights: no such file: {self.lpips_weights}")
+        if self.perceptual_weight is None:
+            self.perceptual_weight = 1.0 if self.lpips_weights else 0.0
+        if self.perceptual_weight < 0:
+            raise UserError(f"method.perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        if self.perceptual_weight > 0 and not self.lpips_weights:
+            raise UserError(
+                f"method.perceptual_weight={self.perceptual_weight} needs method.lpips_weights "
+                "(a local TorchScript perceptual network); nothing is downloaded"
+            )
+        for key, value, low in (("disc_weight", self.disc_weight, 0), ("disc_start", self.disc_start, 0)):
+            if value < low:
+                raise UserError(f"method.{key} must be >= {low}, got {value}")
+        if self.disc_weight > 0:
+            if self.disc_layers < 1 or self.disc_channels < 1:
+                raise UserError(
+                    f"method.disc_layers and method.disc_channels must be >= 1, got {self.disc_layers}, {self.disc_channels}"
+                )
+            low = PatchDiscriminator.min_size(self.disc_layers)
+            if cfg.data.resolution < low:
+                raise UserError(
+                    f"data.resolution={cfg.data.resolution} is too small for method.disc_layers={self.disc_layers} "
+                    f"(needs >= {low}); lower disc_layers"
+                )
 
 
 class LatentStats:
@@ -113,6 +175,59 @@ class AutoencoderStep(nn.Module):
         self.vae.enable_gradient_checkpointing()
 
 
+class DiscriminatorStep(nn.Module):
+    """The discriminator on real images and on reconstructions, in one ``forward`` (one DDP call per step).
+    The two batches run separately, as in LDM, so BatchNorm never mixes real and reconstructed images."""
+
+    def __init__(self, disc: PatchDiscriminator):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.disc(real), self.disc(fake)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """LDM's discriminator hinge loss: 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(rec)))."""
+    return 0.5 * (torch.relu(1 - logits_real).mean() + torch.relu(1 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The non-saturating GAN's discriminator loss in LDM's form: 0.5 (mean softplus(-D(x)) + mean softplus(D(rec)))."""
+    return 0.5 * (nn.functional.softplus(-logits_real).mean() + nn.functional.softplus(logits_fake).mean())
+
+
+def adaptive_weight(rec_grad: torch.Tensor, gan_grad: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """LDM's balance of the generator term: ||grad rec|| / (||grad gan|| + 1e-4), clamped to [0, max_weight],
+    given both losses' gradients at the decoder's last layer; a constant (no gradient flows through it)."""
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+class StepCounter:
+    """Optimizer steps done, checkpointed, so the discriminator switches on at the same step after a resume."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def _load_perceptual(path: str, device: torch.device) -> torch.jit.ScriptModule:
+    try:
+        net = torch.jit.load(path, map_location=device)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"method.lpips_weights: {path} is not a TorchScript module ({first})") from None
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
 def _load_vae(cfg: Config) -> AutoencoderKL | None:
     """The VAE to fine-tune: model.vae (a VAE folder or a pipeline folder) or model.pretrained/vae."""
     for root in (cfg.model.vae, cfg.model.pretrained):
@@ -156,6 +271,25 @@ class VAEMethod(Method):
         if cfg.data.resolution % self.factor:
             raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor {self.factor}")
         self.net = AutoencoderStep(vae.to(self.device).train())
+        self.perceptual = _load_perceptual(m.lpips_weights, self.device) if m.perceptual_weight else None
+        # The discriminator is trained by the loop's one optimizer, next to the autoencoder. AdamW keeps
+        # its state per parameter, so one AdamW over both is two AdamWs with the same learning rate and
+        # betas; the loss below hands each module only its own gradient (the generator term reaches the
+        # discriminator through detached weights, the discriminator's loss sees detached reconstructions),
+        # so one backward and one step update both at once. That keeps the loop, DDP, the checkpoint (the
+        # discriminator's weights and Adam state travel with the autoencoder's) and exact resume as they
+        # are, with no second optimizer to thread through them. Differences from LDM's two optimizers that
+        # take turns: both modules step on the same batch's forward pass (simultaneous rather than
+        # alternating updates) and share train.learning_rate, the LR schedule and betas;
+        # train.max_grad_norm clips each module's gradient by its own norm (clip_groups), as two
+        # optimizers would, so the discriminator's large early gradients do not shrink the autoencoder's.
+        self.disc = None
+        if m.disc_weight > 0:
+            disc = PatchDiscriminator(3, m.disc_channels, m.disc_layers, m.disc_norm)
+            self.disc = DiscriminatorStep(disc.to(self.device).train())
+            self.trainable_names = ("net", "disc")
+            self.counter = StepCounter()
+            self._d_loss = hinge_d_loss if m.disc_loss == "hinge" else vanilla_d_loss
         self.stats = LatentStats(vae.config.latent_channels, m.stats_momentum)
         self._pending = torch.zeros(2, vae.config.latent_channels, dtype=torch.float64, device=self.device)
         self._pending_batches = torch.zeros((), device=self.device)
@@ -175,12 +309,52 @@ class VAEMethod(Method):
         diff = rec.float() - x.float()
         rec_loss = diff.abs().mean() if self.mcfg.loss == "l1" else diff.square().mean()
         kl_loss = kl.float().mean() / x[0].numel()
+        logs = {"rec_loss": rec_loss.item(), "kl": kl_loss.item()}
+        nll = rec_loss
+        if self.perceptual is not None:
+            # mean over samples (and pixels, for a per-pixel map) = LDM's per-sample distance added to every
+            # pixel's reconstruction error, divided by the pixel values like the rest
+            p_loss = self.perceptual(x.float(), rec.float()).float().mean()
+            nll = nll + self.mcfg.perceptual_weight * p_loss
+            logs["p_loss"] = p_loss.item()
+        loss = nll + self.mcfg.kl_weight * kl_loss
+        if self.disc is not None:
+            gan, gan_logs = self._adversarial(x.float(), rec.float(), nll)
+            loss = loss + gan
+            logs.update(gan_logs)
         with torch.no_grad():
             zd = z.detach().double()
             self._pending[0] += zd.mean(dim=(0, 2, 3))
             self._pending[1] += zd.square().mean(dim=(0, 2, 3))
             self._pending_batches += 1
-        return rec_loss + self.mcfg.kl_weight * kl_loss, {"rec_loss": rec_loss.item(), "kl": kl_loss.item()}
+        return loss, logs
+
+    def _adversarial(self, x: torch.Tensor, rec: torch.Tensor, nll: torch.Tensor):
+        """The generator term (adaptive weight x disc_weight x -mean D(rec)) plus the discriminator's loss,
+        from step disc_start on (before it the discriminator is not run, so it does not train either)."""
+        if self.counter.step < self.mcfg.disc_start:
+            zero = {"g_loss": 0.0, "d_loss": 0.0, "d_weight": 0.0, "disc_active": 0.0}
+            return torch.zeros((), device=x.device), zero
+        disc = self.unwrap(self.disc).disc
+        frozen = {name: p.detach() for name, p in disc.named_parameters()}
+        g_loss = -torch.func.functional_call(disc, frozen, (rec,)).mean()
+        last = self.vae.decoder.conv_out.weight
+        grads = [torch.autograd.grad(term, last, retain_graph=True)[0] for term in (nll, g_loss)]
+        # The gradients of the global batch's losses (their mean over processes), so every process uses the
+        # same weight, the one a single process would compute on the whole batch.
+        grads = self.accelerator.reduce(torch.stack(grads), reduction="mean")
+        d_weight = adaptive_weight(grads[0], grads[1]) * self.mcfg.disc_weight
+        logits_real, logits_fake = self.disc(x, rec.detach())
+        d_loss = self._d_loss(logits_real, logits_fake)
+        logs = {
+            "g_loss": g_loss.item(),
+            "d_loss": d_loss.item(),
+            "d_weight": d_weight.item(),
+            "disc_active": 1.0,
+            "logits_real": logits_real.mean().item(),
+            "logits_fake": logits_fake.mean().item(),
+        }
+        return d_weight * g_loss + d_loss, logs
 
     def after_step(self, step: int) -> None:
         # Every process calls after_step, so the reduction is safe here (export runs on rank 0 only).
@@ -190,9 +364,18 @@ class VAEMethod(Method):
             self.stats.update(pending[0] / batches, pending[1] / batches)
         self._pending.zero_()
         self._pending_batches.zero_()
+        if self.disc is not None:
+            self.counter.step = step
+
+    def clip_groups(self):
+        if self.disc is None:
+            return [self.parameters()]
+        return [list(self.net.parameters()), list(self.disc.parameters())]
 
     def checkpoint_objects(self):
-        return {"latent_stats": self.stats}
+        if self.disc is None:
+            return {"latent_stats": self.stats}
+        return {"latent_stats": self.stats, "gan_steps": self.counter}
 
     @torch.no_grad()
     def validate(self, step: int):

@@ -421,7 +421,7 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
         dynamic_ncols=True,
     )
     global_batch = t.batch_size * micro_per_step * accelerator.num_processes
-    params = method.parameters()
+    clip_groups = method.clip_groups()
     tick = time.perf_counter()
     window_steps = 0
     try:
@@ -435,7 +435,11 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
                         loss, logs = method.loss(batch)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and t.max_grad_norm:
-                            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                            # accelerate clips the first group (and unscales fp16 gradients, once); the
+                            # others (e.g. a GAN's discriminator) keep norms of their own
+                            grad_norm = accelerator.clip_grad_norm_(clip_groups[0], t.max_grad_norm)
+                            for group in clip_groups[1:]:
+                                torch.nn.utils.clip_grad_norm_(group, t.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     loss_sum += loss.detach().float()
