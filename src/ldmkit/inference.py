@@ -18,17 +18,11 @@ from typing import Any
 import torch
 
 from ldmkit.compat import dtype_kwargs
+from ldmkit.diffusion.samplers import SCHEDULERS  # noqa: F401 (the commands' sampler names)
 from ldmkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "lcm": "LCMScheduler",
-}
-"""Sampler names the commands accept -> diffusers scheduler class."""
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ldmkit.data.synth import (
-    write_dataset,
-)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output folder (created; must be empty or absent).")
@@ -24,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmkit.data.synth import write_dataset
+
     written = write_dataset(args.out, args.num, args.format, args.size, args.seed, args.shard_size)
     what = "images" if args.format == "folder" else "shards"
     print(f"wrote {args.num} samples ({len(written)} {what}, {args.size} px) to {args.out}")

@@ -6,26 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ldmkit.data.synth import heldout_prompts
+from ldmkit.diffusion.samplers import SCHEDULERS
 from ldmkit.errors import UserError
-from ldmkit.eval.evaluate import (
-    ClipScorer,
-    evaluate_pipeline,
-    parse_steps,
-    read_data,
-    read_images,
-    read_prompts,
-)
-from ldmkit.eval.fid import load_feature_extractor
-from ldmkit.eval.plot import quality_vs_steps
-from ldmkit.inference import (
-    SCHEDULERS,
-    load_lora,
-    load_pipeline,
-    resolve_device,
-    resolve_dtype,
-    set_scheduler,
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmkit.data.synth import heldout_prompts
+    from ldmkit.eval.evaluate import ClipScorer, evaluate_pipeline, parse_steps, read_data, read_images, read_prompts
+    from ldmkit.eval.fid import load_feature_extractor
+    from ldmkit.eval.plot import quality_vs_steps
+    from ldmkit.inference import load_lora, load_pipeline, resolve_device, resolve_dtype, set_scheduler
+
     steps = parse_steps(args.steps)
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")

@@ -9,17 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ldmkit.diffusion.samplers import SCHEDULERS
 from ldmkit.errors import UserError
-from ldmkit.inference import (
-    SCHEDULERS,
-    generate_images,
-    image_grid,
-    load_lora,
-    load_pipeline,
-    resolve_device,
-    resolve_dtype,
-    set_scheduler,
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmkit.inference import (
+        generate_images,
+        image_grid,
+        load_lora,
+        load_pipeline,
+        resolve_device,
+        resolve_dtype,
+        set_scheduler,
+    )
+
     if args.steps < 1 or args.num_images < 1:
         raise UserError("--steps and --num-images must be at least 1")
     device = resolve_device(args.device)

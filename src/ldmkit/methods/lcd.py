@@ -28,9 +28,9 @@ import copy
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ from ldmkit.errors import UserError
 from ldmkit.families.sd import UNET_LORA_TARGET_MODULES as LCM_LORA_TARGET_MODULES
 from ldmkit.families.uvit import UVIT_LORA_TARGET_MODULES
 from ldmkit.lora.adapters import adapters_disabled
-from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.methods.base import Method
+from ldmkit.methods.configs import LCDCommonConfig, LCDConfig, LCMLoraConfig  # noqa: F401 (the configs import without torch: --help)
 from ldmkit.methods.ema import EMA
 from ldmkit.rng import SampleRNG
 
@@ -52,91 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["LCM_LORA_TARGET_MODULES", "UVIT_LORA_TARGET_MODULES", "LCDMethod", "LCMLoraMethod", "Roles"]
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------- configs
-@dataclass
-class LCDCommonConfig(MethodConfig):
-    """Knobs shared by lcd and lcm_lora (defaults: diffusers / PaddleMIX references)."""
-
-    w_min: float | None = None
-    """Smallest guidance scale w sampled per sample; null: 5.0 for SD1.5, 3.0 for SDXL."""
-    w_max: float = 15.0
-    """Largest guidance scale w (teacher CFG in the LCM form x0 = c + w (c - u))."""
-    num_ddim_timesteps: int = 50
-    """N: DDIM solver grid size; skipping step k = T // N. Written to the exported LCMScheduler as original_inference_steps."""
-    loss_type: Literal["l2", "huber"] = "l2"
-    """Distance between student and target: l2 (MSE) or pseudo-Huber (the recipes use huber)."""
-    huber_c: float = 0.001
-    """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
-    timestep_scaling_factor: float = 10.0
-    """s in the boundary scalings c_skip/c_out(s * t); higher s = smaller approximation error. Exported as timestep_scaling."""
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    """What the teacher predicts; null: the teacher scheduler's prediction_type."""
-    use_fix_crop_and_size: bool = True
-    """SDXL: condition on (res, res, 0, 0, res, res) instead of each image's original size and crop."""
-    batch_teacher_passes: bool = True
-    """Run the teacher's conditional and unconditional passes as one batched forward (false: two passes, as the references)."""
-    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    """LCM sampling step counts shown in each validation grid (columns)."""
-    validation_guidance: float | None = None
-    """Pipeline guidance_scale for validation; null: 1.0 for LoRA (0.0 SDXL), 8.0 for full LCD (embedded as w = 7)."""
-
-    def check(self, cfg: Config) -> None:
-        if self.w_min is not None and self.w_min > self.w_max:
-            raise UserError(f"method.w_min ({self.w_min}) must be <= method.w_max ({self.w_max})")
-        if self.num_ddim_timesteps < 1:
-            raise UserError(f"method.num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
-        if self.huber_c <= 0:
-            raise UserError(f"method.huber_c must be > 0, got {self.huber_c}")
-        if self.timestep_scaling_factor <= 0:
-            raise UserError(f"method.timestep_scaling_factor must be > 0, got {self.timestep_scaling_factor}")
-        bad = [s for s in self.validation_steps if not 1 <= s <= self.num_ddim_timesteps]
-        if bad:
-            raise UserError(f"method.validation_steps must lie in 1..num_ddim_timesteps, got {bad}")
-
-
-@dataclass
-class LCMLoraConfig(LCDCommonConfig):
-    """LCM-LoRA: distil the teacher into a LoRA of itself (the base model with adapters off is the teacher)."""
-
-    name: str = "lcm_lora"
-    lora_rank: int = 64
-    """LoRA rank r."""
-    lora_alpha: float = 64.0
-    """LoRA alpha; the update is scaled by alpha / r (diffusers 64/64; PaddleMIX 8/64 = 0.125)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input (draws from torch's global RNG, not the per-sample seeds)."""
-    lora_target_modules: list[str] | None = None
-    """Module names (suffixes) that get a LoRA; null: the 14 UNet module kinds of diffusers' LCM-LoRA scripts,
-    or for a U-ViT teacher its attention and MLP projections (attn.qkv, attn.proj, mlp.0, mlp.2)."""
-
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)
-        if self.lora_rank < 1:
-            raise UserError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_target_modules is not None and not self.lora_target_modules:
-            raise UserError("method.lora_target_modules is empty (null selects the teacher's defaults)")
-
-
-@dataclass
-class LCDConfig(LCDCommonConfig):
-    """Full LCD: a student denoiser with a guidance-scale embedding, an EMA target and a frozen teacher."""
-
-    name: str = "lcd"
-    unet_time_cond_proj_dim: int = 256
-    """Size of the guidance-scale (w) embedding fed to the student's time_embedding.cond_proj."""
-    ema_decay: float = 0.95
-    """Target network update target = decay * target + (1 - decay) * student after every step."""
-
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise UserError(f"method.ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.unet_time_cond_proj_dim < 2:
-            raise UserError(f"method.unet_time_cond_proj_dim must be >= 2, got {self.unet_time_cond_proj_dim}")
 
 
 # ------------------------------------------------------------------------------------------- roles

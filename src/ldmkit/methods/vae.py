@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL
@@ -25,37 +24,14 @@ from diffusers.utils import make_image_grid
 from torch import nn
 
 from ldmkit.errors import UserError
-from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.methods.base import Method
+from ldmkit.methods.configs import VAEConfig  # noqa: F401 (the configs import without torch: --help)
 from ldmkit.rng import SampleRNG
 
 if TYPE_CHECKING:
     from ldmkit.config import Config
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VAEConfig(MethodConfig):
-    name: str = "vae"
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
-    """Encoder/decoder widths per level (from scratch); n levels downsample by 2^(n-1) (SD: [128, 256, 512, 512])."""
-    layers_per_block: int = 1
-    """ResNet layers per level (from scratch; SD: 2)."""
-    latent_channels: int = 4
-    """Latent channels (from scratch)."""
-    norm_num_groups: int = 32
-    """GroupNorm groups (from scratch); must divide every width."""
-    mid_block_attention: bool = True
-    """Self-attention in the encoder/decoder mid-blocks (from scratch; SD: true). Off makes a small VAE's
-    steps cheaper (attention over the lowest-resolution map is a large share of its cost)."""
-    loss: Literal["l1", "l2"] = "l1"
-    """Reconstruction loss."""
-    kl_weight: float = 1e-6
-    """Weight of the KL term (LDM's convention, see the module docstring)."""
-    stats_momentum: float = 0.99
-    """Momentum of the running latent statistics that give the exported scaling_factor."""
-    validation_images: int = 4
-    """Images of the originals-vs-reconstructions grid (taken from the first training batch)."""
 
 
 class LatentStats:
