@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldmkit.errors import UserError
+from ldmkit.inference import label_margins
 from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.lora.export import KOHYA_WEIGHT_NAME, layers_from_peft_model
 from ldmkit.methods import get_method, load_config
@@ -216,7 +217,8 @@ def test_validate_grid(trained):
     method.cfg.train.validation_prompts = ["a red circle", "a blue square"]
     method.mcfg.validation_steps = [1, 2]
     grid = method.validate(0)
-    assert grid.size == (2 * RES, 2 * RES)
+    left, top, s = label_margins((RES, RES), True, True)  # a prompt per row, a step count per column
+    assert grid.size == (left + 2 * RES * s, top + 2 * RES * s)
     assert method.unet.training  # restored after sampling
 
 

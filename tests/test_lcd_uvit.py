@@ -13,6 +13,7 @@ from diffusers import LCMScheduler
 from ldmkit.commands import convert_lora as convert_cmd
 from ldmkit.errors import UserError
 from ldmkit.families import SDFamily, UViTFamily, detect_family
+from ldmkit.inference import label_margins
 from ldmkit.lora import adapters
 from ldmkit.lora.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from ldmkit.methods import get_method, load_config
@@ -238,7 +239,8 @@ def test_validate_grid(trained):
     method.cfg.train.validation_prompts = ["a red circle", "a blue square"]
     method.mcfg.validation_steps = [1, 2, 4]
     grid = method.validate(0)
-    assert grid.size == (3 * RES, 2 * RES)
+    left, top, s = label_margins((RES, RES), True, True)  # a prompt per row, a step count per column
+    assert grid.size == (left + 3 * RES * s, top + 2 * RES * s)
     assert method.unet.training
 
 

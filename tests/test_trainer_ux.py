@@ -198,3 +198,28 @@ def test_debug_run_prints_no_warnings_without_v(tmp_path, tiny_sd15, shapes_fold
     assert not [line for line in noise if re.search(r"(?i)warn|deprecat", line)], "\n".join(lines)
     assert "try it:     ldmkit generate --model" in r.stdout and "--lora" in r.stdout
     assert (tmp_path / "run" / "export" / "README.md").is_file()
+
+
+def test_labelled_grid_keeps_the_images_and_draws_the_labels():
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.inference import image_grid, label_margins
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    images = [Image.new("RGB", (32, 32), c) for c in colours]
+    grid = image_grid(images, 2, row_labels=["a red circle", "a long prompt " * 6], col_labels=["1 step", "4 steps"])
+    left, top, s = label_margins((32, 32), True, True)
+    assert s == 3  # 32 px images are blown up to 96 px cells
+    c = 32 * s
+    assert grid.size == (left + 2 * c, top + 2 * c)
+    a = np.asarray(grid)
+    for k, colour in enumerate(colours):  # every cell where it belongs, untouched but for its size
+        i, j = divmod(k, 2)
+        cell = a[top + c * i : top + c * (i + 1), left + c * j : left + c * (j + 1)]
+        assert (cell == colour).all()
+    assert (a[:top, left:] < 128).any(), "no column labels drawn"
+    for i in range(2):  # each row has its prompt drawn in the left band
+        assert (a[top + c * i : top + c * (i + 1), :left] < 128).any(), f"no label for row {i}"
+    plain = image_grid(images, 2)
+    assert plain.size == (64, 64)

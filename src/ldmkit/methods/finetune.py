@@ -156,9 +156,7 @@ class _SDMethod(Method):
                 mod.train()
 
     def validate(self, step: int):
-        from diffusers.utils import make_image_grid
-
-        from ldmkit.inference import generate_images
+        from ldmkit.inference import generate_images, image_grid
 
         prompts = self.cfg.train.validation_prompts
         if not prompts:
@@ -182,7 +180,7 @@ class _SDMethod(Method):
             del pipe
         gc.collect()
         images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
-        return make_image_grid(images, rows=len(prompts), cols=len(steps))
+        return image_grid(images, len(steps), row_labels=prompts, col_labels=[f"{n} steps" for n in steps])
 
     def encoders(self):
         """The family: the data layer may build a cache with it (loading the VAE / text encoders then only)."""

@@ -203,9 +203,7 @@ class _LCDBase(Method):
     @torch.no_grad()
     def validate(self, step: int):
         """Rows: cfg.train.validation_prompts; columns: LCM samples at method.validation_steps (fixed seed)."""
-        from diffusers.utils import make_image_grid
-
-        from ldmkit.inference import generate_images
+        from ldmkit.inference import generate_images, image_grid
 
         prompts = self.cfg.train.validation_prompts
         if not prompts:
@@ -226,7 +224,8 @@ class _LCDBase(Method):
         finally:
             unet.train(was_training)
         images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
-        return make_image_grid(images, rows=len(prompts), cols=len(steps))
+        labels = [f"LCM {n} step{'s' * (n > 1)}" for n in steps]
+        return image_grid(images, len(steps), row_labels=prompts, col_labels=labels)
 
     # ---- export helpers ---------------------------------------------------------------------------
     def _model_card(self, kind: str, how_to_load: str) -> str:

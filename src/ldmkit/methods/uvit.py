@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.utils import make_image_grid
 
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
@@ -145,6 +144,8 @@ class UViTMethod(Method):
 
     @torch.no_grad()
     def validate(self, step: int):
+        from ldmkit.inference import image_grid
+
         prompts = self.cfg.train.validation_prompts
         if not prompts:
             return None
@@ -169,7 +170,8 @@ class UViTMethod(Method):
                     )
         k = m.validation_images_per_prompt
         images = [columns[j][i * k + c] for i in range(len(prompts)) for j in range(len(columns)) for c in range(k)]
-        return make_image_grid(images, rows=len(prompts), cols=len(columns) * k)
+        labels = [f"DPM {n} steps" for n in m.validation_steps for _ in range(k)]
+        return image_grid(images, len(columns) * k, row_labels=prompts, col_labels=labels)
 
     def export(self, out_dir: Path) -> None:
         """A UViTPipeline folder with the EMA weights, the VAE (config carrying the training scale factor),

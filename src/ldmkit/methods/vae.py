@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import make_image_grid
 from torch import nn
 
 from ldmkit.errors import UserError
@@ -171,7 +170,9 @@ class VAEMethod(Method):
         x = self._preview.to(self.device, self.vae.dtype)
         rec = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
         images = VaeImageProcessor().postprocess(torch.cat([x, rec]).float(), output_type="pil")
-        return make_image_grid(images, rows=2, cols=len(x))
+        from ldmkit.inference import image_grid
+
+        return image_grid(images, len(x), row_labels=["original", "reconstruction"])
 
     def export(self, out_dir: Path) -> None:
         vae = self.vae
