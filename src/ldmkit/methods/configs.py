@@ -66,6 +66,8 @@ class FinetuneConfig(_SDTrainConfig):
 class LoraMethodConfig(_SDTrainConfig):
     name: str = "lora"
     """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+    adapter: Literal["lora", "dora", "loha", "lokr"] = "lora"
+    """Adapter kind (peft): lora | dora (loads in diffusers) | loha, lokr (exported as an exact LoRA that any LoRA loader reads)."""
     lora_rank: int = 4
     """LoRA rank r."""
     lora_alpha: float | None = None
@@ -137,6 +139,8 @@ class LCMLoraConfig(LCDCommonConfig):
     """LCM-LoRA: distil the teacher into a LoRA of itself (the base model with adapters off is the teacher)."""
 
     name: str = "lcm_lora"
+    adapter: Literal["lora", "dora", "loha", "lokr"] = "lora"
+    """Adapter kind (peft): lora | dora (loads in diffusers) | loha, lokr (exported as an exact LoRA that any LoRA loader reads)."""
     lora_rank: int = 64
     """LoRA rank r."""
     lora_alpha: float = 64.0

@@ -249,18 +249,12 @@ class LoraMethod(_SDMethod):
         return self.mcfg.lora_dropout > 0
 
     def _lora_config(self, targets: list[str]):
-        from peft import LoraConfig
+        from ldmkit.lora.adapters import adapter_config
 
         m = self.mcfg
         alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
-        # Gaussian A, zero B (diffusers' LoRA scripts): the adapted model starts equal to the base.
-        return LoraConfig(
-            r=m.lora_rank,
-            lora_alpha=alpha,
-            lora_dropout=m.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(targets),
-        )
+        # lora/dora: Gaussian A, zero B (diffusers' LoRA scripts): the adapted model starts equal to the base.
+        return adapter_config(m.adapter, m.lora_rank, alpha, m.lora_dropout, targets)
 
     def _make_trainable(self) -> None:
         from diffusers.training_utils import cast_training_params
@@ -280,7 +274,7 @@ class LoraMethod(_SDMethod):
                 modules.append(te)
         cast_training_params(modules, dtype=torch.float32)
         n = sum(p.numel() for mod in modules for p in mod.parameters() if p.requires_grad)
-        log.info("LoRA rank %d: %d trainable parameters", m.lora_rank, n)
+        log.info("%s rank %d: %d trainable parameters", m.adapter, m.lora_rank, n)
 
     def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """peft-format adapter weights per trained module (keys ``<module path>.lora_A.weight`` /
@@ -302,10 +296,9 @@ class LoraMethod(_SDMethod):
         return export.kohya_state_dict(layers, export.is_sdxl_pipeline(self.family.pipeline_class))
 
     def export(self, out_dir: Path) -> None:
-        """``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` and a kohya copy
-        ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI (ldmkit.lora.export)."""
-
-        from ldmkit.lora import export
+        """``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` and (lora, loha, lokr) a kohya copy
+        ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI (ldmkit.lora.adapters.export_adapter)."""
+        from ldmkit.lora.adapters import export_adapter
 
         models = {name: self.unwrap(getattr(self, name)) for name in self.trainable_names}
-        export.export_lora(out_dir, models, self.family.pipeline_class)
+        export_adapter(out_dir, models, self.family.pipeline_class, self.mcfg.adapter)

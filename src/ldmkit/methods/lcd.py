@@ -254,23 +254,14 @@ class LCMLoraMethod(_LCDBase):
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         from ldmkit.lora import adapters
 
         m = self.mcfg
         targets = m.lora_target_modules or list(self.family.lora_target_modules)
         self.unet = self.family.denoiser  # the one denoiser: frozen base in weight dtype + trainable LoRA
-        adapters.add_lora(
-            self.unet,
-            LoraConfig(
-                r=m.lora_rank,
-                lora_alpha=m.lora_alpha,
-                lora_dropout=m.lora_dropout,
-                target_modules=list(targets),
-                init_lora_weights="gaussian",
-            ),
-        )
+        config = adapters.adapter_config(m.adapter, m.lora_rank, m.lora_alpha, m.lora_dropout, targets)
+        adapters.add_lora(self.unet, config)
         cast_training_params(self.unet, dtype=torch.float32)  # LoRA weights train in fp32
         self.unet.train()
 
@@ -285,13 +276,17 @@ class LCMLoraMethod(_LCDBase):
         return self.family.lcm_lora_guidance
 
     def export(self, out_dir: Path) -> None:
-        """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy, an LCMScheduler
-        config with the run's N and s, and a model card."""
-        from ldmkit.lora import export
+        """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy (not for DoRA),
+        an LCMScheduler config with the run's N and s, and a model card."""
+        from ldmkit.lora import adapters, export
 
         out_dir = Path(out_dir)
-        n = export.export_lora(
-            out_dir, {"unet": self.unwrap(self.unet)}, self.family.pipeline_class, kohya=self.family.exports_kohya
+        n, _ = adapters.export_adapter(
+            out_dir,
+            {"unet": self.unwrap(self.unet)},
+            self.family.pipeline_class,
+            self.mcfg.adapter,
+            kohya=self.family.exports_kohya,
         )
         self._lcm_scheduler().save_pretrained(out_dir / "scheduler")
         kohya = f"  # or {export.KOHYA_WEIGHT_NAME} in A1111/ComfyUI" if self.family.exports_kohya else ""
