@@ -17,6 +17,7 @@ from ldmkit.inference import label_margins
 from ldmkit.lora import adapters
 from ldmkit.lora.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from ldmkit.methods import get_method, load_config
+from ldmkit.methods.card import write_model_card
 from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline
@@ -191,7 +192,7 @@ def test_lcm_lora_export_loads_in_uvit_pipeline(trained, uvit_teacher, tmp_path)
     method, _ = trained("lcm_lora")
     method.export(tmp_path)
     assert (tmp_path / LORA_WEIGHT_NAME).is_file() and not (tmp_path / KOHYA_WEIGHT_NAME).exists()
-    assert "UViTPipeline" in (tmp_path / "README.md").read_text()
+    assert "UViTPipeline" in write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()
     inputs = uvit_inputs(method.unet)
     expected = out(method.unet, inputs)
 
@@ -228,7 +229,8 @@ def test_lcd_export_is_a_uvit_lcm_pipeline(trained, tmp_path):
     target = method.target_unet.state_dict()
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(v, target[k], rtol=0, atol=0)
-    assert "guidance_scale=3.0" in (tmp_path / "README.md").read_text()  # 1 + w, w in [1.5, 2.5]
+    card = write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()
+    assert "guidance_scale=3.0" in card  # 1 + w, w in [1.5, 2.5]
     low, high = _generate(pipe, 2.5, steps=(4,))[0], _generate(pipe, 3.5, steps=(4,))[0]
     _generate(pipe, 3.0)
     assert abs(low - high).max() > 0  # the guidance scale reaches the student through its embedding

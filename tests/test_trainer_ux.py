@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ldmkit.errors import UserError
@@ -197,7 +198,15 @@ def test_debug_run_prints_no_warnings_without_v(tmp_path, tiny_sd15, shapes_fold
     noise = [line.replace(str(tmp_path), "") for line in lines]  # the test's folder name says "warnings"
     assert not [line for line in noise if re.search(r"(?i)warn|deprecat", line)], "\n".join(lines)
     assert "try it:     ldmkit generate --model" in r.stdout and "--lora" in r.stdout
-    assert (tmp_path / "run" / "export" / "README.md").is_file()
+    export = (tmp_path / "run" / "export").resolve()
+    card = (export / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])  # the Hugging Face metadata block
+    assert meta["library_name"] == "diffusers" and {"lora", "lcm", "ldmkit"} <= set(meta["tags"])
+    assert meta["instance_prompt"] == "a large red circle in the center"
+    assert (export / "samples.png").is_file() and "![samples](samples.png)" in card  # portable: next to the card
+    assert f'pipe.load_lora_weights("{export}")' in card and "num_inference_steps=4" in card
+    assert "## Use it in A1111 / ComfyUI" in card and "pytorch_lora_weights_kohya.safetensors" in card
+    assert f"ldmkit generate --model {tiny_sd15.resolve()} --lora {export}" in card
 
 
 def test_labelled_grid_keeps_the_images_and_draws_the_labels():

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -227,22 +226,6 @@ class _LCDBase(Method):
         labels = [f"LCM {n} step{'s' * (n > 1)}" for n in steps]
         return image_grid(images, len(steps), row_labels=prompts, col_labels=labels)
 
-    # ---- export helpers ---------------------------------------------------------------------------
-    def _model_card(self, kind: str, how_to_load: str) -> str:
-        c = self.cfg
-        knobs = json.dumps(asdict(self.mcfg), indent=2)
-        return (
-            f"# {kind} distilled with ldmkit\n\n"
-            f"- teacher: `{c.model.pretrained}`" + (f" (VAE `{c.model.vae}`)" if c.model.vae else "") + "\n"
-            f"- data: `{c.data.path}` at {c.data.resolution} px\n"
-            f"- steps: {c.train.max_steps}, batch {c.train.batch_size} x {c.train.gradient_accumulation_steps} "
-            f"accumulation, learning rate {c.train.learning_rate}, mixed precision {c.train.mixed_precision}\n"
-            f"- LCM scheduler: original_inference_steps={self.mcfg.num_ddim_timesteps}, "
-            f"timestep_scaling={self.mcfg.timestep_scaling_factor} (use these at inference)\n\n"
-            f"## How to load\n\n```python\n{how_to_load}\n```\n\n"
-            f"## Method hyperparameters\n\n```json\n{knobs}\n```\n"
-        )
-
 
 class LCMLoraMethod(_LCDBase):
     """LCM-LoRA: one denoiser (UNet or U-ViT); teacher = base weights (adapters disabled), student = base + LoRA,
@@ -277,8 +260,8 @@ class LCMLoraMethod(_LCDBase):
 
     def export(self, out_dir: Path) -> None:
         """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy (not for DoRA),
-        an LCMScheduler config with the run's N and s, and a model card."""
-        from ldmkit.lora import adapters, export
+        and an LCMScheduler config with the run's N and s (the model card: ldmkit.methods.card)."""
+        from ldmkit.lora import adapters
 
         out_dir = Path(out_dir)
         n, _ = adapters.export_adapter(
@@ -289,16 +272,6 @@ class LCMLoraMethod(_LCDBase):
             kohya=self.family.exports_kohya,
         )
         self._lcm_scheduler().save_pretrained(out_dir / "scheduler")
-        kohya = f"  # or {export.KOHYA_WEIGHT_NAME} in A1111/ComfyUI" if self.family.exports_kohya else ""
-        load = (
-            f"from diffusers import LCMScheduler\n{self.family.pipeline_import}\n"
-            f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{self.cfg.model.pretrained}")\n'
-            f'pipe.scheduler = LCMScheduler.from_pretrained("{out_dir}", subfolder="scheduler")\n'
-            f'pipe.load_lora_weights("{out_dir}"){kohya}\n'
-            f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={self._default_guidance()}).images[0]\n'
-            f"# or bake it in: ldmkit merge-lora --model {self.cfg.model.pretrained} --lora {out_dir} --out merged"
-        )
-        (out_dir / "README.md").write_text(self._model_card(f"LCM-LoRA ({n} adapted modules)", load))
 
 
 class LCDMethod(_LCDBase):
@@ -365,11 +338,3 @@ class LCDMethod(_LCDBase):
         self.family.export_pipeline(
             out_dir, unet=self.target_unet, scheduler=self._lcm_scheduler(), safety_checker=False
         )
-        g = self._default_guidance()
-        load = (
-            f"{self.family.pipeline_import}\n"
-            f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{out_dir}")  # scheduler: LCMScheduler\n'
-            f"# guidance_scale is embedded as w = guidance_scale - 1 (no classifier-free guidance pass)\n"
-            f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={g}).images[0]'
-        )
-        (out_dir / "README.md").write_text(self._model_card("Latent Consistency Model", load))

@@ -640,5 +640,8 @@ def _export(accelerator, method, cfg: Config, export_dir: Path) -> None:
         export_dir.mkdir(parents=True, exist_ok=True)
         method.export(export_dir)
         (export_dir / "ldmkit_config.yaml").write_text(dump_config(cfg))
+        from ldmkit.methods.card import write_model_card
+
+        write_model_card(method, cfg, export_dir, Path(cfg.output_dir) / "samples")
         logger.info("exported to %s", export_dir)
     accelerator.wait_for_everyone()
