@@ -208,6 +208,19 @@ def test_debug_run_prints_no_warnings_without_v(tmp_path, tiny_sd15, shapes_fold
     assert "## Use it in A1111 / ComfyUI" in card and "pytorch_lora_weights_kohya.safetensors" in card
     assert f"ldmkit generate --model {tiny_sd15.resolve()} --lora {export}" in card
 
+    # ldmkit generate picks the sampler, steps and guidance of an LCM-LoRA export by itself
+    gen = tmp_path / "gen"
+    r = subprocess.run(
+        [sys.executable, "-m", "ldmkit", "generate", "--model", str(tiny_sd15), "--lora", str(export), "--prompt", "x"]
+        + ["--height", "32", "--width", "32", "--device", "cpu", "--out", str(gen)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((gen / "generate.json").read_text())
+    assert settings["scheduler_class"] == "LCMScheduler" and settings["steps"] == 4 and settings["guidance"] == 1.0
+
 
 def test_labelled_grid_keeps_the_images_and_draws_the_labels():
     import numpy as np
