@@ -131,7 +131,8 @@ def setup_output(level: int) -> None:
         logging.Formatter("%(levelname)s %(name)s: %(message)s" if level > 0 else "%(levelname)s: %(message)s")
     )
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace an earlier call's handler (main() run twice in one process); keep others' (pytest's caplog).
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, TqdmHandler)] + [handler]
     root.setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
     if level > 0:
         return

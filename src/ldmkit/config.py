@@ -384,8 +384,6 @@ def validate_config(cfg: Config) -> None:
             # accelerate refuses fp16 without a CUDA (or NPU/XPU) device with a long traceback
             raise UserError("train.mixed_precision=fp16 needs a CUDA GPU and none is visible: use bf16 or no here")
     trackers(t.report_to)  # names checked now; missing packages when the run starts (train/loop.py)
-    if t.use_8bit_adam:
-        t.optimizer, t.use_8bit_adam = "adamw8bit", False
     if t.validation_prompts_file:
         # Read once here, so config.yaml records the prompts the grids show (the file may change later).
         path = Path(t.validation_prompts_file)
