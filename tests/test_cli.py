@@ -190,3 +190,9 @@ def test_tiny_model_archs_match_the_library():
     from ldmkit.models.tiny import ARCHS as LIBRARY_ARCHS
 
     assert tuple(ARCHS) == tuple(LIBRARY_ARCHS)
+
+
+def test_train_help_of_a_recipe_shows_its_values():
+    out = _help("train", "lcm_lora/debug")
+    assert "  --method.lora_rank=4  " in out and "  --train.max_steps=8  " in out
+    assert "  --method.unet_time_cond_proj_dim" not in out

@@ -204,7 +204,7 @@ def _choices(hint: object) -> list[str]:
     return [c for arg in typing.get_args(hint) for c in _choices(arg)]  # Optional[Literal[...]]
 
 
-def _group_help(title: str, prefix: str, cls: type) -> list[str]:
+def _group_help(title: str, prefix: str, cls: type, values: dict | None = None) -> list[str]:
     """One line per field: ``--prefix.name=default {choices}  docstring``."""
     import typing
 
@@ -220,6 +220,8 @@ def _group_help(title: str, prefix: str, cls: type) -> list[str]:
     lines = [f"{title}:"]
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if values is not None and f.name in values:  # the recipe's value
+            default = values[f.name]
         choices = _choices(hints.get(f.name))
         doc = docs.get(f.name, "")
         if choices and not all(c in doc for c in choices):
@@ -228,18 +230,20 @@ def _group_help(title: str, prefix: str, cls: type) -> list[str]:
     return lines
 
 
-def options_help(method_cls: type[MethodConfig] | None) -> str:
+def options_help(method_cls: type[MethodConfig] | None, values: dict | None = None) -> str:
     """The options of a run for ``ldmkit train --help``: the method's (when given) and the shared sections,
-    one line each with its default (faster and shorter than jsonargparse's help, and without torch)."""
+    one line each with its default, or with the recipe's value when ``values`` (``config_to_dict`` of the
+    resolved recipe) is given (faster and shorter than jsonargparse's help, and without torch)."""
     lines = []
+    values = values or {}
     if method_cls is not None:
         name = method_cls.name if isinstance(method_cls.name, str) else ""
-        lines += _group_help(f"method {name!r}", "method.", method_cls) + [""]
+        lines += _group_help(f"method {name!r}", "method.", method_cls, values.get("method")) + [""]
     for group, cls in SHARED_GROUPS.items():
         doc = next(p.description for p in _config_docs() if p.arg_name == group)
-        lines += _group_help(f"{group} ({doc.rstrip('.')})", f"{group}.", cls) + [""]
+        lines += _group_help(f"{group} ({doc.rstrip('.')})", f"{group}.", cls, values.get(group)) + [""]
     lines.append(
-        f"  --output_dir={Config.output_dir}  {next(p.description for p in _config_docs() if p.arg_name == 'output_dir')}"
+        f"  --output_dir={values.get('output_dir', Config.output_dir)}  {next(p.description for p in _config_docs() if p.arg_name == 'output_dir')}"
     )
     return "\n".join(lines)
 

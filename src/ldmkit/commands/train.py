@@ -105,7 +105,15 @@ def main(argv: list[str]) -> int:
             name = recipe_method_name(args.config, overrides)
         except (UserError, OSError):
             name = None
-        print(f"\n{method_help(name)}")
+        values = None
+        if name is not None and args.config:
+            from ldmkit.config import config_to_dict
+
+            try:  # show the recipe's values as the defaults
+                values = config_to_dict(load_config(args.config, overrides))
+            except UserError:
+                values = None
+        print(f"\n{method_help(name, values)}")
         if name is None:
             others = ", ".join(registered_methods())
             print(f"\nmethods ({others}): their options with ldmkit train --help --method.name=NAME or RECIPE --help")

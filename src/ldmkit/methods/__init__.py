@@ -74,9 +74,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     return parse_config(get_config_class(name), name, path, overrides)
 
 
-def method_help(name: str | None) -> str:
+def method_help(name: str | None, values: dict | None = None) -> str:
     """``ldmkit train --help`` for one method: the shared sections and that method's options, one line per
-    option with its default; ``None``: the shared sections only."""
+    option with its default (or its value in ``values``, a resolved recipe); ``None``: the shared sections only."""
     from ldmkit.config import options_help
 
-    return options_help(None if name is None else get_config_class(name))
+    return options_help(None if name is None else get_config_class(name), values)
