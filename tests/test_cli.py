@@ -123,3 +123,76 @@ def test_missing_model_folder_is_one_line_error(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().startswith("ldmkit: error:") and "nope" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+HELP_COMMANDS = (
+    [["train"], ["train", "--method.name=lcm_lora"]]
+    + [[c] for c in COMMANDS]
+    + [[g, c] for g, cs in GROUPS.items() for c in cs]
+)
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c))
+def test_help_imports_no_torch_and_is_fast(command):
+    """--help must not wait for torch (about 2 s): it imports none of it, and returns in well under a second
+    (best of three, the machine may be busy)."""
+    import time
+
+    code = (
+        "import sys; from ldmkit.cli import main\n"
+        f"rc = main({[*command, '--help']!r})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(rc)"
+    )
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+        assert r.returncode == 0, r.stderr
+    assert min(times) < 1.0, times
+
+
+def test_train_help_is_the_chosen_method_one_line_per_option():
+    out = _help("train", "--method.name=lcm_lora")
+    lines = out.splitlines()
+    assert len(lines) < 120, len(lines)
+    assert any(line.strip().startswith("--method.lora_rank=64 ") for line in lines)
+    assert any(line.strip().startswith("--train.max_steps=1000 ") for line in lines)
+    assert any(line.strip().startswith("--train.optimizer=adamw ") for line in lines)
+    # only lcm_lora's options, no jsonargparse noise, no dataclass reprs as headers
+    assert "--method.unet_time_cond_proj_dim" not in out and "--method.snr_gamma" not in out
+    assert "--print_config" not in out and "--config CONFIG" not in out and "DataConfig(" not in out
+    # every option on one line with its default: a continuation line never starts without "--"
+    options = [line for line in lines if line.startswith("  --")]
+    assert len(options) > 50
+
+
+def test_command_help_shows_defaults():
+    out = " ".join(_help("generate").split())
+    assert "(default: 0)" in out and "(default: auto)" in out
+
+
+def test_verbosity_flags_anywhere():
+    from ldmkit.cli import verbosity
+
+    assert verbosity(["generate", "--model", "m", "-v"]) == (1, ["generate", "--model", "m"])
+    assert verbosity(["-q", "train", "x.yaml"]) == (-1, ["train", "x.yaml"])
+    r = subprocess.run(
+        [sys.executable, "-m", "ldmkit", "train", "lora/debug", "--dry-run", "-q"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "method:" in r.stdout
+
+
+def test_tiny_model_archs_match_the_library():
+    from ldmkit.commands.tiny_model import ARCHS
+    from ldmkit.models.tiny import ARCHS as LIBRARY_ARCHS
+
+    assert tuple(ARCHS) == tuple(LIBRARY_ARCHS)
+
+
+def test_train_help_of_a_recipe_shows_its_values():
+    out = _help("train", "lcm_lora/debug")
+    assert "  --method.lora_rank=4  " in out and "  --train.max_steps=8  " in out
+    assert "  --method.unet_time_cond_proj_dim" not in out

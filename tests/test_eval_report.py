@@ -4,6 +4,7 @@ distances to a reference image set (ldmkit.eval.distances)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,7 +95,34 @@ def test_write_report_writes_json_html_and_images(tmp_path, adherence):
         assert grid.size == (230 + 2 * 96, 5 * 96 + 40)
         assert grid.getpixel((230 + 96 + 5, 40 + 5)) == (40, 100, 200)  # prompt 1, teacher 50 steps
     with Image.open(tmp_path / "quality.png") as plot:
-        assert plot.width > 800 and plot.height > 250
+        # a row per measure (adherence: all + 4 attributes; FD), against steps and against milliseconds
+        assert plot.width > 800 and plot.height == (6 if adherence else 1) * 300
+    assert "Quick run.</b>" in doc and "mean nothing" in doc  # quick figures are flagged as meaningless
+    assert '<tr class="stage"><td>data</td><td>1.0 s</td></tr>' in doc  # rounded stage times
+    teacher, student = Path("/runs/teacher").resolve(), Path("/runs/lcm_lora").resolve()
+    assert f"ldmkit generate --model {teacher} --lora {student}" in doc and "ldmkit merge-lora" in doc
+    assert not (tmp_path / "losses.png").exists()  # no stage metrics here
+
+
+def test_report_draws_each_stage_loss_curve(tmp_path):
+    ev = tmp_path / "evaluate" / "lcm_lora"
+    _image_folders(ev)
+    results = _results()
+    report = _report(results)
+    for stage in ("teacher", "lcm_lora"):
+        run = tmp_path / "runs" / stage
+        (run / "export").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 9)))
+    report["exports"] = {
+        "teacher": str(tmp_path / "runs/teacher/export"),
+        "distilled": str(tmp_path / "runs/lcm_lora/export"),
+    }
+    report["quick"] = False
+    write_report(tmp_path, report, results, ev)
+    doc = (tmp_path / "report.html").read_text()
+    assert '<img src="losses.png">' in doc and "Quick run.</b>" not in doc
+    with Image.open(tmp_path / "losses.png") as losses:
+        assert losses.size == (2 * 440, 300)  # a panel per stage with metrics
 
 
 def test_distances_to_reference_set(tmp_path):

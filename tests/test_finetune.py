@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldmkit.errors import UserError
+from ldmkit.inference import label_margins
 from ldmkit.methods.finetune import FinetuneConfig, FinetuneMethod, LoraMethod, LoraMethodConfig
 
 from helpers.sd import accelerator, make_batch, make_cfg, one_thread  # noqa: F401  (autouse fixture)
@@ -126,7 +127,8 @@ def test_finetune_with_ema_trains_validates_and_exports_a_pipeline(tiny_sd15, tm
     ema = dict(zip([n for n, _ in method.unet.named_parameters()], method.ema.shadow_params))
     assert "ema_unet" in method.checkpoint_objects()
     grid = method.validate(5)
-    assert grid.size == (64, 128)  # a row per prompt (2), a column per step count (1), 64 px each
+    left, top, s = label_margins((64, 64), True, True)
+    assert grid.size == (left + 64 * s, top + 128 * s)  # a row per prompt (2), a column per step count (1), 64 px each
     assert method.unet.training
 
     method.export(tmp_path)
@@ -173,7 +175,8 @@ def test_cached_batches_load_no_encoders_and_give_the_raw_loss(tiny_sd15):
     with torch.no_grad():
         torch.testing.assert_close(cached_method.loss(cached)[0], raw_method.loss(batch)[0])
     assert not cached_method.family.loaded("vae")  # the cached loss needs no VAE
-    assert cached_method.validate(1).size == (64, 128)  # VAE and text encoder loaded just for this
+    left, top, s = label_margins((64, 64), True, True)
+    assert cached_method.validate(1).size == (left + 64 * s, top + 128 * s)  # VAE and text encoder loaded just for this
     assert not cached_method.family.loaded("vae") and not cached_method.family.loaded("text_encoders")
 
 

@@ -19,9 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldmkit.errors import UserError
+from ldmkit.inference import label_margins
 from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.lora.export import KOHYA_WEIGHT_NAME, layers_from_peft_model
 from ldmkit.methods import get_method, load_config
+from ldmkit.methods.card import write_model_card
 from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod
 
 from helpers.lcm import count_lora_modules, unet_inputs, unet_out
@@ -179,7 +181,8 @@ def test_lcm_lora_export_loads_in_stock_pipeline(trained, tmp_path, request, arc
     method, _ = trained(arch, "lcm_lora")
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     method.export(tmp_path)
-    assert (tmp_path / "README.md").read_text().startswith("# LCM-LoRA")
+    card = write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()
+    assert card.startswith("---\n") and "\n# LCM-LoRA" in card and "tags:" in card
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     inputs = unet_inputs(method.unet)
     expected = unet_out(method.unet, inputs)
@@ -207,7 +210,7 @@ def test_lcd_export_is_a_stock_lcm_pipeline(trained, tmp_path, arch):
     target = method.target_unet.state_dict()
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(v, target[k], rtol=0, atol=0)
-    assert "guidance_scale" in (tmp_path / "README.md").read_text()
+    assert "guidance_scale=8.0" in write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()
     _generate(pipe, guidance=8.0)
 
 
@@ -216,7 +219,8 @@ def test_validate_grid(trained):
     method.cfg.train.validation_prompts = ["a red circle", "a blue square"]
     method.mcfg.validation_steps = [1, 2]
     grid = method.validate(0)
-    assert grid.size == (2 * RES, 2 * RES)
+    left, top, s = label_margins((RES, RES), True, True)  # a prompt per row, a step count per column
+    assert grid.size == (left + 2 * RES * s, top + 2 * RES * s)
     assert method.unet.training  # restored after sampling
 
 

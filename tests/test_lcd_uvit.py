@@ -13,9 +13,11 @@ from diffusers import LCMScheduler
 from ldmkit.commands import convert_lora as convert_cmd
 from ldmkit.errors import UserError
 from ldmkit.families import SDFamily, UViTFamily, detect_family
+from ldmkit.inference import label_margins
 from ldmkit.lora import adapters
 from ldmkit.lora.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from ldmkit.methods import get_method, load_config
+from ldmkit.methods.card import write_model_card
 from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline
@@ -190,7 +192,7 @@ def test_lcm_lora_export_loads_in_uvit_pipeline(trained, uvit_teacher, tmp_path)
     method, _ = trained("lcm_lora")
     method.export(tmp_path)
     assert (tmp_path / LORA_WEIGHT_NAME).is_file() and not (tmp_path / KOHYA_WEIGHT_NAME).exists()
-    assert "UViTPipeline" in (tmp_path / "README.md").read_text()
+    assert "UViTPipeline" in write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()
     inputs = uvit_inputs(method.unet)
     expected = out(method.unet, inputs)
 
@@ -227,7 +229,8 @@ def test_lcd_export_is_a_uvit_lcm_pipeline(trained, tmp_path):
     target = method.target_unet.state_dict()
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(v, target[k], rtol=0, atol=0)
-    assert "guidance_scale=3.0" in (tmp_path / "README.md").read_text()  # 1 + w, w in [1.5, 2.5]
+    card = write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()
+    assert "guidance_scale=3.0" in card  # 1 + w, w in [1.5, 2.5]
     low, high = _generate(pipe, 2.5, steps=(4,))[0], _generate(pipe, 3.5, steps=(4,))[0]
     _generate(pipe, 3.0)
     assert abs(low - high).max() > 0  # the guidance scale reaches the student through its embedding
@@ -238,7 +241,8 @@ def test_validate_grid(trained):
     method.cfg.train.validation_prompts = ["a red circle", "a blue square"]
     method.mcfg.validation_steps = [1, 2, 4]
     grid = method.validate(0)
-    assert grid.size == (3 * RES, 2 * RES)
+    left, top, s = label_margins((RES, RES), True, True)  # a prompt per row, a step count per column
+    assert grid.size == (left + 3 * RES * s, top + 2 * RES * s)
     assert method.unet.training
 
 

@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ldmkit.errors import UserError
+from ldmkit.inference import label_margins
 from ldmkit.methods import load_config
 
 from helpers.uvit import one_thread  # noqa: F401
@@ -57,7 +58,8 @@ def test_loss_decreases_and_is_rec_plus_weighted_kl(shapes_folder, tmp_path):
         losses.append(logs["rec_loss"])
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     grid = m.validate(30)
-    assert grid.size == (4 * 32, 2 * 32)  # originals over reconstructions
+    left, _, s = label_margins((32, 32), True, False)
+    assert grid.size == (left + 4 * 32 * s, 2 * 32 * s)  # originals over reconstructions, labelled
 
 
 def test_latent_stats_give_one_over_std():

@@ -41,9 +41,22 @@ GROUPS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it has none, or the help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "default" in text:
+            return text
+        if not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add(sub, name: str, module: str, help_text: str, load: bool) -> None:
     """Add one command; its module is imported only when that command is the one being run."""
-    p = sub.add_parser(name, help=help_text, description=help_text)
+    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsFormatter)
     if load:
         mod = importlib.import_module(module)
         mod.add_arguments(p)
@@ -55,7 +68,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         prog="ldmkit", description="Latent diffusion training and latent consistency distillation."
     )
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="Debug logging and every dependency warning (anywhere)."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="Warnings and errors only (anywhere).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="Train or distill with a YAML recipe (ldmkit train --help).", add_help=False)
     first, second = (argv + ["", ""])[:2]
@@ -69,12 +85,77 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+VERBOSITY_FLAGS = {"-v": 1, "--verbose": 1, "-q": -1, "--quiet": -1}
+
+# Messages of the dependencies that say nothing about the user's run (see docs/DESIGN.md, Output); -v shows them.
+HARMLESS_WARNINGS = (
+    r".*torchvision.*",  # transformers: image processors without torchvision
+    r".*were passed to LCMScheduler, but are not expected.*",
+    r".*No LoRA keys associated to.*",
+    r".*The config attributes .* were passed to .*, but are not expected.*",
+    r".*`torch_dtype` is deprecated.*",
+    r".*upcast_vae.*",
+)
+LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub", "torch", "PIL", "matplotlib")
+
+
+def verbosity(argv: list[str]) -> tuple[int, list[str]]:
+    """-v / --verbose (debug, every dependency message) and -q / --quiet (warnings only), anywhere on the
+    command line: (-1 | 0 | 1, argv without them)."""
+    level = 0
+    rest = []
+    for arg in argv:
+        if arg in VERBOSITY_FLAGS:
+            level = VERBOSITY_FLAGS[arg]
+        else:
+            rest.append(arg)
+    return level, rest
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Log lines written above the progress bar (tqdm.write), so the bar stays on one line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_output(level: int) -> None:
+    """Logging through tqdm; quiet dependencies unless -v (their known-harmless warnings and progress bars
+    of weight loading are filtered; real errors still show)."""
+    import os
+    import warnings
+
+    handler = TqdmHandler()
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s" if level > 0 else "%(levelname)s: %(message)s")
+    )
+    root = logging.getLogger()
+    # Replace an earlier call's handler (main() run twice in one process); keep others' (pytest's caplog).
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, TqdmHandler)] + [handler]
+    root.setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
+    if level > 0:
+        return
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # The libraries set their own loggers' levels when imported: tell them through their variables.
+    for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "DIFFUSERS_NO_ADVISORY_WARNINGS"):
+        os.environ.setdefault(var, "1")
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = argv[:1] in (["-v"], ["--verbose"])
-    if verbose:
-        argv = argv[1:]
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level, argv = verbosity(list(sys.argv[1:] if argv is None else argv))
+    setup_output(level)
     try:
         if argv[:1] == ["train"]:
             from ldmkit.commands.train import main as train_main

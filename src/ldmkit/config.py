@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ldmkit.errors import UserError
 
@@ -115,16 +115,21 @@ class TrainConfig:
     """LR schedule (diffusers get_scheduler)."""
     lr_warmup_steps: int = 0
     """Linear warmup steps."""
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree"] = "adamw"
+    """adamw (torch) | adamw8bit (bitsandbytes, GPU) | prodigy (prodigyopt: learning-rate free, set learning_rate 1.0) |
+    adafactor (transformers) | lion (lion-pytorch: lr 3-10x smaller than AdamW's) | adamw_schedulefree (schedulefree)."""
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the optimizer, e.g. {d_coef: 0.5, safeguard_warmup: true} for prodigy."""
     adam_beta1: float = 0.9
-    """AdamW beta1."""
+    """beta1 of adamw, adamw8bit, prodigy, lion, adamw_schedulefree."""
     adam_beta2: float = 0.999
-    """AdamW beta2 (U-ViT uses 0.9)."""
+    """beta2 of the same (U-ViT uses 0.9; Lion's paper 0.99)."""
     adam_weight_decay: float = 1e-2
-    """AdamW decoupled weight decay."""
+    """Decoupled weight decay (every optimizer)."""
     adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
+    """epsilon of adamw, adamw8bit, prodigy, adamw_schedulefree."""
     use_8bit_adam: bool = False
-    """bitsandbytes AdamW8bit (needs bitsandbytes and a GPU)."""
+    """Old name of optimizer: adamw8bit."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; null disables clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -142,13 +147,16 @@ class TrainConfig:
     validate_every: int = 0
     """Write a validation grid every N steps (0: only at the end)."""
     validation_prompts: list[str] = field(default_factory=list)
-    """Fixed prompts of the validation grids."""
+    """Fixed prompts of the validation grids (one row each)."""
+    validation_prompts_file: str | None = None
+    """Text file with one validation prompt per line (added after validation_prompts)."""
     validation_seed: int = 0
     """Fixed seed of the validation grids."""
     log_every: int = 1
     """Write metrics every N steps."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Tracker besides metrics.jsonl."""
+    report_to: str = "tensorboard"
+    """Trackers besides metrics.jsonl, comma-separated: tensorboard (output_dir/logs), wandb, comet_ml, mlflow, aim,
+    clearml, dvclive, swanlab, trackio (accelerate's; each needs its package), all, or none."""
     resume_from: str = "latest"
     """latest: continue from the newest undamaged checkpoint in output_dir; none: start again from step 0
     (what output_dir holds from before is moved to output_dir/previous/); or a checkpoint folder to start from."""
@@ -197,6 +205,77 @@ def build_parser(method_cls: type[MethodConfig], prog: str = "ldmkit train"):
         help="Run folder: config.yaml, metrics.jsonl, samples/, checkpoints/, export/.",
     )
     return parser
+
+
+def _show(value: object) -> str:
+    """A default as it is written in YAML / on the command line."""
+    import json
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value and value.strip() == value else json.dumps(value)
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _choices(hint: object) -> list[str]:
+    import typing
+
+    if typing.get_origin(hint) is Literal:
+        return [str(a) for a in typing.get_args(hint)]
+    return [c for arg in typing.get_args(hint) for c in _choices(arg)]  # Optional[Literal[...]]
+
+
+def _group_help(title: str, prefix: str, cls: type, values: dict | None = None) -> list[str]:
+    """One line per field: ``--prefix.name=default {choices}  docstring``."""
+    import typing
+
+    from docstring_parser import parse_from_object
+
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # inherited fields too
+        docs.update({p.arg_name: " ".join((p.description or "").split()) for p in parse_from_object(klass).params})
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a plugin's annotation that does not resolve: no choices shown
+        hints = {}
+    lines = [f"{title}:"]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if values is not None and f.name in values:  # the recipe's value
+            default = values[f.name]
+        choices = _choices(hints.get(f.name))
+        doc = docs.get(f.name, "")
+        if choices and not all(c in doc for c in choices):
+            doc = f"{{{'|'.join(choices)}}} {doc}"
+        lines.append(f"  --{prefix}{f.name}={_show(default)}  {doc}".rstrip())
+    return lines
+
+
+def options_help(method_cls: type[MethodConfig] | None, values: dict | None = None) -> str:
+    """The options of a run for ``ldmkit train --help``: the method's (when given) and the shared sections,
+    one line each with its default, or with the recipe's value when ``values`` (``config_to_dict`` of the
+    resolved recipe) is given (faster and shorter than jsonargparse's help, and without torch)."""
+    lines = []
+    values = values or {}
+    if method_cls is not None:
+        name = method_cls.name if isinstance(method_cls.name, str) else ""
+        lines += _group_help(f"method {name!r}", "method.", method_cls, values.get("method")) + [""]
+    for group, cls in SHARED_GROUPS.items():
+        doc = next(p.description for p in _config_docs() if p.arg_name == group)
+        lines += _group_help(f"{group} ({doc.rstrip('.')})", f"{group}.", cls, values.get(group)) + [""]
+    lines.append(
+        f"  --output_dir={values.get('output_dir', Config.output_dir)}  {next(p.description for p in _config_docs() if p.arg_name == 'output_dir')}"
+    )
+    return "\n".join(lines)
+
+
+def _config_docs():
+    from docstring_parser import parse_from_object
+
+    return parse_from_object(Config).params
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package; the checkout's configs/ links here
@@ -257,6 +336,23 @@ def parse_config(method_cls: type[MethodConfig], name: str, path: str | None, ov
     cfg.method.name = name
     validate_config(cfg)
     return cfg
+
+
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
+"""accelerate's trackers (accelerate.utils.LoggerType) that train.report_to may name."""
+
+
+def trackers(report_to: str) -> list[str]:
+    """``train.report_to`` as a list of tracker names (empty for none); "all" means every one installed."""
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    if names in (["none"], []):
+        return []
+    if names == ["all"]:
+        return ["all"]
+    bad = [n for n in names if n not in TRACKERS]
+    if bad:
+        raise UserError(f"train.report_to: unknown tracker {bad[0]!r}; choose from {', '.join(TRACKERS)}, all or none")
+    return names
 
 
 def _at_least(key: str, value: float | None, low: float, *, none_ok: bool = False) -> None:
@@ -328,6 +424,15 @@ def validate_config(cfg: Config) -> None:
         if not torch.cuda.is_available():
             # accelerate refuses fp16 without a CUDA (or NPU/XPU) device with a long traceback
             raise UserError("train.mixed_precision=fp16 needs a CUDA GPU and none is visible: use bf16 or no here")
+    trackers(t.report_to)  # names checked now; missing packages when the run starts (train/loop.py)
+    if t.validation_prompts_file:
+        # Read once here, so config.yaml records the prompts the grids show (the file may change later).
+        path = Path(t.validation_prompts_file)
+        if not path.is_file():
+            raise UserError(f"train.validation_prompts_file not found: {path}")
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+        t.validation_prompts = [*t.validation_prompts, *[line for line in lines if line]]
+        t.validation_prompts_file = None
     _folder_path("output_dir", cfg.output_dir)
     _folder_path("data.cache_dir", d.cache_dir)
     if t.resume_from not in ("latest", "none") and not Path(t.resume_from).is_dir():
@@ -344,6 +449,7 @@ BOOKKEEPING_KEYS = frozenset(
         "train.checkpoints_total_limit",
         "train.validate_every",
         "train.validation_prompts",
+        "train.validation_prompts_file",
         "train.validation_seed",
         "train.log_every",
         "train.report_to",

@@ -18,21 +18,11 @@ from typing import Any
 import torch
 
 from ldmkit.compat import dtype_kwargs
+from ldmkit.diffusion.samplers import SCHEDULERS  # noqa: F401 (the commands' sampler names)
 from ldmkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "lcm": "LCMScheduler",
-    "tcd": "TCDScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-"""Sampler names the commands accept -> diffusers scheduler class ("dpm" is DPM-Solver++ 2M, diffusers'
-default algorithm_type "dpmsolver++" and solver_order 2; "tcd" samples TCD and PCM models, with ``eta`` as
-TCD's gamma)."""
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -184,9 +174,15 @@ def generate_images(
     return images
 
 
-def image_grid(images: Sequence[Any], cols: int) -> Any:
+def image_grid(
+    images: Sequence[Any],
+    cols: int,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+) -> Any:
     """The images tiled row-major in ``cols`` columns (diffusers' ``make_image_grid``); a short last row
-    is filled with black."""
+    is filled with black. With labels: a caption band on the left (one label per row, e.g. its prompt,
+    wrapped) and on top (one per column, e.g. "4 steps"), so a grid is readable on its own."""
     from diffusers.utils import make_image_grid
     from PIL import Image
 
@@ -194,4 +190,62 @@ def image_grid(images: Sequence[Any], cols: int) -> Any:
         raise UserError("no images to tile")
     rows = -(-len(images) // cols)
     blank = Image.new("RGB", images[0].size)
-    return make_image_grid([*images, *[blank] * (rows * cols - len(images))], rows=rows, cols=cols)
+    cells = [*images, *[blank] * (rows * cols - len(images))]
+    if not row_labels and not col_labels:
+        return make_image_grid(cells, rows=rows, cols=cols)
+    left, top, scale = label_margins(images[0].size, bool(row_labels), bool(col_labels))
+    if scale > 1:  # small images (32 px) blown up by whole pixels, so that they and their labels are readable
+        cells = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in cells]
+    grid = make_image_grid(cells, rows=rows, cols=cols)
+    return _labelled(grid, cells[0].size, rows, cols, list(row_labels or []), list(col_labels or []))
+
+
+def _label_font_size(cell_height: int) -> int:
+    return max(12, min(24, cell_height // 8))
+
+
+LABELLED_MIN_CELL = 96
+"""Labelled grids blow smaller images up (by a whole factor) to at least this width."""
+
+
+def label_margins(cell: tuple[int, int], row_labels: bool, col_labels: bool) -> tuple[int, int, int]:
+    """(left, top, scale): the width of the row-label band, the height of the column-label band and the
+    factor the images are blown up by that ``image_grid`` uses for images of size ``cell``."""
+    scale = max(1, -(-LABELLED_MIN_CELL // cell[0]))
+    w, h = cell[0] * scale, cell[1] * scale
+    left = max(160, min(3 * w, 320)) if row_labels else 0
+    top = _label_font_size(h) + 12 if col_labels else 0
+    return left, top, scale
+
+
+def _labelled(grid, cell: tuple[int, int], rows: int, cols: int, row_labels: list[str], col_labels: list[str]):
+    """``grid`` with a white band of row labels on the left and column labels on top (PIL's built-in font,
+    scaled to the cells, at least 12 px so 32 px images still get readable captions)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = cell
+    size = _label_font_size(h)
+    font = ImageFont.load_default(size=size)
+    line_h = size + 4
+    left, top, _ = label_margins(cell, bool(row_labels), bool(col_labels))
+    chars = max(8, int(left / (size * 0.55)))  # characters per line of the left band
+    out = Image.new("RGB", (left + grid.width, top + grid.height), "white")
+    out.paste(grid, (left, top))
+    draw = ImageDraw.Draw(out)
+    for j, label in enumerate(col_labels[:cols]):
+        x = left + j * w + w // 2
+        draw.text((x, top // 2), str(label), fill="black", font=font, anchor="mm")
+    max_lines = max(1, (h - 4) // line_h)
+    for i, label in enumerate(row_labels[:rows]):
+        lines = textwrap.wrap(str(label), chars) or [""]
+        if len(lines) > max_lines:
+            lines = [
+                *lines[: max_lines - 1],
+                textwrap.shorten(" ".join(lines[max_lines - 1 :]), chars, placeholder="..."),
+            ]
+        y = top + i * h + (h - len(lines) * line_h) // 2
+        for k, line in enumerate(lines):
+            draw.text((6, y + k * line_h), line, fill="black", font=font)
+    return out

@@ -74,12 +74,12 @@ QUICK = Plan(
 
 
 def _train(method_recipe: str, overrides: list[str]) -> Path:
-    """Run (or resume, or skip when finished) one training stage through the shared loop. Stages do not
-    draw validation grids or write TensorBoard logs: the report's evaluation replaces both."""
+    """Run (or resume, or skip when finished) one training stage through the shared loop. Stages draw no
+    validation grids (the report's evaluation replaces them); their TensorBoard logs are in <stage>/logs."""
     from ldmkit.methods import load_config
     from ldmkit.train.loop import train
 
-    cfg = load_config(method_recipe, [*overrides, "--train.validate_every=0", "--train.report_to=none"])
+    cfg = load_config(method_recipe, [*overrides, "--train.validate_every=0"])
     return train(cfg)
 
 

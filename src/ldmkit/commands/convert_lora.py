@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 from ldmkit.errors import UserError
-from ldmkit.lora import export, formats
 
 
 def _model_info(model_dir: str) -> tuple[list[str], object | None, bool]:
@@ -66,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ldmkit.lora import export, formats
 
     state_dict = formats.load_lora_file(args.input)
     names, unet_config, sdxl = _model_info(args.model) if args.model else (None, None, None)

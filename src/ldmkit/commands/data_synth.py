@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ldmkit.data.synth import KINDS, write_dataset
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output folder (created; must be empty or absent).")
@@ -21,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=1000, help="Samples per WebDataset shard.")
     parser.add_argument(
         "--kind",
-        choices=KINDS,
+        choices=("shapes", "glyphs"),
         default="shapes",
         help="shapes: coloured shapes whose captions state four scoreable attributes; glyphs: letters whose "
         "captions differ in one word (a label, as class-labelled data).",
@@ -29,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmkit.data.synth import write_dataset
+
     written = write_dataset(args.out, args.num, args.format, args.size, args.seed, args.shard_size, args.kind)
     what = "images" if args.format == "folder" else "shards"
     print(f"wrote {args.num} {args.kind} samples ({len(written)} {what}, {args.size} px) to {args.out}")

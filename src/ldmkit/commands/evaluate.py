@@ -6,28 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ldmkit.data.synth import heldout_prompts
+from ldmkit.diffusion.samplers import SCHEDULERS, TEACHER_SOLVERS
 from ldmkit.errors import UserError
-from ldmkit.eval.evaluate import (
-    TEACHER_SOLVERS,
-    ClipScorer,
-    evaluate_pipeline,
-    evaluate_solvers,
-    parse_steps,
-    read_data,
-    read_images,
-    read_prompts,
-)
-from ldmkit.eval.fid import load_feature_extractor
-from ldmkit.eval.plot import quality_vs_steps
-from ldmkit.inference import (
-    SCHEDULERS,
-    load_lora,
-    load_pipeline,
-    resolve_device,
-    resolve_dtype,
-    set_scheduler,
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--steps", default="1,2,4,8", help="Comma-separated step counts to evaluate.")
     add("--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own.")
-    add("--guidance", type=float, default=None, help="Guidance scale; default: the pipeline's default.")
+    add(
+        "--guidance",
+        type=float,
+        default=None,
+        help="Guidance scale; default: the model's (1.0 for an LCM-LoRA, 8.0 for a full LCM, else 7.5).",
+    )
     add(
         "--eta",
         type=float,
@@ -116,6 +101,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmkit.commands.generate import prepare_sampler, sampling_defaults
+    from ldmkit.data.synth import heldout_prompts
+    from ldmkit.eval.evaluate import (
+        ClipScorer,
+        evaluate_pipeline,
+        evaluate_solvers,
+        parse_steps,
+        read_data,
+        read_images,
+        read_prompts,
+    )
+    from ldmkit.eval.fid import load_feature_extractor
+    from ldmkit.eval.plot import quality_vs_steps
+    from ldmkit.inference import load_lora, load_pipeline, resolve_device, resolve_dtype
+
     steps = parse_steps(args.steps)
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
@@ -143,10 +143,11 @@ def run(args: argparse.Namespace) -> int:
     clip = ClipScorer(args.clip, device) if args.clip else None
 
     pipe = load_pipeline(args.model, dtype)
-    if args.scheduler:
-        set_scheduler(pipe, args.scheduler)
+    prepare_sampler(pipe, args.scheduler, args.lora)  # an LCM-LoRA export samples with LCM by default
     if args.lora:
         load_lora(pipe, args.lora)
+    if args.guidance is None:
+        args.guidance = sampling_defaults(pipe)[1]
         if not args.no_fuse_lora:
             pipe.fuse_lora()
     pipe.to(device)

@@ -9,17 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ldmkit.diffusion.samplers import SCHEDULERS
 from ldmkit.errors import UserError
-from ldmkit.inference import (
-    SCHEDULERS,
-    generate_images,
-    image_grid,
-    load_lora,
-    load_pipeline,
-    resolve_device,
-    resolve_dtype,
-    set_scheduler,
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,12 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-scale", type=float, default=1.0, help="Strength of the LoRA.")
     parser.add_argument("--prompt", action="append", required=True, help="Prompt (repeat for several).")
     parser.add_argument("--negative-prompt", default=None, help="Negative prompt for every image.")
-    parser.add_argument("--steps", type=int, default=25, help="Sampling steps (2-8 for LCM models).")
     parser.add_argument(
-        "--guidance", type=float, default=7.5, help="Guidance scale (1.0-2.0 for LCM-LoRA, about 8 for full LCM)."
+        "--steps", type=int, default=None, help="Sampling steps; default: 4 for an LCM model or LCM-LoRA, else 25."
     )
     parser.add_argument(
-        "--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own."
+        "--guidance",
+        type=float,
+        default=None,
+        help="Guidance scale; default: 1.0 for an LCM-LoRA (no CFG pass), 8.0 for a full LCM, else 7.5.",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        default=None,
+        help="Sampler; default: the folder's own, or lcm for an LCM-LoRA export (it carries an LCMScheduler).",
     )
     parser.add_argument(
         "--eta",
@@ -60,18 +59,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output folder for NNN.png, grid.png and generate.json.")
 
 
+def is_lcm_lora_export(lora: str | None) -> bool:
+    """An ldmkit LCM-LoRA export: its folder carries the LCMScheduler of the run."""
+    if not lora:
+        return False
+    folder = Path(lora) if Path(lora).is_dir() else Path(lora).parent
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == "LCMScheduler"
+
+
+def prepare_sampler(pipe, scheduler: str | None, lora: str | None) -> None:
+    """The sampler: --scheduler, else LCM for an LCM-LoRA export, else the folder's own (before the LoRA
+    is loaded, so that load_lora adopts the export's LCM settings)."""
+    from ldmkit.inference import set_scheduler
+
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    elif is_lcm_lora_export(lora):
+        set_scheduler(pipe, "lcm")
+
+
+def sampling_defaults(pipe) -> tuple[int, float]:
+    """(steps, guidance) that suit the model: an LCM sampler 4 steps, at 8.0 for a full LCM (guidance is
+    embedded, w = 7) or 1.0 for an LCM-LoRA (no classifier-free guidance pass); else 25 steps at 7.5."""
+    from diffusers import LCMScheduler
+
+    if isinstance(pipe.scheduler, LCMScheduler):
+        unet = getattr(pipe, "unet", None)
+        embedded = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None
+        return 4, 8.0 if embedded else 1.0
+    return 25, 7.5
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.num_images < 1:
+    from ldmkit.inference import generate_images, image_grid, load_lora, load_pipeline, resolve_device, resolve_dtype
+
+    if (args.steps is not None and args.steps < 1) or args.num_images < 1:
         raise UserError("--steps and --num-images must be at least 1")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype)
-    if args.scheduler:
-        set_scheduler(pipe, args.scheduler)
+    prepare_sampler(pipe, args.scheduler, args.lora)
     if args.lora:
         load_lora(pipe, args.lora, args.lora_scale)
+    steps, guidance = sampling_defaults(pipe)
+    args.steps = steps if args.steps is None else args.steps
+    args.guidance = guidance if args.guidance is None else args.guidance
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     images = generate_images(

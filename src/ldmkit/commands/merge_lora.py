@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 from ldmkit.errors import UserError
-from ldmkit.lora import formats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +85,7 @@ def merge(pipe, state_dict: dict, scale: float = 1.0) -> int:
     diffusers' fuse_lora; returns the number of merged modules."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from ldmkit.lora import formats
     from ldmkit.models.uvit import UViT
 
     is_uvit = isinstance(pipe.unet, UViT)
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from ldmkit.diffusion.lcm import lcm_scheduler
     from ldmkit.families.single_file import save_single_file
     from ldmkit.inference import load_pipeline
+    from ldmkit.lora import formats
     from ldmkit.models.uvit import UViT
 
     model, lora = Path(args.model), Path(args.lora)

@@ -6,13 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from ldmkit.data.features import META_FILE
-from ldmkit.data.prepare_features import (
-    prepare_features,
-)
-from ldmkit.data.transforms import ImageTransform
 from ldmkit.errors import UserError
 
 
@@ -45,8 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ldmkit.config import DataConfig, ModelConfig
+    from ldmkit.data.features import META_FILE
     from ldmkit.data.loader import detect_format, open_dataset
+    from ldmkit.data.prepare_features import prepare_features
+    from ldmkit.data.transforms import ImageTransform
     from ldmkit.families import load_family
     from ldmkit.families.sd import check_single_text_encoder
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ldmkit.models.tiny import (
-    ARCHS,
-    build_tiny_pipeline,
-)
+ARCHS = ("sd15", "sdxl")  # ldmkit.models.tiny.ARCHS (tests/test_cli.py checks they agree), without torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmkit.models.tiny import build_tiny_pipeline
+
     out = build_tiny_pipeline(args.arch, args.out, seed=args.seed)
     print(f"tiny {args.arch} pipeline written to {out}")
     return 0

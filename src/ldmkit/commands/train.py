@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ldmkit.config import dump_config
 from ldmkit.methods import load_config, method_help
@@ -27,8 +28,57 @@ def run(args: argparse.Namespace) -> int:
     from ldmkit.train.loop import train
 
     export = train(cfg)
-    print(f"export: {export}")
+    print(run_summary(cfg, export))
     return 0
+
+
+def run_summary(cfg, export: Path) -> str:
+    """What a finished run made and where: absolute paths, the command to try it, training time and speed
+    (of training only: validation and saving excluded; train/loop.py writes them to train_stats.json)."""
+    import json
+    import shlex
+
+    out = Path(cfg.output_dir).resolve()
+    export = Path(export).resolve()
+    stats_file = out / "train_stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    lines = []
+    if stats.get("steps"):
+        lines.append(
+            f"done: {cfg.method.name}, {stats['steps']} steps (to step {stats['last_step']}) in "
+            f"{_duration(stats['train_seconds'])} of training, {stats['samples_per_s']:.2f} samples/s"
+        )
+    else:
+        lines.append(f"done: {cfg.method.name}, nothing left to train (step {stats.get('last_step', '?')})")
+    rows = [("export", export)]
+    if (export / "README.md").is_file():
+        rows.append(("model card", export / "README.md"))
+    samples = sorted((out / "samples").glob("*.png"))
+    if samples:
+        rows.append(("samples", samples[-1]))
+    rows.append(("metrics", out / "metrics.jsonl"))
+    if (out / "logs").is_dir():
+        rows.append(("logs", f"{out / 'logs'}  (tensorboard --logdir {shlex.quote(str(out / 'logs'))})"))
+    prompt = (cfg.train.validation_prompts or ["a photo of a cat"])[0]
+    if (export / "pytorch_lora_weights.safetensors").is_file():
+        model = Path(cfg.model.pretrained).resolve()
+        rows.append(("try it", f"ldmkit generate --model {shlex.quote(str(model))} --lora {shlex.quote(str(export))}"))
+    elif (export / "model_index.json").is_file():
+        rows.append(("try it", f"ldmkit generate --model {shlex.quote(str(export))}"))
+    if rows[-1][0] == "try it":
+        rows[-1] = (
+            "try it",
+            f"{rows[-1][1]} --prompt {shlex.quote(prompt)} --out {shlex.quote(str(out / 'generated'))}",
+        )
+    lines += [f"  {k + ':':<11} {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def main(argv: list[str]) -> int:
@@ -52,17 +102,21 @@ def main(argv: list[str]) -> int:
         parser.print_help()
         print(f"\nshipped recipes (by name from any folder): {', '.join(shipped_recipes())}")
         try:
-            names = [recipe_method_name(args.config, overrides)]
+            name = recipe_method_name(args.config, overrides)
         except (UserError, OSError):
-            names = list(registered_methods())
-        for name in names:
-            print(f"\n===== options of method {name!r} (and the shared sections) =====")
-            print(method_help(name))
-            if len(names) > 1:
-                break  # the shared sections are the same for all; list the other methods' own options briefly
-        if len(names) > 1:
-            for name in names[1:]:
-                print(f"\n(method {name!r}: ldmkit train --help --method.name={name})")
+            name = None
+        values = None
+        if name is not None and args.config:
+            from ldmkit.config import config_to_dict
+
+            try:  # show the recipe's values as the defaults
+                values = config_to_dict(load_config(args.config, overrides))
+            except UserError:
+                values = None
+        print(f"\n{method_help(name, values)}")
+        if name is None:
+            others = ", ".join(registered_methods())
+            print(f"\nmethods ({others}): their options with ldmkit train --help --method.name=NAME or RECIPE --help")
         return 0
     return run(args)
 

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from ldmkit.data.synth import parse_caption
+from ldmkit.diffusion.samplers import TEACHER_SOLVERS  # noqa: F401 (re-exported)
 from ldmkit.errors import UserError
 from ldmkit.eval.fid import frechet_distance, kernel_inception_distance, load_feature_extractor
 from ldmkit.eval.scorer import adherence
@@ -43,10 +44,6 @@ from ldmkit.inference import (
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-TEACHER_SOLVERS = ("ddim", "dpm", "unipc")
-"""The training-free few-step solvers a distilled model is compared with (``ldmkit.inference.SCHEDULERS``
-names): DDIM, DPM-Solver++ (2M) and UniPC."""
 
 
 def parse_steps(text: str) -> list[int]:

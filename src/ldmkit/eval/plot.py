@@ -26,8 +26,10 @@ def line_chart(
     size: tuple[int, int] = (440, 300),
     y_range: tuple[float, float] | None = None,
     x_label: str = "steps",
+    log_x: bool = True,
 ) -> Image.Image:
-    """One panel: a line per series of (steps, value) points; x on a log2 axis, ticks at the steps used.
+    """One panel: a line per series of (x, value) points; x on a log2 axis with ticks at the values used
+    (``log_x``), or linear with five ticks (e.g. training steps of a loss curve); ``x_label`` under the axis.
 
     ``y_range`` fixes the y axis (e.g. 0..1 for accuracies); otherwise it spans the data.
     """
@@ -41,7 +43,8 @@ def line_chart(
     if not pts:
         return img
     xs = sorted({p[0] for p in pts})
-    lx = [math.log2(x) for x in xs]
+    fx = math.log2 if log_x else float
+    lx = [fx(x) for x in xs]
     x_lo, x_hi = lx[0], lx[-1] if lx[-1] > lx[0] else lx[0] + 1
     y_lo, y_hi = y_range or (min(p[1] for p in pts), max(p[1] for p in pts))
     if y_hi - y_lo < 1e-12:
@@ -52,15 +55,17 @@ def line_chart(
     decimals = max(0, math.ceil(-math.log10((y_hi - y_lo) / 4)) + 1)
 
     def to_px(x: float, y: float) -> tuple[float, float]:
-        px = left + (math.log2(x) - x_lo) / (x_hi - x_lo) * (w - left - right)
+        px = left + (fx(x) - x_lo) / (x_hi - x_lo) * (w - left - right)
         py = h - bottom - (y - y_lo) / (y_hi - y_lo) * (h - top - bottom)
         return px, py
 
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for x in xs:
+    ticks = xs if log_x else sorted({round(xs[0] + (xs[-1] - xs[0]) * i / 4) for i in range(5)})
+    for x in ticks:
         px, _ = to_px(x, y_lo)
         draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
-        draw.text((px - 4, h - bottom + 6), f"{x:g}", fill="black", font=font)
+        label = f"{x:g}"
+        draw.text((min(px - 3 * len(label), w - 6 * len(label)), h - bottom + 6), label, fill="black", font=font)
     for i in range(5):
         y = y_lo + (y_hi - y_lo) * i / 4
         _, py = to_px(xs[0], y)
@@ -72,7 +77,7 @@ def line_chart(
         line = [to_px(x, y) for x, y in sorted(pts_s)]
         if len(line) > 1:
             draw.line(line, fill=color, width=2)
-        for px, py in line:
+        for px, py in line if len(line) <= 40 else []:  # markers for measured settings, not for loss curves
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
         draw.text((w - right - 150, top + 4 + 12 * k), label, fill=color, font=font)
     return img

@@ -57,8 +57,6 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
     """
     from PIL import Image, ImageDraw
 
-    from ldmkit.eval.plot import line_chart
-
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plan = report["plan"]
     ev = Path(eval_dir)
@@ -92,26 +90,10 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
 
     figs = report["figures"]
     names = ["teacher_50", "teacher_4"] + [f"lcm_{s}" for s in plan["lcm_steps"]]
-    quality_key = "adherence" if figs["teacher_50"]["adherence"] is not None else "fd"
-    teacher_pts = [(figs[n]["steps"], figs[n][quality_key]) for n in ("teacher_4", "teacher_50")]
-    lcm_pts = [(figs[f"lcm_{s}"]["steps"], figs[f"lcm_{s}"][quality_key]) for s in plan["lcm_steps"]]
-    y_range = (0.0, 1.0) if quality_key == "adherence" else None
-    chart_steps = line_chart(
-        {"teacher (DDIM)": teacher_pts, "LCM": lcm_pts}, f"{quality_key} vs steps", y_range=y_range
-    )
-    teacher_t = [
-        (round(figs[n]["seconds_per_image"] * 1000), figs[n][quality_key]) for n in ("teacher_4", "teacher_50")
-    ]
-    lcm_t = [
-        (round(figs[f"lcm_{s}"]["seconds_per_image"] * 1000), figs[f"lcm_{s}"][quality_key]) for s in plan["lcm_steps"]
-    ]
-    chart_time = line_chart(
-        {"teacher (DDIM)": teacher_t, "LCM": lcm_t}, f"{quality_key} vs milliseconds per image", y_range=y_range
-    )
-    plot = Image.new("RGB", (chart_steps.width + chart_time.width, max(chart_steps.height, chart_time.height)), "white")
-    plot.paste(chart_steps, (0, 0))
-    plot.paste(chart_time, (chart_steps.width, 0))
-    plot.save(out / "quality.png")
+    quality_charts(figs, plan["lcm_steps"]).save(out / "quality.png")
+    losses = loss_curves(report["exports"])
+    if losses is not None:
+        losses.save(out / "losses.png")
 
     def cell(v: Any, fmt: str = "{:.3f}") -> str:
         return "" if v is None else fmt.format(v)
@@ -132,14 +114,22 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
     )
     text = report.get("text_separation", {})
     adherence_html = _caption_adherence_html(report.get("caption_adherence"))
+    stage_rows = "".join(
+        f'<tr class="stage"><td>{html.escape(k)}</td><td>{_duration(v)}</td></tr>'
+        for k, v in report["stage_seconds"].items()
+    )
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>ldmkit quickstart</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
 <h1>ldmkit quickstart report</h1>
 <p>{"Quick run" if report["quick"] else "Full run"}, {report["method"]} distillation, {len(results["prompts"])} held-out prompts, same seeds for every setting.
 Total time {report["seconds_total"] / 60:.1f} min.</p>
 {adherence_html}
+{QUICK_NOTICE if report["quick"] else ""}
+{what_next(report)}
 <h2>Samples</h2><p>Same prompts and initial noise in every column.</p><img src="grids.png">
-<h2>Quality against steps and time</h2><img src="quality.png">
+<h2>Quality against steps and time</h2><p>Each attribute's adherence and the FD to the data, against sampling
+steps (left) and milliseconds per image (right).</p><img src="quality.png">
+{'<h2>Training loss of each stage</h2><img src="losses.png">' if losses is not None else ""}
 <h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher 50</th><th>FD to teacher 50</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
 <p>Adherence: share of images whose colour, shape, size and position all match the prompt (ldmkit.eval.scorer).
 RMS to teacher 50: root-mean-square pixel difference to the teacher's 50-step image from the same noise
@@ -148,9 +138,9 @@ FD to teacher 50: Fréchet distance of the whole image set to the teacher's 50-s
 FD / KID to data: to {report["plan"]["reference_images"]} training images. Features: {html.escape(str(report.get("feature_net")))}
 (a fixed random conv net, comparable only within ldmkit).
 LCM 4 steps reaches {cell(figs.get("lcm4_over_teacher50_adherence"), "{:.0%}")} of the teacher's 50-step adherence and is
-{cell(figs.get("lcm4_speedup_over_teacher50"), "{:.1f}")}x faster per image.</p>
+{cell(figs.get("lcm4_speedup_over_teacher50"), "{:.1f}")}x faster per image{" (a quick run: the quality figures mean nothing, see above)" if report["quick"] else ""}.</p>
 <h2>Text conditioning</h2><pre>{html.escape(json.dumps(text, indent=1))}</pre>
-<h2>Stages</h2><ul>{stages}</ul><pre>{html.escape(json.dumps(report["stage_seconds"], indent=1))}</pre>
+<h2>Stages</h2><ul>{stages}</ul><table><tr><th>stage</th><th>time</th></tr>{stage_rows}</table>
 </body></html>"""
     (out / "report.html").write_text(doc)
 
@@ -191,3 +181,120 @@ def _caption_adherence_html(adh: dict[str, Any] | None) -> str:
             f"{adh['chance']:.2f}, {len(adh['labels'])} labels)."
         )
     return f"<h2>Do samples follow their captions?</h2>{warnings}<table>{head}{rows}</table><p>{note}</p>"
+
+
+QUICK_NOTICE = (
+    '<p style="border:2px solid #c60;padding:8px;background:#fff4e5"><b>Quick run.</b> Every stage ran at a '
+    "small size to check that it works; the teacher is far too short to learn the shapes, so adherence and FD "
+    "below are near zero or noisy by design. Run <code>ldmkit quickstart</code> without <code>--quick</code> "
+    "for figures that mean something.</p>"
+)
+
+ATTRIBUTES = ("all", "color", "shape", "size", "position")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {round(seconds % 60)} s"
+
+
+def what_next(report: dict[str, Any]) -> str:
+    """A box with the commands to try the distilled model (generate) and bake it in (merge-lora)."""
+    import shlex
+
+    ex = report["exports"]
+    teacher, student = (
+        shlex.quote(str(Path(ex["teacher"]).resolve())),
+        shlex.quote(str(Path(ex["distilled"]).resolve())),
+    )
+    prompt = shlex.quote("a large red circle in the center")
+    if report["method"] == "lcd":
+        lines = [f"ldmkit generate --model {student} --prompt {prompt} --out try"]
+    else:
+        lines = [
+            f"ldmkit generate --model {teacher} --lora {student} --prompt {prompt} --out try",
+            f"ldmkit merge-lora --model {teacher} --lora {student} --out merged",
+        ]
+    lines.append(
+        f"ldmkit evaluate --model {teacher}"
+        + ("" if report["method"] == "lcd" else f" --lora {student}")
+        + " --shapes --out eval"
+    )
+    body = html.escape("\n".join(lines))
+    return (
+        '<div style="border:1px solid #888;padding:8px;background:#f4f8ff"><b>What next</b>: try the distilled model '
+        f"(4 steps by default), bake it into the teacher, measure it again:<pre>{body}</pre></div>"
+    )
+
+
+def quality_charts(figs: dict[str, Any], lcm_steps: list[int]):
+    """A row per measure (each attribute's adherence, then FD to the data) with two panels: against steps and
+    against milliseconds per image; teacher (DDIM) and LCM lines."""
+    from PIL import Image
+
+    from ldmkit.eval.plot import line_chart
+
+    def value(name: str, measure: str) -> float | None:
+        if measure == "fd":
+            return figs[name]["fd"]
+        per = figs[name]["adherence_per_attribute"] or {}
+        return per.get(measure)
+
+    groups = {"teacher (DDIM)": ("teacher_4", "teacher_50"), "LCM": tuple(f"lcm_{s}" for s in lcm_steps)}
+    measures = [m for m in (*ATTRIBUTES, "fd") if any(value(n, m) is not None for g in groups.values() for n in g)]
+    rows = []
+    for m in measures:
+        title = (
+            "FD to the data (lower is better)" if m == "fd" else f"adherence: {'all 4 attributes' if m == 'all' else m}"
+        )
+        y_range = None if m == "fd" else (0.0, 1.0)
+        by_steps = {
+            k: [(figs[n]["steps"], value(n, m)) for n in ns if value(n, m) is not None] for k, ns in groups.items()
+        }
+        by_ms = {
+            k: [(figs[n]["seconds_per_image"] * 1000, value(n, m)) for n in ns if value(n, m) is not None]
+            for k, ns in groups.items()
+        }
+        rows.append(
+            (
+                line_chart(by_steps, f"{title} vs steps", y_range=y_range, x_label="sampling steps"),
+                line_chart(by_ms, f"{title} vs time", y_range=y_range, x_label="milliseconds per image"),
+            )
+        )
+    pw, ph = rows[0][0].size if rows else (440, 300)
+    sheet = Image.new("RGB", (2 * pw, max(1, len(rows)) * ph), "white")
+    for i, (a, b) in enumerate(rows):
+        sheet.paste(a, (0, i * ph))
+        sheet.paste(b, (pw, i * ph))
+    return sheet
+
+
+def loss_curves(exports: dict[str, str]):
+    """The training loss of each stage (its run folder's metrics.jsonl, next to its export), or None."""
+    from PIL import Image
+
+    from ldmkit.eval.plot import line_chart
+
+    panels = []
+    for stage in ("vae", "teacher", "distilled"):
+        if stage not in exports:
+            continue
+        metrics = Path(exports[stage]).parent / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        points = []
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in record and "step" in record:
+                points.append((record["step"], record["loss"]))
+        if len(points) > 1:
+            panels.append(line_chart({stage: points}, f"{stage}: training loss", x_label="training step", log_x=False))
+    if not panels:
+        return None
+    pw, ph = panels[0].size
+    sheet = Image.new("RGB", (len(panels) * pw, ph), "white")
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, (i * pw, 0))
+    return sheet

@@ -26,9 +26,37 @@ BUILTIN_METHODS: dict[str, str] = {
 def registered_methods() -> dict[str, str]:
     """Every method by name: the built-in ones, plus your own from
     ``LDMKIT_METHODS="name=package.module:Class,..."`` (no fork needed)."""
+    return {**BUILTIN_METHODS, **_plugins()}
+
+
+# The built-in methods' configs live in one torch-free module (ldmkit.methods.configs): help and config
+# checks need no model code.
+BUILTIN_CONFIGS: dict[str, str] = {
+    "finetune": "ldmkit.methods.configs:FinetuneConfig",
+    "lora": "ldmkit.methods.configs:LoraMethodConfig",
+    "lcm_lora": "ldmkit.methods.configs:LCMLoraConfig",
+    "lcd": "ldmkit.methods.configs:LCDConfig",
+    "tcd_lora": "ldmkit.methods.configs:TCDLoraConfig",
+    "tcd": "ldmkit.methods.configs:TCDConfig",
+    "pcm_lora": "ldmkit.methods.configs:PCMLoraConfig",
+    "pcm": "ldmkit.methods.configs:PCMConfig",
+    "uvit": "ldmkit.methods.configs:UViTConfig",
+    "vae": "ldmkit.methods.configs:VAEConfig",
+}
+
+
+def get_config_class(name: str):
+    """The config dataclass of method ``name``, without importing the method (and torch) when it is built in."""
+    spec = BUILTIN_CONFIGS.get(name)
+    if spec is None or name in _plugins():
+        return get_method(name).Config
+    module, cls = spec.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _plugins() -> dict[str, str]:
     spec = os.environ.get("LDMKIT_METHODS", "")
-    plugins = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
-    return {**BUILTIN_METHODS, **plugins}
+    return dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
 
 
 def get_method(name: str):
@@ -49,14 +77,16 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     overrides = list(overrides or [])
     path = None if path is None else str(resolve_recipe(path))
     name = recipe_method_name(path, overrides)
-    method_cls = get_method(name)
-    cfg = parse_config(method_cls.Config, name, path, overrides)
-    method_cls.check_model(cfg)
+    if name not in registered_methods():
+        get_method(name)  # the UserError listing the methods
+    cfg = parse_config(get_config_class(name), name, path, overrides)
+    get_method(name).check_model(cfg)  # cross-checks against the model folder (config files only)
     return cfg
 
 
-def method_help(name: str) -> str:
-    """Help text of one method's options (for ``ldmkit train --help``)."""
-    from ldmkit.config import build_parser
+def method_help(name: str | None, values: dict | None = None) -> str:
+    """``ldmkit train --help`` for one method: the shared sections and that method's options, one line per
+    option with its default (or its value in ``values``, a resolved recipe); ``None``: the shared sections only."""
+    from ldmkit.config import options_help
 
-    return build_parser(get_method(name).Config).format_help()
+    return options_help(None if name is None else get_config_class(name), values)

@@ -15,9 +15,8 @@ import contextlib
 import gc
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,89 +24,18 @@ import torch.nn.functional as F
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
 from ldmkit.families import Family, load_family
-from ldmkit.methods.base import Method, MethodConfig, check_validation_size
+from ldmkit.methods.base import Method
+from ldmkit.methods.configs import (  # noqa: F401 (the configs import without torch: --help)
+    DEFAULT_TEXT_TARGETS,
+    DEFAULT_UNET_TARGETS,
+    FinetuneConfig,
+    LoraMethodConfig,
+    _SDTrainConfig,
+)
 from ldmkit.methods.ema import EMA
 from ldmkit.rng import SampleRNG, sample_seed
 
 log = logging.getLogger(__name__)
-
-# diffusers' train_text_to_image_lora.py adapts the attention projections only.
-DEFAULT_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-# CLIP attention projections (diffusers' text-encoder LoRA default).
-DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-@dataclass
-class _SDTrainConfig(MethodConfig):
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    """Train for this prediction type instead of the scheduler's (written into exported schedulers)."""
-    snr_gamma: float | None = None
-    """Min-SNR-gamma loss weighting (5.0 recommended by the paper); null: plain MSE."""
-    noise_offset: float = 0.0
-    """Add noise_offset * N(0, 1) per channel to the noise (brighter/darker images; 0.05-0.1)."""
-    input_perturbation: float = 0.0
-    """Perturb the noise fed to the UNet (not the target) by this much (0.1 in the reference)."""
-    train_text_encoder: bool = False
-    """Also train the text encoder(s) (full weights for finetune, LoRA for lora). Needs uncached text."""
-    use_fix_crop_and_size: bool = False
-    """SDXL: condition on (h, w, 0, 0, h, w) of the crop (res x res, or the bucket with data.buckets) instead of each image's original size and crop."""
-    validation_steps: list[int] = field(default_factory=lambda: [25])
-    """Sampling step counts of the validation grids, one column each (the folder's own scheduler)."""
-    validation_guidance: float = 7.5
-    """Guidance scale of the validation images."""
-    validation_width: int | None = None
-    """Width of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
-    validation_height: int | None = None
-    """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
-
-    def check(self, cfg) -> None:
-        """Value checks (ldmkit.config.validate_config calls this)."""
-        if self.train_text_encoder and (cfg.data.cache or cfg.data.format == "features"):
-            raise UserError(
-                "method.train_text_encoder needs captions, but data.cache / features data give fixed text embeddings; disable one"
-            )
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise UserError(f"method.snr_gamma must be positive (or null), got {self.snr_gamma}")
-        if not self.validation_steps or min(self.validation_steps) < 1:
-            raise UserError(f"method.validation_steps must be step counts >= 1, got {self.validation_steps}")
-        check_validation_size(self)
-
-
-@dataclass
-class FinetuneConfig(_SDTrainConfig):
-    name: str = "finetune"
-    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
-    use_ema: bool = False
-    """Keep an EMA of the UNet weights, used for validation and export."""
-    ema_decay: float = 0.9999
-    """EMA decay (diffusers EMAModel: ramps up as (1 + step) / (10 + step) until it reaches this)."""
-
-
-@dataclass
-class LoraMethodConfig(_SDTrainConfig):
-    name: str = "lora"
-    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
-    lora_rank: int = 4
-    """LoRA rank r."""
-    lora_alpha: float | None = None
-    """LoRA alpha (scale = alpha / rank); null: equal to the rank (scale 1, the diffusers default)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch."""
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
-    """UNet modules that get adapters (name suffixes, e.g. to_q, to_out.0, conv1, time_emb_proj)."""
-    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_TARGETS))
-    """Text-encoder modules that get adapters when train_text_encoder is true."""
-
-    def check(self, cfg) -> None:
-        super().check(cfg)
-        if self.lora_rank < 1:
-            raise UserError(f"method.lora_rank must be at least 1, got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise UserError(f"method.lora_alpha must be positive (or null), got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_target_modules:
-            raise UserError("method.lora_target_modules is empty")
 
 
 class _SDMethod(Method):
@@ -234,9 +162,7 @@ class _SDMethod(Method):
                 mod.train()
 
     def validate(self, step: int):
-        from diffusers.utils import make_image_grid
-
-        from ldmkit.inference import generate_images
+        from ldmkit.inference import generate_images, image_grid
 
         prompts = self.cfg.train.validation_prompts
         if not prompts:
@@ -260,7 +186,7 @@ class _SDMethod(Method):
             del pipe
         gc.collect()
         images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
-        return make_image_grid(images, rows=len(prompts), cols=len(steps))
+        return image_grid(images, len(steps), row_labels=prompts, col_labels=[f"{n} steps" for n in steps])
 
     def encoders(self):
         """The family: the data layer may build a cache with it (loading the VAE / text encoders then only)."""
@@ -329,18 +255,12 @@ class LoraMethod(_SDMethod):
         return self.mcfg.lora_dropout > 0
 
     def _lora_config(self, targets: list[str]):
-        from peft import LoraConfig
+        from ldmkit.lora.adapters import adapter_config
 
         m = self.mcfg
         alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
-        # Gaussian A, zero B (diffusers' LoRA scripts): the adapted model starts equal to the base.
-        return LoraConfig(
-            r=m.lora_rank,
-            lora_alpha=alpha,
-            lora_dropout=m.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(targets),
-        )
+        # lora/dora: Gaussian A, zero B (diffusers' LoRA scripts): the adapted model starts equal to the base.
+        return adapter_config(m.adapter, m.lora_rank, alpha, m.lora_dropout, targets)
 
     def _make_trainable(self) -> None:
         from diffusers.training_utils import cast_training_params
@@ -360,12 +280,12 @@ class LoraMethod(_SDMethod):
                 modules.append(te)
         cast_training_params(modules, dtype=torch.float32)
         n = sum(p.numel() for mod in modules for p in mod.parameters() if p.requires_grad)
-        log.info("LoRA rank %d: %d trainable parameters", m.lora_rank, n)
+        log.info("%s rank %d: %d trainable parameters", m.adapter, m.lora_rank, n)
 
     def export(self, out_dir: Path) -> None:
-        """``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` and a kohya copy
-        ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI (ldmkit.lora.export)."""
-        from ldmkit.lora import export
+        """``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` and (lora, loha, lokr) a kohya copy
+        ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI (ldmkit.lora.adapters.export_adapter)."""
+        from ldmkit.lora.adapters import export_adapter
 
         models = {name: self.unwrap(getattr(self, name)) for name in self.trainable_names}
-        export.export_lora(out_dir, models, self.family.pipeline_class)
+        export_adapter(out_dir, models, self.family.pipeline_class, self.mcfg.adapter)

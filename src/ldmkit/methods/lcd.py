@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,8 @@ from ldmkit.errors import UserError
 from ldmkit.families.sd import UNET_LORA_TARGET_MODULES as LCM_LORA_TARGET_MODULES
 from ldmkit.families.uvit import UVIT_LORA_TARGET_MODULES
 from ldmkit.lora.adapters import adapters_disabled
-from ldmkit.methods.base import Method, MethodConfig, check_validation_size
+from ldmkit.methods.base import Method
+from ldmkit.methods.configs import LCDCommonConfig, LCDConfig, LCMLoraConfig  # noqa: F401 (help needs no torch)
 from ldmkit.methods.ema import EMA
 from ldmkit.rng import SampleRNG
 
@@ -54,97 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["LCM_LORA_TARGET_MODULES", "UVIT_LORA_TARGET_MODULES", "LCDMethod", "LCMLoraMethod", "Roles"]
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------- configs
-@dataclass
-class LCDCommonConfig(MethodConfig):
-    """Knobs shared by lcd and lcm_lora (defaults: diffusers / PaddleMIX references)."""
-
-    w_min: float | None = None
-    """Smallest guidance scale w sampled per sample; null: 5.0 for SD1.5, 3.0 for SDXL."""
-    w_max: float = 15.0
-    """Largest guidance scale w (teacher CFG in the LCM form x0 = c + w (c - u))."""
-    num_ddim_timesteps: int = 50
-    """N: DDIM solver grid size; skipping step k = T // N. Written to the exported LCM/TCD scheduler as original_inference_steps."""
-    loss_type: Literal["l2", "huber"] = "l2"
-    """Distance between student and target: l2 (MSE) or pseudo-Huber (the recipes use huber)."""
-    huber_c: float = 0.001
-    """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
-    timestep_scaling_factor: float = 10.0
-    """s in the boundary scalings c_skip/c_out(s * t); higher s = smaller approximation error. Exported as timestep_scaling.
-    LCM only: TCD and PCM's consistency function has no boundary scalings."""
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    """What the teacher predicts; null: the teacher scheduler's prediction_type."""
-    use_fix_crop_and_size: bool = True
-    """SDXL: condition on (h, w, 0, 0, h, w) of the crop (res x res, or the bucket with data.buckets) instead of each image's original size and crop."""
-    batch_teacher_passes: bool = True
-    """Run the teacher's conditional and unconditional passes as one batched forward (false: two passes, as the references)."""
-    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    """LCM sampling step counts shown in each validation grid (columns)."""
-    validation_guidance: float | None = None
-    """Pipeline guidance_scale for validation; null: 1.0 for LoRA (0.0 SDXL), 8.0 for full LCD (embedded as w = 7)."""
-    validation_width: int | None = None
-    """Width of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
-    validation_height: int | None = None
-    """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
-
-    def check(self, cfg: Config) -> None:
-        if self.w_min is not None and self.w_min > self.w_max:
-            raise UserError(f"method.w_min ({self.w_min}) must be <= method.w_max ({self.w_max})")
-        if self.num_ddim_timesteps < 1:
-            raise UserError(f"method.num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
-        if self.huber_c <= 0:
-            raise UserError(f"method.huber_c must be > 0, got {self.huber_c}")
-        if self.timestep_scaling_factor <= 0:
-            raise UserError(f"method.timestep_scaling_factor must be > 0, got {self.timestep_scaling_factor}")
-        bad = [s for s in self.validation_steps if not 1 <= s <= self.num_ddim_timesteps]
-        if bad:
-            raise UserError(f"method.validation_steps must lie in 1..num_ddim_timesteps, got {bad}")
-        check_validation_size(self)
-
-
-@dataclass
-class LCMLoraConfig(LCDCommonConfig):
-    """LCM-LoRA: distil the teacher into a LoRA of itself (the base model with adapters off is the teacher)."""
-
-    name: str = "lcm_lora"
-    lora_rank: int = 64
-    """LoRA rank r."""
-    lora_alpha: float = 64.0
-    """LoRA alpha; the update is scaled by alpha / r (diffusers 64/64; PaddleMIX 8/64 = 0.125)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input (draws from torch's global RNG, not the per-sample seeds)."""
-    lora_target_modules: list[str] | None = None
-    """Module names (suffixes) that get a LoRA; null: the 14 UNet module kinds of diffusers' LCM-LoRA scripts,
-    or for a U-ViT teacher its attention and MLP projections (attn.qkv, attn.proj, mlp.0, mlp.2)."""
-
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)
-        if self.lora_rank < 1:
-            raise UserError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_target_modules is not None and not self.lora_target_modules:
-            raise UserError("method.lora_target_modules is empty (null selects the teacher's defaults)")
-
-
-@dataclass
-class LCDConfig(LCDCommonConfig):
-    """Full LCD: a student denoiser with a guidance-scale embedding, an EMA target and a frozen teacher."""
-
-    name: str = "lcd"
-    unet_time_cond_proj_dim: int = 256
-    """Size of the guidance-scale (w) embedding fed to the student's time_embedding.cond_proj."""
-    ema_decay: float = 0.95
-    """Target network update target = decay * target + (1 - decay) * student after every step."""
-
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise UserError(f"method.ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.unet_time_cond_proj_dim < 2:
-            raise UserError(f"method.unet_time_cond_proj_dim must be >= 2, got {self.unet_time_cond_proj_dim}")
 
 
 # ------------------------------------------------------------------------------------------- roles
@@ -320,9 +229,7 @@ class _LCDBase(Method):
     @torch.no_grad()
     def validate(self, step: int):
         """Rows: cfg.train.validation_prompts; columns: few-step samples at method.validation_steps (fixed seed)."""
-        from diffusers.utils import make_image_grid
-
-        from ldmkit.inference import generate_images
+        from ldmkit.inference import generate_images, image_grid
 
         prompts = self.cfg.train.validation_prompts
         if not prompts:
@@ -351,9 +258,10 @@ class _LCDBase(Method):
         finally:
             unet.train(was_training)
         images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
-        return make_image_grid(images, rows=len(prompts), cols=len(steps))
+        labels = [f"{n} step{'s' * (n > 1)}" for n in steps]
+        return image_grid(images, len(steps), row_labels=prompts, col_labels=labels)
 
-    # ---- export helpers ---------------------------------------------------------------------------
+    # ---- what the model card (ldmkit.methods.card) says of the sampler -------------------------------
     kind = "Latent Consistency Model"
     """Name of the deliverable in the model card."""
 
@@ -361,25 +269,6 @@ class _LCDBase(Method):
         return (
             f"LCMScheduler, original_inference_steps={self.mcfg.num_ddim_timesteps}, "
             f"timestep_scaling={self.mcfg.timestep_scaling_factor} (use these at inference)"
-        )
-
-    def _call_example(self, guidance: float) -> str:
-        eta = self._sampling_eta()
-        extra = "" if eta is None else f", eta={eta}"
-        return f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={guidance}{extra}).images[0]'
-
-    def _model_card(self, kind: str, how_to_load: str) -> str:
-        c = self.cfg
-        knobs = json.dumps(asdict(self.mcfg), indent=2)
-        return (
-            f"# {kind} distilled with ldmkit\n\n"
-            f"- teacher: `{c.model.pretrained}`" + (f" (VAE `{c.model.vae}`)" if c.model.vae else "") + "\n"
-            f"- data: `{c.data.path}` at {c.data.resolution} px\n"
-            f"- steps: {c.train.max_steps}, batch {c.train.batch_size} x {c.train.gradient_accumulation_steps} "
-            f"accumulation, learning rate {c.train.learning_rate}, mixed precision {c.train.mixed_precision}\n"
-            f"- sampler: {self._scheduler_note()}\n\n"
-            f"## How to load\n\n```python\n{how_to_load}\n```\n\n"
-            f"## Method hyperparameters\n\n```json\n{knobs}\n```\n"
         )
 
 
@@ -394,23 +283,14 @@ class LCMLoraMethod(_LCDBase):
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         from ldmkit.lora import adapters
 
         m = self.mcfg
         targets = m.lora_target_modules or list(self.family.lora_target_modules)
         self.unet = self.family.denoiser  # the one denoiser: frozen base in weight dtype + trainable LoRA
-        adapters.add_lora(
-            self.unet,
-            LoraConfig(
-                r=m.lora_rank,
-                lora_alpha=m.lora_alpha,
-                lora_dropout=m.lora_dropout,
-                target_modules=list(targets),
-                init_lora_weights="gaussian",
-            ),
-        )
+        config = adapters.adapter_config(m.adapter, m.lora_rank, m.lora_alpha, m.lora_dropout, targets)
+        adapters.add_lora(self.unet, config)
         cast_training_params(self.unet, dtype=torch.float32)  # LoRA weights train in fp32
         self.unet.train()
 
@@ -425,27 +305,20 @@ class LCMLoraMethod(_LCDBase):
         return self.family.lcm_lora_guidance
 
     def export(self, out_dir: Path) -> None:
-        """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy, the sampling
-        scheduler's config with the run's settings (LCM: N and s), and a model card."""
-        from ldmkit.lora import export
+        """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy (not for DoRA),
+        and the sampling scheduler's config with the run's settings (LCM: N and s); the model card:
+        ldmkit.methods.card."""
+        from ldmkit.lora import adapters
 
         out_dir = Path(out_dir)
-        n = export.export_lora(
-            out_dir, {"unet": self.unwrap(self.unet)}, self.family.pipeline_class, kohya=self.family.exports_kohya
+        n, _ = adapters.export_adapter(
+            out_dir,
+            {"unet": self.unwrap(self.unet)},
+            self.family.pipeline_class,
+            self.mcfg.adapter,
+            kohya=self.family.exports_kohya,
         )
-        scheduler = self._sampling_scheduler()
-        scheduler.save_pretrained(out_dir / "scheduler")
-        sname = type(scheduler).__name__
-        kohya = f"  # or {export.KOHYA_WEIGHT_NAME} in A1111/ComfyUI" if self.family.exports_kohya else ""
-        load = (
-            f"from diffusers import {sname}\n{self.family.pipeline_import}\n"
-            f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{self.cfg.model.pretrained}")\n'
-            f'pipe.scheduler = {sname}.from_pretrained("{out_dir}", subfolder="scheduler")\n'
-            f'pipe.load_lora_weights("{out_dir}"){kohya}\n'
-            f"{self._call_example(self._default_guidance())}\n"
-            f"# or bake it in: ldmkit merge-lora --model {self.cfg.model.pretrained} --lora {out_dir} --out merged"
-        )
-        (out_dir / "README.md").write_text(self._model_card(f"{self.lora_kind} ({n} adapted modules)", load))
+        self._sampling_scheduler().save_pretrained(out_dir / "scheduler")
 
 
 class LCDMethod(_LCDBase):
@@ -509,13 +382,6 @@ class LCDMethod(_LCDBase):
         """A full pipeline folder (the teacher's pipeline class: SD, SDXL or UViTPipeline): the EMA target
         denoiser (with time_cond_proj_dim) + the sampling scheduler with the run's settings (LCM: N and s)."""
         out_dir = Path(out_dir)
-        scheduler = self._sampling_scheduler()
-        self.family.export_pipeline(out_dir, unet=self.target_unet, scheduler=scheduler, safety_checker=False)
-        load = (
-            f"{self.family.pipeline_import}\n"
-            f'pipe = {self.family.pipeline_class.__name__}.from_pretrained("{out_dir}")  # scheduler: '
-            f"{type(scheduler).__name__}\n"
-            f"# guidance_scale is embedded as w = guidance_scale - 1 (no classifier-free guidance pass)\n"
-            f"{self._call_example(self._default_guidance())}"
+        self.family.export_pipeline(
+            out_dir, unet=self.target_unet, scheduler=self._sampling_scheduler(), safety_checker=False
         )
-        (out_dir / "README.md").write_text(self._model_card(self.kind, load))

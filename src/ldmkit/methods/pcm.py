@@ -14,52 +14,20 @@ a phase.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ldmkit.diffusion import pcm
-from ldmkit.errors import UserError
-from ldmkit.methods.lcd import LCDConfig, LCDMethod, LCMLoraConfig, LCMLoraMethod
+from ldmkit.methods.configs import PCMConfig, PCMKnobs, PCMLoraConfig  # noqa: F401 (help needs no torch)
+from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod
 from ldmkit.methods.tcd import TrajectoryTarget
 from ldmkit.rng import SampleRNG
 
 if TYPE_CHECKING:
-    from ldmkit.config import Config
+    pass
 
 __all__ = ["PCMConfig", "PCMLoraConfig", "PCMLoraMethod", "PCMMethod"]
-
-
-@dataclass
-class PCMKnobs:
-    """What PCM adds to the LCD knobs."""
-
-    num_phases: int = 4
-    """K: sub-trajectories the ODE is split into (the reference's --multiphase; its SD1.5 script uses 4). Sample
-    with K steps (or a divisor of K) to land on the trained edges."""
-
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)  # type: ignore[misc]
-        if not 1 <= self.num_phases <= self.num_ddim_timesteps:  # type: ignore[attr-defined]
-            raise UserError(
-                f"method.num_phases must be in 1..num_ddim_timesteps ({self.num_ddim_timesteps}), "  # type: ignore[attr-defined]
-                f"got {self.num_phases}"
-            )
-
-
-@dataclass
-class PCMLoraConfig(PCMKnobs, LCMLoraConfig):
-    """PCM-LoRA: a LoRA of the teacher (adapters off = the teacher), phased consistency targets."""
-
-    name: str = "pcm_lora"
-
-
-@dataclass
-class PCMConfig(PCMKnobs, LCDConfig):
-    """Full PCM: a student with a w-embedding, an EMA target, a frozen teacher; phased consistency targets."""
-
-    name: str = "pcm"
 
 
 class PhasedTarget(TrajectoryTarget):

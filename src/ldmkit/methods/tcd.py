@@ -13,51 +13,19 @@ Sampling: ``TCDScheduler`` carrying the run's N (original_inference_steps), with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
 from ldmkit.diffusion import tcd
-from ldmkit.errors import UserError
-from ldmkit.methods.lcd import LCDConfig, LCDMethod, LCMLoraConfig, LCMLoraMethod
+from ldmkit.methods.configs import TCDConfig, TCDKnobs, TCDLoraConfig  # noqa: F401 (help needs no torch)
+from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod
 from ldmkit.rng import SampleRNG
 
 if TYPE_CHECKING:
-    from ldmkit.config import Config
+    pass
 
 __all__ = ["TCDConfig", "TCDLoraConfig", "TCDLoraMethod", "TCDMethod", "TrajectoryTarget"]
-
-
-@dataclass
-class TCDKnobs:
-    """What TCD adds to the LCD knobs."""
-
-    end_time_sampling: Literal["uniform", "zero"] = "uniform"
-    """Target point s of the trajectory consistency function: uniform over the solver grid points in [0, t_n]
-    (TCD), or always 0 (LCM's target with TCD's parameterisation, for ablations)."""
-    gamma: float = tcd.DEFAULT_GAMMA
-    """Sampling stochasticity of TCDScheduler (``eta`` of the pipeline call) for validation and the model card;
-    0 deterministic, 1 fully stochastic (TCD paper Algorithm 4; 0.3 its default)."""
-
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)  # type: ignore[misc]
-        if not 0.0 <= self.gamma <= 1.0:
-            raise UserError(f"method.gamma must be in [0, 1], got {self.gamma}")
-
-
-@dataclass
-class TCDLoraConfig(TCDKnobs, LCMLoraConfig):
-    """TCD-LoRA: a LoRA of the teacher (adapters off = the teacher), trajectory consistency targets."""
-
-    name: str = "tcd_lora"
-
-
-@dataclass
-class TCDConfig(TCDKnobs, LCDConfig):
-    """Full TCD: a student with a w-embedding, an EMA target, a frozen teacher; trajectory consistency targets."""
-
-    name: str = "tcd"
 
 
 class TrajectoryTarget:

@@ -14,18 +14,17 @@ copied into it when the config is resolved, so --dry-run and config.yaml show th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.utils import make_image_grid
 
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
 from ldmkit.errors import UserError
-from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.methods.base import Method
+from ldmkit.methods.configs import Arch, UViTConfig  # noqa: F401 (the configs import without torch: --help)
 from ldmkit.methods.ema import EMA
 from ldmkit.models.uvit import UViT
 from ldmkit.rng import SampleRNG
@@ -35,67 +34,6 @@ if TYPE_CHECKING:
     from ldmkit.pipelines.uvit import UViTPipeline
 
 logger = logging.getLogger(__name__)
-
-Arch = Literal["uvit-tiny", "uvit-s", "uvit-s-deep", "uvit-m", "uvit-l", "uvit-h"]
-
-
-@dataclass
-class UViTConfig(MethodConfig):
-    name: str = "uvit"
-    arch: Arch = "uvit-s"
-    """U-ViT size preset (models/uvit.py UVIT_PRESETS): uvit-s is U-ViT-S/2 (~45M), uvit-s-deep ~58M."""
-    embed_dim: int | None = None
-    """Override the preset's token width."""
-    depth: int | None = None
-    """Override the preset's depth (in + out blocks; even)."""
-    num_heads: int | None = None
-    """Override the preset's attention heads."""
-    patch_size: int = 2
-    """Latent patch size of the patch embedding."""
-    sample_size: int | None = None
-    """Latent side length; default: data.resolution / the VAE's downsampling factor."""
-    context_dim: int | None = None
-    """Width of the text embeddings; default (and required value): the text encoder's hidden size."""
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    """What the network predicts (the original: epsilon)."""
-    snr_gamma: float | None = None
-    """Min-SNR-gamma loss weighting (Hang et al. 2023; they use 5); null: plain MSE, as the original. Short
-    from-scratch runs converge far faster with it (see configs/uvit/quickstart.yaml)."""
-    p_uncond: float | None = 0.1
-    """Classifier-free guidance dropout; written into data.proportion_empty_prompts (null: leave that as set)."""
-    scale_factor: float | None = None
-    """Latent scale; default: the VAE config's scaling_factor. U-ViT's MS-COCO runs use 0.23010 (SD: 0.18215)."""
-    ema_decay: float = 0.9999
-    """Maximum EMA decay of the exported weights."""
-    ema_power: float = 0.6666666666666666
-    """EMA warmup power (diffusers EMAModel use_ema_warmup): decay = 1 - (1 + step)^-power, capped at ema_decay."""
-    validation_steps: list[int] = field(default_factory=lambda: [50])
-    """DPM-Solver step counts of the validation grids (columns, times validation_images_per_prompt)."""
-    validation_guidance: float = 7.5
-    """Classifier-free guidance scale of the validation grids (diffusers convention)."""
-    validation_images_per_prompt: int = 2
-    """Images per prompt and step count in the validation grid."""
-
-    def check(self, cfg: Config) -> None:
-        """Called when the config is resolved: apply p_uncond to the data layer."""
-        if cfg.data.buckets:
-            raise UserError(
-                "method uvit keeps its fixed latent grid (position embeddings of one size): "
-                "data.buckets is not available, set data.buckets: false"
-            )
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise UserError(f"method.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
-        if self.p_uncond is None:
-            return
-        if not 0.0 <= self.p_uncond <= 1.0:
-            raise UserError(f"method.p_uncond must be in [0, 1], got {self.p_uncond}")
-        current = cfg.data.proportion_empty_prompts
-        if current not in (0.0, self.p_uncond):
-            raise UserError(
-                f"method.p_uncond={self.p_uncond} conflicts with data.proportion_empty_prompts={current}; "
-                "set one of them (or method.p_uncond=null)"
-            )
-        cfg.data.proportion_empty_prompts = self.p_uncond
 
 
 def training_scheduler(prediction_type: str) -> DDPMScheduler:
@@ -212,6 +150,8 @@ class UViTMethod(Method):
 
     @torch.no_grad()
     def validate(self, step: int):
+        from ldmkit.inference import image_grid
+
         prompts = self.cfg.train.validation_prompts
         if not prompts:
             return None
@@ -236,7 +176,8 @@ class UViTMethod(Method):
                     )
         k = m.validation_images_per_prompt
         images = [columns[j][i * k + c] for i in range(len(prompts)) for j in range(len(columns)) for c in range(k)]
-        return make_image_grid(images, rows=len(prompts), cols=len(columns) * k)
+        labels = [f"DPM {n} steps" for n in m.validation_steps for _ in range(k)]
+        return image_grid(images, len(columns) * k, row_labels=prompts, col_labels=labels)
 
     def export(self, out_dir: Path) -> None:
         """A UViTPipeline folder with the EMA weights, the VAE (config carrying the training scale factor),

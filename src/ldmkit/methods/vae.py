@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import make_image_grid
 from torch import nn
 
 from ldmkit.errors import UserError
-from ldmkit.methods.base import Method, MethodConfig
+from ldmkit.methods.base import Method
+from ldmkit.methods.configs import VAEConfig  # noqa: F401 (the configs import without torch: --help)
 from ldmkit.models.discriminator import PatchDiscriminator
 from ldmkit.rng import SampleRNG
 
@@ -44,84 +43,6 @@ if TYPE_CHECKING:
     from ldmkit.config import Config
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VAEConfig(MethodConfig):
-    name: str = "vae"
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
-    """Encoder/decoder widths per level (from scratch); n levels downsample by 2^(n-1) (SD: [128, 256, 512, 512])."""
-    layers_per_block: int = 1
-    """ResNet layers per level (from scratch; SD: 2)."""
-    latent_channels: int = 4
-    """Latent channels (from scratch)."""
-    norm_num_groups: int = 32
-    """GroupNorm groups (from scratch); must divide every width."""
-    mid_block_attention: bool = True
-    """Self-attention in the encoder/decoder mid-blocks (from scratch; SD: true). Off makes a small VAE's
-    steps cheaper (attention over the lowest-resolution map is a large share of its cost)."""
-    loss: Literal["l1", "l2"] = "l1"
-    """Reconstruction loss."""
-    kl_weight: float = 1e-6
-    """Weight of the KL term (LDM's convention, see the module docstring)."""
-    stats_momentum: float = 0.99
-    """Momentum of the running latent statistics that give the exported scaling_factor."""
-    validation_images: int = 4
-    """Images of the originals-vs-reconstructions grid (taken from the first training batch)."""
-    recompute_scaling_factor: bool | None = None
-    """Write 1/std of the training latents as the exported scaling_factor. null: yes for a VAE trained from
-    scratch, no when fine-tuning an existing VAE (every SD pipeline it is dropped into decodes with the given
-    factor: a changed one would mis-scale them all)."""
-    lpips_weights: str | None = None
-    """Perceptual distance as a local TorchScript file, called as net(x, y) on images in [-1, 1] and returning
-    per-sample (or per-pixel) distances, e.g. LPIPS-VGG saved with
-    torch.jit.trace(lpips.LPIPS(net="vgg").eval(), (x, x)).save(path) where its weights are at hand.
-    null: no perceptual term (nothing is ever downloaded)."""
-    perceptual_weight: float | None = None
-    """Weight of the perceptual term (LDM: 1.0). null: 1.0 with lpips_weights, 0.0 without (config.yaml shows
-    which)."""
-    disc_weight: float = 0.0
-    """Weight of the adversarial term, times the adaptive weight (SD's kl-f8 VAE: 0.5). 0: no discriminator."""
-    disc_start: int = 0
-    """Optimizer steps before the discriminator and the adversarial term switch on (SD's kl-f8 VAE: 50001):
-    the autoencoder first learns to reconstruct."""
-    disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    """Discriminator loss: hinge 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(rec))), or vanilla (softplus)."""
-    disc_layers: int = 3
-    """Stride-2 layers of the PatchGAN discriminator (LDM: 3); data.resolution must be >= 3 * 2**disc_layers."""
-    disc_channels: int = 64
-    """Width of the discriminator's first layer (LDM: 64); doubles per layer, at most 8x."""
-    disc_norm: Literal["batch", "group"] = "batch"
-    """Discriminator normalisation: batch (LDM's BatchNorm: statistics per process) or group (per sample:
-    N processes reproduce one)."""
-
-    def check(self, cfg: Config) -> None:
-        """Called when the config is resolved: the perceptual term's file and weight, the GAN's settings."""
-        if self.lpips_weights is not None and not Path(self.lpips_weights).is_file():
-            raise UserError(f"method.lpips_weights: no such file: {self.lpips_weights}")
-        if self.perceptual_weight is None:
-            self.perceptual_weight = 1.0 if self.lpips_weights else 0.0
-        if self.perceptual_weight < 0:
-            raise UserError(f"method.perceptual_weight must be >= 0, got {self.perceptual_weight}")
-        if self.perceptual_weight > 0 and not self.lpips_weights:
-            raise UserError(
-                f"method.perceptual_weight={self.perceptual_weight} needs method.lpips_weights "
-                "(a local TorchScript perceptual network); nothing is downloaded"
-            )
-        for key, value, low in (("disc_weight", self.disc_weight, 0), ("disc_start", self.disc_start, 0)):
-            if value < low:
-                raise UserError(f"method.{key} must be >= {low}, got {value}")
-        if self.disc_weight > 0:
-            if self.disc_layers < 1 or self.disc_channels < 1:
-                raise UserError(
-                    f"method.disc_layers and method.disc_channels must be >= 1, got {self.disc_layers}, {self.disc_channels}"
-                )
-            low = PatchDiscriminator.min_size(self.disc_layers)
-            if cfg.data.resolution < low:
-                raise UserError(
-                    f"data.resolution={cfg.data.resolution} is too small for method.disc_layers={self.disc_layers} "
-                    f"(needs >= {low}); lower disc_layers"
-                )
 
 
 class LatentStats:
@@ -384,7 +305,9 @@ class VAEMethod(Method):
         x = self._preview.to(self.device, self.vae.dtype)
         rec = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
         images = VaeImageProcessor().postprocess(torch.cat([x, rec]).float(), output_type="pil")
-        return make_image_grid(images, rows=2, cols=len(x))
+        from ldmkit.inference import image_grid
+
+        return image_grid(images, len(x), row_labels=["original", "reconstruction"])
 
     def export(self, out_dir: Path) -> None:
         vae = self.vae

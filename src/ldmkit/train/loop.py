@@ -11,6 +11,7 @@ draw of a step comes from per-sample seeds (rng.py) and the sampler can start at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,9 +41,71 @@ def make_accelerator(cfg: Config):
         cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+        log_with=tracker_names(cfg) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+
+
+# Package (import name, pip name) of the trackers accelerate supports (accelerate.tracking).
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "mlflow": ("mlflow", "mlflow"),
+    "aim": ("aim", "aim"),
+    "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"),
+    "swanlab": ("swanlab", "swanlab"),
+    "trackio": ("trackio", "trackio"),
+}
+
+
+def tracker_names(cfg: Config) -> list[str]:
+    """``train.report_to`` as accelerate's ``log_with``; a tracker whose package is missing is a UserError
+    (accelerate itself would drop it silently and the run would log nowhere)."""
+    from accelerate.tracking import get_available_trackers
+
+    from ldmkit.config import trackers
+
+    names = trackers(cfg.train.report_to)
+    available = {str(getattr(x, "value", x)) for x in get_available_trackers()}
+    for name in names:
+        if name != "all" and name not in available:
+            module, pip_name = TRACKER_PACKAGES[name]
+            raise UserError(f"train.report_to={name} needs the {module} package: pip install {pip_name}")
+    return names
+
+
+def _optimizer_class(name: str):
+    """(class, the keyword arguments it takes from train.*) of each train.optimizer; optional packages
+    give a one-line UserError when missing."""
+    packages = {
+        "adamw8bit": ("bitsandbytes", "bitsandbytes"),
+        "prodigy": ("prodigyopt", "prodigyopt"),
+        "lion": ("lion_pytorch", "lion-pytorch"),
+        "adamw_schedulefree": ("schedulefree", "schedulefree"),
+    }
+    if name in packages:
+        module, pip_name = packages[name]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise UserError(f"train.optimizer={name} needs the {module} package: pip install {pip_name}") from None
+    if name == "adamw":
+        return torch.optim.AdamW, ("betas", "eps")
+    if name == "adamw8bit":
+        return mod.optim.AdamW8bit, ("betas", "eps")
+    if name == "prodigy":
+        return mod.Prodigy, ("betas", "eps")  # Mishchenko & Defazio 2023, arXiv:2306.06101
+    if name == "lion":
+        return mod.Lion, ("betas",)  # Chen et al. 2023, arXiv:2302.06675
+    if name == "adamw_schedulefree":
+        return mod.AdamWScheduleFree, ("betas", "eps")  # Defazio et al. 2024, arXiv:2405.15682
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor, ()
+    raise UserError(f"unknown train.optimizer {name!r}")
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], num_processes: int):
@@ -52,16 +115,40 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], num_processes:
         lr *= t.batch_size * t.gradient_accumulation_steps * num_processes
     if not params:
         raise UserError(f"method {cfg.method.name!r} has no trainable parameters")
-    kwargs = dict(lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    if t.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    # foreach: one fused kernel per step over all tensors; torch picks it only on CUDA by default, and the
-    # per-tensor loop costs 3x as much on CPU for a LoRA's hundreds of small tensors (benchmarks/lora_cache.py).
-    return torch.optim.AdamW(params, foreach=True, **kwargs)
+    name = "adamw8bit" if t.use_8bit_adam else t.optimizer
+    cls, takes = _optimizer_class(name)
+    knobs = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
+    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=t.adam_weight_decay, **{k: knobs[k] for k in takes})
+    if name == "adamw":
+        # foreach: one fused kernel per step over all tensors; torch picks it only on CUDA by default, and the
+        # per-tensor loop costs 3x as much on CPU for a LoRA's hundreds of small tensors (benchmarks/lora_cache.py).
+        kwargs["foreach"] = True
+    if name == "adafactor":
+        # A fixed learning rate with the schedule of train.lr_scheduler (transformers' docs: relative_step=False,
+        # scale_parameter=False, warmup_init=False when an external lr is given).
+        kwargs.update(relative_step=False, scale_parameter=False, warmup_init=False)
+    kwargs.update(t.optimizer_args)
+    try:
+        return cls(params, **kwargs)
+    except TypeError as e:  # an optimizer_args key the optimizer does not take
+        raise UserError(f"train.optimizer_args for {name}: {e}") from None
+
+
+def weights_mode(optimizer, train: bool) -> None:
+    """Schedule-free optimizers keep two sets of weights: the ones to step (train) and the averaged ones to
+    evaluate and save (eval); others have no modes (schedulefree's README: call train()/eval())."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if "train_mode" in inner.param_groups[0]:
+        inner.train() if train else inner.eval()
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer):
+    weights_mode(optimizer, train=False)
+    try:
+        yield
+    finally:
+        weights_mode(optimizer, train=True)
 
 
 def make_lr_scheduler(cfg: Config, optimizer):
@@ -179,11 +266,16 @@ def save_validation(accelerator, method, cfg: Config, step: int) -> None:
             samples = Path(cfg.output_dir) / "samples"
             samples.mkdir(parents=True, exist_ok=True)
             grid.save(samples / f"step-{step:07d}.png")
+            import numpy as np
+
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
-                    import numpy as np
-
                     tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
+                elif hasattr(tracker, "log_images"):  # wandb and others that take images
+                    try:
+                        tracker.log_images({"validation": [np.asarray(grid)]}, step=step)
+                    except Exception as e:  # a tracker's image support is optional; scalars still go there
+                        logger.debug("%s: validation image not logged: %s", tracker.name, e)
     accelerator.wait_for_everyone()
 
 
@@ -379,6 +471,7 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
         setattr(method, name, module)
     optimizer = prepared[-1]
     install_trainable_only_checkpoints(accelerator)
+    weights_mode(optimizer, train=True)
 
     step, samples_seen = 0, 0
     if resume is not None:
@@ -391,6 +484,7 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
             _truncate_metrics(out / "metrics.jsonl", step)
 
     if step >= t.max_steps:
+        _write_stats(accelerator, out, step, 0, 0.0, 0)
         if not (export_dir / "ldmkit_config.yaml").exists():
             _export(accelerator, method, cfg, export_dir)
         return export_dir
@@ -408,8 +502,8 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
     )
     data_iter = iter(loader)
 
-    if accelerator.is_main_process and accelerator.trackers == [] and cfg.train.report_to != "none":
-        accelerator.init_trackers("ldmkit")
+    if accelerator.is_main_process and accelerator.trackers == [] and tracker_names(cfg):
+        accelerator.init_trackers("ldmkit", config=_flat_config(cfg))
     metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     from tqdm.auto import tqdm
 
@@ -424,6 +518,7 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
     clip_groups = method.clip_groups()
     tick = time.perf_counter()
     window_steps = 0
+    first_step, started, paused_total = step, tick, 0.0  # training time of this run: validation and saving excluded
     try:
         with StopSignals() as stop:
             while step < t.max_steps:
@@ -484,7 +579,8 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
                 signum = stop.requested(accelerator)
                 paused = time.perf_counter()  # samples/s counts training only, not validation or saving
                 if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and not signum:
-                    save_validation(accelerator, method, cfg, step)
+                    with evaluation_weights(optimizer):
+                        save_validation(accelerator, method, cfg, step)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or signum:
                     save_checkpoint(accelerator, method, lr_scheduler, cfg, step, samples_seen)
                 if signum:
@@ -492,6 +588,7 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
                         f"interrupted at step {step}, checkpoint saved; run the same command to resume", signum
                     )
                 tick += time.perf_counter() - paused
+                paused_total += time.perf_counter() - paused
     finally:
         bar.close()
         close = getattr(loader, "close", None)
@@ -504,10 +601,42 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
             loader.skipped,
             loader.replaced_captions,
         )
+    seconds = time.perf_counter() - started - paused_total
+    _write_stats(accelerator, out, step, step - first_step, seconds, (step - first_step) * global_batch)
+    weights_mode(optimizer, train=False)  # schedule-free: validate and export the averaged weights
     save_validation(accelerator, method, cfg, step)
     _export(accelerator, method, cfg, export_dir)
     accelerator.end_training()
     return export_dir
+
+
+def _write_stats(accelerator, out: Path, last_step: int, steps: int, seconds: float, samples: int) -> None:
+    """train_stats.json: what this invocation trained and how fast (training only), for the summary."""
+    if accelerator.is_main_process:
+        stats = {
+            "last_step": last_step,
+            "steps": steps,
+            "samples": samples,
+            "train_seconds": round(seconds, 3),
+            "samples_per_s": samples / seconds if seconds > 0 else 0.0,
+        }
+        (out / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    """The config as flat scalars (trackers' hyperparameter tables take no nesting or lists)."""
+    from ldmkit.config import config_to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                items.update(flat(v, f"{prefix}{k}."))
+            else:
+                items[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        return items
+
+    return flat(config_to_dict(cfg))
 
 
 def _export(accelerator, method, cfg: Config, export_dir: Path) -> None:
@@ -515,5 +644,8 @@ def _export(accelerator, method, cfg: Config, export_dir: Path) -> None:
         export_dir.mkdir(parents=True, exist_ok=True)
         method.export(export_dir)
         (export_dir / "ldmkit_config.yaml").write_text(dump_config(cfg))
+        from ldmkit.methods.card import write_model_card
+
+        write_model_card(method, cfg, export_dir, Path(cfg.output_dir) / "samples")
         logger.info("exported to %s", export_dir)
     accelerator.wait_for_everyone()

@@ -1,0 +1,421 @@
+"""The configs of the built-in methods, in one module that imports neither torch nor the models, so that
+``ldmkit train --help`` (and recipe checks) stay fast. Each method module imports its config from here;
+field docstrings are the help text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from ldmkit.config import MethodConfig
+from ldmkit.errors import UserError
+
+if TYPE_CHECKING:
+    from ldmkit.config import Config
+
+
+def check_validation_size(mcfg: MethodConfig) -> None:
+    """``method.validation_width`` / ``validation_height``: positive multiples of 8 (diffusers' SD
+    pipelines refuse other sizes), or null."""
+    for key in ("validation_width", "validation_height"):
+        value = getattr(mcfg, key, None)
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"method.{key} must be a multiple of 8 (at least 8), got {value}")
+
+
+ADAPTERS = Literal["lora", "dora", "loha", "lokr"]
+
+# ----------------------------------------------------------------------------- finetune
+
+
+# diffusers' train_text_to_image_lora.py adapts the attention projections only.
+DEFAULT_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+# CLIP attention projections (diffusers' text-encoder LoRA default).
+DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class _SDTrainConfig(MethodConfig):
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Train for this prediction type instead of the scheduler's (written into exported schedulers)."""
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (5.0 recommended by the paper); null: plain MSE."""
+    noise_offset: float = 0.0
+    """Add noise_offset * N(0, 1) per channel to the noise (brighter/darker images; 0.05-0.1)."""
+    input_perturbation: float = 0.0
+    """Perturb the noise fed to the UNet (not the target) by this much (0.1 in the reference)."""
+    train_text_encoder: bool = False
+    """Also train the text encoder(s) (full weights for finetune, LoRA for lora). Needs uncached text."""
+    use_fix_crop_and_size: bool = False
+    """SDXL: condition on (h, w, 0, 0, h, w) of the crop (res x res, or the bucket with data.buckets) instead of each image's original size and crop."""
+    validation_steps: list[int] = field(default_factory=lambda: [25])
+    """Sampling step counts of the validation grids, one column each (the folder's own scheduler)."""
+    validation_guidance: float = 7.5
+    """Guidance scale of the validation images."""
+    validation_width: int | None = None
+    """Width of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+    validation_height: int | None = None
+    """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+
+    def check(self, cfg) -> None:
+        """Value checks (ldmkit.config.validate_config calls this)."""
+        if self.train_text_encoder and (cfg.data.cache or cfg.data.format == "features"):
+            raise UserError(
+                "method.train_text_encoder needs captions, but data.cache / features data give fixed text embeddings; disable one"
+            )
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"method.snr_gamma must be positive (or null), got {self.snr_gamma}")
+        if not self.validation_steps or min(self.validation_steps) < 1:
+            raise UserError(f"method.validation_steps must be step counts >= 1, got {self.validation_steps}")
+        check_validation_size(self)
+
+
+@dataclass
+class FinetuneConfig(_SDTrainConfig):
+    name: str = "finetune"
+    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+    use_ema: bool = False
+    """Keep an EMA of the UNet weights, used for validation and export."""
+    ema_decay: float = 0.9999
+    """EMA decay (diffusers EMAModel: ramps up as (1 + step) / (10 + step) until it reaches this)."""
+
+
+@dataclass
+class LoraMethodConfig(_SDTrainConfig):
+    name: str = "lora"
+    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+    adapter: ADAPTERS = "lora"
+    """Adapter kind (peft): lora | dora (loads in diffusers) | loha, lokr (exported as an exact LoRA that any LoRA loader reads)."""
+    lora_rank: int = 4
+    """LoRA rank r."""
+    lora_alpha: float | None = None
+    """LoRA alpha (scale = alpha / rank); null: equal to the rank (scale 1, the diffusers default)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
+    """UNet modules that get adapters (name suffixes, e.g. to_q, to_out.0, conv1, time_emb_proj)."""
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_TARGETS))
+    """Text-encoder modules that get adapters when train_text_encoder is true."""
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if self.lora_rank < 1:
+            raise UserError(f"method.lora_rank must be at least 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise UserError(f"method.lora_alpha must be positive (or null), got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise UserError("method.lora_target_modules is empty")
+
+
+# ----------------------------------------------------------------------------- lcd
+
+
+@dataclass
+class LCDCommonConfig(MethodConfig):
+    """Knobs shared by lcd and lcm_lora (defaults: diffusers / PaddleMIX references)."""
+
+    w_min: float | None = None
+    """Smallest guidance scale w sampled per sample; null: 5.0 for SD1.5, 3.0 for SDXL."""
+    w_max: float = 15.0
+    """Largest guidance scale w (teacher CFG in the LCM form x0 = c + w (c - u))."""
+    num_ddim_timesteps: int = 50
+    """N: DDIM solver grid size; skipping step k = T // N. Written to the exported LCM/TCD scheduler as original_inference_steps."""
+    loss_type: Literal["l2", "huber"] = "l2"
+    """Distance between student and target: l2 (MSE) or pseudo-Huber (the recipes use huber)."""
+    huber_c: float = 0.001
+    """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
+    timestep_scaling_factor: float = 10.0
+    """s in the boundary scalings c_skip/c_out(s * t); higher s = smaller approximation error. Exported as timestep_scaling.
+    LCM only: TCD and PCM's consistency function has no boundary scalings."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """What the teacher predicts; null: the teacher scheduler's prediction_type."""
+    use_fix_crop_and_size: bool = True
+    """SDXL: condition on (h, w, 0, 0, h, w) of the crop (res x res, or the bucket with data.buckets) instead of each image's original size and crop."""
+    batch_teacher_passes: bool = True
+    """Run the teacher's conditional and unconditional passes as one batched forward (false: two passes, as the references)."""
+    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """LCM sampling step counts shown in each validation grid (columns)."""
+    validation_guidance: float | None = None
+    """Pipeline guidance_scale for validation; null: 1.0 for LoRA (0.0 SDXL), 8.0 for full LCD (embedded as w = 7)."""
+    validation_width: int | None = None
+    """Width of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+    validation_height: int | None = None
+    """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+
+    def check(self, cfg: Config) -> None:
+        if self.w_min is not None and self.w_min > self.w_max:
+            raise UserError(f"method.w_min ({self.w_min}) must be <= method.w_max ({self.w_max})")
+        if self.num_ddim_timesteps < 1:
+            raise UserError(f"method.num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
+        if self.huber_c <= 0:
+            raise UserError(f"method.huber_c must be > 0, got {self.huber_c}")
+        if self.timestep_scaling_factor <= 0:
+            raise UserError(f"method.timestep_scaling_factor must be > 0, got {self.timestep_scaling_factor}")
+        bad = [s for s in self.validation_steps if not 1 <= s <= self.num_ddim_timesteps]
+        if bad:
+            raise UserError(f"method.validation_steps must lie in 1..num_ddim_timesteps, got {bad}")
+        check_validation_size(self)
+
+
+@dataclass
+class LCMLoraConfig(LCDCommonConfig):
+    """LCM-LoRA: distil the teacher into a LoRA of itself (the base model with adapters off is the teacher)."""
+
+    name: str = "lcm_lora"
+    adapter: ADAPTERS = "lora"
+    """Adapter kind (peft): lora | dora (loads in diffusers) | loha, lokr (exported as an exact LoRA that any LoRA loader reads)."""
+    lora_rank: int = 64
+    """LoRA rank r."""
+    lora_alpha: float = 64.0
+    """LoRA alpha; the update is scaled by alpha / r (diffusers 64/64; PaddleMIX 8/64 = 0.125)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (draws from torch's global RNG, not the per-sample seeds)."""
+    lora_target_modules: list[str] | None = None
+    """Module names (suffixes) that get a LoRA; null: the 14 UNet module kinds of diffusers' LCM-LoRA scripts,
+    or for a U-ViT teacher its attention and MLP projections (attn.qkv, attn.proj, mlp.0, mlp.2)."""
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        if self.lora_rank < 1:
+            raise UserError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise UserError("method.lora_target_modules is empty (null selects the teacher's defaults)")
+
+
+@dataclass
+class LCDConfig(LCDCommonConfig):
+    """Full LCD: a student denoiser with a guidance-scale embedding, an EMA target and a frozen teacher."""
+
+    name: str = "lcd"
+    unet_time_cond_proj_dim: int = 256
+    """Size of the guidance-scale (w) embedding fed to the student's time_embedding.cond_proj."""
+    ema_decay: float = 0.95
+    """Target network update target = decay * target + (1 - decay) * student after every step."""
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise UserError(f"method.ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.unet_time_cond_proj_dim < 2:
+            raise UserError(f"method.unet_time_cond_proj_dim must be >= 2, got {self.unet_time_cond_proj_dim}")
+
+
+# ----------------------------------------------------------------------------- tcd
+
+
+@dataclass
+class TCDKnobs:
+    """What TCD adds to the LCD knobs."""
+
+    end_time_sampling: Literal["uniform", "zero"] = "uniform"
+    """Target point s of the trajectory consistency function: uniform over the solver grid points in [0, t_n]
+    (TCD), or always 0 (LCM's target with TCD's parameterisation, for ablations)."""
+    gamma: float = 0.3  # diffusion/tcd.py DEFAULT_GAMMA (TCD's default)
+    """Sampling stochasticity of TCDScheduler (``eta`` of the pipeline call) for validation and the model card;
+    0 deterministic, 1 fully stochastic (TCD paper Algorithm 4; 0.3 its default)."""
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)  # type: ignore[misc]
+        if not 0.0 <= self.gamma <= 1.0:
+            raise UserError(f"method.gamma must be in [0, 1], got {self.gamma}")
+
+
+@dataclass
+class TCDLoraConfig(TCDKnobs, LCMLoraConfig):
+    """TCD-LoRA: a LoRA of the teacher (adapters off = the teacher), trajectory consistency targets."""
+
+    name: str = "tcd_lora"
+
+
+@dataclass
+class TCDConfig(TCDKnobs, LCDConfig):
+    """Full TCD: a student with a w-embedding, an EMA target, a frozen teacher; trajectory consistency targets."""
+
+    name: str = "tcd"
+
+
+# ----------------------------------------------------------------------------- pcm
+
+
+@dataclass
+class PCMKnobs:
+    """What PCM adds to the LCD knobs."""
+
+    num_phases: int = 4
+    """K: sub-trajectories the ODE is split into (the reference's --multiphase; its SD1.5 script uses 4). Sample
+    with K steps (or a divisor of K) to land on the trained edges."""
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)  # type: ignore[misc]
+        if not 1 <= self.num_phases <= self.num_ddim_timesteps:  # type: ignore[attr-defined]
+            raise UserError(
+                f"method.num_phases must be in 1..num_ddim_timesteps ({self.num_ddim_timesteps}), "  # type: ignore[attr-defined]
+                f"got {self.num_phases}"
+            )
+
+
+@dataclass
+class PCMLoraConfig(PCMKnobs, LCMLoraConfig):
+    """PCM-LoRA: a LoRA of the teacher (adapters off = the teacher), phased consistency targets."""
+
+    name: str = "pcm_lora"
+
+
+@dataclass
+class PCMConfig(PCMKnobs, LCDConfig):
+    """Full PCM: a student with a w-embedding, an EMA target, a frozen teacher; phased consistency targets."""
+
+    name: str = "pcm"
+
+
+# ----------------------------------------------------------------------------- uvit
+
+
+Arch = Literal["uvit-tiny", "uvit-s", "uvit-s-deep", "uvit-m", "uvit-l", "uvit-h"]
+
+
+@dataclass
+class UViTConfig(MethodConfig):
+    name: str = "uvit"
+    arch: Arch = "uvit-s"
+    """U-ViT size preset (models/uvit.py UVIT_PRESETS): uvit-s is U-ViT-S/2 (~45M), uvit-s-deep ~58M."""
+    embed_dim: int | None = None
+    """Override the preset's token width."""
+    depth: int | None = None
+    """Override the preset's depth (in + out blocks; even)."""
+    num_heads: int | None = None
+    """Override the preset's attention heads."""
+    patch_size: int = 2
+    """Latent patch size of the patch embedding."""
+    sample_size: int | None = None
+    """Latent side length; default: data.resolution / the VAE's downsampling factor."""
+    context_dim: int | None = None
+    """Width of the text embeddings; default (and required value): the text encoder's hidden size."""
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the network predicts (the original: epsilon)."""
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; they use 5); null: plain MSE, as the original. Short
+    from-scratch runs converge far faster with it (see configs/uvit/quickstart.yaml)."""
+    p_uncond: float | None = 0.1
+    """Classifier-free guidance dropout; written into data.proportion_empty_prompts (null: leave that as set)."""
+    scale_factor: float | None = None
+    """Latent scale; default: the VAE config's scaling_factor. U-ViT's MS-COCO runs use 0.23010 (SD: 0.18215)."""
+    ema_decay: float = 0.9999
+    """Maximum EMA decay of the exported weights."""
+    ema_power: float = 0.6666666666666666
+    """EMA warmup power (diffusers EMAModel use_ema_warmup): decay = 1 - (1 + step)^-power, capped at ema_decay."""
+    validation_steps: list[int] = field(default_factory=lambda: [50])
+    """DPM-Solver step counts of the validation grids (columns, times validation_images_per_prompt)."""
+    validation_guidance: float = 7.5
+    """Classifier-free guidance scale of the validation grids (diffusers convention)."""
+    validation_images_per_prompt: int = 2
+    """Images per prompt and step count in the validation grid."""
+
+    def check(self, cfg: Config) -> None:
+        """Called when the config is resolved: apply p_uncond to the data layer."""
+        if cfg.data.buckets:
+            raise UserError(
+                "method uvit keeps its fixed latent grid (position embeddings of one size): "
+                "data.buckets is not available, set data.buckets: false"
+            )
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"method.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
+        if self.p_uncond is None:
+            return
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise UserError(f"method.p_uncond must be in [0, 1], got {self.p_uncond}")
+        current = cfg.data.proportion_empty_prompts
+        if current not in (0.0, self.p_uncond):
+            raise UserError(
+                f"method.p_uncond={self.p_uncond} conflicts with data.proportion_empty_prompts={current}; "
+                "set one of them (or method.p_uncond=null)"
+            )
+        cfg.data.proportion_empty_prompts = self.p_uncond
+
+
+# ----------------------------------------------------------------------------- vae
+
+
+@dataclass
+class VAEConfig(MethodConfig):
+    name: str = "vae"
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    """Encoder/decoder widths per level (from scratch); n levels downsample by 2^(n-1) (SD: [128, 256, 512, 512])."""
+    layers_per_block: int = 1
+    """ResNet layers per level (from scratch; SD: 2)."""
+    latent_channels: int = 4
+    """Latent channels (from scratch)."""
+    norm_num_groups: int = 32
+    """GroupNorm groups (from scratch); must divide every width."""
+    mid_block_attention: bool = True
+    """Self-attention in the encoder/decoder mid-blocks (from scratch; SD: true). Off makes a small VAE's
+    steps cheaper (attention over the lowest-resolution map is a large share of its cost)."""
+    loss: Literal["l1", "l2"] = "l1"
+    """Reconstruction loss."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term (LDM's convention, see the module docstring)."""
+    stats_momentum: float = 0.99
+    """Momentum of the running latent statistics that give the exported scaling_factor."""
+    validation_images: int = 4
+    """Images of the originals-vs-reconstructions grid (taken from the first training batch)."""
+    recompute_scaling_factor: bool | None = None
+    """Write 1/std of the training latents as the exported scaling_factor. null: yes for a VAE trained from
+    scratch, no when fine-tuning an existing VAE (every SD pipeline it is dropped into decodes with the given
+    factor: a changed one would mis-scale them all)."""
+    lpips_weights: str | None = None
+    """Perceptual distance as a local TorchScript file, called as net(x, y) on images in [-1, 1] and returning
+    per-sample (or per-pixel) distances, e.g. LPIPS-VGG saved with
+    torch.jit.trace(lpips.LPIPS(net="vgg").eval(), (x, x)).save(path) where its weights are at hand.
+    null: no perceptual term (nothing is ever downloaded)."""
+    perceptual_weight: float | None = None
+    """Weight of the perceptual term (LDM: 1.0). null: 1.0 with lpips_weights, 0.0 without (config.yaml shows
+    which)."""
+    disc_weight: float = 0.0
+    """Weight of the adversarial term, times the adaptive weight (SD's kl-f8 VAE: 0.5). 0: no discriminator."""
+    disc_start: int = 0
+    """Optimizer steps before the discriminator and the adversarial term switch on (SD's kl-f8 VAE: 50001):
+    the autoencoder first learns to reconstruct."""
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    """Discriminator loss: hinge 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(rec))), or vanilla (softplus)."""
+    disc_layers: int = 3
+    """Stride-2 layers of the PatchGAN discriminator (LDM: 3); data.resolution must be >= 3 * 2**disc_layers."""
+    disc_channels: int = 64
+    """Width of the discriminator's first layer (LDM: 64); doubles per layer, at most 8x."""
+    disc_norm: Literal["batch", "group"] = "batch"
+    """Discriminator normalisation: batch (LDM's BatchNorm: statistics per process) or group (per sample:
+    N processes reproduce one)."""
+
+    def check(self, cfg: Config) -> None:
+        """Called when the config is resolved: the perceptual term's file and weight, the GAN's settings."""
+        if self.lpips_weights is not None and not Path(self.lpips_weights).is_file():
+            raise UserError(f"method.lpips_weights: no such file: {self.lpips_weights}")
+        if self.perceptual_weight is None:
+            self.perceptual_weight = 1.0 if self.lpips_weights else 0.0
+        if self.perceptual_weight < 0:
+            raise UserError(f"method.perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        if self.perceptual_weight > 0 and not self.lpips_weights:
+            raise UserError(
+                f"method.perceptual_weight={self.perceptual_weight} needs method.lpips_weights "
+                "(a local TorchScript perceptual network); nothing is downloaded"
+            )
+        for key, value, low in (("disc_weight", self.disc_weight, 0), ("disc_start", self.disc_start, 0)):
+            if value < low:
+                raise UserError(f"method.{key} must be >= {low}, got {value}")
+        if self.disc_weight > 0:
+            if self.disc_layers < 1 or self.disc_channels < 1:
+                raise UserError(
+                    f"method.disc_layers and method.disc_channels must be >= 1, got {self.disc_layers}, {self.disc_channels}"
+                )
+            low = 3 * 2**self.disc_layers  # models/discriminator.py PatchDiscriminator.min_size
+            if cfg.data.resolution < low:
+                raise UserError(
+                    f"data.resolution={cfg.data.resolution} is too small for method.disc_layers={self.disc_layers} "
+                    f"(needs >= {low}); lower disc_layers"
+                )
