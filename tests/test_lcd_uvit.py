@@ -22,7 +22,7 @@ from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline
 
-from helpers.lcm import count_lora_modules
+from helpers.lcm import count_lora_modules, fixed_batch
 from helpers.runs import assert_same_exports
 from helpers.uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
 
@@ -65,19 +65,6 @@ def make_method(name: str, teacher: Path, out_dir: Path, *extra: str):
         ],
     )
     return get_method(name)(cfg, Accelerator(cpu=True))
-
-
-def fixed_batch(n: int = 2) -> dict:
-    g = torch.Generator().manual_seed(0)
-    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=RES, mode="bilinear") * 2 - 1
-    return {
-        "pixel_values": smooth,
-        "captions": ["a large red circle", ""][:n] + ["x"] * max(0, n - 2),
-        "original_size": torch.tensor([[RES, RES]] * n),
-        "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
-        "seed": torch.arange(n) + 7,
-        "key": [str(i) for i in range(n)],
-    }
 
 
 def uvit_inputs(model: UViT, batch: int = 2) -> dict:

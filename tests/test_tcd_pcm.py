@@ -16,7 +16,7 @@ from ldmkit.methods.pcm import PCMLoraMethod, PCMMethod
 from ldmkit.methods.tcd import TCDLoraMethod, TCDMethod
 from ldmkit.pipelines.uvit import UViTPipeline
 
-from helpers.lcm import count_lora_modules, unet_inputs, unet_out
+from helpers.lcm import count_lora_modules, fixed_batch, train_steps, unet_inputs, unet_out
 from helpers.runs import assert_same_exports, logged
 from helpers.uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
 
@@ -49,32 +49,6 @@ def make_method(name: str, model_dir, out_dir, *extra: str):
         ],
     )
     return get_method(name)(cfg, Accelerator(cpu=True))
-
-
-def fixed_batch(n: int = 2) -> dict:
-    g = torch.Generator().manual_seed(0)
-    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=RES, mode="bilinear") * 2 - 1
-    return {
-        "pixel_values": smooth,
-        "captions": ["a large red circle", ""][:n] + ["x"] * max(0, n - 2),
-        "original_size": torch.tensor([[RES, RES]] * n),
-        "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
-        "seed": torch.arange(n) + 7,
-        "key": [str(i) for i in range(n)],
-    }
-
-
-def train_steps(method, batch: dict, steps: int, lr: float) -> list[float]:
-    opt = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for i in range(steps):
-        loss, _ = method.loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_step(i + 1)
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.fixture(scope="module")

@@ -51,3 +51,32 @@ def count_lora_modules(model) -> int:
     from peft.tuners.lora import LoraLayer
 
     return sum(1 for m in model.modules() if isinstance(m, LoraLayer) and len(m.lora_A) > 0)
+
+
+def fixed_batch(n: int = 2, res: int = 32) -> dict:
+    """A batch of ``n`` smooth random images at ``res`` px (the batch contract of docs/DESIGN.md), the same
+    every call: for losses that must decrease and for equal-input comparisons."""
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=res, mode="bilinear") * 2 - 1
+    return {
+        "pixel_values": smooth,
+        "captions": ["a large red circle", ""][:n] + ["x"] * max(0, n - 2),
+        "original_size": torch.tensor([[res, res]] * n),
+        "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
+        "seed": torch.arange(n) + 7,
+        "key": [str(i) for i in range(n)],
+    }
+
+
+def train_steps(method, batch: dict, steps: int, lr: float) -> list[float]:
+    """``steps`` AdamW steps of ``method`` on ``batch`` (after_step included); the losses."""
+    opt = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for i in range(steps):
+        loss, _ = method.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(i + 1)
+        losses.append(loss.item())
+    return losses
