@@ -434,11 +434,14 @@ def benchmark(args, work: Path) -> int:
             for setting in settings:
                 sps = {}
                 for tool in ("peer", "ldmkit"):
+                    # A pair whose longer run took no longer than the shorter one (a stall of the machine
+                    # during the short run) says nothing: left out.
                     per = sorted(
-                        (b - a) * args.batch / max(wb - wa, 1e-9)
+                        (b - a) * args.batch / (wb - wa)
                         for wa, wb in zip(walls[(method, setting, tool, a)], walls[(method, setting, tool, b)])
+                        if wb - wa > 1.0
                     )
-                    sps[tool] = per[len(per) // 2]
+                    sps[tool] = per[len(per) // 2] if per else float("nan")
                 print(
                     f"  {method:9} {setting:8} {sps['peer']:8.2f} {sps['ldmkit']:8.2f} {sps['ldmkit'] / sps['peer']:6.2f}x"
                 )
