@@ -22,8 +22,8 @@ What is measured, per variant (steps after ``--warmup``):
   through /proc/self/clear_refs at the first step), or torch.cuda memory_allocated / max_memory_allocated
   on a GPU; plus the whole process's peak (model loading included).
 - which SD modules are alive during training (gc census at the first step): with the cache, no
-  AutoencoderKL and no CLIP text model may exist (asserted); and every SDModels.load of the run (what
-  it loaded, how long it took), to see what start-up costs.
+  AutoencoderKL and no CLIP text model may exist (asserted); and every model-family load of the run (its log line
+  "loaded SD unet|vae|text encoders from X", and how long since the previous one), to see what start-up costs.
 """
 
 from __future__ import annotations
@@ -308,23 +308,26 @@ def run_variant(args) -> dict[str, Any]:
 
     ldmkit.data.build_loader = timed_build_loader
 
-    from ldmkit.models.sd import SDModels
+    # What the model family loads, and when: its log lines "loaded SD unet|vae|text encoders from X"
+    # (ldmkit.families), timed from the previous line, flagged when they come during training.
+    import logging
 
-    sd_load = SDModels.load.__func__
     res["sd_loads"] = []
 
-    def timed_sd_load(cls, *a, **kw):
-        t0 = time.perf_counter()
-        out = sd_load(cls, *a, **kw)
-        parts = [
-            name for name, flag in (("unet", "unet"), ("vae", "vae_model"), ("text", "text")) if kw.get(flag, True)
-        ]
-        res["sd_loads"].append(
-            {"parts": "+".join(parts), "seconds": time.perf_counter() - t0, "during_training": timer.active}
-        )
-        return out
+    class LoadLog(logging.Handler):
+        last = [time.perf_counter()]
 
-    SDModels.load = classmethod(timed_sd_load)
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("loaded "):
+                now = time.perf_counter()
+                part = msg.split(" from ")[0].split(" ", 2)[-1]
+                res["sd_loads"].append({"parts": part, "seconds": now - self.last[0], "during_training": timer.active})
+                self.last[0] = now
+
+    families_log = logging.getLogger("ldmkit.families")
+    families_log.setLevel(logging.INFO)
+    families_log.addHandler(LoadLog())
 
     get_method = ldmkit.methods.get_method
     Lora = get_method("lora")
@@ -333,16 +336,21 @@ def run_variant(args) -> dict[str, Any]:
         def __init__(self, cfg, accelerator):
             super().__init__(cfg, accelerator)
             timer.hook(self.unet, "unet_fwd")
-            if self.sd.vae is not None:
-                timer.hook(self.sd.vae.encoder, "vae_encode")
-            for te in self.sd.text_encoders:
-                timer.hook(te, "text_encode")
-            res["method_loaded"] = {"vae": self.sd.vae is not None, "text_encoders": len(self.sd.text_encoders)}
+            fam = self.family  # lazy parts: uncached runs load the encoders here (step 1 would) to hook them
+            if not cfg.data.cache:
+                timer.hook(fam.vae.encoder, "vae_encode")
+                for te in fam.text_encoders:
+                    timer.hook(te, "text_encode")
 
         def loss(self, batch):
             if not timer.active:  # first step: everything before it (loading, cache) is set-up
                 res["startup_s"] = time.perf_counter() - t_start
                 res["census"] = _sd_census()
+                fam = self.family
+                res["method_loaded"] = {
+                    "vae": fam.loaded("vae"),
+                    "text_encoders": len(fam.text_encoders) if fam.loaded("text_encoders") else 0,
+                }
                 res["peak_setup_bytes"] = _vm_hwm()
                 res["hwm_reset"] = _reset_hwm()
                 if accelerator.device.type == "cuda":
@@ -554,7 +562,7 @@ def report(args, flops: dict[str, dict[str, float]], build: dict[str, Any], runs
             f"{x['parts']} {x['seconds']:.1f} s" + (" (during training)" if x["during_training"] else "")
             for x in r["sd_loads"]
         )
-        print(f"  {v}: SDModels.load calls: {loads}; live modules at step 1: {r['census']}")
+        print(f"  {v}: family loads: {loads}; live modules at step 1: {r['census']}")
     for r in by_variant["cache"]:
         loaded, census = r["method_loaded"], r["census"]
         clean = (
@@ -562,7 +570,7 @@ def report(args, flops: dict[str, dict[str, float]], build: dict[str, Any], runs
         )
         ok &= clean
     print(
-        f"  cached training without VAE and text encoders (method.sd.vae is None, no text encoders, none alive): "
+        f"  cached training without VAE and text encoders (family.loaded('vae') and ('text_encoders') false, none alive): "
         f"{'OK' if ok else 'FAIL'}"
     )
     passed = speedup >= 1.2

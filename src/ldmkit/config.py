@@ -138,6 +138,11 @@ class TrainConfig:
     """Recompute activations in backward to save memory."""
     allow_tf32: bool = False
     """Allow TF32 matmuls on Ampere+ GPUs."""
+    compile: bool = False
+    """torch.compile the method's networks (the trained denoiser, and a separate frozen teacher / target) in place;
+    the first steps are slow while it compiles (benchmarks/vs_diffusers.py has the figure)."""
+    channels_last: bool = False
+    """Store the method's networks' 4-D weights in channels-last memory format (faster convolutions on some GPUs / CPUs)."""
     seed: int = 0
     """Seed of everything random: data order, augmentation, noise."""
     checkpoint_every: int = 500
@@ -455,6 +460,8 @@ BOOKKEEPING_KEYS = frozenset(
         "train.report_to",
         "train.resume_from",
         "train.allow_config_change",
+        "train.compile",  # speed only: the same numbers up to float rounding (tests/test_speed_levers.py)
+        "train.channels_last",
         "data.num_workers",
         "data.cache_dir",
         "data.encode_batch_size",

@@ -168,6 +168,22 @@ def make_lr_scheduler(cfg: Config, optimizer):
     )
 
 
+def apply_speed_levers(cfg: Config, method) -> None:
+    """``train.channels_last`` and ``train.compile`` on every network the method holds (for LCM-LoRA its one
+    denoiser; full LCD also the frozen teacher and the EMA target). Both act in place (``Module.to`` with a
+    memory format, ``Module.compile``), so parameter names, checkpoints, the EMA and exports are unchanged;
+    neither changes what is computed beyond float rounding (tests/test_speed_levers.py)."""
+    t = cfg.train
+    if not (t.compile or t.channels_last):
+        return
+    networks = {id(m): m for m in vars(method).values() if isinstance(m, torch.nn.Module)}
+    for module in networks.values():
+        if t.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if t.compile:
+            module.compile()
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -456,6 +472,7 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
         (out / "config.yaml").write_text(dump_config(cfg))
 
     method = get_method(cfg.method.name)(cfg, accelerator)
+    apply_speed_levers(cfg, method)
     if t.gradient_checkpointing:
         for name in method.trainable_names:
             module = getattr(method, name)

@@ -1,0 +1,471 @@
+"""ldmkit against diffusers' own LCM scripts on the same job, side by side (issue 14).
+
+    python benchmarks/vs_diffusers.py DIFFUSERS [--methods lcm_lora,lcd] [--batch 8] [--resolution 64] [--rank 16]
+    python benchmarks/vs_diffusers.py DIFFUSERS --full-size          # SD1.5-size UNet (random weights): memory
+
+DIFFUSERS is a diffusers checkout, a bare git directory of one (read at HEAD), or one of the peer scripts
+(``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`` for lcm_lora,
+``train_lcm_distill_sd_wds.py`` for lcd). The peers need torchvision and braceexpand: run this script
+with a Python that has them and ldmkit (both tools then use the same torch). The peers run from a
+TEMPORARY copy with the one fix they need on webdataset 1.x (skip the empty end-of-shard sample, which
+has no ``fname``: ``KeyError: 'fname'`` otherwise) and ``--dataloader_num_workers=1`` (0 divides by zero in
+their dataset sizing); nothing of theirs is kept.
+
+Both tools train the same locally built model (SD1.5 layout, small widths; ``--full-size``: SD1.5's real UNet
+config with random weights) on the same WebDataset shards of synthetic shapes, at the same batch,
+resolution, LoRA rank (alpha = rank), learning rate, guidance range, DDIM grid and loss, with one torch
+thread each and one data-loader worker each, in one invocation, interleaved (peer, ldmkit, peer, ldmkit).
+
+- samples/s (steady state): each configuration runs twice, for ``--steps`` A and B optimizer steps, as
+  whole processes; (B - A) * batch / (wall(B) - wall(A)) cancels start-up, model loading, data-loader start,
+  cache building and the final save, which both runs pay alike.
+- memory "as a GPU would hold it": the bytes of the parameters and buffers of every live module, the
+  gradients and the optimizer state at the end of an optimizer step, plus everything the next step
+  allocates (activations, gradients, temporaries) while it is alive, at its peak: a TorchDispatchMode sees
+  every tensor an op creates and a weakref on its storage sees it freed. Not RSS, which on a CPU counts
+  memory-mapped weight files once for several models that share them (the peer's two UNets), and counts
+  the data-loader's host memory. One optimizer step is tracked (the 4th), in a separate run, since the
+  tracking slows the step.
+
+Two settings each: ``fp32`` (both in float32: the like-for-like figure) and ``best`` (each tool at its best
+for the device: the peer with ``--mixed_precision=bf16 --cast_teacher_unet`` (PyTorch SDPA attention, its
+default; xformers has no CPU kernels), ldmkit with ``--ldmkit-best``, by default its data cache and bf16
+autocast). bf16 is chosen for "best" when the CPU has bf16 matrix instructions (AMX / AVX512-BF16) or a
+CUDA device is present; ``--best-precision`` overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+METHODS = ("lcm_lora", "lcd")
+PEER_SCRIPTS = {
+    "lcm_lora": "examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py",
+    "lcd": "examples/consistency_distillation/train_lcm_distill_sd_wds.py",
+}
+# ldmkit's best settings on this kind of machine, as --section.key=value overrides (see the README's table for
+# what each contributed). "{bf16}" is replaced by the chosen precision.
+LDMKIT_BEST = "data.cache=true,train.mixed_precision={bf16}"
+MEMORY_STEP = 4  # the optimizer step whose memory is tracked (after warm-up: optimizer state exists)
+
+
+# ---- the peers -----------------------------------------------------------------------------------
+PEER_FIX_FROM = '        fname, value = filesample["fname"], filesample["data"]\n'
+PEER_FIX_TO = (
+    '        if "fname" not in filesample:  # webdataset 1.x: the empty end-of-shard sample\n'
+    "            continue\n" + PEER_FIX_FROM
+)
+
+
+def peer_source(where: str, method: str) -> str:
+    """The peer script's text from a checkout, a bare git directory, or the script file itself."""
+    path = Path(where)
+    if path.is_file():
+        if path.name != Path(PEER_SCRIPTS[method]).name:
+            raise SystemExit(f"{path} is not the {method} peer ({Path(PEER_SCRIPTS[method]).name})")
+        return path.read_text()
+    if (path / PEER_SCRIPTS[method]).is_file():
+        return (path / PEER_SCRIPTS[method]).read_text()
+    r = subprocess.run(["git", "-C", str(path), "show", f"HEAD:{PEER_SCRIPTS[method]}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"no {PEER_SCRIPTS[method]} in {path}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def peer_copy(where: str, method: str, tmp: Path) -> Path:
+    """A temporary copy of the peer with the webdataset 1.x fix applied (asserted to apply once)."""
+    text = peer_source(where, method)
+    if text.count(PEER_FIX_FROM) != 1:
+        raise SystemExit(f"the {method} peer changed: its tar reader line was not found once; update PEER_FIX_FROM")
+    out = tmp / Path(PEER_SCRIPTS[method]).name
+    out.write_text(text.replace(PEER_FIX_FROM, PEER_FIX_TO))
+    return out
+
+
+# ---- model and data ------------------------------------------------------------------------------
+def build_model(out: Path, full_size: bool) -> Path:
+    """The small SD1.5-layout model of benchmarks/lcm_throughput.py, or (full_size) SD1.5's UNet config with
+    random weights next to a small VAE and text encoder (the UNet is what the memory comparison is about)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lcm_throughput import build_model as build_small
+
+    build_small(out)
+    if full_size:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        torch.manual_seed(0)
+        # diffusers' UNet2DConditionModel defaults are SD1.5's layout; SD1.5 sets these (its unet/config.json).
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+        unet.save_pretrained(out / "unet")
+        text = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+        cfg = text.config.to_dict()
+        cfg.update(hidden_size=768, intermediate_size=768 * 4, num_attention_heads=12)
+        CLIPTextModel(
+            CLIPTextConfig(**{k: v for k, v in cfg.items() if k in CLIPTextConfig().to_dict()})
+        ).save_pretrained(out / "text_encoder")
+    return out
+
+
+def write_shards(out: Path, num: int, resolution: int) -> str:
+    """WebDataset shards of synthetic shapes (``KEY.png``, ``KEY.txt``, ``KEY.json``); a brace pattern."""
+    from ldmkit.data.synth import write_dataset
+
+    shards = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if not shards:  # written once per work folder
+        shards = write_dataset(out, num=num, fmt="wds", size=resolution, seed=0, shard_size=max(num // 4, 1))
+    stems = sorted(p.stem for p in shards)
+    prefix, first, last = stems[0].rsplit("-", 1)[0], stems[0].rsplit("-", 1)[1], stems[-1].rsplit("-", 1)[1]
+    return str(out / f"{prefix}-{{{first}..{last}}}.tar")
+
+
+# ---- the commands ---------------------------------------------------------------------------------
+def peer_args(args, script: Path, method: str, model: Path, shards: str, steps: int, precision: str, out: Path):
+    a = [
+        "peer",
+        str(script),
+        f"--pretrained_teacher_model={model}",
+        f"--output_dir={out}",
+        f"--train_shards_path_or_url={shards}",
+        f"--resolution={args.resolution}",
+        f"--train_batch_size={args.batch}",
+        f"--max_train_steps={steps}",
+        f"--max_train_samples={args.num_images}",
+        f"--learning_rate={args.lr}",
+        "--dataloader_num_workers=1",
+        "--w_min=5.0",
+        "--w_max=15.0",
+        "--num_ddim_timesteps=50",
+        "--loss_type=l2",
+        "--checkpointing_steps=1000000",
+        "--validation_steps=1000000",
+        "--seed=0",
+        f"--mixed_precision={precision}",
+    ]
+    if method == "lcm_lora":
+        a += [f"--lora_rank={args.rank}", f"--lora_alpha={args.rank}"]
+    else:
+        a += ["--unet_time_cond_proj_dim=256", "--ema_decay=0.95"]
+    if precision != "no":
+        a.append("--cast_teacher_unet")
+    return a
+
+
+def ldmkit_args(args, method: str, model: Path, shards: str, steps: int, overrides: list[str], out: Path):
+    knobs = (
+        [f"--method.lora_rank={args.rank}", f"--method.lora_alpha={args.rank}"]
+        if method == "lcm_lora"
+        else ["--method.unet_time_cond_proj_dim=256", "--method.ema_decay=0.95"]
+    )
+    return [
+        "ldmkit",
+        "train",
+        f"--method.name={method}",
+        "--method.w_min=5.0",
+        "--method.w_max=15.0",
+        "--method.num_ddim_timesteps=50",
+        "--method.loss_type=l2",
+        *knobs,
+        f"--model.pretrained={model}",
+        f"--data.path={shards}",
+        f"--data.resolution={args.resolution}",
+        "--data.num_workers=1",
+        f"--data.cache_dir={out / 'cache'}",  # a fresh cache per run: both runs of a pair build it alike
+        f"--train.batch_size={args.batch}",
+        f"--train.max_steps={steps}",
+        f"--train.learning_rate={args.lr}",
+        "--train.checkpoint_every=0",
+        "--train.seed=0",
+        "--train.report_to=tensorboard",  # as the peer (its default)
+        f"--output_dir={out}",
+        *[f"--{o}" for o in overrides],
+    ]
+
+
+def run_child(args, cmd: list[str], memory_json: Path | None = None) -> float:
+    """Run one training in a fresh process; returns its wall time (s)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    full = [sys.executable, __file__, "--child", str(memory_json or ""), "--", *cmd]
+    log = Path(cmd[[i for i, c in enumerate(cmd) if c.startswith("--output_dir")][0]].split("=", 1)[1]).with_suffix(
+        ".log"
+    )
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        r = subprocess.run(full, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise SystemExit(f"{' '.join(cmd[:2])} failed (exit {r.returncode}); log {log}:\n{tail}")
+    return wall
+
+
+# ---- memory as a GPU would hold it ------------------------------------------------------------------
+class LiveTensorBytes:
+    """Bytes of live tensor storages: a baseline census plus every storage an op creates, until it is freed."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker.track(t)
+                return out
+
+        self.mode = Mode()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def track(self, t: torch.Tensor) -> int:
+        if t.device.type == "meta" or t.layout != torch.strided:
+            return 0
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.live:
+            return 0
+        n = st.nbytes()
+        self.live[key] = n
+        self.current += n
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key)
+        return n
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def census(self) -> dict[str, int]:
+        """What is resident at the end of an optimizer step: module weights, gradients, optimizer state."""
+        gc.collect()
+        parts = {"weights": 0, "grads": 0, "optimizer": 0}
+        objs = gc.get_objects()
+        for o in objs:
+            if isinstance(o, torch.nn.Module):
+                for t in [*o.parameters(recurse=False), *o.buffers(recurse=False)]:
+                    parts["weights"] += self.track(t)
+                    if t.grad is not None:
+                        parts["grads"] += self.track(t.grad)
+        for o in objs:
+            if isinstance(o, torch.optim.Optimizer):
+                for state in o.state.values():
+                    for t in state.values():
+                        if isinstance(t, torch.Tensor):
+                            parts["optimizer"] += self.track(t)
+        return parts
+
+
+def child(memory_json: str, cmd: list[str]) -> int:
+    """Run the peer script or ``ldmkit train`` in this process; with memory_json, track one optimizer step."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if memory_json:
+        tracker, steps, result = LiveTensorBytes(), [0], {}
+
+        def hook(optimizer, *_):
+            steps[0] += 1
+            if steps[0] == MEMORY_STEP - 1:
+                result["resident"] = tracker.census()
+                tracker.peak = tracker.current
+                tracker.mode.__enter__()
+            elif steps[0] == MEMORY_STEP:
+                tracker.mode.__exit__(None, None, None)
+                result["peak_bytes"] = tracker.peak
+                Path(memory_json).write_text(json.dumps(result))
+                sys.stdout.flush()
+                os._exit(0)  # nothing after this step is measured
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(hook)
+    kind, rest = cmd[0], cmd[1:]
+    try:
+        if kind == "peer":
+            sys.argv = rest
+            runpy.run_path(rest[0], run_name="__main__")
+        else:
+            from ldmkit.cli import main as ldmkit_main
+
+            return ldmkit_main(rest) or 0
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------
+def best_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "no"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("diffusers", nargs="?", help="diffusers checkout, its bare git directory, or a peer script.")
+    p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of lcm_lora,lcd.")
+    p.add_argument("--batch", type=int, default=8, help="Samples per optimizer step (both tools).")
+    p.add_argument("--resolution", type=int, default=64, help="Image side in pixels.")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank) for lcm_lora.")
+    p.add_argument("--lr", type=float, default=1e-4, help="Learning rate (both tools).")
+    p.add_argument("--num-images", type=int, default=256, help="Synthetic training images in the shards.")
+    p.add_argument("--steps", default="10,40", help="A,B: steady state = (B - A) steps over wall(B) - wall(A).")
+    p.add_argument("--rounds", type=int, default=1, help="Interleaved rounds (the median is reported).")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process.")
+    p.add_argument("--settings", default="fp32,best", help="Comma-separated subset of fp32,best.")
+    p.add_argument(
+        "--best-precision", default="auto", choices=("auto", "no", "bf16", "fp16"), help="Precision of 'best'."
+    )
+    p.add_argument("--ldmkit-best", default=LDMKIT_BEST, help="ldmkit's overrides for 'best' (section.key=value,...).")
+    p.add_argument("--no-memory", action="store_true", help="Skip the memory runs.")
+    p.add_argument("--no-throughput", action="store_true", help="Skip the samples/s runs.")
+    p.add_argument(
+        "--full-size", action="store_true", help="SD1.5-size UNet (random weights): memory only, batch 2, rank 64."
+    )
+    p.add_argument("--out", help="Work folder (kept); default: a temporary folder.")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--child" in argv:  # internal: python vs_diffusers.py --child MEMORY_JSON -- peer|ldmkit ...
+        i = argv.index("--")
+        return child(argv[argv.index("--child") + 1], argv[i + 1 :])
+    args = p.parse_args(argv)
+    if not args.diffusers:
+        p.error("give the diffusers checkout (or its bare git directory, or a peer script)")
+    if args.full_size:
+        args.batch, args.rank = (args.batch if "--batch" in argv else 2), (args.rank if "--rank" in argv else 64)
+        args.no_throughput = args.no_throughput or "--steps" not in argv
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        return benchmark(args, Path(args.out))
+    with tempfile.TemporaryDirectory(prefix="ldmkit-vs-diffusers-") as tmp:
+        return benchmark(args, Path(tmp))
+
+
+def benchmark(args, work: Path) -> int:
+    methods = args.methods.split(",")
+    settings = args.settings.split(",")
+    a, b = (int(s) for s in args.steps.split(","))
+    prec = best_precision(args.best_precision)
+    precision = {"fp32": "no", "best": prec}
+    ldmkit_over = {
+        "fp32": [],
+        "best": [o.replace("{bf16}", prec) for o in args.ldmkit_best.split(",") if o],
+    }
+    model = work / ("model-full" if args.full_size else "model")
+    if not (model / "model_index.json").exists():
+        print(f"building the model in {model} ...", file=sys.stderr, flush=True)
+        build_model(model, args.full_size)
+    shards = write_shards(work / f"shards-{args.resolution}-{args.num_images}", args.num_images, args.resolution)
+    peers = {m: peer_copy(args.diffusers, m, work) for m in methods}
+    from diffusers import UNet2DConditionModel
+
+    unet_params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(model, subfolder="unet").parameters())
+
+    def cmd(tool, method, setting, steps, out):
+        if tool == "peer":
+            return peer_args(args, peers[method], method, model, shards, steps, precision[setting], out)
+        return ldmkit_args(args, method, model, shards, steps, ldmkit_over[setting], out)
+
+    runs = work / time.strftime("runs-%Y%m%d-%H%M%S")
+    walls: dict[tuple, list[float]] = {}
+    if not args.no_throughput:
+        for r in range(args.rounds):
+            for method in methods:
+                for setting in settings:
+                    for steps in (a, b):
+                        for tool in ("peer", "ldmkit"):
+                            out = runs / f"{method}-{setting}-{tool}-{steps}-r{r}"
+                            print(
+                                f"round {r + 1}: {tool} {method} {setting} {steps} steps", file=sys.stderr, flush=True
+                            )
+                            walls.setdefault((method, setting, tool, steps), []).append(
+                                run_child(args, cmd(tool, method, setting, steps, out))
+                            )
+    memory: dict[tuple, dict] = {}
+    if not args.no_memory:
+        for method in methods:
+            for setting in settings:
+                for tool in ("peer", "ldmkit"):
+                    out = runs / f"{method}-{setting}-{tool}-memory"
+                    print(f"memory: {tool} {method} {setting}", file=sys.stderr, flush=True)
+                    js = runs / f"{method}-{setting}-{tool}-memory.json"
+                    run_child(args, cmd(tool, method, setting, MEMORY_STEP + 2, out), memory_json=js)
+                    memory[(method, setting, tool)] = json.loads(js.read_text())
+
+    device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} torch thread(s) per tool"
+    print(
+        f"\nldmkit vs diffusers' LCM scripts: UNet {unet_params / 1e6:.1f}M parameters, {args.resolution} px, "
+        f"batch {args.batch}, LoRA rank {args.rank}, torch {torch.__version__}, {device}"
+    )
+    print(f"  best: peer --mixed_precision={prec} --cast_teacher_unet; ldmkit {', '.join(ldmkit_over['best']) or '-'}")
+    if walls:
+        print(
+            f"\nsamples/s, steady state = ({b} - {a}) steps / (wall({b}) - wall({a})), median of {args.rounds} round(s)"
+        )
+        print(f"  {'method':9} {'setting':8} {'peer':>8} {'ldmkit':>8} {'ratio':>7}")
+        for method in methods:
+            for setting in settings:
+                sps = {}
+                for tool in ("peer", "ldmkit"):
+                    # A pair whose longer run took no longer than the shorter one (a stall of the machine
+                    # during the short run) says nothing: left out.
+                    per = sorted(
+                        (b - a) * args.batch / (wb - wa)
+                        for wa, wb in zip(walls[(method, setting, tool, a)], walls[(method, setting, tool, b)])
+                        if wb - wa > 1.0
+                    )
+                    sps[tool] = per[len(per) // 2] if per else float("nan")
+                print(
+                    f"  {method:9} {setting:8} {sps['peer']:8.2f} {sps['ldmkit']:8.2f} {sps['ldmkit'] / sps['peer']:6.2f}x"
+                )
+    if memory:
+        gib = 2**30
+        print(
+            f"\nmemory as a GPU would hold it (GiB): resident at the end of step {MEMORY_STEP - 1} "
+            f"(weights + grads + optimizer) and the peak during step {MEMORY_STEP}"
+        )
+        print(
+            f"  {'method':9} {'setting':8} {'tool':7} {'weights':>8} {'grads':>7} {'optim':>7} {'peak':>7} {'ratio':>7}"
+        )
+        for method in methods:
+            for setting in settings:
+                peer_peak = memory[(method, setting, "peer")]["peak_bytes"]
+                for tool in ("peer", "ldmkit"):
+                    m = memory[(method, setting, tool)]
+                    res = m["resident"]
+                    print(
+                        f"  {method:9} {setting:8} {tool:7} {res['weights'] / gib:8.3f} {res['grads'] / gib:7.3f} "
+                        f"{res['optimizer'] / gib:7.3f} {m['peak_bytes'] / gib:7.3f} {m['peak_bytes'] / peer_peak:6.2f}x"
+                    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
