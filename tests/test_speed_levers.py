@@ -9,10 +9,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_lcd import fixed_batch, make_method
+from test_lcd import make_method
 
 from ldmkit.config import is_bookkeeping
 from ldmkit.train.loop import apply_speed_levers
+
+from helpers.lcm import fixed_batch
 
 
 def _levers(method, **train):
