@@ -11,7 +11,9 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 
 from ldmkit.diffusion import pcm
 from ldmkit.errors import UserError
+from ldmkit.inference import label_margins
 from ldmkit.methods import get_method, load_config
+from ldmkit.methods.card import write_model_card
 from ldmkit.methods.pcm import PCMLoraMethod, PCMMethod
 from ldmkit.methods.tcd import TCDLoraMethod, TCDMethod
 from ldmkit.pipelines.uvit import UViTPipeline
@@ -120,8 +122,8 @@ def test_lora_export_loads_in_stock_pipeline_with_tcd_scheduler(trained, tmp_pat
     method, _ = trained(arch, name)
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     method.export(tmp_path)
-    card = (tmp_path / "README.md").read_text()
-    assert card.startswith(f"# {name.split('_')[0].upper()}-LoRA") and "TCDScheduler" in card
+    card = write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()  # as the loop does
+    assert f"# {name.split('_')[0].upper()}-LoRA" in card and "TCDScheduler" in card
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(model_dir)
     pipe.load_lora_weights(str(tmp_path))
@@ -143,8 +145,8 @@ def test_full_export_is_a_stock_pipeline_with_tcd_scheduler(trained, tmp_path, n
     target = method.target_unet.state_dict()
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(v, target[k], rtol=0, atol=0)
-    card = (tmp_path / "README.md").read_text()
-    assert ("eta=0.3" if name == "tcd" else "eta=0.0") in card
+    card = write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()
+    assert ("eta=0.3" if name == "tcd" else "eta=0.0") in card and "TCDScheduler" in card
     _generate(pipe, guidance=8.0, eta=0.3 if name == "tcd" else 0.0)
 
 
@@ -153,7 +155,8 @@ def test_validate_grid(trained):
     method.cfg.train.validation_prompts = ["a red circle", "a blue square"]
     method.mcfg.validation_steps = [1, 4]
     grid = method.validate(0)
-    assert grid.size == (2 * RES, 2 * RES) and method.unet.training
+    left, top, s = label_margins((RES, RES), True, True)  # a prompt per row, a step count per column
+    assert grid.size == (left + 2 * RES * s, top + 2 * RES * s) and method.unet.training
 
 
 @pytest.mark.parametrize("name", ["tcd_lora", "pcm"])

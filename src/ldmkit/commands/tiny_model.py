@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-ARCHS = ("sd15", "sdxl")  # ldmkit.models.tiny.ARCHS (tests/test_cli.py checks they agree), without torch
+ARCHS = ("sd15", "sd2v", "sdxl")  # ldmkit.models.tiny.ARCHS (tests/test_cli.py checks they agree), without torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -86,6 +86,10 @@ def write_model_card(method, cfg, export_dir: Path, samples_dir: Path) -> Path:
         "lora": f"{adapter.upper() if adapter else 'LoRA'} adapter",
         "lcm_lora": "LCM-LoRA",
         "lcd": "Latent Consistency Model",
+        "tcd_lora": "TCD-LoRA",
+        "tcd": "Trajectory Consistency Distillation model",
+        "pcm_lora": "PCM-LoRA",
+        "pcm": "Phased Consistency Model",
         "uvit": "U-ViT text-to-image model",
         "vae": "VAE (AutoencoderKL)",
     }.get(name, f"{name} export")
