@@ -22,7 +22,7 @@ class MethodConfig:
     """Base of every method's config; ``name`` selects the method."""
 
     name: str = ""
-    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | uvit | vae."""
 
 
 @dataclass
@@ -322,7 +322,9 @@ def recipe_method_name(path: str | None, overrides: list[str]) -> str:
         elif arg == "--method.name" and i + 1 < len(overrides):
             name = overrides[i + 1]
     if not name:
-        raise UserError("the config names no method: set method.name (finetune, lora, lcm_lora, lcd, uvit, vae)")
+        raise UserError(
+            "the config names no method: set method.name (finetune, lora, lcm_lora, lcd, tcd_lora, tcd, pcm_lora, pcm, uvit, vae)"
+        )
     return name
 
 

@@ -10,7 +10,7 @@ from ldmkit.config import dump_config
 from ldmkit.methods import load_config, method_help
 
 DESCRIPTION = """Train with a YAML recipe. The method is named inside the recipe (method.name: finetune | lora |
-lcm_lora | lcd | uvit | vae) and its knobs live under method. Override any key with --section.key=value
+lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | uvit | vae) and its knobs live under method. Override any key with --section.key=value
 (e.g. --method.lora_rank=16 --train.max_steps=2000). Unknown keys and wrong types are rejected.
 Re-running the same command resumes from the latest complete checkpoint in output_dir/checkpoints.
 Multi-GPU / multi-node: accelerate launch [--num_processes N ...] -m ldmkit train CONFIG.yaml

@@ -76,7 +76,7 @@ class _SDTrainConfig(MethodConfig):
 @dataclass
 class FinetuneConfig(_SDTrainConfig):
     name: str = "finetune"
-    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | uvit | vae."""
     use_ema: bool = False
     """Keep an EMA of the UNet weights, used for validation and export."""
     ema_decay: float = 0.9999
@@ -86,7 +86,7 @@ class FinetuneConfig(_SDTrainConfig):
 @dataclass
 class LoraMethodConfig(_SDTrainConfig):
     name: str = "lora"
-    """Training method: finetune | lora | lcm_lora | lcd | uvit | vae."""
+    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | uvit | vae."""
     adapter: ADAPTERS = "lora"
     """Adapter kind (peft): lora | dora (loads in diffusers) | loha, lokr (exported as an exact LoRA that any LoRA loader reads)."""
     lora_rank: int = 4
