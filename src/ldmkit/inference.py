@@ -55,7 +55,13 @@ def load_pipeline(
     diffusers folder, a single-file SD1.x/SD2.x/SDXL checkpoint (``.ckpt`` only with ``allow_pickle``) or a
     Hugging Face repo id in the local cache. The class named in model_index.json (SD, SDXL, ...), or
     ldmkit's UViTPipeline, which diffusers does not know."""
+    import os
+
+    import diffusers
     from diffusers import DiffusionPipeline
+
+    if os.environ.get("DIFFUSERS_VERBOSITY") == "error":  # the CLI without -v: no "Loading components" bar
+        diffusers.utils.logging.disable_progress_bar()
 
     from ldmkit.families import resolve_model
 
