@@ -87,10 +87,6 @@ def _method(lcd: bool) -> str:
     return "lcd" if lcd else "lcm_lora"
 
 
-def _done(path: Path) -> bool:
-    return (path / "ldmkit_config.yaml").is_file() or (path / "DONE").is_file()
-
-
 HELDOUT_IMAGES = 1000
 """Images of generated data kept out of every training stage: the label classifier learns from them."""
 

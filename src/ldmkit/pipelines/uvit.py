@@ -1,4 +1,4 @@
-"""Text-to-image pipeline for a U-ViT (models/uvit.py): diffusers has none, so this is ours (STYLE.md 9).
+"""Text-to-image pipeline for a U-ViT (models/uvit.py): diffusers has none, so this is ours (docs/DESIGN.md).
 
 It follows diffusers' StableDiffusionPipeline: same component names, classifier-free guidance
 ``uncond + g * (cond - uncond)`` (the original U-ViT's ``cond + s * (cond - uncond)`` is g = s + 1), latents
@@ -18,7 +18,7 @@ LoRA: the pipeline is a diffusers ``StableDiffusionLoraLoaderMixin`` (``load_lor
 ``set_adapters`` / ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights`` / ``save_lora_weights``), whose
 ``load_lora_weights`` calls ``self.unet.load_lora_adapter`` on the U-ViT (a ``PeftAdapterMixin``); only
 reading files is ldmkit's (``ldmkit.lora.formats``: U-ViT kohya names), so code written for diffusers'
-pipelines (ldmkit.generate.load_lora) works unchanged.
+pipelines (ldmkit.inference.load_lora) works unchanged.
 """
 
 from __future__ import annotations
