@@ -193,7 +193,50 @@ COMMAND_CASES = [
     ),
 ]
 
-CASES = CONFIG_CASES + DATA_CASES + CHECKPOINT_CASES + MODEL_CASES + COMMAND_CASES
+
+def gen(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
+    return lambda p: ["generate", "--model", str(p["sd15"]), "--prompt", "x", *[e.format(**p) for e in extra]]
+
+
+GENERATE_CASES = [
+    Case("generate lora scale nan", gen("--out={tmp}/g", "--lora-scale=nan"), r"--lora-scale must be a finite"),
+    Case("generate guidance inf", gen("--out={tmp}/g", "--guidance=inf"), r"--guidance must be a finite"),
+    Case("generate too many ddim steps", gen("--out={tmp}/g", "--scheduler=ddim", "--steps=1000"), r"1\.\.999 steps"),
+    Case("generate height not a multiple", gen("--out={tmp}/g", "--height=33"), r"--height must be a multiple of"),
+    Case("generate width too small", gen("--out={tmp}/g", "--width=4"), r"--width must be a multiple of"),
+    Case("generate out is a file", gen("--out={file}"), r"--out .* is a file"),
+    Case("generate steps zero", gen("--out={tmp}/g", "--steps=0"), r"--steps"),
+    Case("generate lora of another model", gen("--out={tmp}/g", "--lora={foreign_lora}"), r"down_blocks.9"),
+    Case("generate lora garbage", gen("--out={tmp}/g", "--lora={garbage_lora}"), r"not a readable safetensors"),
+    Case(
+        "generate model missing",
+        lambda p: ["generate", "--model", "/no/model", "--prompt", "x", "--out", "g"],
+        r"/no/model",
+    ),
+    Case(
+        "evaluate too many steps",
+        lambda p: [
+            "evaluate",
+            "--model",
+            str(p["sd15"]),
+            "--shapes",
+            "--steps",
+            "1,1000",
+            "--scheduler",
+            "ddim",
+            "--out",
+            str(p["tmp"] / "e"),
+        ],
+        r"1\.\.999 steps",
+    ),
+    Case(
+        "evaluate bad steps",
+        lambda p: ["evaluate", "--model", str(p["sd15"]), "--shapes", "--steps", "1,x", "--out", str(p["tmp"] / "e")],
+        r"--steps must be comma-separated integers",
+    ),
+]
+
+CASES = CONFIG_CASES + DATA_CASES + CHECKPOINT_CASES + MODEL_CASES + COMMAND_CASES + GENERATE_CASES
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +319,7 @@ def paths(tmp_path_factory, shapes_folder, tiny_sd15, tiny_sdxl) -> dict[str, Pa
 
 
 def test_the_table_is_large_enough():
-    assert len(CASES) >= 60, len(CASES)
+    assert len(CASES) >= 70, len(CASES)
     assert len({c.id for c in CASES}) == len(CASES)
 
 

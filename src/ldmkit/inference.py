@@ -104,8 +104,21 @@ def lora_location(path: str | Path) -> tuple[Path, str]:
 
 
 def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
-    """Load a diffusers/peft- or kohya-format LoRA file into ``pipe`` (diffusers converts kohya keys)."""
+    """Load a diffusers/peft- or kohya-format LoRA file into ``pipe`` (diffusers converts kohya keys).
+
+    The file is read and checked against the pipeline first (an unreadable file, or a LoRA of another
+    model, is one UserError naming it or its missing modules: diffusers would raise deep inside, or skip
+    modules with a warning); DoRA's magnitude vectors, which ldmkit's reader does not hold, skip the check."""
+    import math
+
+    from ldmkit.lora import formats
+
+    if not math.isfinite(scale):
+        raise UserError(f"--lora-scale must be a finite number, got {scale}")
     folder, weight_name = lora_location(path)
+    state = formats.load_lora_file(folder / weight_name)
+    if not any("lora_magnitude_vector" in k or "dora_scale" in k for k in state):
+        formats.read_for_pipeline(pipe, state)
     pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="default")
     if scale != 1.0:
         pipe.set_adapters(["default"], adapter_weights=[scale])
@@ -126,6 +139,26 @@ def adopt_lcm_settings(pipe, lora_folder: Path) -> None:
     keep = {k: trained[k] for k in ("original_inference_steps", "timestep_scaling") if k in trained}
     if keep:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **keep)
+
+
+def check_sampling(pipe, steps: int, height: int | None = None, width: int | None = None) -> None:
+    """One UserError for a request the pipeline's scheduler or VAE cannot do (diffusers would raise an
+    IndexError or a ValueError deep in a loop): more steps than the training schedule has (few-step
+    schedulers: than the distillation grid, ``original_inference_steps``), or an image side that is not a
+    multiple of the VAE's downsampling factor."""
+    sched = pipe.scheduler.config
+    limit = sched.get("original_inference_steps") or (sched.get("num_train_timesteps", 1000) - 1)
+    if not 1 <= steps <= limit:
+        what = (
+            "its distillation grid (original_inference_steps)"
+            if sched.get("original_inference_steps")
+            else ("its training schedule")
+        )
+        raise UserError(f"{type(pipe.scheduler).__name__} takes 1..{limit} steps ({what}), got {steps}")
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (side < factor or side % factor):
+            raise UserError(f"--{name} must be a multiple of {factor} (the VAE's downsampling factor), got {side}")
 
 
 def generate_images(

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from ldmkit.eval.fid import load_feature_extractor
     from ldmkit.eval.plot import quality_vs_steps
-    from ldmkit.inference import load_lora, load_pipeline, resolve_device, resolve_dtype
+    from ldmkit.inference import check_sampling, load_lora, load_pipeline, resolve_device, resolve_dtype
 
     steps = parse_steps(args.steps)
     if args.num_images < 1 or args.batch_size < 1:
@@ -146,10 +146,12 @@ def run(args: argparse.Namespace) -> int:
     prepare_sampler(pipe, args.scheduler, args.lora)  # an LCM-LoRA export samples with LCM by default
     if args.lora:
         load_lora(pipe, args.lora)
+        if not args.no_fuse_lora:
+            pipe.fuse_lora()  # time the model as a merged export runs (ldmkit merge-lora)
     if args.guidance is None:
         args.guidance = sampling_defaults(pipe)[1]
-        if not args.no_fuse_lora:
-            pipe.fuse_lora()
+    for n in steps:
+        check_sampling(pipe, n, args.height, args.width)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 

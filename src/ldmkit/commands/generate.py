@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ldmkit.diffusion.samplers import SCHEDULERS
@@ -92,12 +93,27 @@ def sampling_defaults(pipe) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldmkit.inference import generate_images, image_grid, load_lora, load_pipeline, resolve_device, resolve_dtype
+    from ldmkit.inference import (
+        check_sampling,
+        generate_images,
+        image_grid,
+        load_lora,
+        load_pipeline,
+        resolve_device,
+        resolve_dtype,
+    )
 
     if (args.steps is not None and args.steps < 1) or args.num_images < 1:
         raise UserError("--steps and --num-images must be at least 1")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+    if not math.isfinite(args.lora_scale):
+        raise UserError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UserError(f"--guidance must be a finite number, got {args.guidance}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype)
@@ -107,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     steps, guidance = sampling_defaults(pipe)
     args.steps = steps if args.steps is None else args.steps
     args.guidance = guidance if args.guidance is None else args.guidance
+    check_sampling(pipe, args.steps, args.height, args.width)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     images = generate_images(
@@ -121,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         eta=args.eta,
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
         im.save(out / f"{i:03d}.png")

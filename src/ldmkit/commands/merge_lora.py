@@ -86,18 +86,8 @@ def merge(pipe, state_dict: dict, scale: float = 1.0) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from ldmkit.lora import formats
-    from ldmkit.models.uvit import UViT
 
-    is_uvit = isinstance(pipe.unet, UViT)
-    unet_names = [n for n, _ in pipe.unet.named_modules()]
-    components = formats.read_lora(
-        state_dict, unet_config=None if is_uvit else pipe.unet.config, uvit_names=unet_names if is_uvit else None
-    )
-    for name in components:
-        model = getattr(pipe, name, None)
-        if model is None:
-            raise UserError(f"the LoRA adapts {name}, which {type(pipe).__name__} does not have")
-        formats.check_modules(components, name, (n for n, _ in model.named_modules()))
+    components = formats.read_for_pipeline(pipe, state_dict)
     pipe.load_lora_weights(formats.peft_state_dict(components), adapter_name="merge")
     n = sum(isinstance(m, BaseTunerLayer) for name in components for m in getattr(pipe, name).modules())
     if n != sum(len(layers) for layers in components.values()):

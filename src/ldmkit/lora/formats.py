@@ -236,3 +236,22 @@ def check_modules(components: Mapping[str, Layers], component: str, module_names
     missing = sorted(m for m in components.get(component, {}) if m not in names and m not in suffixes)
     if missing:
         raise UserError(f"LoRA module {component}.{missing[0]} is not in the model ({len(missing)} missing)")
+
+
+def read_for_pipeline(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The LoRA in ``state_dict`` read for ``pipe`` (its UNet's config resolves original-SD names, a U-ViT's
+    module names its kohya keys), every module checked against the pipeline's: a LoRA of another model is
+    one UserError naming the modules it does not find."""
+    from ldmkit.models.uvit import UViT
+
+    is_uvit = isinstance(pipe.unet, UViT)
+    unet_names = [n for n, _ in pipe.unet.named_modules()]
+    components = read_lora(
+        state_dict, unet_config=None if is_uvit else pipe.unet.config, uvit_names=unet_names if is_uvit else None
+    )
+    for name in components:
+        model = getattr(pipe, name, None)
+        if model is None:
+            raise UserError(f"the LoRA adapts {name}, which {type(pipe).__name__} does not have")
+        check_modules(components, name, (n for n, _ in model.named_modules()))
+    return components
