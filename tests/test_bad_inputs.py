@@ -199,6 +199,21 @@ def gen(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
 
 
 GENERATE_CASES = [
+    Case(
+        "convert lora of another model",
+        lambda p: [
+            "convert-lora",
+            "--in",
+            str(p["foreign_lora"]),
+            "--to",
+            "kohya",
+            "--model",
+            str(p["sd15"]),
+            "--out",
+            str(p["tmp"] / "k.safetensors"),
+        ],
+        r"down_blocks.9",
+    ),
     Case("generate lora scale nan", gen("--out={tmp}/g", "--lora-scale=nan"), r"--lora-scale must be a finite"),
     Case("generate guidance inf", gen("--out={tmp}/g", "--guidance=inf"), r"--guidance must be a finite"),
     Case("generate too many ddim steps", gen("--out={tmp}/g", "--scheduler=ddim", "--steps=1000"), r"1\.\.999 steps"),
