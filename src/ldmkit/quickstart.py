@@ -251,6 +251,7 @@ def stage_evaluate(
 
     teacher_pipe = load_pipeline(teacher)
     set_scheduler(teacher_pipe, "ddim")
+    teacher_pipe.set_progress_bar_config(disable=True)
     runs: dict[str, Any] = {}
     runs["teacher_ddim"] = evaluate_pipeline(
         teacher_pipe,
@@ -261,6 +262,7 @@ def stage_evaluate(
         **common,
     )
     student_pipe = _load_student(student, teacher, lcd)
+    student_pipe.set_progress_bar_config(disable=True)
     runs["lcm"] = evaluate_pipeline(
         student_pipe, prompts, list(plan.lcm_steps), guidance=_student_guidance(lcd, plan), out_dir=ev / "lcm", **common
     )

@@ -61,11 +61,15 @@ def line_chart(
 
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     ticks = xs if log_x else sorted({round(xs[0] + (xs[-1] - xs[0]) * i / 4) for i in range(5)})
+    last_end = -1e9
     for x in ticks:
         px, _ = to_px(x, y_lo)
         draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
-        label = f"{x:g}"
-        draw.text((min(px - 3 * len(label), w - 6 * len(label)), h - bottom + 6), label, fill="black", font=font)
+        label = f"{x:.3g}"  # 3 significant digits: milliseconds such as 4.2507 read 4.25
+        start = min(px - 3 * len(label), w - 6 * len(label))
+        if start > last_end + 4:  # a label that would overlap the previous one is left out (its tick stays)
+            draw.text((start, h - bottom + 6), label, fill="black", font=font)
+            last_end = start + 6 * len(label)
     for i in range(5):
         y = y_lo + (y_hi - y_lo) * i / 4
         _, py = to_px(xs[0], y)

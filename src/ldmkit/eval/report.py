@@ -222,7 +222,7 @@ def what_next(report: dict[str, Any]) -> str:
     body = html.escape("\n".join(lines))
     return (
         '<div style="border:1px solid #888;padding:8px;background:#f4f8ff"><b>What next</b>: try the distilled model '
-        f"(4 steps by default), bake it into the teacher, measure it again:<pre>{body}</pre></div>"
+        f'(4 steps by default), bake it into the teacher, measure it again:<pre style="white-space:pre-wrap">{body}</pre></div>'
     )
 
 
