@@ -11,7 +11,6 @@ draw of a step comes from per-sample seeds (rng.py) and the sampler can start at
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -25,6 +24,8 @@ import torch
 from ldmkit.config import Config, dump_config
 from ldmkit.errors import Interrupted, UserError
 from ldmkit.train import checkpoint as ckpt
+from ldmkit.train.optim import evaluation_weights, make_lr_scheduler, make_optimizer, weights_mode  # noqa: F401
+from ldmkit.train.runs import RunLock, StopSignals, check_rerun, resume_point, set_aside
 
 logger = logging.getLogger(__name__)
 
@@ -74,98 +75,6 @@ def tracker_names(cfg: Config) -> list[str]:
             module, pip_name = TRACKER_PACKAGES[name]
             raise UserError(f"train.report_to={name} needs the {module} package: pip install {pip_name}")
     return names
-
-
-def _optimizer_class(name: str):
-    """(class, the keyword arguments it takes from train.*) of each train.optimizer; optional packages
-    give a one-line UserError when missing."""
-    packages = {
-        "adamw8bit": ("bitsandbytes", "bitsandbytes"),
-        "prodigy": ("prodigyopt", "prodigyopt"),
-        "lion": ("lion_pytorch", "lion-pytorch"),
-        "adamw_schedulefree": ("schedulefree", "schedulefree"),
-    }
-    if name in packages:
-        module, pip_name = packages[name]
-        try:
-            mod = __import__(module)
-        except ImportError:
-            raise UserError(f"train.optimizer={name} needs the {module} package: pip install {pip_name}") from None
-    if name == "adamw":
-        return torch.optim.AdamW, ("betas", "eps")
-    if name == "adamw8bit":
-        return mod.optim.AdamW8bit, ("betas", "eps")
-    if name == "prodigy":
-        return mod.Prodigy, ("betas", "eps")  # Mishchenko & Defazio 2023, arXiv:2306.06101
-    if name == "lion":
-        return mod.Lion, ("betas",)  # Chen et al. 2023, arXiv:2302.06675
-    if name == "adamw_schedulefree":
-        return mod.AdamWScheduleFree, ("betas", "eps")  # Defazio et al. 2024, arXiv:2405.15682
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor, ()
-    raise UserError(f"unknown train.optimizer {name!r}")
-
-
-def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], num_processes: int):
-    t = cfg.train
-    lr = t.learning_rate
-    if t.scale_lr:
-        lr *= t.batch_size * t.gradient_accumulation_steps * num_processes
-    if not params:
-        raise UserError(f"method {cfg.method.name!r} has no trainable parameters")
-    name = "adamw8bit" if t.use_8bit_adam else t.optimizer
-    cls, takes = _optimizer_class(name)
-    knobs = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
-    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=t.adam_weight_decay, **{k: knobs[k] for k in takes})
-    if name == "adamw":
-        # foreach: one fused kernel per step over all tensors; torch picks it only on CUDA by default, and the
-        # per-tensor loop costs 3x as much on CPU for a LoRA's hundreds of small tensors (benchmarks/lora_cache.py).
-        kwargs["foreach"] = True
-    if name == "adafactor":
-        # A fixed learning rate with the schedule of train.lr_scheduler (transformers' docs: relative_step=False,
-        # scale_parameter=False, warmup_init=False when an external lr is given).
-        kwargs.update(relative_step=False, scale_parameter=False, warmup_init=False)
-    kwargs.update(t.optimizer_args)
-    try:
-        return cls(params, **kwargs)
-    except TypeError as e:  # an optimizer_args key the optimizer does not take
-        raise UserError(f"train.optimizer_args for {name}: {e}") from None
-
-
-def weights_mode(optimizer, train: bool) -> None:
-    """Schedule-free optimizers keep two sets of weights: the ones to step (train) and the averaged ones to
-    evaluate and save (eval); others have no modes (schedulefree's README: call train()/eval())."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    if "train_mode" in inner.param_groups[0]:
-        inner.train() if train else inner.eval()
-
-
-@contextlib.contextmanager
-def evaluation_weights(optimizer):
-    weights_mode(optimizer, train=False)
-    try:
-        yield
-    finally:
-        weights_mode(optimizer, train=True)
-
-
-def make_lr_scheduler(cfg: Config, optimizer):
-    """diffusers' get_scheduler, stepped once per optimizer step by the loop itself.
-
-    It is deliberately not passed through ``accelerator.prepare``: a prepared scheduler steps once per
-    process unless batches are split, which silently shortens warmup and decay on several GPUs
-    (a known fault of diffusers' training examples with accelerate >= 1.0).
-    """
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(
-        cfg.train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=cfg.train.lr_warmup_steps,
-        num_training_steps=cfg.train.max_steps,
-    )
 
 
 def apply_speed_levers(cfg: Config, method) -> None:
@@ -295,158 +204,13 @@ def save_validation(accelerator, method, cfg: Config, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
-class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM (what clusters send before killing a job) only set a flag: the loop
-    finishes the step it is in, saves a checkpoint and raises ``Interrupted``. A KeyboardInterrupt raised
-    at an arbitrary point could land between ``optimizer.step()`` and ``step += 1`` and save one step's
-    weights under another step's name. A second Ctrl-C aborts at once (the last checkpoint stays)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        logger.warning(
-            "%s: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)",
-            signal.Signals(signum).name,
-        )
-
-    def requested(self, accelerator) -> int | None:
-        """The signal every process stops for (processes agree, so all of them save together)."""
-        if accelerator.num_processes == 1:
-            return self.signum
-        flag = torch.tensor([self.signum or 0], device=accelerator.device)
-        signum = int(accelerator.reduce(flag, reduction="max").item())
-        return signum or None
-
-
-class RunLock:
-    """An exclusive lock on output_dir (fcntl.flock, released by the OS if the process dies), so a second
-    run started on the same folder stops with one line instead of racing the first."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.path, self.enabled, self.file = out / ".ldmkit.lock", enabled, None
-
-    def __enter__(self) -> RunLock:
-        if not self.enabled:
-            return self
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; runs are not locked there
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise UserError(f"output_dir {self.path.parent} is in use by another ldmkit run ({holder})") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def _check_rerun(cfg: Config, out: Path, latest_step: int | None) -> None:
-    """A re-run of an output_dir that holds a run: the same config resumes (or is finished), a raised
-    train.max_steps continues to the new end, anything else that changes what is computed stops with the
-    changed keys unless train.allow_config_change says to go on."""
-    import yaml
-
-    from ldmkit.config import config_changes, config_to_dict, is_bookkeeping
-
-    saved = out / "config.yaml"
-    if latest_step is None or not saved.is_file():
-        return
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"{saved} is unreadable: restore it, or start again with --train.resume_from=none") from None
-    changes = [c for c in config_changes(old, config_to_dict(cfg)) if not is_bookkeeping(c[0])]
-    max_steps = [c for c in changes if c[0] == "train.max_steps"]
-    if max_steps and cfg.train.max_steps < latest_step:
-        raise UserError(
-            f"train.max_steps={cfg.train.max_steps} is below the step of the latest checkpoint in {out} "
-            f"({latest_step}); raise it, or start again with --train.resume_from=none"
-        )
-    if max_steps and max_steps[0][2] > max_steps[0][1]:
-        logger.info("train.max_steps raised from %s to %s: continuing to the new end", *max_steps[0][1:])
-        changes.remove(max_steps[0])
-    if not changes:
-        return
-    listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
-    if not cfg.train.allow_config_change:
-        raise UserError(
-            f"{out} holds a run with another config ({listed}); --train.allow_config_change=true continues it "
-            "with the new values, --train.resume_from=none starts again (the old run is kept in previous/), "
-            "or choose another output_dir"
-        )
-    logger.warning("continuing %s with a changed config: %s", out, listed)
-
-
-def _set_aside(out: Path) -> None:
-    """train.resume_from=none: move what output_dir holds from an earlier run to output_dir/previous/."""
-    names = ["checkpoints", "export", "samples", "logs", "metrics.jsonl", "config.yaml"]
-    present = [out / n for n in names if (out / n).exists()]
-    if not present:
-        return
-    dest = out / "previous" / time.strftime("run-%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True)
-    for p in present:
-        p.rename(dest / p.name)
-    logger.info("train.resume_from=none: the earlier run in %s moved to %s", out, dest)
-
-
-def _resume_point(cfg: Config, out: Path) -> tuple[int, Path] | None:
-    """The checkpoint to start from: ``train.resume_from`` (latest | none | a folder), verified."""
-    where = cfg.train.resume_from
-    if where == "none":
-        return None
-    if where == "latest":
-        return ckpt.latest_valid_checkpoint(out / "checkpoints")
-    path = Path(where)
-    if not (path / ckpt.STATE_FILE).is_file():
-        raise UserError(f"train.resume_from: {path} is not an ldmkit checkpoint (no {ckpt.STATE_FILE})")
-    problem = ckpt.damage(path)
-    if problem is not None:
-        raise UserError(f"train.resume_from: checkpoint {path} is damaged: {problem}")
-    return int(ckpt.read_state(path)["step"]), path
-
-
 def train(cfg: Config, accelerator=None) -> Path:
     """Run (or resume) the training described by ``cfg``; returns the export folder."""
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process if accelerator is not None else int(os.environ.get("RANK", "0")) == 0
     with RunLock(out, enabled=main):
         if cfg.train.resume_from == "none" and main:
-            _set_aside(out)
+            set_aside(out)
         return _train(cfg, out, accelerator)
 
 
@@ -458,8 +222,8 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
 
     t = cfg.train
     export_dir = out / "export"
-    resume = _resume_point(cfg, out)
-    _check_rerun(cfg, out, resume[0] if resume else None)
+    resume = resume_point(cfg, out)
+    check_rerun(cfg, out, resume[0] if resume else None)
     if resume is not None and resume[0] >= t.max_steps and (export_dir / "ldmkit_config.yaml").is_file():
         logger.info("%s is finished (step %d): nothing to do", out, resume[0])
         return export_dir
