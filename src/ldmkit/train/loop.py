@@ -174,6 +174,9 @@ def save_checkpoint(accelerator, method, lr_scheduler, cfg: Config, step: int, s
     accelerator.wait_for_everyone()
     tmp = root / f".tmp-{ckpt.checkpoint_name(step)}"
     accelerator.save_state(str(tmp))
+    # Every rank writes its own RNG state into tmp: all must be done before the manifest lists the files
+    # and the folder is renamed (else a slower rank writes into a folder that has moved).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.save_extra(tmp, {"lr_scheduler": lr_scheduler, **method.checkpoint_objects()})
         (tmp / "ldmkit_config.yaml").write_text(dump_config(cfg))
