@@ -19,7 +19,7 @@ from ldmkit.methods.tcd import TCDLoraMethod, TCDMethod
 from ldmkit.pipelines.uvit import UViTPipeline
 
 from helpers.lcm import count_lora_modules, fixed_batch, train_steps, unet_inputs, unet_out
-from helpers.runs import assert_same_exports, logged
+from helpers.runs import assert_debug_recipe_resumes, assert_same_exports, logged
 from helpers.uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
@@ -225,32 +225,8 @@ def test_bad_knobs_are_user_errors(recipe, override):
 
 @pytest.mark.parametrize("name,arch", [("tcd_lora", "sd15"), ("pcm", "sd15"), ("pcm_lora", "sdxl")])
 def test_resume_equals_uninterrupted(tmp_path, request, shapes_folder, name, arch):
-    from ldmkit.train.loop import train
-
     model = request.getfixturevalue(f"tiny_{arch}")
-
-    def cfg(run: str, steps: int):
-        return load_config(
-            str(ROOT / "configs" / name / ("debug.yaml" if arch == "sd15" else "debug_sdxl.yaml")),
-            [
-                f"--model.pretrained={model}",
-                f"--data.path={shapes_folder}",
-                f"--data.cache_dir={tmp_path / 'cache'}",
-                f"--train.max_steps={steps}",
-                "--train.checkpoint_every=2",
-                "--train.validate_every=0",
-                "--train.validation_prompts=[]",
-                "--train.batch_size=2",
-                f"--output_dir={tmp_path / run}",
-            ],
-        )
-
-    train(cfg("full", 4))
-    train(cfg("resumed", 2))
-    train(cfg("resumed", 4))
-    assert_same_exports(tmp_path / "full" / "export", tmp_path / "resumed" / "export", model)
-    la, lb = logged(tmp_path / "full"), logged(tmp_path / "resumed")
-    assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
+    assert_debug_recipe_resumes(name, arch, model, shapes_folder, tmp_path)
 
 
 def _cmd(module, argv: list[str]) -> int:

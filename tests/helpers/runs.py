@@ -57,3 +57,37 @@ def launch_two() -> list[str]:
         "--main_process_port",
         str(port),
     ]
+
+
+def assert_debug_recipe_resumes(name: str, arch: str, model: Path, data: Path, tmp_path: Path) -> None:
+    """The ``name`` debug recipe (``debug`` for sd15, ``debug_sdxl`` else) on ``model``, trained from the
+    data cache 4 steps at once and 2 + 2 steps (a restart in between), gives the same export and losses."""
+    import pytest
+
+    from ldmkit.methods import load_config
+    from ldmkit.train.loop import train
+
+    recipe = f"{name}/{'debug' if arch == 'sd15' else 'debug_sdxl'}"
+
+    def cfg(run: str, steps: int):
+        return load_config(
+            recipe,
+            [
+                f"--model.pretrained={model}",
+                f"--data.path={data}",
+                f"--data.cache_dir={tmp_path / 'cache'}",
+                f"--train.max_steps={steps}",
+                "--train.checkpoint_every=2",
+                "--train.validate_every=0",
+                "--train.validation_prompts=[]",
+                "--train.batch_size=2",
+                f"--output_dir={tmp_path / run}",
+            ],
+        )
+
+    train(cfg("full", 4))
+    train(cfg("resumed", 2))
+    train(cfg("resumed", 4))
+    assert_same_exports(tmp_path / "full" / "export", tmp_path / "resumed" / "export", model)
+    la, lb = logged(tmp_path / "full"), logged(tmp_path / "resumed")
+    assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
