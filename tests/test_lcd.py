@@ -27,35 +27,14 @@ from ldmkit.methods.card import write_model_card
 from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod
 
 from helpers.lcm import count_lora_modules, fixed_batch, train_steps, unet_inputs, unet_out
+from helpers.lcm import generate_at_few_steps as _generate
+from helpers.lcm import make_distill_method as make_method
 from helpers.runs import assert_debug_recipe_resumes, assert_same_exports, logged
 
 ROOT = Path(__file__).parents[1]
 RES = 32
 STEPS = {"sd15": 20, "sdxl": 12}
 LR = {"lcm_lora": 1e-3, "lcd": 3e-5}
-
-
-def make_method(name: str, model_dir, out_dir, *extra: str):
-    from accelerate import Accelerator
-
-    small = (
-        ["--method.lora_rank=4", "--method.lora_alpha=4"]
-        if name == "lcm_lora"
-        else ["--method.unet_time_cond_proj_dim=32"]
-    )
-    cfg = load_config(
-        None,
-        [
-            f"--method.name={name}",
-            f"--model.pretrained={model_dir}",
-            f"--data.resolution={RES}",
-            "--train.report_to=none",
-            f"--output_dir={out_dir}",
-            *small,
-            *extra,
-        ],
-    )
-    return get_method(name)(cfg, Accelerator(cpu=True))
 
 
 @pytest.fixture(scope="module")
@@ -133,21 +112,6 @@ def test_batched_teacher_passes_equal_unbatched(tmp_path, request, arch, name):
         method.mcfg.batch_teacher_passes = False
         unbatched = method.loss(batch)[0]
     torch.testing.assert_close(batched, unbatched, rtol=1e-5, atol=1e-7)
-
-
-def _generate(pipe, guidance: float) -> None:
-    pipe.set_progress_bar_config(disable=True)
-    for steps in (1, 2, 4, 8):
-        image = pipe(
-            "a red circle",
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=RES,
-            width=RES,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images
-        assert image.shape == (1, RES, RES, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

@@ -9,12 +9,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_lcd import make_method
 
 from ldmkit.config import is_bookkeeping
 from ldmkit.train.loop import apply_speed_levers
 
 from helpers.lcm import fixed_batch
+from helpers.lcm import make_distill_method as make_method
 
 
 def _levers(method, **train):

@@ -18,7 +18,15 @@ from ldmkit.methods.pcm import PCMLoraMethod, PCMMethod
 from ldmkit.methods.tcd import TCDLoraMethod, TCDMethod
 from ldmkit.pipelines.uvit import UViTPipeline
 
-from helpers.lcm import count_lora_modules, fixed_batch, train_steps, unet_inputs, unet_out
+from helpers.lcm import (
+    count_lora_modules,
+    fixed_batch,
+    generate_at_few_steps,
+    make_distill_method,
+    train_steps,
+    unet_inputs,
+    unet_out,
+)
 from helpers.runs import assert_debug_recipe_resumes, assert_same_exports, logged
 from helpers.uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
 
@@ -30,27 +38,7 @@ CLASSES = {"tcd_lora": TCDLoraMethod, "tcd": TCDMethod, "pcm_lora": PCMLoraMetho
 
 
 def make_method(name: str, model_dir, out_dir, *extra: str):
-    from accelerate import Accelerator
-
-    small = (
-        ["--method.lora_rank=4", "--method.lora_alpha=4"]
-        if name.endswith("_lora")
-        else ["--method.unet_time_cond_proj_dim=32"]
-    )
-    cfg = load_config(
-        None,
-        [
-            f"--method.name={name}",
-            f"--model.pretrained={model_dir}",
-            f"--data.resolution={RES}",
-            "--train.report_to=none",
-            f"--output_dir={out_dir}",
-            "--method.loss_type=huber",
-            *small,
-            *extra,
-        ],
-    )
-    return get_method(name)(cfg, Accelerator(cpu=True))
+    return make_distill_method(name, model_dir, out_dir, "--method.loss_type=huber", *extra, res=RES)
 
 
 @pytest.fixture(scope="module")
@@ -101,22 +89,6 @@ def test_target_points_differ_only_where_the_methods_do(tiny_sd15, tmp_path):
     assert torch.equal(m_pcm._f(torch.randn_like(x), x, same, same), x)
 
 
-def _generate(pipe, guidance: float, eta: float) -> None:
-    pipe.set_progress_bar_config(disable=True)
-    for steps in (1, 2, 4, 8):
-        image = pipe(
-            "a red circle",
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=RES,
-            width=RES,
-            eta=eta,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images
-        assert image.shape == (1, RES, RES, 3) and torch.isfinite(torch.from_numpy(image)).all()
-
-
 @pytest.mark.parametrize("arch,name", [("sd15", "tcd_lora"), ("sd15", "pcm_lora"), ("sdxl", "tcd_lora")])
 def test_lora_export_loads_in_stock_pipeline_with_tcd_scheduler(trained, tmp_path, request, arch, name):
     method, _ = trained(arch, name)
@@ -132,7 +104,7 @@ def test_lora_export_loads_in_stock_pipeline_with_tcd_scheduler(trained, tmp_pat
     torch.testing.assert_close(unet_out(pipe.unet, inputs), unet_out(method.unet, inputs), rtol=1e-5, atol=1e-5)
     pipe.scheduler = TCDScheduler.from_pretrained(tmp_path, subfolder="scheduler")
     assert pipe.scheduler.config.original_inference_steps == 25
-    _generate(pipe, guidance=0.0 if arch == "sdxl" else 1.0, eta=0.3 if name == "tcd_lora" else 0.0)
+    generate_at_few_steps(pipe, 0.0 if arch == "sdxl" else 1.0, RES, eta=0.3 if name == "tcd_lora" else 0.0)
 
 
 @pytest.mark.parametrize("name", ["tcd", "pcm"])
@@ -147,7 +119,7 @@ def test_full_export_is_a_stock_pipeline_with_tcd_scheduler(trained, tmp_path, n
         torch.testing.assert_close(v, target[k], rtol=0, atol=0)
     card = write_model_card(method, method.cfg, tmp_path, tmp_path / "samples").read_text()
     assert ("eta=0.3" if name == "tcd" else "eta=0.0") in card and "TCDScheduler" in card
-    _generate(pipe, guidance=8.0, eta=0.3 if name == "tcd" else 0.0)
+    generate_at_few_steps(pipe, 8.0, RES, eta=0.3 if name == "tcd" else 0.0)
 
 
 def test_validate_grid(trained):

@@ -80,3 +80,48 @@ def train_steps(method, batch: dict, steps: int, lr: float) -> list[float]:
         method.after_step(i + 1)
         losses.append(loss.item())
     return losses
+
+
+def make_distill_method(name: str, model_dir, out_dir, *extra: str, res: int = 32):
+    """A distillation method (lcm_lora, lcd, tcd_lora, ...) on a tiny model, small: rank 4 for the LoRA
+    methods, a 32-wide guidance embedding for the full ones; ``extra`` are more config overrides."""
+    from accelerate import Accelerator
+
+    from ldmkit.methods import get_method, load_config
+
+    small = (
+        ["--method.lora_rank=4", "--method.lora_alpha=4"]
+        if name.endswith("_lora")
+        else ["--method.unet_time_cond_proj_dim=32"]
+    )
+    cfg = load_config(
+        None,
+        [
+            f"--method.name={name}",
+            f"--model.pretrained={model_dir}",
+            f"--data.resolution={res}",
+            "--train.report_to=none",
+            f"--output_dir={out_dir}",
+            *small,
+            *extra,
+        ],
+    )
+    return get_method(name)(cfg, Accelerator(cpu=True))
+
+
+def generate_at_few_steps(pipe, guidance: float, res: int = 32, eta: float | None = None) -> None:
+    """The pipeline samples finite images at 1, 2, 4 and 8 steps (an export that stock diffusers runs)."""
+    pipe.set_progress_bar_config(disable=True)
+    for steps in (1, 2, 4, 8):
+        kwargs = {} if eta is None else {"eta": eta}
+        image = pipe(
+            "a red circle",
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=res,
+            width=res,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kwargs,
+        ).images
+        assert image.shape == (1, res, res, 3) and torch.isfinite(torch.from_numpy(image)).all()
