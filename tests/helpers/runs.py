@@ -59,7 +59,9 @@ def launch_two() -> list[str]:
     ]
 
 
-def assert_debug_recipe_resumes(name: str, arch: str, model: Path, data: Path, tmp_path: Path) -> None:
+def assert_debug_recipe_resumes(
+    name: str, arch: str, model: Path, data: Path, tmp_path: Path, extra: tuple[str, ...] = ()
+) -> None:
     """The ``name`` debug recipe (``debug`` for sd15, ``debug_sdxl`` else) on ``model``, trained from the
     data cache 4 steps at once and 2 + 2 steps (a restart in between), gives the same export and losses."""
     import pytest
@@ -82,6 +84,7 @@ def assert_debug_recipe_resumes(name: str, arch: str, model: Path, data: Path, t
                 "--train.validation_prompts=[]",
                 "--train.batch_size=2",
                 f"--output_dir={tmp_path / run}",
+                *extra,
             ],
         )
 

@@ -178,11 +178,21 @@ class LCMLoraConfig(LCDCommonConfig):
     lora_target_modules: list[str] | None = None
     """Module names (suffixes) that get a LoRA; null: the 14 UNet module kinds of diffusers' LCM-LoRA scripts,
     or for a U-ViT teacher its attention and MLP projections (attn.qkv, attn.proj, mlp.0, mlp.2)."""
+    target_ema_decay: float = 0.0
+    """Target f_theta^- = base + an EMA of the LoRA weights with this decay (constant, as full LCD's target);
+    0: the online LoRA, as the LCM-LoRA references (diffusers train_lcm_distill_lora_*)."""
+    export_ema_decay: float | None = None
+    """Export and validate an EMA of the LoRA weights (warmup schedule, capped at this decay) instead of the
+    last weights; null: the last weights, as the references."""
 
     def check(self, cfg: Config) -> None:
         super().check(cfg)
         if self.lora_rank < 1:
             raise UserError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.target_ema_decay < 1.0:
+            raise UserError(f"method.target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
+        if self.export_ema_decay is not None and not 0.0 < self.export_ema_decay < 1.0:
+            raise UserError(f"method.export_ema_decay must be in (0, 1) or null, got {self.export_ema_decay}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_target_modules is not None and not self.lora_target_modules:

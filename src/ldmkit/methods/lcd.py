@@ -272,6 +272,24 @@ class _LCDBase(Method):
         )
 
 
+class _WithWeights(torch.nn.Module):
+    """``module`` called with some of its parameters replaced (``torch.func.functional_call``): the target
+    pass reads the LoRA's average while the student's own tensors, saved for backward, stay untouched (an
+    in-place swap would change them under autograd)."""
+
+    def __init__(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "inner", module)  # not a submodule: no second copy in state dicts
+        self.weights = weights
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.inner, self.weights, args, kwargs, strict=False)
+
+
 class LCMLoraMethod(_LCDBase):
     """LCM-LoRA: one denoiser (UNet or U-ViT); teacher = base weights (adapters disabled), student = base + LoRA,
     target = the online student under no_grad (LCM-LoRA report; diffusers train_lcm_distill_lora_*)."""
@@ -293,10 +311,43 @@ class LCMLoraMethod(_LCDBase):
         adapters.add_lora(self.unet, config)
         cast_training_params(self.unet, dtype=torch.float32)  # LoRA weights train in fp32
         self.unet.train()
+        # Averages of the LoRA weights only (the base is frozen): a target as full LCD's (constant decay), and
+        # a Polyak average to export (warmup, as the U-ViT/finetune EMA). Off by default, as the references.
+        self.target_ema = self.export_ema = None
+        if m.target_ema_decay > 0:
+            self.target_ema = EMA(self._lora_params(), decay=m.target_ema_decay, schedule="constant")
+        if m.export_ema_decay is not None:
+            self.export_ema = EMA(self._lora_params(), decay=m.export_ema_decay, schedule="warmup")
+
+    def _lora_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unwrap(self.unet).parameters() if p.requires_grad]
 
     def roles(self) -> Roles:
         base = self.unwrap(self.unet)
-        return Roles(student=self.unet, teacher=base, target=base, teacher_context=lambda: adapters_disabled(base))
+        target = base
+        if self.target_ema is not None:
+            names = [n for n, p in base.named_parameters() if p.requires_grad]
+            target = _WithWeights(base, dict(zip(names, self.target_ema.shadow_params)))
+        return Roles(student=self.unet, teacher=base, target=target, teacher_context=lambda: adapters_disabled(base))
+
+    def after_step(self, step: int) -> None:
+        for ema in (self.target_ema, self.export_ema):
+            if ema is not None:
+                ema.step(self._lora_params())
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        objects = {"lora_target_ema": self.target_ema, "lora_export_ema": self.export_ema}
+        return {k: v for k, v in objects.items() if v is not None}
+
+    def _exported_weights(self) -> contextlib.AbstractContextManager:
+        """The LoRA weights validation and export use: the export EMA swapped in, or the last weights."""
+        if self.export_ema is None:
+            return contextlib.nullcontext()
+        return self.export_ema.swapped_into(self._lora_params())
+
+    def validate(self, step: int):
+        with self._exported_weights():
+            return super().validate(step)
 
     def _sampling_unet(self):
         return self.unwrap(self.unet)
@@ -311,13 +362,14 @@ class LCMLoraMethod(_LCDBase):
         from ldmkit.lora import adapters
 
         out_dir = Path(out_dir)
-        n, _ = adapters.export_adapter(
-            out_dir,
-            {"unet": self.unwrap(self.unet)},
-            self.family.pipeline_class,
-            self.mcfg.adapter,
-            kohya=self.family.exports_kohya,
-        )
+        with self._exported_weights():
+            n, _ = adapters.export_adapter(
+                out_dir,
+                {"unet": self.unwrap(self.unet)},
+                self.family.pipeline_class,
+                self.mcfg.adapter,
+                kohya=self.family.exports_kohya,
+            )
         self._sampling_scheduler().save_pretrained(out_dir / "scheduler")
 
 
