@@ -1,7 +1,9 @@
-"""``ldmkit quickstart --quick`` end to end: every stage runs, the report is complete and valid."""
+"""``ldmkit quickstart``: ``--quick`` end to end (every stage runs, the report is complete and valid), each
+``--method`` at a tiny size."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -108,3 +110,74 @@ def test_shapes_data_passed_with_data_is_recognised(shapes_folder, tmp_path):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(other / f"{i}.png")
         (other / f"{i}.txt").write_text("a small red circle in the center" if i else "a photo of a cat")
     assert not is_shapes_data(other)
+
+
+# A plan small enough for a test: every stage runs, every evaluation row exists, in seconds.
+def _tiny_plan():
+    from ldmkit.quickstart import Plan
+
+    return Plan(
+        num_images=32,
+        image_size=32,
+        vae_steps=4,
+        teacher_steps=6,
+        distill_steps=3,
+        eval_prompts=4,
+        teacher_guidance=3.0,
+        reference_images=8,
+        teacher_steps_full=8,
+        lcm_steps=(1, 2, 4),
+        teacher_solvers=("ddim", "dpm", "unipc"),
+    )
+
+
+def _run_quickstart(argv: list[str]) -> int:
+    from ldmkit import quickstart as qs
+
+    parser = argparse.ArgumentParser()
+    qs.add_arguments(parser)
+    return qs.run(parser.parse_args(argv))
+
+
+def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path, shapes_folder, monkeypatch, capsys):
+    """--method tcd_lora end to end at a tiny size: the report names TCD, the student samples with TCDScheduler
+    at gamma 0.3, the teacher has DDIM / DPM++ / UniPC rows at the student's steps, and a second --method in
+    the same --out reuses the teacher and its evaluation."""
+    from ldmkit import quickstart as qs
+    from ldmkit.eval import evaluate
+
+    monkeypatch.setattr(qs, "FULL", _tiny_plan())
+    out = tmp_path / "qs"
+    assert _run_quickstart(["--method", "tcd_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "tcd_lora" and report["student"] == "TCD-LoRA"
+    assert report["sampling"] == {"scheduler": "tcd", "eta": 0.3, "guidance": 1.0, "lora": True}
+    assert report["plan"]["distill_steps"] == 3
+    student = json.loads((out / "evaluate" / "tcd_lora" / "results.json").read_text())["run"]
+    assert student["scheduler"] == "TCDScheduler" and student["eta"] == 0.3 and student["guidance"] == 1.0
+    figs = report["figures"]
+    for solver in ("ddim", "dpm", "unipc"):
+        for n in (1, 2, 4):
+            f = figs[f"teacher_{solver}_{n}"]
+            assert f["unet_evals_per_image"] == 2 * n  # guided: a conditional and an unconditional pass per step
+            assert f["fd"] is not None and f["fd_to_teacher_50"] is not None and f["adherence"] is not None
+    assert figs["teacher_4"]["fd"] == figs["teacher_ddim_4"]["fd"]  # the older key of the same setting
+    assert figs["lcm_4"]["method"] == "tcd_lora" and figs["lcm_4"]["unet_evals_per_image"] == 4
+    html = (out / "report.html").read_text()
+    assert "TCD-LoRA" in html and "DPM++ 2M" in html and "UniPC" in html
+    assert "LCM" not in html  # the student is named by its method everywhere
+    assert "--scheduler tcd --eta 0.3 --guidance 1" in html  # what next: sampled as the report sampled it
+    assert "teacher UniPC" in printed and "TCD-LoRA" in printed and "LCM" not in printed
+
+    # A second method in the same --out: data, VAE, teacher and the teacher's evaluation are reused.
+    def no_teacher_evaluation(*args, **kwargs):
+        raise AssertionError("the teacher was evaluated again")
+
+    monkeypatch.setattr(evaluate, "evaluate_solvers", no_teacher_evaluation)
+    assert _run_quickstart(["--method", "pcm_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
+    second = json.loads((out / "report.json").read_text())
+    assert second["student"] == "PCM-LoRA" and second["sampling"]["eta"] == 0.0
+    assert second["figures"]["teacher_unipc_2"] == figs["teacher_unipc_2"]
+    assert second["figures"]["lcm_4"]["method"] == "pcm_lora"
+    assert (out / "evaluate" / "tcd_lora" / "results.json").is_file()  # each method keeps its own evaluation

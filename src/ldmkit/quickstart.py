@@ -7,23 +7,27 @@ through the training loop's checkpoints when interrupted):
 2. ``text``     a frozen text encoder + word-level tokenizer built offline, and how well it separates captions
 3. ``vae``      an AutoencoderKL trained from scratch (``vae`` method)
 4. ``teacher``  a U-ViT trained from scratch on cached latents (``uvit`` method)
-5. ``distill``  LCM-LoRA (default) or full LCD (``--lcd``) of the teacher
-6. ``evaluate`` teacher at 50 and 4 steps vs the LCM at 1, 2, 4 (and 8) steps: prompt adherence, distance
-                to the teacher's 50-step images from the same noise, speed
+5. ``distill``  ``--method``: LCM-LoRA (default), full LCD (``lcd``, alias ``--lcd``), TCD or PCM (LoRA or full)
+6. ``evaluate`` the teacher with DDIM (also at 50 steps: the reference set), DPM-Solver++ 2M and UniPC against
+                the distilled model at 1, 2, 4 (and 8) steps: prompt adherence, distance to the data and to
+                the teacher's 50-step images from the same noise, speed
 7. ``report``   ``report.html`` (grids, plots, table) and ``report.json`` (figures + every stage's export)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from ldmkit.diffusion.samplers import TEACHER_SOLVERS
 from ldmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,9 @@ class Plan:
     reference_images: int = 1000
     teacher_steps_full: int = 50
     lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
+    teacher_solvers: tuple[str, ...] = TEACHER_SOLVERS
+    """Training-free solvers the teacher is evaluated with at ``lcm_steps`` (DDIM always: at
+    ``teacher_steps_full`` it gives the reference set every distance is measured to)."""
 
 
 FULL = Plan(
@@ -67,7 +74,32 @@ QUICK = Plan(
     teacher_guidance=3.0,
     reference_images=200,
     lcm_steps=(1, 2, 4),
+    teacher_solvers=("ddim",),  # DPM-Solver++ / UniPC rows would only lengthen a smoke run
 )
+
+
+@dataclass(frozen=True)
+class Student:
+    """How the quickstart trains, loads and samples one distillation method's export."""
+
+    label: str
+    """Its name in the report and the terminal."""
+    lora: bool
+    """A LoRA of the teacher (w baked in, sampled without CFG) or a whole pipeline (w through its embedding)."""
+    sampler: str
+    """The ``ldmkit.inference.SCHEDULERS`` name its export samples with."""
+
+
+STUDENTS: dict[str, Student] = {
+    "lcm_lora": Student("LCM-LoRA", lora=True, sampler="lcm"),
+    "lcd": Student("LCM", lora=False, sampler="lcm"),
+    "tcd_lora": Student("TCD-LoRA", lora=True, sampler="tcd"),
+    "tcd": Student("TCD", lora=False, sampler="tcd"),
+    "pcm_lora": Student("PCM-LoRA", lora=True, sampler="tcd"),
+    "pcm": Student("PCM", lora=False, sampler="tcd"),
+}
+"""``--method`` -> how its student is handled; every one has a ``configs/<method>/quickstart.yaml``."""
+METHODS = tuple(STUDENTS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,10 +114,6 @@ def _train(method_recipe: str, overrides: list[str]) -> Path:
 
     cfg = load_config(method_recipe, [*overrides, "--train.validate_every=0"])
     return train(cfg)
-
-
-def _method(lcd: bool) -> str:
-    return "lcd" if lcd else "lcm_lora"
 
 
 HELDOUT_IMAGES = 1000
@@ -199,8 +227,7 @@ def stage_teacher(out: Path, data: Path, plan: Plan, base: Path) -> Path:
     )
 
 
-def stage_distill(out: Path, data: Path, plan: Plan, teacher: Path, lcd: bool) -> Path:
-    method = _method(lcd)
+def stage_distill(out: Path, data: Path, plan: Plan, teacher: Path, method: str) -> Path:
     return _train(
         f"{method}/quickstart.yaml",
         [
@@ -230,56 +257,166 @@ def is_shapes_data(data: Path, limit: int = 500) -> bool:
 
 
 def stage_evaluate(
-    out: Path, plan: Plan, teacher: Path, student: Path, lcd: bool, data: Path, shapes: bool, seed: int
+    out: Path, plan: Plan, teacher: Path, student: Path, method: str, data: Path, shapes: bool, seed: int
 ) -> dict[str, Any]:
+    """The teacher with each training-free solver (``_evaluate_teacher``, cached per teacher) and the distilled
+    model at ``plan.lcm_steps``, on the same prompts and seeds: the evaluation ``results`` of the report."""
     from ldmkit.data.synth import heldout_prompts
     from ldmkit.eval.distances import distances_to
     from ldmkit.eval.evaluate import evaluate_pipeline, read_data, read_images
-    from ldmkit.inference import load_pipeline, set_scheduler
 
-    ev = _eval_dir(out, lcd)
-    result_file = ev / "results.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    ev.mkdir(parents=True, exist_ok=True)
+    ev = _eval_dir(out, method)
     if shapes:
         prompts = heldout_prompts(plan.eval_prompts, seed=seed + 1)
-        reference = read_images(data, plan.reference_images)  # FD/KID to the training distribution
+
+        @cache
+        def reference():  # FD/KID to the training distribution; read only when something is computed
+            return read_images(data, plan.reference_images)
     else:
-        reference, prompts = read_data(data, max(plan.eval_prompts, plan.reference_images))
+        images, prompts = read_data(data, max(plan.eval_prompts, plan.reference_images))
         prompts = prompts[: plan.eval_prompts]
-    common = dict(seed=seed + 12345, save_images=True, batch_size=24, reference=reference)
 
-    teacher_pipe = load_pipeline(teacher)
-    set_scheduler(teacher_pipe, "ddim")
-    teacher_pipe.set_progress_bar_config(disable=True)
-    runs: dict[str, Any] = {}
-    runs["teacher_ddim"] = evaluate_pipeline(
-        teacher_pipe,
-        prompts,
-        sorted({4, plan.teacher_steps_full}),
-        guidance=plan.teacher_guidance,
-        out_dir=ev / "teacher_ddim",
-        **common,
-    )
-    student_pipe = _load_student(student, teacher, lcd)
-    student_pipe.set_progress_bar_config(disable=True)
-    runs["lcm"] = evaluate_pipeline(
-        student_pipe, prompts, list(plan.lcm_steps), guidance=_student_guidance(lcd, plan), out_dir=ev / "lcm", **common
-    )
+        def reference():
+            return images[: plan.reference_images]
 
-    sets = {
-        "teacher_4": ev / "teacher_ddim" / "steps-4",
-        **{f"lcm_{s}": ev / "lcm" / f"steps-{s}" for s in plan.lcm_steps},
+    eval_seed = seed + 12345
+    teacher_results = _evaluate_teacher(out, plan, teacher, prompts, reference, eval_seed, str(data))
+    guidance, eta = _student_guidance(method, plan), _student_eta(student, method)
+    key = {
+        "student": _fingerprint(student),
+        "method": method,
+        "teacher_evaluation": teacher_results["key"],
+        "steps": list(plan.lcm_steps),
+        "guidance": guidance,
+        "eta": eta,
     }
-    distances = distances_to(ev / "teacher_ddim" / f"steps-{plan.teacher_steps_full}", sets, len(prompts))
-    results = {"prompts": prompts, "runs": runs, "distance_to_teacher_50": distances}
-    result_file.write_text(json.dumps(results, indent=1))
+    result_file = ev / "results.json"
+    student_results = _cached(result_file, key)
+    if student_results is None:
+        # Another student (retrained, other steps) or teacher evaluation: measure again, adherence too.
+        shutil.rmtree(ev / "lcm", ignore_errors=True)
+        (ev / "adherence.json").unlink(missing_ok=True)
+        ev.mkdir(parents=True, exist_ok=True)
+        student_pipe = _load_student(student, teacher, method)
+        student_pipe.set_progress_bar_config(disable=True)
+        run = evaluate_pipeline(
+            student_pipe,
+            prompts,
+            list(plan.lcm_steps),
+            guidance=guidance,
+            seed=eval_seed,
+            save_images=True,
+            batch_size=24,
+            reference=reference(),
+            out_dir=ev / "lcm",
+            eta=eta,
+        )
+        sets = {f"lcm_{s}": ev / "lcm" / f"steps-{s}" for s in plan.lcm_steps}
+        student_results = {
+            "key": key,
+            "method": method,
+            "run": run,
+            "distance_to_teacher_50": distances_to(Path(teacher_results["reference_set"]), sets, len(prompts)),
+        }
+        _write_json(result_file, student_results)
+    return {
+        "prompts": prompts,
+        "method": method,
+        "runs": {**teacher_results["runs"], "lcm": student_results["run"]},
+        "folders": {**teacher_results["folders"], "lcm": str(ev / "lcm")},
+        "distance_to_teacher_50": {
+            **teacher_results["distance_to_teacher_50"],
+            **student_results["distance_to_teacher_50"],
+        },
+    }
+
+
+def _evaluate_teacher(
+    out: Path, plan: Plan, teacher: Path, prompts: list[str], reference, seed: int, data: str
+) -> dict[str, Any]:
+    """The teacher, guided, with DDIM at ``plan.lcm_steps`` and ``plan.teacher_steps_full`` (the reference set
+    of every distance) and with each other solver of ``plan.teacher_solvers`` (DPM-Solver++ 2M, UniPC) at
+    ``plan.lcm_steps``: the training-free way to sample in few steps that distillation has to beat. Cached in
+    ``evaluate/teacher/`` under a key of the teacher's weights, prompts, seeds and steps, so every ``--method``
+    distilled from this teacher in the same --out reuses it."""
+    from ldmkit.eval.distances import distances_to
+    from ldmkit.eval.evaluate import evaluate_solvers
+    from ldmkit.inference import load_pipeline
+
+    folder = out / "evaluate" / "teacher"
+    solvers = ["ddim", *[s for s in plan.teacher_solvers if s != "ddim"]]
+    steps = {s: sorted({*plan.lcm_steps, *([plan.teacher_steps_full] if s == "ddim" else [])}) for s in solvers}
+    key = {
+        "teacher": _fingerprint(teacher),
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+        "num_prompts": len(prompts),
+        "seed": seed,
+        "guidance": plan.teacher_guidance,
+        "steps": steps,
+        "data": data,
+        "reference_images": plan.reference_images,
+    }
+    result_file = folder / "results.json"
+    cached = _cached(result_file, key)
+    if cached is not None:
+        return cached
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    pipe = load_pipeline(teacher)
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(save_images=True, batch_size=24, reference=reference(), out_dir=folder)
+    metrics = evaluate_solvers(pipe, ["ddim"], prompts, steps["ddim"], plan.teacher_guidance, seed, **common)
+    if len(solvers) > 1:  # one call: the same steps for each
+        metrics.update(
+            evaluate_solvers(pipe, solvers[1:], prompts, steps[solvers[1]], plan.teacher_guidance, seed, **common)
+        )
+    reference_set = folder / "ddim" / f"steps-{plan.teacher_steps_full}"
+    sets = {
+        f"teacher_{s}_{n}": folder / s / f"steps-{n}"
+        for s in solvers
+        for n in steps[s]
+        if (s, n) != ("ddim", plan.teacher_steps_full)
+    }
+    results = {
+        "key": key,
+        "runs": {f"teacher_{s}": metrics[s] for s in solvers},
+        "folders": {f"teacher_{s}": str(folder / s) for s in solvers},
+        "reference_set": str(reference_set),
+        "distance_to_teacher_50": distances_to(reference_set, sets, len(prompts)),
+    }
+    _write_json(result_file, results)
     return results
 
 
+def _fingerprint(folder: Path) -> str:
+    """The identity of a model export: a hash of its weight files (names and bytes; a few MB here), so a
+    cached evaluation is reused only for the very weights it measured."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        digest.update(str(f.relative_to(folder)).encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cached(file: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The results in ``file`` when they were measured with ``key`` (JSON-equal), else None."""
+    if not file.is_file():
+        return None
+    try:
+        saved = json.loads(file.read_text())
+    except ValueError:
+        return None
+    return saved if saved.get("key") == json.loads(json.dumps(key)) else None
+
+
+def _write_json(file: Path, data: dict[str, Any]) -> None:
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(file)  # a run stopped while writing leaves no half file that looks cached
+
+
 def stage_adherence(
-    out: Path, plan: Plan, teacher: Path, student: Path, lcd: bool, data: Path, seed: int
+    out: Path, plan: Plan, teacher: Path, student: Path, method: str, data: Path, seed: int
 ) -> dict[str, Any]:
     """Do samples follow their captions (eval/adherence.py)? Caption sensitivity of the teacher (guided,
     full steps) and of the distilled model (4 steps, or its largest step count below), and on labelled data
@@ -288,7 +425,7 @@ def stage_adherence(
     from ldmkit.eval.evaluate import read_data
     from ldmkit.inference import generate_images, load_pipeline, set_scheduler
 
-    result_file = _eval_dir(out, lcd) / "adherence.json"
+    result_file = _eval_dir(out, method) / "adherence.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
     captions = _captions(data)
@@ -300,10 +437,15 @@ def stage_adherence(
     teacher_pipe = load_pipeline(teacher)
     set_scheduler(teacher_pipe, "ddim")
     models = {
-        f"teacher_{plan.teacher_steps_full}": (teacher_pipe, plan.teacher_steps_full, plan.teacher_guidance),
-        f"lcm_{lcm_steps}": (_load_student(student, teacher, lcd), lcm_steps, _student_guidance(lcd, plan)),
+        f"teacher_{plan.teacher_steps_full}": (teacher_pipe, plan.teacher_steps_full, plan.teacher_guidance, None),
+        f"lcm_{lcm_steps}": (
+            _load_student(student, teacher, method),
+            lcm_steps,
+            _student_guidance(method, plan),
+            _student_eta(student, method),
+        ),
     }
-    for pipe, _, _ in models.values():
+    for pipe, *_ in models.values():
         pipe.set_progress_bar_config(disable=True)
 
     classifier, real_accuracy, held_out = None, None, False
@@ -327,12 +469,12 @@ def stage_adherence(
             classifier_real_accuracy=real_accuracy, chance=1 / len(labels), classifier_held_out_from_teacher=held_out
         )
     per_label = max(1, plan.eval_prompts // len(labels)) if labels is not None else 0
-    for name, (pipe, steps, guidance) in models.items():
-        grid = [generate_images(pipe, [p], steps, guidance, seed + 4242, num_images=seeds) for p in prompts]
+    for name, (pipe, steps, guidance, eta) in models.items():
+        grid = [generate_images(pipe, [p], steps, guidance, seed + 4242, num_images=seeds, eta=eta) for p in prompts]
         entry: dict[str, Any] = caption_sensitivity(grid)
         if classifier is not None:
             label_prompts = [lab for lab in labels for _ in range(per_label)]
-            samples = generate_images(pipe, label_prompts, steps, guidance, seed + 777, batch_size=24)
+            samples = generate_images(pipe, label_prompts, steps, guidance, seed + 777, batch_size=24, eta=eta)
             entry["label_accuracy"] = classifier.accuracy(samples, label_prompts)
         entry["warning"] = caption_warning(
             entry["sensitivity"], entry.get("label_accuracy"), result.get("chance") if labels else None
@@ -344,31 +486,61 @@ def stage_adherence(
     return result
 
 
-def _eval_dir(out: Path, lcd: bool) -> Path:
-    # One folder per distillation method: `quickstart` then `quickstart --lcd` in the same --out share
-    # data, VAE and teacher, and each evaluates its own student.
-    return out / "evaluate" / _method(lcd)
+def _eval_dir(out: Path, method: str) -> Path:
+    # One folder per distillation method: `quickstart` then `quickstart --method tcd_lora` in the same --out
+    # share data, VAE, teacher and its evaluation (evaluate/teacher), and each evaluates its own student.
+    return out / "evaluate" / method
 
 
-def _student_guidance(lcd: bool, plan: Plan) -> float:
-    # Full LCD embeds w (the pipeline passes guidance_scale - 1); LCM-LoRA bakes w in and runs without CFG.
-    return plan.teacher_guidance if lcd else 1.0
+def _student_guidance(method: str, plan: Plan) -> float:
+    # A full student embeds w (the pipeline passes guidance_scale - 1, as it was trained); a LoRA has w baked
+    # in (w fixed in its recipe) and runs without CFG.
+    return 1.0 if STUDENTS[method].lora else plan.teacher_guidance
 
 
-def _load_student(student: Path, teacher: Path, lcd: bool):
+def _student_eta(student: Path, method: str) -> float | None:
+    """``eta`` of the student's sampler: TCD's gamma (TCDScheduler's stochastic step, TCD paper Algorithm 4)
+    as the run's ``method.gamma`` says (its model card too); PCM samples deterministically edge to edge (eta 0,
+    methods/pcm.py); LCMScheduler takes none."""
+    if method.startswith("pcm"):
+        return 0.0
+    if not method.startswith("tcd"):
+        return None
+    import yaml
+
+    from ldmkit.methods.configs import TCDKnobs
+
+    saved = Path(student) / "ldmkit_config.yaml"
+    knobs = (yaml.safe_load(saved.read_text()) or {}).get("method", {}) if saved.is_file() else {}
+    return float(knobs.get("gamma", TCDKnobs.gamma))
+
+
+def _load_student(student: Path, teacher: Path, method: str):
     from ldmkit.inference import load_lora, load_pipeline, set_scheduler
 
-    # A full-LCD export is a pipeline with its run's LCMScheduler; an LCM-LoRA export is loaded onto the
-    # teacher, and load_lora adopts the export's LCMScheduler settings (grid, boundary scaling).
-    pipe = load_pipeline(student if lcd else teacher)
-    set_scheduler(pipe, "lcm")
-    if not lcd:
+    # A full export is a pipeline with its run's scheduler (LCMScheduler; TCDScheduler for TCD and PCM); a
+    # LoRA export is loaded onto the teacher with its sampler set first, so that load_lora adopts the
+    # export's scheduler settings (original_inference_steps = the distillation grid, LCM's boundary scaling),
+    # as ldmkit generate does.
+    kind = STUDENTS[method]
+    pipe = load_pipeline(teacher if kind.lora else student)
+    set_scheduler(pipe, kind.sampler)
+    if kind.lora:
         load_lora(pipe, student)
         pipe.fuse_lora()  # sample at the model's speed, as a merged export would (ldmkit merge-lora)
     return pipe
 
 
 # ----------------------------------------------------------------------------------------------------
+
+
+def _resolve_method(method: str | None, lcd: bool) -> str:
+    if lcd and method not in (None, "lcd"):
+        raise UserError(f"--lcd is --method lcd; it cannot go with --method {method}")
+    method = method or ("lcd" if lcd else "lcm_lora")
+    if method not in STUDENTS:
+        raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    return method
 
 
 def quickstart(
@@ -378,13 +550,15 @@ def quickstart(
     data: str | None = None,
     seed: int = 0,
     kind: str = "shapes",
+    method: str | None = None,
 ) -> dict[str, Any]:
-    """Run every stage (skipping finished ones) and return the report dict written to report.json."""
+    """Run every stage (skipping finished ones) and return the report dict written to report.json.
+    ``method``: one of METHODS (default lcm_lora; ``lcd=True`` is ``method="lcd"``)."""
     from ldmkit.eval.report import summarise, write_report
 
+    method = _resolve_method(method, lcd)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = QUICK if quick else FULL
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -395,17 +569,26 @@ def quickstart(
         times[name] = time.perf_counter() - t0
         return r
 
+    plan = QUICK if quick else FULL
     data_dir = timed("data", stage_data, out, plan, seed, data, kind)
     base, text_stats = timed("text", stage_text, out, data_dir, seed)
     vae = timed("vae", stage_vae, out, data_dir, plan, base)
     teacher = timed("teacher", stage_teacher, out, data_dir, plan, base)
-    student = timed("distill", stage_distill, out, data_dir, plan, teacher, lcd)
+    student = timed("distill", stage_distill, out, data_dir, plan, teacher, method)
     shapes = (data is None and kind == "shapes") or is_shapes_data(data_dir)
-    results = timed("evaluate", stage_evaluate, out, plan, teacher, student, lcd, data_dir, shapes, seed)
-    adherence = timed("adherence", stage_adherence, out, plan, teacher, student, lcd, data_dir, seed)
+    results = timed("evaluate", stage_evaluate, out, plan, teacher, student, method, data_dir, shapes, seed)
+    adherence = timed("adherence", stage_adherence, out, plan, teacher, student, method, data_dir, seed)
+    kind_of = STUDENTS[method]
     report = {
         "quick": quick,
-        "method": _method(lcd),
+        "method": method,
+        "student": kind_of.label,
+        "sampling": {  # how the student was sampled (and how to sample it: the report's "what next")
+            "scheduler": kind_of.sampler,
+            "eta": _student_eta(student, method),
+            "guidance": _student_guidance(method, plan),
+            "lora": kind_of.lora,
+        },
         "plan": asdict(plan),
         "exports": {
             "data": str(data_dir),
@@ -419,9 +602,9 @@ def quickstart(
         "stage_seconds": times,
         "caption_adherence": adherence,
     }
-    report["figures"] = summarise(results, report["plan"])
+    report["figures"] = summarise(results, report["plan"], method=method)
     report["seconds_total"] = time.perf_counter() - t_all
-    write_report(out, report, results, _eval_dir(out, lcd))
+    write_report(out, report, results, _eval_dir(out, method))
     return report
 
 
@@ -433,10 +616,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="About a minute on a 2-core CPU (fewer images and steps; 66 s measured): CI and a first look.",
     )
     parser.add_argument(
-        "--lcd",
-        action="store_true",
-        help="Distill a full LCD student (guidance embedding, EMA target) instead of an LCM-LoRA.",
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="Distillation method (default: lcm_lora): LCM-LoRA, full LCD, TCD or PCM as a LoRA or a full student. "
+        "Several methods can share one --out: data, VAE, teacher and the teacher's evaluation are reused.",
     )
+    parser.add_argument("--lcd", action="store_true", help="Alias of --method lcd (a full LCD student).")
     parser.add_argument(
         "--data",
         default=None,
@@ -453,16 +639,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = quickstart(args.out, quick=args.quick, lcd=args.lcd, data=args.data, seed=args.seed, kind=args.kind)
+    from ldmkit.eval.report import display_name, table_rows
+
+    report = quickstart(
+        args.out,
+        quick=args.quick,
+        lcd=args.lcd,
+        data=args.data,
+        seed=args.seed,
+        kind=args.kind,
+        method=args.method,
+    )
     figs = report["figures"]
-    for name in ["teacher_50", "teacher_4"] + [k for k in figs if k.startswith("lcm_") and k[4:].isdigit()]:
-        f = figs[name]
-        adh = f"adherence {f['adherence']:.3f}  " if f["adherence"] is not None else ""
-        print(f"{name:>11}: {adh}{f['seconds_per_image'] * 1000:7.1f} ms/image")
+    print(
+        f"{'setting':<18} {'steps':>5} {'adherence':>9} {'FD data':>8} {'FD t50':>8} {'ms/image':>9} {'evals/img':>9}"
+    )
+    for key, label in table_rows(report):
+        f = figs[key]
+
+        def cell(v: float | None, width: int, fmt: str) -> str:
+            return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+
+        print(
+            f"{label:<18} {f['steps']:>5} {cell(f['adherence'], 9, '.3f')} {cell(f['fd'], 8, '.3f')} "
+            f"{cell(f.get('fd_to_teacher_50'), 8, '.3f')} {f['seconds_per_image'] * 1000:>9.1f} "
+            f"{f['unet_evals_per_image']:>9.0f}"
+        )
     for name, entry in report["caption_adherence"]["models"].items():
         acc = f", label accuracy {entry['label_accuracy']:.2f}" if "label_accuracy" in entry else ""
-        print(f"{name:>11}: caption sensitivity {entry['sensitivity']:.2f}{acc}")
+        shown = display_name(name, report)
+        print(f"{shown}: caption sensitivity {entry['sensitivity']:.2f}{acc}")
         if entry["warning"]:
-            print(f"WARNING {name}: {entry['warning']}")
+            print(f"WARNING {shown}: {entry['warning']}")
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
