@@ -87,7 +87,7 @@ def test_write_report_writes_json_html_and_images(tmp_path, adherence):
     doc = (tmp_path / "report.html").read_text()
     assert '<img src="grids.png">' in doc and '<img src="quality.png">' in doc
     assert doc.count("<tr><td>") == 5  # a row per setting
-    assert "<td>lcm_4</td><td>4</td>" in doc and "/runs/lcm_lora" in doc and "Total time 1.5 min" in doc
+    assert "<td>LCM-LoRA</td><td>4</td>" in doc and "/runs/lcm_lora" in doc and "Total time 1.5 min" in doc
     assert "to 7 training images" in doc and "<td>5.0</td><td>1</td></tr>" in doc  # LCM 1: ms and evals / image
     assert ("<td>0.400</td>" in doc) == adherence  # LCM 4 steps' adherence
     with Image.open(tmp_path / "grids.png") as grid:
@@ -95,13 +95,44 @@ def test_write_report_writes_json_html_and_images(tmp_path, adherence):
         assert grid.size == (230 + 2 * 96, 5 * 96 + 40)
         assert grid.getpixel((230 + 96 + 5, 40 + 5)) == (40, 100, 200)  # prompt 1, teacher 50 steps
     with Image.open(tmp_path / "quality.png") as plot:
-        # a row per measure (adherence: all + 4 attributes; FD), against steps and against milliseconds
-        assert plot.width > 800 and plot.height == (6 if adherence else 1) * 300
+        # a row per measure (adherence: all + 4 attributes; FD to the data and to the teacher's 50-step set),
+        # against steps and against milliseconds
+        assert plot.width > 800 and plot.height == (7 if adherence else 2) * 300
     assert "Quick run.</b>" in doc and "mean nothing" in doc  # quick figures are flagged as meaningless
     assert '<tr class="stage"><td>data</td><td>1.0 s</td></tr>' in doc  # rounded stage times
     teacher, student = Path("/runs/teacher").resolve(), Path("/runs/lcm_lora").resolve()
     assert f"ldmkit generate --model {teacher} --lora {student}" in doc and "ldmkit merge-lora" in doc
     assert not (tmp_path / "losses.png").exists()  # no stage metrics here
+
+
+def test_teacher_solvers_and_the_student_are_named_in_figures_and_rows():
+    """Each teacher solver's settings become ``teacher_<solver>_<steps>`` figures (``teacher_4`` stays as the older
+    key of DDIM 4), the student's ``lcm_<steps>`` carry their method, and rows and names say what each is."""
+    from ldmkit.eval.report import display_name, table_rows
+
+    results = _results()
+    results["runs"]["teacher_ddim"]["settings"] += [_setting(s, 0.002 * s, 0.05 * s, 2 * s) for s in (1, 2)]
+    results["runs"]["teacher_dpm"] = {"settings": [_setting(s, 0.002 * s, 0.06 * s, 2 * s) for s in (1, 2, 4)]}
+    results["distance_to_teacher_50"] = {
+        n: {"rms": 0.1, "fd": 2.0} for n in ("teacher_ddim_4", "teacher_dpm_1", "lcm_1", "lcm_2", "lcm_4")
+    }
+    figs = summarise(results, PLAN, method="tcd_lora")
+    assert figs["teacher_dpm_2"]["unet_evals_per_image"] == 4 and figs["teacher_dpm_1"]["fd_to_teacher_50"] == 2.0
+    assert figs["teacher_4"]["fd_to_teacher_50"] == figs["teacher_ddim_4"]["fd_to_teacher_50"] == 2.0
+    assert "teacher_ddim_50" not in figs and figs["lcm_2"]["method"] == "tcd_lora"
+    report = {"method": "tcd_lora", "student": "TCD-LoRA", "plan": PLAN, "figures": figs}
+    rows = table_rows(report)
+    assert rows[0] == ("teacher_50", "teacher DDIM") and rows[-1] == ("lcm_4", "TCD-LoRA")
+    assert [k for k, _ in rows] == [
+        "teacher_50",
+        *[f"teacher_ddim_{s}" for s in (1, 2, 4)],
+        *[f"teacher_dpm_{s}" for s in (1, 2, 4)],
+        *[f"lcm_{s}" for s in (1, 2, 4)],
+    ]
+    assert display_name("teacher_dpm_1", report) == "teacher DPM++ 2M 1 step"
+    assert display_name("lcm_4", report) == "TCD-LoRA 4 steps" and display_name("teacher_50", report).endswith(
+        "50 steps"
+    )
 
 
 def test_report_draws_each_stage_loss_curve(tmp_path):

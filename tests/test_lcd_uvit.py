@@ -268,11 +268,16 @@ def test_adapters_disabled_restores_on_error(trained):
     torch.testing.assert_close(out(method.unet, inputs), before)
 
 
-@pytest.mark.parametrize("name", ["lcm_lora", "lcd"])
+@pytest.mark.parametrize("name", ["lcm_lora", "lcd", "tcd_lora", "tcd", "pcm_lora", "pcm"])
 def test_quickstart_recipes_validate(name):
     cfg = load_config(str(ROOT / "configs" / name / "quickstart.yaml"))
     assert cfg.method.name == name and cfg.method.loss_type == "huber" and cfg.method.num_ddim_timesteps == 50
     assert cfg.method.w_min <= 2.0 <= cfg.method.w_max  # the quickstart's teacher guidance 3.0 = w 2.0
+    # Each method's quickstart recipe is its LCM twin's but for the method's own knobs (the report compares
+    # methods, not training settings).
+    twin = load_config(str(ROOT / "configs" / ("lcd" if "lora" not in name else "lcm_lora") / "quickstart.yaml"))
+    assert cfg.train == twin.train and cfg.data == twin.data
+    assert (cfg.method.w_min, cfg.method.w_max) == (twin.method.w_min, twin.method.w_max)
 
 
 def test_kohya_copy_of_a_uvit_lora_loads_the_same(trained, uvit_teacher, tmp_path):

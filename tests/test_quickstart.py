@@ -1,7 +1,9 @@
-"""``ldmkit quickstart --quick`` end to end: every stage runs, the report is complete and valid."""
+"""``ldmkit quickstart``: ``--quick`` end to end (every stage runs, the report is complete and valid), each
+``--method`` at a tiny size, and the plan that follows the data and ``--minutes`` (``plan_for``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -108,3 +110,185 @@ def test_shapes_data_passed_with_data_is_recognised(shapes_folder, tmp_path):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(other / f"{i}.png")
         (other / f"{i}.txt").write_text("a small red circle in the center" if i else "a photo of a cat")
     assert not is_shapes_data(other)
+
+
+# A plan small enough for a test: every stage runs, every evaluation row exists, in seconds.
+def _tiny_plan():
+    from ldmkit.quickstart import Plan
+
+    return Plan(
+        num_images=32,
+        image_size=32,
+        vae_steps=4,
+        teacher_steps=6,
+        distill_steps=3,
+        eval_prompts=4,
+        teacher_guidance=3.0,
+        reference_images=8,
+        teacher_steps_full=8,
+        lcm_steps=(1, 2, 4),
+        teacher_solvers=("ddim", "dpm", "unipc"),
+    )
+
+
+def _run_quickstart(argv: list[str]) -> int:
+    from ldmkit import quickstart as qs
+
+    parser = argparse.ArgumentParser()
+    qs.add_arguments(parser)
+    return qs.run(parser.parse_args(argv))
+
+
+def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path, shapes_folder, monkeypatch, capsys):
+    """--method tcd_lora end to end at a tiny size: the report names TCD, the student samples with TCDScheduler
+    at gamma 0.3, the teacher has DDIM / DPM++ / UniPC rows at the student's steps, and a second --method in
+    the same --out reuses the teacher and its evaluation."""
+    from ldmkit import quickstart as qs
+    from ldmkit.eval import evaluate
+
+    monkeypatch.setattr(qs, "plan_for", lambda *a, **k: (_tiny_plan(), "A tiny plan for a test."))
+    out = tmp_path / "qs"
+    assert _run_quickstart(["--method", "tcd_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "tcd_lora" and report["student"] == "TCD-LoRA"
+    assert report["sampling"] == {"scheduler": "tcd", "eta": 0.3, "guidance": 1.0, "lora": True}
+    assert report["plan_reason"] == "A tiny plan for a test." and report["plan"]["distill_steps"] == 3
+    student = json.loads((out / "evaluate" / "tcd_lora" / "results.json").read_text())["run"]
+    assert student["scheduler"] == "TCDScheduler" and student["eta"] == 0.3 and student["guidance"] == 1.0
+    figs = report["figures"]
+    for solver in ("ddim", "dpm", "unipc"):
+        for n in (1, 2, 4):
+            f = figs[f"teacher_{solver}_{n}"]
+            assert f["unet_evals_per_image"] == 2 * n  # guided: a conditional and an unconditional pass per step
+            assert f["fd"] is not None and f["fd_to_teacher_50"] is not None and f["adherence"] is not None
+    assert figs["teacher_4"]["fd"] == figs["teacher_ddim_4"]["fd"]  # the older key of the same setting
+    assert figs["lcm_4"]["method"] == "tcd_lora" and figs["lcm_4"]["unet_evals_per_image"] == 4
+    html = (out / "report.html").read_text()
+    assert "TCD-LoRA" in html and "DPM++ 2M" in html and "UniPC" in html and "A tiny plan for a test." in html
+    assert "LCM" not in html  # the student is named by its method everywhere
+    assert "--scheduler tcd --eta 0.3 --guidance 1" in html  # what next: sampled as the report sampled it
+    assert "plan: A tiny plan for a test." in printed
+    assert "teacher UniPC" in printed and "TCD-LoRA" in printed and "LCM" not in printed
+
+    # A second method in the same --out: data, VAE, teacher and the teacher's evaluation are reused.
+    def no_teacher_evaluation(*args, **kwargs):
+        raise AssertionError("the teacher was evaluated again")
+
+    monkeypatch.setattr(evaluate, "evaluate_solvers", no_teacher_evaluation)
+    assert _run_quickstart(["--method", "pcm_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
+    second = json.loads((out / "report.json").read_text())
+    assert second["student"] == "PCM-LoRA" and second["sampling"]["eta"] == 0.0
+    assert second["figures"]["teacher_unipc_2"] == figs["teacher_unipc_2"]
+    assert second["figures"]["lcm_4"]["method"] == "pcm_lora"
+    assert (out / "evaluate" / "tcd_lora" / "results.json").is_file()  # each method keeps its own evaluation
+
+
+# ----------------------------------------------------------------------------------------------------
+# plan_for: the steps follow the data and the minutes
+
+
+def _steps(plan) -> tuple[int, int, int]:
+    return plan.vae_steps, plan.teacher_steps, plan.distill_steps
+
+
+@pytest.mark.parametrize("method", ["lcm_lora", "lcd", "tcd_lora", "pcm"])
+def test_default_plan_is_the_full_plan(method):
+    """No --minutes on the shapes (4000 images, 120 captions): exactly the full plan the README measured, for
+    every method; so are generated glyphs (10 captions: fewer captions never lower the steps)."""
+    from ldmkit.quickstart import FULL, QUICK, plan_for
+
+    for captions in (120, 10):
+        plan, reason = plan_for(4000, captions, None, False, method=method)
+        assert plan == FULL
+        assert "No --minutes" in reason and "VAE 600 steps" in reason and "teacher 2000" in reason
+    assert plan_for(500, 120, None, True, method=method)[0] == QUICK == plan_for(500, 7, 30, True)[0]  # fixed
+
+
+def test_small_data_caps_the_steps():
+    from ldmkit.quickstart import BATCH, FULL, MAX_PASSES, MIN_STEPS, plan_for
+
+    plan, reason = plan_for(500, 120)
+    assert all(a < b for a, b in zip(_steps(plan), _steps(FULL)))  # fewer images: fewer useful steps
+    assert plan.num_images == 500 and "500 images scale them by 0.35" in reason
+    assert "less than the" in reason  # it needs less than the default budget, and says so
+    plan, reason = plan_for(300, 120, 30)
+    assert plan.distill_steps * BATCH["distill"] <= MAX_PASSES["distill"] * 300  # held to 40 passes
+    assert "at most 40 passes over the 300 images for the distillation" in reason
+    # Tiny data: the floors win, and the reason warns that the models will memorise it.
+    plan, reason = plan_for(48, 48)
+    assert _steps(plan) == (MIN_STEPS["vae"], MIN_STEPS["teacher"], MIN_STEPS["distill"])
+    assert "memorise" in reason
+
+
+def test_more_data_and_captions_want_more_steps():
+    from ldmkit.quickstart import FULL, plan_for
+
+    # More distinct captions: the teacher gets a bigger share, even within the default budget.
+    assert plan_for(4000, 480)[0].teacher_steps > FULL.teacher_steps
+    assert "480 captions the teacher's by a further 2.00" in plan_for(4000, 480)[1]
+    # Ten times the images: more of every stage when the minutes allow it, the full budget otherwise.
+    big, reason = plan_for(40000, 120, 60)
+    assert all(a > b for a, b in zip(_steps(big), _steps(FULL))) and "less than the 60.0 min" in reason
+    capped, reason = plan_for(40000, 120)
+    assert capped.teacher_steps < big.teacher_steps and "to fit" in reason
+
+
+def test_minutes_scale_the_plan():
+    from ldmkit.quickstart import FULL, _seconds, full_plan_minutes, plan_for
+
+    full_minutes = full_plan_minutes()
+    assert 14 < full_minutes < 17  # the README's 15.1 min run, with the teacher solvers added to evaluation
+    plans = [plan_for(4000, 120, m)[0] for m in (7, 10, 13)]
+    for a, b in zip(plans, plans[1:]):
+        assert all(x < y for x, y in zip(_steps(a), _steps(b)))  # more minutes, more steps
+    for minutes, plan in zip((7, 10, 13), plans):
+        steps = dict(zip(("vae", "teacher", "distill"), map(float, _steps(plan))))
+        assert _seconds(steps, "lcm_lora", 4000) / 60 <= minutes * 1.01  # within the budget (steps in tens)
+    plan, reason = plan_for(4000, 120, 8)
+    assert "to fit 8.0 min" in reason and plan.teacher_steps / FULL.teacher_steps == pytest.approx(
+        plan.distill_steps / FULL.distill_steps, abs=0.01
+    )  # every stage scaled by one factor
+    assert plan_for(4000, 120, 120)[0] == FULL  # more minutes than useful change nothing
+    # A full student's distillation is planned with its own measured step cost, and fits too.
+    lcd = plan_for(4000, 120, 8, method="lcd")[0]
+    steps = dict(zip(("vae", "teacher", "distill"), map(float, _steps(lcd))))
+    assert _seconds(steps, "lcd", 4000) / 60 <= 8 * 1.01 and lcd.distill_steps != plan.distill_steps
+
+
+def test_too_small_budget_runs_the_minimum_and_says_so():
+    from ldmkit.errors import UserError
+    from ldmkit.quickstart import MIN_STEPS, plan_for
+
+    plan, reason = plan_for(4000, 120, 1)
+    assert _steps(plan) == (MIN_STEPS["vae"], MIN_STEPS["teacher"], MIN_STEPS["distill"])
+    assert "The budget of 1.0 min is too small" in reason and "running those" in reason
+    for bad in (0, -3, float("nan")):
+        with pytest.raises(UserError, match="--minutes must be a positive number"):
+            plan_for(4000, 120, bad)
+
+
+def test_stages_started_in_the_folder_keep_their_steps():
+    """A second --method (or other --minutes) in the same --out keeps the VAE and teacher it trained; only the
+    distillation is planned, within the minutes, and the time of finished stages is not counted."""
+    from ldmkit.quickstart import plan_for
+
+    plan, reason = plan_for(4000, 120, 5, method="tcd", done={"vae": (600, 0), "teacher": (2000, 0)})
+    assert (plan.vae_steps, plan.teacher_steps) == (600, 2000) and 300 <= plan.distill_steps < 1500
+    assert "The teacher was already trained in this folder with 2000 steps: kept" in reason
+    # an interrupted teacher: its steps stay and what is left of it costs time
+    later = plan_for(4000, 120, 5, method="tcd", done={"vae": (600, 0), "teacher": (2000, 1000)})[0]
+    assert later.teacher_steps == 2000 and later.distill_steps < plan.distill_steps
+
+
+def test_started_stages_are_read_from_the_run_folders(tmp_path):
+    from ldmkit.quickstart import _started_stages
+
+    teacher = tmp_path / "teacher"
+    (teacher / "checkpoints" / "step-0000400").mkdir(parents=True)
+    (teacher / "config.yaml").write_text("train:\n  max_steps: 2000\n")
+    vae = tmp_path / "vae"
+    (vae / "export").mkdir(parents=True)
+    (vae / "config.yaml").write_text("train:\n  max_steps: 600\n")
+    (vae / "export" / "ldmkit_config.yaml").write_text("")
+    assert _started_stages(tmp_path, "tcd_lora") == {"vae": (600, 0), "teacher": (2000, 1600)}

@@ -177,7 +177,7 @@ def test_recipes_validate(path, monkeypatch):
 
 def test_recipe_set_is_complete():
     assert {f"{p.parent.name}/{p.stem}" for p in RECIPES} == {
-        f"{m}/{r}" for m in NAMES for r in ("sd15", "sdxl", "debug", "debug_sdxl")
+        f"{m}/{r}" for m in NAMES for r in ("sd15", "sdxl", "debug", "debug_sdxl", "quickstart")
     }
 
 

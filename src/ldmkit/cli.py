@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("ldmkit.commands.evaluate", "Generate at several step counts and report speed and quality."),
     "quickstart": (
         "ldmkit.quickstart",
-        "From nothing to a measured few-step model on a CPU (data, VAE, teacher, LCM, report).",
+        "From nothing to a measured few-step model on a CPU (data, VAE, teacher, LCM/TCD/PCM, report).",
     ),
 }
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {

@@ -9,20 +9,35 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+SOLVER_LABELS = {"ddim": "DDIM", "dpm": "DPM++ 2M", "unipc": "UniPC", "euler": "Euler"}
+"""How the report names the teacher's training-free solvers (ldmkit.diffusion.samplers.SCHEDULERS names)."""
 
-def _setting(run: dict[str, Any], steps: int) -> dict[str, Any]:
-    return next(s for s in run["settings"] if s["steps"] == steps)
+DISTANCE_ALIASES = {"teacher_ddim_4": ("teacher_4",)}
+"""Figures that are the same setting under a second, older key (teacher_4 is teacher_ddim_4)."""
 
 
-def summarise(results: dict[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
+def _setting(run: dict[str, Any], steps: int) -> dict[str, Any] | None:
+    return next((s for s in run["settings"] if s["steps"] == steps), None)
+
+
+def summarise(results: dict[str, Any], plan: Mapping[str, Any], method: str | None = None) -> dict[str, Any]:
     """The headline figures under stable key names, from the evaluation ``results`` and the run's
-    ``plan`` (``report["plan"]``: ``teacher_steps_full``, ``lcm_steps``)."""
+    ``plan`` (``report["plan"]``: ``teacher_steps_full``, ``lcm_steps``):
+
+    - ``teacher_50``: the teacher, guided DDIM at ``teacher_steps_full`` steps (the reference set);
+    - ``teacher_<solver>_<steps>``: the teacher with each training-free solver it was evaluated with
+      (``results["runs"]["teacher_<solver>"]``: ddim, dpm, unipc) at each other step count; ``teacher_4`` is
+      ``teacher_ddim_4`` under its older name;
+    - ``lcm_<steps>``: the distilled model, whatever its method (``method``, also stored in each of them);
+    - ``lcm4_over_teacher50_adherence``, ``lcm4_speedup_over_teacher50``.
+    """
     runs = results["runs"]
-    t50 = _setting(runs["teacher_ddim"], plan["teacher_steps_full"])
-    t4 = _setting(runs["teacher_ddim"], 4)
+    full = plan["teacher_steps_full"]
     figures: dict[str, Any] = {}
 
-    def put(name: str, s: dict[str, Any]) -> None:
+    def put(name: str, s: dict[str, Any] | None) -> None:
+        if s is None:
+            return
         figures[name] = {
             "steps": s["steps"],
             "seconds_per_image": s["seconds_per_image"],
@@ -33,12 +48,22 @@ def summarise(results: dict[str, Any], plan: Mapping[str, Any]) -> dict[str, Any
             "kid": s.get("kid"),
         }
 
-    put("teacher_50", t50)
-    put("teacher_4", t4)
+    put("teacher_50", _setting(runs["teacher_ddim"], full))
+    put("teacher_4", _setting(runs["teacher_ddim"], 4))
+    for run_name, run in runs.items():
+        if run_name.startswith("teacher_"):
+            solver = run_name.removeprefix("teacher_")
+            for s in run["settings"]:
+                if (solver, s["steps"]) != ("ddim", full):
+                    put(f"teacher_{solver}_{s['steps']}", s)
     for steps in plan["lcm_steps"]:
         put(f"lcm_{steps}", _setting(runs["lcm"], steps))
+        if method is not None and f"lcm_{steps}" in figures:
+            figures[f"lcm_{steps}"]["method"] = method
     for name, d in results["distance_to_teacher_50"].items():
-        figures[name]["rms_to_teacher_50"], figures[name]["fd_to_teacher_50"] = d["rms"], d["fd"]
+        for target in (name, *DISTANCE_ALIASES.get(name, ())):
+            if target in figures:
+                figures[target]["rms_to_teacher_50"], figures[target]["fd_to_teacher_50"] = d["rms"], d["fd"]
     lcm4 = figures.get("lcm_4")
     if lcm4 and figures["teacher_50"]["adherence"] is not None:
         figures["lcm4_over_teacher50_adherence"] = lcm4["adherence"] / max(figures["teacher_50"]["adherence"], 1e-9)
@@ -47,24 +72,82 @@ def summarise(results: dict[str, Any], plan: Mapping[str, Any]) -> dict[str, Any
     return figures
 
 
+def student_label(report: Mapping[str, Any]) -> str:
+    """The distilled model's name in the report ("LCM-LoRA", "TCD", "PCM-LoRA", ...)."""
+    return report.get("student") or {"lcm_lora": "LCM-LoRA", "lcd": "LCM"}.get(report.get("method", ""), "LCM")
+
+
+def teacher_solvers(figs: Mapping[str, Any]) -> list[str]:
+    """The solvers the teacher was evaluated with, DDIM first (from the ``teacher_<solver>_<steps>`` keys)."""
+    found = {k.split("_")[1] for k in figs if k.startswith("teacher_") and k.count("_") == 2}
+    order = list(SOLVER_LABELS)
+    return sorted(found, key=lambda s: (order.index(s) if s in order else len(order), s))
+
+
+def setting_label(key: str, report: Mapping[str, Any]) -> str:
+    """What a figure key is, without its steps: "teacher DDIM", "teacher UniPC", "TCD-LoRA"."""
+    if key.startswith("lcm_"):
+        return student_label(report)
+    parts = key.split("_")
+    solver = parts[1] if len(parts) == 3 else "ddim"
+    return f"teacher {SOLVER_LABELS.get(solver, solver)}"
+
+
+def display_name(key: str, report: Mapping[str, Any]) -> str:
+    """A figure or caption-adherence key as a reader sees it: "teacher DDIM 50 steps", "TCD-LoRA 4 steps"."""
+    steps = key.rsplit("_", 1)[-1]
+    if not steps.isdigit():
+        return key
+    return f"{setting_label(key, report)} {steps} step{'s' if steps != '1' else ''}"
+
+
+def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(figure key, label) of each row of the report's table and the terminal's: the teacher's guided DDIM
+    at full steps, then each solver at the student's step counts, then the student."""
+    figs, plan = report["figures"], report["plan"]
+    rows = [("teacher_50", setting_label("teacher_50", report))]
+    for solver in teacher_solvers(figs):
+        keys = [f"teacher_{solver}_{n}" for n in plan["lcm_steps"]]
+        keys += sorted(
+            (k for k in figs if k.startswith(f"teacher_{solver}_") and k not in keys),
+            key=lambda k: int(k.rsplit("_", 1)[1]),
+        )
+        rows += [(k, setting_label(k, report)) for k in keys if k in figs]
+    if len(rows) == 1 and "teacher_4" in figs:  # figures from before the solvers
+        rows.append(("teacher_4", setting_label("teacher_4", report)))
+    rows += [(f"lcm_{n}", student_label(report)) for n in plan["lcm_steps"] if f"lcm_{n}" in figs]
+    return rows
+
+
 def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eval_dir: Path) -> None:
     """``report.json`` (``report`` as it is) and ``report.html`` with its ``grids.png`` (the first prompts'
-    images per setting, read from ``eval_dir``'s ``teacher_ddim/steps-N`` and ``lcm/steps-N`` folders) and
-    ``quality.png`` (quality against steps and time) in ``out``.
+    images per setting: ``results["folders"]`` names each run's folder of ``steps-N`` image sets, else
+    ``eval_dir/<run>``) and ``quality.png`` (quality against steps and time) in ``out``.
 
-    ``report`` holds ``quick``, ``method``, ``plan``, ``exports``, ``text_separation``, ``feature_net``,
-    ``stage_seconds``, ``seconds_total`` and ``figures`` (``summarise``); ``results`` the prompts.
+    ``report`` holds ``quick``, ``method``, ``student`` (its label), ``sampling``, ``plan``, ``plan_reason``,
+    ``exports``, ``text_separation``, ``feature_net``, ``stage_seconds``, ``seconds_total`` and ``figures``
+    (``summarise``); ``results`` the prompts.
     """
     from PIL import Image, ImageDraw
 
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plan = report["plan"]
+    student = student_label(report)
+    figs = report["figures"]
     ev = Path(eval_dir)
-    rows = [
-        ("teacher 50 steps (DDIM, guided)", ev / "teacher_ddim" / f"steps-{plan['teacher_steps_full']}"),
-        ("teacher 4 steps (DDIM, guided)", ev / "teacher_ddim" / "steps-4"),
-    ]
-    rows += [(f"LCM {s} step{'s' if s > 1 else ''}", ev / "lcm" / f"steps-{s}") for s in plan["lcm_steps"]]
+    folders = results.get("folders", {})
+
+    def folder(run: str) -> Path:
+        return Path(folders.get(run, ev / run))
+
+    full = plan["teacher_steps_full"]
+    few = 4 if 4 in plan["lcm_steps"] else max(plan["lcm_steps"])  # the teacher's few-step row(s) of the grid
+    rows = [(f"teacher {full} steps (DDIM, guided)", folder("teacher_ddim") / f"steps-{full}")]
+    for solver in teacher_solvers(figs) or ["ddim"]:
+        images = folder(f"teacher_{solver}") / f"steps-{few}"
+        if images.is_dir():
+            rows.append((f"teacher {few} steps ({SOLVER_LABELS.get(solver, solver)}, guided)", images))
+    rows += [(f"{student} {s} step{'s' if s > 1 else ''}", folder("lcm") / f"steps-{s}") for s in plan["lcm_steps"]]
     cols = min(8, len(results["prompts"]))
     first = Image.open(rows[0][1] / "00000.png")
     w, h = first.size
@@ -72,11 +155,11 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
     label_w = 230
     grid = Image.new("RGB", (label_w + cols * w * scale, len(rows) * h * scale + 40), "white")
     draw = ImageDraw.Draw(grid)
-    for r, (label, folder) in enumerate(rows):
+    for r, (label, images) in enumerate(rows):
         y = 40 + r * h * scale
         draw.text((6, y + h * scale // 2 - 6), label, fill="black")
         for c in range(cols):
-            im = Image.open(folder / f"{c:05d}.png").convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
+            im = Image.open(images / f"{c:05d}.png").convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
             grid.paste(im, (label_w + c * w * scale, y))
     for c in range(cols):
         words, lines = results["prompts"][c].split(), [""]
@@ -88,9 +171,7 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
             draw.text((label_w + c * w * scale + 2, 2 + 12 * k), line, fill="black")
     grid.save(out / "grids.png")
 
-    figs = report["figures"]
-    names = ["teacher_50", "teacher_4"] + [f"lcm_{s}" for s in plan["lcm_steps"]]
-    quality_charts(figs, plan["lcm_steps"]).save(out / "quality.png")
+    quality_charts(figs, plan["lcm_steps"], student).save(out / "quality.png")
     losses = loss_curves(report["exports"])
     if losses is not None:
         losses.save(out / "losses.png")
@@ -99,7 +180,7 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
         return "" if v is None else fmt.format(v)
 
     table = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{figs[n]['steps']}</td><td>{cell(figs[n]['adherence'])}</td>"
+        f"<tr><td>{html.escape(label)}</td><td>{figs[n]['steps']}</td><td>{cell(figs[n]['adherence'])}</td>"
         + "".join(
             f"<td>{cell((figs[n]['adherence_per_attribute'] or {}).get(a))}</td>"
             for a in ("color", "shape", "size", "position")
@@ -107,37 +188,50 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
         + f"<td>{cell(figs[n].get('rms_to_teacher_50'))}</td><td>{cell(figs[n].get('fd_to_teacher_50'), '{:.3f}')}</td>"
         f"<td>{cell(figs[n]['fd'], '{:.2f}')}</td><td>{cell(figs[n]['kid'], '{:.4f}')}</td>"
         f"<td>{cell(figs[n]['seconds_per_image'] * 1000, '{:.1f}')}</td><td>{cell(figs[n]['unet_evals_per_image'], '{:.0f}')}</td></tr>"
-        for n in names
+        for n, label in table_rows(report)
     )
     stages = "".join(
         f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in report["exports"].items()
     )
     text = report.get("text_separation", {})
-    adherence_html = _caption_adherence_html(report.get("caption_adherence"))
+    adherence_html = _caption_adherence_html(report.get("caption_adherence"), report)
     stage_rows = "".join(
         f'<tr class="stage"><td>{html.escape(k)}</td><td>{_duration(v)}</td></tr>'
         for k, v in report["stage_seconds"].items()
     )
+    plan_html = (
+        f"<p><b>Plan</b>: VAE {plan['vae_steps']}, teacher {plan['teacher_steps']}, distillation "
+        f"{plan['distill_steps']} training steps. {html.escape(report['plan_reason'])}</p>"
+        if report.get("plan_reason")
+        else ""
+    )
+    solvers = [SOLVER_LABELS.get(s, s) for s in teacher_solvers(figs)]
+    guided = f" at guidance {plan['teacher_guidance']:g}" if plan.get("teacher_guidance") is not None else ""
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>ldmkit quickstart</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
 <h1>ldmkit quickstart report</h1>
-<p>{"Quick run" if report["quick"] else "Full run"}, {report["method"]} distillation, {len(results["prompts"])} held-out prompts, same seeds for every setting.
+<p>{"Quick run" if report["quick"] else "Run"}, {html.escape(student)} distillation (<code>{html.escape(report["method"])}</code>), {len(results["prompts"])} held-out prompts, same seeds for every setting.
 Total time {report["seconds_total"] / 60:.1f} min.</p>
+{plan_html}
 {adherence_html}
 {QUICK_NOTICE if report["quick"] else ""}
 {what_next(report)}
 <h2>Samples</h2><p>Same prompts and initial noise in every column.</p><img src="grids.png">
-<h2>Quality against steps and time</h2><p>Each attribute's adherence and the FD to the data, against sampling
-steps (left) and milliseconds per image (right).</p><img src="quality.png">
+<h2>Quality against steps and time</h2><p>Each attribute's adherence, the FD to the data and the FD to the teacher's
+{full}-step set, against sampling steps (left) and milliseconds per image (right): the teacher with each training-free
+solver ({html.escape(", ".join(solvers))}) and the {html.escape(student)}.</p><img src="quality.png">
 {'<h2>Training loss of each stage</h2><img src="losses.png">' if losses is not None else ""}
-<h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher 50</th><th>FD to teacher 50</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
-<p>Adherence: share of images whose colour, shape, size and position all match the prompt (ldmkit.eval.scorer).
-RMS to teacher 50: root-mean-square pixel difference to the teacher's 50-step image from the same noise
-(per image; a multistep LCM re-noises between steps, so it leaves the teacher's path: read the 1-step row).
-FD to teacher 50: Fréchet distance of the whole image set to the teacher's 50-step set (distribution level).
+<h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher {full}</th><th>FD to teacher {full}</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
+<p>Teacher rows: the teacher sampled without distillation, guided{guided} (a
+conditional and an unconditional UNet evaluation per step), with {html.escape(", ".join(solvers))} at the step counts of the
+{html.escape(student)}; the {html.escape(student)} needs one evaluation per step.
+Adherence: share of images whose colour, shape, size and position all match the prompt (ldmkit.eval.scorer).
+RMS to teacher {full}: root-mean-square pixel difference to the teacher's {full}-step image from the same noise
+(per image; a multistep consistency sampler re-noises between steps, so it leaves the teacher's path: read the 1-step row).
+FD to teacher {full}: Fréchet distance of the whole image set to the teacher's {full}-step set (distribution level).
 FD / KID to data: to {report["plan"]["reference_images"]} training images. Features: {html.escape(str(report.get("feature_net")))}
 (a fixed random conv net, comparable only within ldmkit).
-LCM 4 steps reaches {cell(figs.get("lcm4_over_teacher50_adherence"), "{:.0%}")} of the teacher's 50-step adherence and is
+{html.escape(student)} 4 steps reaches {cell(figs.get("lcm4_over_teacher50_adherence"), "{:.0%}")} of the teacher's {full}-step adherence and is
 {cell(figs.get("lcm4_speedup_over_teacher50"), "{:.1f}")}x faster per image{" (a quick run: the quality figures mean nothing, see above)" if report["quick"] else ""}.</p>
 <h2>Text conditioning</h2><pre>{html.escape(json.dumps(text, indent=1))}</pre>
 <h2>Stages</h2><ul>{stages}</ul><table><tr><th>stage</th><th>time</th></tr>{stage_rows}</table>
@@ -145,13 +239,17 @@ LCM 4 steps reaches {cell(figs.get("lcm4_over_teacher50_adherence"), "{:.0%}")} 
     (out / "report.html").write_text(doc)
 
 
-def _caption_adherence_html(adh: dict[str, Any] | None) -> str:
+def _caption_adherence_html(adh: dict[str, Any] | None, report: Mapping[str, Any] | None = None) -> str:
     """The "do samples follow their captions?" block: warnings first (visible at the top of the report),
     then caption sensitivity and label accuracy per model (ldmkit.eval.adherence)."""
     if not adh:
         return ""
+
+    def shown(name: str) -> str:
+        return display_name(name, report) if report is not None else name
+
     warnings = "".join(
-        f'<p style="background:#fdd;padding:8px;border-left:4px solid #c00"><b>Warning ({html.escape(name)}):</b> '
+        f'<p style="background:#fdd;padding:8px;border-left:4px solid #c00"><b>Warning ({html.escape(shown(name))}):</b> '
         f"{html.escape(entry['warning'])}</p>"
         for name, entry in adh["models"].items()
         if entry.get("warning")
@@ -160,7 +258,7 @@ def _caption_adherence_html(adh: dict[str, Any] | None) -> str:
     head = "<tr><th>model</th><th>caption sensitivity</th><th>caption distance</th><th>seed distance</th>"
     head += "<th>label accuracy</th></tr>" if labelled else "</tr>"
     rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{e['sensitivity']:.2f}</td><td>{e['caption_distance']:.3f}</td>"
+        f"<tr><td>{html.escape(shown(name))}</td><td>{e['sensitivity']:.2f}</td><td>{e['caption_distance']:.3f}</td>"
         f"<td>{e['seed_distance']:.3f}</td>" + (f"<td>{e['label_accuracy']:.2f}</td>" if labelled else "") + "</tr>"
         for name, e in adh["models"].items()
     )
@@ -198,7 +296,8 @@ def _duration(seconds: float) -> str:
 
 
 def what_next(report: dict[str, Any]) -> str:
-    """A box with the commands to try the distilled model (generate) and bake it in (merge-lora)."""
+    """A box with the commands to try the distilled model (generate), bake a LoRA into the teacher
+    (merge-lora) and measure it again (evaluate), sampled as the quickstart sampled it (``report["sampling"]``)."""
     import shlex
 
     ex = report["exports"]
@@ -206,47 +305,62 @@ def what_next(report: dict[str, Any]) -> str:
         shlex.quote(str(Path(ex["teacher"]).resolve())),
         shlex.quote(str(Path(ex["distilled"]).resolve())),
     )
+    sampling = report.get("sampling") or {"scheduler": "lcm", "eta": None, "lora": report["method"] != "lcd"}
+    lora = sampling["lora"]
+    # generate's defaults fit an LCM-LoRA (LCM sampler from the export, 4 steps, guidance 1); anything else
+    # says its sampler (TCD/PCM: TCDScheduler and eta), steps and guidance (a full student's embedded w).
+    flags = []
+    if sampling["scheduler"] != "lcm":
+        flags.append(f"--scheduler {sampling['scheduler']}")
+    if sampling.get("eta") is not None:
+        flags.append(f"--eta {sampling['eta']:g}")
+    if sampling.get("guidance") is not None and not (lora and sampling["scheduler"] == "lcm"):
+        flags.append(f"--guidance {sampling['guidance']:g}")
+    steps = [] if sampling["scheduler"] == "lcm" else ["--steps 4"]
+    model = f"--model {teacher} --lora {student}" if lora else f"--model {student}"
     prompt = shlex.quote("a large red circle in the center")
-    if report["method"] == "lcd":
-        lines = [f"ldmkit generate --model {student} --prompt {prompt} --out try"]
-    else:
-        lines = [
-            f"ldmkit generate --model {teacher} --lora {student} --prompt {prompt} --out try",
-            f"ldmkit merge-lora --model {teacher} --lora {student} --out merged",
-        ]
-    lines.append(
-        f"ldmkit evaluate --model {teacher}"
-        + ("" if report["method"] == "lcd" else f" --lora {student}")
-        + " --shapes --out eval"
-    )
+    lines = [" ".join(["ldmkit generate", model, *flags, *steps, f"--prompt {prompt} --out try"])]
+    if lora:
+        lines.append(f"ldmkit merge-lora --model {teacher} --lora {student} --out merged")
+    lines.append(" ".join(["ldmkit evaluate", model, *flags, "--shapes --out eval"]))
     body = html.escape("\n".join(lines))
     return (
         '<div style="border:1px solid #888;padding:8px;background:#f4f8ff"><b>What next</b>: try the distilled model '
-        f'(4 steps by default), bake it into the teacher, measure it again:<pre style="white-space:pre-wrap">{body}</pre></div>'
+        f"(4 steps), {'bake it into the teacher, ' if lora else ''}measure it again:"
+        f'<pre style="white-space:pre-wrap">{body}</pre></div>'
     )
 
 
-def quality_charts(figs: dict[str, Any], lcm_steps: list[int]):
-    """A row per measure (each attribute's adherence, then FD to the data) with two panels: against steps and
-    against milliseconds per image; teacher (DDIM) and LCM lines."""
+def quality_charts(figs: dict[str, Any], lcm_steps: list[int], student: str = "LCM"):
+    """A row per measure (each attribute's adherence, FD to the data, FD to the teacher's full-step set) with
+    two panels: against steps and against milliseconds per image; a line per teacher solver and the student."""
     from PIL import Image
 
     from ldmkit.eval.plot import line_chart
 
     def value(name: str, measure: str) -> float | None:
-        if measure == "fd":
-            return figs[name]["fd"]
+        if measure in ("fd", "fd_to_teacher_50"):
+            return figs[name].get(measure)
         per = figs[name]["adherence_per_attribute"] or {}
         return per.get(measure)
 
-    groups = {"teacher (DDIM)": ("teacher_4", "teacher_50"), "LCM": tuple(f"lcm_{s}" for s in lcm_steps)}
-    measures = [m for m in (*ATTRIBUTES, "fd") if any(value(n, m) is not None for g in groups.values() for n in g)]
+    groups: dict[str, tuple[str, ...]] = {}
+    for solver in teacher_solvers(figs) or ["ddim"]:
+        keys = [k for k in figs if k.startswith(f"teacher_{solver}_")]
+        if solver == "ddim" and "teacher_50" in figs:
+            keys.append("teacher_50")  # its full-step point
+        groups[f"teacher ({SOLVER_LABELS.get(solver, solver)})"] = tuple(keys)
+    groups[student] = tuple(f"lcm_{s}" for s in lcm_steps if f"lcm_{s}" in figs)
+    titles = {"fd": "FD to the data (lower is better)", "fd_to_teacher_50": "FD to the teacher's full-step set"}
+    measures = [
+        m
+        for m in (*ATTRIBUTES, "fd", "fd_to_teacher_50")
+        if any(value(n, m) is not None for g in groups.values() for n in g)
+    ]
     rows = []
     for m in measures:
-        title = (
-            "FD to the data (lower is better)" if m == "fd" else f"adherence: {'all 4 attributes' if m == 'all' else m}"
-        )
-        y_range = None if m == "fd" else (0.0, 1.0)
+        title = titles.get(m) or f"adherence: {'all 4 attributes' if m == 'all' else m}"
+        y_range = None if m in titles else (0.0, 1.0)
         by_steps = {
             k: [(figs[n]["steps"], value(n, m)) for n in ns if value(n, m) is not None] for k, ns in groups.items()
         }
