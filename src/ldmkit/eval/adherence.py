@@ -118,17 +118,21 @@ class LabelClassifier:
         g = torch.Generator().manual_seed(self.seed)
         opt = torch.optim.AdamW(self.net.parameters(), lr=2e-3, weight_decay=1e-4)
         self.net.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=g)
-            for start in range(0, len(x), batch_size):
-                idx = order[start : start + batch_size]
-                # small random shifts: samples are never exactly where the held-out images put their glyphs
-                shift = [int(v) for v in torch.randint(-2, 3, (2,), generator=g)]
-                batch = torch.roll(x[idx], shifts=shift, dims=(2, 3))
-                loss = nn.functional.cross_entropy(self.net(batch), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        # Dropout draws from the global RNG: seeded here (and the caller's RNG left as it was), so the same
+        # images give the same classifier in every process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for _ in range(epochs):
+                order = torch.randperm(len(x), generator=g)
+                for start in range(0, len(x), batch_size):
+                    idx = order[start : start + batch_size]
+                    # small random shifts: samples are never exactly where the held-out images put their glyphs
+                    shift = [int(v) for v in torch.randint(-2, 3, (2,), generator=g)]
+                    batch = torch.roll(x[idx], shifts=shift, dims=(2, 3))
+                    loss = nn.functional.cross_entropy(self.net(batch), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
         self.net.eval()
         return self
 
