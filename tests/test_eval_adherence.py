@@ -4,16 +4,22 @@ stand-in "models" whose behaviour is known: one that draws the prompt's label, o
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
 from ldmkit.data import glyphs
 from ldmkit.eval.adherence import (
+    MAX_PROMPTS,
     LabelClassifier,
+    caption_adherence,
     caption_sensitivity,
     caption_warning,
+    fit_label_classifier,
     generate_grid,
     labels_of,
+    representative_steps,
+    sensitivity_prompts,
 )
 
 LABELS = glyphs.LABELS
@@ -24,7 +30,7 @@ def follows(prompt: str, n: int, seed: int):
     out = []
     for j in range(n):
         attrs = glyphs.sample_attrs(random.Random(seed + j))
-        attrs["label"] = glyphs.label_of(prompt)
+        attrs["label"] = glyphs.label_of(prompt) or prompt  # a caption, or a bare label (the classifier's classes)
         out.append(glyphs.render(attrs, 32))
     return out
 
@@ -72,6 +78,20 @@ def test_label_classifier_judges_samples(classifier):
     assert caption_warning(1.0, bad, chance) is not None and caption_warning(1.0, good, chance) is None
 
 
+class StandIn:
+    """Pipeline-shaped: ``generate_images`` calls it as a diffusers pipeline; image k comes from
+    ``draw(prompt, 1, seed of generator k)``, so the seed rule is the real one."""
+
+    def __init__(self, draw):
+        self.draw = draw
+        self.calls = []
+
+    def __call__(self, prompt, num_inference_steps, generator, guidance_scale=7.5, num_images_per_prompt=1):
+        self.calls.append((len(prompt), num_inference_steps, guidance_scale))
+        rows = [p for p in prompt for _ in range(num_images_per_prompt)]
+        return SimpleNamespace(images=[self.draw(p, 1, g.initial_seed())[0] for p, g in zip(rows, generator)])
+
+
 def test_label_classifier_is_reproducible():
     """Its dropout draws from the global RNG: seeded by the classifier, the same whatever ran before it."""
     import torch
@@ -86,3 +106,35 @@ def test_label_classifier_is_reproducible():
         torch.manual_seed(global_seed)
         assert torch.equal(after, torch.rand(3))  # the caller's RNG is left where it was
     assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
+
+
+def test_caption_adherence_of_a_pipeline(classifier):
+    prompts = sensitivity_prompts(glyphs.heldout_prompts(200))
+    assert len(prompts) == MAX_PROMPTS and prompts == sorted(set(prompts))
+    pipe = StandIn(follows)
+    good = caption_adherence(pipe, prompts, 4, 3.0, seed=10, classifier=classifier, samples_per_label=3)
+    assert set(good) == {"caption_distance", "seed_distance", "sensitivity", "label_accuracy", "warning"}
+    assert good["sensitivity"] > 0.5 and good["label_accuracy"] > 0.7 and good["warning"] is None
+    # One call per prompt (its SEEDS images), then the labels' samples in batches of batch_size.
+    assert pipe.calls[: len(prompts)] == [(1, 4, 3.0)] * len(prompts)
+    assert sum(n for n, _, _ in pipe.calls[len(prompts) :]) == 3 * len(LABELS)
+    bad = caption_adherence(StandIn(ignores), prompts, 4, 3.0, seed=10, classifier=classifier, samples_per_label=3)
+    assert bad["sensitivity"] == 0.0 and bad["label_accuracy"] < 0.3 and bad["warning"]
+    # Without a classifier: sensitivity alone (free-form captions).
+    assert "label_accuracy" not in caption_adherence(StandIn(ignores), prompts[:2], 1, None, seed=0)
+    with pytest.raises(ValueError, match="2 distinct prompts"):
+        caption_adherence(pipe, prompts[:1], 4, 3.0, seed=0)
+
+
+def test_prompts_steps_and_classifier_split():
+    assert sensitivity_prompts(["b", "a", "b", "c"]) == ["a", "b", "c"]
+    assert sensitivity_prompts([f"{i:02d}" for i in range(16)], n=4) == ["00", "04", "08", "12"]
+    assert sensitivity_prompts([]) == []
+    assert representative_steps([1, 2, 4, 8]) == 4 and representative_steps([2, 3]) == 3
+    assert representative_steps([8, 25]) == 8
+    samples = [glyphs.make_sample(i, 32, seed=3) for i in range(40)]
+    images, labels = [im for im, _ in samples], [glyphs.caption(a) for _, a in samples]
+    clf, real = fit_label_classifier(sorted(set(labels)), images, labels, seed=0)
+    assert 0.0 <= real <= 1.0 and clf.classes == sorted(set(labels))
+    with pytest.raises(ValueError, match="not labels"):
+        fit_label_classifier(["a drawing of the letter A"], images, labels)
