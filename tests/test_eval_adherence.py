@@ -162,9 +162,9 @@ def test_evaluate_warns_on_a_teacher_that_never_saw_a_caption(tmp_path, capsys):
     embeddings still reach it (through its context tokens), so the images are not exactly the same for
     every caption: what is asserted is what was measured, with margin.
 
-    Measured here (1 thread; DPM-Solver 4 steps, guidance 3): sensitivity 0.004 (caption distance 0.0012
-    against seed distance 0.29), label accuracy 0.10 (chance 0.10) with a classifier that reads real
-    held-out glyphs at 0.84. Not asserted: a contrast with a conditional teacher. One of the same size
+    Measured here (DPM-Solver 4 steps, guidance 3): sensitivity 0.004 (caption distance 0.0012 against seed
+    distance 0.29), label accuracy 0.10 with 1 thread and 0.12 with 2 (chance 0.10), from a classifier that
+    reads real held-out glyphs at 0.86. Not asserted: a contrast with a conditional teacher. One of the same size
     (p_uncond 0.1, DDIM 8 steps) measured 0.005 / 0.009 / 0.017 after 250 / 500 / 1000 steps against the
     unconditional one's 0.005 / 0.010 after 250 / 500: at a size a test can train, neither has learnt to
     follow captions, so low figures here are what an unconditional model must show, not proof that only it

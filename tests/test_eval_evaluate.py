@@ -301,6 +301,19 @@ def test_command_caption_adherence_options(caption_blind_sd15, glyph_folders, sh
     adh = json.loads((tmp_path / "h" / "metrics.json").read_text())["caption_adherence"]
     assert adh["classifier_held_out"] and adh["classifier_trained_on"] == "--heldout" and len(adh["prompts"]) == 8
     assert "label_accuracy" in next(iter(adh["models"].values()))
+    # Files grouped by label (as class folders or sorted names are): the classifier's split still holds every
+    # label, so it judges real images well above chance (unshuffled, its test quarter would hold labels it
+    # never saw: accuracy 0).
+    grouped = tmp_path / "grouped"
+    grouped.mkdir()
+    for i, txt in enumerate(sorted(data.glob("*.txt"))):
+        caption = txt.read_text().strip()
+        stem = f"{caption[-1]}-{i:03d}"
+        (grouped / f"{stem}.txt").write_text(caption + "\n")
+        (grouped / f"{stem}.png").write_bytes(txt.with_suffix(".png").read_bytes())
+    assert _run([*base, "--data", str(grouped), "--out", str(tmp_path / "g")]) == 0
+    adh = json.loads((tmp_path / "g" / "metrics.json").read_text())["caption_adherence"]
+    assert not adh["classifier_held_out"] and adh["classifier_real_accuracy"] > 0.3
     assert _run([*base, "--data", str(data), "--no-caption-adherence", "--out", str(tmp_path / "no")]) == 0
     assert json.loads((tmp_path / "no" / "metrics.json").read_text())["caption_adherence"] is None
     assert "caption adherence: skipped (--no-caption-adherence)" in capsys.readouterr().out
