@@ -19,10 +19,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["LDMKIT_METHODS"] = "toy=helpers.toy_method:ToyMethod"
-# Tiny models on a shared 2-core machine: OpenMP threads spinning against other processes cost more
-# than they parallelise (a tiny conv: 44 ms with 2 threads, 1 ms with 1).
-torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# LDMKIT_TEST_THREADS (default 1): torch threads here and OMP_NUM_THREADS of every subprocess
+# (helpers/threads.py says why one).
+from helpers.threads import THREADS  # noqa: E402 (needs TESTS on sys.path)
+
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(scope="session")

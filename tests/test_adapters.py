@@ -10,7 +10,7 @@ from test_finetune import LCM_LORA_TARGETS, train_steps, unet_out
 from ldmkit.lora.export import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from ldmkit.methods.finetune import LoraMethod, LoraMethodConfig
 
-from helpers.sd import accelerator, make_batch, make_cfg, one_thread  # noqa: F401  (autouse fixture)
+from helpers.sd import accelerator, make_batch, make_cfg, pinned_threads  # noqa: F401  (autouse fixture)
 
 
 def _loads_and_matches(model_dir, folder, weight_name, expect, trained_unet):

@@ -15,6 +15,7 @@ from ldmkit.data.cache import CacheDataset, build_cache
 from ldmkit.rng import sample_seed
 
 from helpers.data import FakeEncoders, data_cfg, fake_encoders, items, layouts, make_items, write_folder  # noqa: F401
+from helpers.threads import thread_env
 
 TOL = dict(rtol=3e-3, atol=3e-3)  # float16 storage
 
@@ -224,7 +225,7 @@ def test_two_processes_with_accelerate_launch(layouts, tmp_path):
             out=str(tmp_path),
         )
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = thread_env()
     from helpers.runs import launch_two
 
     cmd = [*launch_two(), str(script)]

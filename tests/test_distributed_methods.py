@@ -9,7 +9,6 @@ and machines); only the launcher's arguments change."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.runs import launch_two, logged
+from helpers.threads import thread_env
 
 ROOT = Path(__file__).parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV = thread_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 EXPORTED = {
     "lcm_lora": "pytorch_lora_weights.safetensors",
     "lcd": "unet/diffusion_pytorch_model.safetensors",

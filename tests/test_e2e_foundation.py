@@ -3,7 +3,6 @@ and the same run on two processes (accelerate launch, gloo on CPU) reproducing t
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.runs import launch_two, logged
+from helpers.threads import thread_env
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "configs" / "lora" / "debug.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV = thread_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 # The model family logs every part it loads; the training models of a cached run must be the UNet alone.
 LOADED = re.compile(r"loaded SD (unet|vae|text encoders) from")
 

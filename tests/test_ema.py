@@ -15,7 +15,7 @@ from ldmkit.methods.ema import EMA
 from ldmkit.train import checkpoint as ckpt
 
 from helpers.runs import assert_same_exports, logged
-from helpers.sd import accelerator, make_cfg, one_thread  # noqa: F401  (autouse fixture)
+from helpers.sd import accelerator, make_cfg, pinned_threads  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from ldmkit.data.folder import FolderDataset
 from ldmkit.data.transforms import Draws, ImageTransform
 from ldmkit.errors import UserError
 
-from helpers.uvit import RESOLUTION, features_dir, one_thread, run_prepare, shapes_dir  # noqa: F401
+from helpers.uvit import RESOLUTION, features_dir, pinned_threads, run_prepare, shapes_dir  # noqa: F401
 
 
 @pytest.fixture(scope="module")

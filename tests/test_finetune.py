@@ -12,7 +12,7 @@ from ldmkit.errors import UserError
 from ldmkit.inference import label_margins
 from ldmkit.methods.finetune import FinetuneConfig, FinetuneMethod, LoraMethod, LoraMethodConfig
 
-from helpers.sd import accelerator, make_batch, make_cfg, one_thread  # noqa: F401  (autouse fixture)
+from helpers.sd import accelerator, make_batch, make_cfg, pinned_threads  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",

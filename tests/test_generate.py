@@ -15,7 +15,7 @@ from ldmkit import inference
 from ldmkit.commands import generate
 from ldmkit.errors import UserError
 
-from helpers.sd import one_thread  # noqa: F401  (autouse fixture)
+from helpers.sd import pinned_threads  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from ldmkit.pipelines.uvit import UViTPipeline
 
 from helpers.lcm import count_lora_modules, fixed_batch
 from helpers.runs import assert_same_exports
-from helpers.uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
+from helpers.uvit import pinned_threads, tiny_pipeline, tiny_uvit  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 RES = 32  # 4x4 latents with the tiny VAE; uvit-tiny: 1 in, 1 mid, 1 out block

@@ -16,6 +16,7 @@ from ldmkit.methods import load_config
 from ldmkit.train.loop import train
 
 from helpers.runs import launch_two, logged
+from helpers.threads import thread_env
 
 ROOT = Path(__file__).parents[1]
 
@@ -183,7 +184,7 @@ def test_cli_dry_run_prints_resolved_config(tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, shapes_folder):
     """accelerate launch --num_processes 2 (gloo on CPU) reproduces the 1-process loss curve and weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = thread_env()
     common = [
         "--method.name=toy",
         f"--data.path={shapes_folder}",

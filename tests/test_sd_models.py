@@ -13,7 +13,7 @@ from ldmkit.errors import UserError
 from ldmkit.families import SDFamily, SDXLFamily, detect_family, load_family
 from ldmkit.rng import SampleRNG
 
-from helpers.sd import make_batch, one_thread  # noqa: F401  (autouse fixture)
+from helpers.sd import make_batch, pinned_threads  # noqa: F401  (autouse fixture)
 
 LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # fmt: skip

@@ -17,7 +17,7 @@ from ldmkit.families import SDFamily, SDXLFamily, detect_family, resolve_model
 from ldmkit.families.configs import KINDS, released_configs
 from ldmkit.families.single_file import detect_kind, unet_to_original
 
-from helpers.sd import one_thread  # noqa: F401
+from helpers.sd import pinned_threads  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

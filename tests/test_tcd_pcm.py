@@ -28,7 +28,7 @@ from helpers.lcm import (
     unet_out,
 )
 from helpers.runs import assert_debug_recipe_resumes, assert_same_exports, logged
-from helpers.uvit import one_thread, tiny_pipeline, tiny_uvit  # noqa: F401
+from helpers.uvit import pinned_threads, tiny_pipeline, tiny_uvit  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 RES = 32

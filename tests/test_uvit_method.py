@@ -12,7 +12,7 @@ import torch
 from ldmkit.errors import UserError
 from ldmkit.methods import load_config
 
-from helpers.uvit import features_dir, one_thread, seeded, shapes_dir  # noqa: F401
+from helpers.uvit import features_dir, pinned_threads, seeded, shapes_dir  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "uvit" / "debug.yaml"

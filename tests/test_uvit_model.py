@@ -9,7 +9,7 @@ import torch
 
 from ldmkit.models.uvit import UVIT_PRESETS, UViT, unpatchify
 
-from helpers.uvit import TEXT_TOKENS, TEXT_WIDTH, one_thread, tiny_uvit  # noqa: F401
+from helpers.uvit import TEXT_TOKENS, TEXT_WIDTH, pinned_threads, tiny_uvit  # noqa: F401
 
 
 def _inputs(model: UViT, batch: int = 2, seed: int = 0):

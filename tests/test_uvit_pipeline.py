@@ -19,7 +19,7 @@ from diffusers import (
 
 from ldmkit.pipelines.uvit import UViTPipeline
 
-from helpers.uvit import RESOLUTION, one_thread, seeded, tiny_pipeline, tiny_uvit  # noqa: F401
+from helpers.uvit import RESOLUTION, pinned_threads, seeded, tiny_pipeline, tiny_uvit  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from ldmkit.errors import UserError
 from ldmkit.inference import label_margins
 from ldmkit.methods import load_config
 
-from helpers.uvit import one_thread  # noqa: F401
+from helpers.uvit import pinned_threads  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "vae" / "debug.yaml"

@@ -3,7 +3,6 @@ a local perceptual network, resume with the discriminator on, and two processes.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ from ldmkit.methods import load_config
 from ldmkit.rng import SampleRNG
 
 from helpers.runs import launch_two, logged
-from helpers.uvit import one_thread  # noqa: F401
+from helpers.threads import thread_env
+from helpers.uvit import pinned_threads  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "vae" / "debug.yaml"
@@ -259,7 +259,7 @@ def test_discriminator_shapes_and_init():
 def test_two_processes_reproduce_one_with_the_gan_on(shapes_folder, tmp_path):
     """Group-normalised discriminator, adaptive weight from the mean gradients over processes: two
     processes x batch 2 train what one process x batch 4 trains."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = thread_env(HF_HUB_OFFLINE="1")
     common = [
         "-m",
         "ldmkit",

@@ -710,19 +710,29 @@ def stage_adherence(
     """Do samples follow their captions (eval/adherence.py)? Caption sensitivity of the teacher (guided,
     full steps) and of the distilled model (4 steps, or its largest step count below), and on labelled data
     a label classifier's accuracy on their samples next to its accuracy on real held-out images."""
-    from ldmkit.eval.adherence import LabelClassifier, caption_sensitivity, caption_warning, labels_of
+    from ldmkit.eval.adherence import (
+        SEEDS,
+        caption_adherence,
+        fit_label_classifier,
+        labels_of,
+        representative_steps,
+        sensitivity_prompts,
+    )
     from ldmkit.eval.evaluate import read_data
-    from ldmkit.inference import generate_images, load_pipeline, set_scheduler
+    from ldmkit.inference import load_pipeline, set_scheduler
 
     result_file = _eval_dir(out, method) / "adherence.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
     captions = _captions(data)
     labels = labels_of(captions)
-    distinct = labels if labels is not None else sorted(set(captions))
-    prompts = [distinct[i * len(distinct) // min(8, len(distinct))] for i in range(min(8, len(distinct)))]
-    seeds = 4
-    lcm_steps = max((s for s in plan.lcm_steps if s <= 4), default=min(plan.lcm_steps))
+    prompts = sensitivity_prompts(captions)
+    lcm_steps = representative_steps(plan.lcm_steps)
+    result: dict[str, Any] = {"prompts": prompts, "seeds": SEEDS, "labels": labels, "models": {}}
+    if len(prompts) < 2:  # one caption for every image: nothing to follow
+        logger.info("caption adherence skipped: the data has fewer than 2 distinct captions")
+        result_file.write_text(json.dumps(result, indent=1))
+        return result
     teacher_pipe = load_pipeline(teacher)
     set_scheduler(teacher_pipe, "ddim")
     models = {
@@ -737,36 +747,31 @@ def stage_adherence(
     for pipe, *_ in models.values():
         pipe.set_progress_bar_config(disable=True)
 
-    classifier, real_accuracy, held_out = None, None, False
+    classifier = None
     if labels is not None:
         heldout = out / "data-heldout"
         held_out = (heldout / "DONE").is_file()
-        if held_out:
-            images, caps = read_data(heldout, HELDOUT_IMAGES)
-            n = len(images) * 3 // 4
-            train_x, train_y, test_x, test_y = images[:n], caps[:n], images[n:], caps[n:]
-        else:  # the user's data: a split of it (the teacher saw these images too: said in the report)
-            images, caps = read_data(data, 2000)
-            n = len(images) * 3 // 4
-            train_x, train_y, test_x, test_y = images[:n], caps[:n], images[n:], caps[n:]
-        classifier = LabelClassifier(labels, seed=seed).fit(train_x, train_y)
-        real_accuracy = classifier.accuracy(test_x, test_y)
-
-    result: dict[str, Any] = {"prompts": prompts, "seeds": seeds, "labels": labels, "models": {}}
-    if labels is not None:
+        # generated labelled data has its own held-out folder; the user's data: a split of it (the teacher saw
+        # these images too: said in the report)
+        images, caps = read_data(heldout, HELDOUT_IMAGES) if held_out else read_data(data, 2000)
+        classifier, real_accuracy = fit_label_classifier(labels, images, caps, seed=seed)
         result.update(
             classifier_real_accuracy=real_accuracy, chance=1 / len(labels), classifier_held_out_from_teacher=held_out
         )
     per_label = max(1, plan.eval_prompts // len(labels)) if labels is not None else 0
     for name, (pipe, steps, guidance, eta) in models.items():
-        grid = [generate_images(pipe, [p], steps, guidance, seed + 4242, num_images=seeds, eta=eta) for p in prompts]
-        entry: dict[str, Any] = caption_sensitivity(grid)
-        if classifier is not None:
-            label_prompts = [lab for lab in labels for _ in range(per_label)]
-            samples = generate_images(pipe, label_prompts, steps, guidance, seed + 777, batch_size=24, eta=eta)
-            entry["label_accuracy"] = classifier.accuracy(samples, label_prompts)
-        entry["warning"] = caption_warning(
-            entry["sensitivity"], entry.get("label_accuracy"), result.get("chance") if labels else None
+        entry = caption_adherence(
+            pipe,
+            prompts,
+            steps,
+            guidance,
+            seed + 4242,
+            seeds=SEEDS,
+            classifier=classifier,
+            samples_per_label=per_label,
+            label_seed=seed + 777,
+            batch_size=24,
+            eta=eta,
         )
         if entry["warning"]:
             logger.warning("%s: %s", name, entry["warning"])

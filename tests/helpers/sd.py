@@ -3,19 +3,9 @@ conftest.py's ``tiny_sd15`` / ``tiny_sdxl`` fixtures."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine, 2 OpenMP threads per process
-    spin against each other and make every op ~40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from helpers.threads import pinned_threads  # noqa: F401 (autouse fixture of the modules importing it)
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a small yellow star"]
 

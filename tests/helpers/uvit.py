@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.threads import pinned_threads  # noqa: F401 (autouse fixture of the modules importing it)
+
 TEXT_TOKENS, TEXT_WIDTH = 77, 32  # the tiny SD1.5 text encoder of ldmkit.models.tiny
 RESOLUTION = 32  # 32 px images -> 4x4 latents with the tiny KL-f8 VAE
 
@@ -20,16 +22,6 @@ def _once(tmp_path_factory, name: str, build) -> Path:
         build(path)
         (path / ".done").write_text("")
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (see helpers/sd.py: 2 OpenMP threads on a busy 2-core
-    machine spin against each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ldmkit.diffusion.samplers import SCHEDULERS, TEACHER_SOLVERS
 from ldmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,12 +103,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="Weights dtype; auto: fp16 on CUDA, else fp32.",
     )
+    add(
+        "--no-caption-adherence",
+        action="store_true",
+        help="Skip the caption-adherence check (by default, with >= 2 distinct prompts: does the image change "
+        "with the caption at a fixed seed, and on labelled --data does a label classifier find the prompt's label).",
+    )
+    add(
+        "--heldout",
+        default=None,
+        help="Labelled images the model was not trained on (any dataset; captions = labels): the label classifier "
+        "of the caption-adherence check learns from them; default with labelled --data: a split of --data.",
+    )
     add("--out", required=True, help="Output folder: metrics.json, quality_vs_steps.png, grid-steps-N.png.")
 
 
 def run(args: argparse.Namespace) -> int:
     from ldmkit.commands.generate import prepare_sampler, sampling_defaults
     from ldmkit.data.synth import heldout_prompts
+    from ldmkit.eval.adherence import representative_steps
     from ldmkit.eval.evaluate import (
         ClipScorer,
         evaluate_pipeline,
@@ -114,7 +133,14 @@ def run(args: argparse.Namespace) -> int:
     )
     from ldmkit.eval.fid import load_feature_extractor
     from ldmkit.eval.plot import quality_vs_steps
-    from ldmkit.inference import check_sampling, load_lora, load_pipeline, resolve_device, resolve_dtype
+    from ldmkit.inference import (
+        check_sampling,
+        load_lora,
+        load_pipeline,
+        resolve_device,
+        resolve_dtype,
+        set_scheduler,
+    )
 
     steps = parse_steps(args.steps)
     if args.num_images < 1 or args.batch_size < 1:
@@ -128,15 +154,17 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 
-    reference = None
+    reference, data_images, captions = None, None, None
     if args.prompts:
         prompts = read_prompts(args.prompts)[: args.num_images]
     elif args.data:
-        data_images, prompts = read_data(args.data, max(args.num_images, args.max_reference))
-        prompts = prompts[: args.num_images]
+        data_images, captions = read_data(args.data, max(args.num_images, args.max_reference))
+        prompts = captions[: args.num_images]
         reference = data_images[: args.max_reference]
     else:
         prompts = heldout_prompts(args.num_images, args.seed)
+    # Caption adherence reads the prompts evaluated, or with --data every caption read (the labels).
+    probe = None if args.no_caption_adherence else _adherence_probe(args, captions or prompts, data_images)
     if args.reference:
         reference = read_images(args.reference, args.max_reference)
     features = load_feature_extractor(args.feature_net, device) if reference is not None else None
@@ -184,6 +212,13 @@ def run(args: argparse.Namespace) -> int:
     )
     label = (metrics["scheduler"] or "pipeline") + (" + LoRA" if args.lora else "")
     runs = {label: metrics["settings"]}
+    adherence = None
+    if probe is not None:
+        # The model at the step count it is meant for (few-step models: 4 or fewer), one count to stay cheap.
+        adherence = _adherence_header(probe)
+        adherence["models"][label] = _adherence_entry(
+            probe, label, pipe, representative_steps(steps), metrics["guidance"], args, eta=args.eta
+        )
     if solvers:
         del pipe
         teacher = load_pipeline(args.teacher or args.model, dtype)
@@ -194,14 +229,157 @@ def run(args: argparse.Namespace) -> int:
         )
         metrics["teacher_model"] = str(args.teacher or args.model)
         runs.update({f"teacher {name}": m["settings"] for name, m in metrics["teacher"].items()})
+        if adherence is not None:
+            # Whether samples follow captions is the teacher model's property rather than a solver's: one
+            # solver, at the teacher's largest (most faithful) step count.
+            first = metrics["teacher"][solvers[0]]
+            set_scheduler(teacher, solvers[0])
+            name = f"teacher {solvers[0]}"
+            adherence["models"][name] = _adherence_entry(probe, name, teacher, max(steps), first["guidance"], args)
+    metrics["caption_adherence"] = adherence
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     quality_vs_steps(runs).save(out / "quality_vs_steps.png")
     quality_vs_steps(runs, x="unet_evals_per_image").save(out / "quality_vs_unet_evals.png")
     _print_table(label, metrics["settings"])
     for name, m in metrics.get("teacher", {}).items():
         _print_table(f"teacher {name} (guidance {m['guidance']})", m["settings"])
+    _print_adherence(adherence, probe, args)
     print(f"wrote {out / 'metrics.json'}, {out / 'quality_vs_steps.png'} and {out / 'quality_vs_unet_evals.png'}")
     return 0
+
+
+@dataclass
+class _Probe:
+    """What the caption-adherence check asks every model: the prompts of the sensitivity grid and, on
+    labelled data, a label classifier with its accuracy on real images it did not learn from."""
+
+    prompts: list[str]
+    labels: list[str] | None = None
+    classifier: Any = None
+    real_accuracy: float | None = None
+    trained_on: str | None = None  # "--heldout" or "--data"
+    train_images: int = 0
+    test_images: int = 0
+
+
+def _adherence_probe(args: argparse.Namespace, captions: list[str], data_images: list | None) -> _Probe | None:
+    """None when the prompts leave nothing to follow (fewer than 2 distinct ones and no --heldout labels)."""
+    from ldmkit.eval.adherence import fit_label_classifier, labels_of, sensitivity_prompts
+    from ldmkit.eval.evaluate import read_data
+
+    probe = _Probe(prompts=sensitivity_prompts(captions))
+    # Label accuracy needs labelled images: --heldout, else --data when its captions are labels.
+    labels = labels_of(captions) if data_images is not None else None
+    images, image_captions = data_images, captions
+    if args.heldout:
+        if not Path(args.heldout).exists() and "://" not in args.heldout:
+            raise UserError(f"--heldout not found: {args.heldout}")
+        images, image_captions = read_data(args.heldout, 2000, option="--heldout")
+        held_labels = labels_of(image_captions)
+        if held_labels is None:
+            raise UserError(
+                f"--heldout {args.heldout}: its captions are not labels (2 to 50 distinct captions with at least "
+                "10 images each)"
+            )
+        if labels is not None and labels != held_labels:
+            raise UserError(f"--heldout {args.heldout}: its labels differ from those of --data {args.data}")
+        labels = held_labels
+    if len(probe.prompts) < 2 and labels is None:
+        return None
+    if labels is not None:
+        probe.labels = labels
+        # Datasets are often grouped by label (class folders, sorted names): shuffled before the classifier's
+        # 3/4 split, so that both parts hold every label.
+        order = random.Random(args.seed).sample(range(len(images)), len(images))
+        images, image_captions = [images[i] for i in order], [image_captions[i] for i in order]
+        probe.classifier, probe.real_accuracy = fit_label_classifier(labels, images, image_captions, seed=args.seed)
+        probe.trained_on = "--heldout" if args.heldout else "--data"
+        probe.train_images = len(images) * 3 // 4
+        probe.test_images = len(images) - probe.train_images
+        if len(probe.prompts) < 2:  # --prompts with one prompt: the labels are the prompts
+            probe.prompts = sensitivity_prompts(labels)
+    return probe
+
+
+def _adherence_header(probe: _Probe) -> dict[str, Any]:
+    from ldmkit.eval.adherence import SEEDS
+
+    header: dict[str, Any] = {"prompts": probe.prompts, "seeds": SEEDS, "labels": probe.labels}
+    if probe.labels is not None:
+        header.update(
+            chance=1 / len(probe.labels),
+            classifier_real_accuracy=probe.real_accuracy,
+            classifier_trained_on=probe.trained_on,
+            # a split of --data: the model may have been trained on the classifier's images, and samples that
+            # copy them are easier to judge; --heldout images are independent of the model's training
+            classifier_held_out=probe.trained_on == "--heldout",
+            classifier_train_images=probe.train_images,
+            classifier_test_images=probe.test_images,
+        )
+    header["models"] = {}
+    return header
+
+
+def _adherence_entry(
+    probe: _Probe,
+    name: str,
+    pipe,
+    steps: int,
+    guidance: float | None,
+    args: argparse.Namespace,
+    eta: float | None = None,
+) -> dict[str, Any]:
+    from ldmkit.eval.adherence import caption_adherence
+
+    per_label = max(1, args.num_images // len(probe.labels)) if probe.labels else 1
+    entry = caption_adherence(
+        pipe,
+        probe.prompts,
+        steps,
+        guidance,
+        args.seed,
+        classifier=probe.classifier,
+        samples_per_label=per_label,
+        batch_size=args.batch_size,
+        height=args.height,
+        width=args.width,
+        eta=eta,
+    )
+    if entry["warning"]:  # in the log as it is measured; the WARNING lines follow the tables
+        logger.warning("%s: %s", name, entry["warning"])
+    return {"steps": steps, "guidance": guidance, **entry}
+
+
+def _print_adherence(adherence: dict[str, Any] | None, probe: _Probe | None, args: argparse.Namespace) -> None:
+    if adherence is None:
+        why = "--no-caption-adherence" if args.no_caption_adherence else "fewer than 2 distinct prompts"
+        print(f"caption adherence: skipped ({why})")
+        return
+    print(
+        f"caption adherence ({len(adherence['prompts'])} prompts x {adherence['seeds']} seeds; sensitivity = how much "
+        "the image changes with the caption / with the seed: ~0 ignores captions, ~1 or more follows them)"
+    )
+    for name, e in adherence["models"].items():
+        label = f", label accuracy {e['label_accuracy']:.2f}" if "label_accuracy" in e else ""
+        print(
+            f"  {name} ({e['steps']} steps): sensitivity {e['sensitivity']:.2f} (caption distance "
+            f"{e['caption_distance']:.3f}, seed distance {e['seed_distance']:.3f}){label}"
+        )
+    if probe is not None and probe.labels is not None:
+        source = (
+            f"--heldout {args.heldout}"
+            if probe.trained_on == "--heldout"
+            else f"--data {args.data}, which the model may have been trained on (pass --heldout DIR for "
+            "held-out labelled images)"
+        )
+        print(
+            f"  label classifier: {len(probe.labels)} labels (chance {1 / len(probe.labels):.2f}); "
+            f"accuracy {probe.real_accuracy:.2f} on {probe.test_images} real images it did not learn from; "
+            f"trained on {probe.train_images} images of {source}"
+        )
+    for name, e in adherence["models"].items():
+        if e["warning"]:
+            print(f"WARNING {name}: {e['warning']}")
 
 
 def _print_table(label: str, settings: list[dict]) -> None:

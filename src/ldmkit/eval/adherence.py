@@ -11,7 +11,8 @@
    sample shows its prompt's label; its accuracy on real held-out images is reported next to it, so the
    number says how far samples are from the data, and chance (1 / labels) how far from ignoring captions.
 
-``caption_warning`` turns both into one line for the report and the terminal.
+``caption_warning`` turns both into one line for the report and the terminal, and ``caption_adherence``
+measures one pipeline with both (the quickstart's report and ``ldmkit evaluate``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,10 @@ MIN_SENSITIVITY = 0.25
 """Below this caption sensitivity the samples barely depend on the caption: warn."""
 MAX_LABELS = 50
 MIN_IMAGES_PER_LABEL = 10
+MAX_PROMPTS = 8
+"""Prompts of the caption-sensitivity grid: 8 x SEEDS images per model keeps it a small share of an evaluation."""
+SEEDS = 4
+"""Seeds of every prompt in that grid."""
 
 
 def _array(image: Image.Image) -> np.ndarray:
@@ -64,6 +70,20 @@ def generate_grid(
     """``generate(prompt, num_images, seed)`` -> images seeded ``seed .. seed + num_images - 1`` (as
     ``ldmkit.inference.generate_images`` with one prompt); returns ``[prompt][seed]``."""
     return [generate(p, seeds, seed) for p in prompts]
+
+
+def sensitivity_prompts(captions: Sequence[str], n: int = MAX_PROMPTS) -> list[str]:
+    """Up to ``n`` distinct captions, spread evenly over their sorted list (on labelled data: labels across the
+    alphabet rather than the first ``n``)."""
+    distinct = sorted(set(captions))
+    k = min(n, len(distinct))
+    return [distinct[i * len(distinct) // k] for i in range(k)]
+
+
+def representative_steps(steps: Sequence[int], at_most: int = 4) -> int:
+    """The step count a few-step model is judged at: the largest of ``steps`` up to ``at_most``, else the
+    smallest (one count keeps the measure cheap; 4 is where LCM-type samplers are usually run)."""
+    return max((s for s in steps if s <= at_most), default=min(steps))
 
 
 def labels_of(captions: Sequence[str]) -> list[str] | None:
@@ -118,17 +138,21 @@ class LabelClassifier:
         g = torch.Generator().manual_seed(self.seed)
         opt = torch.optim.AdamW(self.net.parameters(), lr=2e-3, weight_decay=1e-4)
         self.net.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=g)
-            for start in range(0, len(x), batch_size):
-                idx = order[start : start + batch_size]
-                # small random shifts: samples are never exactly where the held-out images put their glyphs
-                shift = [int(v) for v in torch.randint(-2, 3, (2,), generator=g)]
-                batch = torch.roll(x[idx], shifts=shift, dims=(2, 3))
-                loss = nn.functional.cross_entropy(self.net(batch), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        # Dropout draws from the global RNG: seeded here (and the caller's RNG left as it was), so the same
+        # images give the same classifier in every process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for _ in range(epochs):
+                order = torch.randperm(len(x), generator=g)
+                for start in range(0, len(x), batch_size):
+                    idx = order[start : start + batch_size]
+                    # small random shifts: samples are never exactly where the held-out images put their glyphs
+                    shift = [int(v) for v in torch.randint(-2, 3, (2,), generator=g)]
+                    batch = torch.roll(x[idx], shifts=shift, dims=(2, 3))
+                    loss = nn.functional.cross_entropy(self.net(batch), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
         self.net.eval()
         return self
 
@@ -139,6 +163,63 @@ class LabelClassifier:
 
     def accuracy(self, images: Sequence[Image.Image], labels: Sequence[str]) -> float:
         return float(np.mean([p == t for p, t in zip(self.predict(images), labels)]))
+
+
+def fit_label_classifier(
+    labels: Sequence[str], images: Sequence[Image.Image], captions: Sequence[str], seed: int = 0
+) -> tuple[LabelClassifier, float]:
+    """A LabelClassifier over ``labels`` trained on the first 3/4 of (images, captions), and its accuracy on
+    the last quarter (real images it did not see: how well it can judge at all)."""
+    unknown = sorted(set(captions) - set(labels))
+    if unknown:
+        raise ValueError(f"captions that are not labels: {unknown[:3]}")
+    if len(images) < 2:
+        raise ValueError(f"the label classifier needs at least 2 labelled images, got {len(images)}")
+    n = len(images) * 3 // 4
+    classifier = LabelClassifier(labels, seed=seed).fit(images[:n], captions[:n])
+    return classifier, classifier.accuracy(images[n:], captions[n:])
+
+
+def caption_adherence(
+    pipe,
+    prompts: Sequence[str],
+    steps: int,
+    guidance: float | None,
+    seed: int,
+    *,
+    seeds: int = SEEDS,
+    classifier: LabelClassifier | None = None,
+    samples_per_label: int = 1,
+    label_seed: int | None = None,
+    batch_size: int = 24,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float | None = None,
+) -> dict[str, Any]:
+    """Caption sensitivity of ``pipe`` at ``steps`` / ``guidance`` over ``prompts`` x ``seeds`` (every prompt
+    with seeds ``seed .. seed + seeds - 1``), with a ``classifier`` also its label accuracy on
+    ``samples_per_label`` images of every label (the label as the prompt, seeds from ``label_seed``, default
+    ``seed + seeds``), and ``caption_warning`` of both.
+
+    Returns caption_distance, seed_distance, sensitivity, (label_accuracy,) warning. Images follow
+    ``ldmkit.inference.generate_images``'s seed rule, so the figures do not depend on the batch size beyond
+    float rounding."""
+    from ldmkit.inference import generate_images  # diffusers: only when a pipeline is measured
+
+    if len(prompts) < 2:
+        raise ValueError(f"caption adherence needs >= 2 distinct prompts, got {len(prompts)}")
+    kw: dict[str, Any] = dict(height=height, width=width, eta=eta)
+    grid = [generate_images(pipe, [p], steps, guidance, seed, num_images=seeds, **kw) for p in prompts]
+    entry: dict[str, Any] = caption_sensitivity(grid)
+    chance = None
+    if classifier is not None:
+        chance = 1 / len(classifier.classes)
+        label_prompts = [label for label in classifier.classes for _ in range(samples_per_label)]
+        start = seed + seeds if label_seed is None else label_seed
+        samples = generate_images(pipe, label_prompts, steps, guidance, start, batch_size=batch_size, **kw)
+        entry["label_accuracy"] = classifier.accuracy(samples, label_prompts)
+    entry["warning"] = caption_warning(entry["sensitivity"], entry.get("label_accuracy"), chance)
+    return entry
 
 
 def caption_warning(

@@ -305,14 +305,15 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def read_data(path: str | Path, limit: int) -> tuple[list[Image.Image], list[str]]:
-    """The first ``limit`` (image, first caption) pairs of any dataset ldmkit trains on (folder, wds, filelist)."""
+def read_data(path: str | Path, limit: int, option: str = "--data") -> tuple[list[Image.Image], list[str]]:
+    """The first ``limit`` (image, first caption) pairs of any dataset ldmkit trains on (folder, wds, filelist);
+    errors name the command's ``option``."""
     from ldmkit.config import DataConfig
     from ldmkit.data.loader import open_dataset
 
     ds = open_dataset(DataConfig(path=str(path), max_samples=limit, num_workers=0))
     if not hasattr(ds, "lazy_samples"):
-        raise UserError(f"--data {path}: feature folders hold no images; pass an image dataset")
+        raise UserError(f"{option} {path}: feature folders hold no images; pass an image dataset")
     images, captions = [], []
     for _, load in ds.lazy_samples():
         if len(images) >= limit:
@@ -322,7 +323,7 @@ def read_data(path: str | Path, limit: int) -> tuple[list[Image.Image], list[str
             images.append(sample.image.convert("RGB"))
             captions.append(sample.captions[0] if sample.captions else "")
     if not images:
-        raise UserError(f"--data {path} has no readable samples")
+        raise UserError(f"{option} {path} has no readable samples")
     return images, captions
 
 
