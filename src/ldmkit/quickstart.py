@@ -853,7 +853,7 @@ def quickstart(
     from ldmkit.eval.report import summarise, write_report
 
     method = _resolve_method(method, lcd)
-    out = Path(out)
+    out = Path(out).resolve()  # stage configs hold absolute paths: a re-run from another folder resumes
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
