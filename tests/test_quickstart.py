@@ -182,6 +182,10 @@ def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path
     assert second["figures"]["teacher_unipc_2"] == figs["teacher_unipc_2"]
     assert second["figures"]["lcm_4"]["method"] == "pcm_lora"
     assert (out / "evaluate" / "tcd_lora" / "results.json").is_file()  # each method keeps its own evaluation
+    for method, student in (("tcd_lora", "TCD-LoRA"), ("pcm_lora", "PCM-LoRA")):  # and its own report
+        kept = json.loads((out / "reports" / method / "report.json").read_text())
+        assert kept["student"] == student and (out / "reports" / method / "grids.png").is_file()
+        assert student in (out / "reports" / method / "report.html").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -907,6 +907,9 @@ def quickstart(
     report["figures"] = summarise(results, report["plan"], method=method)
     report["seconds_total"] = time.perf_counter() - t_all
     write_report(out, report, results, _eval_dir(out, method))
+    # Several methods may share one --out: report.html is the latest run's, reports/<method>/ keeps each one's.
+    (out / "reports" / method).mkdir(parents=True, exist_ok=True)
+    write_report(out / "reports" / method, report, results, _eval_dir(out, method))
     return report
 
 
