@@ -196,8 +196,8 @@ def plan_for(
     captions do not mean simpler images, e.g. glyphs: 10 captions, many styles), the distillation's with its
     fourth root. Small data caps the steps at MAX_PASSES passes over it; MIN_STEPS is the floor. When the
     useful steps take longer than the budget, every stage still to train is scaled by one factor to fit it
-    (not below its floor); more minutes than the data needs add nothing (on the shapes, distillation gained
-    nothing from 1500 to 3000 steps, and the 2000-step teacher reaches 0.93-0.98 adherence: the recipes' notes).
+    (not below its floor); more minutes than the data needs do not grow the plan past what was measured (on the
+    shapes, full LCD gained nothing from 1500 to 3000 steps: configs/lcd/quickstart.yaml).
     The default (no minutes, 4000 images, 120 captions) is exactly FULL.
     """
     if quick:
