@@ -222,6 +222,9 @@ def test_interrupt_anywhere_in_a_step_resumes_exactly(tmp_path, shapes_folder, r
     from helpers.toy_method import ToyMethod
 
     fired = []
+    # What SIGINT was before the run (Python's default in a terminal, SIG_IGN under nohup or in a background
+    # job): the loop must put back whichever it was.
+    before = signal.getsignal(signal.SIGINT)
 
     def fire(now: bool) -> None:
         if now and not fired:
@@ -266,7 +269,7 @@ def test_interrupt_anywhere_in_a_step_resumes_exactly(tmp_path, shapes_folder, r
     with pytest.raises(Interrupted, match=r"interrupted at step (3|4), checkpoint saved") as info:
         train(toy_config(tmp_path, shapes_folder, "run", "--method.use_ema=true"))
     assert info.value.signum == signal.SIGINT and fired
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) == before  # handlers restored
     monkeypatch.undo()
     train(toy_config(tmp_path, shapes_folder, "run", "--method.use_ema=true"))
     same_weights(tmp_path / "run", reference)
