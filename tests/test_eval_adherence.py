@@ -220,3 +220,19 @@ def test_evaluate_warns_on_a_teacher_that_never_saw_a_caption(tmp_path, capsys):
     assert entry["sensitivity"] < MIN_SENSITIVITY / 5  # ... but the image barely follows them
     assert entry["label_accuracy"] < 2 * adh["chance"]
     assert entry["warning"] and f"WARNING {next(iter(adh['models']))}: " in printed
+
+
+def test_label_classifier_split_is_shuffled_for_grouped_data():
+    """Data grouped by label (30 images of A, then 10 of B): the unshuffled 3/4 split never shows B to the
+    classifier and tests on B alone; ``shuffle=True`` (user data in the quickstart, --data in evaluate) gives
+    both parts both labels, so the real-image accuracy measures the classifier, not the file order."""
+    from PIL import Image
+
+    from ldmkit.eval.adherence import fit_label_classifier
+
+    images = [Image.new("RGB", (16, 16), (220, 220, 220))] * 30 + [Image.new("RGB", (16, 16), (20, 20, 20))] * 10
+    captions = ["A"] * 30 + ["B"] * 10
+    _, grouped = fit_label_classifier(["A", "B"], images, captions, seed=0)
+    _, shuffled = fit_label_classifier(["A", "B"], images, captions, seed=0, shuffle=True)
+    assert grouped == 0.0
+    assert shuffled >= 0.9

@@ -754,7 +754,9 @@ def stage_adherence(
         # generated labelled data has its own held-out folder; the user's data: a split of it (the teacher saw
         # these images too: said in the report)
         images, caps = read_data(heldout, HELDOUT_IMAGES) if held_out else read_data(data, 2000)
-        classifier, real_accuracy = fit_label_classifier(labels, images, caps, seed=seed)
+        # the user's data may be grouped by label: shuffled before the split (the generated held-out set is
+        # in random order already, and keeps its figures)
+        classifier, real_accuracy = fit_label_classifier(labels, images, caps, seed=seed, shuffle=not held_out)
         result.update(
             classifier_real_accuracy=real_accuracy, chance=1 / len(labels), classifier_held_out_from_teacher=held_out
         )

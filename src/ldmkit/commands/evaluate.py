@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,11 +287,10 @@ def _adherence_probe(args: argparse.Namespace, captions: list[str], data_images:
         return None
     if labels is not None:
         probe.labels = labels
-        # Datasets are often grouped by label (class folders, sorted names): shuffled before the classifier's
-        # 3/4 split, so that both parts hold every label.
-        order = random.Random(args.seed).sample(range(len(images)), len(images))
-        images, image_captions = [images[i] for i in order], [image_captions[i] for i in order]
-        probe.classifier, probe.real_accuracy = fit_label_classifier(labels, images, image_captions, seed=args.seed)
+        # Datasets are often grouped by label (class folders, sorted names): shuffled before the split.
+        probe.classifier, probe.real_accuracy = fit_label_classifier(
+            labels, images, image_captions, seed=args.seed, shuffle=True
+        )
         probe.trained_on = "--heldout" if args.heldout else "--data"
         probe.train_images = len(images) * 3 // 4
         probe.test_images = len(images) - probe.train_images

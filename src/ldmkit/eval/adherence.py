@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -166,15 +167,24 @@ class LabelClassifier:
 
 
 def fit_label_classifier(
-    labels: Sequence[str], images: Sequence[Image.Image], captions: Sequence[str], seed: int = 0
+    labels: Sequence[str],
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    seed: int = 0,
+    shuffle: bool = False,
 ) -> tuple[LabelClassifier, float]:
     """A LabelClassifier over ``labels`` trained on the first 3/4 of (images, captions), and its accuracy on
-    the last quarter (real images it did not see: how well it can judge at all)."""
+    the last quarter (real images it did not see: how well it can judge at all). ``shuffle``: put the pairs
+    in a seeded random order first: a user's dataset is often grouped by label (class folders, sorted names),
+    and an unshuffled split would leave labels out of one part."""
     unknown = sorted(set(captions) - set(labels))
     if unknown:
         raise ValueError(f"captions that are not labels: {unknown[:3]}")
     if len(images) < 2:
         raise ValueError(f"the label classifier needs at least 2 labelled images, got {len(images)}")
+    if shuffle:
+        order = random.Random(seed).sample(range(len(images)), len(images))
+        images, captions = [images[i] for i in order], [captions[i] for i in order]
     n = len(images) * 3 // 4
     classifier = LabelClassifier(labels, seed=seed).fit(images[:n], captions[:n])
     return classifier, classifier.accuracy(images[n:], captions[n:])
