@@ -516,7 +516,10 @@ def stage_teacher(out: Path, data: Path, plan: Plan, base: Path) -> Path:
     )
 
 
-def stage_distill(out: Path, data: Path, plan: Plan, teacher: Path, method: str) -> Path:
+def stage_distill(
+    out: Path, data: Path, plan: Plan, teacher: Path, method: str, overrides: tuple[str, ...] = ()
+) -> Path:
+    """``overrides``: more ``--section.key=value`` for the recipe (benchmarks/quickstart_spread.py: train.seed)."""
     return _train(
         f"{method}/quickstart.yaml",
         [
@@ -528,6 +531,7 @@ def stage_distill(out: Path, data: Path, plan: Plan, teacher: Path, method: str)
             f"--data.cache_dir={out / 'cache'}",
             f"--train.max_steps={plan.distill_steps}",
             f"--output_dir={out / method}",
+            *overrides,
         ],
     )
 
