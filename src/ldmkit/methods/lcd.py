@@ -313,22 +313,25 @@ class LCMLoraMethod(_LCDBase):
         self.unet.train()
         # Averages of the LoRA weights only (the base is frozen): a target as full LCD's (constant decay), and
         # a Polyak average to export (warmup, as the U-ViT/finetune EMA). Off by default, as the references.
+        # The LoRA's parameters and the target module are found once, not at every step.
+        lora = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        self._lora = list(lora.values())
         self.target_ema = self.export_ema = None
+        self._target: torch.nn.Module = self.unet
         if m.target_ema_decay > 0:
-            self.target_ema = EMA(self._lora_params(), decay=m.target_ema_decay, schedule="constant")
+            self.target_ema = EMA(self._lora, decay=m.target_ema_decay, schedule="constant")
+            self._target = _WithWeights(self.unet, dict(zip(lora, self.target_ema.shadow_params)))
         if m.export_ema_decay is not None:
-            self.export_ema = EMA(self._lora_params(), decay=m.export_ema_decay, schedule="warmup")
+            self.export_ema = EMA(self._lora, decay=m.export_ema_decay, schedule="warmup")
 
     def _lora_params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unwrap(self.unet).parameters() if p.requires_grad]
+        return self._lora
 
     def roles(self) -> Roles:
         base = self.unwrap(self.unet)
-        target = base
-        if self.target_ema is not None:
-            names = [n for n, p in base.named_parameters() if p.requires_grad]
-            target = _WithWeights(base, dict(zip(names, self.target_ema.shadow_params)))
-        return Roles(student=self.unet, teacher=base, target=target, teacher_context=lambda: adapters_disabled(base))
+        return Roles(
+            student=self.unet, teacher=base, target=self._target, teacher_context=lambda: adapters_disabled(base)
+        )
 
     def after_step(self, step: int) -> None:
         for ema in (self.target_ema, self.export_ema):
