@@ -14,11 +14,18 @@ Here the edges ARE the K timesteps of ``TCDScheduler(original_inference_steps=N)
 visits exactly the trained edges: [999, 759, 499, 259] -> edges {759, 499, 259, 0} for N=50, K=4.
 Every edge lies on the DDIM solver grid, so one teacher step from t_{n+k} never crosses an edge; when it
 lands on the edge, the target is that point itself (boundary condition).
+
+The optional adversarial consistency loss compares the student's and the target's points at the edge s after
+both are diffused forward to a time t_adv inside the phase above s (``adversarial_timesteps``,
+``noise_travel``; reference code/text_to_image_sd15/train_pcm_lora_sd15_adv.py and its
+scheduling_ddpm_modified.py ``noise_travel``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ldmkit.diffusion.lcm import append_dims
 
 
 def phase_starts(num_ddim_timesteps: int, num_phases: int) -> torch.Tensor:
@@ -45,3 +52,22 @@ def phase_end_timesteps(index: torch.Tensor, ddim_timesteps: torch.Tensor, num_p
     t = ddim_timesteps[index]
     phase = torch.searchsorted(uppers, t)  # first upper end >= t
     return lowers[phase]
+
+
+def adversarial_timesteps(
+    end_timesteps: torch.Tensor, num_train_timesteps: int, num_phases: int, u: torch.Tensor
+) -> torch.Tensor:
+    """t_adv for points at the phase edges s [B]: uniform over the integers [s, s + T // K), the reference's
+    range (one phase's length above s), cut at T - 1. ``u`` are uniform [0, 1) draws [B]."""
+    span = (num_train_timesteps - end_timesteps).clamp(max=num_train_timesteps // num_phases)
+    return end_timesteps + torch.floor(u.to(end_timesteps.device) * span).long()
+
+
+def noise_travel(
+    sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, to_timesteps: torch.Tensor, alphas_cumprod
+) -> torch.Tensor:
+    """Forward diffusion of x_s from s to t >= s (per sample, [B]): x_t = sqrt(a_t / a_s) x_s + sqrt(1 - a_t / a_s) eps,
+    a = alphas_cumprod. If x_s = sqrt(a_s) x_0 + sqrt(1 - a_s) eps', x_t has the marginal of q(x_t | x_0)."""
+    ac = alphas_cumprod.to(sample.device)
+    ratio = append_dims(ac[to_timesteps.to(sample.device)] / ac[timesteps.to(sample.device)], sample.ndim)
+    return ratio.sqrt() * sample + (1 - ratio).sqrt() * noise

@@ -78,6 +78,8 @@ class Family:
     """LCD's default smallest guidance scale w (LCM paper sec. 5: [w_min, w_max] = [5, 15] for SD)."""
     lcm_lora_guidance: ClassVar[float] = 1.0
     """Pipeline guidance_scale at which an LCM-LoRA samples without classifier-free guidance."""
+    pcm_adv_heads: ClassVar[str] = "full"
+    """PCM's discriminator layout when method.adv_heads is null (the reference's SD1.5 discriminator)."""
     pipeline_import: ClassVar[str] = ""
     """Python line that imports the pipeline class (for model cards)."""
 

@@ -20,6 +20,7 @@ class SDXLFamily(SDFamily):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     lcd_w_min = 3.0  # diffusers' train_lcm_distill_sdxl_wds.py default
     lcm_lora_guidance = 0.0  # SDXL pipelines skip CFG at guidance_scale <= 1; 0 as the LCM-LoRA model cards
+    pcm_adv_heads = "light"  # the reference's SDXL discriminator (down and mid blocks, 1x1 heads)
     pipeline_import: ClassVar[str] = "from diffusers import StableDiffusionXLPipeline\n"
     _hidden_states = True
     _fingerprint_tag = "sdxl=True"

@@ -19,7 +19,7 @@ from ldmkit.errors import UserError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["Method", "MethodConfig", "check_validation_size"]
+__all__ = ["Method", "MethodConfig", "StepCounter", "check_validation_size"]
 logger = logging.getLogger(__name__)
 
 
@@ -30,6 +30,20 @@ def check_validation_size(mcfg: MethodConfig) -> None:
         value = getattr(mcfg, key, None)
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"method.{key} must be a multiple of 8 (at least 8), got {value}")
+
+
+class StepCounter:
+    """Optimizer steps done, checkpointed, so a term that switches on at a step (vae's discriminator, pcm's
+    adversarial term) does so at the same step after a resume."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
 
 
 class Method:
@@ -73,6 +87,12 @@ class Method:
         first group's norm is the one logged): one group, unless modules trained together must not scale
         each other's steps (vae: the autoencoder and its discriminator)."""
         return [self.parameters()]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one, ``parameters()`` at the train.* settings, unless a module
+        trained alongside needs its own (pcm's discriminator). A group's "lr" replaces train.learning_rate (and
+        is scaled as it by train.scale_lr), its "betas" train.adam_beta1/2 (for optimizers that take betas)."""
+        return [{"params": self.parameters()}]
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

@@ -261,6 +261,21 @@ class PCMKnobs:
     num_phases: int = 4
     """K: sub-trajectories the ODE is split into (the reference's --multiphase; its SD1.5 script uses 4). Sample
     with K steps (or a divisor of K) to land on the trained edges."""
+    adv_weight: float = 0.0
+    """Weight of PCM's adversarial consistency loss (the reference's --adv_weight: 0.1 in its *_adv.py scripts);
+    0: off, no discriminator. A discriminator (the frozen teacher's block features + trainable heads) tells the
+    target's phase-edge point from the student's, both re-noised into the phase above (methods/pcm.py)."""
+    adv_start: int = 0
+    """Optimizer steps before the adversarial term and its discriminator switch on (the reference: from the start)."""
+    adv_lr: float = 1e-5
+    """Learning rate of the discriminator heads (the reference's --adv_lr), AdamW betas (0, 0.999) as its
+    discriminator optimizer; their own group of the one optimizer (train.lr_scheduler and scale_lr apply as to
+    the student)."""
+    adv_heads: Literal["full", "light"] | None = None
+    """Discriminator layout: full (reference discriminator_sd15.py: 4 heads with 3x3 convolutions on every down,
+    mid and up block output) or light (discriminator_sdxl.py: 1 head with 1x1 convolutions on the down and mid
+    block outputs; the teacher's pass stops after the mid block); null: full for SD1.x, light for SDXL and the
+    U-ViT (in-, mid- and out-block tokens as its down, mid and up blocks)."""
 
     def check(self, cfg: Config) -> None:
         super().check(cfg)  # type: ignore[misc]
@@ -269,6 +284,11 @@ class PCMKnobs:
                 f"method.num_phases must be in 1..num_ddim_timesteps ({self.num_ddim_timesteps}), "  # type: ignore[attr-defined]
                 f"got {self.num_phases}"
             )
+        for key, value in (("adv_weight", self.adv_weight), ("adv_start", self.adv_start)):
+            if value < 0:
+                raise UserError(f"method.{key} must be >= 0, got {value}")
+        if self.adv_lr <= 0:
+            raise UserError(f"method.adv_lr must be > 0, got {self.adv_lr}")
 
 
 @dataclass

@@ -51,7 +51,14 @@ if TYPE_CHECKING:
 
     from ldmkit.config import Config
 
-__all__ = ["LCM_LORA_TARGET_MODULES", "UVIT_LORA_TARGET_MODULES", "LCDMethod", "LCMLoraMethod", "Roles"]
+__all__ = [
+    "LCM_LORA_TARGET_MODULES",
+    "UVIT_LORA_TARGET_MODULES",
+    "ConsistencyPair",
+    "LCDMethod",
+    "LCMLoraMethod",
+    "Roles",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,23 @@ class Roles:
     """Entered around the teacher's passes (LCM-LoRA: adapters disabled)."""
     w_embedding: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Guidance scales w [B] -> the student's and target's ``timestep_cond``, or None (no w-embedding)."""
+
+
+@dataclass
+class ConsistencyPair:
+    """What steps 1-7 of Algorithm 1 give: the two sides of the consistency loss, and what they were taken at
+    (PCM's adversarial term re-noises both: methods/pcm.py)."""
+
+    student: torch.Tensor
+    """f_theta(z_{t_{n+k}}, w, c, t_{n+k} -> s), with the student's gradient."""
+    target: torch.Tensor
+    """f_theta^-(z_hat_{t_n}, w, c, t_n -> s), no gradient."""
+    end: torch.Tensor | None
+    """s per sample (None for LCM: the origin)."""
+    cond: dict[str, torch.Tensor]
+    """The text condition c (fp32), as ``Family.denoise`` takes it."""
+    rng: SampleRNG
+    """The samples' generators, after the draws of steps 1-7 (later draws continue their streams)."""
 
 
 def _cat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,9 +171,10 @@ class _LCDBase(Method):
 
     # ---- the loss: LCM paper, Algorithm 1 ---------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.distillation_loss(batch, self.roles())
+        return self.consistency_distance(self.consistency_pair(batch, self.roles())), {}
 
-    def distillation_loss(self, batch: dict[str, Any], roles: Roles) -> tuple[torch.Tensor, dict[str, float]]:
+    def consistency_pair(self, batch: dict[str, Any], roles: Roles) -> ConsistencyPair:
+        """Steps 1-7 of Algorithm 1: the online and the target consistency function at one batch."""
         m, ptype, ac, family = self.mcfg, self.prediction_type, self.alphas_cumprod, self.family
         rng = SampleRNG(batch["seed"], self.device)
         with self.accelerator.autocast():
@@ -203,13 +228,13 @@ class _LCDBase(Method):
             # 7. Target f_theta^-(z_hat_{t_n}, w, c, t_n -> s), no gradient.
             with torch.no_grad():
                 target = self._f(family.denoise(roles.target, z_prev, t, cond, w_emb), z_prev, t, end)
+        return ConsistencyPair(model_pred, target, end, cond, rng)
 
-        # 8. Consistency distillation loss d(f_theta, f_theta^-) in fp32.
-        if m.loss_type == "huber":
-            loss = lcm.pseudo_huber(model_pred, target, m.huber_c)
-        else:
-            loss = F.mse_loss(model_pred.float(), target.float())
-        return loss, {}
+    def consistency_distance(self, pair: ConsistencyPair) -> torch.Tensor:
+        """Step 8: the consistency distillation loss d(f_theta, f_theta^-) in fp32."""
+        if self.mcfg.loss_type == "huber":
+            return lcm.pseudo_huber(pair.student, pair.target, self.mcfg.huber_c)
+        return F.mse_loss(pair.student.float(), pair.target.float())
 
     # ---- validation -------------------------------------------------------------------------------
     def _lcm_scheduler(self):

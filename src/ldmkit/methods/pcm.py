@@ -7,27 +7,61 @@ with the DDIM-form consistency function of TCD; a target whose teacher step land
 itself. Everything else is the shared Algorithm-1 frame of ``methods/lcd.py``.
 
 Sampling is deterministic, edge to edge: the export carries a ``TCDScheduler`` with the run's N, used with
-eta (gamma) 0; at K steps it visits exactly the trained edges. Not implemented here: the reference's
-optional adversarial term (a discriminator on the student's outputs) and solvers other than DDIM inside
-a phase.
+eta (gamma) 0; at K steps it visits exactly the trained edges. Not implemented here: solvers other than
+DDIM inside a phase.
+
+The optional adversarial consistency loss (``method.adv_weight`` > 0; reference code/text_to_image_sd15/
+train_pcm_lora_sd15_adv.py and discriminator_sd15.py, code/text_to_image_sdxl/ the same for SDXL). After
+steps 1-8 of the shared frame (the consistency loss):
+  9. t_adv ~ U{s, ..., s + T/K - 1} above the student's phase edge s; "fake" = the student's point at s,
+     "real" = the target's point at s, each diffused forward from s to t_adv with its own noise;
+ 10. the discriminator is the frozen teacher (the LoRA methods: the base with adapters off) at (x, t_adv, c),
+     read at its block outputs by small trainable heads (models/discriminator.py); c the text condition;
+ 11. generator term adv_weight * mean over heads of mean relu(1 - D(fake)): the reference's hinge form, not
+     LDM's -D(fake); it reaches the student through the teacher and the heads' detached weights;
+ 12. discriminator term, mean over heads of mean relu(1 + D(fake)) + mean relu(1 - D(real)), on the fake's
+     detached features: the heads' gradient is of this term alone.
+Differences from the reference, on purpose, as the ``vae`` method's GAN: one loss, one backward and one
+optimizer step a batch train both (the reference alternates, a discriminator step on even steps, a student step
+on odd ones); the heads are a second parameter group of the one optimizer (their lr ``adv_lr``, betas (0, 0.999),
+both the reference's; train.lr_scheduler, scale_lr and adam_weight_decay apply to them as to the student),
+clipped by their own norm; ``adv_start`` can delay the term (the reference: on from the start). The heads and
+the step counter are checkpointed (exact resume); the export has no discriminator in it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ldmkit.diffusion import pcm
+from ldmkit.methods.base import StepCounter
 from ldmkit.methods.configs import PCMConfig, PCMKnobs, PCMLoraConfig  # noqa: F401 (help needs no torch)
-from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod
+from ldmkit.methods.lcd import ConsistencyPair, LCDMethod, LCMLoraMethod, Roles
 from ldmkit.methods.tcd import TrajectoryTarget
+from ldmkit.models import discriminator
 from ldmkit.rng import SampleRNG
 
 if TYPE_CHECKING:
-    pass
+    from accelerate import Accelerator
 
-__all__ = ["PCMConfig", "PCMLoraConfig", "PCMLoraMethod", "PCMMethod"]
+    from ldmkit.config import Config
+
+__all__ = ["PCMConfig", "PCMLoraConfig", "PCMLoraMethod", "PCMMethod", "discriminator_hinge", "generator_hinge"]
+
+
+def discriminator_hinge(logits_real: list[torch.Tensor], logits_fake: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over heads of mean relu(1 - D(real)) + mean relu(1 + D(fake)) (the reference's ``d_loss``)."""
+    terms = [
+        torch.relu(1 - r.float()).mean() + torch.relu(1 + f.float()).mean() for r, f in zip(logits_real, logits_fake)
+    ]
+    return torch.stack(terms).mean()
+
+
+def generator_hinge(logits_fake: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over heads of mean relu(1 - D(fake)) (the reference's ``g_loss``)."""
+    return torch.stack([torch.relu(1 - f.float()).mean() for f in logits_fake]).mean()
 
 
 class PhasedTarget(TrajectoryTarget):
@@ -35,6 +69,19 @@ class PhasedTarget(TrajectoryTarget):
 
     kind = "Phased Consistency Model"
     lora_kind = "PCM-LoRA"
+    disc: torch.nn.Module | None = None
+    """The discriminator's trainable heads (accelerate-prepared); None without the adversarial term."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator):
+        super().__init__(cfg, accelerator)
+        m = self.mcfg
+        if m.adv_weight > 0:
+            layout = m.adv_heads or self.family.pcm_adv_heads
+            self._taps = discriminator.feature_taps(self.roles().teacher, layout)
+            heads = discriminator.FeatureDiscriminator([c for _, c, _ in self._taps], layout)
+            self.disc = heads.to(self.device).train()  # fp32: trained
+            self.trainable_names = ("unet", "disc")
+            self.adv_steps = StepCounter()
 
     def _end_timesteps(self, index: torch.Tensor, t: torch.Tensor, rng: SampleRNG) -> torch.Tensor:
         return pcm.phase_end_timesteps(index, self.ddim_timesteps, self.mcfg.num_phases)
@@ -47,6 +94,83 @@ class PhasedTarget(TrajectoryTarget):
             f"TCDScheduler, original_inference_steps={self.mcfg.num_ddim_timesteps}, eta=0 (deterministic); "
             f"{self.mcfg.num_phases} steps visit exactly the {self.mcfg.num_phases} trained phase edges"
         )
+
+    # ---- the loss: steps 1-8 of the shared frame, then the optional adversarial term -------------
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        roles = self.roles()
+        pair = self.consistency_pair(batch, roles)
+        loss = self.consistency_distance(pair)
+        if self.disc is None:
+            return loss, {}
+        adversarial, logs = self._adversarial(pair, roles)
+        return loss + adversarial, {"consistency_loss": loss.item(), **logs}
+
+    def _adversarial(self, pair: ConsistencyPair, roles: Roles) -> tuple[torch.Tensor, dict[str, float]]:
+        """adv_weight x the generator term + the discriminator's loss (steps 9-12 of the module docstring);
+        before adv_start nothing runs (no draws, no discriminator)."""
+        m = self.mcfg
+        if self.adv_steps.step < m.adv_start:
+            return pair.student.new_zeros(()), {"g_loss": 0.0, "d_loss": 0.0, "adv_active": 0.0}
+        rng, ac, end = pair.rng, self.alphas_cumprod, pair.end
+        shape = pair.student.shape[1:]
+        with self.accelerator.autocast():
+            # 9. t_adv in the phase above s; both points at s diffused to t_adv, each with its own noise.
+            T = self.family.noise_scheduler.config.num_train_timesteps
+            t_adv = pcm.adversarial_timesteps(end, T, m.num_phases, rng.rand().to(self.device))
+            fake = pcm.noise_travel(pair.student.float(), rng.randn(*shape).to(self.device), end, t_adv, ac)
+            real = pcm.noise_travel(pair.target.float(), rng.randn(*shape).to(self.device), end, t_adv, ac)
+
+            # 10. The frozen teacher's block features at (x, t_adv, c); the fake's carry the student's gradient.
+            fake_features = self._teacher_features(roles, fake, t_adv, pair.cond)
+            with torch.no_grad():
+                real_features = self._teacher_features(roles, real, t_adv, pair.cond)
+
+            # 11. Generator term: the heads with detached weights, so it trains the student only.
+            heads = self.unwrap(self.disc)
+            frozen = {name: p.detach() for name, p in heads.named_parameters()}
+            g_loss = generator_hinge(torch.func.functional_call(heads, frozen, (fake_features,)))
+
+            # 12. Discriminator term on detached features (one call: one DDP forward); trains the heads only.
+            both = self.disc([torch.cat([r, f.detach()]) for r, f in zip(real_features, fake_features)])
+            logits_real, logits_fake = zip(*(logits.chunk(2) for logits in both))
+            d_loss = discriminator_hinge(list(logits_real), list(logits_fake))
+        logs = {
+            "g_loss": g_loss.item(),
+            "d_loss": d_loss.item(),
+            "adv_active": 1.0,
+            "logits_real": torch.stack([x.float().mean() for x in logits_real]).mean().item(),
+            "logits_fake": torch.stack([x.float().mean() for x in logits_fake]).mean().item(),
+        }
+        return m.adv_weight * g_loss + d_loss, logs
+
+    def _teacher_features(self, roles: Roles, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
+        with roles.teacher_context(), discriminator.tapped(self._taps) as features:
+            self.family.denoise(roles.teacher, x, t, cond)
+        return features
+
+    # ---- what the loop needs of the discriminator ---------------------------------------------------
+    def _student_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        if self.disc is None:
+            return super().param_groups()
+        heads = {"params": list(self.disc.parameters()), "lr": self.mcfg.adv_lr, "betas": (0.0, 0.999)}
+        return [{"params": self._student_parameters()}, heads]
+
+    def clip_groups(self) -> list[list[torch.nn.Parameter]]:
+        if self.disc is None:
+            return super().clip_groups()
+        return [self._student_parameters(), list(self.disc.parameters())]
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        if self.disc is not None:
+            self.adv_steps.step = step
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        objects = super().checkpoint_objects()
+        return {**objects, "adv_steps": self.adv_steps} if self.disc is not None else objects
 
 
 class PCMLoraMethod(PhasedTarget, LCMLoraMethod):

@@ -34,7 +34,7 @@ from diffusers.image_processor import VaeImageProcessor
 from torch import nn
 
 from ldmkit.errors import UserError
-from ldmkit.methods.base import Method
+from ldmkit.methods.base import Method, StepCounter
 from ldmkit.methods.configs import VAEConfig  # noqa: F401 (the configs import without torch: --help)
 from ldmkit.models.discriminator import PatchDiscriminator
 from ldmkit.rng import SampleRNG
@@ -122,19 +122,6 @@ def adaptive_weight(rec_grad: torch.Tensor, gan_grad: torch.Tensor, max_weight: 
     """LDM's balance of the generator term: ||grad rec|| / (||grad gan|| + 1e-4), clamped to [0, max_weight],
     given both losses' gradients at the decoder's last layer; a constant (no gradient flows through it)."""
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
-
-
-class StepCounter:
-    """Optimizer steps done, checkpointed, so the discriminator switches on at the same step after a resume."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 def _load_perceptual(path: str, device: torch.device) -> torch.jit.ScriptModule:

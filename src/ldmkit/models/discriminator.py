@@ -1,4 +1,6 @@
-"""PatchGAN discriminator for autoencoder training (plain PyTorch).
+"""Discriminators (plain PyTorch): the PatchGAN of autoencoder training, and PCM's heads on a frozen denoiser.
+
+PatchGAN (``PatchDiscriminator``, the ``vae`` method).
 
 The network of pix2pix (Isola et al. 2017, "Image-to-Image Translation with Conditional Adversarial
 Networks", the 70x70 PatchGAN) as taming-transformers' ``taming/modules/discriminator/model.py``
@@ -11,11 +13,23 @@ normal(0, 0.02) convolution weights and normal(1, 0.02) norm scales as taming's 
 in training mode, so they would never be used (and need no checkpoint). BatchNorm normalises over each
 process's batch, so its result depends on how a batch is split over processes; ``norm="group"``
 (GroupNorm, per sample) makes a run on N processes reproduce the one-process run.
+
+Feature heads (``FeatureDiscriminator``, the adversarial term of ``pcm`` / ``pcm_lora``). PCM's discriminator
+(Wang et al. 2024, arXiv:2405.18407; G-U-N/Phased-Consistency-Model, code/text_to_image_sd15/
+discriminator_sd15.py and code/text_to_image_sdxl/discriminator_sdxl.py) is the frozen teacher denoiser read
+at the outputs of its blocks, each feature map with small trainable heads: conv-GroupNorm(32)-LeakyReLU twice
+(the second with a residual) and a 1x1 convolution to one logit per position. Its two layouts:
+``full`` (SD1.5 file): every down, mid and up block output, 4 heads each, 3x3 convolutions;
+``light`` (SDXL file, "to save memory"): the down and mid block outputs only, 1 head each, 1x1 convolutions.
+``feature_taps`` says where those outputs are in a diffusers UNet2DConditionModel and in ldmkit's U-ViT, whose
+counterparts are its in-, mid- and out-block token features, the patch tokens laid out as their latent grid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 from torch import Tensor, nn
 
@@ -57,3 +71,106 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.main(x)
+
+
+class FeatureHead(nn.Module):
+    """(B, C, h, w) features -> (B, 1, h, w) logits: two conv-GroupNorm-LeakyReLU layers (the second residual),
+    then a 1x1 convolution; PyTorch's default initialisation, as the reference."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+
+        def layer() -> nn.Sequential:
+            conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2)
+            return nn.Sequential(conv, nn.GroupNorm(math.gcd(32, channels), channels), nn.LeakyReLU())
+
+        self.conv1, self.conv2 = layer(), layer()
+        self.conv_out = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        return self.conv_out(self.conv2(x) + x)
+
+
+HEAD_LAYOUTS = {"full": (4, 3), "light": (1, 1)}
+"""layout -> (heads per feature map, kernel size) of the reference's SD1.5 and SDXL discriminators."""
+
+
+class FeatureDiscriminator(nn.Module):
+    """The trainable part of PCM's discriminator: ``heads_per_feature`` heads on each of the feature maps of
+    widths ``channels``; ``forward(features)`` gives every head's logits, feature-major."""
+
+    def __init__(self, channels: list[int], layout: str = "full"):
+        super().__init__()
+        heads, kernel = HEAD_LAYOUTS[layout]
+        self.heads = nn.ModuleList(nn.ModuleList(FeatureHead(c, kernel) for _ in range(heads)) for c in channels)
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        if len(features) != len(self.heads):
+            raise ValueError(f"expected {len(self.heads)} feature maps, got {len(features)}")
+        return [head(f) for f, heads in zip(features, self.heads) for head in heads]
+
+
+Tap = tuple[nn.Module, int, Callable[[object], Tensor]]
+"""(block, width of its output, block output -> (B, C, h, w) feature map)."""
+
+
+def feature_taps(model: nn.Module, layout: str) -> list[Tap]:
+    """The blocks of ``model`` whose outputs the heads read, in forward order: a diffusers UNet's down blocks
+    and mid block (``full``: and its up blocks), or the U-ViT's in blocks and mid block (``full``: and its out
+    blocks)."""
+    full = layout == "full"
+    if hasattr(model, "down_blocks") and getattr(model, "mid_block", None) is not None:  # UNet2DConditionModel
+        widths = list(model.config.block_out_channels)
+        taps: list[Tap] = [(b, c, _first) for b, c in zip(model.down_blocks, widths)]
+        taps.append((model.mid_block, widths[-1], _itself))
+        if full:
+            taps += [(b, c, _itself) for b, c in zip(model.up_blocks, reversed(widths))]
+        return taps
+    if hasattr(model, "in_blocks"):  # models/uvit.py
+        cfg = model.config
+        side, extras = cfg.sample_size // cfg.patch_size, model.extras
+
+        def grid(tokens: Tensor) -> Tensor:  # (B, extras + side^2, D) -> (B, D, side, side), row-major patches
+            patches = tokens[:, extras:]
+            return patches.reshape(patches.shape[0], side, side, -1).permute(0, 3, 1, 2)
+
+        blocks = [*model.in_blocks, model.mid_block, *(model.out_blocks if full else [])]
+        return [(b, cfg.embed_dim, grid) for b in blocks]
+    raise TypeError(f"no feature taps known for {type(model).__name__} (a UNet2DConditionModel or U-ViT is)")
+
+
+def _first(output) -> Tensor:  # a UNet down block returns (hidden_states, skip connections)
+    return output[0]
+
+
+def _itself(output) -> Tensor:
+    return output
+
+
+class _Enough(Exception):
+    """Raised by the last tap: the rest of the forward pass is not needed."""
+
+
+@contextlib.contextmanager
+def tapped(taps: list[Tap]) -> Iterator[list[Tensor]]:
+    """Collects the tapped feature maps of the forward pass run inside the block into the list it yields. The
+    pass stops at the last tap (``light`` skips the up blocks, as the reference's SDXL discriminator does)."""
+    features: list[Tensor] = []
+
+    def hook(to_map: Callable[[object], Tensor], last: bool):
+        def collect(module, args, output):
+            features.append(to_map(output))
+            if last:
+                raise _Enough
+
+        return collect
+
+    handles = [block.register_forward_hook(hook(f, i == len(taps) - 1)) for i, (block, _, f) in enumerate(taps)]
+    try:
+        yield features
+    except _Enough:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -248,7 +248,7 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
             elif hasattr(module, "gradient_checkpointing_enable"):
                 module.gradient_checkpointing_enable()
 
-    optimizer = make_optimizer(cfg, method.parameters(), accelerator.num_processes)
+    optimizer = make_optimizer(cfg, method.param_groups(), accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
     prepared = accelerator.prepare(*[getattr(method, n) for n in method.trainable_names], optimizer)
     for name, module in zip(method.trainable_names, prepared[:-1]):

@@ -44,15 +44,20 @@ def _optimizer_class(name: str):
     raise UserError(f"unknown train.optimizer {name!r}")
 
 
-def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], num_processes: int):
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter] | list[dict[str, Any]], num_processes: int):
+    """The optimizer of train.optimizer over ``params``: parameters, or parameter groups (``Method.param_groups``)
+    whose "lr" / "betas" replace train.learning_rate / adam_beta1/2 for their parameters."""
     t = cfg.train
-    lr = t.learning_rate
-    if t.scale_lr:
-        lr *= t.batch_size * t.gradient_accumulation_steps * num_processes
-    if not params:
+    scale = t.batch_size * t.gradient_accumulation_steps * num_processes if t.scale_lr else 1
+    lr = t.learning_rate * scale
+    groups = list(params) if params and isinstance(params[0], dict) else [{"params": list(params)}]
+    if not any(g["params"] for g in groups):
         raise UserError(f"method {cfg.method.name!r} has no trainable parameters")
     name = "adamw8bit" if t.use_8bit_adam else t.optimizer
     cls, takes = _optimizer_class(name)
+    groups = [
+        {k: v * scale if k == "lr" else v for k, v in g.items() if k in ("params", "lr") or k in takes} for g in groups
+    ]
     knobs = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
     kwargs: dict[str, Any] = dict(lr=lr, weight_decay=t.adam_weight_decay, **{k: knobs[k] for k in takes})
     if name == "adamw":
@@ -65,7 +70,7 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], num_processes:
         kwargs.update(relative_step=False, scale_parameter=False, warmup_init=False)
     kwargs.update(t.optimizer_args)
     try:
-        return cls(params, **kwargs)
+        return cls(groups, **kwargs)
     except TypeError as e:  # an optimizer_args key the optimizer does not take
         raise UserError(f"train.optimizer_args for {name}: {e}") from None
 
