@@ -160,3 +160,84 @@ def test_train_resume_export(tiny_sd15, features_dir, tmp_path):
         shadow = ema[f"ema.shadow_params.{names.index(name)}"]
         (trained,) = [v for k, v in raw.items() if k == name or k.endswith("." + name)]
         assert torch.equal(a[name], shadow) and not torch.equal(a[name], trained)
+
+
+def _te_cfg(tiny_sd15, shapes_dir, out: Path, *extra: str):
+    """Images (cached latents) and the text encoder trained with the U-ViT."""
+    return debug_cfg(
+        tiny_sd15,
+        shapes_dir,
+        out,
+        "--data.format=auto",
+        "--data.cache=true",
+        f"--data.cache_dir={out.parent / 'cache'}",
+        "--method.train_text_encoder=true",
+        "--method.scale_factor=null",
+        *extra,
+    )
+
+
+def test_train_text_encoder_needs_captions(tiny_sd15, features_dir, tmp_path):
+    with pytest.raises(UserError, match="train_text_encoder needs captions"):
+        debug_cfg(tiny_sd15, features_dir, tmp_path, "--method.train_text_encoder=true")
+
+
+def test_train_text_encoder_gets_gradients_from_the_loss(tiny_sd15, shapes_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from ldmkit.methods.uvit import UViTMethod
+
+    torch.manual_seed(0)
+    method = UViTMethod(_te_cfg(tiny_sd15, shapes_dir, tmp_path / "run"), Accelerator(cpu=True))
+    te = method.text_encoder
+    assert te.dtype == torch.float32 and all(p.requires_grad for p in te.parameters())
+    assert {id(p) for p in te.parameters()} <= {id(p) for p in method.parameters()}
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "latent_moments": torch.cat([torch.randn(4, 4, 4, 4, generator=g), torch.full((4, 4, 4, 4), -3.0)], 1),
+        # cached embeddings of the base encoder are ignored: the captions are encoded by the trained one
+        "prompt_embeds": torch.zeros(4, 77, 32),
+        "captions": ["a large red circle", "a small blue square", "", "a red square"],
+        "seed": torch.arange(4),
+    }
+    loss, _ = method.loss(batch)
+    loss.backward()
+    grad = te.get_input_embeddings().weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # Same loss as the frozen path given the trained encoder's own embeddings (nothing else changes).
+    with torch.no_grad():
+        embeds = method.family.encode_prompts(batch["captions"], [te])["prompt_embeds"]
+        method.mcfg.train_text_encoder = False
+        frozen, _ = method.loss({**batch, "prompt_embeds": embeds})
+    torch.testing.assert_close(frozen, loss.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_train_text_encoder_resume_and_export(tiny_sd15, shapes_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from ldmkit.pipelines.uvit import UViTPipeline
+    from ldmkit.train.loop import train
+
+    steps = ["--train.max_steps=4", "--train.checkpoint_every=2", "--train.validate_every=0"]
+    full = train(_te_cfg(tiny_sd15, shapes_dir, tmp_path / "full", *steps))
+    train(_te_cfg(tiny_sd15, shapes_dir, tmp_path / "resumed", "--train.max_steps=2", "--train.checkpoint_every=2"))
+    resumed = train(_te_cfg(tiny_sd15, shapes_dir, tmp_path / "resumed", *steps))
+    te_file = "text_encoder/model.safetensors"
+    for part in ("unet/diffusion_pytorch_model.safetensors", te_file):
+        a, b = (load_file(str(p / part)) for p in (full, resumed))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # The export carries the trained encoder's EMA weights, not the base's and not the raw trained ones.
+    base = load_file(str(tiny_sd15 / te_file))
+    exported = load_file(str(full / te_file))
+    (key,) = [k for k in base if k.endswith("token_embedding.weight")]
+    assert not torch.equal(exported[key], base[key])
+    ckpt = tmp_path / "full" / "checkpoints" / "step-0000004"
+    raw = {
+        k: v for f in ckpt.glob("*.safetensors") if f.name != "extra.safetensors" for k, v in load_file(str(f)).items()
+    }
+    (trained,) = [v for k, v in raw.items() if k.endswith(key)]
+    assert not torch.equal(exported[key], trained)
+    pipe = UViTPipeline.from_pretrained(full)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a large red circle", num_inference_steps=2, generator=seeded()).images[0].size == (32, 32)

@@ -153,3 +153,21 @@ def test_save_load_round_trip_is_exact(tmp_path):
     w = torch.randn(2, 8)
     assert torch.equal(loaded(x, t, ctx, timestep_cond=w).sample, model(x, t, ctx, timestep_cond=w).sample)
     assert loaded.config.in_channels == 4 and loaded.config.sample_size == 4 and TEXT_WIDTH == loaded.config.context_dim
+
+
+def test_pooled_context_adds_the_mean_caption_embedding_to_every_patch_token(tmp_path):
+    torch.manual_seed(0)
+    pooled = tiny_uvit(pooled_context=True)
+    plain = tiny_uvit()
+    missing, unexpected = plain.load_state_dict(pooled.state_dict(), strict=False)
+    assert not missing and {k.split(".")[0] for k in unexpected} == {"pooled_embed"}
+    x, t, ctx = _inputs(pooled, batch=1)
+    with torch.no_grad():
+        # with one sample, adding W mean(ctx) + b to every patch token is a shift of the patch embedding's bias
+        plain.patch_embed.bias += pooled.pooled_embed(ctx.mean(dim=1))[0]
+        torch.testing.assert_close(pooled(x, t, ctx).sample, plain(x, t, ctx).sample)
+    pooled.save_pretrained(tmp_path)
+    loaded = UViT.from_pretrained(tmp_path)
+    assert loaded.config.pooled_context
+    # equal weights (the loaded copy's memory layout may block the kernels differently: last-bit differences)
+    torch.testing.assert_close(loaded(x, t, ctx).sample, pooled(x, t, ctx).sample, rtol=1e-6, atol=1e-7)

@@ -347,9 +347,23 @@ class UViTConfig(MethodConfig):
     """Classifier-free guidance scale of the validation grids (diffusers convention)."""
     validation_images_per_prompt: int = 2
     """Images per prompt and step count in the validation grid."""
+    pooled_context: bool = False
+    """Add a projection of the mean text embedding to every patch token (models/uvit.py ``pooled_context``), a
+    direct path from the caption besides the original's attention to text tokens."""
+    train_text_encoder: bool = False
+    """Train the text encoder of model.pretrained with the U-ViT (GLIDE, Nichol et al. 2022, trains its text
+    transformer from scratch jointly with the diffusion model); the export carries the trained encoder (EMA
+    weights, as the U-ViT's). For captions a frozen encoder does not tell apart well enough, e.g. a random one
+    on captions that differ in one word (configs/uvit/quickstart.yaml says what it measured). With data.cache
+    the latents come from the cache and the captions are encoded every step."""
 
     def check(self, cfg: Config) -> None:
         """Called when the config is resolved: apply p_uncond to the data layer."""
+        if self.train_text_encoder and cfg.data.format == "features":
+            raise UserError(
+                "method.train_text_encoder needs captions, but features data gives fixed text embeddings; "
+                "use image data (with data.cache=true for cached latents) or set method.train_text_encoder=false"
+            )
         if cfg.data.buckets:
             raise UserError(
                 "method uvit keeps its fixed latent grid (position embeddings of one size): "

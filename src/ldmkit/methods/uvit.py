@@ -68,7 +68,11 @@ class UViTMethod(Method):
         # The VAE and text encoder of model.pretrained (a U-ViT folder's or an SD1.x folder's), loaded when
         # a batch without cached tensors, validation or export needs them; the configs are read from files.
         self.family = load_family(
-            cfg.model, dtype=self.weight_dtype, device=self.device, encode_batch_size=cfg.data.encode_batch_size
+            cfg.model,
+            dtype=self.weight_dtype,
+            device=self.device,
+            encode_batch_size=cfg.data.encode_batch_size,
+            text_dtype=torch.float32 if m.train_text_encoder else None,  # trainable weights stay fp32
         )
         check_single_text_encoder(self.family, "method uvit")
         vae_config = self.family.vae_config
@@ -96,6 +100,7 @@ class UViTMethod(Method):
                 sample_size=m.sample_size or cfg.data.resolution // down,
                 context_dim=width,
                 num_text_tokens=self.family.tokenizers[0].model_max_length,
+                pooled_context=m.pooled_context,
             ).to(self.device)
         except ValueError as e:
             raise UserError(f"method uvit: {e}") from None
@@ -106,14 +111,29 @@ class UViTMethod(Method):
             sum(p.numel() for p in self.unet.parameters()) / 1e6,
             self.scale,
         )
+        if m.train_text_encoder:
+            self.text_encoder = self.family.text_encoders[0].requires_grad_(True).train()
+            self.trainable_names = ("unet", "text_encoder")
         self.noise_scheduler = training_scheduler(m.prediction_type)
-        self.ema = EMA(self.unet.parameters(), decay=m.ema_decay, schedule="warmup", power=m.ema_power)
+        self.ema = EMA(self._averaged(), decay=m.ema_decay, schedule="warmup", power=m.ema_power)
+
+    def _averaged(self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None):
+        """The parameters the EMA averages, in its order: the U-ViT's, then the trained text encoder's."""
+        params = list((unet or self.unwrap(self.unet)).parameters())
+        if self.mcfg.train_text_encoder:
+            params += list((text_encoder or self.unwrap(self.text_encoder)).parameters())
+        return params
 
     def loss(self, batch):
         rng = SampleRNG(batch["seed"], self.device)
         # The family scales by the VAE config's factor; rescale to ours.
         x0 = self.family.latents(batch, rng) * (self.scale / self.family.vae_scale)  # (B, C, h, w)
-        context = self.family.text(batch)["prompt_embeds"]  # (B, L, D); empty context when dropped
+        if self.mcfg.train_text_encoder:  # the captions through the trained encoder ("" when dropped)
+            if "captions" not in batch:
+                raise UserError("method.train_text_encoder needs captions, but the data gives fixed text embeddings")
+            context = self.family.encode_prompts(list(batch["captions"]), [self.text_encoder])["prompt_embeds"]
+        else:
+            context = self.family.text(batch)["prompt_embeds"]  # (B, L, D); empty context when dropped
         noise = rng.randn(*x0.shape[1:])
         t = rng.randint(0, self.noise_scheduler.config.num_train_timesteps)  # (B,), diffusers 0..999
         xt = self.noise_scheduler.add_noise(x0, noise, t)
@@ -126,7 +146,7 @@ class UViTMethod(Method):
         return (weights * per_sample).mean(), {}
 
     def after_step(self, step: int) -> None:
-        self.ema.step(self.unwrap(self.unet).parameters())
+        self.ema.step(self._averaged())
 
     def checkpoint_objects(self):
         return {"ema": self.ema}
@@ -157,9 +177,10 @@ class UViTMethod(Method):
             return None
         m = self.mcfg
         unet = self.unwrap(self.unet)
-        with self.ema.swapped_into(unet.parameters()), self.family.transient():
+        text_encoder = self.unwrap(self.text_encoder) if m.train_text_encoder else None
+        with self.ema.swapped_into(self._averaged()), self.family.transient():
             # parts the training did not need are dropped afterwards
-            pipe = self._pipeline(unet, self.family.vae, self.family.text_encoders[0])
+            pipe = self._pipeline(unet, self.family.vae, text_encoder or self.family.text_encoders[0])
             pipe.set_progress_bar_config(disable=True)
             columns = []
             for n in m.validation_steps:
@@ -181,13 +202,15 @@ class UViTMethod(Method):
 
     def export(self, out_dir: Path) -> None:
         """A UViTPipeline folder with the EMA weights, the VAE (config carrying the training scale factor),
-        text encoder and tokenizer of model.pretrained, and a DPM-Solver scheduler with the training betas."""
+        text encoder (the trained one's EMA weights with method.train_text_encoder) and tokenizer of
+        model.pretrained, and a DPM-Solver scheduler with the training betas."""
         from ldmkit.families import load_family
 
         unet = UViT.from_config(self.unwrap(self.unet).config)
-        self.ema.copy_to(unet.parameters())
         # Fresh fp32 copies: the training ones may be stored in the mixed-precision dtype.
         parts = load_family(self.cfg.model)
-        pipe = self._pipeline(unet, parts.vae, parts.text_encoders[0])
+        text_encoder = parts.text_encoders[0]
+        self.ema.copy_to(self._averaged(unet, text_encoder))
+        pipe = self._pipeline(unet, parts.vae, text_encoder)
         pipe.save_pretrained(out_dir)
         logger.info("exported UViTPipeline to %s", out_dir)

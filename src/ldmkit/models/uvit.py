@@ -88,6 +88,11 @@ class Block(nn.Module):
 class UViT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Text-conditioned U-ViT predicting noise for latents [B, in_channels, sample_size, sample_size].
 
+    ``pooled_context`` (not in the original) adds a projection of the mean of the text embeddings to every
+    patch token: a direct path from the caption to the image tokens besides attention, as class-conditional
+    diffusion models add their label embedding (Ho et al. 2020's conditional variants, DiT's adaLN; GLIDE adds
+    its pooled text token to the timestep embedding). See configs/uvit/quickstart.yaml for what it measured.
+
     ``time_cond_proj_dim`` adds a zero-initialised projection of ``timestep_cond`` (the LCM guidance-scale
     embedding) onto the time token, the U-ViT counterpart of UNet2DConditionModel's ``cond_proj``.
     diffusers' ``PeftAdapterMixin`` gives it the UNet's LoRA methods (add_adapter, disable_adapters,
@@ -109,6 +114,7 @@ class UViT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         context_dim: int = 768,
         num_text_tokens: int = 77,
         time_cond_proj_dim: int | None = None,
+        pooled_context: bool = False,
     ):
         super().__init__()
         if sample_size % patch_size or depth % 2 or embed_dim % num_heads:
@@ -123,6 +129,7 @@ class UViT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.context_embed = nn.Linear(context_dim, embed_dim)
         self.cond_proj = nn.Linear(time_cond_proj_dim, embed_dim) if time_cond_proj_dim else None
+        self.pooled_embed = nn.Linear(context_dim, embed_dim) if pooled_context else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
         self.in_blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth // 2))
         self.mid_block = Block(embed_dim, num_heads, mlp_ratio)
@@ -177,6 +184,8 @@ class UViT(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 raise ValueError("this U-ViT has time_cond_proj_dim set and needs timestep_cond")
             time_token = time_token + self.cond_proj(timestep_cond.to(x.dtype)).to(x.dtype)  # (B, D)
         context = self.context_embed(encoder_hidden_states.to(x.dtype))  # (B, L, D)
+        if self.pooled_embed is not None:  # the caption's mean embedding added to every patch token
+            x = x + self.pooled_embed(encoder_hidden_states.to(x.dtype).mean(dim=1))[:, None]  # (B, HW/p^2, D)
         x = torch.cat([time_token[:, None], context.to(x.dtype), x], dim=1)  # (B, 1+L+HW/p^2, D)
         x = x + self.pos_embed  # (B, N, D)
 
