@@ -25,8 +25,8 @@ VARIANTS = {"foreach": dict(foreach=True), "per-tensor": dict(foreach=False), "f
 
 def parameters(kind: str) -> list[torch.Tensor]:
     sys.path.insert(0, str(Path(__file__).parent))
-    from lcm_throughput import build_model
     from diffusers import UNet2DConditionModel
+    from lcm_throughput import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         build_model(Path(tmp))
@@ -35,7 +35,18 @@ def parameters(kind: str) -> list[torch.Tensor]:
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+        targets = [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_in",
+            "proj_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+            "conv1",
+            "conv2",
+        ]
         unet.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=targets))
     return [p.detach().clone() for p in unet.parameters() if p.requires_grad]
 
@@ -64,12 +75,16 @@ def main() -> None:
             if r >= 2:
                 times[name].append(time.perf_counter() - t0)
     n = sum(t.numel() for t in base)
-    print(f"AdamW step, {args.model}: {len(base)} tensors, {n / 1e6:.2f}M parameters, {args.threads} thread(s), torch {torch.__version__}")
+    print(
+        f"AdamW step, {args.model}: {len(base)} tensors, {n / 1e6:.2f}M parameters, {args.threads} thread(s), torch {torch.__version__}"
+    )
     ref = statistics.median(times["foreach"])
     for name in VARIANTS:
         ms = statistics.median(times[name]) * 1e3
         diff = max((a - b).abs().max().item() for a, b in zip(params[name], params["foreach"]))
-        print(f"  {name:10s} {ms:8.1f} ms/step  {ref * 1e3 / ms:5.2f}x foreach's speed   max |w - w_foreach| {diff:.1e}")
+        print(
+            f"  {name:10s} {ms:8.1f} ms/step  {ref * 1e3 / ms:5.2f}x foreach's speed   max |w - w_foreach| {diff:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -81,6 +81,35 @@ def test_optimizer_args_reach_the_optimizer_and_bad_ones_are_one_line(tmp_path, 
         make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))], 1)
 
 
+def test_adamw_is_fused_and_steps_as_torchs_reference(tmp_path, shapes_folder):
+    """The fused kernel (benchmarks/optimizer_step.py) where the parameters allow it; the same update as torch's
+    per-tensor AdamW to rounding; the user's foreach / fused choice in optimizer_args wins."""
+    cfg = toy(tmp_path, shapes_folder, "fused", "--train.optimizer=adamw", "--train.adam_weight_decay=0.01")
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(64, 32, generator=g), torch.randn(32, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in init] for _ in range(3)]
+    ours, ref = ([torch.nn.Parameter(t.clone()) for t in init] for _ in range(2))
+    opt = make_optimizer(cfg, ours, 1)
+    assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
+    plain = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, foreach=False)
+    for step in grads:
+        for o, params in ((opt, ours), (plain, ref)):
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            o.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a, init[0] if a.ndim == 2 else init[1])
+    cfg = toy(tmp_path, shapes_folder, "foreach", "--train.optimizer_args={foreach: true}")
+    opt = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))], 1)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    # parameters the kernel does not take (integers cannot have gradients; a meta tensor stands for an
+    # unsupported device): foreach
+    cfg = toy(tmp_path, shapes_folder, "meta", "--train.optimizer=adamw")
+    opt = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2, device="meta"))], 1)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+
+
 def test_missing_optimizer_package_is_one_line(tmp_path, shapes_folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # import fails as if not installed
     cfg = toy(tmp_path, shapes_folder, "nolion", "--train.optimizer=lion")
