@@ -21,7 +21,7 @@ from ldmkit.rng import SampleRNG
 from ldmkit.train.checkpoint import load_extra
 
 from helpers.lcm import fixed_batch, make_distill_method, train_steps, unet_inputs, unet_out
-from helpers.runs import assert_same_exports, logged
+from helpers.runs import assert_same_exports, crash_after_step, logged
 from helpers.uvit import pinned_threads, tiny_pipeline, tiny_uvit  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
@@ -162,17 +162,6 @@ def test_the_heads_are_their_own_optimizer_group(tiny_sd15, tmp_path):
     assert [g["lr"] for g in make_optimizer(m.cfg, m.param_groups(), 2).param_groups] == [2e-3, 4e-5]
 
 
-def _crash_at(monkeypatch, at: int) -> None:
-    original = PhasedTarget.after_step
-
-    def after_step(self, step):
-        original(self, step)
-        if step == at:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(PhasedTarget, "after_step", after_step)
-
-
 @pytest.mark.parametrize("name,arch", [("pcm_lora", "sd15"), ("pcm", "sdxl")])
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, request, shapes_folder, monkeypatch, name, arch):
     """The debug recipe with the adversarial term from step 2 (adv_start 1), killed after step 3 and run again
@@ -190,7 +179,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, request, shapes_folde
 
     train(cfg("full"))
     with monkeypatch.context() as mp:
-        _crash_at(mp, 3)
+        crash_after_step(mp, PhasedTarget, 3)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(cfg("killed"))
     full, killed = tmp_path / "full", tmp_path / "killed"

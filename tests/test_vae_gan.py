@@ -15,7 +15,7 @@ from ldmkit.errors import UserError
 from ldmkit.methods import load_config
 from ldmkit.rng import SampleRNG
 
-from helpers.runs import launch_two, logged
+from helpers.runs import crash_after_step, launch_two, logged
 from helpers.threads import thread_env
 from helpers.uvit import pinned_threads  # noqa: F401
 
@@ -143,26 +143,14 @@ def test_discriminator_switches_on_at_disc_start(shapes_folder, tmp_path):
     assert total[2] != pytest.approx(rec[2] + 1e-6 * logged(out, "kl")[2], rel=1e-3)
 
 
-def _crash_at(monkeypatch, at: int) -> None:
-    from ldmkit.methods.vae import VAEMethod
-
-    original = VAEMethod.after_step
-
-    def after_step(self, step):
-        original(self, step)
-        if step == at:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(VAEMethod, "after_step", after_step)
-
-
 def test_resume_equals_uninterrupted_with_the_gan_on(shapes_folder, tmp_path, monkeypatch):
+    from ldmkit.methods.vae import VAEMethod
     from ldmkit.train.loop import train
 
     args = [*GAN, "--method.disc_start=1", "--train.max_steps=6", "--train.checkpoint_every=3"]
     train(debug_cfg(shapes_folder, tmp_path / "full", *args))
     with monkeypatch.context() as mp:
-        _crash_at(mp, 5)
+        crash_after_step(mp, VAEMethod, 5)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(debug_cfg(shapes_folder, tmp_path / "killed", *args))
     killed = tmp_path / "killed"

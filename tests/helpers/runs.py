@@ -94,3 +94,16 @@ def assert_debug_recipe_resumes(
     assert_same_exports(tmp_path / "full" / "export", tmp_path / "resumed" / "export", model)
     la, lb = logged(tmp_path / "full"), logged(tmp_path / "resumed")
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
+
+
+def crash_after_step(monkeypatch, method_cls: type, at: int) -> None:
+    """Make ``method_cls.after_step`` raise "simulated crash" right after optimizer step ``at`` (a killed run:
+    the checkpoints before it stay, nothing after it is written)."""
+    original = method_cls.after_step
+
+    def after_step(self, step):
+        original(self, step)
+        if step == at:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(method_cls, "after_step", after_step)
