@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -199,13 +200,24 @@ def _steps(plan) -> tuple[int, int, int]:
 @pytest.mark.parametrize("method", ["lcm_lora", "lcd", "tcd_lora", "pcm"])
 def test_default_plan_is_the_full_plan(method):
     """No --minutes on the shapes (4000 images, 120 captions): exactly the full plan the README measured, for
-    every method; so are generated glyphs (10 captions: fewer captions never lower the steps)."""
-    from ldmkit.quickstart import FULL, QUICK, plan_for
+    every method; so is free-form data with fewer captions (fewer captions never lower the steps). Class labels
+    (the glyphs: 10 captions that differ in one word) double the teacher's steps, and the default budget grows
+    by their time, so the other stages keep theirs."""
+    from ldmkit.quickstart import FULL, LABELLED_TEACHER_FACTOR, QUICK, full_plan_minutes, plan_for
 
     for captions in (120, 10):
         plan, reason = plan_for(4000, captions, None, False, method=method)
         assert plan == FULL
         assert "No --minutes" in reason and "VAE 600 steps" in reason and "teacher 2000" in reason
+    labelled, reason = plan_for(4000, 10, None, False, method=method, labelled=True)
+    assert labelled == replace(FULL, teacher_steps=int(FULL.teacher_steps * LABELLED_TEACHER_FACTOR))
+    assert "class labels" in reason and "full plan for class-labelled data" in reason
+    assert full_plan_minutes(method, labelled=True) > full_plan_minutes(method)
+    # an explicit budget of the shapes' full plan cannot hold the longer teacher: every stage gives way
+    tight = plan_for(4000, 10, full_plan_minutes(method), False, method=method, labelled=True)[0]
+    assert (
+        FULL.teacher_steps < tight.teacher_steps < labelled.teacher_steps and tight.distill_steps < FULL.distill_steps
+    )
     assert plan_for(500, 120, None, True, method=method)[0] == QUICK == plan_for(500, 7, 30, True)[0]  # fixed
 
 
@@ -296,3 +308,37 @@ def test_started_stages_are_read_from_the_run_folders(tmp_path):
     (vae / "config.yaml").write_text("train:\n  max_steps: 600\n")
     (vae / "export" / "ldmkit_config.yaml").write_text("")
     assert _started_stages(tmp_path, "tcd_lora") == {"vae": (600, 0), "teacher": (2000, 1600)}
+
+
+def test_labelled_captions_get_a_layerless_encoder_with_a_caption_long_context(tmp_path):
+    """Captions that differ in one word (the glyphs) get a text encoder without transformer layers and a context
+    as long as the longest caption, and the report's plan says so; free-form captions (the shapes) keep the
+    2-layer, 32-token encoder. The label's word must then be what tells the encoded captions apart."""
+    import random
+
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldmkit.data import glyphs, synth
+    from ldmkit.quickstart import TEXT_LAYERS, TEXT_MAX_LENGTH, stage_text, text_encoder_plan
+
+    shapes = [synth.caption(synth.sample_attrs(random.Random(i))) for i in range(300)]
+    assert text_encoder_plan(shapes) == ({"num_layers": TEXT_LAYERS, "max_length": TEXT_MAX_LENGTH}, "")
+    labelled = [glyphs.caption(glyphs.make_sample(i, 32, 0)[1]) for i in range(300)]
+    shape, why = text_encoder_plan(labelled)
+    # "a drawing of the letter x": BOS + 6 words + EOS
+    assert shape == {"num_layers": 0, "max_length": 8} and "one word" in why
+
+    data = tmp_path / "data"
+    synth.write_dataset(data, num=300, size=32, seed=0, kind="glyphs")  # >= 10 images per label
+    base, stats = stage_text(tmp_path, data, seed=0)
+    assert stats["encoder"] == {**shape, "why": why}
+    encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    assert encoder.config.num_hidden_layers == 0 and tokenizer.model_max_length == 8
+    prompts = glyphs.heldout_prompts(len(glyphs.LABELS))
+    ids = tokenizer(prompts, padding="max_length", max_length=8, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = encoder(ids)[0]  # (10, 8, 64)
+    differs = (hidden - hidden[:1]).abs().amax(dim=(0, 2)) > 1e-6  # per position: any caption differs from the first
+    assert differs.tolist() == [False] * 6 + [True, False]  # only the label's token (position 6) tells them apart

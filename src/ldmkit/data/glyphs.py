@@ -3,12 +3,19 @@
 Class-labelled data is what many users bring ("a photo of a <label>"): every caption is the same but for
 one word. A text-to-image model that ignores its captions looks healthy on such data by image statistics
 alone, so the quickstart and ``ldmkit evaluate`` measure whether samples follow their label
-(``ldmkit.eval.adherence``). This generator makes such data offline: one capital letter per image, drawn
-in several styles (regular, bold, slanted, outlined), sizes, positions, rotations and grey levels, on a
-black background; the caption is ``"a drawing of the letter <L>"``.
+(``ldmkit.eval.adherence``). This generator makes such data offline: one capital letter per image, upright,
+regular or bold, in a range of sizes, positions and grey levels, on a black background; the caption is
+``"a drawing of the letter <L>"``.
 
 Letters are drawn with Pillow's built-in scalable font (``ImageFont.load_default(size)``, FreeType), so
-no font files are needed; styles come from stroke width, an affine slant and outline drawing.
+no font files are needed; bold is a wider stroke.
+
+The variety is kept moderate on purpose. An earlier version also slanted, outlined and rotated (+-15 degrees)
+the letters and drew them from half to 0.85 of the image high: a 1M-parameter U-ViT trained for 2000 steps
+on 4000 such images drew letter-like blobs whatever the label, even when given the label directly as a
+learned token (label accuracy 0.14, chance 0.10), while on this plainer data the same model with the label
+token reached 0.91. The quickstart's question is whether the text path carries the label, not how much
+variety a tiny model can learn.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from ldmkit.rng import sample_seed
 
 LABELS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F", "G", "H", "K", "M")
 """The default ten labels: capitals that stay distinct at 32 px."""
-STYLES: tuple[str, ...] = ("regular", "bold", "slanted", "outlined")
+STYLES: tuple[str, ...] = ("regular", "bold")
 TEMPLATE = "a drawing of the letter {}"
 SUPERSAMPLE = 4
 
@@ -41,11 +48,10 @@ def sample_attrs(rng: random.Random, labels: tuple[str, ...] = LABELS) -> dict[s
     return {
         "label": rng.choice(labels),
         "style": rng.choice(STYLES),
-        "scale": round(rng.uniform(0.5, 0.85), 3),  # glyph height as a fraction of the image side
-        "angle": round(rng.uniform(-15, 15), 1),
-        "grey": rng.randint(150, 255),
-        "dx": round(rng.uniform(-1, 1), 3),  # position inside the free margin, -1 .. 1
-        "dy": round(rng.uniform(-1, 1), 3),
+        "scale": round(rng.uniform(0.65, 0.85), 3),  # glyph height as a fraction of the image side
+        "grey": rng.randint(200, 255),
+        "dx": round(rng.uniform(-0.5, 0.5), 3),  # position inside the free margin, -1 .. 1
+        "dy": round(rng.uniform(-0.5, 0.5), 3),
     }
 
 
@@ -57,20 +63,12 @@ def render(attrs: dict[str, Any], size: int) -> Image.Image:
     style, grey = attrs["style"], attrs["grey"]
     layer = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(layer)
-    stroke = max(1, px // 12) if style in ("bold", "outlined") else 0
+    stroke = max(1, px // 12) if style == "bold" else 0
     box = draw.textbbox((0, 0), attrs["label"], font=font, stroke_width=stroke)
     w, h = box[2] - box[0], box[3] - box[1]
     x = (big - w) / 2 - box[0] + attrs["dx"] * max(0, big - w) * 0.4
     y = (big - h) / 2 - box[1] + attrs["dy"] * max(0, big - h) * 0.4
-    if style == "outlined":  # a hollow letter: the stroke in the colour, the body black
-        draw.text((x, y), attrs["label"], font=font, fill=0, stroke_width=stroke, stroke_fill=grey)
-    else:
-        draw.text((x, y), attrs["label"], font=font, fill=grey, stroke_width=stroke, stroke_fill=grey)
-    if style == "slanted":  # shear about the centre: x' = x + k (y - c)
-        k = 0.25
-        layer = layer.transform((big, big), Image.Transform.AFFINE, (1, k, -k * big / 2, 0, 1, 0), Image.BILINEAR)
-    if attrs["angle"]:
-        layer = layer.rotate(attrs["angle"], resample=Image.BILINEAR, center=(big / 2, big / 2))
+    draw.text((x, y), attrs["label"], font=font, fill=grey, stroke_width=stroke, stroke_fill=grey)
     small = layer.resize((size, size), Image.Resampling.BOX)
     return Image.merge("RGB", (small, small, small))
 
