@@ -1,4 +1,5 @@
-"""train.channels_last and train.compile (train/loop.py apply_speed_levers) leave the LCD / LCM-LoRA loss unchanged."""
+"""train.channels_last, train.compile (train/loop.py apply_speed_levers) and the LoRA methods' plain teacher
+(method.plain_teacher) leave the LCD / LCM-LoRA loss unchanged."""
 
 from __future__ import annotations
 
@@ -74,9 +75,36 @@ def test_compile_gives_the_same_loss(tmp_path, tiny_sd15):
         torch.testing.assert_close(method.loss(batch)[0], loss.detach(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["lcm_lora", "pcm_lora"])
+def test_plain_teacher_shares_the_weights_and_gives_the_same_loss(tmp_path, tiny_sd15, name):
+    """The plain teacher is the base denoiser without adapter wrappers: the same tensors (no weight memory), no
+    LoRA layer, and bit-for-bit the loss and gradients of the adapted denoiser with its adapters disabled (PCM-LoRA
+    also taps it as its discriminator)."""
+    batch = fixed_batch(3)
+    results = {}
+    for plain in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        method = make_method(name, tiny_sd15, tmp_path / str(plain), f"--method.plain_teacher={str(plain).lower()}")
+        if plain:
+            teacher = method.teacher_unet
+            assert not any("lora" in n for n, _ in teacher.named_modules())
+            base = {n.replace(".base_layer", ""): p for n, p in method.unet.named_parameters() if "lora" not in n}
+            shared = dict(teacher.named_parameters())
+            assert shared.keys() == base.keys() and all(shared[k] is base[k] for k in base)  # the same tensors
+            assert not any(p.requires_grad for p in teacher.parameters())
+        else:
+            assert method.teacher_unet is None
+        loss = method.loss(batch)[0]
+        loss.backward()
+        results[plain] = (loss.detach(), [p.grad.clone() for p in method.parameters()])
+    (a, ga), (b, gb) = results[False], results[True]
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
 def test_levers_are_bookkeeping_for_resume():
     """A run resumed with a lever switched on or off computes the same numbers: no config-change stop."""
     assert is_bookkeeping("train.compile") and is_bookkeeping("train.channels_last")
+    assert is_bookkeeping("method.plain_teacher")
 
 
 def test_no_levers_is_a_no_op(tmp_path, tiny_sd15):

@@ -464,6 +464,7 @@ BOOKKEEPING_KEYS = frozenset(
         "train.allow_config_change",
         "train.compile",  # speed only: the same numbers up to float rounding (tests/test_speed_levers.py)
         "train.channels_last",
+        "method.plain_teacher",  # the same numbers, bit for bit (tests/test_speed_levers.py)
         "data.num_workers",
         "data.cache_dir",
         "data.encode_batch_size",

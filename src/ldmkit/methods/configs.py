@@ -184,6 +184,10 @@ class LCMLoraConfig(LCDCommonConfig):
     export_ema_decay: float | None = None
     """Export and validate an EMA of the LoRA weights (warmup schedule, capped at this decay) instead of the
     last weights; null: the last weights, as the references."""
+    plain_teacher: bool = True
+    """The teacher's passes run a copy of the denoiser without adapter layers that shares the base weights (no
+    second copy of them: same tensors), so they do not pay for the adapters' wrappers; false: the adapted
+    denoiser with its adapters disabled. The same numbers either way (tests/test_speed_levers.py)."""
 
     def check(self, cfg: Config) -> None:
         super().check(cfg)

@@ -297,6 +297,14 @@ class _LCDBase(Method):
         )
 
 
+def _sharing_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module``'s structure whose parameters and buffers ARE the original's tensors (deepcopy with
+    them pre-entered in its memo): no weight memory, and in-place changes (device, dtype, memory format) reach
+    both. Frozen and in eval mode: the LCM-LoRA teacher."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo).requires_grad_(False).eval()
+
+
 class _WithWeights(torch.nn.Module):
     """``module`` called with some of its parameters replaced (``torch.func.functional_call``): the target
     pass reads the LoRA's average while the student's own tensors, saved for backward, stay untouched (an
@@ -332,6 +340,10 @@ class LCMLoraMethod(_LCDBase):
         m = self.mcfg
         targets = m.lora_target_modules or list(self.family.lora_target_modules)
         self.unet = self.family.denoiser  # the one denoiser: frozen base in weight dtype + trainable LoRA
+        # The teacher: the same base weights in a module tree without the adapters (taken before they are
+        # injected), so its passes skip peft's per-layer wrappers; with plain_teacher off, the adapted denoiser
+        # with adapters disabled plays it.
+        self.teacher_unet = _sharing_weights(self.unet) if m.plain_teacher else None
         config = adapters.adapter_config(m.adapter, m.lora_rank, m.lora_alpha, m.lora_dropout, targets)
         adapters.add_lora(self.unet, config)
         cast_training_params(self.unet, dtype=torch.float32)  # LoRA weights train in fp32
@@ -353,6 +365,8 @@ class LCMLoraMethod(_LCDBase):
         return self._lora
 
     def roles(self) -> Roles:
+        if self.teacher_unet is not None:
+            return Roles(student=self.unet, teacher=self.teacher_unet, target=self._target)
         base = self.unwrap(self.unet)
         return Roles(
             student=self.unet, teacher=base, target=self._target, teacher_context=lambda: adapters_disabled(base)
