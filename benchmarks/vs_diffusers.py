@@ -16,9 +16,11 @@ config with random weights) on the same WebDataset shards of synthetic shapes, a
 resolution, LoRA rank (alpha = rank), learning rate, guidance range, DDIM grid and loss, with one torch
 thread each and one data-loader worker each, in one invocation, interleaved (peer, ldmkit, peer, ldmkit).
 
-- samples/s (steady state): each configuration runs twice, for ``--steps`` A and B optimizer steps, as
+- samples/s (steady state), two ways: each configuration runs twice, for ``--steps`` A and B optimizer steps, as
   whole processes; (B - A) * batch / (wall(B) - wall(A)) cancels start-up, model loading, data-loader start,
-  cache building and the final save, which both runs pay alike.
+  cache building and the final save, which both runs pay alike. And batch / the median time between two
+  optimizer steps (a global optimizer post-hook in the child stamps every step of both tools; the first
+  WARMUP_STEPS are left out): one stalled step moves a wall time, not a median, so this is the steadier figure.
 - memory "as a GPU would hold it": the bytes of the parameters and buffers of every live module, the
   gradients and the optimizer state at the end of an optimizer step, plus everything the next step
   allocates (activations, gradients, temporaries) while it is alive, at its peak: a TorchDispatchMode sees
@@ -59,6 +61,7 @@ PEER_SCRIPTS = {
 # what each contributed). "{bf16}" is replaced by the chosen precision.
 LDMKIT_BEST = "data.cache=true,train.mixed_precision={bf16}"
 MEMORY_STEP = 4  # the optimizer step whose memory is tracked (after warm-up: optimizer state exists)
+WARMUP_STEPS = 3  # optimizer steps left out of the step-interval figure
 
 
 # ---- the peers -----------------------------------------------------------------------------------
@@ -194,8 +197,9 @@ def ldmkit_args(args, method: str, model: Path, shards: str, steps: int, overrid
     ]
 
 
-def run_child(args, cmd: list[str], memory_json: Path | None = None) -> float:
-    """Run one training in a fresh process; returns its wall time (s)."""
+def run_child(args, cmd: list[str], memory_json: Path | None = None, step_times: Path | None = None) -> float:
+    """Run one training in a fresh process; returns its wall time (s). ``step_times``: where the child writes the
+    time stamps of its optimizer steps."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
@@ -203,6 +207,7 @@ def run_child(args, cmd: list[str], memory_json: Path | None = None) -> float:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "LDMKIT_BENCH_STEP_TIMES": str(step_times or ""),
     }
     full = [sys.executable, __file__, "--child", str(memory_json or ""), "--", *cmd]
     log = Path(cmd[[i for i, c in enumerate(cmd) if c.startswith("--output_dir")][0]].split("=", 1)[1]).with_suffix(
@@ -299,6 +304,16 @@ def child(memory_json: str, cmd: list[str]) -> int:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         register_optimizer_step_post_hook(hook)
+    else:  # the time of every optimizer step (what happens between two of them: data, loss, backward, update)
+        import atexit
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        stamps: list[float] = []
+        register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+        out = os.environ.get("LDMKIT_BENCH_STEP_TIMES")
+        if out:
+            atexit.register(lambda: Path(out).write_text(json.dumps(stamps)))
     kind, rest = cmd[0], cmd[1:]
     try:
         if kind == "peer":
@@ -395,6 +410,7 @@ def benchmark(args, work: Path) -> int:
 
     runs = work / time.strftime("runs-%Y%m%d-%H%M%S")
     walls: dict[tuple, list[float]] = {}
+    intervals: dict[tuple, list[float]] = {}
     if not args.no_throughput:
         for r in range(args.rounds):
             for method in methods:
@@ -405,9 +421,13 @@ def benchmark(args, work: Path) -> int:
                             print(
                                 f"round {r + 1}: {tool} {method} {setting} {steps} steps", file=sys.stderr, flush=True
                             )
+                            stamps = out.with_name(out.name + "-steps.json")
                             walls.setdefault((method, setting, tool, steps), []).append(
-                                run_child(args, cmd(tool, method, setting, steps, out))
+                                run_child(args, cmd(tool, method, setting, steps, out), step_times=stamps)
                             )
+                            # intervals between optimizer steps, after WARMUP_STEPS (first data, lazy init)
+                            t = json.loads(stamps.read_text())[WARMUP_STEPS:]
+                            intervals.setdefault((method, setting, tool), []).extend(y - x for x, y in zip(t, t[1:]))
     memory: dict[tuple, dict] = {}
     if not args.no_memory:
         for method in methods:
@@ -444,6 +464,22 @@ def benchmark(args, work: Path) -> int:
                     sps[tool] = per[len(per) // 2] if per else float("nan")
                 print(
                     f"  {method:9} {setting:8} {sps['peer']:8.2f} {sps['ldmkit']:8.2f} {sps['ldmkit'] / sps['peer']:6.2f}x"
+                )
+        print(
+            f"\nsamples/s from the median time between optimizer steps (every run's steps after the first "
+            f"{WARMUP_STEPS}: a stall of the machine moves single steps, not the median)"
+        )
+        print(f"  {'method':9} {'setting':8} {'peer':>8} {'ldmkit':>8} {'ratio':>7} {'steps':>6}")
+        for method in methods:
+            for setting in settings:
+                sps, n = {}, {}
+                for tool in ("peer", "ldmkit"):
+                    x = sorted(intervals[(method, setting, tool)])
+                    n[tool] = len(x)
+                    sps[tool] = args.batch / x[len(x) // 2] if x else float("nan")
+                print(
+                    f"  {method:9} {setting:8} {sps['peer']:8.2f} {sps['ldmkit']:8.2f} "
+                    f"{sps['ldmkit'] / sps['peer']:6.2f}x {min(n.values()):6d}"
                 )
     if memory:
         gib = 2**30
