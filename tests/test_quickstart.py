@@ -320,7 +320,7 @@ def test_labelled_captions_get_a_layerless_encoder_with_a_caption_long_context(t
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldmkit.data import glyphs, synth
-    from ldmkit.quickstart import TEXT_LAYERS, TEXT_MAX_LENGTH, stage_text, text_encoder_plan
+    from ldmkit.quickstart import TEXT_LAYERS, TEXT_MAX_LENGTH, data_size, stage_text, text_encoder_plan
 
     shapes = [synth.caption(synth.sample_attrs(random.Random(i))) for i in range(300)]
     assert text_encoder_plan(shapes) == ({"num_layers": TEXT_LAYERS, "max_length": TEXT_MAX_LENGTH}, "")
@@ -331,6 +331,7 @@ def test_labelled_captions_get_a_layerless_encoder_with_a_caption_long_context(t
 
     data = tmp_path / "data"
     synth.write_dataset(data, num=300, size=32, seed=0, kind="glyphs")  # >= 10 images per label
+    assert data_size(data) == (300, len(glyphs.LABELS), True)  # what the plan is given: labelled data
     base, stats = stage_text(tmp_path, data, seed=0)
     assert stats["encoder"] == {**shape, "why": why}
     encoder = CLIPTextModel.from_pretrained(base / "text_encoder")

@@ -7,7 +7,8 @@ and PaddleMIX's ``ppdiffusers/examples/consistency_distillation`` (``lcm_trainer
 Differences from the references, on purpose:
 - the teacher's conditional and unconditional passes run as one batched forward
   (``batch_teacher_passes``; the unbatched form stays for the benchmark);
-- LCM-LoRA keeps ONE denoiser: the teacher is the same UNet (or U-ViT) with its adapters disabled;
+- LCM-LoRA keeps ONE denoiser's weights: the teacher is the same UNet (or U-ViT) without its adapters, a module tree
+  on the same tensors (``plain_teacher``; or the adapted one with adapters disabled);
 - the full-LCD student's new ``time_embedding.cond_proj`` is zero-initialised, so the student equals
   the teacher at step 0 (the references leave it random);
 - every random draw comes from the samples' own seeds (``SampleRNG``), so runs resume exactly;
@@ -324,7 +325,7 @@ class _WithWeights(torch.nn.Module):
 
 
 class LCMLoraMethod(_LCDBase):
-    """LCM-LoRA: one denoiser (UNet or U-ViT); teacher = base weights (adapters disabled), student = base + LoRA,
+    """LCM-LoRA: one denoiser (UNet or U-ViT); teacher = base weights (without the adapters), student = base + LoRA,
     target = the online student under no_grad (LCM-LoRA report; diffusers train_lcm_distill_lora_*)."""
 
     Config = LCMLoraConfig
