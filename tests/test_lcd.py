@@ -64,16 +64,23 @@ def test_loss_decreases_on_a_fixed_batch(trained, arch, name):
 
 
 def test_lcm_lora_keeps_one_unet_and_its_teacher_is_the_base(trained, tiny_sd15):
+    """One UNet's weights: the teacher (method.plain_teacher) is a module tree without the adapters whose every
+    tensor IS the adapted UNet's base tensor; it and the adapted UNet with adapters off both give the base."""
     method, _ = trained("sd15", "lcm_lora")
     unets = {id(v) for v in vars(method).values() if isinstance(v, UNet2DConditionModel)}
-    assert unets == {id(method.unet)} and method.family.denoiser is method.unet
+    assert unets == {id(method.unet), id(method.teacher_unet)} and method.family.denoiser is method.unet
+    base_tensors = {n.replace(".base_layer", ""): p for n, p in method.unet.named_parameters() if "lora_" not in n}
+    teacher_tensors = dict(method.teacher_unet.named_parameters())
+    assert teacher_tensors.keys() == base_tensors.keys()
+    assert all(teacher_tensors[k] is base_tensors[k] for k in base_tensors)  # shared, not copied
     roles = method.roles()
-    assert roles.teacher is roles.target is method.unet
+    assert roles.teacher is method.teacher_unet and roles.target is method.unet
     inputs = unet_inputs(method.unet)
     base = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
     with adapters_disabled(method.unet):
         teacher = unet_out(method.unet, inputs)
     torch.testing.assert_close(teacher, unet_out(base, inputs))
+    torch.testing.assert_close(unet_out(method.teacher_unet, inputs), teacher, rtol=0, atol=0)
     assert not torch.allclose(unet_out(method.unet, inputs), teacher, atol=1e-4)  # the trained LoRA is back on
     assert count_lora_modules(method.unet) == len(layers_from_peft_model(method.unet)) > 0
 

@@ -124,15 +124,18 @@ def test_loss_decreases_on_a_fixed_batch(trained, name):
 def test_lcm_lora_keeps_one_uvit_and_its_teacher_is_the_base(trained, uvit_teacher):
     method, _ = trained("lcm_lora")
     models = {id(v) for v in vars(method).values() if isinstance(v, UViT)} | {id(method.family.denoiser)}
-    assert models == {id(method.unet)}
+    assert models == {id(method.unet), id(method.teacher_unet)}  # two module trees, one set of base tensors:
+    base_tensors = {n.replace(".base_layer", ""): p for n, p in method.unet.named_parameters() if "lora_" not in n}
+    assert dict(method.teacher_unet.named_parameters()).keys() == base_tensors.keys()
+    assert all(p is base_tensors[n] for n, p in method.teacher_unet.named_parameters())
     roles = method.roles()
-    assert roles.teacher is roles.target is method.unet
-    assert count_lora_modules(method.unet) == LORA_MODULES
+    assert roles.teacher is method.teacher_unet and roles.target is method.unet
+    assert count_lora_modules(method.unet) == LORA_MODULES and count_lora_modules(method.teacher_unet) == 0
     assert all(p.requires_grad == ("lora_" in n) for n, p in method.unet.named_parameters())
     inputs = uvit_inputs(method.unet)
     base = UViT.from_pretrained(uvit_teacher, subfolder="unet")
     with roles.teacher_context():
-        teacher = out(method.unet, inputs)
+        teacher = out(roles.teacher, inputs)
     torch.testing.assert_close(teacher, out(base, inputs))
     assert not torch.allclose(out(method.unet, inputs), teacher, atol=1e-4)  # the trained LoRA is back on
 
