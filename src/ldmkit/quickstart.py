@@ -485,10 +485,11 @@ def text_encoder_plan(captions: list[str]) -> tuple[dict[str, int], str]:
     its own vector at its own position) and a context as long as the longest caption, so that the label is one
     token of a few and not one of 32 mostly padding. Measured on 4000 glyph images (10 labels), the quickstart
     teacher (2000 steps, guided DDIM 50 steps), label accuracy of the held-out classifier on 120 samples (chance
-    0.10): 2 layers, 32 tokens 0.03; no layers, 32 tokens 0.53; 2 layers, 8 tokens 0.24; no layers, 8 tokens 0.78
-    (0.54 with another seed; 1.00 and 0.98 with twice the steps, LABELLED_TEACHER_FACTOR). The random layers mix the one differing token into every position
-    with weights nobody trained, and padding dilutes the attention the U-ViT must learn to put on it.
-    Free-form captions keep the encoder the README's shapes figures were measured with.
+    0.10): 2 layers, 32 tokens ~0.07; no layers, 32 tokens 0.53; 2 layers, 8 tokens 0.24; no layers, 8 tokens
+    0.78 (0.54 with another seed; 1.00 and 0.98 with twice the steps: LABELLED_TEACHER_FACTOR). The random
+    layers mix the one differing token into every position with weights nobody trained, and padding dilutes the
+    attention the U-ViT must learn to put on it. Free-form captions keep the encoder the README's shapes figures
+    were measured with.
     """
     from ldmkit.eval.adherence import labels_of
     from ldmkit.models.text import build_word_tokenizer
