@@ -108,9 +108,6 @@ def main() -> int:
             else:
                 teacher_time[plain].clear()
 
-    def med(x):
-        return statistics.median(x)
-
     print(
         f"lcm_lora, small SD1.5-layout UNet, {args.resolution} px, batch {args.batch}, rank {args.rank}, "
         f"{'cached' if args.cache else 'uncached'} data, {args.threads} thread(s), {args.steps} steps each, alternated"
@@ -121,12 +118,12 @@ def main() -> int:
         mods = [m.unet] + ([m.teacher_unet] if m.teacher_unet is not None else [])
         label = "plain copy sharing the weights" if plain else "adapters disabled (peft wrappers)"
         print(
-            f"{label:<34} {med(step_times[plain]) * 1e3:8.1f} {med(teacher_time[plain]) * 1e3:11.1f} "
+            f"{label:<34} {statistics.median(step_times[plain]) * 1e3:8.1f} {statistics.median(teacher_time[plain]) * 1e3:11.1f} "
             f"{storage_bytes(mods) / 2**20:12.2f}"
         )
     print(
-        f"plain / disabled: step {med(step_times[False]) / med(step_times[True]):.2f}x faster, teacher pass "
-        f"{med(teacher_time[False]) / med(teacher_time[True]):.2f}x faster"
+        f"plain / disabled: step {statistics.median(step_times[False]) / statistics.median(step_times[True]):.2f}x faster, teacher pass "
+        f"{statistics.median(teacher_time[False]) / statistics.median(teacher_time[True]):.2f}x faster"
     )
     return 0
 

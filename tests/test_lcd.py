@@ -26,7 +26,7 @@ from ldmkit.methods import get_method, load_config
 from ldmkit.methods.card import write_model_card
 from ldmkit.methods.lcd import LCDMethod, LCMLoraMethod
 
-from helpers.lcm import count_lora_modules, fixed_batch, train_steps, unet_inputs, unet_out
+from helpers.lcm import count_lora_modules, fixed_batch, shares_base_tensors, train_steps, unet_inputs, unet_out
 from helpers.lcm import generate_at_few_steps as _generate
 from helpers.lcm import make_distill_method as make_method
 from helpers.runs import assert_debug_recipe_resumes, assert_same_exports, logged
@@ -69,10 +69,7 @@ def test_lcm_lora_keeps_one_unet_and_its_teacher_is_the_base(trained, tiny_sd15)
     method, _ = trained("sd15", "lcm_lora")
     unets = {id(v) for v in vars(method).values() if isinstance(v, UNet2DConditionModel)}
     assert unets == {id(method.unet), id(method.teacher_unet)} and method.family.denoiser is method.unet
-    base_tensors = {n.replace(".base_layer", ""): p for n, p in method.unet.named_parameters() if "lora_" not in n}
-    teacher_tensors = dict(method.teacher_unet.named_parameters())
-    assert teacher_tensors.keys() == base_tensors.keys()
-    assert all(teacher_tensors[k] is base_tensors[k] for k in base_tensors)  # shared, not copied
+    assert shares_base_tensors(method.teacher_unet, method.unet)  # shared, not copied
     roles = method.roles()
     assert roles.teacher is method.teacher_unet and roles.target is method.unet
     inputs = unet_inputs(method.unet)

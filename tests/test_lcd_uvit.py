@@ -22,7 +22,7 @@ from ldmkit.methods.lcd import UVIT_LORA_TARGET_MODULES
 from ldmkit.models.uvit import UViT
 from ldmkit.pipelines.uvit import UViTPipeline
 
-from helpers.lcm import count_lora_modules, fixed_batch
+from helpers.lcm import count_lora_modules, fixed_batch, shares_base_tensors
 from helpers.runs import assert_same_exports
 from helpers.uvit import pinned_threads, tiny_pipeline, tiny_uvit  # noqa: F401
 
@@ -125,9 +125,7 @@ def test_lcm_lora_keeps_one_uvit_and_its_teacher_is_the_base(trained, uvit_teach
     method, _ = trained("lcm_lora")
     models = {id(v) for v in vars(method).values() if isinstance(v, UViT)} | {id(method.family.denoiser)}
     assert models == {id(method.unet), id(method.teacher_unet)}  # two module trees, one set of base tensors:
-    base_tensors = {n.replace(".base_layer", ""): p for n, p in method.unet.named_parameters() if "lora_" not in n}
-    assert dict(method.teacher_unet.named_parameters()).keys() == base_tensors.keys()
-    assert all(p is base_tensors[n] for n, p in method.teacher_unet.named_parameters())
+    assert shares_base_tensors(method.teacher_unet, method.unet)
     roles = method.roles()
     assert roles.teacher is method.teacher_unet and roles.target is method.unet
     assert count_lora_modules(method.unet) == LORA_MODULES and count_lora_modules(method.teacher_unet) == 0

@@ -14,7 +14,7 @@ import torch
 from ldmkit.config import is_bookkeeping
 from ldmkit.train.loop import apply_speed_levers
 
-from helpers.lcm import fixed_batch
+from helpers.lcm import fixed_batch, shares_base_tensors
 from helpers.lcm import make_distill_method as make_method
 
 
@@ -88,9 +88,7 @@ def test_plain_teacher_shares_the_weights_and_gives_the_same_loss(tmp_path, tiny
         if plain:
             teacher = method.teacher_unet
             assert not any("lora" in n for n, _ in teacher.named_modules())
-            base = {n.replace(".base_layer", ""): p for n, p in method.unet.named_parameters() if "lora" not in n}
-            shared = dict(teacher.named_parameters())
-            assert shared.keys() == base.keys() and all(shared[k] is base[k] for k in base)  # the same tensors
+            assert shares_base_tensors(teacher, method.unet)  # the same tensors
             assert not any(p.requires_grad for p in teacher.parameters())
         else:
             assert method.teacher_unet is None

@@ -53,6 +53,18 @@ def count_lora_modules(model) -> int:
     return sum(1 for m in model.modules() if isinstance(m, LoraLayer) and len(m.lora_A) > 0)
 
 
+def base_tensors(model) -> dict:
+    """The base (non-adapter) parameters of a peft-adapted ``model`` under the names they have without the
+    adapters (peft's ``.base_layer`` dropped): what a plain teacher sharing them must hold, by identity."""
+    return {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def shares_base_tensors(teacher, adapted) -> bool:
+    """Whether ``teacher`` holds exactly ``adapted``'s base parameters, the same tensor objects."""
+    base, own = base_tensors(adapted), dict(teacher.named_parameters())
+    return own.keys() == base.keys() and all(own[k] is base[k] for k in base)
+
+
 def fixed_batch(n: int = 2, res: int = 32) -> dict:
     """A batch of ``n`` smooth random images at ``res`` px (the batch contract of docs/DESIGN.md), the same
     every call: for losses that must decrease and for equal-input comparisons."""
