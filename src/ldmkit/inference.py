@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,162 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
     if scale != 1.0:
         pipe.set_adapters(["default"], adapter_weights=[scale])
     adopt_lcm_settings(pipe, folder)
+
+
+# ------------------------------------------------------------------------------------- the sampling record
+SAMPLING_RECORD = "ldmkit_sampling.json"
+"""The file next to every export that says how it is sampled (``SamplingRecord``)."""
+SAMPLING_METADATA_KEY = "ldmkit_sampling"
+"""safetensors metadata key that carries the record inside a single-file checkpoint (merge-lora / convert-model)."""
+
+
+@dataclass
+class SamplingRecord:
+    """How an export is sampled, written next to it by the method that trained it (``Method.sampling_record``)
+    and read by every command that samples it (``load_export``): the one place that decides."""
+
+    method: str
+    """The ``method.name`` that produced the export."""
+    label: str
+    """Its human name ("TCD-LoRA")."""
+    kind: str
+    """``lora`` (load onto ``base``) or ``pipeline`` (a whole model folder)."""
+    scheduler: str | None
+    """diffusers scheduler class; its config is the export's ``scheduler/scheduler_config.json`` (None: the
+    pipeline's own)."""
+    steps: int
+    """Default number of sampling steps."""
+    guidance: float
+    """Default ``guidance_scale`` of the pipeline call."""
+    eta: float | None = None
+    """``eta`` of the pipeline call (TCD's gamma); None: the pipeline's default."""
+    base: str | None = None
+    """LoRA exports: the model the adapter was trained on, as the run named it (``model.pretrained``)."""
+    guidance_embedded: bool = False
+    """The denoiser takes w through an embedding (full LCD/TCD/PCM): no classifier-free guidance pass."""
+    few_step: bool = False
+    """A distilled few-step model (1-8 steps)."""
+    version: int = 1
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / SAMPLING_RECORD
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> SamplingRecord:
+        try:
+            data = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{source}: not a valid ldmkit sampling record ({e})") from None
+
+
+def read_sampling_record(path: str | Path) -> SamplingRecord | None:
+    """The record of an export folder, of the folder a LoRA file lies in, or inside a single-file checkpoint's
+    metadata; None for models without one (older exports, models from elsewhere)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                text = (f.metadata() or {}).get(SAMPLING_METADATA_KEY)
+        except Exception:  # not a safetensors file: its loader says so with its own message
+            return None
+        if text is not None:
+            return SamplingRecord.from_json(text, str(p))
+        p = p.parent
+    file = p / SAMPLING_RECORD
+    if not file.is_file():
+        return None
+    return SamplingRecord.from_json(file.read_text(), str(file))
+
+
+@dataclass
+class Sampling:
+    """What a loaded model is sampled with: the record's defaults, or the model's (no record)."""
+
+    steps: int
+    guidance: float
+    eta: float | None
+    record: SamplingRecord | None = None
+
+
+def _export_scheduler(folder: Path, record: SamplingRecord | None):
+    """The scheduler an export saved (scheduler/scheduler_config.json), or None."""
+    import diffusers
+
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    name = (record.scheduler if record else None) or saved.get("_class_name")
+    cls = getattr(diffusers, name or "", None)
+    return None if cls is None else cls.from_config(saved)
+
+
+def load_export(
+    path: str | Path,
+    base: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    scheduler: str | None = None,
+    lora_scale: float = 1.0,
+    allow_pickle: bool = False,
+    tokenizer: str | None = None,
+) -> tuple[Any, Sampling]:
+    """A ready pipeline for an export, sampled as its record says, and the sampling defaults.
+
+    ``path`` is a LoRA export (folder or file) when its record says so or when ``base`` is given: it is loaded
+    onto ``base`` (default: the model it was trained on, from the record) with the scheduler the export saved.
+    Otherwise ``path`` is a whole model (an ldmkit pipeline export, any diffusers folder, single file or cached
+    repo id), loaded as it is. ``scheduler`` (a ``SCHEDULERS`` name) replaces the sampler, built from the
+    export's scheduler config so that its grid settings (original_inference_steps, timestep_scaling) carry over.
+
+    Without a record (older exports, LoRAs from elsewhere) this is the inference of before: a LoRA export's saved
+    scheduler is used, and the defaults follow the sampler (``sampling_defaults``)."""
+    p = Path(path)
+    record = read_sampling_record(p) if p.exists() else None
+    if record is not None and record.kind == "pipeline" and base is not None:
+        raise UserError(f"{p} is a whole {record.label} pipeline, not a LoRA: pass it as --model")
+    if (record is not None and record.kind == "lora") or (record is None and base is not None):
+        base = base or record.base  # type: ignore[union-attr]
+        if not base:
+            raise UserError(f"{p} is a LoRA and its record names no base model: give the model to load it onto")
+        pipe = load_pipeline(base, dtype, allow_pickle=allow_pickle, tokenizer=tokenizer)
+        saved = _export_scheduler(lora_location(p)[0], record)
+        if saved is not None:
+            pipe.scheduler = saved
+        if scheduler:
+            set_scheduler(pipe, scheduler)
+        load_lora(pipe, p, lora_scale)
+    else:
+        pipe = load_pipeline(path, dtype, allow_pickle=allow_pickle, tokenizer=tokenizer)
+        if scheduler:
+            set_scheduler(pipe, scheduler)
+    if record is None:
+        return pipe, Sampling(*sampling_defaults(pipe), eta=None)
+    # The record's eta belongs to its own sampler (TCD's gamma); another --scheduler gets the pipeline's default.
+    eta = record.eta if type(pipe.scheduler).__name__ == record.scheduler or record.scheduler is None else None
+    return pipe, Sampling(record.steps, record.guidance, eta, record)
+
+
+def sampling_defaults(pipe) -> tuple[int, float]:
+    """(steps, guidance) for a model without a sampling record: a few-step sampler (LCM, TCD) 4 steps, at 8.0
+    for a full LCM (guidance is embedded, w = 7) or 1.0 for a LoRA of one (no classifier-free guidance pass);
+    else 25 steps at 7.5."""
+    from diffusers import LCMScheduler, TCDScheduler
+
+    if isinstance(pipe.scheduler, (LCMScheduler, TCDScheduler)):
+        unet = getattr(pipe, "unet", None)
+        embedded = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None
+        return 4, 8.0 if embedded else 1.0
+    return 25, 7.5
 
 
 def adopt_lcm_settings(pipe, lora_folder: Path) -> None:

@@ -9,6 +9,7 @@ same weights and configs back (families/single_file.py).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ldmkit.errors import UserError
 
@@ -32,17 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ldmkit.families.single_file import save_single_file
-    from ldmkit.inference import load_pipeline
+    from ldmkit.inference import load_pipeline, read_sampling_record
     from ldmkit.models.uvit import UViT
 
     if args.to == "single-file" and not args.out.endswith(".safetensors"):
         raise UserError(f"--out of --to single-file must end in .safetensors: {args.out}")
     pipe = load_pipeline(args.src, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
+    # The sampling record (an ldmkit export's scheduler, steps, guidance, eta) travels with the weights: a
+    # folder's ldmkit_sampling.json <-> the single file's metadata.
+    record = read_sampling_record(args.src) if Path(args.src).exists() else None
     if args.to == "single-file":
         if isinstance(pipe.unet, UViT):
             raise UserError("a U-ViT has no original single-file layout; keep it as a diffusers folder")
-        save_single_file(pipe, args.out)
+        save_single_file(pipe, args.out, record=record)
     else:
         pipe.save_pretrained(args.out)
+        if record is not None:
+            record.save(args.out)
     print(f"wrote {type(pipe).__name__} from {args.src} to {args.out} ({args.to})")
     return 0

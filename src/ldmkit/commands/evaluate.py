@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    _teacher_arguments(parser)
+    _measure_arguments(parser)
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, its prompts and how it is sampled."""
     add = parser.add_argument
     add("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
     add("--lora", default=None, help="LoRA file or folder to load on top (e.g. an LCM-LoRA).")
@@ -37,20 +44,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes", action="store_true", help="Held-out synthetic-shapes prompts (ldmkit data synth vocabulary)."
     )
     add("--steps", default="1,2,4,8", help="Comma-separated step counts to evaluate.")
-    add("--scheduler", choices=list(SCHEDULERS), default=None, help="Sampler; default: the folder's own.")
+    add(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        default=None,
+        help="Sampler; default: the one the export saved (its ldmkit_sampling.json), else the folder's own.",
+    )
     add(
         "--guidance",
         type=float,
         default=None,
-        help="Guidance scale; default: the model's (1.0 for an LCM-LoRA, 8.0 for a full LCM, else 7.5).",
+        help="Guidance scale; default: the export's, else the model's (1.0 for an LCM-LoRA, 8.0 for a full LCM, else 7.5).",
     )
     add(
         "--eta",
         type=float,
         default=None,
-        help="eta of the sampler: TCD's gamma with --scheduler tcd (0.3 for TCD models, 0 for PCM); "
-        "default: the pipeline's (0).",
+        help="eta of the sampler: TCD's gamma (0 deterministic); default: the export's (TCD: its gamma, PCM: 0), "
+        "else the pipeline's.",
     )
+
+
+def _teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    """The teacher's training-free solvers next to the model."""
+    add = parser.add_argument
     add(
         "--teacher-solvers",
         nargs="?",
@@ -71,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Guidance scale of the teacher's solvers; default: the teacher pipeline's default.",
     )
+
+
+def _measure_arguments(parser: argparse.ArgumentParser) -> None:
+    """How many images, at what size, measured against what, written where."""
+    add = parser.add_argument
     add(
         "--num-images",
         type=int,
@@ -118,30 +140,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldmkit.commands.generate import prepare_sampler, sampling_defaults
-    from ldmkit.data.synth import heldout_prompts
     from ldmkit.eval.adherence import representative_steps
-    from ldmkit.eval.evaluate import (
-        ClipScorer,
-        evaluate_pipeline,
-        evaluate_solvers,
-        parse_steps,
-        read_data,
-        read_images,
-        read_prompts,
-    )
-    from ldmkit.eval.fid import load_feature_extractor
-    from ldmkit.eval.plot import quality_vs_steps
-    from ldmkit.inference import (
-        check_sampling,
-        load_lora,
-        load_pipeline,
-        resolve_device,
-        resolve_dtype,
-        set_scheduler,
-    )
+    from ldmkit.eval.evaluate import evaluate_pipeline, parse_steps
+    from ldmkit.inference import check_sampling, resolve_device, resolve_dtype
 
     steps = parse_steps(args.steps)
+    solvers = _check_arguments(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    inputs = _read_inputs(args, device)
+    pipe, sampling = _load_model(args, dtype)
+    for n in steps:
+        check_sampling(pipe, n, args.height, args.width)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    out = Path(args.out)
+    metrics = evaluate_pipeline(
+        pipe,
+        inputs.prompts,
+        steps,
+        args.guidance,
+        args.seed,
+        out_dir=out,
+        save_images=args.save_images,
+        eta=args.eta,
+        **inputs.common(args),
+    )
+    metrics.update(
+        model=str(args.model),
+        lora=args.lora,
+        lora_fused=bool(args.lora and not args.no_fuse_lora),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        sampling_record=None if sampling.record is None else asdict(sampling.record),
+    )
+    label = (metrics["scheduler"] or "pipeline") + (" + LoRA" if args.lora else "")
+    runs = {label: metrics["settings"]}
+    adherence = None
+    if inputs.probe is not None:
+        # The model at the step count it is meant for (few-step models: 4 or fewer), one count to stay cheap.
+        adherence = _adherence_header(inputs.probe)
+        adherence["models"][label] = _adherence_entry(
+            inputs.probe, label, pipe, representative_steps(steps), metrics["guidance"], args, eta=args.eta
+        )
+    if solvers:
+        del pipe
+        runs.update(_evaluate_teacher(args, solvers, steps, inputs, metrics, adherence, dtype, device, out))
+    metrics["caption_adherence"] = adherence
+    _write_outputs(out, metrics, runs, label, adherence, inputs.probe, args)
+    return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> list[str]:
+    """The teacher's solvers; one UserError for any value the run cannot take."""
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     solvers = [s.strip() for s in args.teacher_solvers.split(",") if s.strip()] if args.teacher_solvers else []
@@ -150,8 +202,35 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--teacher-solvers: unknown solver(s) {unknown}; choose from {', '.join(SCHEDULERS)}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    return solvers
+
+
+@dataclass
+class _Inputs:
+    """The prompts, the FD/KID reference and its feature network, the CLIP scorer, the adherence probe."""
+
+    prompts: list[str]
+    reference: list | None
+    features: Any
+    clip: Any
+    probe: _Probe | None
+
+    def common(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The settings every evaluated model shares."""
+        return dict(
+            batch_size=args.batch_size,
+            reference=self.reference,
+            feature_extractor=self.features,
+            clip=self.clip,
+            height=args.height,
+            width=args.width,
+        )
+
+
+def _read_inputs(args: argparse.Namespace, device) -> _Inputs:
+    from ldmkit.data.synth import heldout_prompts
+    from ldmkit.eval.evaluate import ClipScorer, read_data, read_images, read_prompts
+    from ldmkit.eval.fid import load_feature_extractor
 
     reference, data_images, captions = None, None, None
     if args.prompts:
@@ -168,74 +247,58 @@ def run(args: argparse.Namespace) -> int:
         reference = read_images(args.reference, args.max_reference)
     features = load_feature_extractor(args.feature_net, device) if reference is not None else None
     clip = ClipScorer(args.clip, device) if args.clip else None
+    return _Inputs(prompts, reference, features, clip, probe)
 
-    pipe = load_pipeline(args.model, dtype)
-    prepare_sampler(pipe, args.scheduler, args.lora)  # an LCM-LoRA export samples with LCM by default
+
+def _load_model(args: argparse.Namespace, dtype):
+    """The model as its export's sampling record says (ldmkit.inference.load_export), the LoRA fused unless
+    --no-fuse-lora; --guidance and --eta default to the record's."""
+    from ldmkit.inference import load_export
+
     if args.lora:
-        load_lora(pipe, args.lora)
+        pipe, sampling = load_export(args.lora, base=args.model, dtype=dtype, scheduler=args.scheduler)
         if not args.no_fuse_lora:
             pipe.fuse_lora()  # time the model as a merged export runs (ldmkit merge-lora)
-    if args.guidance is None:
-        args.guidance = sampling_defaults(pipe)[1]
-    for n in steps:
-        check_sampling(pipe, n, args.height, args.width)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe, sampling = load_export(args.model, dtype=dtype, scheduler=args.scheduler)
+    args.guidance = sampling.guidance if args.guidance is None else args.guidance
+    args.eta = sampling.eta if args.eta is None else args.eta
+    return pipe, sampling
 
-    out = Path(args.out)
-    common = dict(
-        batch_size=args.batch_size,
-        reference=reference,
-        feature_extractor=features,
-        clip=clip,
-        height=args.height,
-        width=args.width,
-    )
-    metrics = evaluate_pipeline(
-        pipe,
-        prompts,
+
+def _evaluate_teacher(args, solvers, steps, inputs: _Inputs, metrics, adherence, dtype, device, out: Path) -> dict:
+    """The teacher with its training-free solvers at the same steps and seeds (into ``metrics["teacher"]``);
+    returns their rows for the plots."""
+    from ldmkit.eval.evaluate import evaluate_solvers
+    from ldmkit.inference import load_pipeline, set_scheduler
+
+    teacher = load_pipeline(args.teacher or args.model, dtype)
+    teacher.to(device)
+    teacher.set_progress_bar_config(disable=True)
+    metrics["teacher"] = evaluate_solvers(
+        teacher,
+        solvers,
+        inputs.prompts,
         steps,
-        args.guidance,
+        args.teacher_guidance,
         args.seed,
-        out_dir=out,
-        save_images=args.save_images,
-        eta=args.eta,
-        **common,
+        out_dir=out / "teacher",
+        **inputs.common(args),
     )
-    metrics.update(
-        model=str(args.model),
-        lora=args.lora,
-        lora_fused=bool(args.lora and not args.no_fuse_lora),
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    label = (metrics["scheduler"] or "pipeline") + (" + LoRA" if args.lora else "")
-    runs = {label: metrics["settings"]}
-    adherence = None
-    if probe is not None:
-        # The model at the step count it is meant for (few-step models: 4 or fewer), one count to stay cheap.
-        adherence = _adherence_header(probe)
-        adherence["models"][label] = _adherence_entry(
-            probe, label, pipe, representative_steps(steps), metrics["guidance"], args, eta=args.eta
-        )
-    if solvers:
-        del pipe
-        teacher = load_pipeline(args.teacher or args.model, dtype)
-        teacher.to(device)
-        teacher.set_progress_bar_config(disable=True)
-        metrics["teacher"] = evaluate_solvers(
-            teacher, solvers, prompts, steps, args.teacher_guidance, args.seed, out_dir=out / "teacher", **common
-        )
-        metrics["teacher_model"] = str(args.teacher or args.model)
-        runs.update({f"teacher {name}": m["settings"] for name, m in metrics["teacher"].items()})
-        if adherence is not None:
-            # Whether samples follow captions is the teacher model's property rather than a solver's: one
-            # solver, at the teacher's largest (most faithful) step count.
-            first = metrics["teacher"][solvers[0]]
-            set_scheduler(teacher, solvers[0])
-            name = f"teacher {solvers[0]}"
-            adherence["models"][name] = _adherence_entry(probe, name, teacher, max(steps), first["guidance"], args)
-    metrics["caption_adherence"] = adherence
+    metrics["teacher_model"] = str(args.teacher or args.model)
+    if adherence is not None:
+        # Whether samples follow captions is the teacher model's property rather than a solver's: one
+        # solver, at the teacher's largest (most faithful) step count.
+        first = metrics["teacher"][solvers[0]]
+        set_scheduler(teacher, solvers[0])
+        name = f"teacher {solvers[0]}"
+        adherence["models"][name] = _adherence_entry(inputs.probe, name, teacher, max(steps), first["guidance"], args)
+    return {f"teacher {name}": m["settings"] for name, m in metrics["teacher"].items()}
+
+
+def _write_outputs(out: Path, metrics, runs, label, adherence, probe, args: argparse.Namespace) -> None:
+    from ldmkit.eval.plot import quality_vs_steps
+
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     quality_vs_steps(runs).save(out / "quality_vs_steps.png")
     quality_vs_steps(runs, x="unet_evals_per_image").save(out / "quality_vs_unet_evals.png")
@@ -244,7 +307,6 @@ def run(args: argparse.Namespace) -> int:
         _print_table(f"teacher {name} (guidance {m['guidance']})", m["settings"])
     _print_adherence(adherence, probe, args)
     print(f"wrote {out / 'metrics.json'}, {out / 'quality_vs_steps.png'} and {out / 'quality_vs_unet_evals.png'}")
-    return 0
 
 
 @dataclass

@@ -16,7 +16,10 @@ from ldmkit.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export)."
+        "--model",
+        required=True,
+        help="Model: a diffusers folder (SD1.5, SDXL, U-ViT, an ldmkit export), a single file or a cached repo id; "
+        "an ldmkit LoRA export alone loads onto the base its record names.",
     )
     parser.add_argument(
         "--lora", default=None, help="LoRA file or folder (diffusers/peft or kohya format) to load on top."
@@ -25,26 +28,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="Prompt (repeat for several).")
     parser.add_argument("--negative-prompt", default=None, help="Negative prompt for every image.")
     parser.add_argument(
-        "--steps", type=int, default=None, help="Sampling steps; default: 4 for an LCM model or LCM-LoRA, else 25."
+        "--steps",
+        type=int,
+        default=None,
+        help="Sampling steps; default: the export's (its ldmkit_sampling.json), else 4 for LCM/TCD samplers, else 25.",
     )
     parser.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="Guidance scale; default: 1.0 for an LCM-LoRA (no CFG pass), 8.0 for a full LCM, else 7.5.",
+        help="Guidance scale; default: the export's, else 1.0 for an LCM-LoRA (no CFG pass), 8.0 for a full LCM, else 7.5.",
     )
     parser.add_argument(
         "--scheduler",
         choices=list(SCHEDULERS),
         default=None,
-        help="Sampler; default: the folder's own, or lcm for an LCM-LoRA export (it carries an LCMScheduler).",
+        help="Sampler; default: the one the export saved (LCM, TCD, ...), else the model folder's own.",
     )
     parser.add_argument(
         "--eta",
         type=float,
         default=None,
-        help="eta of the sampler: TCD's gamma with --scheduler tcd (0.3 for TCD models, 0 deterministic, for PCM); "
-        "default: the pipeline's (0).",
+        help="eta of the sampler: TCD's gamma (0 deterministic); default: the export's (TCD: its gamma, PCM: 0), "
+        "else the pipeline's.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image; image k uses seed + k.")
     parser.add_argument("--num-images", type=int, default=1, help="Images per prompt.")
@@ -60,45 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output folder for NNN.png, grid.png and generate.json.")
 
 
-def is_lcm_lora_export(lora: str | None) -> bool:
-    """An ldmkit LCM-LoRA export: its folder carries the LCMScheduler of the run."""
-    if not lora:
-        return False
-    folder = Path(lora) if Path(lora).is_dir() else Path(lora).parent
-    cfg = folder / "scheduler" / "scheduler_config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == "LCMScheduler"
-
-
-def prepare_sampler(pipe, scheduler: str | None, lora: str | None) -> None:
-    """The sampler: --scheduler, else LCM for an LCM-LoRA export, else the folder's own (before the LoRA
-    is loaded, so that load_lora adopts the export's LCM settings)."""
-    from ldmkit.inference import set_scheduler
-
-    if scheduler:
-        set_scheduler(pipe, scheduler)
-    elif is_lcm_lora_export(lora):
-        set_scheduler(pipe, "lcm")
-
-
-def sampling_defaults(pipe) -> tuple[int, float]:
-    """(steps, guidance) that suit the model: an LCM sampler 4 steps, at 8.0 for a full LCM (guidance is
-    embedded, w = 7) or 1.0 for an LCM-LoRA (no classifier-free guidance pass); else 25 steps at 7.5."""
-    from diffusers import LCMScheduler
-
-    if isinstance(pipe.scheduler, LCMScheduler):
-        unet = getattr(pipe, "unet", None)
-        embedded = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None
-        return 4, 8.0 if embedded else 1.0
-    return 25, 7.5
-
-
 def run(args: argparse.Namespace) -> int:
     from ldmkit.inference import (
         check_sampling,
         generate_images,
         image_grid,
-        load_lora,
-        load_pipeline,
+        load_export,
         resolve_device,
         resolve_dtype,
     )
@@ -116,13 +89,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file; give a folder")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, dtype)
-    prepare_sampler(pipe, args.scheduler, args.lora)
+    # The export's sampling record (scheduler, steps, guidance, eta) decides what the flags leave open.
     if args.lora:
-        load_lora(pipe, args.lora, args.lora_scale)
-    steps, guidance = sampling_defaults(pipe)
-    args.steps = steps if args.steps is None else args.steps
-    args.guidance = guidance if args.guidance is None else args.guidance
+        pipe, sampling = load_export(
+            args.lora, base=args.model, dtype=dtype, scheduler=args.scheduler, lora_scale=args.lora_scale
+        )
+    else:
+        pipe, sampling = load_export(args.model, dtype=dtype, scheduler=args.scheduler)
+    args.steps = sampling.steps if args.steps is None else args.steps
+    args.guidance = sampling.guidance if args.guidance is None else args.guidance
+    args.eta = sampling.eta if args.eta is None else args.eta
     check_sampling(pipe, args.steps, args.height, args.width)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

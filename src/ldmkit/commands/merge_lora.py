@@ -5,10 +5,11 @@ The file is read by ``ldmkit.lora.formats`` (every layout ``load_lora_weights`` 
 ones) and merged by diffusers: ``load_lora_weights`` + ``fuse_lora(lora_scale=S)`` + ``unload_lora_weights``.
 
 The result is a complete pipeline folder of the model's class that needs no LoRA loading (e.g. for
-export to other runtimes). For an LCM-LoRA the scheduler matters as much as the weights: ``--scheduler auto``
-uses the LCMScheduler saved next to the LoRA by ``ldmkit train`` (it carries the run's
-original_inference_steps and timestep_scaling), ``lcm`` builds one from the model's noise schedule and
-the flags, ``keep`` leaves the model's scheduler. ``--single-file OUT.safetensors`` writes the merged
+export to other runtimes). For a few-step LoRA the scheduler matters as much as the weights: ``--scheduler
+auto`` uses the scheduler saved next to the LoRA by ``ldmkit train`` (LCMScheduler or TCDScheduler, carrying the
+run's original_inference_steps and timestep_scaling), ``lcm`` builds an LCMScheduler from the model's noise
+schedule and the flags, ``keep`` leaves the model's scheduler. The LoRA's sampling record (steps, guidance,
+eta) goes with the merged model: ``ldmkit_sampling.json`` in the folder, or the single file's metadata. ``--single-file OUT.safetensors`` writes the merged
 model as one original-layout checkpoint for A1111 / ComfyUI / sd-scripts instead (families/single_file.py).
 """
 
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scheduler",
         choices=("auto", "lcm", "keep"),
         default="auto",
-        help="auto: the LCMScheduler saved with the LoRA if any, else keep; lcm: an LCMScheduler "
+        help="auto: the scheduler saved with the LoRA (LCM, TCD) if any, else keep; lcm: an LCMScheduler "
         "from the model's schedule and the two flags below; keep: the model's scheduler.",
     )
     parser.add_argument(
@@ -72,12 +73,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _saved_lcm_config(lora: Path) -> dict | None:
+def _saved_scheduler_config(lora: Path) -> dict | None:
+    """The scheduler config saved next to an ldmkit LoRA export (its run's sampler), or None."""
     path = lora / "scheduler" / "scheduler_config.json" if lora.is_dir() else None
     if path is None or not path.is_file():
         return None
-    config = json.loads(path.read_text())
-    return config if config.get("_class_name") == "LCMScheduler" else None
+    return json.loads(path.read_text())
+
+
+def _merged_record(lora: Path, pipe):
+    """The LoRA's sampling record as the merged model's: a whole pipeline now, sampled with what it was saved
+    with (the scheduler in the folder), at the LoRA's steps, guidance and eta."""
+    from dataclasses import replace
+
+    from ldmkit.inference import read_sampling_record
+
+    record = read_sampling_record(lora)
+    if record is None:
+        return None
+    eta = record.eta if type(pipe.scheduler).__name__ == record.scheduler else None
+    return replace(record, kind="pipeline", base=None, scheduler=type(pipe.scheduler).__name__, eta=eta)
+
+
+def _choose_scheduler(pipe, lora: Path, args: argparse.Namespace) -> None:
+    """--scheduler auto | lcm | keep (module docstring)."""
+    import diffusers
+
+    from ldmkit.diffusion.lcm import lcm_scheduler
+
+    saved = _saved_scheduler_config(lora)
+    mode = args.scheduler if args.scheduler != "auto" else ("saved" if saved else "keep")
+    if mode == "saved" and getattr(diffusers, saved.get("_class_name", ""), None) is not None:
+        pipe.scheduler = getattr(diffusers, saved["_class_name"]).from_config(saved)
+    if mode == "lcm":
+        lcm_saved = saved if (saved or {}).get("_class_name") == "LCMScheduler" else None
+        steps = args.original_inference_steps or (saved or {}).get("original_inference_steps", 50)
+        scaling = args.timestep_scaling or (lcm_saved or {}).get("timestep_scaling", 10.0)
+        pipe.scheduler = lcm_scheduler(saved or dict(pipe.scheduler.config), steps, scaling)
 
 
 def merge(pipe, state_dict: dict, scale: float = 1.0) -> int:
@@ -111,7 +143,6 @@ def _check_target(model: Path, target: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffusers import LCMScheduler
 
-    from ldmkit.diffusion.lcm import lcm_scheduler
     from ldmkit.families.single_file import save_single_file
     from ldmkit.inference import load_pipeline
     from ldmkit.lora import formats
@@ -130,17 +161,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--single-file is for SD1.x/SD2.x/SDXL models; a U-ViT has no original single-file layout")
     n = merge(pipe, state_dict, args.scale)
 
-    saved = _saved_lcm_config(lora)
-    mode = args.scheduler if args.scheduler != "auto" else ("lcm" if saved else "keep")
-    if mode == "lcm":
-        steps = args.original_inference_steps or (saved or {}).get("original_inference_steps", 50)
-        scaling = args.timestep_scaling or (saved or {}).get("timestep_scaling", 10.0)
-        pipe.scheduler = lcm_scheduler(saved or dict(pipe.scheduler.config), steps, scaling)
+    _choose_scheduler(pipe, lora, args)
+    record = _merged_record(lora, pipe)
     target = args.single_file or args.out
     if args.single_file:
-        save_single_file(pipe, args.single_file)
+        save_single_file(pipe, args.single_file, record=record)
     else:
         pipe.save_pretrained(args.out)
+        if record is not None:
+            record.save(args.out)
     kind = type(pipe.scheduler).__name__
     extra = ""
     if isinstance(pipe.scheduler, LCMScheduler):

@@ -74,6 +74,9 @@ class Family:
     """Modules of the denoiser that LCM-LoRA adapts by default."""
     exports_kohya: ClassVar[bool] = True
     """Whether A1111 / ComfyUI read this denoiser's LoRA (kohya copy next to the diffusers file)."""
+    finetune_lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    """Modules a fine-tuning LoRA adapts by default: the attention projections (diffusers'
+    examples/text_to_image/train_text_to_image_lora.py)."""
     lcd_w_min: ClassVar[float] = 5.0
     """LCD's default smallest guidance scale w (LCM paper sec. 5: [w_min, w_max] = [5, 15] for SD)."""
     lcm_lora_guidance: ClassVar[float] = 1.0
@@ -82,6 +85,12 @@ class Family:
     """PCM's discriminator layout when method.adv_heads is null (the reference's SD1.5 discriminator)."""
     pipeline_import: ClassVar[str] = ""
     """Python line that imports the pipeline class (for model cards)."""
+
+    @classmethod
+    def default_lora_targets(cls, purpose: str) -> tuple[str, ...]:
+        """The modules a LoRA adapts when the config names none: ``purpose`` "distill" (LCM-LoRA and its
+        successors: every module kind) or "finetune" (the attention projections)."""
+        return cls.lora_target_modules if purpose == "distill" else cls.finetune_lora_target_modules
 
     def __init__(
         self,

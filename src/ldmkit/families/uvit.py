@@ -26,6 +26,7 @@ class UViTFamily(SDFamily):
 
     name = "U-ViT"
     lora_target_modules = UVIT_LORA_TARGET_MODULES
+    finetune_lora_target_modules = ("attn.qkv", "attn.proj")  # the attention projections, as the UNet's
     exports_kohya = False
     pcm_adv_heads = "light"  # PCM's discriminator on the in- and mid-block tokens: "full" costs 4 3x3 heads per block
     pipeline_import: ClassVar[str] = "from ldmkit.pipelines.uvit import UViTPipeline\n"

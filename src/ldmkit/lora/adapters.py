@@ -63,6 +63,36 @@ def adapter_config(kind: str, rank: int, alpha: float, dropout: float, targets: 
     raise UserError(f"unknown method.adapter {kind!r}; choose one of: {', '.join(ADAPTERS)}")
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Adapters added inside the block draw their init from ``seed``; the global generator is restored after.
+    peft initialises an adapter on the CPU before moving it to its base layer's device, so forking the CPU
+    generator is enough."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def add_trainable_adapter(model: torch.nn.Module, knobs, seed: int | None, targets: list[str] | None = None) -> int:
+    """The one place ldmkit adds trainable adapters (every LoRA method: lora, lcm_lora, tcd_lora, pcm_lora):
+    ``knobs`` is a resolved LoRA config (methods.configs.LoraKnobs: adapter, lora_rank, lora_alpha,
+    lora_dropout, lora_target_modules; ``targets`` replaces the last, e.g. a text encoder's). The random init
+    comes from ``seed`` (train.seed), whatever the global RNG has drawn before, so the same config starts from
+    the same adapter (None: the caller has seeded the generator, e.g. for several models in one stream, see
+    ``seeded``); the adapter's weights are cast to fp32 (they train in fp32 under mixed precision).
+    Returns the number of trainable parameters added."""
+    from diffusers.training_utils import cast_training_params
+
+    targets = list(targets if targets is not None else knobs.lora_target_modules)
+    alpha = knobs.lora_alpha if knobs.lora_alpha is not None else knobs.lora_rank
+    config = adapter_config(knobs.adapter, knobs.lora_rank, alpha, knobs.lora_dropout, targets)
+    before = {id(p) for p in model.parameters() if p.requires_grad}
+    with contextlib.nullcontext() if seed is None else seeded(seed):
+        add_lora(model, config)
+    cast_training_params(model, dtype=torch.float32)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in before)
+
+
 def dora_magnitudes(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """``{<module>.lora_magnitude_vector.weight: m}`` of a DoRA-adapted model (the key layout of peft's
     ``get_peft_model_state_dict``, which diffusers' ``load_lora_weights`` reads back)."""
@@ -138,6 +168,8 @@ def export_adapter(
     export.save_diffusers(out_dir, layers, pipeline_cls)
     files = [export.LORA_WEIGHT_NAME]
     if kohya:
-        export.save_kohya(out_dir, layers, export.is_sdxl_pipeline(pipeline_cls))
+        # the UNet's own config lays out SDXL's original-SD names (ldmkit.lora.export.kohya_name), as for LoRA
+        unet_config = getattr(models.get("unet"), "config", None)
+        export.save_kohya(out_dir, layers, export.is_sdxl_pipeline(pipeline_cls), unet_config)
         files.append(export.KOHYA_WEIGHT_NAME)
     return sum(len(v) for v in layers.values()), files

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -18,6 +18,8 @@ from ldmkit.errors import UserError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from ldmkit.inference import SamplingRecord
 
 __all__ = ["Method", "MethodConfig", "StepCounter", "check_validation_size"]
 logger = logging.getLogger(__name__)
@@ -51,6 +53,17 @@ class Method:
 
     Config: type[MethodConfig] = MethodConfig
     trainable_names: tuple[str, ...] = ()
+
+    # ---- what the method says of itself: the model card, the quickstart and the sampling record read these
+    # (a new method declares them here, in its own module; nothing outside it compares method names).
+    label: ClassVar[str] = ""
+    """Short name of what it makes, for reports and tables ("LCM-LoRA"); default: the method's name."""
+    title: ClassVar[str] = ""
+    """Title of its model card ("Latent Consistency Model"); default: the label."""
+    tags: ClassVar[tuple[str, ...]] = ()
+    """Hub tags of its model card (besides ldmkit, text-to-image, diffusers)."""
+    quickstart_student: ClassVar[bool] = False
+    """``ldmkit quickstart --method`` offers it: it distils the quickstart's teacher (configs/<name>/quickstart.yaml)."""
 
     @classmethod
     def check_model(cls, cfg: Config) -> None:
@@ -130,6 +143,23 @@ class Method:
 
     def export(self, out_dir: Path) -> None:
         raise NotImplementedError
+
+    def sampling_record(self) -> SamplingRecord | None:
+        """How the export is sampled (ldmkit.inference.SamplingRecord), written next to it by the loop and read
+        by generate, evaluate, merge-lora, the model card and the quickstart; None: nothing to sample (vae)."""
+        return None
+
+    def card_facts(self) -> list[str]:
+        """Method-specific lines of the model card's facts list (markdown bullets without the dash)."""
+        return []
+
+    def base_reference(self) -> str | None:
+        """``model.pretrained`` as a later command can use it: an existing local path made absolute (so it
+        works from any folder), a repo id as given."""
+        ref = self.cfg.model.pretrained
+        if not ref:
+            return None
+        return str(Path(ref).resolve()) if Path(ref).exists() else str(ref)
 
     def encoders(self):
         """Object with encode_images/encode_prompts/fingerprint that the data cache may use, or None."""

@@ -23,6 +23,31 @@ def _vae_config(ref: str) -> dict[str, Any] | None:
     return _json(root / "config.json") or _json(root / "vae" / "config.json") if root.is_dir() else None
 
 
+def model_family(cfg: Config) -> type | None:
+    """The family class of model.pretrained when files on disk tell it without converting anything (a
+    diffusers folder, a single .safetensors file); None otherwise (a repo id: the method resolves it)."""
+    ref = cfg.model.pretrained
+    if not ref:
+        return None
+    root = Path(ref)
+    if (root / "model_index.json").is_file() or (root.is_file() and root.suffix == ".safetensors"):
+        from ldmkit.families import detect_family
+
+        return detect_family(root)
+    return None
+
+
+def fill_family_defaults(cfg: Config) -> None:
+    """Settings whose default depends on the model family, filled in when the config is resolved so that
+    ``--dry-run`` and config.yaml show what runs, and checked against the value in effect: LCD's w_min
+    (``resolve_w_min``) and the LoRA's alpha and targets (``resolve_lora``), for every method config that has
+    them."""
+    family = model_family(cfg)
+    for resolve in ("resolve_w_min", "resolve_lora"):
+        if hasattr(cfg.method, resolve):
+            getattr(cfg.method, resolve)(family)
+
+
 def check_denoiser_model(cfg: Config) -> None:
     """For methods that train on or distil a model folder: family as the recipe expects, VAE latent channels
     = denoiser input channels, a separate VAE of the same scale as the model's own, and a resolution the
@@ -30,6 +55,7 @@ def check_denoiser_model(cfg: Config) -> None:
     would convert or read whole checkpoints); folders here."""
     from ldmkit.families import detect_family
 
+    fill_family_defaults(cfg)
     root = Path(cfg.model.pretrained)
     if not (root / "model_index.json").is_file():
         return

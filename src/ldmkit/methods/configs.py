@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ldmkit.config import MethodConfig
 from ldmkit.errors import UserError
@@ -26,11 +26,49 @@ def check_validation_size(mcfg: MethodConfig) -> None:
 
 ADAPTERS = Literal["lora", "dora", "loha", "lokr"]
 
+
+@dataclass
+class LoraKnobs:
+    """The one LoRA config of every method that trains adapters (lora, lcm_lora, tcd_lora, pcm_lora): one rule
+    for alpha (null = the rank, scale 1) and one for the targets (null = the model family's defaults for the
+    method's purpose), both filled in when the config is resolved (``resolve_lora``) so that ``--dry-run`` and
+    config.yaml show what trains. The adapters are built in one place (ldmkit.lora.adapters.add_trainable_adapter),
+    their random init seeded from train.seed."""
+
+    lora_targets: ClassVar[str] = "finetune"
+    """Which family defaults a null ``lora_target_modules`` takes: "finetune" (the attention projections, as
+    diffusers' train_text_to_image_lora.py) or "distill" (every module kind LCM-LoRA adapts)."""
+
+    adapter: ADAPTERS = "lora"
+    """Adapter kind (peft): lora | dora (loads in diffusers) | loha, lokr (exported as an exact LoRA that any LoRA loader reads)."""
+    lora_rank: int = 4
+    """LoRA rank r."""
+    lora_alpha: float | None = None
+    """LoRA alpha (the update is scaled by alpha / rank); null: equal to the rank (scale 1)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch (draws from torch's global RNG, seeded per batch from the samples' seeds)."""
+    lora_target_modules: list[str] | None = None
+    """Denoiser modules that get adapters (name suffixes, e.g. to_q, to_out.0, conv1, time_emb_proj); null: the
+    family's defaults (fine-tuning: the attention projections; distillation: the 14 UNet module kinds of
+    diffusers' LCM-LoRA scripts, or a U-ViT's attention and MLP projections)."""
+
+    def resolve_lora(self, family: type | None) -> None:
+        """Fill alpha (and, when ``family`` is known, the targets) and check the values in effect."""
+        if self.lora_rank < 1:
+            raise UserError(f"method.lora_rank must be at least 1, got {self.lora_rank}")
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
+        if not self.lora_alpha > 0:  # also NaN
+            raise UserError(f"method.lora_alpha must be positive (or null: the rank), got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise UserError("method.lora_target_modules is empty (null selects the model family's defaults)")
+        if self.lora_target_modules is None and family is not None:
+            self.lora_target_modules = list(family.default_lora_targets(self.lora_targets))
+
+
 # ----------------------------------------------------------------------------- finetune
-
-
-# diffusers' train_text_to_image_lora.py adapts the attention projections only.
-DEFAULT_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 # CLIP attention projections (diffusers' text-encoder LoRA default).
@@ -84,32 +122,17 @@ class FinetuneConfig(_SDTrainConfig):
 
 
 @dataclass
-class LoraMethodConfig(_SDTrainConfig):
+class LoraMethodConfig(LoraKnobs, _SDTrainConfig):
     name: str = "lora"
     """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | uvit | vae."""
-    adapter: ADAPTERS = "lora"
-    """Adapter kind (peft): lora | dora (loads in diffusers) | loha, lokr (exported as an exact LoRA that any LoRA loader reads)."""
-    lora_rank: int = 4
-    """LoRA rank r."""
-    lora_alpha: float | None = None
-    """LoRA alpha (scale = alpha / rank); null: equal to the rank (scale 1, the diffusers default)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch."""
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
-    """UNet modules that get adapters (name suffixes, e.g. to_q, to_out.0, conv1, time_emb_proj)."""
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_TARGETS))
     """Text-encoder modules that get adapters when train_text_encoder is true."""
 
     def check(self, cfg) -> None:
         super().check(cfg)
-        if self.lora_rank < 1:
-            raise UserError(f"method.lora_rank must be at least 1, got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise UserError(f"method.lora_alpha must be positive (or null), got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_target_modules:
-            raise UserError("method.lora_target_modules is empty")
+        self.resolve_lora(None)  # the targets: Method.check_model, which knows the family
+        if not self.text_encoder_target_modules:
+            raise UserError("method.text_encoder_target_modules is empty")
 
 
 # ----------------------------------------------------------------------------- lcd
@@ -147,9 +170,16 @@ class LCDCommonConfig(MethodConfig):
     validation_height: int | None = None
     """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
 
-    def check(self, cfg: Config) -> None:
+    def resolve_w_min(self, family: type | None) -> None:
+        """w_min in effect: the family's default when null (SD 5.0, SDXL 3.0: the references'), checked against
+        w_max. ``family`` None (not known before loading): the method fills it in and calls this again."""
+        if self.w_min is None and family is not None:
+            self.w_min = family.lcd_w_min
         if self.w_min is not None and self.w_min > self.w_max:
             raise UserError(f"method.w_min ({self.w_min}) must be <= method.w_max ({self.w_max})")
+
+    def check(self, cfg: Config) -> None:
+        self.resolve_w_min(None)
         if self.num_ddim_timesteps < 1:
             raise UserError(f"method.num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
         if self.huber_c <= 0:
@@ -163,21 +193,16 @@ class LCDCommonConfig(MethodConfig):
 
 
 @dataclass
-class LCMLoraConfig(LCDCommonConfig):
+class LCMLoraConfig(LoraKnobs, LCDCommonConfig):
     """LCM-LoRA: distil the teacher into a LoRA of itself (the base model with adapters off is the teacher)."""
 
+    lora_targets: ClassVar[str] = "distill"
+
     name: str = "lcm_lora"
-    adapter: ADAPTERS = "lora"
-    """Adapter kind (peft): lora | dora (loads in diffusers) | loha, lokr (exported as an exact LoRA that any LoRA loader reads)."""
     lora_rank: int = 64
-    """LoRA rank r."""
-    lora_alpha: float = 64.0
-    """LoRA alpha; the update is scaled by alpha / r (diffusers 64/64; PaddleMIX 8/64 = 0.125)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input (draws from torch's global RNG, not the per-sample seeds)."""
-    lora_target_modules: list[str] | None = None
-    """Module names (suffixes) that get a LoRA; null: the 14 UNet module kinds of diffusers' LCM-LoRA scripts,
-    or for a U-ViT teacher its attention and MLP projections (attn.qkv, attn.proj, mlp.0, mlp.2)."""
+    """LoRA rank r (diffusers' LCM-LoRA scripts: 64)."""
+    lora_alpha: float | None = None
+    """LoRA alpha; the update is scaled by alpha / r; null: the rank (diffusers 64/64; PaddleMIX 8/64 = 0.125)."""
     target_ema_decay: float = 0.0
     """Target f_theta^- = base + an EMA of the LoRA weights with this decay (constant, as full LCD's target);
     0: the online LoRA, as the LCM-LoRA references (diffusers train_lcm_distill_lora_*)."""
@@ -191,16 +216,11 @@ class LCMLoraConfig(LCDCommonConfig):
 
     def check(self, cfg: Config) -> None:
         super().check(cfg)
-        if self.lora_rank < 1:
-            raise UserError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
+        self.resolve_lora(None)  # the targets: Method.check_model, which knows the family
         if not 0.0 <= self.target_ema_decay < 1.0:
             raise UserError(f"method.target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
         if self.export_ema_decay is not None and not 0.0 < self.export_ema_decay < 1.0:
             raise UserError(f"method.export_ema_decay must be in (0, 1) or null, got {self.export_ema_decay}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"method.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_target_modules is not None and not self.lora_target_modules:
-            raise UserError("method.lora_target_modules is empty (null selects the teacher's defaults)")
 
 
 @dataclass

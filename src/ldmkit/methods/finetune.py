@@ -27,7 +27,6 @@ from ldmkit.families import Family, load_family
 from ldmkit.methods.base import Method
 from ldmkit.methods.configs import (  # noqa: F401 (the configs import without torch: --help)
     DEFAULT_TEXT_TARGETS,
-    DEFAULT_UNET_TARGETS,
     FinetuneConfig,
     LoraMethodConfig,
     _SDTrainConfig,
@@ -192,11 +191,30 @@ class _SDMethod(Method):
         """The family: the data layer may build a cache with it (loading the VAE / text encoders then only)."""
         return self.family
 
+    is_lora: bool = False
+
+    def sampling_record(self):
+        """The base pipeline's own scheduler, at the validation grids' largest step count and guidance."""
+        from ldmkit.inference import SamplingRecord
+
+        m = self.mcfg
+        return SamplingRecord(
+            method=m.name,
+            label=self.label,
+            kind="lora" if self.is_lora else "pipeline",
+            scheduler=None,
+            steps=max(m.validation_steps),
+            guidance=m.validation_guidance,
+            base=self.base_reference() if self.is_lora else None,
+        )
+
 
 class FinetuneMethod(_SDMethod):
     """Full UNet fine-tuning (optionally the text encoders too), with an optional EMA of the UNet."""
 
     Config = FinetuneConfig
+    label, title = "fine-tuned model", "Fine-tuned pipeline"
+    tags = ("stable-diffusion", "fine-tuned")
 
     def _unet_load_dtype(self) -> torch.dtype:
         return torch.float32
@@ -250,36 +268,24 @@ class LoraMethod(_SDMethod):
     in the mixed-precision dtype and only the adapters are trained, in fp32."""
 
     Config = LoraMethodConfig
+    label, title = "LoRA", "LoRA adapter"
+    tags = ("lora", "stable-diffusion")
+    is_lora = True
 
     def _dropout_seeded(self) -> bool:
         return self.mcfg.lora_dropout > 0
 
-    def _lora_config(self, targets: list[str]):
-        from ldmkit.lora.adapters import adapter_config
-
-        m = self.mcfg
-        alpha = m.lora_alpha if m.lora_alpha is not None else m.lora_rank
-        # lora/dora: Gaussian A, zero B (diffusers' LoRA scripts): the adapted model starts equal to the base.
-        return adapter_config(m.adapter, m.lora_rank, alpha, m.lora_dropout, targets)
-
     def _make_trainable(self) -> None:
-        from diffusers.training_utils import cast_training_params
+        from ldmkit.lora.adapters import add_trainable_adapter, seeded
 
         m = self.mcfg
-        modules = [self.unet]
-        # The adapters' random init comes from train.seed, whatever the global RNG state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.train.seed)
-            try:
-                self.unet.add_adapter(self._lora_config(m.lora_target_modules))
-            except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-                raise UserError(f"method.lora_target_modules: {e}") from e
+        m.resolve_lora(type(self.family))  # targets filled at config time unless the family was not known then
+        # One build site for every LoRA method; the adapters' random init comes from train.seed (one stream
+        # for the UNet's and the text encoders' adapters).
+        with seeded(self.cfg.train.seed):
+            n = add_trainable_adapter(self.unet, m, None)
             for name in self.text_encoder_names:
-                te = getattr(self, name)
-                te.add_adapter(self._lora_config(m.text_encoder_target_modules))
-                modules.append(te)
-        cast_training_params(modules, dtype=torch.float32)
-        n = sum(p.numel() for mod in modules for p in mod.parameters() if p.requires_grad)
+                n += add_trainable_adapter(getattr(self, name), m, None, m.text_encoder_target_modules)
         log.info("%s rank %d: %d trainable parameters", m.adapter, m.lora_rank, n)
 
     def export(self, out_dir: Path) -> None:
@@ -288,4 +294,4 @@ class LoraMethod(_SDMethod):
         from ldmkit.lora.adapters import export_adapter
 
         models = {name: self.unwrap(getattr(self, name)) for name in self.trainable_names}
-        export_adapter(out_dir, models, self.family.pipeline_class, self.mcfg.adapter)
+        export_adapter(out_dir, models, self.family.pipeline_class, self.mcfg.adapter, kohya=self.family.exports_kohya)

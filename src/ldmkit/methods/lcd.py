@@ -135,7 +135,8 @@ class _LCDBase(Method):
         T = sched.config.num_train_timesteps
         if m.num_ddim_timesteps > T:
             raise UserError(f"method.num_ddim_timesteps ({m.num_ddim_timesteps}) exceeds the teacher's {T} timesteps")
-        self.w_min = m.w_min if m.w_min is not None else self.family.lcd_w_min
+        m.resolve_w_min(type(self.family))  # filled at config time unless the family was not known then
+        self.w_min = m.w_min
         self.k = T // m.num_ddim_timesteps
         self.alphas_cumprod = sched.alphas_cumprod.to(self.device)
         self.ddim_timesteps = lcm.ddim_timesteps(T, m.num_ddim_timesteps).to(self.device)
@@ -287,9 +288,40 @@ class _LCDBase(Method):
         labels = [f"{n} step{'s' * (n > 1)}" for n in steps]
         return image_grid(images, len(steps), row_labels=prompts, col_labels=labels)
 
-    # ---- what the model card (ldmkit.methods.card) says of the sampler -------------------------------
-    kind = "Latent Consistency Model"
-    """Name of the deliverable in the model card."""
+    # ---- how the export is sampled (the record next to it; the model card) ----------------------------
+    quickstart_student = True
+    is_lora: bool = False
+    """A LoRA of the teacher (w baked in, sampled without CFG) or a whole student (w through its embedding)."""
+
+    def _default_steps(self) -> int:
+        """Sampling steps the export is meant for (LCM: 4; 1-8 work)."""
+        return 4
+
+    def sampling_record(self):
+        from ldmkit.inference import SamplingRecord
+
+        guidance = self.mcfg.validation_guidance
+        return SamplingRecord(
+            method=self.mcfg.name,
+            label=self.label,
+            kind="lora" if self.is_lora else "pipeline",
+            scheduler=type(self._sampling_scheduler()).__name__,
+            steps=self._default_steps(),
+            guidance=self._default_guidance() if guidance is None else guidance,
+            eta=self._sampling_eta(),
+            base=self.base_reference() if self.is_lora else None,
+            guidance_embedded=not self.is_lora,
+            few_step=True,
+        )
+
+    def card_facts(self) -> list[str]:
+        r = self.sampling_record()
+        facts = [
+            f"few-step sampling: {r.steps} steps (1-8 work), guidance_scale {r.guidance}; {self._scheduler_note()}"
+        ]
+        if r.guidance_embedded:
+            facts.append("guidance_scale is embedded as w = guidance_scale - 1 (no classifier-free guidance pass)")
+        return facts
 
     def _scheduler_note(self) -> str:
         return (
@@ -330,24 +362,22 @@ class LCMLoraMethod(_LCDBase):
 
     Config = LCMLoraConfig
     mcfg: LCMLoraConfig
-    lora_kind = "LCM-LoRA"
+    label = title = "LCM-LoRA"
+    tags = ("lora", "lcm", "lcm-lora", "latent-consistency")
+    is_lora = True
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
-        from diffusers.training_utils import cast_training_params
-
         from ldmkit.lora import adapters
 
         m = self.mcfg
-        targets = m.lora_target_modules or list(self.family.lora_target_modules)
+        m.resolve_lora(type(self.family))  # targets filled at config time unless the family was not known then
         self.unet = self.family.denoiser  # the one denoiser: frozen base in weight dtype + trainable LoRA
         # The teacher: the same base weights in a module tree without the adapters (taken before they are
         # injected), so its passes skip peft's per-layer wrappers; with plain_teacher off, the adapted denoiser
         # with adapters disabled plays it.
         self.teacher_unet = _sharing_weights(self.unet) if m.plain_teacher else None
-        config = adapters.adapter_config(m.adapter, m.lora_rank, m.lora_alpha, m.lora_dropout, targets)
-        adapters.add_lora(self.unet, config)
-        cast_training_params(self.unet, dtype=torch.float32)  # LoRA weights train in fp32
+        adapters.add_trainable_adapter(self.unet, m, self.cfg.train.seed)  # LoRA weights train in fp32
         self.unet.train()
         # Averages of the LoRA weights only (the base is frozen): a target as full LCD's (constant decay), and
         # a Polyak average to export (warmup, as the U-ViT/finetune EMA). Off by default, as the references.
@@ -421,6 +451,8 @@ class LCDMethod(_LCDBase):
 
     Config = LCDConfig
     mcfg: LCDConfig
+    label, title = "LCM", "Latent Consistency Model"
+    tags = ("lcm", "latent-consistency")
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)

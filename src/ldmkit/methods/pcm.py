@@ -67,8 +67,7 @@ def generator_hinge(logits_fake: list[torch.Tensor]) -> torch.Tensor:
 class PhasedTarget(TrajectoryTarget):
     """Mixin over an LCD method: s = the lower edge of the student's phase; deterministic sampling."""
 
-    kind = "Phased Consistency Model"
-    lora_kind = "PCM-LoRA"
+    tags = ("pcm", "phased-consistency")
     disc: torch.nn.Module | None = None
     """The discriminator's trainable heads (accelerate-prepared); None without the adversarial term."""
 
@@ -88,6 +87,10 @@ class PhasedTarget(TrajectoryTarget):
 
     def _sampling_eta(self) -> float:
         return 0.0
+
+    def _default_steps(self) -> int:
+        """K steps visit exactly the K trained phase edges (4 when K is above 8)."""
+        return self.mcfg.num_phases if self.mcfg.num_phases <= 8 else 4
 
     def _scheduler_note(self) -> str:
         return (
@@ -178,6 +181,8 @@ class PCMLoraMethod(PhasedTarget, LCMLoraMethod):
 
     Config = PCMLoraConfig
     mcfg: PCMLoraConfig
+    label = title = "PCM-LoRA"
+    tags = ("lora", *PhasedTarget.tags)
 
 
 class PCMMethod(PhasedTarget, LCDMethod):
@@ -185,3 +190,4 @@ class PCMMethod(PhasedTarget, LCDMethod):
 
     Config = PCMConfig
     mcfg: PCMConfig
+    label, title = "PCM", "Phased Consistency Model"

@@ -32,8 +32,7 @@ class TrajectoryTarget:
     """Mixin over an LCD method: the trajectory consistency function f(x_t, t, s) and the TCDScheduler.
     Subclasses choose s (``_end_timesteps``) and the sampling gamma (``_sampling_eta``)."""
 
-    kind = "Trajectory Consistency Distillation model"
-    lora_kind = "TCD-LoRA"
+    tags = ("tcd", "trajectory-consistency")
 
     def _end_timesteps(self, index: torch.Tensor, t: torch.Tensor, rng: SampleRNG) -> torch.Tensor:
         if self.mcfg.end_time_sampling == "zero":
@@ -63,6 +62,8 @@ class TCDLoraMethod(TrajectoryTarget, LCMLoraMethod):
 
     Config = TCDLoraConfig
     mcfg: TCDLoraConfig
+    label = title = "TCD-LoRA"
+    tags = ("lora", *TrajectoryTarget.tags)
 
 
 class TCDMethod(TrajectoryTarget, LCDMethod):
@@ -70,3 +71,4 @@ class TCDMethod(TrajectoryTarget, LCDMethod):
 
     Config = TCDConfig
     mcfg: TCDConfig
+    label, title = "TCD", "Trajectory Consistency Distillation model"

@@ -51,6 +51,22 @@ def training_scheduler(prediction_type: str) -> DDPMScheduler:
 class UViTMethod(Method):
     Config = UViTConfig
     trainable_names = ("unet",)
+    label, title = "U-ViT", "U-ViT text-to-image model"
+    tags = ("u-vit",)
+
+    def sampling_record(self):
+        """The pipeline's own DPM-Solver at the validation grids' largest step count and guidance."""
+        from ldmkit.inference import SamplingRecord
+
+        m = self.mcfg
+        return SamplingRecord(
+            method=m.name,
+            label=self.label,
+            kind="pipeline",
+            scheduler=None,
+            steps=max(m.validation_steps),
+            guidance=m.validation_guidance,
+        )
 
     @classmethod
     def check_model(cls, cfg) -> None:

@@ -151,6 +151,8 @@ def _load_vae(cfg: Config) -> AutoencoderKL | None:
 class VAEMethod(Method):
     Config = VAEConfig
     trainable_names = ("net",)
+    label, title = "VAE", "VAE (AutoencoderKL)"
+    tags = ("vae", "autoencoder")
 
     def __init__(self, cfg: Config, accelerator):
         super().__init__(cfg, accelerator)

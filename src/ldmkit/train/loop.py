@@ -427,6 +427,9 @@ def _export(accelerator, method, cfg: Config, export_dir: Path) -> None:
     if accelerator.is_main_process:
         export_dir.mkdir(parents=True, exist_ok=True)
         method.export(export_dir)
+        record = method.sampling_record()  # how the export is sampled: generate, evaluate, merge-lora read it
+        if record is not None:
+            record.save(export_dir)
         (export_dir / "ldmkit_config.yaml").write_text(dump_config(cfg))
         from ldmkit.methods.card import write_model_card
 
