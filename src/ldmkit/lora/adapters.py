@@ -15,12 +15,15 @@ import torch
 from ldmkit.errors import UserError
 
 
-def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> None:
-    """``model.add_adapter(config, adapter_name)``; peft's "target modules not found" as a UserError."""
+def add_lora(
+    model: torch.nn.Module, config, adapter_name: str = "default", what: str = "method.lora_target_modules"
+) -> None:
+    """``model.add_adapter(config, adapter_name)``; peft's "target modules not found" as a UserError naming
+    the config key ``what``."""
     try:
         model.add_adapter(config, adapter_name)
     except ValueError as e:  # peft: target modules not found in the model; diffusers: name in use
-        raise UserError(f"LoRA target modules {sorted(config.target_modules)} on {type(model).__name__}: {e}") from None
+        raise UserError(f"{what} {sorted(config.target_modules)} on {type(model).__name__}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -83,12 +86,13 @@ def add_trainable_adapter(model: torch.nn.Module, knobs, seed: int | None, targe
     Returns the number of trainable parameters added."""
     from diffusers.training_utils import cast_training_params
 
+    what = "method.lora_target_modules" if targets is None else "method.text_encoder_target_modules"
     targets = list(targets if targets is not None else knobs.lora_target_modules)
     alpha = knobs.lora_alpha if knobs.lora_alpha is not None else knobs.lora_rank
     config = adapter_config(knobs.adapter, knobs.lora_rank, alpha, knobs.lora_dropout, targets)
     before = {id(p) for p in model.parameters() if p.requires_grad}
     with contextlib.nullcontext() if seed is None else seeded(seed):
-        add_lora(model, config)
+        add_lora(model, config, what=what)
     cast_training_params(model, dtype=torch.float32)
     return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in before)
 
