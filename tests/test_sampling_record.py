@@ -238,3 +238,22 @@ def test_the_name_check_finds_what_it_looks_for():
     assert method_name_comparisons(ast.parse('cfg.method.name == "lora"'))
     assert not method_name_comparisons(ast.parse('method = "lcm_lora"'))
     assert not method_name_comparisons(ast.parse('adapter != "lora"'))  # an adapter kind, not a method
+
+
+def test_card_of_a_run_on_a_single_file_base_loads_it_with_from_single_file(tiny_sd15, tmp_path, monkeypatch):
+    """A LoRA trained on a single-file checkpoint: the card's snippet is ``from_single_file`` with a config
+    folder (from_pretrained of a .safetensors fails), and the record names the file as the base."""
+    from ldmkit.families.single_file import save_single_file
+    from ldmkit.inference import load_pipeline
+    from ldmkit.methods.card import write_model_card
+
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
+    single = save_single_file(load_pipeline(tiny_sd15), tmp_path / "base.safetensors")
+    method = make_distill_method("lcm_lora", single, tmp_path / "run")
+    export = tmp_path / "export"
+    export.mkdir()
+    method.export(export)
+    card = write_model_card(method, method.cfg, export, tmp_path / "samples").read_text()
+    assert f'StableDiffusionPipeline.from_single_file("{single.resolve()}", config="' in card
+    assert "from_pretrained(\"" + str(single) not in card
+    assert method.sampling_record().base == str(single.resolve())
