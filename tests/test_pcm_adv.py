@@ -84,7 +84,7 @@ def test_off_by_default_and_the_loss_is_algorithm_1_by_hand(tiny_sd15, tmp_path)
         x0 = [lcm.predicted_origin(o, t_start, z_start, "epsilon", ac) for o in (out_c, out_u)]
         eps = [lcm.predicted_noise(o, t_start, z_start, "epsilon", ac) for o in (out_c, out_u)]
         x0_hat, eps_hat = x0[0] + wb * (x0[0] - x0[1]), eps[0] + wb * (eps[0] - eps[1])
-        z_prev = lcm.ddim_step(x0_hat, eps_hat, m.alpha_prev[index]).float()
+        z_prev = lcm.ddim_step(x0_hat, eps_hat, lcm.ddim_alpha_prev(ac, m.ddim_timesteps)[index]).float()
         target = f(unet(z_prev, t, encoder_hidden_states=c).sample, z_prev, t)
     assert torch.equal(loss, lcm.pseudo_huber(student, target, 0.001))
 

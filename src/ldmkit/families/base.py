@@ -228,6 +228,17 @@ class Family:
         """``shift_factor`` of VAEs that have one (SD3/Flux-style configs); 0 for SD and SDXL."""
         return float(self.vae_config.get("shift_factor") or 0.0)
 
+    objective: ClassVar[str] = "diffusion"
+    """What the denoiser was trained for: "diffusion" (DDPM: eps or v) or "flow" (rectified flow: velocity)."""
+
+    def schedule(self, prediction_type: str | None = None, resolution: int | None = None):
+        """The forward process distillation runs on (ldmkit.diffusion.schedule.Schedule): DDPM's from the
+        folder's betas and prediction type (``prediction_type`` overrides it). Flow families override this."""
+        from ldmkit.diffusion.schedule import Schedule
+
+        ptype = prediction_type or self.noise_scheduler.config.prediction_type
+        return Schedule.ddpm(self.noise_scheduler.alphas_cumprod, ptype)
+
     # ---- text -------------------------------------------------------------------------------------
     def encode_prompts(
         self, captions: list[str], text_encoders: list[torch.nn.Module] | None = None

@@ -126,21 +126,32 @@ class _LCDBase(Method):
         self.family = load_family(
             cfg.model, dtype=self.weight_dtype, device=self.device, encode_batch_size=cfg.data.encode_batch_size
         )
-        sched = self.family.noise_scheduler
-        self.prediction_type = m.prediction_type or sched.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
+        # The forward process: DDPM's (eps / v) or a rectified flow's (velocity; diffusion/schedule.py). Every
+        # step of Algorithm 1 below goes through it, so the same code distils both model generations.
+        self.schedule = self.family.schedule(m.prediction_type, cfg.data.resolution).to(self.device)
+        self.prediction_type = self.schedule.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "flow"):
             raise UserError(
-                f"teacher prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)"
+                f"teacher prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction, flow)"
             )
-        T = sched.config.num_train_timesteps
+        if self.schedule.is_flow and not self.supports_flow:
+            raise UserError(
+                f"method {m.name} does not distil {self.family.name} (a rectified-flow model) yet; lcm_lora and lcd do"
+            )
+        T = self.schedule.num_train_timesteps
         if m.num_ddim_timesteps > T:
             raise UserError(f"method.num_ddim_timesteps ({m.num_ddim_timesteps}) exceeds the teacher's {T} timesteps")
         m.resolve_w_min(type(self.family))  # filled at config time unless the family was not known then
         self.w_min = m.w_min
         self.k = T // m.num_ddim_timesteps
-        self.alphas_cumprod = sched.alphas_cumprod.to(self.device)
+        # DDPM's cumulative alphas, for what only the DDPM methods use (PCM's adversarial noise travel)
+        self.alphas_cumprod = (
+            None if self.schedule.is_flow else self.family.noise_scheduler.alphas_cumprod.to(self.device)
+        )
         self.ddim_timesteps = lcm.ddim_timesteps(T, m.num_ddim_timesteps).to(self.device)
-        self.alpha_prev = lcm.ddim_alpha_prev(self.alphas_cumprod, self.ddim_timesteps)
+
+    supports_flow = True
+    """Whether the method distils rectified-flow teachers (its target point and sampler have a flow form)."""
 
     def encoders(self):
         """The family: fingerprint from files; it loads the VAE / text encoders only if the cache is built."""
@@ -158,10 +169,9 @@ class _LCDBase(Method):
     def _f(
         self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, end: torch.Tensor | None
     ) -> torch.Tensor:
-        """LCM's consistency function f = c_skip(t) x + c_out(t) x0_hat (diffusion/lcm.py); ``end`` unused."""
-        return lcm.consistency_function(
-            model_output, x, t, self.prediction_type, self.alphas_cumprod, self.mcfg.timestep_scaling_factor
-        )
+        """LCM's consistency function f = c_skip(t) x + c_out(t) x0_hat (DDPM; x0_hat on a flow:
+        diffusion/schedule.py); ``end`` unused."""
+        return self.schedule.consistency(model_output, x, t, self.mcfg.timestep_scaling_factor)
 
     def _sampling_scheduler(self):
         """The stock diffusers scheduler that samples the distilled model (saved with every export)."""
@@ -177,7 +187,7 @@ class _LCDBase(Method):
 
     def consistency_pair(self, batch: dict[str, Any], roles: Roles) -> ConsistencyPair:
         """Steps 1-7 of Algorithm 1: the online and the target consistency function at one batch."""
-        m, ptype, ac, family = self.mcfg, self.prediction_type, self.alphas_cumprod, self.family
+        m, schedule, family = self.mcfg, self.schedule, self.family
         rng = SampleRNG(batch["seed"], self.device)
         with self.accelerator.autocast():
             # 1. Data: z = E(x) (scaled latents) and the text condition c; uncond for the teacher's CFG.
@@ -193,10 +203,11 @@ class _LCDBase(Method):
             t_start = self.ddim_timesteps[index]
             t = (t_start - self.k).clamp(min=0)
 
-            # 3. Forward diffusion: z_{t_{n+k}} = alpha(t_{n+k}) z + sigma(t_{n+k}) eps (DDPMScheduler.add_noise).
+            # 3. Forward diffusion: z_{t_{n+k}} = alpha(t_{n+k}) z + sigma(t_{n+k}) eps (DDPMScheduler.add_noise;
+            #    on a flow alpha = 1 - sigma). The denoiser is called at its own timestep units (flow: sigma * T).
             noise = rng.randn(*z.shape[1:]).to(z)
-            a_start = lcm.append_dims(ac[t_start], nd)
-            z_start = a_start.sqrt() * z + (1 - a_start).sqrt() * noise
+            z_start = schedule.add_noise(z, noise, t_start)
+            time_start, time_n = schedule.timestep(t_start), schedule.timestep(t)
 
             # 4. Guidance scale w ~ U[w_min, w_max] (and its embedding when the student has one).
             w = self.w_min + (m.w_max - self.w_min) * rng.rand().to(self.device)  # (B,)
@@ -207,29 +218,33 @@ class _LCDBase(Method):
             end = self._end_timesteps(index, t, rng)
 
             # 5. Online consistency function f_theta(z_{t_{n+k}}, w, c, t_{n+k} -> s).
-            model_pred = self._f(family.denoise(roles.student, z_start, t_start, cond, w_emb), z_start, t_start, end)
+            model_pred = self._f(family.denoise(roles.student, z_start, time_start, cond, w_emb), z_start, t_start, end)
 
             # 6. Teacher ODE solver with CFG: z_hat_{t_n} = Psi(z_{t_{n+k}}, t_{n+k}, t_n, c, w) (one DDIM step).
             with torch.no_grad(), roles.teacher_context():
                 teacher = roles.teacher
                 if m.batch_teacher_passes:
                     both = family.denoise(
-                        teacher, torch.cat([z_start, z_start]), torch.cat([t_start, t_start]), _cat_cond(cond, uncond)
+                        teacher,
+                        torch.cat([z_start, z_start]),
+                        torch.cat([time_start, time_start]),
+                        _cat_cond(cond, uncond),
                     )
                     out_c, out_u = both.chunk(2)
                 else:
-                    out_c = family.denoise(teacher, z_start, t_start, cond)
-                    out_u = family.denoise(teacher, z_start, t_start, uncond)
-                x0_c, x0_u = (lcm.predicted_origin(o, t_start, z_start, ptype, ac) for o in (out_c, out_u))
-                eps_c, eps_u = (lcm.predicted_noise(o, t_start, z_start, ptype, ac) for o in (out_c, out_u))
+                    out_c = family.denoise(teacher, z_start, time_start, cond)
+                    out_u = family.denoise(teacher, z_start, time_start, uncond)
+                x0_c, x0_u = (schedule.x0(o, z_start, t_start) for o in (out_c, out_u))
+                eps_c, eps_u = (schedule.eps(o, z_start, t_start) for o in (out_c, out_u))
                 wb = lcm.append_dims(w, nd)
                 x0_hat = x0_c + wb * (x0_c - x0_u)
                 eps_hat = eps_c + wb * (eps_c - eps_u)
-                z_prev = lcm.ddim_step(x0_hat, eps_hat, self.alpha_prev[index]).float()
+                # one DDIM step to t_n: alpha_{t_n} x0_hat + sigma_{t_n} eps_hat (on a flow: the Euler step)
+                z_prev = schedule.point(x0_hat, eps_hat, t).float()
 
             # 7. Target f_theta^-(z_hat_{t_n}, w, c, t_n -> s), no gradient.
             with torch.no_grad():
-                target = self._f(family.denoise(roles.target, z_prev, t, cond, w_emb), z_prev, t, end)
+                target = self._f(family.denoise(roles.target, z_prev, time_n, cond, w_emb), z_prev, t, end)
         return ConsistencyPair(model_pred, target, end, cond, rng)
 
     def consistency_distance(self, pair: ConsistencyPair) -> torch.Tensor:
@@ -240,6 +255,12 @@ class _LCDBase(Method):
 
     # ---- validation -------------------------------------------------------------------------------
     def _lcm_scheduler(self):
+        """LCMScheduler with the run's N and s; on a flow FlowMatchLCMScheduler on the teacher's shifted sigmas
+        (it samples x0 = x_t - sigma v and re-noises, the consistency function trained here)."""
+        if self.schedule.is_flow:
+            from diffusers import FlowMatchLCMScheduler
+
+            return FlowMatchLCMScheduler.from_config(self.family.noise_scheduler.config)
         return lcm.lcm_scheduler(
             self.family.noise_scheduler.config,
             self.mcfg.num_ddim_timesteps,

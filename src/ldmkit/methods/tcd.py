@@ -39,8 +39,11 @@ class TrajectoryTarget:
             return torch.zeros_like(t)
         return tcd.sample_end_timesteps(index, self.ddim_timesteps, self.k, rng.rand().to(self.device))
 
+    supports_flow = False  # no stock flow scheduler samples TCD's gamma yet
+
     def _f(self, model_output, x, t, end):
-        return tcd.trajectory_consistency_function(model_output, x, t, end, self.prediction_type, self.alphas_cumprod)
+        """f(x_t, t, s) = alpha_s x0_hat + sigma_s eps_hat (diffusion/tcd.py; the schedule's ``trajectory``)."""
+        return self.schedule.trajectory(model_output, x, t, end)
 
     def _sampling_scheduler(self):
         return tcd.tcd_scheduler(
