@@ -79,6 +79,8 @@ class Family:
     examples/text_to_image/train_text_to_image_lora.py)."""
     lcd_w_min: ClassVar[float] = 5.0
     """LCD's default smallest guidance scale w (LCM paper sec. 5: [w_min, w_max] = [5, 15] for SD)."""
+    lcd_w_max: ClassVar[float] = 15.0
+    """LCD's default largest guidance scale w."""
     lcm_lora_guidance: ClassVar[float] = 1.0
     """Pipeline guidance_scale at which an LCM-LoRA samples without classifier-free guidance."""
     pcm_adv_heads: ClassVar[str] = "full"
@@ -230,6 +232,12 @@ class Family:
 
     objective: ClassVar[str] = "diffusion"
     """What the denoiser was trained for: "diffusion" (DDPM: eps or v) or "flow" (rectified flow: velocity)."""
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """The denoiser takes the guidance scale as an input (FLUX.1-dev's guidance embedding): one pass per step
+        and no classifier-free guidance pair; ``denoise``'s ``w_emb`` is then that scale [B]."""
+        return bool(getattr(self.denoiser.config, "guidance_embeds", False))
 
     def schedule(self, prediction_type: str | None = None, resolution: int | None = None):
         """The forward process distillation runs on (ldmkit.diffusion.schedule.Schedule): DDPM's from the

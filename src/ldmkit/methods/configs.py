@@ -143,9 +143,10 @@ class LCDCommonConfig(MethodConfig):
     """Knobs shared by lcd and lcm_lora (defaults: diffusers / PaddleMIX references)."""
 
     w_min: float | None = None
-    """Smallest guidance scale w sampled per sample; null: 5.0 for SD1.5, 3.0 for SDXL."""
-    w_max: float = 15.0
-    """Largest guidance scale w (teacher CFG in the LCM form x0 = c + w (c - u))."""
+    """Smallest guidance scale w sampled per sample; null: the family's (SD1.x 5.0, SDXL 3.0: the references')."""
+    w_max: float | None = None
+    """Largest guidance scale w (teacher CFG in the LCM form x0 = c + w (c - u); a teacher with a guidance input,
+    FLUX.1-dev, takes w itself); null: the family's (SD1.x / SDXL 15.0, the references')."""
     num_ddim_timesteps: int = 50
     """N: DDIM solver grid size; skipping step k = T // N. Written to the exported LCM/TCD scheduler as original_inference_steps."""
     loss_type: Literal["l2", "huber"] = "l2"
@@ -171,11 +172,16 @@ class LCDCommonConfig(MethodConfig):
     """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
 
     def resolve_w_min(self, family: type | None) -> None:
-        """w_min in effect: the family's default when null (SD 5.0, SDXL 3.0: the references'), checked against
-        w_max. ``family`` None (not known before loading): the method fills it in and calls this again."""
+        """w_min and w_max in effect: the family's defaults when null (SD 5.0 / 15.0, SDXL 3.0 / 15.0: the
+        references'), checked against each other. ``family`` None (not known before loading): the method fills
+        them in and calls this again."""
         if self.w_min is None and family is not None:
             self.w_min = family.lcd_w_min
-        if self.w_min is not None and self.w_min > self.w_max:
+        if self.w_max is None and family is not None:
+            self.w_max = family.lcd_w_max
+        if self.w_max is not None and not self.w_max >= 0:
+            raise UserError(f"method.w_max must be >= 0, got {self.w_max}")
+        if self.w_min is not None and self.w_max is not None and self.w_min > self.w_max:
             raise UserError(f"method.w_min ({self.w_min}) must be <= method.w_max ({self.w_max})")
 
     def check(self, cfg: Config) -> None:

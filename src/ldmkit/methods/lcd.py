@@ -136,7 +136,7 @@ class _LCDBase(Method):
             )
         if self.schedule.is_flow and not self.supports_flow:
             raise UserError(
-                f"method {m.name} does not distil {self.family.name} (a rectified-flow model) yet; lcm_lora and lcd do"
+                f"method {m.name} does not distil {self.family.name} (a rectified-flow model) yet; lcm_lora does"
             )
         T = self.schedule.num_train_timesteps
         if m.num_ddim_timesteps > T:
@@ -150,8 +150,15 @@ class _LCDBase(Method):
         )
         self.ddim_timesteps = lcm.ddim_timesteps(T, m.num_ddim_timesteps).to(self.device)
 
-    supports_flow = True
-    """Whether the method distils rectified-flow teachers (its target point and sampler have a flow form)."""
+    @property
+    def embedded_guidance(self) -> bool:
+        """The teacher takes w as an input (FLUX.1-dev): one teacher pass, no CFG pair (Family.guidance_embedded)."""
+        if not hasattr(self, "_embedded_guidance"):
+            self._embedded_guidance = self.family.guidance_embedded
+        return self._embedded_guidance
+
+    supports_flow = False
+    """Whether the method distils rectified-flow teachers (its target point, student and sampler have a flow form)."""
 
     def encoders(self):
         """The family: fingerprint from files; it loads the VAE / text encoders only if the cache is built."""
@@ -209,9 +216,12 @@ class _LCDBase(Method):
             z_start = schedule.add_noise(z, noise, t_start)
             time_start, time_n = schedule.timestep(t_start), schedule.timestep(t)
 
-            # 4. Guidance scale w ~ U[w_min, w_max] (and its embedding when the student has one).
+            # 4. Guidance scale w ~ U[w_min, w_max] (and its embedding when the student has one). A teacher with a
+            #    guidance input (FLUX.1-dev) takes w itself, and so do its student and target.
             w = self.w_min + (m.w_max - self.w_min) * rng.rand().to(self.device)  # (B,)
             w_emb = roles.w_embedding(w) if roles.w_embedding is not None else None
+            if self.embedded_guidance:
+                w_emb = w
 
             # 4b. The point s both consistency functions map to: what the methods differ in (LCM: 0, via the
             #     boundary scalings; TCD: sampled on the solver grid below t_n; PCM: the lower edge of the phase).
@@ -223,7 +233,11 @@ class _LCDBase(Method):
             # 6. Teacher ODE solver with CFG: z_hat_{t_n} = Psi(z_{t_{n+k}}, t_{n+k}, t_n, c, w) (one DDIM step).
             with torch.no_grad(), roles.teacher_context():
                 teacher = roles.teacher
-                if m.batch_teacher_passes:
+                if self.embedded_guidance:  # guidance-distilled teacher: w is its input, one pass
+                    out = family.denoise(teacher, z_start, time_start, cond, w)
+                    x0_hat, eps_hat = schedule.x0(out, z_start, t_start), schedule.eps(out, z_start, t_start)
+                    out_c = out_u = None
+                elif m.batch_teacher_passes:
                     both = family.denoise(
                         teacher,
                         torch.cat([z_start, z_start]),
@@ -234,11 +248,12 @@ class _LCDBase(Method):
                 else:
                     out_c = family.denoise(teacher, z_start, time_start, cond)
                     out_u = family.denoise(teacher, z_start, time_start, uncond)
-                x0_c, x0_u = (schedule.x0(o, z_start, t_start) for o in (out_c, out_u))
-                eps_c, eps_u = (schedule.eps(o, z_start, t_start) for o in (out_c, out_u))
-                wb = lcm.append_dims(w, nd)
-                x0_hat = x0_c + wb * (x0_c - x0_u)
-                eps_hat = eps_c + wb * (eps_c - eps_u)
+                if out_c is not None:  # classifier-free guidance in the LCM paper's form: c + w (c - u)
+                    x0_c, x0_u = (schedule.x0(o, z_start, t_start) for o in (out_c, out_u))
+                    eps_c, eps_u = (schedule.eps(o, z_start, t_start) for o in (out_c, out_u))
+                    wb = lcm.append_dims(w, nd)
+                    x0_hat = x0_c + wb * (x0_c - x0_u)
+                    eps_hat = eps_c + wb * (eps_c - eps_u)
                 # one DDIM step to t_n: alpha_{t_n} x0_hat + sigma_{t_n} eps_hat (on a flow: the Euler step)
                 z_prev = schedule.point(x0_hat, eps_hat, t).float()
 
@@ -386,6 +401,7 @@ class LCMLoraMethod(_LCDBase):
     label = title = "LCM-LoRA"
     tags = ("lora", "lcm", "lcm-lora", "latent-consistency")
     is_lora = True
+    supports_flow = True
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
