@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-ARCHS = ("sd15", "sd2v", "sdxl")  # ldmkit.models.tiny.ARCHS (tests/test_cli.py checks they agree), without torch
+# ldmkit.models.tiny.ARCHS (tests/test_cli.py checks they agree), without torch
+ARCHS = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux-schnell")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--arch", choices=ARCHS, required=True, help="Architecture to mimic: sd15, sd2v (SD2.x, v-prediction) or sdxl."
+        "--arch",
+        choices=ARCHS,
+        required=True,
+        help="Architecture to mimic: sd15, sd2v (SD2.x, v-prediction), sdxl, sd3 (SD3.5 Medium), "
+        "flux (FLUX.1-dev) or flux-schnell.",
     )
     parser.add_argument("--out", required=True, help="Folder to write the diffusers pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised SD1.5 / SD2 (v-prediction) / SDXL pipelines, built offline in about a second.
+"""Tiny, randomly initialised SD1.5 / SD2 (v-prediction) / SDXL / SD3 / FLUX.1 pipelines, built offline in about a second.
 
 They use the same classes and config conventions as the real checkpoints (UNet2DConditionModel with
 CrossAttn/Down/Up blocks, AutoencoderKL with an 8x downsampling encoder, CLIPTextModel and, for SDXL,
@@ -9,9 +9,18 @@ head counts and a v-prediction DDIM scheduler. SDXL's two text encoders have dif
 real model (768 / 1280): single-file loaders tell the two apart by width.
 The UNets contain every LCM-LoRA target module kind (to_q ... time_emb_proj, as diffusers' train_lcm_distill_lora_sd_wds.py lists them).
 
+``sd3`` is SD3.5 Medium's layout (SD3Transformer2DModel with RMS qk-norm and a dual-attention block, two
+CLIPTextModelWithProjection and a T5 encoder); ``flux`` is FLUX.1-dev's (FluxTransformer2DModel with double and
+single blocks and the guidance embedding, one CLIPTextModel and a T5 encoder), ``flux-schnell`` the same without
+the guidance embedding. Both have a 16-channel VAE with the released configs' ``scaling_factor`` / ``shift_factor``
+and no quant convs, and the scheduler config each released folder ships. They generate at 32 px (FLUX: height
+and width multiples of 16, the VAE factor times the 2x2 packing).
+
 The tokenizer is a byte-level CLIP tokenizer with no merges (transformers' CLIPTokenizer accepts it): the 256 byte
 characters, the same with ``</w>``, plus ``<|startoftext|>`` / ``<|endoftext|>``. Every character becomes
-one token; that needs no download and loads in transformers' CLIPTokenizer.
+one token; that needs no download and loads in transformers' CLIPTokenizer. The T5 tokenizer is a
+SentencePiece-style Unigram model (``tokenizer.json``, built by transformers' T5Tokenizer with the ``tokenizers``
+library) over the printable ASCII characters plus ``<pad>``, ``</s>``, ``<unk>`` and the word-start ``▁``.
 """
 
 from __future__ import annotations
@@ -25,11 +34,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("sd15", "sd2v", "sdxl")
+ARCHS = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux-schnell")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 TEXT_HIDDEN = 32  # hidden size of the tiny CLIP text encoder (SDXL: the first one)
 TEXT_HIDDEN_2 = 48  # SDXL's second text encoder
 TIME_EMBED = 8  # SDXL addition_time_embed_dim (256 in the real model)
+T5_HIDDEN = 96  # tiny T5 width (4096 in T5-XXL); SD3 pads its CLIP states (32 + 48) to it
 
 # Scheduler configs as shipped in the real model folders (runwayml SD1.5 / stabilityai SDXL base);
 # clip_sample / skip_prk_steps appear there because those files were saved from other schedulers.
@@ -76,7 +86,35 @@ _SCHEDULERS = {
         "trained_betas": None,
         "use_karras_sigmas": False,
     },
+    # stabilityai/stable-diffusion-3.5-medium (and -large): a fixed shift of 3.
+    "sd3": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+    # black-forest-labs/FLUX.1-dev: the shift depends on the image's token count (calculate_shift in
+    # pipeline_flux.py interpolates mu between the base and max sequence lengths).
+    "flux": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+    },
+    # black-forest-labs/FLUX.1-schnell: no shift (timestep-distilled for 1-4 steps).
+    "flux-schnell": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+    },
 }
+
+# (scaling_factor, shift_factor) of the released 16-channel VAEs' configs.
+_FLOW_VAES = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159), "flux-schnell": (0.3611, 0.1159)}
 
 
 def byte_vocab() -> dict[str, int]:
@@ -125,10 +163,41 @@ def _text_encoder(with_projection: bool, width: int = TEXT_HIDDEN, gelu: bool = 
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def _vae(scaling_factor: float):
+def t5_tokenizer():
+    """The offline T5 tokenizer: a Unigram model over printable ASCII, T5's special tokens first (``<pad>`` = 0,
+    ``</s>`` = 1, ``<unk>`` = 2, as t5-v1_1) and ``</s>`` appended to every sequence; no extra ids."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(chr(c), -3.0) for c in range(33, 127)]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(t5_tokenizer()),
+        d_model=T5_HIDDEN,
+        d_kv=8,
+        d_ff=2 * T5_HIDDEN,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as the XXL encoder SD3 and FLUX use
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+    )
+    return T5EncoderModel(config)
+
+
+def _vae(scaling_factor: float, shift_factor: float | None = None, latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
-    # 4 levels like SD's KL-f8 (3 downsamplings: 64 px -> 8x8 latents), with tiny widths.
+    # 4 levels like SD's KL-f8 (3 downsamplings: 64 px -> 8x8 latents), with tiny widths. The 16-channel
+    # VAEs of SD3 and FLUX have a shift_factor and no quant_conv / post_quant_conv.
+    flow = shift_factor is not None
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -137,9 +206,12 @@ def _vae(scaling_factor: float):
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
         norm_num_groups=8,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=64,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=not flow,
+        use_post_quant_conv=not flow,
     )
 
 
@@ -182,8 +254,81 @@ def _unet(arch: str):
     )
 
 
-def build_tiny_pipeline(arch: Literal["sd15", "sd2v", "sdxl"], out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random SD1.5, SD2 (v-prediction) or SDXL diffusers pipeline folder to ``out_dir`` and return its path.
+def _sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    # SD3.5 Medium's kind: RMS qk-norm, a second (self-)attention in the dual-attention blocks; the prompt
+    # states are T5's width (CLIP's padded to it), the pooled input both CLIP projections concatenated.
+    return SD3Transformer2DModel(
+        sample_size=4,  # default 32 px
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=T5_HIDDEN,
+        caption_projection_dim=32,
+        pooled_projection_dim=TEXT_HIDDEN + TEXT_HIDDEN_2,
+        out_channels=16,
+        pos_embed_max_size=32,  # up to 512 px
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+
+
+def _flux_transformer(guidance_embeds: bool):
+    from diffusers import FluxTransformer2DModel
+
+    # FLUX.1's kind: 2x2-packed 16-channel latents (64 inputs), double then single blocks, 3-axis RoPE whose
+    # axes add up to the head size, the pooled input CLIP-L's width, the prompt states T5's.
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _flow_pipeline(arch: str, sched_cfg: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
+    scale, shift = _FLOW_VAES[arch]
+    vae = _vae(scale, shift, latent_channels=16)
+    if arch == "sd3":
+        return StableDiffusion3Pipeline(
+            transformer=_sd3_transformer(),
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=_text_encoder(True),
+            tokenizer=byte_tokenizer(),
+            text_encoder_2=_text_encoder(True, TEXT_HIDDEN_2),
+            tokenizer_2=byte_tokenizer(),
+            text_encoder_3=_t5_encoder(),
+            tokenizer_3=t5_tokenizer(),
+        )
+    return FluxPipeline(
+        transformer=_flux_transformer(guidance_embeds=arch == "flux"),
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_text_encoder(False),
+        tokenizer=byte_tokenizer(),
+        text_encoder_2=_t5_encoder(),
+        tokenizer_2=t5_tokenizer(),
+    )
+
+
+def build_tiny_pipeline(
+    arch: Literal["sd15", "sd2v", "sdxl", "sd3", "flux", "flux-schnell"], out_dir: str | Path, seed: int = 0
+) -> Path:
+    """Write a tiny random SD1.5, SD2 (v-prediction), SDXL, SD3 or FLUX.1 (dev; schnell) diffusers pipeline
+    folder to ``out_dir`` and return its path.
 
     The global torch RNG is left untouched (weights are drawn inside ``fork_rng``), and the same seed
     gives the same weights.
@@ -216,6 +361,8 @@ def build_tiny_pipeline(arch: Literal["sd15", "sd2v", "sdxl"], out_dir: str | Pa
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
+        elif arch in _FLOW_VAES:
+            pipe = _flow_pipeline(arch, sched_cfg)
         else:
             pipe = StableDiffusionXLPipeline(
                 unet=_unet(arch),
@@ -228,8 +375,16 @@ def build_tiny_pipeline(arch: Literal["sd15", "sd2v", "sdxl"], out_dir: str | Pa
                 force_zeros_for_empty_prompt=True,
             )
     pipe.save_pretrained(out)
-    for name in ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",):
+    for name in ("tokenizer", "tokenizer_2") if arch in ("sdxl", "sd3") else ("tokenizer",):
         _write_slow_tokenizer_files(out / name)
+    if arch in _FLOW_VAES:
+        # The class name the released folders record (transformers 5 saves its alias T5Tokenizer, which
+        # older transformers read as the SentencePiece tokenizer that needs spiece.model).
+        index_path = out / "model_index.json"
+        index = json.loads(index_path.read_text())
+        t5 = "tokenizer_3" if arch == "sd3" else "tokenizer_2"
+        index[t5] = ["transformers", "T5TokenizerFast"]
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
     # The exact keys of the real folders (from_config dropped the ones the class does not take).
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
     log.info("wrote tiny %s pipeline to %s", arch, out)
