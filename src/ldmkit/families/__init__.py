@@ -1,4 +1,4 @@
-"""Model families: one module per family (sd, sdxl, uvit), the interface in base.py.
+"""Model families: one module per family (sd, sdxl, uvit, sd3, flux), the interface in base.py.
 
 ``load_family(model_cfg)`` resolves ``model.pretrained`` (a diffusers folder, a single-file SD1.x / SD2.x /
 SDXL checkpoint, or a Hugging Face repo id in the local cache: hub.py), detects its family and returns
@@ -17,14 +17,18 @@ import torch
 
 from ldmkit.errors import UserError
 from ldmkit.families.base import Family, require
+from ldmkit.families.flux import FluxFamily
 from ldmkit.families.hub import resolve_model, resolve_vae
 from ldmkit.families.sd import SDFamily
+from ldmkit.families.sd3 import SD3Family
 from ldmkit.families.sdxl import SDXLFamily
 from ldmkit.families.single_file import FAMILY_NAMES, SUFFIXES, detect_kind, read_keys
 from ldmkit.families.uvit import UViTFamily
 
 __all__ = [
     "Family",
+    "FluxFamily",
+    "SD3Family",
     "SDFamily",
     "SDXLFamily",
     "UViTFamily",
@@ -39,8 +43,9 @@ log = logging.getLogger(__name__)
 
 def detect_family(pretrained: str | Path, *, allow_pickle: bool = False) -> type[Family]:
     """The family class of a model: for a diffusers folder from its model_index.json (the pipeline
-    ``_class_name`` UViTPipeline, else a second text encoder: SDXL, else SD1.x/2.x); for a single-file
-    checkpoint from its state-dict keys (single_file.detect_kind; logged)."""
+    ``_class_name`` UViTPipeline, StableDiffusion3Pipeline (SD3) or FluxPipeline (FLUX), else a second text
+    encoder: SDXL, else SD1.x/2.x); for a single-file checkpoint from its state-dict keys
+    (single_file.detect_kind; logged)."""
     if not str(pretrained):
         raise UserError("model.pretrained is empty: set it to a diffusers folder, a .safetensors file or a repo id")
     root = Path(pretrained)
@@ -52,8 +57,9 @@ def detect_family(pretrained: str | Path, *, allow_pickle: bool = False) -> type
         raise UserError(f"model.pretrained folder not found: {root}")
     require(root / "model_index.json", "model_index.json of model.pretrained")
     index = json.loads((root / "model_index.json").read_text())
-    if index.get("_class_name") == "UViTPipeline":
-        return UViTFamily
+    by_class = {"UViTPipeline": UViTFamily, "StableDiffusion3Pipeline": SD3Family, "FluxPipeline": FluxFamily}
+    if index.get("_class_name") in by_class:
+        return by_class[index["_class_name"]]
     if (index.get("text_encoder_2") or [None])[0] is not None:
         return SDXLFamily
     return SDFamily

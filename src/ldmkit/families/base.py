@@ -67,7 +67,10 @@ class Family:
 
     # ---- what a family declares ---------------------------------------------------------------------
     name: ClassVar[str] = ""
-    """Short name for logs ("SD", "SDXL", "U-ViT")."""
+    """Short name for logs ("SD", "SDXL", "U-ViT", "SD3", "FLUX")."""
+    objective: ClassVar[str] = "diffusion"
+    """What the denoiser was trained for: "diffusion" (DDPM forward process; epsilon / v prediction) or
+    "flow" (rectified flow, x_t = (1 - sigma) x_0 + sigma noise, velocity prediction: SD3, FLUX)."""
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     """Subfolders of the text encoders (their tokenizers: the same names with ``tokenizer``)."""
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
@@ -111,8 +114,6 @@ class Family:
         ``dtype`` is for frozen parts; ``denoiser_dtype`` / ``text_dtype`` (default ``dtype``) let a method
         load the parts it trains in fp32 straight from disk instead of upcasting fp16 copies.
         """
-        from diffusers import DDPMScheduler
-
         self.root = root = Path(pretrained)
         self.variant = variant
         self.dtype = dtype
@@ -122,9 +123,9 @@ class Family:
         self.vae_batch_size = encode_batch_size
         """Images per VAE forward in encode_images (memory bound)."""
         require(root / "scheduler" / "scheduler_config.json", "scheduler of model.pretrained")
-        # Training always uses DDPM's forward process (add_noise, get_velocity), whatever sampler the
-        # folder ships for inference; the betas and prediction_type come from the folder's config.
-        self.noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+        # Training uses the family's forward process (DDPM's add_noise / get_velocity for diffusion
+        # families), whatever sampler the folder ships for inference; its settings come from the folder's config.
+        self.noise_scheduler = self._noise_scheduler_class().from_pretrained(root, subfolder="scheduler")
         self.vae_dir = vae_location(root, vae)
         self.separate_vae = vae is not None
         vae_root, vae_sub = self.vae_dir
@@ -133,6 +134,13 @@ class Family:
         self.vae_config: dict[str, Any] = json.loads(vae_cfg_path.read_text())
         self._parts: dict[str, Any] = {}  # "denoiser", "vae", "tokenizers", "text_encoders" once loaded
         self._prompts: dict[str, dict[str, torch.Tensor]] = {}  # encoded prompts handed over (the cache's "")
+
+    @classmethod
+    def _noise_scheduler_class(cls) -> type:
+        """The scheduler class whose forward process training uses (flow families: FlowMatchEulerDiscreteScheduler)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler
 
     # ---- lazy parts -------------------------------------------------------------------------------
     def loaded(self, part: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 from ldmkit.config import Config
 from ldmkit.errors import UserError
 
-FAMILY_KEYS = {"SD": "sd", "SDXL": "sdxl", "U-ViT": "uvit"}
+FAMILY_KEYS = {"SD": "sd", "SDXL": "sdxl", "U-ViT": "uvit", "SD3": "sd3", "FLUX": "flux"}
 
 
 def _json(path: Path) -> dict[str, Any] | None:
