@@ -53,3 +53,21 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-sdxl")
     build_tiny_pipeline("sdxl", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from ldmkit.models.tiny import build_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_pipeline("sd3", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from ldmkit.models.tiny import build_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-flux")
+    build_tiny_pipeline("flux", out)
+    return out
