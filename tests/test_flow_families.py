@@ -263,3 +263,13 @@ def test_fingerprint_covers_every_text_encoder_and_tokenizer(tiny_sd3, tiny_flux
         path.write_text(path.read_text().replace("{", '{"edited": 1, ', 1))
         prints.add(SD3Family(str(copy)).fingerprint())
     assert len(prints) == 5
+
+
+def test_t5_feed_forward_outputs_stay_fp32_in_fp16(tiny_flux):
+    family = family_of(tiny_flux, dtype=torch.float16)
+    t5 = family.text_encoders[1]
+    dtypes = {n: p.dtype for n, p in t5.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".wo." in n} == {torch.float32}  # as transformers loads T5 in fp16
+    assert {d for n, d in dtypes.items() if ".wo." not in n} == {torch.float16}
+    embeds = family.encode_prompts(["a red circle"])
+    assert embeds["prompt_embeds"].dtype == torch.float16 and torch.isfinite(embeds["prompt_embeds"]).all()

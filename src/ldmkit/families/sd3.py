@@ -99,7 +99,7 @@ class SD3Family(Family):
             require(self.root / name / "config.json", f"{name} of model.pretrained")
             # .to(dtype) after loading, as base.py (transformers renamed torch_dtype -> dtype).
             te = getattr(transformers, cls_name).from_pretrained(self.root, subfolder=name, variant=self.variant)
-            encoders.append(self._frozen(te.to(self.text_dtype)))
+            encoders.append(self._frozen(_keep_fp32_parts(te.to(self.text_dtype))))
         log.info("loaded %s text encoders from %s", self.name, self.root)
         return encoders
 
@@ -195,3 +195,15 @@ class SD3Family(Family):
             components["vae"] = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, variant=self.variant)
         pipe = self.pipeline_class.from_pretrained(self.root, transformer=unet, variant=self.variant, **components)
         pipe.save_pretrained(out_dir)
+
+
+def _keep_fp32_parts(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with the modules transformers keeps in fp32 when it loads the model in fp16 put back to fp32:
+    T5 v1.1 (trained in bf16) overflows in fp16 in its feed-forward output projections, which
+    T5PreTrainedModel lists in ``_keep_in_fp32_modules`` (["wo"]; its forward casts their input)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if keep and next(model.parameters()).dtype == torch.float16:
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in keep:
+                module.float()
+    return model
