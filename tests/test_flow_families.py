@@ -273,3 +273,23 @@ def test_t5_feed_forward_outputs_stay_fp32_in_fp16(tiny_flux):
     assert {d for n, d in dtypes.items() if ".wo." not in n} == {torch.float16}
     embeds = family.encode_prompts(["a red circle"])
     assert embeds["prompt_embeds"].dtype == torch.float16 and torch.isfinite(embeds["prompt_embeds"]).all()
+
+
+def test_schedule_is_the_pipelines_sigmas(arch, folder):
+    """The training schedule's sigmas = the pipeline's 1000-step sigmas at that resolution (FLUX: shifted by
+    the image's token count, calculate_shift of pipeline_flux.py; SD3: the static shift 3)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    family = family_of(folder)
+    for resolution in (32, 256):
+        schedule = family.schedule(None, resolution)
+        assert schedule.is_flow and torch.equal(schedule.model_t, schedule.sigma * 1000)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(family.noise_scheduler.config)
+        tokens = (resolution // 16) ** 2
+        mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15) if arch == "flux" else None
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, 1000), mu=mu)
+        torch.testing.assert_close(schedule.sigma, scheduler.sigmas[:-1].flip(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="velocity"):
+        family.schedule("epsilon", 32)

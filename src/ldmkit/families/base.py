@@ -68,9 +68,6 @@ class Family:
     # ---- what a family declares ---------------------------------------------------------------------
     name: ClassVar[str] = ""
     """Short name for logs ("SD", "SDXL", "U-ViT", "SD3", "FLUX")."""
-    objective: ClassVar[str] = "diffusion"
-    """What the denoiser was trained for: "diffusion" (DDPM forward process; epsilon / v prediction) or
-    "flow" (rectified flow, x_t = (1 - sigma) x_0 + sigma noise, velocity prediction: SD3, FLUX)."""
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     """Subfolders of the text encoders (their tokenizers: the same names with ``tokenizer``)."""
     lora_target_modules: ClassVar[tuple[str, ...]] = ()

@@ -67,6 +67,31 @@ class SD3Family(Family):
 
         return FlowMatchEulerDiscreteScheduler
 
+    def schedule(self, prediction_type: str | None = None, resolution: int | None = None):
+        """The rectified-flow forward process of the folder's FlowMatchEulerDiscreteScheduler config: its static
+        ``shift``, or with ``use_dynamic_shifting`` (FLUX.1-dev) the shift of ``resolution``'s token count, as
+        the pipelines compute it (pipeline_flux.py / pipeline_stable_diffusion_3.py ``calculate_shift`` of
+        (height / vae_scale_factor / 2) * (width / vae_scale_factor / 2) tokens, square images here)."""
+        from ldmkit.diffusion.schedule import FLOW, Schedule, dynamic_shift_mu
+
+        if prediction_type not in (None, FLOW):
+            raise UserError(
+                f"{self.name} predicts the flow velocity: prediction_type {prediction_type!r} does not apply"
+            )
+        cfg = self.noise_scheduler.config
+        mu = None
+        if cfg.get("use_dynamic_shifting"):
+            if resolution is None:
+                raise UserError(f"{self.name}'s scheduler shifts by image size: the training resolution is needed")
+            mu = dynamic_shift_mu(self.image_seq_len(resolution), cfg)
+        return Schedule.flow(cfg.num_train_timesteps, cfg.shift, mu)
+
+    def image_seq_len(self, resolution: int) -> int:
+        """Image tokens of a square ``resolution`` image: latents / 2 per side (2x2 patches: SD3's patch_size,
+        FLUX's packing)."""
+        side = resolution // 2 ** (len(self.vae_config["block_out_channels"]) - 1) // 2
+        return side * side
+
     # ---- parts ------------------------------------------------------------------------------------
     _transformer_class: ClassVar[str] = "SD3Transformer2DModel"
 
