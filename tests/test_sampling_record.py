@@ -255,5 +255,5 @@ def test_card_of_a_run_on_a_single_file_base_loads_it_with_from_single_file(tiny
     method.export(export)
     card = write_model_card(method, method.cfg, export, tmp_path / "samples").read_text()
     assert f'StableDiffusionPipeline.from_single_file("{single.resolve()}", config="' in card
-    assert "from_pretrained(\"" + str(single) not in card
+    assert 'from_pretrained("' + str(single) not in card
     assert method.sampling_record().base == str(single.resolve())
