@@ -39,7 +39,7 @@ class ModelConfig:
     """Tokenizer folder for a single-file checkpoint (a diffusers folder with tokenizer/, or one tokenizer); default: the HF cache."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Prediction type of a single-file checkpoint that does not say (SD2.x); default: its v_pred key, else v-prediction for SD2.x."""
-    family: Literal["sd", "sdxl", "uvit"] | None = None
+    family: Literal["sd", "sdxl", "uvit", "sd3", "flux"] | None = None
     """The model family a recipe is written for (SD1.x/2.x, SDXL, ldmkit U-ViT); a model of another family stops with one line. null: any."""
 
 

@@ -62,14 +62,14 @@ def launch_two() -> list[str]:
 def assert_debug_recipe_resumes(
     name: str, arch: str, model: Path, data: Path, tmp_path: Path, extra: tuple[str, ...] = ()
 ) -> None:
-    """The ``name`` debug recipe (``debug`` for sd15, ``debug_sdxl`` else) on ``model``, trained from the
+    """The ``name`` debug recipe (``debug`` for sd15, ``debug_<arch>`` else) on ``model``, trained from the
     data cache 4 steps at once and 2 + 2 steps (a restart in between), gives the same export and losses."""
     import pytest
 
     from ldmkit.methods import load_config
     from ldmkit.train.loop import train
 
-    recipe = f"{name}/{'debug' if arch == 'sd15' else 'debug_sdxl'}"
+    recipe = f"{name}/{'debug' if arch == 'sd15' else 'debug_' + arch}"
 
     def cfg(run: str, steps: int):
         return load_config(

@@ -78,6 +78,11 @@ class FluxFamily(SD3Family):
     lora_target_modules = FLUX_LORA_TARGET_MODULES
     finetune_lora_target_modules = FLUX_ATTENTION
     lcm_lora_guidance = DEFAULT_GUIDANCE
+    # FLUX.1-dev takes w as its guidance input (no CFG pair): sample w around the pipeline's 3.5 (our choice;
+    # FLUX.1-dev model cards sample at 2-5). A transformer without guidance_embeds (schnell) runs CFG with w
+    # in the LCM form instead, from the same range.
+    lcd_w_min = 2.0
+    lcd_w_max = 5.0
     pipeline_import: ClassVar[str] = "from diffusers import FluxPipeline\n"
     max_sequence_length: ClassVar[int] = 512
     _text_encoder_classes: ClassVar[tuple[str, ...]] = ("CLIPTextModel", "T5EncoderModel")

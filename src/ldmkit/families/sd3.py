@@ -51,6 +51,11 @@ class SD3Family(Family):
     finetune_lora_target_modules = SD3_ATTENTION
     exports_kohya = False
     lcm_lora_guidance = 1.0  # StableDiffusion3Pipeline runs CFG only at guidance_scale > 1
+    # LCD's w in the LCM form c + w (c - u) is the pipeline's guidance_scale - 1: [3, 8] brackets the SD3.5
+    # pipelines' defaults (guidance_scale 3.5-7, i.e. w 2.5-6) with some room above (our choice: no reference
+    # distils SD3 with LCD's w sampling).
+    lcd_w_min = 3.0
+    lcd_w_max = 8.0
     pipeline_import: ClassVar[str] = "from diffusers import StableDiffusion3Pipeline\n"
     max_sequence_length: ClassVar[int] = 256
     """T5 tokens of the prompt: the pipeline's ``max_sequence_length`` default."""

@@ -41,8 +41,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 """The kohya-format copy written next to it."""
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-"""Pipeline components a LoRA may adapt, in the order of the pipelines' ``_lora_loadable_modules``."""
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+"""Pipeline components a LoRA may adapt (the denoiser is "unet", or "transformer" in SD3 / FLUX pipelines)."""
 
 
 @dataclass
@@ -217,12 +217,26 @@ def is_sdxl_pipeline(pipeline_cls: type) -> bool:
     return issubclass(pipeline_cls, StableDiffusionXLLoraLoaderMixin)
 
 
+def denoiser_component(pipeline_cls: type, component: str) -> str:
+    """The name a pipeline gives the denoiser's LoRA layers: methods call the denoiser "unet" whatever it is;
+    SD3 / FLUX pipelines save and load it as "transformer" (their ``save_lora_weights`` takes
+    ``transformer_lora_layers``)."""
+    import inspect
+
+    if component != "unet":
+        return component
+    accepted = inspect.signature(pipeline_cls.save_lora_weights).parameters
+    return "unet" if "unet_lora_layers" in accepted or "transformer_lora_layers" not in accepted else "transformer"
+
+
 def save_diffusers(path: str | Path, components: Mapping[str, Layers], pipeline_cls: type) -> Path:
     """The diffusers file at ``path`` (a ``.safetensors`` file, or a folder that gets
     pytorch_lora_weights.safetensors), written by ``pipeline_cls.save_lora_weights``."""
     p = Path(path)
     folder, name = (p.parent, p.name) if p.suffix == ".safetensors" else (p, LORA_WEIGHT_NAME)
-    layers = {f"{c}_lora_layers": peft_state_dict(ls) for c, ls in components.items() if ls}
+    layers = {
+        f"{denoiser_component(pipeline_cls, c)}_lora_layers": peft_state_dict(ls) for c, ls in components.items() if ls
+    }
     if not layers:
         raise UserError("the LoRA has no adapted modules")
     folder.mkdir(parents=True, exist_ok=True)

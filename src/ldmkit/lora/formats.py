@@ -244,11 +244,17 @@ def read_for_pipeline(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict:
     one UserError naming the modules it does not find."""
     from ldmkit.models.uvit import UViT
 
-    is_uvit = isinstance(pipe.unet, UViT)
-    unet_names = [n for n, _ in pipe.unet.named_modules()]
-    components = read_lora(
-        state_dict, unet_config=None if is_uvit else pipe.unet.config, uvit_names=unet_names if is_uvit else None
-    )
+    unet = getattr(pipe, "unet", None)
+    if unet is None:  # SD3 / FLUX: a transformer, whose LoRA keys name it (no original-SD or U-ViT kohya names)
+        components = read_lora(state_dict)
+        if "unet" in components:  # bare keys: the denoiser's
+            components["transformer"] = components.pop("unet")
+    else:
+        is_uvit = isinstance(unet, UViT)
+        unet_names = [n for n, _ in unet.named_modules()]
+        components = read_lora(
+            state_dict, unet_config=None if is_uvit else unet.config, uvit_names=unet_names if is_uvit else None
+        )
     for name in components:
         model = getattr(pipe, name, None)
         if model is None:

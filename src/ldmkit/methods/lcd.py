@@ -346,7 +346,7 @@ class _LCDBase(Method):
             guidance=self._default_guidance() if guidance is None else guidance,
             eta=self._sampling_eta(),
             base=self.base_reference() if self.is_lora else None,
-            guidance_embedded=not self.is_lora,
+            guidance_embedded=not self.is_lora or self.embedded_guidance,
             few_step=True,
         )
 
@@ -355,7 +355,11 @@ class _LCDBase(Method):
         facts = [
             f"few-step sampling: {r.steps} steps (1-8 work), guidance_scale {r.guidance}; {self._scheduler_note()}"
         ]
-        if r.guidance_embedded:
+        if self.embedded_guidance:
+            facts.append(
+                "guidance_scale is the transformer's guidance input, as trained (no classifier-free guidance pass)"
+            )
+        elif r.guidance_embedded:
             facts.append("guidance_scale is embedded as w = guidance_scale - 1 (no classifier-free guidance pass)")
         return facts
 
