@@ -101,11 +101,16 @@ def make_distill_method(name: str, model_dir, out_dir, *extra: str, res: int = 3
 
     from ldmkit.methods import get_method, load_config
 
-    small = (
-        ["--method.lora_rank=4", "--method.lora_alpha=4"]
-        if name.endswith("_lora")
-        else ["--method.unet_time_cond_proj_dim=32"]
-    )
+    from dataclasses import fields
+
+    from ldmkit.methods import get_config_class
+
+    knobs = {f.name for f in fields(get_config_class(name))}
+    small = []
+    if "lora_rank" in knobs:
+        small = ["--method.lora_rank=4", "--method.lora_alpha=4"]
+    elif "unet_time_cond_proj_dim" in knobs:
+        small = ["--method.unet_time_cond_proj_dim=32"]
     cfg = load_config(
         None,
         [

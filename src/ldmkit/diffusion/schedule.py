@@ -128,6 +128,23 @@ class Schedule:
             return x + alpha * out
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to predict at x_t = add_noise(x0, noise, t): eps, v = alpha eps - sigma x0
+        (DDPMScheduler.get_velocity), or the flow velocity eps - x0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        alpha, sigma = self.scales(t, x0)
+        if self.prediction_type == "v_prediction":
+            return alpha * noise - sigma * x0
+        if self.prediction_type == FLOW:
+            return noise - x0
+        raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+
+    def index_of(self, model_timesteps: torch.Tensor) -> torch.Tensor:
+        """The indices t whose model timesteps are nearest to ``model_timesteps`` (a sampler's timesteps)."""
+        diff = (self.model_t.to(model_timesteps.device)[None, :].float() - model_timesteps.float()[:, None]).abs()
+        return diff.argmin(dim=1)
+
     def consistency(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, timestep_scaling: float) -> torch.Tensor:
         """LCM's consistency function f(x_t, t) -> x_0: c_skip(t) x_t + c_out(t) x_0 on DDPM (LCM paper eq. 9,
         ``LCMScheduler``); x_0 itself on a flow (``FlowMatchLCMScheduler.step``'s ``x0_pred``)."""

@@ -18,6 +18,8 @@ BUILTIN_METHODS: dict[str, str] = {
     "tcd": "ldmkit.methods.tcd:TCDMethod",
     "pcm_lora": "ldmkit.methods.pcm:PCMLoraMethod",
     "pcm": "ldmkit.methods.pcm:PCMMethod",
+    "dmd2_lora": "ldmkit.methods.dmd2:DMD2LoraMethod",
+    "dmd2": "ldmkit.methods.dmd2:DMD2Method",
     "uvit": "ldmkit.methods.uvit:UViTMethod",
     "vae": "ldmkit.methods.vae:VAEMethod",
 }
@@ -40,6 +42,8 @@ BUILTIN_CONFIGS: dict[str, str] = {
     "tcd": "ldmkit.methods.configs:TCDConfig",
     "pcm_lora": "ldmkit.methods.configs:PCMLoraConfig",
     "pcm": "ldmkit.methods.configs:PCMConfig",
+    "dmd2_lora": "ldmkit.methods.configs:DMD2LoraConfig",
+    "dmd2": "ldmkit.methods.configs:DMD2Config",
     "uvit": "ldmkit.methods.configs:UViTConfig",
     "vae": "ldmkit.methods.configs:VAEConfig",
 }

@@ -335,6 +335,102 @@ class PCMConfig(PCMKnobs, LCDConfig):
     name: str = "pcm"
 
 
+# ----------------------------------------------------------------------------- dmd2
+
+
+@dataclass
+class DMD2Knobs(MethodConfig):
+    """DMD2 (Yin et al. 2024, arXiv:2405.14867); defaults of the reference's SD1.5 experiment scripts
+    (tianweiy/DMD2 experiments/sdv1.5/laion6.25_sd_baseline_8node_guidance1.75_*_dfake10_diffusion1000_gan1e-3_*.sh)
+    unless said otherwise; its SDXL scripts (experiments/sdxl/) use real_guidance_scale 8, ratio 5, GAN 5e-3 and
+    a 4-step generator with backward simulation."""
+
+    real_guidance_scale: float = 1.75
+    """Classifier-free guidance of the real score (the frozen teacher), in diffusers' form u + g (c - u) (the
+    reference's --real_guidance_scale; SDXL 8). A teacher with a guidance input (FLUX.1-dev) takes it as input."""
+    dfake_gen_update_ratio: int = 10
+    """Two time scales: the fake score (and the classifier) updates every step, the generator every this many
+    (the reference's --dfake_gen_update_ratio; SDXL 5)."""
+    min_step_percent: float = 0.02
+    """Lowest timestep of the distribution-matching gradient, as a share of T (the reference's default)."""
+    max_step_percent: float = 0.98
+    """Highest timestep of the distribution-matching gradient, as a share of T (the reference's default)."""
+    dm_loss_weight: float = 1.0
+    """Weight of the distribution-matching loss in the generator's (--dm_loss_weight)."""
+    gen_cls_loss_weight: float = 1e-3
+    """Weight of the GAN term in the generator's loss (--gen_cls_loss_weight; SDXL 5e-3); 0: no GAN term, no
+    classifier (the reference's first, from-scratch stage)."""
+    guidance_cls_loss_weight: float = 1e-2
+    """Weight of the classifier's loss in the fake score's (--guidance_cls_loss_weight)."""
+    diffusion_gan_max_timestep: int = 1000
+    """The classifier sees real and generated latents noised at t ~ U{0..this-1} (--diffusion_gan
+    --diffusion_gan_max_timestep 1000); 0: on the clean latents."""
+    num_denoising_steps: int = 1
+    """Steps of the generator: 1 (one step from pure noise at t = T - 1) or K (the timesteps a K-step
+    LCMScheduler visits, [999, 749, 499, 249] for 4: the reference's SDXL 4-step schedule)."""
+    backward_simulation: bool = False
+    """Multi-step generators: the input at step k is the generator's own k-step sample re-noised (no gradient),
+    not a noised training image (--backward_simulation; the reference's 4-step SDXL model uses it)."""
+    guidance_lr: float | None = None
+    """Learning rate of the fake score and classifier; null: train.learning_rate (the reference uses equal ones)."""
+    validation_steps: list[int] = field(default_factory=lambda: [1])
+    """Sampling step counts in each validation grid (at most num_denoising_steps, plus 1)."""
+    validation_guidance: float | None = None
+    """Pipeline guidance_scale of validation and of the export's record; null: the family's no-CFG value."""
+    validation_width: int | None = None
+    """Width of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+    validation_height: int | None = None
+    """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+
+    def check(self, cfg: Config) -> None:
+        if self.dfake_gen_update_ratio < 1:
+            raise UserError(f"method.dfake_gen_update_ratio must be >= 1, got {self.dfake_gen_update_ratio}")
+        if not 0.0 <= self.min_step_percent < self.max_step_percent <= 1.0:
+            raise UserError(
+                "method.min_step_percent and max_step_percent must satisfy 0 <= min < max <= 1, got "
+                f"{self.min_step_percent}, {self.max_step_percent}"
+            )
+        for key in ("real_guidance_scale", "dm_loss_weight", "gen_cls_loss_weight", "guidance_cls_loss_weight"):
+            if not getattr(self, key) >= 0:
+                raise UserError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        if self.num_denoising_steps < 1:
+            raise UserError(f"method.num_denoising_steps must be >= 1, got {self.num_denoising_steps}")
+        if self.guidance_lr is not None and not self.guidance_lr > 0:
+            raise UserError(f"method.guidance_lr must be > 0 (or null), got {self.guidance_lr}")
+        if self.diffusion_gan_max_timestep < 0:
+            raise UserError(f"method.diffusion_gan_max_timestep must be >= 0, got {self.diffusion_gan_max_timestep}")
+        bad = [s for s in self.validation_steps if not 1 <= s <= max(self.num_denoising_steps, 1)]
+        if bad:
+            raise UserError(
+                f"method.validation_steps must lie in 1..num_denoising_steps ({self.num_denoising_steps}), got {bad}"
+            )
+        check_validation_size(self)
+
+
+@dataclass
+class DMD2LoraConfig(LoraKnobs, DMD2Knobs):
+    """DMD2 as LoRAs of one denoiser: generator and fake score are two adapters on the frozen base, the real score
+    is the base itself (one set of base weights; the reference keeps three whole UNets)."""
+
+    lora_targets: ClassVar[str] = "distill"
+
+    name: str = "dmd2_lora"
+    lora_rank: int = 64
+    """LoRA rank r of the generator and of the fake score (the reference's SDXL LoRA script: 64)."""
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        self.resolve_lora(None)
+
+
+@dataclass
+class DMD2Config(DMD2Knobs):
+    """DMD2 with whole networks: generator and fake score are trainable copies of the teacher (fp32), the real
+    score the frozen teacher (weight dtype); train.gradient_checkpointing and bf16 save memory."""
+
+    name: str = "dmd2"
+
+
 # ----------------------------------------------------------------------------- uvit
 
 

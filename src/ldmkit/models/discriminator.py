@@ -111,6 +111,27 @@ class FeatureDiscriminator(nn.Module):
         return [head(f) for f, heads in zip(features, self.heads) for head in heads]
 
 
+class BottleneckClassifier(nn.Module):
+    """DMD2's real/fake classifier on a denoiser's bottleneck (Yin et al. 2024, "Improved Distribution Matching
+    Distillation"; tianweiy/DMD2 main/sd_guidance.py ``cls_pred_branch``): 4x4 stride-2 convolutions with
+    GroupNorm(32) and SiLU until the map is at most 4 wide, a convolution over the rest to 1x1 (GroupNorm, SiLU),
+    and a 1x1 convolution to one logit. For SD1.5's 8x8 mid block that is the reference's SD1.5 branch, for
+    SDXL's 32x32 its SDXL branch. ``(B, channels, side, side)`` -> ``(B, 1)``."""
+
+    def __init__(self, channels: int, side: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        while side > 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), _norm("group", channels), nn.SiLU()]
+            side //= 2
+        layers += [nn.Conv2d(channels, channels, side, stride=side), _norm("group", channels), nn.SiLU()]
+        layers.append(nn.Conv2d(channels, 1, 1))
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.main(x).flatten(1)  # (B, 1)
+
+
 Tap = tuple[nn.Module, int, Callable[[object], Tensor]]
 """(block, width of its output, block output -> (B, C, h, w) feature map)."""
 
