@@ -161,11 +161,7 @@ def plan_for(
     The default (no minutes, 4000 images, 120 captions) is exactly FULL.
     """
     if quick:
-        return replace(QUICK, num_images=num_images), (
-            f"--quick: fixed small sizes (VAE {QUICK.vae_steps}, teacher {QUICK.teacher_steps}, distillation "
-            f"{QUICK.distill_steps} steps, {QUICK.eval_prompts} evaluation prompts; {QUICK.num_images} images when "
-            "generated) to check that every stage runs; neither the data nor --minutes changes them."
-        )
+        return _quick_plan(num_images)
     if num_images < 1:
         raise UserError("the training data has no readable images")
     if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
@@ -212,6 +208,15 @@ def plan_for(
     if budget_reason:
         text.append(budget_reason)
     return plan, " ".join(text)
+
+
+def _quick_plan(num_images: int) -> tuple[Plan, str]:
+    """``--quick``'s fixed plan, whatever the data and the minutes."""
+    return replace(QUICK, num_images=num_images), (
+        f"--quick: fixed small sizes (VAE {QUICK.vae_steps}, teacher {QUICK.teacher_steps}, distillation "
+        f"{QUICK.distill_steps} steps, {QUICK.eval_prompts} evaluation prompts; {QUICK.num_images} images when "
+        "generated) to check that every stage runs; neither the data nor --minutes changes them."
+    )
 
 
 @dataclass
