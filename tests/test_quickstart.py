@@ -144,10 +144,10 @@ def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path
     """--method tcd_lora end to end at a tiny size: the report names TCD, the student samples with TCDScheduler
     at gamma 0.3, the teacher has DDIM / DPM++ / UniPC rows at the student's steps, and a second --method in
     the same --out reuses the teacher and its evaluation."""
-    from ldmkit import quickstart as qs
     from ldmkit.eval import evaluate
+    from ldmkit.quickstart import stages
 
-    monkeypatch.setattr(qs, "plan_for", lambda *a, **k: (_tiny_plan(), "A tiny plan for a test."))
+    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (_tiny_plan(), "A tiny plan for a test."))
     out = tmp_path / "qs"
     assert _run_quickstart(["--method", "tcd_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -251,7 +251,8 @@ def test_more_data_and_captions_want_more_steps():
 
 
 def test_minutes_scale_the_plan():
-    from ldmkit.quickstart import FULL, _seconds, full_plan_minutes, plan_for
+    from ldmkit.quickstart import FULL, full_plan_minutes, plan_for
+    from ldmkit.quickstart.plan import _seconds
 
     full_minutes = full_plan_minutes()
     assert 14 < full_minutes < 17  # the README's 15.1 min run, with the teacher solvers added to evaluation
@@ -298,10 +299,13 @@ def test_stages_started_in_the_folder_keep_their_steps():
 
 
 def test_started_stages_are_read_from_the_run_folders(tmp_path):
-    from ldmkit.quickstart import _started_stages
+    from ldmkit.quickstart.stages import _started_stages
 
     teacher = tmp_path / "teacher"
     (teacher / "checkpoints" / "step-0000400").mkdir(parents=True)
+    # a complete checkpoint (train/checkpoint.py: trainer_state.json marks it); an unfinished one does not count
+    (teacher / "checkpoints" / "step-0000400" / "trainer_state.json").write_text('{"step": 400}')
+    (teacher / "checkpoints" / ".tmp-step-0000500").mkdir()
     (teacher / "config.yaml").write_text("train:\n  max_steps: 2000\n")
     vae = tmp_path / "vae"
     (vae / "export").mkdir(parents=True)

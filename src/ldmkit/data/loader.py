@@ -221,27 +221,8 @@ def build_loader(
     dataset = open_dataset(
         data_cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch
     )
-    if data_cfg.cache and encoders is not None and hasattr(dataset, "lazy_samples"):
-        from ldmkit.data.cache import build_cache
-
-        root = cache_root or data_cfg.cache_dir
-        if root is None:
-            raise UserError("data.cache is true but no cache folder is known: set data.cache_dir")
-        transient = getattr(encoders, "transient", contextlib.nullcontext)
-        with transient():
-            dataset = build_cache(
-                dataset,
-                encoders,
-                root,
-                data_cfg,
-                batch_size=data_cfg.encode_batch_size,
-                accelerator=_Ranks(rank, world_size) if world_size > 1 else None,
-                buckets=buckets,
-            )
-        if hasattr(encoders, "use_encoded_prompt"):
-            encoders.use_encoded_prompt("", dataset.empty)
-    elif data_cfg.cache:
-        logger.info("data.cache: nothing to encode (no encoders, or the source is already encoded)")
+    if data_cfg.cache:
+        dataset = _encoded(dataset, data_cfg, encoders, cache_root, buckets, rank, world_size)
 
     workers = data_cfg.num_workers
     common = dict(
@@ -279,6 +260,41 @@ def build_loader(
         )
     loader = DataLoader(dataset, batch_sampler=sampler, **common)
     return Loader(loader, num_samples=num_samples, batches_per_epoch=sampler.batches_per_epoch, start_batch=start_batch)
+
+
+def _encoded(
+    dataset: Any,
+    data_cfg: DataConfig,
+    encoders: Any,
+    cache_root: str | Path | None,
+    buckets: Buckets | None,
+    rank: int,
+    world_size: int,
+) -> Any:
+    """``data.cache``: the source encoded once into the latent cache (data/cache.py) and read from there; the
+    source itself when there is nothing to encode (no encoders, or a source already encoded)."""
+    if encoders is None or not hasattr(dataset, "lazy_samples"):
+        logger.info("data.cache: nothing to encode (no encoders, or the source is already encoded)")
+        return dataset
+    from ldmkit.data.cache import build_cache
+
+    root = cache_root or data_cfg.cache_dir
+    if root is None:
+        raise UserError("data.cache is true but no cache folder is known: set data.cache_dir")
+    transient = getattr(encoders, "transient", contextlib.nullcontext)
+    with transient():
+        dataset = build_cache(
+            dataset,
+            encoders,
+            root,
+            data_cfg,
+            batch_size=data_cfg.encode_batch_size,
+            accelerator=_Ranks(rank, world_size) if world_size > 1 else None,
+            buckets=buckets,
+        )
+    if hasattr(encoders, "use_encoded_prompt"):
+        encoders.use_encoded_prompt("", dataset.empty)
+    return dataset
 
 
 def _use_buckets(dataset: Any, buckets: Buckets, path: str) -> list[Size] | None:

@@ -20,6 +20,7 @@ the better number for small sets.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -177,11 +178,6 @@ def evaluate_pipeline(
         raise UserError("no prompts to evaluate")
     prompts = list(prompts)
     shapes = all(parse_caption(p) is not None for p in prompts)
-    if guidance is None:
-        default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
-        guidance_used = default.default if default is not None else None
-    else:
-        guidance_used = guidance
     ref_feats = None
     if reference is not None:
         if len(reference) < 2 or len(prompts) < 2:
@@ -191,71 +187,31 @@ def evaluate_pipeline(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     counter_module = denoiser(pipe)
+    # Every setting samples alike (guidance, seeds, batches, size, eta); only the step count differs.
+    sample = functools.partial(
+        generate_images, pipe, guidance=guidance, seed=seed, batch_size=batch_size, height=height, width=width, eta=eta
+    )
     if warmup:
         # A full batch, so first-call allocations do not land in the first timed setting.
-        generate_images(
-            pipe,
-            prompts[:batch_size],
-            min(steps_list),
-            guidance,
-            seed,
-            batch_size=batch_size,
-            height=height,
-            width=width,
-            eta=eta,
-        )
+        sample(prompts[:batch_size], min(steps_list))
 
     settings = []
     for steps in steps_list:
-        with EvalCounter(counter_module) as counter:
-            t0 = time.perf_counter()
-            images = generate_images(
-                pipe, prompts, steps, guidance, seed, batch_size=batch_size, height=height, width=width, eta=eta
-            )
-            seconds = time.perf_counter() - t0
-        n = len(images)
-        pipe_calls = -(-n // batch_size)  # generate_images: one pipeline call per batch_size prompts
-        result: dict[str, Any] = {
-            "steps": steps,
-            "images": n,
-            "seconds": seconds,
-            "seconds_per_image": seconds / n,
-            "images_per_second": n / seconds,
-            "unet_evals_per_image": counter.rows / n,
-            "unet_calls_per_batch": counter.calls / pipe_calls,
-            "adherence": adherence(images, prompts) if shapes else None,
-            "fd": None,
-            "kid": None,
-            "kid_std": None,
-            "clip_score": clip(images, prompts) if clip is not None else None,
-        }
-        if reference is not None:
-            if ref_feats is None:
-                ref_feats = feature_extractor(_match_size(reference, images[0].size))
-            feats = feature_extractor(_match_size(images, images[0].size))
-            result["fd"] = frechet_distance(feats, ref_feats)
-            result["kid"], result["kid_std"] = kernel_inception_distance(
-                feats, ref_feats, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
-            )
-        logger.info(
-            "steps %d: %.3f s/image, %.1f evals/image%s",
-            steps,
-            result["seconds_per_image"],
-            result["unet_evals_per_image"],
-            f", adherence {result['adherence']['all']:.3f}" if result["adherence"] else "",
+        images, result = _timed_setting(sample, counter_module, prompts, steps, batch_size)
+        if reference is not None and ref_feats is None:  # at the size of the generated images
+            ref_feats = feature_extractor(_match_size(reference, images[0].size))
+        result.update(
+            _quality(images, prompts, shapes, clip, feature_extractor, ref_feats, kid_subsets, kid_subset_size, seed)
         )
+        _log_setting(result)
         if out is not None:
-            image_grid(images[:16], cols=4).save(out / f"grid-steps-{steps}.png")
-            if save_images:
-                (out / f"steps-{steps}").mkdir(exist_ok=True)
-                for i, im in enumerate(images):
-                    im.save(out / f"steps-{steps}" / f"{i:05d}.png")
+            _save_setting(out, steps, images, save_images)
         settings.append(result)
 
     return {
         "num_images": len(prompts),
         "seed": seed,
-        "guidance": guidance_used,
+        "guidance": _guidance_used(pipe, guidance),
         "eta": eta,
         "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
         "shapes_prompts": shapes,
@@ -264,6 +220,82 @@ def evaluate_pipeline(
         "clip_model": clip.name if clip is not None else None,
         "settings": settings,
     }
+
+
+def _guidance_used(pipe, guidance: float | None) -> float | None:
+    """``guidance``, or when None the pipeline's own default ``guidance_scale`` (None if it takes none)."""
+    if guidance is not None:
+        return guidance
+    default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    return default.default if default is not None else None
+
+
+def _timed_setting(sample, counter_module: torch.nn.Module, prompts: list[str], steps: int, batch_size: int):
+    """(images, speed figures) of one step count: ``sample(prompts, steps)`` timed, with the denoiser's
+    evaluations counted."""
+    with EvalCounter(counter_module) as counter:
+        t0 = time.perf_counter()
+        images = sample(prompts, steps)
+        seconds = time.perf_counter() - t0
+    n = len(images)
+    pipe_calls = -(-n // batch_size)  # generate_images: one pipeline call per batch_size prompts
+    return images, {
+        "steps": steps,
+        "images": n,
+        "seconds": seconds,
+        "seconds_per_image": seconds / n,
+        "images_per_second": n / seconds,
+        "unet_evals_per_image": counter.rows / n,
+        "unet_calls_per_batch": counter.calls / pipe_calls,
+    }
+
+
+def _quality(
+    images: list[Image.Image],
+    prompts: list[str],
+    shapes: bool,
+    clip: ClipScorer | None,
+    feature_extractor,
+    ref_feats: Any,
+    kid_subsets: int,
+    kid_subset_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The quality figures of one setting: shapes adherence (``shapes`` prompts), FD and KID to the reference
+    features ``ref_feats`` (when given), CLIP score (with ``clip``); None for each one not measured."""
+    result: dict[str, Any] = {
+        "adherence": adherence(images, prompts) if shapes else None,
+        "fd": None,
+        "kid": None,
+        "kid_std": None,
+        "clip_score": clip(images, prompts) if clip is not None else None,
+    }
+    if ref_feats is not None:
+        feats = feature_extractor(_match_size(images, images[0].size))
+        result["fd"] = frechet_distance(feats, ref_feats)
+        result["kid"], result["kid_std"] = kernel_inception_distance(
+            feats, ref_feats, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+        )
+    return result
+
+
+def _log_setting(result: dict[str, Any]) -> None:
+    logger.info(
+        "steps %d: %.3f s/image, %.1f evals/image%s",
+        result["steps"],
+        result["seconds_per_image"],
+        result["unet_evals_per_image"],
+        f", adherence {result['adherence']['all']:.3f}" if result["adherence"] else "",
+    )
+
+
+def _save_setting(out: Path, steps: int, images: list[Image.Image], save_images: bool) -> None:
+    """``grid-steps-N.png`` (the first 16 images) and, with ``save_images``, every image in ``steps-N/``."""
+    image_grid(images[:16], cols=4).save(out / f"grid-steps-{steps}.png")
+    if save_images:
+        (out / f"steps-{steps}").mkdir(exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(out / f"steps-{steps}" / f"{i:05d}.png")
 
 
 def evaluate_solvers(

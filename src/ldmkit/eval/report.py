@@ -128,12 +128,20 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
     ``exports``, ``text_separation``, ``feature_net``, ``stage_seconds``, ``seconds_total`` and ``figures``
     (``summarise``); ``results`` the prompts.
     """
-    from PIL import Image, ImageDraw
-
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    plan = report["plan"]
+    _sample_grid(_grid_rows(report, results, eval_dir), results["prompts"]).save(out / "grids.png")
+    quality_charts(report["figures"], report["plan"]["lcm_steps"], student_label(report)).save(out / "quality.png")
+    losses = loss_curves(report["exports"])
+    if losses is not None:
+        losses.save(out / "losses.png")
+    (out / "report.html").write_text(_report_html(report, results, losses=losses is not None))
+
+
+def _grid_rows(report: Mapping[str, Any], results: dict[str, Any], eval_dir: Path) -> list[tuple[str, Path]]:
+    """(label, folder of its images) of each row of ``grids.png``: the teacher at full steps, each of its solvers
+    at few steps, the student at each of its step counts."""
+    plan, figs = report["plan"], report["figures"]
     student = student_label(report)
-    figs = report["figures"]
     ev = Path(eval_dir)
     folders = results.get("folders", {})
 
@@ -148,7 +156,15 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
         if images.is_dir():
             rows.append((f"teacher {few} steps ({SOLVER_LABELS.get(solver, solver)}, guided)", images))
     rows += [(f"{student} {s} step{'s' if s > 1 else ''}", folder("lcm") / f"steps-{s}") for s in plan["lcm_steps"]]
-    cols = min(8, len(results["prompts"]))
+    return rows
+
+
+def _sample_grid(rows: list[tuple[str, Path]], prompts: list[str]):
+    """One row of images per (label, folder) in ``rows`` (``00000.png``, ...: the first 8 prompts, enlarged to
+    about 96 pixels), labelled on the left, each column headed by its prompt."""
+    from PIL import Image, ImageDraw
+
+    cols = min(8, len(prompts))
     first = Image.open(rows[0][1] / "00000.png")
     w, h = first.size
     scale = max(1, 96 // w)
@@ -162,24 +178,25 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
             im = Image.open(images / f"{c:05d}.png").convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
             grid.paste(im, (label_w + c * w * scale, y))
     for c in range(cols):
-        words, lines = results["prompts"][c].split(), [""]
+        words, lines = prompts[c].split(), [""]
         for word in words:  # wrap the prompt over the column
             if len(lines[-1]) + len(word) > 14 and lines[-1]:
                 lines.append("")
             lines[-1] = f"{lines[-1]} {word}".strip()
         for k, line in enumerate(lines[:3]):
             draw.text((label_w + c * w * scale + 2, 2 + 12 * k), line, fill="black")
-    grid.save(out / "grids.png")
+    return grid
 
-    quality_charts(figs, plan["lcm_steps"], student).save(out / "quality.png")
-    losses = loss_curves(report["exports"])
-    if losses is not None:
-        losses.save(out / "losses.png")
 
-    def cell(v: Any, fmt: str = "{:.3f}") -> str:
-        return "" if v is None else fmt.format(v)
+def _cell(v: Any, fmt: str = "{:.3f}") -> str:
+    return "" if v is None else fmt.format(v)
 
-    table = "".join(
+
+def _figures_table(report: Mapping[str, Any]) -> str:
+    """The rows of the report's table of figures (``table_rows``), as HTML."""
+    figs = report["figures"]
+    cell = _cell
+    return "".join(
         f"<tr><td>{html.escape(label)}</td><td>{figs[n]['steps']}</td><td>{cell(figs[n]['adherence'])}</td>"
         + "".join(
             f"<td>{cell((figs[n]['adherence_per_attribute'] or {}).get(a))}</td>"
@@ -190,6 +207,17 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
         f"<td>{cell(figs[n]['seconds_per_image'] * 1000, '{:.1f}')}</td><td>{cell(figs[n]['unet_evals_per_image'], '{:.0f}')}</td></tr>"
         for n, label in table_rows(report)
     )
+
+
+def _report_html(report: dict[str, Any], results: dict[str, Any], losses: bool) -> str:
+    """``report.html``: summary, plan, caption adherence, what next, the images (``grids.png``,
+    ``quality.png``, with ``losses`` ``losses.png``), the table of figures, text conditioning and stages."""
+    plan = report["plan"]
+    student = student_label(report)
+    figs = report["figures"]
+    full = plan["teacher_steps_full"]
+    cell = _cell
+    table = _figures_table(report)
     stages = "".join(
         f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in report["exports"].items()
     )
@@ -207,7 +235,7 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
     )
     solvers = [SOLVER_LABELS.get(s, s) for s in teacher_solvers(figs)]
     guided = f" at guidance {plan['teacher_guidance']:g}" if plan.get("teacher_guidance") is not None else ""
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>ldmkit quickstart</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>ldmkit quickstart</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
 <h1>ldmkit quickstart report</h1>
 <p>{"Quick run" if report["quick"] else "Run"}, {html.escape(student)} distillation (<code>{html.escape(report["method"])}</code>), {len(results["prompts"])} held-out prompts, same seeds for every setting.
@@ -220,7 +248,7 @@ Total time {report["seconds_total"] / 60:.1f} min.</p>
 <h2>Quality against steps and time</h2><p>Each attribute's adherence, the FD to the data and the FD to the teacher's
 {full}-step set, against sampling steps (left) and milliseconds per image (right): the teacher with each training-free
 solver ({html.escape(", ".join(solvers))}) and the {html.escape(student)}.</p><img src="quality.png">
-{'<h2>Training loss of each stage</h2><img src="losses.png">' if losses is not None else ""}
+{'<h2>Training loss of each stage</h2><img src="losses.png">' if losses else ""}
 <h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher {full}</th><th>FD to teacher {full}</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
 <p>Teacher rows: the teacher sampled without distillation, guided{guided} (a
 conditional and an unconditional UNet evaluation per step), with {html.escape(", ".join(solvers))} at the step counts of the
@@ -236,7 +264,6 @@ FD / KID to data: to {report["plan"]["reference_images"]} training images. Featu
 <h2>Text conditioning</h2><pre>{html.escape(json.dumps(text, indent=1))}</pre>
 <h2>Stages</h2><ul>{stages}</ul><table><tr><th>stage</th><th>time</th></tr>{stage_rows}</table>
 </body></html>"""
-    (out / "report.html").write_text(doc)
 
 
 def _caption_adherence_html(adh: dict[str, Any] | None, report: Mapping[str, Any] | None = None) -> str:

@@ -220,7 +220,6 @@ def train(cfg: Config, accelerator=None) -> Path:
 def _train(cfg: Config, out: Path, accelerator) -> Path:
     from accelerate.utils import set_seed
 
-    from ldmkit.data import build_loader
     from ldmkit.methods import get_method
 
     t = cfg.train
@@ -239,8 +238,39 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
         (out / "config.yaml").write_text(dump_config(cfg))
 
     method = get_method(cfg.method.name)(cfg, accelerator)
+    optimizer, lr_scheduler = _prepare(cfg, method, accelerator)
+    step, samples_seen = _restore(accelerator, method, lr_scheduler, resume, out)
+    if step >= t.max_steps:
+        _write_stats(accelerator, out, step, 0, 0.0, 0)
+        if not (export_dir / "ldmkit_config.yaml").exists():
+            _export(accelerator, method, cfg, export_dir)
+        return export_dir
+
+    loader = _training_loader(cfg, accelerator, method, step, out)
+    if accelerator.is_main_process and accelerator.trackers == [] and tracker_names(cfg):
+        accelerator.init_trackers("ldmkit", config=_flat_config(cfg))
+    first_step = step
+    step, seconds = _run_steps(cfg, accelerator, method, optimizer, lr_scheduler, loader, step, samples_seen)
+    if getattr(loader, "skipped", 0) or getattr(loader, "replaced_captions", 0):
+        logger.warning(
+            "data: %d unreadable samples were skipped (replaced by readable ones), %d captions were not UTF-8",
+            loader.skipped,
+            loader.replaced_captions,
+        )
+    global_batch = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    _write_stats(accelerator, out, step, step - first_step, seconds, (step - first_step) * global_batch)
+    weights_mode(optimizer, train=False)  # schedule-free: validate and export the averaged weights
+    save_validation(accelerator, method, cfg, step)
+    _export(accelerator, method, cfg, export_dir)
+    accelerator.end_training()
+    return export_dir
+
+
+def _prepare(cfg: Config, method, accelerator) -> tuple[Any, Any]:
+    """The method's networks ready to train (speed levers, gradient checkpointing, wrapped by accelerate) and
+    their optimizer and LR schedule."""
     apply_speed_levers(cfg, method)
-    if t.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing:
         for name in method.trainable_names:
             module = getattr(method, name)
             if hasattr(module, "enable_gradient_checkpointing"):
@@ -256,41 +286,53 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
     optimizer = prepared[-1]
     install_trainable_only_checkpoints(accelerator)
     weights_mode(optimizer, train=True)
+    return optimizer, lr_scheduler
 
-    step, samples_seen = 0, 0
-    if resume is not None:
-        step, path = resume
-        accelerator.load_state(str(path))
-        ckpt.load_extra(path, {"lr_scheduler": lr_scheduler, **method.checkpoint_objects()})
-        samples_seen = ckpt.read_state(path)["samples_seen"]
-        logger.info("resumed from %s", path)
-        if accelerator.is_main_process:
-            _truncate_metrics(out / "metrics.jsonl", step)
 
-    if step >= t.max_steps:
-        _write_stats(accelerator, out, step, 0, 0.0, 0)
-        if not (export_dir / "ldmkit_config.yaml").exists():
-            _export(accelerator, method, cfg, export_dir)
-        return export_dir
+def _restore(accelerator, method, lr_scheduler, resume: tuple[int, Path] | None, out: Path) -> tuple[int, int]:
+    """(step, samples seen) to start from: 0 for a new run, else the checkpoint ``resume`` loaded into the
+    networks, optimizer, LR schedule and method extras (metrics.jsonl cut back to its step)."""
+    if resume is None:
+        return 0, 0
+    step, path = resume
+    accelerator.load_state(str(path))
+    ckpt.load_extra(path, {"lr_scheduler": lr_scheduler, **method.checkpoint_objects()})
+    samples_seen = ckpt.read_state(path)["samples_seen"]
+    logger.info("resumed from %s", path)
+    if accelerator.is_main_process:
+        _truncate_metrics(out / "metrics.jsonl", step)
+    return step, samples_seen
 
-    micro_per_step = t.gradient_accumulation_steps
-    loader = build_loader(
+
+def _training_loader(cfg: Config, accelerator, method, step: int, out: Path):
+    """This process's batches from ``step`` on (the data position of a resumed run)."""
+    from ldmkit.data import build_loader
+
+    t = cfg.train
+    return build_loader(
         cfg.data,
         batch_size=t.batch_size,
         seed=t.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
-        start_batch=step * micro_per_step,
+        start_batch=step * t.gradient_accumulation_steps,
         encoders=method.encoders(),  # the data layer decides whether to encode (data.cache)
         cache_root=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache",
     )
-    data_iter = iter(loader)
 
-    if accelerator.is_main_process and accelerator.trackers == [] and tracker_names(cfg):
-        accelerator.init_trackers("ldmkit", config=_flat_config(cfg))
-    metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+
+def _run_steps(
+    cfg: Config, accelerator, method, optimizer, lr_scheduler, loader, step: int, samples_seen: int
+) -> tuple[int, float]:
+    """Train from ``step`` to ``train.max_steps``: each step logged, validated and checkpointed at its cadence;
+    a stop signal saves a checkpoint and raises ``Interrupted``. Returns the last step and the seconds spent
+    training (validation and saving excluded)."""
     from tqdm.auto import tqdm
 
+    t = cfg.train
+    out = Path(cfg.output_dir)
+    data_iter = iter(loader)
+    metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     bar = tqdm(
         total=t.max_steps,
         initial=step,
@@ -298,32 +340,17 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
         disable=not accelerator.is_local_main_process,
         dynamic_ncols=True,
     )
-    global_batch = t.batch_size * micro_per_step * accelerator.num_processes
+    global_batch = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     clip_groups = method.clip_groups()
     tick = time.perf_counter()
     window_steps = 0
-    first_step, started, paused_total = step, tick, 0.0  # training time of this run: validation and saving excluded
+    started, paused_total = tick, 0.0  # training time of this run: validation and saving excluded
     try:
         with StopSignals() as stop:
             while step < t.max_steps:
-                loss_sum, logs_sum = torch.zeros((), device=accelerator.device), {}
-                grad_norm = None
-                for _ in range(micro_per_step):
-                    batch = _to_device(next(data_iter), accelerator.device)
-                    with accelerator.accumulate(*[getattr(method, n) for n in method.trainable_names]):
-                        loss, logs = method.loss(batch)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and t.max_grad_norm:
-                            # accelerate clips the first group (and unscales fp16 gradients, once); the
-                            # others (e.g. a GAN's discriminator) keep norms of their own
-                            grad_norm = accelerator.clip_grad_norm_(clip_groups[0], t.max_grad_norm)
-                            for group in clip_groups[1:]:
-                                torch.nn.utils.clip_grad_norm_(group, t.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    loss_sum += loss.detach().float()
-                    for k, v in logs.items():
-                        logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+                loss_sum, logs_sum, grad_norm = _optimizer_step(
+                    cfg, accelerator, method, optimizer, data_iter, clip_groups
+                )
                 if not accelerator.optimizer_step_was_skipped:
                     lr_scheduler.step()
                 step += 1
@@ -332,31 +359,12 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
                 method.after_step(step)
 
                 if step % t.log_every == 0 or step == t.max_steps:
-                    loss_mean = accelerator.gather(loss_sum[None]).mean().item() / micro_per_step
-                    elapsed = time.perf_counter() - tick
-                    record = {
-                        "step": step,
-                        "loss": loss_mean,
-                        "lr": lr_scheduler.get_last_lr()[0],
-                        "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
-                        "epoch": getattr(loader, "epoch", 0),
-                        "samples_seen": samples_seen,
-                    }
+                    loss_mean = accelerator.gather(loss_sum[None]).mean().item() / t.gradient_accumulation_steps
+                    samples_per_s = window_steps * global_batch / max(time.perf_counter() - tick, 1e-9)
+                    record = _step_record(loader, lr_scheduler, step, samples_seen, loss_mean, samples_per_s)
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
-                    for key in ("skipped", "replaced_captions"):  # data problems met so far (this rank)
-                        if getattr(loader, key, 0):
-                            record[f"data_{key}"] = getattr(loader, key)
-                    record.update({k: v / micro_per_step for k, v in logs_sum.items()})
-                    if not math.isfinite(loss_mean):
-                        raise FloatingPointError(
-                            f"loss is {loss_mean} at step {step}; lower the learning rate or use bf16/fp32"
-                        )
-                    metrics.write(record)
-                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                    bar.set_postfix(
-                        loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}"
-                    )
+                    _log_step(accelerator, metrics, bar, loader, record, logs_sum, t.gradient_accumulation_steps)
                     tick, window_steps = time.perf_counter(), 0
                 bar.update(1)
 
@@ -378,20 +386,59 @@ def _train(cfg: Config, out: Path, accelerator) -> Path:
         close = getattr(loader, "close", None)
         if close is not None:
             close()
+    return step, time.perf_counter() - started - paused_total
 
-    if getattr(loader, "skipped", 0) or getattr(loader, "replaced_captions", 0):
-        logger.warning(
-            "data: %d unreadable samples were skipped (replaced by readable ones), %d captions were not UTF-8",
-            loader.skipped,
-            loader.replaced_captions,
-        )
-    seconds = time.perf_counter() - started - paused_total
-    _write_stats(accelerator, out, step, step - first_step, seconds, (step - first_step) * global_batch)
-    weights_mode(optimizer, train=False)  # schedule-free: validate and export the averaged weights
-    save_validation(accelerator, method, cfg, step)
-    _export(accelerator, method, cfg, export_dir)
-    accelerator.end_training()
-    return export_dir
+
+def _optimizer_step(cfg: Config, accelerator, method, optimizer, data_iter, clip_groups):
+    """One optimizer step over ``train.gradient_accumulation_steps`` micro-batches: (summed loss, summed method
+    logs, gradient norm of the first clip group or None)."""
+    t = cfg.train
+    loss_sum, logs_sum = torch.zeros((), device=accelerator.device), {}
+    grad_norm = None
+    for _ in range(t.gradient_accumulation_steps):
+        batch = _to_device(next(data_iter), accelerator.device)
+        with accelerator.accumulate(*[getattr(method, n) for n in method.trainable_names]):
+            loss, logs = method.loss(batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm:
+                # accelerate clips the first group (and unscales fp16 gradients, once); the
+                # others (e.g. a GAN's discriminator) keep norms of their own
+                grad_norm = accelerator.clip_grad_norm_(clip_groups[0], t.max_grad_norm)
+                for group in clip_groups[1:]:
+                    torch.nn.utils.clip_grad_norm_(group, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float()
+        for k, v in logs.items():
+            logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+    return loss_sum, logs_sum, grad_norm
+
+
+def _step_record(loader, lr_scheduler, step: int, samples_seen: int, loss: float, samples_per_s: float) -> dict:
+    """The start of one metrics.jsonl line: loss, LR, speed and the data position."""
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": lr_scheduler.get_last_lr()[0],
+        "samples_per_s": samples_per_s,
+        "epoch": getattr(loader, "epoch", 0),
+        "samples_seen": samples_seen,
+    }
+
+
+def _log_step(accelerator, metrics: MetricsLog, bar, loader, record: dict, logs_sum: dict, micro_per_step: int) -> None:
+    """Complete ``record`` (data problems met so far, the method's logs per micro-batch), stop on a loss that is
+    not finite, and write it to metrics.jsonl, the trackers and the progress bar."""
+    for key in ("skipped", "replaced_captions"):  # data problems met so far (this rank)
+        if getattr(loader, key, 0):
+            record[f"data_{key}"] = getattr(loader, key)
+    record.update({k: v / micro_per_step for k, v in logs_sum.items()})
+    loss_mean, step = record["loss"], record["step"]
+    if not math.isfinite(loss_mean):
+        raise FloatingPointError(f"loss is {loss_mean} at step {step}; lower the learning rate or use bf16/fp32")
+    metrics.write(record)
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+    bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
 
 
 def _write_stats(accelerator, out: Path, last_step: int, steps: int, seconds: float, samples: int) -> None:

@@ -162,3 +162,22 @@ def resume_point(cfg: Config, out: Path) -> tuple[int, Path] | None:
     if problem is not None:
         raise UserError(f"train.resume_from: checkpoint {path} is damaged: {problem}")
     return int(ckpt.read_state(path)["step"]), path
+
+
+def run_progress(out: Path) -> tuple[int, int] | None:
+    """(step reached, train.max_steps it was started with) of the run in output_dir ``out``: the newest complete
+    checkpoint's step (max_steps once exported), or None when no run was started there (no readable config.yaml:
+    a run started on it says what is wrong)."""
+    import yaml
+
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        max_steps = int(yaml.safe_load(saved.read_text())["train"]["max_steps"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+    if (out / "export" / "ldmkit_config.yaml").is_file():
+        return max_steps, max_steps
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    return (latest[0] if latest else 0), max_steps
