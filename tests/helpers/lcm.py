@@ -97,13 +97,11 @@ def train_steps(method, batch: dict, steps: int, lr: float) -> list[float]:
 def make_distill_method(name: str, model_dir, out_dir, *extra: str, res: int = 32):
     """A distillation method (lcm_lora, lcd, tcd_lora, ...) on a tiny model, small: rank 4 for the LoRA
     methods, a 32-wide guidance embedding for the full ones; ``extra`` are more config overrides."""
-    from accelerate import Accelerator
-
-    from ldmkit.methods import get_method, load_config
-
     from dataclasses import fields
 
-    from ldmkit.methods import get_config_class
+    from accelerate import Accelerator
+
+    from ldmkit.methods import get_config_class, get_method, load_config
 
     knobs = {f.name for f in fields(get_config_class(name))}
     small = []
