@@ -153,7 +153,14 @@ def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "tcd_lora" and report["student"] == "TCD-LoRA"
-    assert report["sampling"] == {"scheduler": "tcd", "eta": 0.3, "guidance": 1.0, "lora": True}
+    assert report["sampling"] == {
+        "scheduler": "tcd",
+        "eta": 0.3,
+        "guidance": 1.0,
+        "lora": True,
+        "recorded": True,
+        "record_guidance": 1.0,
+    }
     assert report["plan_reason"] == "A tiny plan for a test." and report["plan"]["distill_steps"] == 3
     student = json.loads((out / "evaluate" / "tcd_lora" / "results.json").read_text())["run"]
     assert student["scheduler"] == "TCDScheduler" and student["eta"] == 0.3 and student["guidance"] == 1.0
@@ -168,7 +175,8 @@ def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path
     html = (out / "report.html").read_text()
     assert "TCD-LoRA" in html and "DPM++ 2M" in html and "UniPC" in html and "A tiny plan for a test." in html
     assert "LCM" not in html  # the student is named by its method everywhere
-    assert "--scheduler tcd --eta 0.3 --guidance 1" in html  # what next: sampled as the report sampled it
+    # what next: the export's sampling record gives generate its sampler and eta, so no flags are needed
+    assert "ldmkit generate --model" in html and "--scheduler tcd" not in html and "--eta" not in html
     assert "plan: A tiny plan for a test." in printed
     assert "teacher UniPC" in printed and "TCD-LoRA" in printed and "LCM" not in printed
 

@@ -74,7 +74,7 @@ def summarise(results: dict[str, Any], plan: Mapping[str, Any], method: str | No
 
 def student_label(report: Mapping[str, Any]) -> str:
     """The distilled model's name in the report ("LCM-LoRA", "TCD", "PCM-LoRA", ...)."""
-    return report.get("student") or {"lcm_lora": "LCM-LoRA", "lcd": "LCM"}.get(report.get("method", ""), "LCM")
+    return report.get("student") or report.get("method", "LCM")  # reports of older releases name no student
 
 
 def teacher_solvers(figs: Mapping[str, Any]) -> list[str]:
@@ -332,18 +332,24 @@ def what_next(report: dict[str, Any]) -> str:
         shlex.quote(str(Path(ex["teacher"]).resolve())),
         shlex.quote(str(Path(ex["distilled"]).resolve())),
     )
-    sampling = report.get("sampling") or {"scheduler": "lcm", "eta": None, "lora": report["method"] != "lcd"}
+    sampling = report.get("sampling") or {"scheduler": "lcm", "eta": None, "lora": True}  # older reports
     lora = sampling["lora"]
-    # generate's defaults fit an LCM-LoRA (LCM sampler from the export, 4 steps, guidance 1); anything else
-    # says its sampler (TCD/PCM: TCDScheduler and eta), steps and guidance (a full student's embedded w).
-    flags = []
-    if sampling["scheduler"] != "lcm":
-        flags.append(f"--scheduler {sampling['scheduler']}")
-    if sampling.get("eta") is not None:
-        flags.append(f"--eta {sampling['eta']:g}")
-    if sampling.get("guidance") is not None and not (lora and sampling["scheduler"] == "lcm"):
-        flags.append(f"--guidance {sampling['guidance']:g}")
-    steps = [] if sampling["scheduler"] == "lcm" else ["--steps 4"]
+    flags, steps = [], []
+    if sampling.get("recorded"):
+        # The export's sampling record gives generate and evaluate its sampler, steps, eta and guidance; only a
+        # guidance the quickstart chose otherwise (a full student judged at the teacher's w) is said.
+        if sampling.get("guidance") not in (None, sampling.get("record_guidance")):
+            flags.append(f"--guidance {sampling['guidance']:g}")
+    else:
+        # An export without a record (older ldmkit): generate's defaults fit an LCM-LoRA (LCM sampler from the
+        # export, 4 steps, guidance 1); anything else says its sampler, steps and guidance.
+        if sampling["scheduler"] != "lcm":
+            flags.append(f"--scheduler {sampling['scheduler']}")
+        if sampling.get("eta") is not None:
+            flags.append(f"--eta {sampling['eta']:g}")
+        if sampling.get("guidance") is not None and not (lora and sampling["scheduler"] == "lcm"):
+            flags.append(f"--guidance {sampling['guidance']:g}")
+        steps = [] if sampling["scheduler"] == "lcm" else ["--steps 4"]
     model = f"--model {teacher} --lora {student}" if lora else f"--model {student}"
     prompt = shlex.quote("a large red circle in the center")
     lines = [" ".join(["ldmkit generate", model, *flags, *steps, f"--prompt {prompt} --out try"])]

@@ -55,7 +55,7 @@ class LoraKnobs:
     def resolve_lora(self, family: type | None) -> None:
         """Fill alpha (and, when ``family`` is known, the targets) and check the values in effect."""
         if self.lora_rank < 1:
-            raise UserError(f"method.lora_rank must be at least 1, got {self.lora_rank}")
+            raise UserError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if not self.lora_alpha > 0:  # also NaN

@@ -48,7 +48,7 @@ from ldmkit.quickstart.stages import (
     stage_vae,
     text_encoder_plan,
 )
-from ldmkit.quickstart.students import METHODS
+from ldmkit.quickstart.students import student_methods
 
 __all__ = [
     "BATCH",
@@ -56,7 +56,7 @@ __all__ = [
     "HELDOUT_IMAGES",
     "LABELLED_TEACHER_FACTOR",
     "MAX_PASSES",
-    "METHODS",
+    "student_methods",
     "MIN_STEPS",
     "QUICK",
     "TEXT_LAYERS",

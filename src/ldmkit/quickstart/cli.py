@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ldmkit.quickstart.plan import full_plan_minutes
 from ldmkit.quickstart.stages import quickstart
-from ldmkit.quickstart.students import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,10 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=METHODS,
         default=None,
-        help="Distillation method (default: lcm_lora): LCM-LoRA, full LCD, TCD or PCM as a LoRA or a full student. "
-        "Several methods can share one --out: data, VAE, teacher and the teacher's evaluation are reused.",
+        help="Distillation method (default: lcm_lora): any method that distils the quickstart's teacher (LCM, TCD, "
+        "PCM as a LoRA or a full student; DMD2-LoRA); an unknown name lists them. Several methods can share one "
+        "--out: data, VAE, teacher and the teacher's evaluation are reused.",
     )
     parser.add_argument("--lcd", action="store_true", help="Alias of --method lcd (a full LCD student).")
     parser.add_argument(

@@ -284,7 +284,7 @@ def stage_evaluate(
 
     eval_seed = seed + 12345
     teacher_results = _evaluate_teacher(out, plan, teacher, prompts, reference, eval_seed, str(data))
-    guidance, eta = student_guidance(method, plan.teacher_guidance), student_eta(student, method)
+    guidance, eta = student_guidance(student, method, plan.teacher_guidance), student_eta(student, method)
     key = {
         "student": fingerprint(student),
         "method": method,
@@ -428,7 +428,7 @@ def stage_adherence(
         f"lcm_{lcm_steps}": (
             load_student(student, teacher, method),
             lcm_steps,
-            student_guidance(method, plan.teacher_guidance),
+            student_guidance(student, method, plan.teacher_guidance),
             student_eta(student, method),
         ),
     }
@@ -490,7 +490,7 @@ def quickstart(
     minutes: float | None = None,
 ) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the report dict written to report.json.
-    ``method``: one of METHODS (default lcm_lora; ``lcd=True`` is ``method="lcd"``); ``minutes``: the
+    ``method``: one of ``student_methods()`` (default lcm_lora; ``lcd=True`` is ``method="lcd"``); ``minutes``: the
     budget ``plan_for`` plans the training steps within (default: what the full plan takes)."""
     from ldmkit.eval.report import summarise, write_report
 

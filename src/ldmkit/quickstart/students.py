@@ -1,110 +1,109 @@
-"""What the quickstart knows about each distillation method (``--method``): its name in the report, whether its
-export is a LoRA of the teacher or a whole pipeline, and how that export is loaded and sampled.
-
-Every other module of the quickstart asks through the functions here, never through ``STUDENTS`` itself, so
-these facts can move onto the method classes without touching the stages, the planner or the printing.
+"""What the quickstart knows about each distillation method (``--method``): nothing of its own. A method offers
+itself to the quickstart with ``Method.quickstart_student`` (and a ``configs/<method>/quickstart.yaml``); its
+label and whether it is a LoRA are attributes of its class; how its export is loaded and sampled is the export's
+sampling record, read by ``ldmkit.inference.load_export`` as ``ldmkit generate`` reads it. The other modules of
+the quickstart ask through the functions here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ldmkit.errors import UserError
 
-
-@dataclass(frozen=True)
-class Student:
-    """How the quickstart trains, loads and samples one distillation method's export."""
-
-    label: str
-    """Its name in the report and the terminal."""
-    lora: bool
-    """A LoRA of the teacher (w baked in, sampled without CFG) or a whole pipeline (w through its embedding)."""
-    sampler: str
-    """The ``ldmkit.inference.SCHEDULERS`` name its export samples with."""
+DEFAULT_METHOD = "lcm_lora"
 
 
-STUDENTS: dict[str, Student] = {
-    "lcm_lora": Student("LCM-LoRA", lora=True, sampler="lcm"),
-    "lcd": Student("LCM", lora=False, sampler="lcm"),
-    "tcd_lora": Student("TCD-LoRA", lora=True, sampler="tcd"),
-    "tcd": Student("TCD", lora=False, sampler="tcd"),
-    "pcm_lora": Student("PCM-LoRA", lora=True, sampler="tcd"),
-    "pcm": Student("PCM", lora=False, sampler="tcd"),
-}
-"""``--method`` -> how its student is handled; every one has a ``configs/<method>/quickstart.yaml``."""
-METHODS = tuple(STUDENTS)
+def student_methods() -> dict[str, type]:
+    """``--method`` -> its Method class: every registered method that distils the quickstart's teacher."""
+    from ldmkit.methods import get_method, registered_methods
+
+    classes = {name: get_method(name) for name in registered_methods()}
+    return {name: cls for name, cls in classes.items() if getattr(cls, "quickstart_student", False)}
 
 
 def resolve_method(method: str | None, lcd: bool) -> str:
     """The ``--method`` a run distils with (``--lcd`` is ``--method lcd``; default lcm_lora)."""
-    if lcd and method not in (None, "lcd"):
+    asked = {m for m in (method, "lcd" if lcd else None) if m}  # --lcd is the older spelling of --method lcd
+    if len(asked) > 1:
         raise UserError(f"--lcd is --method lcd; it cannot go with --method {method}")
-    method = method or ("lcd" if lcd else "lcm_lora")
-    if method not in STUDENTS:
-        raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    method = asked.pop() if asked else DEFAULT_METHOD
+    methods = student_methods()
+    if method not in methods:
+        raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(methods)}")
     return method
+
+
+def _cls(method: str) -> type:
+    return student_methods()[method]
 
 
 def student_label(method: str) -> str:
     """The student's name in the report and the terminal ("LCM-LoRA", "TCD", ...)."""
-    return STUDENTS[method].label
+    cls = _cls(method)
+    return cls.label or method
 
 
 def student_is_lora(method: str) -> bool:
     """Whether the student is a LoRA of the teacher (else a whole pipeline)."""
-    return STUDENTS[method].lora
+    return bool(getattr(_cls(method), "is_lora", False))
 
 
-def student_guidance(method: str, teacher_guidance: float) -> float:
-    """The guidance scale the student samples with."""
-    # A full student embeds w (the pipeline passes guidance_scale - 1, as it was trained); a LoRA has w baked
-    # in (w fixed in its recipe) and runs without CFG.
-    return 1.0 if STUDENTS[method].lora else teacher_guidance
+def _record(student: Path):
+    from ldmkit.inference import read_sampling_record
+
+    return read_sampling_record(student) if Path(student).exists() else None
+
+
+def student_guidance(student: Path, method: str, teacher_guidance: float) -> float:
+    """The guidance scale the student samples with: its record's (a LoRA: w baked in, no CFG pass), except that a
+    student taking w through an embedding is sampled at the teacher's guidance, so both are judged at one w."""
+    record = _record(student)
+    if record is None:  # an export of an older ldmkit: a LoRA runs without CFG, a full student embeds w
+        return 1.0 if student_is_lora(method) else teacher_guidance
+    return teacher_guidance if record.guidance_embedded else record.guidance
 
 
 def student_eta(student: Path, method: str) -> float | None:
-    """``eta`` of the student's sampler: TCD's gamma (TCDScheduler's stochastic step, TCD paper Algorithm 4)
-    as the run's ``method.gamma`` says (its model card too); PCM samples deterministically edge to edge (eta 0,
-    methods/pcm.py); LCMScheduler takes none."""
-    if method.startswith("pcm"):
-        return 0.0
-    if not method.startswith("tcd"):
-        return None
+    """``eta`` of the student's sampler, as its record says (TCD's gamma; PCM 0; LCM none). An older export without
+    a record: the run's ``method.gamma`` if it had one (TCD), else the pipeline's default."""
+    record = _record(student)
+    if record is not None:
+        return record.eta
     import yaml
-
-    from ldmkit.methods.configs import TCDKnobs
 
     saved = Path(student) / "ldmkit_config.yaml"
     knobs = (yaml.safe_load(saved.read_text()) or {}).get("method", {}) if saved.is_file() else {}
-    return float(knobs.get("gamma", TCDKnobs.gamma))
+    return float(knobs["gamma"]) if "gamma" in knobs else None
 
 
 def student_sampling(student: Path, method: str, teacher_guidance: float) -> dict[str, Any]:
-    """How the student was sampled (and how to sample it: the report's "what next"): ``report["sampling"]``."""
-    kind = STUDENTS[method]
+    """How the student was sampled (and how to sample it: the report's "what next"): ``report["sampling"]``.
+    ``recorded``: the export carries its sampling record, so ``ldmkit generate`` needs no sampler flags."""
+    from ldmkit.diffusion.samplers import SCHEDULERS
+
+    record = _record(student)
+    names = {cls: name for name, cls in SCHEDULERS.items()}
+    scheduler = names.get(record.scheduler, record.scheduler) if record is not None else None
     return {
-        "scheduler": kind.sampler,
+        "scheduler": scheduler or "lcm",
         "eta": student_eta(student, method),
-        "guidance": student_guidance(method, teacher_guidance),
-        "lora": kind.lora,
+        "guidance": student_guidance(student, method, teacher_guidance),
+        "lora": student_is_lora(method),
+        "recorded": record is not None,
+        "record_guidance": None if record is None else record.guidance,
     }
 
 
 def load_student(student: Path, teacher: Path, method: str):
-    """The student's export as a pipeline ready to sample (a LoRA: fused into the teacher)."""
-    from ldmkit.inference import load_lora, load_pipeline, set_scheduler
+    """The student's export as a pipeline ready to sample, as its record says (``inference.load_export``: a LoRA
+    on the teacher with the export's scheduler, fused so it samples at the model's speed, as a merged export
+    would; a whole pipeline as it is)."""
+    from ldmkit.inference import load_export
 
-    # A full export is a pipeline with its run's scheduler (LCMScheduler; TCDScheduler for TCD and PCM); a
-    # LoRA export is loaded onto the teacher with its sampler set first, so that load_lora adopts the
-    # export's scheduler settings (original_inference_steps = the distillation grid, LCM's boundary scaling),
-    # as ldmkit generate does.
-    kind = STUDENTS[method]
-    pipe = load_pipeline(teacher if kind.lora else student)
-    set_scheduler(pipe, kind.sampler)
-    if kind.lora:
-        load_lora(pipe, student)
-        pipe.fuse_lora()  # sample at the model's speed, as a merged export would (ldmkit merge-lora)
+    lora = student_is_lora(method)
+    pipe, _ = load_export(student, base=teacher if lora else None)
+    if lora:
+        pipe.fuse_lora()
     return pipe
