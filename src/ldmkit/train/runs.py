@@ -68,12 +68,15 @@ class RunLock:
     """An exclusive lock on output_dir (fcntl.flock, released by the OS if the process dies), so a second
     run started on the same folder stops with one line instead of racing the first."""
 
+    NAME = ".ldmkit.lock"
+
     def __init__(self, out: Path, enabled: bool):
-        self.path, self.enabled, self.file = out / ".ldmkit.lock", enabled, None
+        self.path, self.enabled, self.file = out / self.NAME, enabled, None
 
     def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
+        refuse_foreign(self.path.parent)
         try:
             import fcntl
         except ImportError:  # Windows: no flock; runs are not locked there
@@ -96,6 +99,24 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self.file is not None:
             self.file.close()
+
+
+# What a run writes into output_dir; train/loop.py, set_aside.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train_stats.json", "checkpoints", "export", "samples", "logs", "previous")
+
+
+def refuse_foreign(out: Path) -> None:
+    """output_dir may be new, or hold anything but what a run writes, or be a run's: the lock file every run
+    leaves (``.ldmkit.lock``) is its record (docs/DESIGN.md, Re-running). A folder that holds e.g. an
+    ``export/`` or ``config.yaml`` of something else would be written over: refused, naming it."""
+    if not out.is_dir() or (out / RunLock.NAME).exists():
+        return
+    clash = [name for name in RUN_FILES if (out / name).exists()]
+    if clash:
+        raise UserError(
+            f"output_dir {out} holds {clash[0]} but no ldmkit run (no {RunLock.NAME}): a run would write over it; "
+            "choose another output_dir"
+        )
 
 
 def check_rerun(cfg: Config, out: Path, latest_step: int | None) -> None:
