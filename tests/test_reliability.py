@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 import yaml
 from safetensors.torch import load_file
 from test_loop import toy_config, weights
@@ -184,6 +185,74 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, shapes_f
     same_weights(tmp_path / "run", reference)
 
 
+# Every kind of file a checkpoint of the toy run (with EMA) holds; the test below fails when a new kind
+# appears, so that it is added here.
+CHECKPOINT_FILES = [
+    "trainable_0.safetensors",
+    "optimizer.bin",
+    "random_states_0.pkl",
+    "extra.safetensors",
+    "extra.json",
+    "ldmkit_config.yaml",
+    "trainer_state.json",
+]
+
+
+def _flip(path: Path) -> None:
+    """One byte in the middle of the file inverted; the size stays."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, shapes_folder) -> Path:
+    """A 4-step run (checkpoints at 3 and 4) that the byte-flip tests copy."""
+    tmp = tmp_path_factory.mktemp("four")
+    train(toy_config(tmp, shapes_folder, "run", "--method.use_ema=true", "--train.max_steps=4"))
+    return tmp / "run"
+
+
+def test_the_flip_tests_cover_every_file_of_a_checkpoint(four_steps):
+    latest = four_steps / "checkpoints" / "step-0000004"
+    assert sorted(p.name for p in latest.rglob("*") if p.is_file()) == sorted(CHECKPOINT_FILES)
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_byte_flipped_in_the_latest_checkpoint_falls_back_to_the_previous(
+    tmp_path, shapes_folder, reference, name, caplog
+):
+    """Same size, other bytes: the checksum of the manifest (or of trainer_state.json itself) finds it; the run
+    warns naming the file, resumes from step 3 and ends where the uninterrupted run ends."""
+    train(toy_config(tmp_path, shapes_folder, "run", "--method.use_ema=true", "--train.max_steps=4"))
+    latest = tmp_path / "run" / "checkpoints" / "step-0000004"
+    _flip(latest / name)
+    problem = ckpt.damage(latest)
+    assert problem is not None and problem.startswith(name), problem
+    caplog.set_level("INFO", logger="ldmkit.train")
+    train(toy_config(tmp_path, shapes_folder, "run", "--method.use_ema=true"))
+    assert f"skipping damaged checkpoint {latest}: {name}" in caplog.text
+    assert f"resumed from {latest.parent / 'step-0000003'}" in caplog.text
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    same_weights(tmp_path / "run", reference)
+
+
+def test_a_checkpoint_without_its_state_file_is_named_when_skipped(tmp_path, shapes_folder, caplog):
+    """A deleted trainer_state.json used to make the checkpoint invisible without a word."""
+    train(toy_config(tmp_path, shapes_folder, "run", "--method.use_ema=true", "--train.max_steps=4"))
+    latest = tmp_path / "run" / "checkpoints" / "step-0000004"
+    (latest / ckpt.STATE_FILE).unlink()
+    assert ckpt.latest_valid_checkpoint(tmp_path / "run" / "checkpoints")[0] == 3
+    assert f"skipping damaged checkpoint {latest}: trainer_state.json is missing" in caplog.text
+
+
 def test_torn_last_metrics_line_is_tolerated(tmp_path, shapes_folder, monkeypatch):
     from helpers.toy_method import ToyMethod
 
@@ -204,12 +273,19 @@ def test_torn_last_metrics_line_is_tolerated(tmp_path, shapes_folder, monkeypatc
     ]
 
 
-def test_checkpoint_lists_its_files_and_sizes(reference):
-    state = ckpt.read_state(reference / "checkpoints" / "step-0000006")
+def test_checkpoint_lists_its_files_sizes_and_checksums(reference):
+    folder = reference / "checkpoints" / "step-0000006"
+    state = ckpt.read_state(folder)
     assert state["step"] == 6 and {"trainable_0.safetensors", "optimizer.bin", "extra.safetensors"} <= set(
         state["files"]
     )
-    assert all(size > 0 for size in state["files"].values())
+    for name, record in state["files"].items():
+        assert record["size"] == (folder / name).stat().st_size > 0
+        assert record["xxh3_128"] == xxhash.xxh3_128((folder / name).read_bytes()).hexdigest()
+    # every file but the state itself is listed
+    assert set(state["files"]) == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {
+        ckpt.STATE_FILE
+    }
 
 
 # ---- Ctrl-C and SIGTERM ----------------------------------------------------------------------------

@@ -171,3 +171,72 @@ def staged(final: str | Path, command: str, *, kind: Kind = "folder") -> Iterato
     except BaseException:
         _remove(tmp)
         raise
+
+
+# ---- manifests: what a folder held when it was written ---------------------------------------------------
+MANIFEST = "ldmkit_manifest.json"
+CHUNK = 16 << 20
+
+
+def checksum(path: Path) -> str:
+    """xxHash XXH3-128 of the file (the xxhash package: several GB/s per core, so hashing a checkpoint costs
+    far less than writing it; README, Reliability, gives the figure at SD1.5 size). Not a cryptographic
+    hash: it finds damage (flipped bits, zero-filled blocks), not tampering."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_records(folder: Path, skip: Iterable[str] = ()) -> dict[str, dict[str, int | str]]:
+    """``{relative name: {"size", "xxh3_128"}}`` of every file under ``folder`` but ``skip``."""
+    skip = set(skip)
+    return {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "xxh3_128": checksum(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in skip
+    }
+
+
+def damage(folder: Path, files: dict) -> str | None:
+    """The first file of ``files`` (``file_records``; older manifests hold the size alone) that is missing,
+    of another size or another checksum under ``folder``, as a phrase naming it; None when all match."""
+    for name, record in files.items():
+        size, digest = (record, None) if isinstance(record, int) else (record.get("size"), record.get("xxh3_128"))
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if digest is not None and checksum(path) != digest:
+            return f"{name} does not match its checksum (its bytes changed after it was written)"
+    return None
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of ``folder`` (an export) with its size and checksum in ``MANIFEST``."""
+    records = file_records(folder, skip=(MANIFEST,))
+    (folder / MANIFEST).write_text(json.dumps({"files": records}, indent=1) + "\n")
+
+
+def verify(*inputs: tuple[str, str | Path | None]) -> None:
+    """Each ``(option, path)`` whose folder (the path, or a file's folder) holds a manifest must match it:
+    otherwise UserError naming the file. Folders without one (not written by ldmkit) are not checked."""
+    for option, path in inputs:
+        if path is None:
+            continue
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        if not (folder / MANIFEST).is_file():
+            continue
+        try:
+            files = json.loads((folder / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{option} {folder}: its {MANIFEST} is unreadable (the folder was damaged)") from None
+        if Path(path).is_file():
+            files = {k: v for k, v in files.items() if folder / k == Path(path)} or files
+        problem = damage(folder, files)
+        if problem is not None:
+            raise UserError(f"{option} {folder} is damaged: {problem}; export it again or restore it")

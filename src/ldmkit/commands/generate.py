@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     inputs.check_device(args.device)
     inputs.check_image_size(args.height, args.width, args.num_images, args.device)  # one prompt per call
+    outputs.verify(("--model", args.model), ("--lora", args.lora))  # an export that changed since it was written
     # generate.json is generate's own record: a re-run may write into its earlier output
     out = outputs.check(args.out, "generate", overwrite=args.overwrite, own=("generate.json",))
     device = resolve_device(args.device)

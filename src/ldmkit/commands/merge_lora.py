@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--single-file must end in .safetensors: {args.single_file}")
     _check_target(model, Path(args.single_file or args.out))
     out_kind, option = ("file", "--single-file") if args.single_file else ("folder", "--out")
+    outputs.verify(("--model", args.model), ("--lora", args.lora))  # an export that changed since it was written
     outputs.check(args.single_file or args.out, "merge-lora", kind=out_kind, option=option, overwrite=args.overwrite)
     if not math.isfinite(args.scale):
         raise UserError(f"--scale must be a finite number, got {args.scale}")
