@@ -389,3 +389,70 @@ def test_sigterm_saves_and_exits_with_one_line(tmp_path, shapes_folder):
     assert "Traceback" not in stderr
     step = ckpt.latest_valid_checkpoint(out / "checkpoints")[0]
     assert step >= 3 and step == json.loads(metrics.read_text().splitlines()[-1])["step"]
+
+
+# A toy run whose every loss() sleeps 0.3 s: a signal then lands inside a step, not between two.
+SLOW_TOY = (
+    "import sys, time\n"
+    "from helpers.toy_method import ToyMethod\n"
+    "loss = ToyMethod.loss\n"
+    "ToyMethod.loss = lambda self, batch: (time.sleep(0.3), loss(self, batch))[1]\n"
+    "from ldmkit.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _slow_run(out: Path, shapes_folder: Path, **popen) -> subprocess.Popen:
+    args = [sys.executable, "-c", SLOW_TOY, "train", "--method.name=toy", f"--data.path={shapes_folder}"]
+    args += ["--data.resolution=16", "--data.num_workers=0", "--train.max_steps=100000"]
+    args += ["--train.checkpoint_every=0", "--train.report_to=none", f"--output_dir={out}"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_for_steps(proc: subprocess.Popen, out: Path, n: int) -> None:
+    import time
+
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path, shapes_folder):
+    """The first SIGINT asks for a checkpoint at the end of the step; the second, inside that same step
+    (0.3 s long), aborts there: exit 130, one line, no traceback, no checkpoint written."""
+    import time
+
+    out = tmp_path / "run"
+    proc = _slow_run(out, shapes_folder)
+    _wait_for_steps(proc, out, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert time.time() - sent < 10
+    last = [line for line in stderr.splitlines() if line.startswith("ldmkit:")]
+    assert last == ["ldmkit: aborted by a second Ctrl-C without saving; the last checkpoint stays"], stderr
+    assert "Traceback" not in stderr
+    assert ckpt.latest_valid_checkpoint(out / "checkpoints") is None  # aborted: nothing saved
+
+
+def test_a_run_that_ignores_ctrl_c_says_so_once_and_stops_on_sigterm(tmp_path, shapes_folder):
+    """Started with SIGINT ignored (what nohup and a background job do): it says once that Ctrl-C will not
+    reach it and SIGTERM does; a SIGINT changes nothing; SIGTERM saves and exits 143."""
+    import time
+
+    out = tmp_path / "run"
+    proc = _slow_run(out, shapes_folder, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    _wait_for_steps(proc, out, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # still training
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.count("ignores Ctrl-C") == 1 and f"with SIGTERM (kill {proc.pid})" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert ckpt.latest_valid_checkpoint(out / "checkpoints") is not None

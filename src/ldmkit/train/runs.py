@@ -23,7 +23,12 @@ class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (what clusters send before killing a job) only set a flag: the loop
     finishes the step it is in, saves a checkpoint and raises ``Interrupted``. A KeyboardInterrupt raised
     at an arbitrary point could land between ``optimizer.step()`` and ``step += 1`` and save one step's
-    weights under another step's name. A second Ctrl-C aborts at once (the last checkpoint stays)."""
+    weights under another step's name. A second Ctrl-C aborts at once (the last checkpoint stays): the handler
+    raises KeyboardInterrupt wherever the main thread is, and the CLI exits 130.
+
+    A process started with SIGINT ignored (``nohup``, a background job of a shell without job control: POSIX
+    has them ignore SIGINT, and Python keeps an inherited SIG_IGN) keeps ignoring it, as asked; the run says
+    so once, since a Ctrl-C in that terminal will not reach it, and that SIGTERM does."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -35,6 +40,13 @@ class StopSignals:
 
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    logger.warning(
+                        "this process ignores Ctrl-C (SIGINT; started with nohup or in the background): stop it "
+                        "with SIGTERM (kill %d), which finishes the step and saves a checkpoint",
+                        os.getpid(),
+                    )
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -48,7 +60,8 @@ class StopSignals:
         import signal
 
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a third one, mid-cleanup, stops too
+            raise KeyboardInterrupt("aborted by a second Ctrl-C without saving; the last checkpoint stays")
         self.signum = signum
         logger.warning(
             "%s: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)",
