@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ldmkit.cli import main
+from ldmkit.train import checkpoint as ckpt
 
 
 @dataclass
@@ -107,10 +108,83 @@ DATA_CASES = [
     Case("data path missing", toy("--data.path=/no/such/folder"), r"/no/such/folder"),
     Case("data path empty folder", toy("--data.path={empty}"), r"no images"),
     Case("metadata bad json", toy("--data.path={bad_metadata}"), r"metadata.jsonl:2: invalid JSON"),
-    Case("metadata missing column", toy("--data.path={no_column}"), r"metadata.jsonl:1: no 'text' field"),
+    Case(
+        "metadata missing column",
+        toy("--data.path={no_column}"),
+        r"metadata.jsonl:1: no 'text' field \(the line has: file_name, caption; set data.caption_column\)",
+    ),
     Case("all images unreadable", toy("--data.path={broken}"), r"no readable image"),
     Case("only escaping paths", toy("--data.path={escaping}"), r"no images"),
     Case("pipe url without opt-in", toy("--data.path=pipe:cat shard.tar"), r"allow_shell"),
+]
+
+
+def rows(name: str) -> Callable[[dict[str, Path]], list[str]]:
+    """The toy run on the data folder ``rows/<name>`` (an image a.png and the metadata.jsonl of ROWS[name])."""
+    return toy(f"--data.path={{rows}}/{name}")
+
+
+# metadata.jsonl contents, each with one bad line after a good one (the message must name line 2)
+ROWS = {
+    "image null": b'{"file_name": "a.png", "text": "x"}\n{"file_name": null, "text": "y"}\n',
+    "image number": b'{"file_name": "a.png", "text": "x"}\n{"file_name": 7, "text": "y"}\n',
+    "image empty": b'{"file_name": "a.png", "text": "x"}\n{"file_name": "", "text": "y"}\n',
+    "line a list": b'{"file_name": "a.png", "text": "x"}\n["a.png", "y"]\n',
+    "line a string": b'{"file_name": "a.png", "text": "x"}\n"a.png"\n',
+    "caption number": b'{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "text": 3}\n',
+    "caption object": b'{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "text": {"en": "y"}}\n',
+    "caption list of numbers": b'{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "text": [1, 2]}\n',
+    "not utf-8": b'{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "text": "caf\xe9"}\n',
+    "image field missing": b'{"file_name": "a.png", "text": "x"}\n{"image": "a.png", "text": "y"}\n',
+}
+
+ROW_CASES = [
+    Case(
+        "metadata image null", rows("image null"), r"metadata.jsonl:2: field 'file_name' must be the image's path.*null"
+    ),
+    Case("metadata image number", rows("image number"), r"metadata.jsonl:2: field 'file_name' .* got a number"),
+    Case("metadata image empty", rows("image empty"), r"metadata.jsonl:2: field 'file_name' .* got a string"),
+    Case("metadata line a list", rows("line a list"), r"metadata.jsonl:2: a row must be a JSON object, got a list"),
+    Case(
+        "metadata line a string", rows("line a string"), r"metadata.jsonl:2: a row must be a JSON object, got a string"
+    ),
+    Case(
+        "metadata caption number", rows("caption number"), r"metadata.jsonl:2: field 'text' must be a string or a list"
+    ),
+    Case("metadata caption object", rows("caption object"), r"metadata.jsonl:2: field 'text' .* got an object"),
+    Case(
+        "metadata caption list of numbers", rows("caption list of numbers"), r"metadata.jsonl:2: field 'text' .* a list"
+    ),
+    Case("metadata not utf-8", rows("not utf-8"), r"metadata.jsonl:2: not UTF-8 \(byte 0xe9"),
+    Case(
+        "metadata image field missing",
+        rows("image field missing"),
+        r"metadata.jsonl:2: no 'file_name' field .*image, text",
+    ),
+    Case("datasets caption column of numbers", toy("--data.path={hf_numbers}"), r"column 'text' .* not text"),
+    Case("datasets image column of numbers", toy("--data.path={hf_images}"), r"column 'file_name' .* not images"),
+]
+
+TYPED_CONFIG_CASES = [
+    Case("seed negative", toy("--train.seed=-1"), r"train.seed must be in \[0, 2\*\*32\), got -1"),
+    Case("seed too large", toy("--train.seed=4294967296"), r"train.seed must be in"),
+    Case("validation seed negative", toy("--train.validation_seed=-1"), r"train.validation_seed must be in"),
+    Case("output_dir empty", toy("--output_dir="), r"output_dir is empty"),
+    Case("output_dir blank", toy("--output_dir= "), r"output_dir is empty"),
+    Case(
+        "lcm lora alpha zero", recipe("lcm_lora/debug", "--method.lora_alpha=0"), r"method.lora_alpha must be positive"
+    ),
+    Case("lcm lora alpha negative", recipe("lcm_lora/debug", "--method.lora_alpha=-1"), r"method.lora_alpha must be"),
+    Case("lora alpha zero", recipe("lora/debug", "--method.lora_alpha=0"), r"method.lora_alpha must be positive"),
+    Case("bucket step not a multiple of 8", toy("--data.bucket_step=12"), r"data.bucket_step=12 .* multiple of 8"),
+    Case("bucket step 4", toy("--data.buckets=true", "--data.bucket_step=4"), r"data.bucket_step=4"),
+    Case("weight decay 1e999", toy("--train.adam_weight_decay=1e999"), r"train.adam_weight_decay must be a finite"),
+    Case("w_min 1e999", recipe("lcm_lora/debug", "--method.w_min=1e999"), r"method.w_min must be a finite number"),
+    Case("huber c 1e999", recipe("lcm_lora/debug", "--method.huber_c=1e999"), r"method.huber_c must be a finite"),
+    Case("tag dropout -1e999", toy("--data.tag_dropout=-1e999"), r"data.tag_dropout must be a finite"),
+    Case("recipe with .nan", lambda p: ["train", str(p["nan_recipe"])], r"train.adam_weight_decay must be a finite"),
+    Case("recipe binary", lambda p: ["train", str(p["binary_recipe"])], r"binary.yaml: not a text file \(byte 0x89"),
+    Case("recipe latin-1", lambda p: ["train", str(p["latin1_recipe"])], r"latin1.yaml: not a text file"),
 ]
 
 CHECKPOINT_CASES = [
@@ -118,6 +192,34 @@ CHECKPOINT_CASES = [
     Case("resume_from damaged", toy("--train.resume_from={damaged}"), r"is damaged: trainable_0.safetensors"),
     Case("changed config", toy("--output_dir={finished}", "--method.width=4"), r"method.width: 16 -> 4"),
     Case("max_steps below checkpoint", toy("--output_dir={finished}", "--train.max_steps=1"), r"below the step"),
+    Case(
+        "resume_from with a flipped byte",
+        toy("--train.resume_from={flipped}"),
+        r"is damaged: trainable_0.safetensors does not match its checksum",
+    ),
+    Case(
+        "resume_from with a flipped state",
+        toy("--train.resume_from={flipped_state}"),
+        r"is damaged: trainer_state.json does not match its checksum",
+    ),
+    Case(
+        "generate on an export with a flipped byte",
+        lambda p: ["generate", "--model", str(p["flipped_export"]), "--prompt", "x", "--out", str(p["tmp"] / "g")],
+        r"--model .* is damaged: toy.safetensors does not match its checksum",
+    ),
+    Case(
+        "merge a lora export with a flipped byte",
+        lambda p: [
+            "merge-lora",
+            "--model",
+            str(p["sd15"]),
+            "--lora",
+            str(p["flipped_export"]),
+            "--out",
+            str(p["tmp"] / "m"),
+        ],
+        r"--lora .* is damaged: toy.safetensors",
+    ),
 ]
 
 MODEL_CASES = [
@@ -251,7 +353,134 @@ GENERATE_CASES = [
     ),
 ]
 
-CASES = CONFIG_CASES + DATA_CASES + CHECKPOINT_CASES + MODEL_CASES + COMMAND_CASES + GENERATE_CASES
+
+def evaluate(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
+    return lambda p: ["evaluate", "--model", str(p["sd15"]), "--shapes", *[e.format(**p) for e in extra]]
+
+
+def features(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
+    return lambda p: [
+        "prepare",
+        "features",
+        "--model",
+        str(p["sd15"]),
+        "--data",
+        str(p["shapes"]),
+        *[e.format(**p) for e in extra],
+    ]
+
+
+def quickstart(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
+    return lambda p: ["quickstart", "--quick", *[e.format(**p) for e in extra]]
+
+
+# Arguments typed where they enter (ldmkit.inputs): devices, finite numbers, sizes, paths, output places.
+ARGUMENT_CASES = [
+    Case("generate device cuda without cuda", gen("--out={tmp}/g", "--device=cuda:99"), r"--device cuda:99: .*CUDA"),
+    Case("generate device foo", gen("--out={tmp}/g", "--device=foo"), r"--device 'foo' is not a device torch knows"),
+    Case("generate device mps", gen("--out={tmp}/g", "--device=mps"), r"--device mps: no mps device"),
+    Case("generate width 1e8", gen("--out={tmp}/g", "--width=100000000"), r"--width 100000000 would need about"),
+    Case("generate height 1e6", gen("--out={tmp}/g", "--height=1000000", "--width=1000000"), r"GiB to decode"),
+    Case("generate height negative", gen("--out={tmp}/g", "--height=-64"), r"--height must be positive"),
+    Case("generate lora missing", gen("--out={tmp}/g", "--lora=/no/such/lora"), r"/no/such/lora"),
+    Case("evaluate guidance nan", evaluate("--guidance=nan", "--out={tmp}/e"), r"--guidance must be a finite number"),
+    Case("evaluate teacher guidance inf", evaluate("--teacher-guidance=inf", "--out={tmp}/e"), r"--teacher-guidance"),
+    Case(
+        "evaluate feature net missing",
+        evaluate("--feature-net=/no/net.pt", "--out={tmp}/e"),
+        r"--feature-net /no/net.pt not found",
+    ),
+    Case(
+        "evaluate feature net a folder",
+        evaluate("--feature-net={empty}", "--out={tmp}/e"),
+        r"--feature-net .* is a folder",
+    ),
+    Case("evaluate clip missing", evaluate("--clip=/no/clip", "--out={tmp}/e"), r"--clip /no/clip not found"),
+    Case("evaluate device foo", evaluate("--device=foo", "--out={tmp}/e"), r"--device 'foo'"),
+    Case("evaluate width 1e8", evaluate("--width=100000000", "--out={tmp}/e"), r"would need about"),
+    Case("evaluate out is a file", evaluate("--out={file}"), r"--out .* is a file; give a folder"),
+    Case(
+        "features resolution 100",
+        features("--resolution=100", "--out={tmp}/f"),
+        r"--resolution must be a positive multiple of 8",
+    ),
+    Case(
+        "features resolution 4",
+        features("--resolution=4", "--out={tmp}/f"),
+        r"--resolution must be a positive multiple",
+    ),
+    Case("features batch size zero", features("--batch-size=0", "--out={tmp}/f"), r"--batch-size must be >= 1"),
+    Case("features max samples zero", features("--max-samples=0", "--out={tmp}/f"), r"--max-samples must be >= 1"),
+    Case("features device foo", features("--device=foo", "--out={tmp}/f"), r"--device 'foo'"),
+    Case(
+        "features model missing",
+        lambda p: [
+            "prepare",
+            "features",
+            "--model",
+            "/no/model",
+            "--data",
+            str(p["shapes"]),
+            "--out",
+            str(p["tmp"] / "f"),
+        ],
+        r"--model /no/model not found",
+    ),
+    Case("features out is a file", features("--out={file}"), r"--out .* is a file; give a folder"),
+    Case(
+        "quickstart minutes nan", quickstart("--minutes=nan", "--out={tmp}/q"), r"--minutes must be a positive finite"
+    ),
+    Case(
+        "quickstart minutes inf", quickstart("--minutes=inf", "--out={tmp}/q"), r"--minutes must be a positive finite"
+    ),
+    Case("quickstart minutes negative", quickstart("--minutes=-1", "--out={tmp}/q"), r"--minutes must be a positive"),
+    Case("quickstart out is a file", quickstart("--out={file}"), r"--out .* is a file; give a folder"),
+    Case("tiny model out is a file", lambda p: ["tiny-model", "--arch", "sd15", "--out", str(p["file"])], r"is a file"),
+    Case(
+        "tiny model out under a file",
+        lambda p: ["tiny-model", "--arch", "sd15", "--out", str(p["file"] / "m")],
+        r"a_file is a file, not a folder",
+    ),
+    Case("synth out is a file", lambda p: ["data", "synth", "--num", "2", "--out", str(p["file"])], r"is a file"),
+    Case(
+        "tiny model read-only place",
+        lambda p: ["tiny-model", "--arch", "sd15", "--out", str(p["readonly"] / "m")],
+        r"cannot write in",
+    ),
+    Case(
+        "synth read-only place",
+        lambda p: ["data", "synth", "--num", "2", "--out", str(p["readonly"] / "d")],
+        r"cannot write in",
+    ),
+    Case("generate read-only place", gen("--out={readonly}/g"), r"cannot write in"),
+    Case(
+        "convert model empty safetensors",
+        lambda p: ["convert-model", "--in", str(p["empty_lora"]), "--to", "diffusers", "--out", str(p["tmp"] / "c")],
+        r"--in .* is empty \(0 bytes\)",
+    ),
+    Case(
+        "convert model garbage safetensors",
+        lambda p: ["convert-model", "--in", str(p["garbage_lora"]), "--to", "diffusers", "--out", str(p["tmp"] / "c")],
+        r"--in .* is not a readable safetensors file",
+    ),
+    Case(
+        "convert model single file to a folder path",
+        lambda p: ["convert-model", "--in", str(p["sd15"]), "--to", "single-file", "--out", str(p["empty"])],
+        r"must end in .safetensors",
+    ),
+]
+
+CASES = (
+    CONFIG_CASES
+    + TYPED_CONFIG_CASES
+    + DATA_CASES
+    + ROW_CASES
+    + CHECKPOINT_CASES
+    + MODEL_CASES
+    + COMMAND_CASES
+    + GENERATE_CASES
+    + ARGUMENT_CASES
+)
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +559,67 @@ def paths(tmp_path_factory, shapes_folder, tiny_sd15, tiny_sdxl) -> dict[str, Pa
     data = (damaged / "trainable_0.safetensors").read_bytes()
     (damaged / "trainable_0.safetensors").write_bytes(data[: len(data) // 2])
     p["damaged"] = damaged
+    # the same checkpoint and the run's export with one byte inverted (same size: only checksums see it)
+    for name, source, file in (
+        ("flipped", p["finished"] / "checkpoints" / "step-0000002", "trainable_0.safetensors"),
+        ("flipped_state", p["finished"] / "checkpoints" / "step-0000002", "trainer_state.json"),
+        ("flipped_export", p["finished"] / "export", "toy.safetensors"),
+    ):
+        shutil.copytree(source, root / name)
+        flip(root / name / file) if file != ckpt.STATE_FILE else edit_state(root / name / file)
+        p[name] = root / name
+
+    rows = root / "rows"
+    for name, text in ROWS.items():
+        (rows / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(rows / name / "a.png")
+        (rows / name / "metadata.jsonl").write_bytes(text)
+    p["rows"] = rows
+    import datasets
+
+    Image.new("RGB", (16, 16)).save(root / "hf.png")
+    datasets.Dataset.from_dict({"file_name": [str(root / "hf.png")], "text": [3]}).save_to_disk(root / "hf_numbers")
+    p["hf_numbers"] = root / "hf_numbers"
+    datasets.Dataset.from_dict({"file_name": [1], "text": ["x"]}).save_to_disk(root / "hf_images")
+    p["hf_images"] = root / "hf_images"
+    p["binary_recipe"] = root / "binary.yaml"
+    p["binary_recipe"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    p["latin1_recipe"] = root / "latin1.yaml"
+    p["latin1_recipe"].write_bytes("method:\n  name: toy\n# caf\xe9\n".encode("latin-1"))
+    p["nan_recipe"] = root / "nan.yaml"
+    p["nan_recipe"].write_text(
+        f"method:\n  name: toy\ndata:\n  path: {shapes_folder}\ntrain:\n  adam_weight_decay: .nan\n"
+    )
+    p["readonly"] = read_only_folder(root)
     return p
+
+
+def flip(path: Path, at: float = 0.5) -> None:
+    """Invert one byte at fraction ``at`` of the file; the size stays."""
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def edit_state(path: Path) -> None:
+    """trainer_state.json still valid JSON, of the same size, but saying step 3: its own checksum finds it."""
+    text = path.read_text()
+    assert '"step": 2' in text
+    path.write_text(text.replace('"step": 2', '"step": 3'))
+
+
+def read_only_folder(root: Path) -> Path:
+    """A folder nobody may create entries in: chmod 555, or for root (whom permissions do not stop) a
+    place under /sys, where the kernel refuses new entries to anyone."""
+    ro = root / "read-only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        (ro / "probe").mkdir()
+    except OSError:
+        return ro
+    (ro / "probe").rmdir()
+    return Path("/sys/ldmkit-read-only")
 
 
 def test_the_table_is_large_enough():
