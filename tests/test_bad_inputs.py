@@ -696,3 +696,221 @@ def test_captions_in_another_encoding_keep_their_image_and_are_counted(tmp_path,
     assert sum("caf\ufffd" in c for c in batch["captions"]) == 2
     assert "2 captions so far were not UTF-8" in caplog.text
     loader.close()
+
+
+# ---- outputs: nothing of the user's is replaced without --overwrite (ldmkit.outputs) ------------------------
+def victims(tmp: Path, p: dict[str, Path]) -> dict[str, Path]:
+    """The user's things a command could write over, all under ``tmp``: a folder, a .safetensors file, a
+    file without suffix, another LoRA (file and folder), a copy of a model folder, a folder with a run's names."""
+    import shutil
+
+    v = {"dir": tmp / "mine", "st": tmp / "mine.safetensors", "txt": tmp / "mine.txt"}
+    (v["dir"] / "sub").mkdir(parents=True)
+    (v["dir"] / "notes.txt").write_text("my notes")
+    (v["dir"] / "sub" / "weights.bin").write_bytes(bytes(range(256)))
+    v["st"].write_bytes(p["lora"].read_bytes())
+    v["txt"].write_text("my file")
+    v["st_dir"] = tmp / "folder.safetensors"
+    v["st_dir"].mkdir()
+    (v["st_dir"] / "inside.txt").write_text("mine")
+    v["lora_dir"] = tmp / "my_lora"
+    v["lora_dir"].mkdir()
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        (v["lora_dir"] / name).write_bytes(p["lora"].read_bytes() + b"")
+    v["model"] = tmp / "my_model"
+    shutil.copytree(p["sd15"], v["model"])
+    v["run"] = tmp / "my_run"
+    (v["run"] / "export").mkdir(parents=True)
+    (v["run"] / "export" / "model.safetensors").write_bytes(b"weights")
+    (v["run"] / "config.yaml").write_text("mine: true\n")
+    return v
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every entry under ``root``: a file's bytes, None for a folder (new or left-over entries show too)."""
+    return {q.relative_to(root).as_posix(): q.read_bytes() if q.is_file() else None for q in sorted(root.rglob("*"))}
+
+
+Argv = Callable[[dict[str, Path]], list[str]]
+
+
+def cmd(*args: str) -> Argv:
+    return lambda p: [a.format(**p) for a in args]
+
+
+EXISTS = r"already exists and was not written by ldmkit {}: pass --overwrite"
+FILE_EXISTS = r"already exists: pass --overwrite to replace it"
+IS_A_FILE = r"is a file; give a folder"
+
+# (id, argv, expected message): every command that writes, onto a folder and onto a file of the user's.
+OVERWRITE_CASES = [
+    (
+        "merge-lora --out folder",
+        cmd("merge-lora", "--model={sd15}", "--lora={lora}", "--out={dir}"),
+        EXISTS.format("merge-lora"),
+    ),
+    (
+        "merge-lora --out another model",
+        cmd("merge-lora", "--model={sd15}", "--lora={lora}", "--out={model}"),
+        EXISTS.format("merge-lora"),
+    ),
+    ("merge-lora --out file", cmd("merge-lora", "--model={sd15}", "--lora={lora}", "--out={txt}"), IS_A_FILE),
+    (
+        "merge-lora --single-file file",
+        cmd("merge-lora", "--model={sd15}", "--lora={lora}", "--single-file={st}"),
+        FILE_EXISTS,
+    ),
+    (
+        "merge-lora --single-file folder",
+        cmd("merge-lora", "--model={sd15}", "--lora={lora}", "--single-file={st_dir}"),
+        r"folder.safetensors is a folder; give a file path",
+    ),
+    ("convert-lora --out file", cmd("convert-lora", "--in={lora}", "--to=kohya", "--out={st}"), FILE_EXISTS),
+    ("convert-lora --out is --in", cmd("convert-lora", "--in={st}", "--to=diffusers", "--out={st}"), FILE_EXISTS),
+    ("convert-lora --out folder", cmd("convert-lora", "--in={lora}", "--to=kohya", "--out={lora_dir}"), FILE_EXISTS),
+    (
+        "convert-lora --out folder diffusers",
+        cmd("convert-lora", "--in={lora}", "--to=diffusers", "--out={lora_dir}"),
+        FILE_EXISTS,
+    ),
+    (
+        "convert-model to folder",
+        cmd("convert-model", "--in={sd15}", "--to=diffusers", "--out={dir}"),
+        EXISTS.format("convert-model"),
+    ),
+    (
+        "convert-model --out is --in",
+        cmd("convert-model", "--in={model}", "--to=diffusers", "--out={model}"),
+        EXISTS.format("convert-model"),
+    ),
+    ("convert-model to file", cmd("convert-model", "--in={sd15}", "--to=single-file", "--out={st}"), FILE_EXISTS),
+    (
+        "convert-model to diffusers onto a file",
+        cmd("convert-model", "--in={sd15}", "--to=diffusers", "--out={txt}"),
+        IS_A_FILE,
+    ),
+    ("tiny-model folder", cmd("tiny-model", "--arch=sd15", "--out={dir}"), EXISTS.format("tiny-model")),
+    ("tiny-model another model", cmd("tiny-model", "--arch=sdxl", "--out={model}"), EXISTS.format("tiny-model")),
+    ("tiny-model file", cmd("tiny-model", "--arch=sd15", "--out={txt}"), IS_A_FILE),
+    ("data synth folder", cmd("data", "synth", "--num=2", "--out={dir}"), EXISTS.format("data synth")),
+    ("data synth file", cmd("data", "synth", "--num=2", "--out={txt}"), IS_A_FILE),
+    (
+        "prepare features folder",
+        cmd("prepare", "features", "--model={sd15}", "--data={shapes}", "--out={dir}"),
+        EXISTS.format("prepare features"),
+    ),
+    (
+        "prepare features file",
+        cmd("prepare", "features", "--model={sd15}", "--data={shapes}", "--out={txt}"),
+        IS_A_FILE,
+    ),
+    ("generate folder", cmd("generate", "--model={sd15}", "--prompt=x", "--out={dir}"), EXISTS.format("generate")),
+    ("generate file", cmd("generate", "--model={sd15}", "--prompt=x", "--out={txt}"), IS_A_FILE),
+    ("evaluate folder", cmd("evaluate", "--model={sd15}", "--shapes", "--out={dir}"), EXISTS.format("evaluate")),
+    ("evaluate file", cmd("evaluate", "--model={sd15}", "--shapes", "--out={txt}"), IS_A_FILE),
+    (
+        "quickstart folder",
+        cmd("quickstart", "--quick", "--out={dir}"),
+        r"was not written by ldmkit quickstart: choose another path",
+    ),
+    ("quickstart file", cmd("quickstart", "--quick", "--out={txt}"), IS_A_FILE),
+    (
+        "train output_dir of something else",
+        toy("--output_dir={run}"),
+        r"output_dir .*my_run holds config.yaml but no ldmkit run",
+    ),
+    ("train output_dir file", toy("--output_dir={txt}"), r"output_dir is a file"),
+]
+
+
+def test_the_overwrite_table_covers_every_command_that_writes():
+    """Every command of the CLI writes something: each has a folder target and a file target above."""
+    from ldmkit.cli import COMMANDS, GROUPS
+
+    writers = {*COMMANDS, *(f"{g} {c}" for g, cs in GROUPS.items() for c in cs), "train"}
+    for name in writers:
+        ids = [i for i, *_ in OVERWRITE_CASES if i.startswith(name + " ")]
+        assert any("file" in i for i in ids) and len(ids) >= 2, (name, ids)
+
+
+@pytest.mark.parametrize("case", OVERWRITE_CASES, ids=lambda c: c[0])
+def test_the_users_files_are_never_replaced_without_overwrite(case, paths, tmp_path, capsys):
+    """exit 2, one line naming the path and the flag, and every byte under the user's folder as before:
+    nothing replaced, nothing left behind (no temporary sibling)."""
+    import re
+
+    _, argv, expect = case
+    p = paths | {"tmp": tmp_path} | victims(tmp_path, paths)
+    before = snapshot(tmp_path)
+    code = main(argv(p))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ldmkit: error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert re.search(expect, lines[0]), lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_and_a_command_may_rewrite_its_own_output(paths, tmp_path, capsys):
+    """--overwrite replaces the user's folder or file (whole: nothing of the old one is left); without it a
+    command may write again where it wrote before, recognised by its marker or its own record."""
+    from ldmkit.outputs import MARKER
+
+    v = victims(tmp_path, paths)
+    assert main(["tiny-model", "--arch", "sd15", "--out", str(v["dir"]), "--overwrite"]) == 0
+    assert (v["dir"] / "model_index.json").is_file() and not (v["dir"] / "notes.txt").exists()
+    assert json.loads((v["dir"] / MARKER).read_text()) == {"command": "tiny-model"}
+    assert main(["tiny-model", "--arch", "sd15", "--out", str(v["dir"]), "--seed", "1"]) == 0  # its own: no flag
+    # but another command does not take it for its own
+    assert main(["data", "synth", "--num", "2", "--out", str(v["dir"])]) == 2
+    assert (
+        main(["convert-lora", "--in", str(paths["lora"]), "--to", "kohya", "--out", str(v["st"]), "--overwrite"]) == 0
+    )
+    assert v["st"].read_bytes() != paths["lora"].read_bytes() and "lora_unet_" in v["st"].read_bytes()[:4000].decode(
+        errors="ignore"
+    )
+    synth = tmp_path / "synth"
+    for _ in range(2):
+        assert main(["data", "synth", "--num", "3", "--out", str(synth)]) == 0
+    assert len(list(synth.glob("*.png"))) == 3
+    gen_out = tmp_path / "generated"
+    args = ["generate", "--model", str(paths["sd15"]), "--prompt", "x", "--steps", "1", "--out", str(gen_out)]
+    assert main(args) == 0
+    assert main(args + ["--seed", "1"]) == 0  # re-run into its own output (generate.json is its record)
+    assert json.loads((gen_out / "generate.json").read_text())["seed"] == 1
+    capsys.readouterr()
+    leftovers = [q.name for q in tmp_path.iterdir() if ".tmp-" in q.name or ".old-" in q.name]
+    assert leftovers == []
+
+
+def test_an_interrupted_command_leaves_the_old_output_whole(paths, tmp_path, monkeypatch, capsys):
+    """Outputs are written to a temporary sibling and renamed into place: Ctrl-C in the middle of writing
+    (here inside build_tiny_pipeline) leaves the user's folder byte for byte, and no temporary folder."""
+    import ldmkit.models.tiny as tiny
+
+    v = victims(tmp_path, paths)
+    before = snapshot(tmp_path)
+    real = tiny.build_tiny_pipeline
+
+    def interrupted(arch, out, seed=0):
+        real(arch, out, seed=seed)  # every file written ...
+        raise KeyboardInterrupt  # ... and Ctrl-C before the rename
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", interrupted)
+    assert main(["tiny-model", "--arch", "sd15", "--out", str(v["dir"]), "--overwrite"]) == 130
+    assert snapshot(tmp_path) == before
+    capsys.readouterr()
+
+
+def test_staged_file_is_replaced_in_one_rename(tmp_path):
+    from ldmkit import outputs
+
+    target = tmp_path / "a.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), outputs.staged(target, "x", kind="file") as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".safetensors" and tmp != target
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and [q.name for q in tmp_path.iterdir()] == ["a.safetensors"]
+    with outputs.staged(target, "x", kind="file") as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and [q.name for q in tmp_path.iterdir()] == ["a.safetensors"]
