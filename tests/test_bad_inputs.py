@@ -623,7 +623,7 @@ def read_only_folder(root: Path) -> Path:
 
 
 def test_the_table_is_large_enough():
-    assert len(CASES) >= 70, len(CASES)
+    assert len(CASES) >= 160, len(CASES)
     assert len({c.id for c in CASES}) == len(CASES)
 
 
