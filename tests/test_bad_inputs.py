@@ -441,6 +441,12 @@ ARGUMENT_CASES = [
         lambda p: ["tiny-model", "--arch", "sd15", "--out", str(p["file"] / "m")],
         r"a_file is a file, not a folder",
     ),
+    Case(
+        "synth size 1e6",
+        lambda p: ["data", "synth", "--num", "1", "--size", "1000000", "--out", str(p["tmp"] / "d")],
+        r"--size 1000000 would need about",
+    ),
+    Case("features resolution 1e6", features("--resolution=1000000", "--out={tmp}/f"), r"would need about .* GiB"),
     Case("synth out is a file", lambda p: ["data", "synth", "--num", "2", "--out", str(p["file"])], r"is a file"),
     Case(
         "tiny model read-only place",

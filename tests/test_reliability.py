@@ -456,3 +456,23 @@ def test_a_run_that_ignores_ctrl_c_says_so_once_and_stops_on_sigterm(tmp_path, s
     assert stderr.count("ignores Ctrl-C") == 1 and f"with SIGTERM (kill {proc.pid})" in stderr, stderr
     assert "Traceback" not in stderr
     assert ckpt.latest_valid_checkpoint(out / "checkpoints") is not None
+
+
+def test_the_export_carries_a_manifest_that_generate_checks(reference, tmp_path):
+    """Every file of the export but the model card and its grid (users edit cards) is listed with its
+    checksum; a changed weight file is refused by name, an edited card is not."""
+    import shutil
+
+    from ldmkit.outputs import MANIFEST, verify
+
+    export = tmp_path / "export"
+    shutil.copytree(reference / "export", export)
+    files = json.loads((export / MANIFEST).read_text())["files"]
+    assert {"toy.safetensors", "ldmkit_config.yaml"} <= set(files) and "README.md" not in files
+    (export / "README.md").write_text("my own card\n")
+    verify(("--model", export))
+    _flip(export / "toy.safetensors")
+    with pytest.raises(UserError, match=r"--model .*export is damaged: toy.safetensors does not match its checksum"):
+        verify(("--model", export))
+    with pytest.raises(UserError, match="toy.safetensors"):
+        verify(("--lora", export / "toy.safetensors"))

@@ -84,12 +84,18 @@ def check_image_size(height: int | None, width: int | None, images: int = 1, dev
     if height is None and width is None:
         return
     h, w = height or width, width or height
-    need = images * h * w * DECODER_BYTES_PER_PIXEL
+    check_memory(
+        f"--height {h} x --width {w}", images * h * w * DECODER_BYTES_PER_PIXEL, f"decode {images} image(s)", device
+    )
+
+
+def check_memory(what: str, need: int, purpose: str, device: str | None = None) -> None:
+    """UserError when ``need`` bytes (an estimate, for ``purpose``) exceed what is free on ``device``."""
     free = available_memory(device)
     if free is not None and need > free:
         raise UserError(
-            f"--height {h} x --width {w} would need about {need / 2**30:.1f} GiB to decode "
-            f"{images} image(s), more than the {free / 2**30:.1f} GiB free: choose a smaller size"
+            f"{what} would need about {need / 2**30:.1f} GiB to {purpose}, more than the "
+            f"{free / 2**30:.1f} GiB free: choose a smaller size"
         )
 
 

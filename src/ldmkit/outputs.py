@@ -216,9 +216,9 @@ def damage(folder: Path, files: dict) -> str | None:
     return None
 
 
-def write_manifest(folder: Path) -> None:
-    """Record every file of ``folder`` (an export) with its size and checksum in ``MANIFEST``."""
-    records = file_records(folder, skip=(MANIFEST,))
+def write_manifest(folder: Path, skip: Iterable[str] = ()) -> None:
+    """Record every file of ``folder`` (an export) but ``skip`` with its size and checksum in ``MANIFEST``."""
+    records = file_records(folder, skip=(MANIFEST, *skip))
     (folder / MANIFEST).write_text(json.dumps({"files": records}, indent=1) + "\n")
 
 

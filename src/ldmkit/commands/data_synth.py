@@ -34,9 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldmkit import outputs
+    from ldmkit import inputs, outputs
     from ldmkit.data.synth import write_dataset
 
+    # drawing peaks at about 580 bytes a pixel (supersampled float64 coverage; tracemalloc at 512 px)
+    inputs.check_memory(f"--size {args.size}", 600 * args.size**2, "draw one image")
     out = outputs.check(args.out, "data synth", overwrite=args.overwrite)
     with outputs.staged(out, "data synth") as tmp:
         written = write_dataset(tmp, args.num, args.format, args.size, args.seed, args.shard_size, args.kind)

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be >= 1, got {args.max_samples}")
     inputs.check_device(args.device)
+    inputs.check_image_size(args.resolution, args.resolution, args.batch_size, args.device)  # the VAE's encoder
     inputs.check_path(args.model, "--model", "folder")
     # A feature folder is filled as it goes and resumed by a re-run: its meta.json says it is one of ours.
     outputs.check(args.out, "prepare features", overwrite=args.overwrite, own=("meta.json",))

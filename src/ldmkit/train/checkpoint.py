@@ -73,8 +73,9 @@ def _own_checksum(body: dict[str, Any]) -> str:
 
 def write_export_manifest(export_dir: Path) -> None:
     """The export's files with sizes and checksums (``ldmkit_manifest.json``), written after the export and
-    its model card; ``generate`` / ``merge-lora`` refuse an export that no longer matches it."""
-    outputs.write_manifest(export_dir)
+    its model card; ``generate`` / ``merge-lora`` refuse an export that no longer matches it. The model card
+    and its sample grid are left out: users edit cards before uploading them, and nothing loads them."""
+    outputs.write_manifest(export_dir, skip=("README.md", "samples.png"))
 
 
 def read_state(folder: Path) -> dict[str, Any]:
