@@ -920,3 +920,45 @@ def test_staged_file_is_replaced_in_one_rename(tmp_path):
     with outputs.staged(target, "x", kind="file") as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and [q.name for q in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda(paths, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(paths["sd15"]),
+                "--prompt",
+                "x",
+                "--device",
+                "cuda",
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "ldmkit: error: --device cuda: this machine or this torch build has no CUDA GPU; use cpu or auto"
+    )
+    assert not (tmp_path / "g").exists()
+
+
+def test_webdataset_json_of_the_wrong_type_is_an_unreadable_sample():
+    """Streaming readers cannot stop at start for one row: a mistyped .json member makes the sample
+    unreadable (skipped and counted by the loader) with a message naming the sample and field."""
+    import io
+
+    from ldmkit.data.transforms import DECODE_ERRORS
+    from ldmkit.data.wds import decode_sample
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    ok = decode_sample({"__key__": "k", "png": png.getvalue(), "json": b'{"text": ["a", "b"]}'})
+    assert ok.captions == ["a", "b"]
+    for bad, message in ((b'{"text": 5}', "field 'text' must be a string"), (b"[1, 2]", "a row must be a JSON object")):
+        with pytest.raises(DECODE_ERRORS, match=rf"sample k.json: {message}"):
+            decode_sample({"__key__": "k", "png": png.getvalue(), "json": bad})

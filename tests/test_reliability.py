@@ -148,6 +148,8 @@ def _damage(path: Path, how: str) -> None:
         path.unlink()
     elif how == "emptied":
         path.write_bytes(b"")
+    elif how == "zeroed":  # same size: a block the disk lost
+        path.write_bytes(bytes(path.stat().st_size))
     else:  # truncated
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
@@ -159,6 +161,8 @@ def _damage(path: Path, how: str) -> None:
         ("trainable_0.safetensors", "deleted"),
         ("trainable_0.safetensors", "truncated"),
         ("optimizer.bin", "emptied"),
+        ("optimizer.bin", "zeroed"),
+        ("trainable_0.safetensors", "zeroed"),
         ("optimizer.bin", "truncated"),
         ("extra.safetensors", "truncated"),
         ("extra.json", "emptied"),

@@ -30,6 +30,8 @@ class StopSignals:
     has them ignore SIGINT, and Python keeps an inherited SIG_IGN) keeps ignoring it, as asked; the run says
     so once, since a Ctrl-C in that terminal will not reach it, and that SIGTERM does."""
 
+    _told_ignored = False
+
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
@@ -41,11 +43,13 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
-                    logger.warning(
-                        "this process ignores Ctrl-C (SIGINT; started with nohup or in the background): stop it "
-                        "with SIGTERM (kill %d), which finishes the step and saves a checkpoint",
-                        os.getpid(),
-                    )
+                    if not StopSignals._told_ignored:  # once per process (the quickstart trains several times)
+                        StopSignals._told_ignored = True
+                        logger.warning(
+                            "this process ignores Ctrl-C (SIGINT; started with nohup or in the background): stop "
+                            "it with SIGTERM (kill %d), which finishes the step and saves a checkpoint",
+                            os.getpid(),
+                        )
                     continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
