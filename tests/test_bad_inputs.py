@@ -84,7 +84,11 @@ CONFIG_CASES = [
     Case("recipe not a mapping", lambda p: ["train", str(p["a_list"])], r"a recipe must be a YAML mapping"),
     Case("recipe bad yaml", lambda p: ["train", str(p["bad_yaml"])], r"bad.yaml: not valid YAML \(line \d+"),
     Case("recipe unknown key", lambda p: ["train", str(p["typo_recipe"])], r"pretraind"),
-    Case("lora rank zero", recipe("lcm_lora/debug", "--method.lora_rank=0"), r"method.lora_rank must be (>= 1|at least 1)"),
+    Case(
+        "lora rank zero",
+        recipe("lcm_lora/debug", "--method.lora_rank=0"),
+        r"method.lora_rank must be (>= 1|at least 1)",
+    ),
     Case("w_min above w_max", recipe("lcm_lora/debug", "--method.w_min=20"), r"method.w_min \(20.0\) must be <="),
     Case("ddim timesteps zero", recipe("lcd/debug", "--method.num_ddim_timesteps=0"), r"num_ddim_timesteps must be"),
     Case("huber c zero", recipe("lcm_lora/debug", "--method.huber_c=0"), r"method.huber_c must be > 0"),
@@ -205,6 +209,11 @@ CHECKPOINT_CASES = [
     Case(
         "generate on an export with a flipped byte",
         lambda p: ["generate", "--model", str(p["flipped_export"]), "--prompt", "x", "--out", str(p["tmp"] / "g")],
+        r"--model .* is damaged: toy.safetensors does not match its checksum",
+    ),
+    Case(
+        "evaluate an export with a flipped byte",
+        lambda p: ["evaluate", "--model", str(p["flipped_export"]), "--shapes", "--out", str(p["tmp"] / "e")],
         r"--model .* is damaged: toy.safetensors does not match its checksum",
     ),
     Case(

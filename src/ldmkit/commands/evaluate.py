@@ -209,6 +209,7 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
     inputs.check_arguments(args, devices=("--device",), finite=("--guidance", "--teacher-guidance"),
                            files=("--feature-net",), folders=("--clip",))  # fmt: skip
     inputs.check_image_size(args.height, args.width, args.batch_size, args.device)
+    outputs.verify(("--model", args.model), ("--lora", args.lora), ("--teacher", args.teacher))  # exports unchanged
     outputs.claim(args.out, "evaluate", overwrite=args.overwrite, own=("metrics.json",))  # resumed: teacher/ cache
     return solvers
 

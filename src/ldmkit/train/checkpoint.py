@@ -7,8 +7,8 @@ training scripts lose runs to half-written checkpoints that are then auto-loaded
 written last, lists every file with its size and an XXH3-128 checksum (ldmkit.outputs.checksum);
 ``latest_valid_checkpoint`` checks that list and skips a checkpoint damaged later (a file deleted,
 truncated, emptied, or bytes changed at the same size), warning with the file's name and falling back to
-the previous one. Exports get the same manifest (``write_export_manifest``), which ``generate`` and
-``merge-lora`` check (ldmkit.outputs.verify).
+the previous one. Exports get the same manifest (``write_export_manifest``), which ``generate``,
+``evaluate`` and ``merge-lora`` check (ldmkit.outputs.verify).
 
 Method extras (EMA weights, an LCD target network) are stored as safetensors + JSON rather than through
 accelerate's ``register_for_checkpointing``, which loads custom objects with ``weights_only=False``.
@@ -73,7 +73,7 @@ def _own_checksum(body: dict[str, Any]) -> str:
 
 def write_export_manifest(export_dir: Path) -> None:
     """The export's files with sizes and checksums (``ldmkit_manifest.json``), written after the export and
-    its model card; ``generate`` / ``merge-lora`` refuse an export that no longer matches it. The model card
+    its model card; ``generate`` / ``evaluate`` / ``merge-lora`` refuse an export that no longer matches it. The model card
     and its sample grid are left out: users edit cards before uploading them, and nothing loads them."""
     outputs.write_manifest(export_dir, skip=("README.md", "samples.png"))
 
