@@ -971,3 +971,22 @@ def test_webdataset_json_of_the_wrong_type_is_an_unreadable_sample():
     for bad, message in ((b'{"text": 5}', "field 'text' must be a string"), (b"[1, 2]", "a row must be a JSON object")):
         with pytest.raises(DECODE_ERRORS, match=rf"sample k.json: {message}"):
             decode_sample({"__key__": "k", "png": png.getvalue(), "json": bad})
+
+
+def test_a_file_replaced_with_overwrite_inside_an_export_keeps_its_manifest_true(paths, tmp_path, capsys):
+    """convert-lora --overwrite onto a file an export's manifest lists: the record follows the new bytes,
+    so generate does not take the export for damaged afterwards."""
+    import shutil
+
+    from ldmkit.outputs import MANIFEST, verify
+
+    export = tmp_path / "export"
+    shutil.copytree(paths["finished"] / "export", export)
+    shutil.copy(paths["lora"], export / "toy.safetensors")  # a LoRA where the manifest lists toy.safetensors
+    manifest = json.loads((export / MANIFEST).read_text())
+    manifest["files"]["toy.safetensors"] = {"size": 0, "xxh3_128": "stale"}
+    (export / MANIFEST).write_text(json.dumps(manifest))
+    out = str(export / "toy.safetensors")
+    assert main(["convert-lora", "--in", out, "--to", "kohya", "--out", out, "--overwrite"]) == 0
+    verify(("--model", export))  # no UserError: the record is the new file's
+    capsys.readouterr()

@@ -97,7 +97,7 @@ def check(
             raise UserError(f"{option} {path} already exists: {how}")
         if any(path.iterdir()) and not written_by(path, command, own):
             raise UserError(f"{option} {path} already exists and was not written by ldmkit {command}: {how}")
-    _writable(path if not path.is_dir() else path / "x", option)
+    _writable(path / "entry" if path.is_dir() else path, option)  # an existing folder: probed inside
     return path
 
 
@@ -144,10 +144,15 @@ def publish(tmp: Path, final: Path) -> None:
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         _remove(old)
         final.rename(old)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)  # the old output back in its place
+            raise
         _remove(old)
     else:
         os.replace(tmp, final)
+        _update_manifest(final)
     _fsync(final.parent)
 
 
@@ -214,6 +219,19 @@ def damage(folder: Path, files: dict) -> str | None:
         if digest is not None and checksum(path) != digest:
             return f"{name} does not match its checksum (its bytes changed after it was written)"
     return None
+
+
+def _update_manifest(file: Path) -> None:
+    """A file ldmkit replaced inside a folder with a manifest (``convert-lora --out EXPORT --overwrite``): its
+    record follows, so the folder is not taken for damaged."""
+    manifest = file.parent / MANIFEST
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and file.name in data.get("files", {}):
+        data["files"][file.name] = {"size": file.stat().st_size, "xxh3_128": checksum(file)}
+        manifest.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def write_manifest(folder: Path, skip: Iterable[str] = ()) -> None:
