@@ -468,6 +468,10 @@ ARGUMENT_CASES = [
         r"cannot write in",
     ),
     Case("generate read-only place", gen("--out={readonly}/g"), r"cannot write in"),
+    Case("train read-only place", toy("--output_dir={readonly}/run"), r"output_dir .*run: cannot write there"),
+    Case(
+        "train output_dir under a file", toy("--output_dir={file}/run"), r"output_dir .*a_file/run: cannot write there"
+    ),
     Case(
         "convert model empty safetensors",
         lambda p: ["convert-model", "--in", str(p["empty_lora"]), "--to", "diffusers", "--out", str(p["tmp"] / "c")],

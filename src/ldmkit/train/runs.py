@@ -98,8 +98,11 @@ class RunLock:
             import fcntl
         except ImportError:  # Windows: no flock; runs are not locked there
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a+")
+        except OSError as e:  # read-only, or a path through a file: before any work is done
+            raise UserError(f"output_dir {self.path.parent}: cannot write there ({e.strerror})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
