@@ -478,6 +478,26 @@ ARGUMENT_CASES = [
         r"--in .* is empty \(0 bytes\)",
     ),
     Case(
+        "generate model empty safetensors",
+        lambda p: ["generate", "--model", str(p["empty_lora"]), "--prompt", "x", "--out", str(p["tmp"] / "g")],
+        r"checkpoint .*empty.safetensors is empty \(0 bytes\)",
+    ),
+    Case(
+        "evaluate model garbage safetensors",
+        lambda p: ["evaluate", "--model", str(p["garbage_lora"]), "--shapes", "--out", str(p["tmp"] / "e")],
+        r"checkpoint .*garbage.safetensors is not a readable safetensors file",
+    ),
+    Case(
+        "merge model truncated safetensors",
+        merge("--model={truncated_lora}", "--lora={lora}", "--out={tmp}/m"),
+        r"checkpoint .*truncated.safetensors is not a readable",
+    ),
+    Case(
+        "train on an empty safetensors",
+        recipe("lora/debug", "--model.pretrained={empty_lora}"),
+        r"empty.safetensors is empty \(0 bytes\)",
+    ),
+    Case(
         "convert model garbage safetensors",
         lambda p: ["convert-model", "--in", str(p["garbage_lora"]), "--to", "diffusers", "--out", str(p["tmp"] / "c")],
         r"--in .* is not a readable safetensors file",
