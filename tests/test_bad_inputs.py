@@ -388,6 +388,16 @@ ARGUMENT_CASES = [
     Case("generate device cuda without cuda", gen("--out={tmp}/g", "--device=cuda:99"), r"--device cuda:99: .*CUDA"),
     Case("generate device foo", gen("--out={tmp}/g", "--device=foo"), r"--device 'foo' is not a device torch knows"),
     Case("generate device mps", gen("--out={tmp}/g", "--device=mps"), r"--device mps: no mps device"),
+    Case(
+        "generate seed 2**64", gen("--out={tmp}/g", "--seed=18446744073709551616"), r"--seed must be in \[0, 2\*\*63\)"
+    ),
+    Case("generate seed negative", gen("--out={tmp}/g", "--seed=-1"), r"--seed must be in \[0, 2\*\*63\), got -1"),
+    Case("evaluate seed 2**64", evaluate("--seed=18446744073709551616", "--out={tmp}/e"), r"--seed must be in"),
+    Case(
+        "tiny model seed 2**64",
+        lambda p: ["tiny-model", "--arch", "sd15", "--seed", str(2**64), "--out", str(p["tmp"] / "t")],
+        r"--seed must be in",
+    ),
     Case("generate width 1e8", gen("--out={tmp}/g", "--width=100000000"), r"--width 100000000 would need about"),
     Case("generate height 1e6", gen("--out={tmp}/g", "--height=1000000", "--width=1000000"), r"GiB to decode"),
     Case("generate height negative", gen("--out={tmp}/g", "--height=-64"), r"--height must be positive"),

@@ -40,6 +40,16 @@ def check_device(name: str | None, option: str = "--device") -> None:
         raise UserError(f"{option} {name}: no {device.type} device is available here; use cpu or auto")
 
 
+SEED_LIMIT = 2**63
+"""Seeds are in [0, 2**63): torch.Generator.manual_seed overflows beyond (a traceback), and train.seed, which
+numpy also takes, is in [0, 2**32) (config.py)."""
+
+
+def check_seed(option: str, value: int | None) -> None:
+    if value is not None and not 0 <= value < SEED_LIMIT:
+        raise UserError(f"{option} must be in [0, 2**63), got {value}")
+
+
 def check_finite(option: str, value: float | None, *, positive: bool = False) -> None:
     """``value`` is a finite number (``nan`` and ``inf`` parse as floats), and > 0 with ``positive``."""
     if value is None:
@@ -133,6 +143,7 @@ def check_arguments(
     args,
     *,
     devices: tuple[str, ...] = (),
+    seeds: tuple[str, ...] = (),
     finite: tuple[str, ...] = (),
     files: tuple[str, ...] = (),
     folders: tuple[str, ...] = (),
@@ -145,6 +156,8 @@ def check_arguments(
 
     for option in devices:
         check_device(value(option), option)
+    for option in seeds:
+        check_seed(option, value(option))
     for option in finite:
         check_finite(option, value(option))
     for kind, options in (("file", files), ("folder", folders)):

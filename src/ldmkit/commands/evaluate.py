@@ -206,8 +206,8 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     from ldmkit import inputs, outputs
 
-    inputs.check_arguments(args, devices=("--device",), finite=("--guidance", "--teacher-guidance"),
-                           files=("--feature-net",), folders=("--clip",))  # fmt: skip
+    inputs.check_arguments(args, devices=("--device",), seeds=("--seed",), files=("--feature-net",),
+                           finite=("--guidance", "--teacher-guidance"), folders=("--clip",))  # fmt: skip
     inputs.check_image_size(args.height, args.width, args.batch_size, args.device)
     outputs.verify(("--model", args.model), ("--lora", args.lora), ("--teacher", args.teacher))  # exports unchanged
     outputs.claim(args.out, "evaluate", overwrite=args.overwrite, own=("metrics.json",))  # resumed: teacher/ cache

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--guidance must be a finite number, got {args.guidance}")
     from ldmkit import inputs, outputs
 
-    inputs.check_device(args.device)
+    inputs.check_arguments(args, devices=("--device",), seeds=("--seed",))
     inputs.check_image_size(args.height, args.width, args.num_images, args.device)  # one prompt per call
     outputs.verify(("--model", args.model), ("--lora", args.lora))  # an export that changed since it was written
     # generate.json is generate's own record: a re-run may write into its earlier output

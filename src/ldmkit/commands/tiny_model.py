@@ -24,9 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldmkit import outputs
+    from ldmkit import inputs, outputs
     from ldmkit.models.tiny import build_tiny_pipeline
 
+    inputs.check_seed("--seed", args.seed)
     out = outputs.check(args.out, "tiny-model", overwrite=args.overwrite)
     with outputs.staged(out, "tiny-model") as tmp:
         build_tiny_pipeline(args.arch, tmp, seed=args.seed)
