@@ -55,7 +55,12 @@ def record(value: Any, where: str) -> dict[str, Any]:
 def metadata_rows(path: Path, image_column: str, caption_column: str) -> Iterator[tuple[str, list[str]]]:
     """(image path, captions) of every non-empty line of a metadata.jsonl; UserError at the first bad line,
     naming it: not UTF-8, not JSON, not an object, a field missing (listing the fields it has) or mistyped."""
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+    with open(path, "rb") as f:  # bytes: the encoding is checked per line, so an error can name its line
+        yield from _rows(f, path, image_column, caption_column)
+
+
+def _rows(f, path: Path, image_column: str, caption_column: str) -> Iterator[tuple[str, list[str]]]:
+    for lineno, raw in enumerate(f, 1):
         where = f"{path}:{lineno}"
         try:
             # JSON Lines is UTF-8 (jsonlines.org); a byte-order mark on the first line is tolerated
