@@ -56,35 +56,31 @@ def metadata_rows(path: Path, image_column: str, caption_column: str) -> Iterato
     """(image path, captions) of every non-empty line of a metadata.jsonl; UserError at the first bad line,
     naming it: not UTF-8, not JSON, not an object, a field missing (listing the fields it has) or mistyped."""
     with open(path, "rb") as f:  # bytes: the encoding is checked per line, so an error can name its line
-        yield from _rows(f, path, image_column, caption_column)
-
-
-def _rows(f, path: Path, image_column: str, caption_column: str) -> Iterator[tuple[str, list[str]]]:
-    for lineno, raw in enumerate(f, 1):
-        where = f"{path}:{lineno}"
-        try:
-            # JSON Lines is UTF-8 (jsonlines.org); a byte-order mark on the first line is tolerated
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(
-                f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
-            ) from None
-        if not line.strip():
-            continue
-        try:
-            row = record(json.loads(line), where)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e.msg})") from None
-        except RowError as e:
-            raise UserError(str(e)) from None
-        for col, key in ((image_column, "data.image_column"), (caption_column, "data.caption_column")):
-            if col not in row:
-                fields = ", ".join(map(str, row)) or "none"
-                raise UserError(f"{where}: no '{col}' field (the line has: {fields}; set {key})")
-        try:
-            yield (
-                image_path(row[image_column], where, image_column),
-                captions(row[caption_column], where, caption_column),
-            )
-        except RowError as e:
-            raise UserError(str(e)) from None
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                # JSON Lines is UTF-8 (jsonlines.org); a byte-order mark on the first line is tolerated
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = record(json.loads(line), where)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+            except RowError as e:
+                raise UserError(str(e)) from None
+            for col, key in ((image_column, "data.image_column"), (caption_column, "data.caption_column")):
+                if col not in row:
+                    fields = ", ".join(map(str, row)) or "none"
+                    raise UserError(f"{where}: no '{col}' field (the line has: {fields}; set {key})")
+            try:
+                yield (
+                    image_path(row[image_column], where, image_column),
+                    captions(row[caption_column], where, caption_column),
+                )
+            except RowError as e:
+                raise UserError(str(e)) from None
