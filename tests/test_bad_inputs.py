@@ -271,6 +271,21 @@ COMMAND_CASES = [
     Case(
         "merge scale nan", merge("--model={sd15}", "--lora={lora}", "--out={tmp}/m", "--scale=nan"), r"--scale must be"
     ),
+    Case(
+        "merge timestep scaling nan",
+        merge("--model={sd15}", "--lora={lora}", "--out={tmp}/m", "--scheduler=lcm", "--timestep-scaling=nan"),
+        r"--timestep-scaling must be a positive finite number, got nan",
+    ),
+    Case(
+        "merge timestep scaling zero",
+        merge("--model={sd15}", "--lora={lora}", "--out={tmp}/m", "--timestep-scaling=0"),
+        r"--timestep-scaling must be a positive finite",
+    ),
+    Case(
+        "merge original steps zero",
+        merge("--model={sd15}", "--lora={lora}", "--out={tmp}/m", "--original-inference-steps=0"),
+        r"--original-inference-steps must be >= 1, got 0",
+    ),
     Case("merge lora empty", merge("--model={sd15}", "--lora={empty_lora}", "--out={tmp}/m"), r"is empty \(0 bytes\)"),
     Case(
         "merge lora garbage",

@@ -145,6 +145,8 @@ def check_arguments(
     devices: tuple[str, ...] = (),
     seeds: tuple[str, ...] = (),
     finite: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+    counts: tuple[str, ...] = (),
     files: tuple[str, ...] = (),
     folders: tuple[str, ...] = (),
 ) -> None:
@@ -160,6 +162,11 @@ def check_arguments(
         check_seed(option, value(option))
     for option in finite:
         check_finite(option, value(option))
+    for option in positive:
+        check_finite(option, value(option), positive=True)
+    for option in counts:
+        if value(option) is not None and value(option) < 1:
+            raise UserError(f"{option} must be >= 1, got {value(option)}")
     for kind, options in (("file", files), ("folder", folders)):
         for option in options:
             if value(option) is not None:

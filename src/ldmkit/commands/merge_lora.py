@@ -145,7 +145,7 @@ def _check_target(model: Path, target: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffusers import LCMScheduler
 
-    from ldmkit import outputs
+    from ldmkit import inputs, outputs
     from ldmkit.families.single_file import save_single_file
     from ldmkit.inference import load_pipeline
     from ldmkit.lora import formats
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     out_kind, option = ("file", "--single-file") if args.single_file else ("folder", "--out")
     outputs.verify(("--model", args.model), ("--lora", args.lora))  # an export that changed since it was written
     outputs.check(args.single_file or args.out, "merge-lora", kind=out_kind, option=option, overwrite=args.overwrite)
+    inputs.check_arguments(args, positive=("--timestep-scaling",), counts=("--original-inference-steps",))
     if not math.isfinite(args.scale):
         raise UserError(f"--scale must be a finite number, got {args.scale}")
     state_dict = formats.load_lora_file(lora)
