@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 import yaml
 from safetensors.torch import load_file
 from test_loop import toy_config, weights
@@ -147,6 +148,8 @@ def _damage(path: Path, how: str) -> None:
         path.unlink()
     elif how == "emptied":
         path.write_bytes(b"")
+    elif how == "zeroed":  # same size: a block the disk lost
+        path.write_bytes(bytes(path.stat().st_size))
     else:  # truncated
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
@@ -158,6 +161,8 @@ def _damage(path: Path, how: str) -> None:
         ("trainable_0.safetensors", "deleted"),
         ("trainable_0.safetensors", "truncated"),
         ("optimizer.bin", "emptied"),
+        ("optimizer.bin", "zeroed"),
+        ("trainable_0.safetensors", "zeroed"),
         ("optimizer.bin", "truncated"),
         ("extra.safetensors", "truncated"),
         ("extra.json", "emptied"),
@@ -184,6 +189,74 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, shapes_f
     same_weights(tmp_path / "run", reference)
 
 
+# Every kind of file a checkpoint of the toy run (with EMA) holds; the test below fails when a new kind
+# appears, so that it is added here.
+CHECKPOINT_FILES = [
+    "trainable_0.safetensors",
+    "optimizer.bin",
+    "random_states_0.pkl",
+    "extra.safetensors",
+    "extra.json",
+    "ldmkit_config.yaml",
+    "trainer_state.json",
+]
+
+
+def _flip(path: Path) -> None:
+    """One byte in the middle of the file inverted; the size stays."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, shapes_folder) -> Path:
+    """A 4-step run (checkpoints at 3 and 4) that the byte-flip tests copy."""
+    tmp = tmp_path_factory.mktemp("four")
+    train(toy_config(tmp, shapes_folder, "run", "--method.use_ema=true", "--train.max_steps=4"))
+    return tmp / "run"
+
+
+def test_the_flip_tests_cover_every_file_of_a_checkpoint(four_steps):
+    latest = four_steps / "checkpoints" / "step-0000004"
+    assert sorted(p.name for p in latest.rglob("*") if p.is_file()) == sorted(CHECKPOINT_FILES)
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_byte_flipped_in_the_latest_checkpoint_falls_back_to_the_previous(
+    tmp_path, shapes_folder, reference, name, caplog
+):
+    """Same size, other bytes: the checksum of the manifest (or of trainer_state.json itself) finds it; the run
+    warns naming the file, resumes from step 3 and ends where the uninterrupted run ends."""
+    train(toy_config(tmp_path, shapes_folder, "run", "--method.use_ema=true", "--train.max_steps=4"))
+    latest = tmp_path / "run" / "checkpoints" / "step-0000004"
+    _flip(latest / name)
+    problem = ckpt.damage(latest)
+    assert problem is not None and problem.startswith(name), problem
+    caplog.set_level("INFO", logger="ldmkit.train")
+    train(toy_config(tmp_path, shapes_folder, "run", "--method.use_ema=true"))
+    assert f"skipping damaged checkpoint {latest}: {name}" in caplog.text
+    assert f"resumed from {latest.parent / 'step-0000003'}" in caplog.text
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    same_weights(tmp_path / "run", reference)
+
+
+def test_a_checkpoint_without_its_state_file_is_named_when_skipped(tmp_path, shapes_folder, caplog):
+    """A deleted trainer_state.json used to make the checkpoint invisible without a word."""
+    train(toy_config(tmp_path, shapes_folder, "run", "--method.use_ema=true", "--train.max_steps=4"))
+    latest = tmp_path / "run" / "checkpoints" / "step-0000004"
+    (latest / ckpt.STATE_FILE).unlink()
+    assert ckpt.latest_valid_checkpoint(tmp_path / "run" / "checkpoints")[0] == 3
+    assert f"skipping damaged checkpoint {latest}: trainer_state.json is missing" in caplog.text
+
+
 def test_torn_last_metrics_line_is_tolerated(tmp_path, shapes_folder, monkeypatch):
     from helpers.toy_method import ToyMethod
 
@@ -204,12 +277,19 @@ def test_torn_last_metrics_line_is_tolerated(tmp_path, shapes_folder, monkeypatc
     ]
 
 
-def test_checkpoint_lists_its_files_and_sizes(reference):
-    state = ckpt.read_state(reference / "checkpoints" / "step-0000006")
+def test_checkpoint_lists_its_files_sizes_and_checksums(reference):
+    folder = reference / "checkpoints" / "step-0000006"
+    state = ckpt.read_state(folder)
     assert state["step"] == 6 and {"trainable_0.safetensors", "optimizer.bin", "extra.safetensors"} <= set(
         state["files"]
     )
-    assert all(size > 0 for size in state["files"].values())
+    for name, record in state["files"].items():
+        assert record["size"] == (folder / name).stat().st_size > 0
+        assert record["xxh3_128"] == xxhash.xxh3_128((folder / name).read_bytes()).hexdigest()
+    # every file but the state itself is listed
+    assert set(state["files"]) == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {
+        ckpt.STATE_FILE
+    }
 
 
 # ---- Ctrl-C and SIGTERM ----------------------------------------------------------------------------
@@ -313,3 +393,90 @@ def test_sigterm_saves_and_exits_with_one_line(tmp_path, shapes_folder):
     assert "Traceback" not in stderr
     step = ckpt.latest_valid_checkpoint(out / "checkpoints")[0]
     assert step >= 3 and step == json.loads(metrics.read_text().splitlines()[-1])["step"]
+
+
+# A toy run whose every loss() sleeps 0.3 s: a signal then lands inside a step, not between two.
+SLOW_TOY = (
+    "import sys, time\n"
+    "from helpers.toy_method import ToyMethod\n"
+    "loss = ToyMethod.loss\n"
+    "ToyMethod.loss = lambda self, batch: (time.sleep(0.3), loss(self, batch))[1]\n"
+    "from ldmkit.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _slow_run(out: Path, shapes_folder: Path, **popen) -> subprocess.Popen:
+    args = [sys.executable, "-c", SLOW_TOY, "train", "--method.name=toy", f"--data.path={shapes_folder}"]
+    args += ["--data.resolution=16", "--data.num_workers=0", "--train.max_steps=100000"]
+    args += ["--train.checkpoint_every=0", "--train.report_to=none", f"--output_dir={out}"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_for_steps(proc: subprocess.Popen, out: Path, n: int) -> None:
+    import time
+
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path, shapes_folder):
+    """The first SIGINT asks for a checkpoint at the end of the step; the second, inside that same step
+    (0.3 s long), aborts there: exit 130, one line, no traceback, no checkpoint written."""
+    import time
+
+    out = tmp_path / "run"
+    proc = _slow_run(out, shapes_folder)
+    _wait_for_steps(proc, out, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert time.time() - sent < 10
+    last = [line for line in stderr.splitlines() if line.startswith("ldmkit:")]
+    assert last == ["ldmkit: aborted by a second Ctrl-C without saving; the last checkpoint stays"], stderr
+    assert "Traceback" not in stderr
+    assert ckpt.latest_valid_checkpoint(out / "checkpoints") is None  # aborted: nothing saved
+
+
+def test_a_run_that_ignores_ctrl_c_says_so_once_and_stops_on_sigterm(tmp_path, shapes_folder):
+    """Started with SIGINT ignored (what nohup and a background job do): it says once that Ctrl-C will not
+    reach it and SIGTERM does; a SIGINT changes nothing; SIGTERM saves and exits 143."""
+    import time
+
+    out = tmp_path / "run"
+    proc = _slow_run(out, shapes_folder, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    _wait_for_steps(proc, out, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # still training
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.count("ignores Ctrl-C") == 1 and f"with SIGTERM (kill {proc.pid})" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert ckpt.latest_valid_checkpoint(out / "checkpoints") is not None
+
+
+def test_the_export_carries_a_manifest_that_generate_checks(reference, tmp_path):
+    """Every file of the export but the model card and its grid (users edit cards) is listed with its
+    checksum; a changed weight file is refused by name, an edited card is not."""
+    import shutil
+
+    from ldmkit.outputs import MANIFEST, verify
+
+    export = tmp_path / "export"
+    shutil.copytree(reference / "export", export)
+    files = json.loads((export / MANIFEST).read_text())["files"]
+    assert {"toy.safetensors", "ldmkit_config.yaml"} <= set(files) and "README.md" not in files
+    (export / "README.md").write_text("my own card\n")
+    verify(("--model", export))
+    _flip(export / "toy.safetensors")
+    with pytest.raises(UserError, match=r"--model .*export is damaged: toy.safetensors does not match its checksum"):
+        verify(("--model", export))
+    with pytest.raises(UserError, match="toy.safetensors"):
+        verify(("--lora", export / "toy.safetensors"))

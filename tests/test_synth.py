@@ -136,7 +136,11 @@ def test_command_and_errors(tmp_path, capsys):
     assert data_synth.run(args) == 0
     assert "wrote 3 shapes samples" in capsys.readouterr().out
     assert (tmp_path / "d" / "shapes-000000.tar").exists()
-    with pytest.raises(UserError, match="not empty"):
+    assert data_synth.run(args) == 0  # its own earlier output (the marker says so) is written again
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    args.out = str(tmp_path / "mine")
+    with pytest.raises(UserError, match="was not written by ldmkit data synth: pass --overwrite"):
         data_synth.run(args)
     with pytest.raises(UserError, match="--num"):
         synth.write_dataset(tmp_path / "e", num=0)

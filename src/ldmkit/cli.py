@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"ldmkit: {e}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:
-        print("ldmkit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"ldmkit: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

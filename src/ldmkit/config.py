@@ -307,8 +307,15 @@ def recipe_method_name(path: str | None, overrides: list[str]) -> str:
     if path:
         import yaml
 
+        raw = resolve_recipe(path).read_bytes()
         try:
-            data = yaml.safe_load(resolve_recipe(path).read_text()) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"{path}: not a text file (byte 0x{raw[e.start]:02x} at offset {e.start}); a recipe is a UTF-8 YAML file"
+            ) from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
@@ -374,12 +381,47 @@ def _folder_path(key: str, value: str | None) -> None:
         raise UserError(f"{key} is a file, a folder is needed there: {value}")
 
 
+VAE_FACTOR = 8
+"""The downsampling of every VAE ldmkit trains with (SD, SDXL, U-ViT's and the vae method's, 3 downsampling
+blocks); the model-aware checks (methods/checks.py) use the model's own."""
+
+
+def _finite_floats(cfg: Config) -> None:
+    """``nan`` and ``inf`` parse as floats: no float knob of any section takes them (each would reach the
+    optimizer or sampler and turn the weights into nan)."""
+    import math
+
+    for section in ("method", "model", "data", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise UserError(f"{section}.{f.name} must be a finite number, got {value}")
+
+
 def validate_config(cfg: Config) -> None:
     """Checks that are about values rather than types (types are checked by the parser), so that a bad
     value stops at once (``--dry-run`` included) with one line naming the key, never after hours of
     training or as a traceback. Checks that need the model live with the method (``check``) and the
     model family."""
     t, d = cfg.train, cfg.data
+    _finite_floats(cfg)
+    if not cfg.output_dir.strip():
+        raise UserError("output_dir is empty: name the folder the run writes to (--output_dir=...)")
+    if not 0 <= t.seed < 2**32:
+        # numpy (seeded by accelerate's set_seed) takes seeds in [0, 2**32)
+        raise UserError(f"train.seed must be in [0, 2**32), got {t.seed}")
+    if not 0 <= t.validation_seed < 2**63:  # a torch.Generator seed
+        raise UserError(f"train.validation_seed must be in [0, 2**63), got {t.validation_seed}")
+    for key in ("lora_alpha",):  # a knob of several methods: checked here once for all of them
+        value = getattr(cfg.method, key, None)
+        if value is not None and not value > 0:
+            raise UserError(f"method.{key} must be positive, got {value} (alpha / rank scales the LoRA update)")
+    if d.bucket_step is not None and d.bucket_step % VAE_FACTOR:
+        raise UserError(
+            f"data.bucket_step={d.bucket_step} gives bucket sides the VAE cannot take: it must be a multiple of "
+            f"{VAE_FACTOR} (the VAE's downsampling; 64 also keeps every UNet level whole)"
+        )
     for key, value, low in (
         ("train.batch_size", t.batch_size, 1),
         ("train.max_steps", t.max_steps, 1),

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ldmkit.errors import UserError
+from ldmkit.outputs import add_overwrite_argument
 
 
 def _model_info(model_dir: str) -> tuple[list[str], object | None, bool]:
@@ -61,13 +62,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Optional model folder: check the LoRA's modules exist in its UNet / U-ViT; needed for kohya files "
         "with original SD block names (input_blocks_*); lays out the SDXL kohya names written (default: SDXL's UNet).",
     )
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from ldmkit import outputs
     from ldmkit.lora import export, formats
 
+    # The output is one file (a folder --out receives it under its standard name): an existing one, --in
+    # itself included, is replaced only with --overwrite, and then only once the new one is complete.
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        out = out / (export.KOHYA_WEIGHT_NAME if args.to == "kohya" else export.LORA_WEIGHT_NAME)
+    outputs.check(out, "convert-lora", kind="file", overwrite=args.overwrite)
     state_dict = formats.load_lora_file(args.input)
     names, unet_config, sdxl = _model_info(args.model) if args.model else (None, None, None)
     components = formats.read_lora(
@@ -77,12 +86,11 @@ def run(args: argparse.Namespace) -> int:
         formats.check_modules(components, "unet", names)
     if sdxl is None:  # no model: SDXL when the file has the second text encoder
         sdxl = "text_encoder_2" in components or any(k.startswith(("lora_te1_", "lora_te2_")) for k in state_dict)
-    if args.to == "diffusers":
-        out = export.save_diffusers(
-            args.out, components, StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-        )
-    else:
-        out = export.save_kohya(args.out, components, sdxl, unet_config)
+    with outputs.staged(out, "convert-lora", kind="file") as tmp:
+        if args.to == "diffusers":
+            export.save_diffusers(tmp, components, StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline)
+        else:
+            export.save_kohya(tmp, components, sdxl, unet_config)
     layers = [layer for c in components.values() for layer in c.values()]
     ranks = sorted({layer.rank for layer in layers})
     scales = sorted({round(layer.scale, 6) for layer in layers})

@@ -11,6 +11,7 @@ from typing import Any
 
 from ldmkit.diffusion.samplers import SCHEDULERS, TEACHER_SOLVERS
 from ldmkit.errors import UserError
+from ldmkit.outputs import add_overwrite_argument
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ def _measure_arguments(parser: argparse.ArgumentParser) -> None:
         "of the caption-adherence check learns from them; default with labelled --data: a split of --data.",
     )
     add("--out", required=True, help="Output folder: metrics.json, quality_vs_steps.png, grid-steps-N.png.")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,6 +204,13 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
         raise UserError(f"--teacher-solvers: unknown solver(s) {unknown}; choose from {', '.join(SCHEDULERS)}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+    from ldmkit import inputs, outputs
+
+    inputs.check_arguments(args, devices=("--device",), seeds=("--seed",), files=("--feature-net",),
+                           finite=("--guidance", "--teacher-guidance"), folders=("--clip",))  # fmt: skip
+    inputs.check_image_size(args.height, args.width, args.batch_size, args.device)
+    outputs.verify(("--model", args.model), ("--lora", args.lora), ("--teacher", args.teacher))  # exports unchanged
+    outputs.claim(args.out, "evaluate", overwrite=args.overwrite, own=("metrics.json",))  # resumed: teacher/ cache
     return solvers
 
 

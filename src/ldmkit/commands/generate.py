@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 from ldmkit.diffusion.samplers import SCHEDULERS
 from ldmkit.errors import UserError
+from ldmkit.outputs import add_overwrite_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Weights dtype; auto: fp16 on CUDA, else fp32.",
     )
     parser.add_argument("--out", required=True, help="Output folder for NNN.png, grid.png and generate.json.")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,9 +85,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--lora-scale must be a finite number, got {args.lora_scale}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UserError(f"--guidance must be a finite number, got {args.guidance}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    from ldmkit import inputs, outputs
+
+    inputs.check_arguments(args, devices=("--device",), seeds=("--seed",))
+    inputs.check_image_size(args.height, args.width, args.num_images, args.device)  # one prompt per call
+    outputs.verify(("--model", args.model), ("--lora", args.lora))  # an export that changed since it was written
+    # generate.json is generate's own record: a re-run may write into its earlier output
+    out = outputs.check(args.out, "generate", overwrite=args.overwrite, own=("generate.json",))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     # The export's sampling record (scheduler, steps, guidance, eta) decides what the flags leave open.

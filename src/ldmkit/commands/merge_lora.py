@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from ldmkit.errors import UserError
+from ldmkit.outputs import add_overwrite_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="LCMScheduler timestep_scaling (the run's timestep_scaling_factor); default: from the LoRA's scheduler, else 10.",
     )
+    add_overwrite_argument(parser)
 
 
 def _saved_scheduler_config(lora: Path) -> dict | None:
@@ -143,6 +145,7 @@ def _check_target(model: Path, target: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffusers import LCMScheduler
 
+    from ldmkit import inputs, outputs
     from ldmkit.families.single_file import save_single_file
     from ldmkit.inference import load_pipeline
     from ldmkit.lora import formats
@@ -152,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     if args.single_file and not args.single_file.endswith(".safetensors"):
         raise UserError(f"--single-file must end in .safetensors: {args.single_file}")
     _check_target(model, Path(args.single_file or args.out))
+    out_kind, option = ("file", "--single-file") if args.single_file else ("folder", "--out")
+    outputs.verify(("--model", args.model), ("--lora", args.lora))  # an export that changed since it was written
+    outputs.check(args.single_file or args.out, "merge-lora", kind=out_kind, option=option, overwrite=args.overwrite)
+    inputs.check_arguments(args, positive=("--timestep-scaling",), counts=("--original-inference-steps",))
     if not math.isfinite(args.scale):
         raise UserError(f"--scale must be a finite number, got {args.scale}")
     state_dict = formats.load_lora_file(lora)
@@ -164,12 +171,13 @@ def run(args: argparse.Namespace) -> int:
     _choose_scheduler(pipe, lora, args)
     record = _merged_record(lora, pipe)
     target = args.single_file or args.out
-    if args.single_file:
-        save_single_file(pipe, args.single_file, record=record)
-    else:
-        pipe.save_pretrained(args.out)
-        if record is not None:
-            record.save(args.out)
+    with outputs.staged(target, "merge-lora", kind=out_kind) as tmp:
+        if args.single_file:
+            save_single_file(pipe, tmp, record=record)
+        else:
+            pipe.save_pretrained(tmp)
+            if record is not None:
+                record.save(tmp)
     kind = type(pipe.scheduler).__name__
     extra = ""
     if isinstance(pipe.scheduler, LCMScheduler):

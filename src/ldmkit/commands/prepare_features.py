@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ldmkit.errors import UserError
+from ldmkit.outputs import add_overwrite_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="Device for the encoders (default: cuda if available, else cpu)."
     )
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ldmkit import inputs, outputs
     from ldmkit.config import DataConfig, ModelConfig
     from ldmkit.data.features import META_FILE
     from ldmkit.data.loader import detect_format, open_dataset
@@ -48,8 +51,18 @@ def run(args: argparse.Namespace) -> int:
     from ldmkit.families import load_family
     from ldmkit.families.sd import check_single_text_encoder
 
-    if args.batch_size < 1 or args.resolution < 8:
-        raise UserError("--batch-size must be >= 1 and --resolution >= 8")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.resolution < 8 or args.resolution % 8:
+        # the latents are resolution / 8 (the VAE's downsampling); other sizes would be cut by the VAE
+        raise UserError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {args.resolution}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserError(f"--max-samples must be >= 1, got {args.max_samples}")
+    inputs.check_device(args.device)
+    inputs.check_image_size(args.resolution, args.resolution, args.batch_size, args.device)  # the VAE's encoder
+    inputs.check_path(args.model, "--model", "folder")
+    # A feature folder is filled as it goes and resumed by a re-run: its meta.json says it is one of ours.
+    outputs.check(args.out, "prepare features", overwrite=args.overwrite, own=("meta.json",))
     cfg = DataConfig(
         path=args.data,
         resolution=args.resolution,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ldmkit.outputs import add_overwrite_argument
+
 # ldmkit.models.tiny.ARCHS (tests/test_cli.py checks they agree), without torch
 ARCHS = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux-schnell")
 
@@ -18,11 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="Folder to write the diffusers pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmkit import inputs, outputs
     from ldmkit.models.tiny import build_tiny_pipeline
 
-    out = build_tiny_pipeline(args.arch, args.out, seed=args.seed)
+    inputs.check_seed("--seed", args.seed)
+    out = outputs.check(args.out, "tiny-model", overwrite=args.overwrite)
+    with outputs.staged(out, "tiny-model") as tmp:
+        build_tiny_pipeline(args.arch, tmp, seed=args.seed)
     print(f"tiny {args.arch} pipeline written to {out}")
     return 0

@@ -7,7 +7,6 @@ Also holds ``ImageDataset``, the base of every map-style image reader (folder, f
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset
 
 from ldmkit.data.buckets import Buckets, Size, header_size
+from ldmkit.data.rows import metadata_rows
 from ldmkit.data.transforms import (
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -162,21 +162,9 @@ class FolderDataset(ImageDataset):
             raise UserError(f"no images (png/jpg/jpeg/webp) found in {root}")
 
     def _index_metadata(self, image_column: str, caption_column: str) -> None:
-        with open(self.metadata, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{self.metadata}:{lineno}: invalid JSON ({e.msg})") from None
-                for col in (image_column, caption_column):
-                    if col not in row:
-                        raise UserError(
-                            f"{self.metadata}:{lineno}: no '{col}' field (set data.image_column / data.caption_column)"
-                        )
-                self.images.append(self.root / row[image_column])
-                self.captions.append(split_captions(row[caption_column]))
+        for image, captions in metadata_rows(self.metadata, image_column, caption_column):
+            self.images.append(self.root / image)
+            self.captions.append(captions)
 
     def __len__(self) -> int:
         return len(self.images)

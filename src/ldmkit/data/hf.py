@@ -26,8 +26,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ldmkit.data import rows
 from ldmkit.data.folder import ImageDataset
-from ldmkit.data.transforms import RawSample, decode_image, split_captions
+from ldmkit.data.transforms import RawSample, decode_image
 from ldmkit.errors import UserError
 
 if TYPE_CHECKING:
@@ -90,6 +91,30 @@ def load_hf(path: str | Path) -> Any:
     raise UserError(f"data.path {path}: no datasets folder, .arrow or .parquet files found")
 
 
+def _check_types(path, features, image_col: str, caption_col: str, datasets) -> None:
+    """The columns' declared types (a datasets table is typed per column, so one look serves every row):
+    captions are strings or lists of strings, images Image / path strings / bytes."""
+
+    def is_text(f) -> bool:
+        return isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")
+
+    def is_text_list(f) -> bool:  # List / Sequence / LargeList of strings ([Value] in a features dict)
+        inner = f[0] if isinstance(f, list) and len(f) == 1 else getattr(f, "feature", None)
+        return inner is not None and is_text(inner)
+
+    cap, img = features[caption_col], features[image_col]
+    if not (is_text(cap) or is_text_list(cap)):
+        raise UserError(
+            f"data.path {path}: column '{caption_col}' (data.caption_column) holds {cap}, not text or lists of text"
+        )
+    if not (
+        isinstance(img, datasets.Image) or is_text(img) or getattr(img, "dtype", None) in ("binary", "large_binary")
+    ):
+        raise UserError(
+            f"data.path {path}: column '{image_col}' (data.image_column) holds {img}, not images, paths or bytes"
+        )
+
+
 class HFDataset(ImageDataset):
     """Rows of a Hugging Face ``datasets`` source as samples; see the module docstring."""
 
@@ -107,6 +132,7 @@ class HFDataset(ImageDataset):
         for key, col in (("data.image_column", image_col), ("data.caption_column", cfg.caption_column)):
             if col not in columns:
                 raise UserError(f"data.path {path}: no column '{col}' for {key} (columns: {', '.join(columns)})")
+        _check_types(path, ds.features, image_col, cfg.caption_column, datasets)
         ds = ds.select_columns([image_col, cfg.caption_column])
         if isinstance(ds.features[image_col], datasets.Image):
             ds = ds.cast_column(image_col, datasets.Image(decode=False))  # our decoder: EXIF, 16-bit, errors
@@ -132,12 +158,8 @@ class HFDataset(ImageDataset):
 
     def load(self, index: int) -> RawSample:
         row = self.ds[index]
-        captions = row[self.caption_column]
-        return RawSample(
-            decode_image(self._image(row[self.image_column])),
-            split_captions("" if captions is None else captions),
-            str(index),
-        )
+        captions = rows.captions(row[self.caption_column], f"{self.path} row {index}", self.caption_column)
+        return RawSample(decode_image(self._image(row[self.image_column])), captions, str(index))
 
     def files(self) -> list[str]:
         return sorted({f["filename"] for f in self.ds.cache_files})

@@ -46,6 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from ldmkit.data import rows
 from ldmkit.data.buckets import Buckets, Size, header_size
 from ldmkit.data.transforms import (
     DECODE_ERRORS,
@@ -157,9 +158,10 @@ def decode_sample(raw: dict[str, Any], caption_column: str = "text") -> RawSampl
         text, replaced = decode_text(raw.get("txt", raw.get("caption")))
         captions = split_captions(text)
     elif "json" in raw:
-        meta = json.loads(raw["json"])
+        where = f"sample {raw['__key__']}.json"
+        meta = rows.record(json.loads(raw["json"]), where)
         col = next((c for c in (caption_column, "caption", "text") if c in meta), None)
-        captions = split_captions(meta[col]) if col else [""]
+        captions = rows.captions(meta[col], where, col) if col else [""]
     return RawSample(decode_image(raw[ext]), captions, raw["__key__"], replaced_captions=replaced)
 
 

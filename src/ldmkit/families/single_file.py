@@ -24,6 +24,7 @@ import torch
 
 from ldmkit.errors import UserError
 from ldmkit.families.configs import released_configs
+from ldmkit.inputs import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def read_keys(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.d
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
+        check_safetensors(path, "checkpoint")  # empty or not safetensors: one line, not the parser's traceback
         dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
         with safe_open(str(path), framework="pt") as f:
             keys = {k: dtypes.get(f.get_slice(k).get_dtype(), torch.float32) for k in f.keys()}

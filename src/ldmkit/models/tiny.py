@@ -387,5 +387,5 @@ def build_tiny_pipeline(
         index_path.write_text(json.dumps(index, indent=2) + "\n")
     # The exact keys of the real folders (from_config dropped the ones the class does not take).
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
-    log.info("wrote tiny %s pipeline to %s", arch, out)
+    log.debug("wrote tiny %s pipeline to %s", arch, out)  # the command prints where it ends up (a staged folder here)
     return out

@@ -48,8 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmkit import inputs, outputs
     from ldmkit.eval.report import display_name, table_rows
 
+    inputs.check_finite("--minutes", args.minutes, positive=True)  # before the data stage, not after it
+    outputs.claim(args.out, "quickstart", flag=None, own=("report.json", "vae", "teacher"))  # stages: a resume
     report = quickstart(
         args.out,
         quick=args.quick,

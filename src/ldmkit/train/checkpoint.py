@@ -4,8 +4,11 @@ A checkpoint is written to ``checkpoints/.tmp-step-NNNNNNN``, every file and the
 only then is it renamed to ``step-NNNNNNN`` (rename is atomic on one filesystem), so neither a crash nor
 a power loss mid-save leaves a checkpoint that a later run would resume from (users of diffusers'
 training scripts lose runs to half-written checkpoints that are then auto-loaded). ``trainer_state.json``,
-written last, lists every file with its size; ``latest_valid_checkpoint`` checks that list and skips a
-checkpoint damaged later (a file deleted, truncated or emptied), falling back to the previous one.
+written last, lists every file with its size and an XXH3-128 checksum (ldmkit.outputs.checksum);
+``latest_valid_checkpoint`` checks that list and skips a checkpoint damaged later (a file deleted,
+truncated, emptied, or bytes changed at the same size), warning with the file's name and falling back to
+the previous one. Exports get the same manifest (``write_export_manifest``), which ``generate``,
+``evaluate`` and ``merge-lora`` check (ldmkit.outputs.verify).
 
 Method extras (EMA weights, an LCD target network) are stored as safetensors + JSON rather than through
 accelerate's ``register_for_checkpointing``, which loads custom objects with ``weights_only=False``.
@@ -23,6 +26,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ldmkit import outputs
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +57,25 @@ def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:
-    """Write ``trainer_state.json`` (last: it marks the checkpoint complete) with the name and size of
-    every other file in ``folder``, so damage done later can be told from a complete checkpoint."""
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    (folder / STATE_FILE).write_text(json.dumps({**state, "files": files}))
+    """Write ``trainer_state.json`` (last: it marks the checkpoint complete) with the name, size and checksum
+    of every other file in ``folder``, so damage done later can be told from a complete checkpoint."""
+    body = {**state, "files": outputs.file_records(folder, skip=(STATE_FILE,))}
+    (folder / STATE_FILE).write_text(json.dumps({**body, "checksum": _own_checksum(body)}))
+
+
+def _own_checksum(body: dict[str, Any]) -> str:
+    """trainer_state.json's checksum of its own content (all but this field), so that a changed step or
+    file record is found too."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True).encode())
+
+
+def write_export_manifest(export_dir: Path) -> None:
+    """The export's files with sizes and checksums (``ldmkit_manifest.json``), written after the export and
+    its model card; ``generate`` / ``evaluate`` / ``merge-lora`` refuse an export that no longer matches it. The model card
+    and its sample grid are left out: users edit cards before uploading them, and nothing loads them."""
+    outputs.write_manifest(export_dir, skip=("README.md", "samples.png"))
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -64,19 +84,27 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 def damage(folder: Path) -> str | None:
     """Why the checkpoint ``folder`` cannot be resumed from, or None when every file it lists is present
-    with its recorded size and its JSON and safetensors headers read."""
+    with its recorded size and checksum (checkpoints written before checksums: size, and JSON and
+    safetensors headers that read)."""
     from safetensors import safe_open
 
+    if not (folder / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing"
     try:
         state = read_state(folder)
-    except (OSError, ValueError):
+        files = state["files"]
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is unreadable"
-    for name, size in state.get("files", {}).items():
+    if "checksum" in state and state.pop("checksum") != _own_checksum(state):
+        return f"{STATE_FILE} does not match its checksum (its bytes changed after it was written)"
+    problem = outputs.damage(folder, files)
+    if problem is not None:
+        return problem
+    for name, record in files.items():
+        if not isinstance(record, int):
+            continue  # its checksum matched: the bytes are those written
         path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
         try:
             if path.suffix == ".json":
                 json.loads(path.read_text())
@@ -89,9 +117,10 @@ def damage(folder: Path) -> str | None:
 
 
 def latest_valid_checkpoint(root: Path) -> tuple[int, Path] | None:
-    """The newest complete checkpoint that is not damaged; each damaged newer one is skipped with a
-    warning naming it and what is wrong."""
-    for step, path in reversed(list_checkpoints(root)):
+    """The newest complete checkpoint that is not damaged; each damaged newer one (a step folder whose
+    trainer_state.json was removed included) is skipped with a warning naming it and what is wrong."""
+    steps = [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else []) if (m := STEP_RE.match(p.name))]
+    for step, path in sorted(p for p in steps if p[1].is_dir())[::-1]:
         problem = damage(path)
         if problem is None:
             return step, path

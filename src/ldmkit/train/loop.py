@@ -481,5 +481,6 @@ def _export(accelerator, method, cfg: Config, export_dir: Path) -> None:
         from ldmkit.methods.card import write_model_card
 
         write_model_card(method, cfg, export_dir, Path(cfg.output_dir) / "samples")
+        ckpt.write_export_manifest(export_dir)  # last: sizes and checksums of all the above
         logger.info("exported to %s", export_dir)
     accelerator.wait_for_everyone()

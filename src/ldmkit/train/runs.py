@@ -23,7 +23,14 @@ class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (what clusters send before killing a job) only set a flag: the loop
     finishes the step it is in, saves a checkpoint and raises ``Interrupted``. A KeyboardInterrupt raised
     at an arbitrary point could land between ``optimizer.step()`` and ``step += 1`` and save one step's
-    weights under another step's name. A second Ctrl-C aborts at once (the last checkpoint stays)."""
+    weights under another step's name. A second Ctrl-C aborts at once (the last checkpoint stays): the handler
+    raises KeyboardInterrupt wherever the main thread is, and the CLI exits 130.
+
+    A process started with SIGINT ignored (``nohup``, a background job of a shell without job control: POSIX
+    has them ignore SIGINT, and Python keeps an inherited SIG_IGN) keeps ignoring it, as asked; the run says
+    so once, since a Ctrl-C in that terminal will not reach it, and that SIGTERM does."""
+
+    _told_ignored = False
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -35,6 +42,15 @@ class StopSignals:
 
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    if not StopSignals._told_ignored:  # once per process (the quickstart trains several times)
+                        StopSignals._told_ignored = True
+                        logger.warning(
+                            "this process ignores Ctrl-C (SIGINT; started with nohup or in the background): stop "
+                            "it with SIGTERM (kill %d), which finishes the step and saves a checkpoint",
+                            os.getpid(),
+                        )
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -48,7 +64,8 @@ class StopSignals:
         import signal
 
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a third one, mid-cleanup, stops too
+            raise KeyboardInterrupt("aborted by a second Ctrl-C without saving; the last checkpoint stays")
         self.signum = signum
         logger.warning(
             "%s: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)",
@@ -68,18 +85,24 @@ class RunLock:
     """An exclusive lock on output_dir (fcntl.flock, released by the OS if the process dies), so a second
     run started on the same folder stops with one line instead of racing the first."""
 
+    NAME = ".ldmkit.lock"
+
     def __init__(self, out: Path, enabled: bool):
-        self.path, self.enabled, self.file = out / ".ldmkit.lock", enabled, None
+        self.path, self.enabled, self.file = out / self.NAME, enabled, None
 
     def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
+        refuse_foreign(self.path.parent)
         try:
             import fcntl
         except ImportError:  # Windows: no flock; runs are not locked there
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a+")
+        except OSError as e:  # read-only, or a path through a file: before any work is done
+            raise UserError(f"output_dir {self.path.parent}: cannot write there ({e.strerror})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -96,6 +119,24 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self.file is not None:
             self.file.close()
+
+
+# What a run writes into output_dir; train/loop.py, set_aside.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train_stats.json", "checkpoints", "export", "samples", "logs", "previous")
+
+
+def refuse_foreign(out: Path) -> None:
+    """output_dir may be new, or hold anything but what a run writes, or be a run's: the lock file every run
+    leaves (``.ldmkit.lock``) is its record (docs/DESIGN.md, Re-running). A folder that holds e.g. an
+    ``export/`` or ``config.yaml`` of something else would be written over: refused, naming it."""
+    if not out.is_dir() or (out / RunLock.NAME).exists():
+        return
+    clash = [name for name in RUN_FILES if (out / name).exists()]
+    if clash:
+        raise UserError(
+            f"output_dir {out} holds {clash[0]} but no ldmkit run (no {RunLock.NAME}): a run would write over it; "
+            "choose another output_dir"
+        )
 
 
 def check_rerun(cfg: Config, out: Path, latest_step: int | None) -> None:
