@@ -254,7 +254,10 @@ def read_flux_kohya(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
             converted = type(pipe).lora_state_dict(dict(state_dict))
         except (ValueError, KeyError, AssertionError) as e:
             raise UserError(f"FLUX kohya LoRA not readable by diffusers: {str(e).strip().splitlines()[-1]}") from None
-        return read_lora(converted[0] if isinstance(converted, tuple) else converted)
+        components = read_lora(converted[0] if isinstance(converted, tuple) else converted)
+        if "unet" in components:  # the converter leaves the BFL top-level modules (final_layer, ...) unprefixed
+            components.setdefault("transformer", {}).update(components.pop("unet"))
+        return components
     components = flux_layout.read_kohya(state_dict, config)
     for component, prefix in flux_layout.TEXT_ENCODER_PREFIXES.items():
         if component not in components:
