@@ -20,7 +20,8 @@ Two files are written next to each other:
   diffusers' SDXL ``load_lora_weights`` maps them back with the UNet config
   (``_maybe_map_sgm_blocks_to_diffusers``). ``original_sd_name`` is the inverse of diffusers' single-file
   conversion ``convert_ldm_unet_checkpoint`` (``src/diffusers/loaders/single_file_utils.py``). FLUX's copy is
-  in the original (BFL) layout with fused projections instead: ``ldmkit.lora.flux_layout``.
+  in the original (BFL) layout with fused projections instead (``ldmkit.lora.flux_layout``), SD3's in SAI's
+  MMDiT layout (``ldmkit.lora.sd3_layout``).
 """
 
 from __future__ import annotations
@@ -244,15 +245,18 @@ def save_kohya_copy(
     out_dir: str | Path, components: Mapping[str, Layers], pipeline_cls: type, denoiser: torch.nn.Module | None
 ) -> Path:
     """The copy for the other clients, in the layout of the pipeline's model: FLUX's original (BFL) names with
-    fused projections (``ldmkit.lora.flux_layout``, laid out by the transformer's config), else kohya's SD / SDXL
-    names (``save_kohya``, SDXL's laid out by the UNet's config)."""
+    fused projections (``ldmkit.lora.flux_layout``, laid out by the transformer's config), SD3's original (SAI
+    MMDiT) names likewise (``ldmkit.lora.sd3_layout``), else kohya's SD / SDXL names (``save_kohya``, SDXL's laid out by the UNet's config)."""
+    from diffusers.loaders import SD3LoraLoaderMixin
+
     config = getattr(getattr(denoiser, "module", denoiser), "config", None)
-    if is_flux_pipeline(pipeline_cls):
-        from ldmkit.lora import flux_layout
+    if is_flux_pipeline(pipeline_cls) or issubclass(pipeline_cls, SD3LoraLoaderMixin):
+        from ldmkit.lora import flux_layout, sd3_layout
 
         if config is None:
-            raise UserError("the FLUX layout of a LoRA needs the transformer's config")
-        return flux_layout.save_kohya(out_dir, components, config)
+            raise UserError("the original layout of a transformer's LoRA needs the transformer's config")
+        layout = flux_layout if is_flux_pipeline(pipeline_cls) else sd3_layout
+        return layout.save_kohya(out_dir, components, config)
     return save_kohya(out_dir, components, is_sdxl_pipeline(pipeline_cls), config)
 
 

@@ -113,12 +113,17 @@ def _swap(up: torch.Tensor) -> torch.Tensor:
 
 
 def to_bfl(layers: Layers, config: Mapping) -> dict[str, LoraLayer]:
-    """The transformer LoRA ``layers`` (diffusers module paths) as ``{BFL module name: LoraLayer}``: fused
-    modules get the stacked downs and the block-diagonal up (a part the LoRA does not adapt stays a zero block);
-    scales folded into the ups (alpha None = rank)."""
+    """The transformer LoRA ``layers`` (diffusers module paths) as ``{BFL module name: LoraLayer}``."""
+    return fuse(layers, flux_layout(config), "BFL FLUX")
+
+
+def fuse(layers: Layers, layout: list[BflModule], what: str) -> dict[str, LoraLayer]:
+    """``layers`` (diffusers module paths) as ``{original module name: LoraLayer}`` of ``layout``: fused modules
+    get the stacked downs and the block-diagonal up (a part the LoRA does not adapt stays a zero block); scales
+    folded into the ups (alpha None = rank). ``what`` names the layout in errors."""
     known = set()
     out: dict[str, LoraLayer] = {}
-    for module in flux_layout(config):
+    for module in layout:
         known.update(module.parts)
         present = [(i, layers[p]) for i, p in enumerate(module.parts) if p in layers]
         if not present:
@@ -142,7 +147,7 @@ def to_bfl(layers: Layers, config: Mapping) -> dict[str, LoraLayer]:
             if layer.down.shape[1] != in_features or layer.up.shape[0] != module.sizes[i]:
                 raise UserError(
                     f"LoRA module {module.parts[i]} (down {tuple(layer.down.shape)}, up {tuple(layer.up.shape)}) "
-                    f"does not fit {module.name} of the FLUX config ({module.sizes[i]} outputs)"
+                    f"does not fit {module.name} of the config ({module.sizes[i]} outputs)"
                 )
             down[r : r + layer.rank] = layer.down.float()  # (r_i, in)
             up[offsets[i] : offsets[i] + module.sizes[i], r : r + layer.rank] = layer.folded_up().float()
@@ -150,20 +155,25 @@ def to_bfl(layers: Layers, config: Mapping) -> dict[str, LoraLayer]:
         out[module.name] = LoraLayer(down, up)
     unknown = sorted(set(layers) - known)
     if unknown:
-        raise UserError(f"LoRA module {unknown[0]} has no counterpart in the BFL FLUX layout ({len(unknown)} such)")
+        raise UserError(f"LoRA module {unknown[0]} has no counterpart in the {what} layout ({len(unknown)} such)")
     return out
 
 
 def from_bfl(bfl: Mapping[str, LoraLayer], config: Mapping) -> Layers:
-    """The inverse of ``to_bfl`` for any LoRA in the BFL layout (scales folded into the ups): a fused module
-    whose up is block-diagonal with equal ranks (what ``to_bfl`` and diffusers' reader call sparse) splits into
-    its parts' own LoRAs; another fused LoRA (sd-scripts trains one down for q, k, v) gives every part the whole
-    down and its rows of the up, which is exact too."""
-    layout = {m.name: m for m in flux_layout(config)}
+    """The inverse of ``to_bfl`` (see ``split``)."""
+    return split(bfl, flux_layout(config))
+
+
+def split(original: Mapping[str, LoraLayer], modules: list[BflModule]) -> Layers:
+    """The inverse of ``fuse`` for any LoRA in an original layout (scales folded into the ups): a fused module
+    whose up is block-diagonal with equal ranks (what ``fuse`` writes and diffusers' reader calls sparse) splits
+    into its parts' own LoRAs; another fused LoRA (sd-scripts trains one down for q, k, v) gives every part the
+    whole down and its rows of the up, which is exact too."""
+    layout = {m.name: m for m in modules}
     out: Layers = {}
-    for name, layer in bfl.items():
+    for name, layer in original.items():
         if name not in layout:
-            raise UserError(f"LoRA module {name} is not in the BFL layout of this FLUX transformer")
+            raise UserError(f"LoRA module {name} is not in the original layout of this transformer")
         module = layout[name]
         up = layer.folded_up().float()
         down = layer.down.float()
@@ -190,21 +200,29 @@ def from_bfl(bfl: Mapping[str, LoraLayer], config: Mapping) -> Layers:
     return out
 
 
-def kohya_state_dict(components: Mapping[str, Layers], config: Mapping) -> dict[str, torch.Tensor]:
-    """``lora_unet_<BFL name>`` / ``lora_te1_`` / ``lora_te3_`` keys with ``.lora_down.weight``,
-    ``.lora_up.weight`` (fp32) and a 0-d ``.alpha`` (= the rank: the scales are in the ups)."""
+def kohya_state_dict(
+    components: Mapping[str, Layers],
+    config: Mapping,
+    layout=None,
+    text_encoder_prefixes: Mapping[str, str] = TEXT_ENCODER_PREFIXES,
+) -> dict[str, torch.Tensor]:
+    """``lora_unet_<original name>`` and the text encoders' (FLUX: ``lora_te1_`` / ``lora_te3_``) keys with
+    ``.lora_down.weight``, ``.lora_up.weight`` (fp32) and a 0-d ``.alpha`` (= the rank: the scales are in the
+    ups). ``layout``: ``config`` -> the modules (default ``flux_layout``)."""
+    layout = layout or flux_layout
     out = {}
     for component, layers in components.items():
         if not layers:
             continue
         if component in ("unet", "transformer"):
-            named = {m.replace(".", "_"): layer for m, layer in to_bfl(layers, config).items()}
+            fused = fuse(layers, layout(config), "original")
+            named = {m.replace(".", "_"): layer for m, layer in fused.items()}
             prefix = "lora_unet_"
-        elif component in TEXT_ENCODER_PREFIXES:
+        elif component in text_encoder_prefixes:
             named = {m.replace(".", "_"): LoraLayer(layer.down, layer.folded_up()) for m, layer in layers.items()}
-            prefix = TEXT_ENCODER_PREFIXES[component]
+            prefix = text_encoder_prefixes[component]
         else:
-            raise UserError(f"no kohya FLUX name for LoRA component {component!r}")
+            raise UserError(f"no kohya name for LoRA component {component!r}")
         for flat, layer in named.items():
             out[f"{prefix}{flat}.lora_down.weight"] = layer.down.detach().float().cpu().contiguous()
             out[f"{prefix}{flat}.lora_up.weight"] = layer.up.detach().float().cpu().contiguous()
@@ -212,13 +230,13 @@ def kohya_state_dict(components: Mapping[str, Layers], config: Mapping) -> dict[
     return out
 
 
-def save_kohya(path: str | Path, components: Mapping[str, Layers], config: Mapping) -> Path:
-    """The BFL-layout copy at ``path`` (a ``.safetensors`` file, or a folder that gets
-    pytorch_lora_weights_kohya.safetensors)."""
+def save_kohya(path: str | Path, components: Mapping[str, Layers], config: Mapping, **layout) -> Path:
+    """The original-layout copy at ``path`` (a ``.safetensors`` file, or a folder that gets
+    pytorch_lora_weights_kohya.safetensors); ``layout``: see ``kohya_state_dict`` (default FLUX's)."""
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p / KOHYA_WEIGHT_NAME
-    tensors = kohya_state_dict(components, config)
+    tensors = kohya_state_dict(components, config, **layout)
     if not tensors:
         raise UserError("the LoRA has no adapted modules")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -242,12 +260,19 @@ def is_bfl_kohya(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(tuple("lora_unet_" + t for t in tops)) for k in state_dict)
 
 
-def read_kohya(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, Layers]:
-    """A kohya FLUX file (``lora_unet_`` BFL names, ``lora_te1_`` CLIP) -> ``{component: Layers}`` with diffusers
-    module paths, split by ``config``'s widths (``from_bfl``); for transformers of widths other than
-    FLUX.1's, which diffusers' reader rejects. Text-encoder modules keep their transformers paths."""
-    names = {m.kohya: m.name for m in flux_layout(config)}
-    te = {prefix: component for component, prefix in TEXT_ENCODER_PREFIXES.items()}
+def read_kohya(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping,
+    layout=None,
+    text_encoder_prefixes: Mapping[str, str] = TEXT_ENCODER_PREFIXES,
+) -> dict[str, Layers]:
+    """A kohya file in an original layout (FLUX by default: ``lora_unet_`` BFL names, ``lora_te1_`` CLIP) ->
+    ``{component: Layers}`` with diffusers module paths, split by ``config``'s widths (``split``); for FLUX
+    transformers of widths other than FLUX.1's, which diffusers' reader rejects, and for SD3, which it does not
+    read. Text-encoder modules keep their flat names (dots as underscores)."""
+    modules = (layout or flux_layout)(config)
+    names = {m.kohya: m.name for m in modules}
+    te = {prefix: component for component, prefix in text_encoder_prefixes.items()}
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         flat, _, suffix = key.partition(".")
@@ -256,7 +281,7 @@ def read_kohya(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[
         else:
             prefix = next((p for p in te if flat.startswith(p)), None)
             if prefix is None:
-                raise UserError(f"LoRA key {key} names no module of this FLUX transformer's BFL layout")
+                raise UserError(f"LoRA key {key} names no module of this transformer's original layout")
             where = (te[prefix], flat[len(prefix) :])
         parts.setdefault(where, {})[suffix] = value
     bfl: dict[str, LoraLayer] = {}
@@ -273,5 +298,5 @@ def read_kohya(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[
         else:
             out.setdefault(component, {})[module] = layer
     if bfl:
-        out["transformer"] = from_bfl(bfl, config)
+        out["transformer"] = split(bfl, modules)
     return out

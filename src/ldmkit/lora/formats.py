@@ -16,7 +16,8 @@ What diffusers lacks, and so ldmkit keeps:
 - keys without a component prefix (``down_blocks...lora_A.weight``), read as the denoiser's;
 - kohya files of ldmkit's U-ViT: ``lora_unet_<path with underscores>`` resolved against the U-ViT's own
   module names (diffusers' converter knows only UNet names);
-- FLUX files in the original (BFL) layout for transformers of other widths than FLUX.1's (``read_flux_kohya``).
+- FLUX files in the original (BFL) layout for transformers of other widths than FLUX.1's (``read_flux_kohya``),
+  and SD3 files in SAI's MMDiT layout (``lora_unet_joint_blocks_*``), which diffusers does not read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldmkit.errors import UserError
-from ldmkit.lora import flux_layout
+from ldmkit.lora import flux_layout, sd3_layout
 from ldmkit.lora.export import COMPONENTS, LORA_WEIGHT_NAME, Layers, LoraLayer
 from ldmkit.lora.flux_layout import is_bfl_kohya
 
@@ -258,8 +259,13 @@ def read_flux_kohya(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
         if "unet" in components:  # the converter leaves the BFL top-level modules (final_layer, ...) unprefixed
             components.setdefault("transformer", {}).update(components.pop("unet"))
         return components
-    components = flux_layout.read_kohya(state_dict, config)
-    for component, prefix in flux_layout.TEXT_ENCODER_PREFIXES.items():
+    return _resolve_text_encoders(pipe, flux_layout.read_kohya(state_dict, config), flux_layout.TEXT_ENCODER_PREFIXES)
+
+
+def _resolve_text_encoders(pipe, components: dict[str, Layers], prefixes: Mapping[str, str]) -> dict[str, Layers]:
+    """Text-encoder modules of a kohya file (flat names, dots as underscores) resolved against the pipeline's
+    encoders' module names."""
+    for component, prefix in prefixes.items():
         if component not in components:
             continue
         model = getattr(pipe, component, None)
@@ -279,8 +285,13 @@ def read_for_pipeline(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict:
 
     unet = getattr(pipe, "unet", None)
     transformer = getattr(pipe, "transformer", None)
-    if unet is None and "num_single_layers" in getattr(transformer, "config", {}) and is_bfl_kohya(state_dict):
+    config = getattr(transformer, "config", {})
+    if unet is None and "num_single_layers" in config and is_bfl_kohya(state_dict):
         components = read_flux_kohya(pipe, state_dict)
+    elif unet is None and "dual_attention_layers" in config and sd3_layout.is_sai_kohya(state_dict):
+        components = _resolve_text_encoders(
+            pipe, sd3_layout.read_kohya(state_dict, config), sd3_layout.TEXT_ENCODER_PREFIXES
+        )
     elif unet is None:  # SD3 / FLUX: a transformer, whose LoRA keys name it (no original-SD or U-ViT kohya names)
         components = read_lora(state_dict)
         if "unet" in components:  # bare keys: the denoiser's
