@@ -323,3 +323,194 @@ def test_generate_takes_the_copy(tiny_flux, tiny_export, tmp_path):
     argv = ["generate", "--model", str(tiny_flux), "--lora", str(folder / export.KOHYA_WEIGHT_NAME), "--prompt", "x"]
     assert main([*argv, "--steps", "2", "--height", "32", "--width", "32", "--out", str(gen)]) == 0
     assert (gen / "000.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------- SD3 / SD3.5
+def sai_linears(config) -> dict[str, tuple[int, int]]:
+    """{MMDiT module path: (out, in)} of every linear of SAI's MMDiT (sd3-ref mmditx.py: DismantledBlock with
+    ``attn.qkv`` / ``attn.proj`` / ``mlp.fc1`` / ``mlp.fc2`` / ``adaLN_modulation.1``, SD3.5's ``attn2`` in
+    the x_block of dual-attention blocks (9 modulation chunks), the last context block pre-only (its modulation:
+    2 chunks), TimestepEmbedder / VectorEmbedder ``mlp.0`` / ``mlp.2``, FinalLayer) at ``config``'s depth and
+    widths. Written from that model's definition, independently of ldmkit.lora.sd3_layout."""
+    h = config.num_attention_heads * config.attention_head_dim
+    n = config.num_layers
+    dual = set(config.dual_attention_layers or ())
+    names = {
+        "context_embedder": (config.caption_projection_dim, config.joint_attention_dim),
+        "t_embedder.mlp.0": (h, 256),
+        "t_embedder.mlp.2": (h, h),
+        "y_embedder.mlp.0": (h, config.pooled_projection_dim),
+        "y_embedder.mlp.2": (h, h),
+        "final_layer.linear": (config.patch_size**2 * config.out_channels, h),
+        "final_layer.adaLN_modulation.1": (2 * h, h),
+    }
+    for i in range(n):
+        x, c = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        names.update(
+            {
+                f"{x}.attn.qkv": (3 * h, h),
+                f"{x}.attn.proj": (h, h),
+                f"{x}.mlp.fc1": (4 * h, h),
+                f"{x}.mlp.fc2": (h, 4 * h),
+                f"{x}.adaLN_modulation.1": ((9 if i in dual else 6) * h, h),
+                f"{c}.attn.qkv": (3 * h, h),
+                f"{c}.adaLN_modulation.1": ((2 if i == n - 1 else 6) * h, h),
+            }
+        )
+        if i in dual:
+            names.update({f"{x}.attn2.qkv": (3 * h, h), f"{x}.attn2.proj": (h, h)})
+        if i < n - 1:
+            names.update({f"{c}.attn.proj": (h, h), f"{c}.mlp.fc1": (4 * h, h), f"{c}.mlp.fc2": (h, 4 * h)})
+    return names
+
+
+def sd3_unmapped(state_dict, config) -> list[str]:
+    """As ``unmapped``, by the rule sd-scripts' lora_sd3.py (``lora_unet`` + "_" + MMDiT module path, dots as
+    underscores) and ComfyUI's ``model_lora_keys_unet`` share."""
+    shapes = sai_linears(config)
+    keys = {"lora_unet_" + path.replace(".", "_"): path for path in shapes}
+    bad = []
+    for key in state_dict:
+        if key.endswith(".lora_down.weight"):
+            name = key.removesuffix(".lora_down.weight")
+            up, down = state_dict[f"{name}.lora_up.weight"], state_dict[key]
+            if name not in keys or (up.shape[0], down.shape[1]) != shapes[keys[name]]:
+                bad.append(name)
+    return bad
+
+
+def sd3_inputs(config, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s = config.sample_size
+    return dict(
+        hidden_states=torch.randn(1, config.in_channels, s, s, generator=g),
+        encoder_hidden_states=torch.randn(1, 6, config.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([500.0]),
+        return_dict=False,
+    )
+
+
+def test_sd3_copy_fuses_qkv_exactly_maps_every_module_and_reads_back(tiny_sd3, tmp_path):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from ldmkit.families.sd3 import SD3_LORA_TARGET_MODULES
+
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+    transformer.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(SD3_LORA_TARGET_MODULES), init_lora_weights="gaussian")
+    )
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    transformer.eval()
+    n = export.export_lora(tmp_path / "lora", {"unet": transformer}, StableDiffusion3Pipeline)
+    copy = load_file(str(tmp_path / "lora" / export.KOHYA_WEIGHT_NAME))
+    cfg = transformer.config
+    peft = lora_modules(transformer)
+    assert n == len(peft)
+    # fused qkv of both streams and of SD3.5's attn2: the separate updates stacked
+    for i in range(cfg.num_layers):
+        fused = {
+            f"lora_unet_joint_blocks_{i}_x_block_attn_qkv": [f"transformer_blocks.{i}.attn.to_{p}" for p in "qkv"],
+            f"lora_unet_joint_blocks_{i}_context_block_attn_qkv": [
+                f"transformer_blocks.{i}.attn.add_{p}_proj" for p in "qkv"
+            ],
+        }
+        if i in cfg.dual_attention_layers:
+            fused[f"lora_unet_joint_blocks_{i}_x_block_attn2_qkv"] = [
+                f"transformer_blocks.{i}.attn2.to_{p}" for p in "qkv"
+            ]
+        for name, parts in fused.items():
+            down, up, alpha = (
+                copy[f"{name}.lora_down.weight"],
+                copy[f"{name}.lora_up.weight"],
+                float(copy[f"{name}.alpha"]),
+            )
+            assert down.shape[0] == 3 * RANK == alpha
+            separate = torch.cat([peft[p].get_delta_weight("default") for p in parts])
+            torch.testing.assert_close((alpha / down.shape[0]) * up @ down, separate, rtol=1e-5, atol=1e-7)
+    # 100% of the modules map in sd-scripts' / ComfyUI's names; diffusers-style names do not
+    assert sd3_unmapped(copy, cfg) == []
+    bad = dict(copy)
+    bad["lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"] = torch.zeros(RANK, 32)
+    bad["lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight"] = torch.zeros(32, RANK)
+    assert sd3_unmapped(bad, cfg) == ["lora_unet_transformer_blocks_0_attn_to_q"]
+    # ldmkit reads the copy back to the adapted transformer (diffusers has no reader for the SAI layout)
+    kw = sd3_inputs(cfg)
+    ref = out(transformer, kw)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    components = formats.read_for_pipeline(pipe, copy)
+    assert set(components) == {"transformer"} and len(components["transformer"]) == n
+    pipe.load_lora_weights(formats.peft_state_dict(components))
+    assert count_lora_modules(pipe.transformer) == n
+    torch.testing.assert_close(out(pipe.transformer, kw), ref, rtol=1e-4, atol=1e-5)
+    # merge-lora with the copy = with the diffusers file
+    merged = [
+        _merge(tiny_sd3, tmp_path / "lora" / name, tmp_path / f"merged-{i}")
+        for i, name in enumerate((export.LORA_WEIGHT_NAME, export.KOHYA_WEIGHT_NAME))
+    ]
+    ref_params = dict(merged[0].transformer.named_parameters())
+    for k, v in merged[1].transformer.named_parameters():
+        torch.testing.assert_close(v, ref_params[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _delta(layer) -> torch.Tensor:
+    return layer.scale * layer.up.float() @ layer.down.float()
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_every_linear_round_trips_and_adaln_halves_swap_as_diffusers_converts_weights(arch, request):
+    """A LoRA on every linear of the transformer (the AdaLN modulations included, which no ldmkit recipe
+    adapts) survives the original layout and back exactly; the final (and SD3's last context) AdaLN's update is
+    swapped as diffusers' checkpoint converter swaps the weight (``swap_scale_shift``)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.lora_conversion_utils import swap_scale_shift
+
+    from ldmkit.lora import flux_layout, sd3_layout
+    from ldmkit.lora.layers import LoraLayer
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    cls = FluxTransformer2DModel if arch == "flux" else SD3Transformer2DModel
+    transformer = cls.from_pretrained(model_dir, subfolder="transformer")
+    layout = flux_layout.flux_layout if arch == "flux" else sd3_layout.sd3_layout
+    g = torch.Generator().manual_seed(4)
+    layers = {
+        name: LoraLayer(torch.randn(3, m.in_features, generator=g), torch.randn(m.out_features, 3, generator=g), 6.0)
+        for name, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    original = flux_layout.fuse(layers, layout(transformer.config), arch)
+    back = flux_layout.split(original, layout(transformer.config))
+    assert set(back) == set(layers)
+    for name, layer in layers.items():
+        torch.testing.assert_close(_delta(back[name]), _delta(layer), rtol=1e-5, atol=1e-5, msg=name)
+    swapped = {"final_layer.adaLN_modulation.1": "norm_out.linear"}
+    if arch == "sd3":
+        last = transformer.config.num_layers - 1
+        swapped[f"joint_blocks.{last}.context_block.adaLN_modulation.1"] = (
+            f"transformer_blocks.{last}.norm1_context.linear"
+        )
+    for name, diffusers_name in swapped.items():
+        torch.testing.assert_close(swap_scale_shift(_delta(original[name])), _delta(layers[diffusers_name]))
+
+
+def test_a_fused_lora_with_one_down_as_sd_scripts_trains_reads_exactly(tiny_flux):
+    """sd-scripts trains img_attn.qkv / linear1 as one LoRA (one down for q, k, v): ldmkit gives every part the
+    whole down and its rows of the up."""
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    cfg = pipe.transformer.config
+    h = cfg.num_attention_heads * cfg.attention_head_dim
+    g = torch.Generator().manual_seed(6)
+    down, up = torch.randn(4, h, generator=g), torch.randn(3 * h + 4 * h, 4, generator=g)
+    state = {
+        "lora_unet_single_blocks_0_linear1.lora_down.weight": down,
+        "lora_unet_single_blocks_0_linear1.lora_up.weight": up,
+        "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(2.0),
+    }
+    layers = formats.read_for_pipeline(pipe, state)["transformer"]
+    parts = [f"single_transformer_blocks.0.attn.to_{p}" for p in "qkv"] + ["single_transformer_blocks.0.proj_mlp"]
+    assert sorted(layers) == sorted(parts)
+    torch.testing.assert_close(torch.cat([_delta(layers[p]) for p in parts]), 0.5 * up @ down, rtol=1e-5, atol=1e-5)
