@@ -35,7 +35,7 @@ from ldmkit.lora.layers import KOHYA_WEIGHT_NAME, Layers, LoraLayer
 FLUX1_WIDTHS = (3072, 12288)
 """(inner width, single-block MLP width) of every FLUX.1 release (dev, schnell, Krea, Kontext): the widths
 diffusers' kohya FLUX reader assumes for ``linear1`` (``dims=[3072, 3072, 3072, 12288]``; sd-scripts'
-``get_qkv_mlp_split_dims``). Other widths (the tiny twins) are read by ``from_bfl`` here."""
+``get_qkv_mlp_split_dims``). Other widths (the tiny twins) are read by ``read_kohya`` here."""
 
 TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 """sd-scripts' lora_flux.py prefixes: CLIP-L, T5-XXL."""
@@ -112,11 +112,6 @@ def _swap(up: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def to_bfl(layers: Layers, config: Mapping) -> dict[str, LoraLayer]:
-    """The transformer LoRA ``layers`` (diffusers module paths) as ``{BFL module name: LoraLayer}``."""
-    return fuse(layers, flux_layout(config), "BFL FLUX")
-
-
 def fuse(layers: Layers, layout: list[BflModule], what: str) -> dict[str, LoraLayer]:
     """``layers`` (diffusers module paths) as ``{original module name: LoraLayer}`` of ``layout``: fused modules
     get the stacked downs and the block-diagonal up (a part the LoRA does not adapt stays a zero block); scales
@@ -133,7 +128,7 @@ def fuse(layers: Layers, layout: list[BflModule], what: str) -> dict[str, LoraLa
             up = layer.folded_up().float()
             if module.sizes is not None and up.shape[0] != module.sizes[0]:
                 raise UserError(
-                    f"LoRA module {module.parts[0]}: {up.shape[0]} outputs, the FLUX config says {module.sizes[0]}"
+                    f"LoRA module {module.parts[0]}: {up.shape[0]} outputs, the config says {module.sizes[0]}"
                 )
             out[module.name] = LoraLayer(layer.down.float(), _swap(up) if module.swap_halves else up)
             continue
@@ -157,11 +152,6 @@ def fuse(layers: Layers, layout: list[BflModule], what: str) -> dict[str, LoraLa
     if unknown:
         raise UserError(f"LoRA module {unknown[0]} has no counterpart in the {what} layout ({len(unknown)} such)")
     return out
-
-
-def from_bfl(bfl: Mapping[str, LoraLayer], config: Mapping) -> Layers:
-    """The inverse of ``to_bfl`` (see ``split``)."""
-    return split(bfl, flux_layout(config))
 
 
 def split(original: Mapping[str, LoraLayer], modules: list[BflModule]) -> Layers:
