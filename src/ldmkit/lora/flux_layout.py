@@ -173,7 +173,7 @@ def split(original: Mapping[str, LoraLayer], modules: list[BflModule]) -> Layers
             out[module.parts[0]] = LoraLayer(down, up)
             continue
         if up.shape[0] != sum(module.sizes):
-            raise UserError(f"LoRA module {name}: {up.shape[0]} outputs, the FLUX config says {sum(module.sizes)}")
+            raise UserError(f"LoRA module {name}: {up.shape[0]} outputs, the config says {sum(module.sizes)}")
         n = len(module.parts)
         rows = up.split(list(module.sizes), dim=0)
         r = layer.rank // n
