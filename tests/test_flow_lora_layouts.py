@@ -1,16 +1,18 @@
-"""The FLUX LoRA copy in the original (BFL) layout that ComfyUI, kohya sd-scripts and Forge read.
+"""The LoRA copies in the original layouts that ComfyUI, kohya sd-scripts and Forge read: FLUX.1's (Black Forest
+Labs) and SD3's (SAI MMDiT).
 
 - fused projections are exact: the written qkv / linear1 LoRA's update is the separate q, k, v (and proj_mlp)
   LoRAs' updates stacked, and the fused linear reproduces their outputs;
 - every ``lora_unet_*`` module of the copy maps in the clients' key conversion, re-implemented here from their
   documented rules (not from ldmkit's writer): ComfyUI's ``model_lora_keys_unet`` (comfy/lora.py) and
-  sd-scripts' ``lora_flux.py`` name a module ``lora_unet_`` + its path in the BFL model with dots as
-  underscores, the BFL model's linears being those of flux/model.py at the transformer config's depth; a
-  diffusers-named module fails the same check;
+  sd-scripts' ``lora_flux.py`` / ``lora_sd3.py`` name a module ``lora_unet_`` + its path in the original model
+  with dots as underscores, the original model's linears (and their shapes) being those of flux/model.py or
+  mmditx.py at the transformer config's depth and widths; a diffusers-named module fails the same check;
 - stock diffusers (``FluxPipeline.load_lora_weights``, whose kohya FLUX reader assumes FLUX.1's 3072 / 12288
-  widths) reads the copy with every module adapted and the same transformer output as the diffusers file, on
-  a transformer of FLUX.1's width and one block of each kind;
-- ``ldmkit merge-lora`` and ``ldmkit generate --lora`` take the copy on the tiny FLUX twin.
+  widths) reads the FLUX copy with the diffusers file's output on a transformer of FLUX.1's width and one block
+  of each kind, every module but BFL's top-level ones, which its converter drops;
+- ldmkit reads either copy back to the adapted transformer, and ``ldmkit merge-lora`` merges it as the diffusers
+  file; ``ldmkit generate --lora`` with the tiny FLUX twin's copy waits for inference.py (xfail, see there).
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ FLUX1_WIDE = dict(
 MLP 12288, which diffusers' kohya FLUX reader assumes)."""
 
 
-def test_stock_diffusers_reads_the_copy_with_every_module(tiny_flux, tmp_path):
+def test_stock_diffusers_reads_the_copy_every_module_but_the_final_layer(tiny_flux, tmp_path):
     text = FluxPipeline.from_pretrained(tiny_flux, transformer=None)
     torch.manual_seed(0)
     wide = FluxTransformer2DModel(
@@ -295,7 +297,7 @@ def _merge(model_dir, lora, out_dir):
     return DiffusionPipeline.from_pretrained(out_dir)
 
 
-def test_merge_lora_and_generate_take_the_copy(tiny_flux, tiny_export, tmp_path):
+def test_merge_lora_takes_the_copy(tiny_flux, tiny_export, tmp_path):
     _, n, folder = tiny_export
     merged = {
         name: _merge(tiny_flux, folder / name, tmp_path / f"merged-{i}")
