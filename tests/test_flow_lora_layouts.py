@@ -516,3 +516,41 @@ def test_a_fused_lora_with_one_down_as_sd_scripts_trains_reads_exactly(tiny_flux
     parts = [f"single_transformer_blocks.0.attn.to_{p}" for p in "qkv"] + ["single_transformer_blocks.0.proj_mlp"]
     assert sorted(layers) == sorted(parts)
     torch.testing.assert_close(torch.cat([_delta(layers[p]) for p in parts]), 0.5 * up @ down, rtol=1e-5, atol=1e-5)
+
+
+def test_text_encoder_and_lycoris_adapters_get_the_copy_too(tiny_flux, tmp_path):
+    """A CLIP LoRA goes to sd-scripts' ``lora_te1_text_model_*`` names (whatever transformers' module paths) and reads back onto the pipeline's encoder; a LoHa
+    (written as an exact LoRA by SVD) gets the same BFL-layout copy, every module mapped."""
+    from transformers import CLIPTextModel
+
+    from ldmkit.lora.adapters import export_adapter
+
+    transformer = adapt(FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer"), seed=8)
+    clip = CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder")
+    clip.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in clip.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    n, files = export_adapter(tmp_path / "lora", {"unet": transformer, "text_encoder": clip}, FluxPipeline, "lora")
+    copy = load_file(str(tmp_path / "lora" / export.KOHYA_WEIGHT_NAME))
+    te = {k for k in copy if k.startswith("lora_te1_text_model_encoder_layers_") and k.endswith(".lora_down.weight")}
+    assert len(te) == 2 * clip.config.num_hidden_layers
+    assert unmapped({k: v for k, v in copy.items() if k.startswith("lora_unet_")}, transformer.config) == []
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    components = formats.read_for_pipeline(pipe, copy)
+    assert len(components["text_encoder"]) == len(te) and sum(map(len, components.values())) == n
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        ref = clip(ids).pooler_output
+        pipe.load_lora_weights(formats.peft_state_dict(components))
+        torch.testing.assert_close(pipe.text_encoder(ids).pooler_output, ref, rtol=1e-4, atol=1e-5)
+
+    from peft import LoHaConfig
+
+    loha = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
+    loha.add_adapter(LoHaConfig(r=2, alpha=2, target_modules=list(FLUX_LORA_TARGET_MODULES), init_weights=False))
+    n, files = export_adapter(tmp_path / "loha", {"unet": loha}, FluxPipeline, "loha")
+    assert export.KOHYA_WEIGHT_NAME in files
+    copy = load_file(str(tmp_path / "loha" / export.KOHYA_WEIGHT_NAME))
+    assert unmapped(copy, loha.config) == [] and len(copy) == 3 * 13

@@ -190,6 +190,18 @@ def split(original: Mapping[str, LoraLayer], modules: list[BflModule]) -> Layers
     return out
 
 
+CLIP_PREFIXES = ("lora_te1_", "lora_te2_")
+"""The CLIP encoders' prefixes in sd-scripts' FLUX and SD3 files (``lora_te3_`` is T5 in both)."""
+
+
+def clip_path(module: str, prefix: str) -> str:
+    """A CLIP module's path as the clients name it: under ``text_model.`` (``lora_te1_text_model_encoder_layers_0_
+    self_attn_q_proj``, what ComfyUI's ``model_lora_keys_clip`` and sd-scripts map), which transformers 5's
+    CLIPTextModel no longer has in its module paths (``encoder.layers.0...``)."""
+    inner = ("encoder.", "embeddings.", "final_layer_norm")
+    return "text_model." + module if prefix in CLIP_PREFIXES and module.startswith(inner) else module
+
+
 def kohya_state_dict(
     components: Mapping[str, Layers],
     config: Mapping,
@@ -209,8 +221,11 @@ def kohya_state_dict(
             named = {m.replace(".", "_"): layer for m, layer in fused.items()}
             prefix = "lora_unet_"
         elif component in text_encoder_prefixes:
-            named = {m.replace(".", "_"): LoraLayer(layer.down, layer.folded_up()) for m, layer in layers.items()}
             prefix = text_encoder_prefixes[component]
+            named = {
+                clip_path(m, prefix).replace(".", "_"): LoraLayer(layer.down, layer.folded_up())
+                for m, layer in layers.items()
+            }
         else:
             raise UserError(f"no kohya name for LoRA component {component!r}")
         for flat, layer in named.items():

@@ -269,7 +269,9 @@ def _resolve_text_encoders(pipe, components: dict[str, Layers], prefixes: Mappin
         if component not in components:
             continue
         model = getattr(pipe, component, None)
-        exact = {n.replace(".", "_"): n for n, _ in model.named_modules() if n} if model is not None else {}
+        names = [n for n, _ in model.named_modules() if n] if model is not None else []
+        exact = {flux_layout.clip_path(n, prefix).replace(".", "_"): n for n in names}
+        exact.update({n.replace(".", "_"): n for n in names})
         missing = sorted(m for m in components[component] if m not in exact)
         if missing:
             raise UserError(f"LoRA module {prefix}{missing[0]} is not in the pipeline's {component}")
