@@ -33,7 +33,6 @@ from safetensors.torch import load_file
 from ldmkit.errors import UserError
 from ldmkit.lora import flux_layout, sd3_layout
 from ldmkit.lora.export import COMPONENTS, LORA_WEIGHT_NAME, Layers, LoraLayer
-from ldmkit.lora.flux_layout import is_bfl_kohya
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +287,7 @@ def read_for_pipeline(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict:
     unet = getattr(pipe, "unet", None)
     transformer = getattr(pipe, "transformer", None)
     config = getattr(transformer, "config", {})
-    if unet is None and "num_single_layers" in config and is_bfl_kohya(state_dict):
+    if unet is None and "num_single_layers" in config and flux_layout.is_bfl_kohya(state_dict):
         components = read_flux_kohya(pipe, state_dict)
     elif unet is None and "dual_attention_layers" in config and sd3_layout.is_sai_kohya(state_dict):
         components = _resolve_text_encoders(
