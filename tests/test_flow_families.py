@@ -84,7 +84,7 @@ def test_detected_and_loaded_lazily(arch, folder):
         family.vae_config["scaling_factor"],
         family.vae_config["shift_factor"],
     )
-    assert not family.exports_kohya
+    assert family.exports_kohya  # the original-layout copy (ldmkit.lora.flux_layout / sd3_layout)
     # the diffusion families are unchanged
     assert Family.objective == SDFamily.objective == "diffusion" and SDFamily._noise_scheduler_class() is DDPMScheduler
 

@@ -77,6 +77,7 @@ class FluxFamily(SD3Family):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     lora_target_modules = FLUX_LORA_TARGET_MODULES
     finetune_lora_target_modules = FLUX_ATTENTION
+    exports_kohya = True  # the BFL-layout copy with fused qkv / linear1 (ldmkit.lora.flux_layout)
     lcm_lora_guidance = DEFAULT_GUIDANCE
     # FLUX.1-dev takes w as its guidance input (no CFG pair): sample w around the pipeline's 3.5 (our choice;
     # FLUX.1-dev model cards sample at 2-5). A transformer without guidance_embeds (schnell) runs CFG with w

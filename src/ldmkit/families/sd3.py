@@ -42,14 +42,15 @@ class SD3Family(Family):
     CLIP encoders concatenated, zero-padded to T5's width and followed by T5's last hidden state (256 tokens),
     plus the pooled projections of both CLIP encoders concatenated; unconditional = the empty prompt's
     embeddings, as the pipeline's default negative prompt "". The LoRA loads in
-    StableDiffusion3Pipeline.load_lora_weights (no kohya copy yet: the SAI-layout copy comes later)."""
+    StableDiffusion3Pipeline.load_lora_weights (and ComfyUI, which maps diffusers' SD3 names); the kohya copy is in
+    SAI's MMDiT layout for sd-scripts and Forge (ldmkit.lora.sd3_layout)."""
 
     name = "SD3"
     objective: ClassVar[str] = "flow"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_target_modules = SD3_LORA_TARGET_MODULES
     finetune_lora_target_modules = SD3_ATTENTION
-    exports_kohya = False
+    exports_kohya = True  # the SAI MMDiT-layout copy with fused qkv (ldmkit.lora.sd3_layout); FluxFamily: BFL's
     lcm_lora_guidance = 1.0  # StableDiffusion3Pipeline runs CFG only at guidance_scale > 1
     # LCD's w in the LCM form c + w (c - u) is the pipeline's guidance_scale - 1: [3, 8] brackets the SD3.5
     # pipelines' defaults (guidance_scale 3.5-7, i.e. w 2.5-6) with some room above (our choice: no reference

@@ -172,8 +172,7 @@ def export_adapter(
     export.save_diffusers(out_dir, layers, pipeline_cls)
     files = [export.LORA_WEIGHT_NAME]
     if kohya:
-        # the UNet's own config lays out SDXL's original-SD names (ldmkit.lora.export.kohya_name), as for LoRA
-        unet_config = getattr(models.get("unet"), "config", None)
-        export.save_kohya(out_dir, layers, export.is_sdxl_pipeline(pipeline_cls), unet_config)
+        # the denoiser's own config lays out SDXL's original-SD names and FLUX's BFL names, as for LoRA
+        export.save_kohya_copy(out_dir, layers, pipeline_cls, models.get("unet", models.get("transformer")))
         files.append(export.KOHYA_WEIGHT_NAME)
     return sum(len(v) for v in layers.values()), files

@@ -19,55 +19,30 @@ Two files are written next to each other:
   ``output_blocks_2_2_conv``): sd-scripts' SDXL UNet has only those, ComfyUI and A1111 map them, and
   diffusers' SDXL ``load_lora_weights`` maps them back with the UNet config
   (``_maybe_map_sgm_blocks_to_diffusers``). ``original_sd_name`` is the inverse of diffusers' single-file
-  conversion ``convert_ldm_unet_checkpoint`` (``src/diffusers/loaders/single_file_utils.py``).
+  conversion ``convert_ldm_unet_checkpoint`` (``src/diffusers/loaders/single_file_utils.py``). FLUX's copy is
+  in the original (BFL) layout with fused projections instead (``ldmkit.lora.flux_layout``), SD3's in SAI's
+  MMDiT layout (``ldmkit.lora.sd3_layout``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ldmkit.errors import UserError
+from ldmkit.lora.layers import (  # noqa: F401  (re-exported: ldmkit.lora.export is where callers look)
+    COMPONENTS,
+    KOHYA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    Layers,
+    LoraLayer,
+)
 
 log = logging.getLogger(__name__)
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-"""diffusers' file name: what ``pipe.load_lora_weights(dir)`` looks for."""
-KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-"""The kohya-format copy written next to it."""
-
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-"""Pipeline components a LoRA may adapt (the denoiser is "unet", or "transformer" in SD3 / FLUX pipelines)."""
-
-
-@dataclass
-class LoraLayer:
-    """One adapted module: ``W += (alpha / rank) * up @ down``; alpha None means alpha = rank."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
-    def folded_up(self) -> torch.Tensor:
-        """``scale * up``: the same update with alpha = rank."""
-        return self.up if self.scale == 1.0 else (self.up.float() * self.scale).to(self.up.dtype)
-
-
-Layers = dict[str, LoraLayer]
-"""``{module path inside one component: LoraLayer}``."""
 
 
 def layers_from_peft_model(model: torch.nn.Module, adapter_name: str = "default") -> Layers:
@@ -260,18 +235,42 @@ def save_kohya(
     return p
 
 
+def is_flux_pipeline(pipeline_cls: type) -> bool:
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    return issubclass(pipeline_cls, FluxLoraLoaderMixin)
+
+
+def save_kohya_copy(
+    out_dir: str | Path, components: Mapping[str, Layers], pipeline_cls: type, denoiser: torch.nn.Module | None
+) -> Path:
+    """The copy for the other clients, in the layout of the pipeline's model: FLUX's original (BFL) names with
+    fused projections (``ldmkit.lora.flux_layout``, laid out by the transformer's config), SD3's original (SAI
+    MMDiT) names likewise (``ldmkit.lora.sd3_layout``), else kohya's SD / SDXL names (``save_kohya``, SDXL's laid out by the UNet's config)."""
+    from diffusers.loaders import SD3LoraLoaderMixin
+
+    config = getattr(getattr(denoiser, "module", denoiser), "config", None)
+    if is_flux_pipeline(pipeline_cls) or issubclass(pipeline_cls, SD3LoraLoaderMixin):
+        from ldmkit.lora import flux_layout, sd3_layout
+
+        if config is None:
+            raise UserError("the original layout of a transformer's LoRA needs the transformer's config")
+        layout = flux_layout if is_flux_pipeline(pipeline_cls) else sd3_layout
+        return layout.save_kohya(out_dir, components, config)
+    return save_kohya(out_dir, components, is_sdxl_pipeline(pipeline_cls), config)
+
+
 def export_lora(
     out_dir: str | Path, models: Mapping[str, torch.nn.Module], pipeline_cls: type, kohya: bool = True
 ) -> int:
     """Write the LoRA adapters of live peft-adapted ``models`` (``{component: model}``) to ``out_dir``: the
-    diffusers file and, with ``kohya``, the kohya copy (A1111 / ComfyUI know SD / SDXL UNets, not the
-    U-ViT). Returns the number of adapted modules."""
+    diffusers file and, with ``kohya``, the copy for the other clients (``save_kohya_copy``: A1111 / ComfyUI know
+    SD / SDXL UNets, not the U-ViT; ComfyUI / sd-scripts / Forge the BFL layout of FLUX). Returns the number of adapted modules."""
     out_dir = Path(out_dir)
     components = {name: layers_from_peft_model(model) for name, model in models.items()}
     save_diffusers(out_dir, components, pipeline_cls)
     if kohya:
-        unet = models.get("unet")
-        save_kohya(out_dir, components, is_sdxl_pipeline(pipeline_cls), getattr(unet, "config", None))
+        save_kohya_copy(out_dir, components, pipeline_cls, models.get("unet", models.get("transformer")))
     n = sum(len(layers) for layers in components.values())
     log.info("exported LoRA (%d modules) to %s", n, out_dir)
     return n

@@ -15,7 +15,9 @@ What diffusers lacks, and so ldmkit keeps:
   names (``lora_A.default.weight``), which ``load_lora_weights`` rejects;
 - keys without a component prefix (``down_blocks...lora_A.weight``), read as the denoiser's;
 - kohya files of ldmkit's U-ViT: ``lora_unet_<path with underscores>`` resolved against the U-ViT's own
-  module names (diffusers' converter knows only UNet names).
+  module names (diffusers' converter knows only UNet names);
+- FLUX files in the original (BFL) layout for transformers of other widths than FLUX.1's (``read_flux_kohya``),
+  and SD3 files in SAI's MMDiT layout (``lora_unet_joint_blocks_*``), which diffusers does not read.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldmkit.errors import UserError
+from ldmkit.lora import flux_layout, sd3_layout
 from ldmkit.lora.export import COMPONENTS, LORA_WEIGHT_NAME, Layers, LoraLayer
 
 logger = logging.getLogger(__name__)
@@ -238,6 +241,43 @@ def check_modules(components: Mapping[str, Layers], component: str, module_names
         raise UserError(f"LoRA module {component}.{missing[0]} is not in the model ({len(missing)} missing)")
 
 
+def read_flux_kohya(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Layers]:
+    """A FLUX LoRA in the original (BFL) layout of kohya sd-scripts / ComfyUI (``lora_unet_double_blocks_*``,
+    fused qkv and ``linear1``) read for ``pipe``'s transformer. At FLUX.1's widths through diffusers' own
+    converter (``FluxPipeline.lora_state_dict``, ``_convert_kohya_flux_lora_to_diffusers``), which also knows
+    the other FLUX layouts people share; at other widths (the tiny twins), which that converter rejects (it
+    splits ``linear1`` at FLUX.1's fixed sizes), through ``ldmkit.lora.flux_layout.read_kohya`` by the
+    transformer's config. Text-encoder keys (``lora_te1_``) resolve against the pipeline's encoder."""
+    config = pipe.transformer.config
+    if flux_layout.widths(config) == flux_layout.FLUX1_WIDTHS:
+        try:
+            converted = type(pipe).lora_state_dict(dict(state_dict))
+        except (ValueError, KeyError, AssertionError) as e:
+            raise UserError(f"FLUX kohya LoRA not readable by diffusers: {str(e).strip().splitlines()[-1]}") from None
+        components = read_lora(converted[0] if isinstance(converted, tuple) else converted)
+        if "unet" in components:  # the converter leaves the BFL top-level modules (final_layer, ...) unprefixed
+            components.setdefault("transformer", {}).update(components.pop("unet"))
+        return components
+    return _resolve_text_encoders(pipe, flux_layout.read_kohya(state_dict, config), flux_layout.TEXT_ENCODER_PREFIXES)
+
+
+def _resolve_text_encoders(pipe, components: dict[str, Layers], prefixes: Mapping[str, str]) -> dict[str, Layers]:
+    """Text-encoder modules of a kohya file (flat names, dots as underscores) resolved against the pipeline's
+    encoders' module names."""
+    for component, prefix in prefixes.items():
+        if component not in components:
+            continue
+        model = getattr(pipe, component, None)
+        names = [n for n, _ in model.named_modules() if n] if model is not None else []
+        exact = {flux_layout.clip_path(n, prefix).replace(".", "_"): n for n in names}
+        exact.update({n.replace(".", "_"): n for n in names})
+        missing = sorted(m for m in components[component] if m not in exact)
+        if missing:
+            raise UserError(f"LoRA module {prefix}{missing[0]} is not in the pipeline's {component}")
+        components[component] = {exact[m]: layer for m, layer in components[component].items()}
+    return components
+
+
 def read_for_pipeline(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict:
     """The LoRA in ``state_dict`` read for ``pipe`` (its UNet's config resolves original-SD names, a U-ViT's
     module names its kohya keys), every module checked against the pipeline's: a LoRA of another model is
@@ -245,7 +285,15 @@ def read_for_pipeline(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict:
     from ldmkit.models.uvit import UViT
 
     unet = getattr(pipe, "unet", None)
-    if unet is None:  # SD3 / FLUX: a transformer, whose LoRA keys name it (no original-SD or U-ViT kohya names)
+    transformer = getattr(pipe, "transformer", None)
+    config = getattr(transformer, "config", {})
+    if unet is None and "num_single_layers" in config and flux_layout.is_bfl_kohya(state_dict):
+        components = read_flux_kohya(pipe, state_dict)
+    elif unet is None and "dual_attention_layers" in config and sd3_layout.is_sai_kohya(state_dict):
+        components = _resolve_text_encoders(
+            pipe, sd3_layout.read_kohya(state_dict, config), sd3_layout.TEXT_ENCODER_PREFIXES
+        )
+    elif unet is None:  # SD3 / FLUX: a transformer, whose LoRA keys name it (no original-SD or U-ViT kohya names)
         components = read_lora(state_dict)
         if "unet" in components:  # bare keys: the denoiser's
             components["transformer"] = components.pop("unet")
