@@ -170,10 +170,11 @@ def test_lora_trains_and_its_export_loads_in_stock_diffusers(arch, request, tmp_
     assert image.shape == (1, RES, RES, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_finetune_trains_and_exports_a_pipeline(arch, request, tmp_path):
+@pytest.mark.parametrize("arch,extra", [("sd3", ()), ("flux", ()), ("flux", ("--method.train_text_encoder=true",))])
+def test_finetune_trains_and_exports_a_pipeline(arch, extra, request, tmp_path):
+    """The EMA transformer (and a trained CLIP encoder) in a pipeline folder with the flow scheduler that generates."""
     model = request.getfixturevalue(f"tiny_{arch}")
-    m = make("finetune", model, tmp_path, "--method.use_ema=true", "--method.weighting_scheme=logit_normal")
+    m = make("finetune", model, tmp_path, "--method.use_ema=true", "--method.weighting_scheme=logit_normal", *extra)
     losses = train_steps(m, fixed_batch(), 20, 1e-3)
     assert sum(losses[-5:]) < sum(losses[:5]), losses
     export = tmp_path / "export"
@@ -187,6 +188,12 @@ def test_finetune_trains_and_exports_a_pipeline(arch, request, tmp_path):
     for (name, _), shadow in zip(m.unet.named_parameters(), m.ema.shadow_params):  # the EMA weights, not the last
         torch.testing.assert_close(exported[name], shadow.float())
     assert any(not torch.equal(last, shadow) for last, shadow in zip(m.unet.parameters(), m.ema.shadow_params))
+    for name in m.text_encoder_names:  # FLUX: CLIP-L trained (no EMA: diffusers' EMA tracks the denoiser only)
+        assert name == "text_encoder"
+        trained, base = m.text_encoder.state_dict(), DiffusionPipeline.from_pretrained(model).text_encoder.state_dict()
+        assert any(not torch.equal(trained[k], base[k]) for k in trained)
+        for k, v in pipe.text_encoder.state_dict().items():
+            torch.testing.assert_close(v, trained[k])
 
 
 @pytest.mark.parametrize("name", ["lora", "finetune"])
@@ -202,7 +209,6 @@ def test_debug_recipe_resumes_exactly(name, arch, request, shapes_folder, tmp_pa
         "--method.noise_offset=0.05",
         "--method.input_perturbation=0.1",
         "--method.prediction_type=epsilon",
-        "--method.train_text_encoder=true",
     ],
 )
 def test_ddpm_knobs_are_refused_on_a_flow_family(arg, tiny_flux, tmp_path):
@@ -247,3 +253,27 @@ def test_lora_debug_recipe_trains_validates_and_exports(arch, request, shapes_fo
         )
         > 0
     )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_on_the_clip_text_encoders_loads_in_stock_diffusers(arch, request, tmp_path):
+    """method.train_text_encoder: LoRA on the CLIP encoders (SD3 both, FLUX CLIP-L), T5 frozen, as the dreambooth
+    scripts; the export's text-encoder adapters load with every module and give the in-memory encoders' outputs."""
+    model = request.getfixturevalue(f"tiny_{arch}")
+    m = make("lora", model, tmp_path, "--method.train_text_encoder=true")
+    clip = {"sd3": ("text_encoder", "text_encoder_2"), "flux": ("text_encoder",)}[arch]
+    assert m.text_encoder_names == clip and m.trainable_names == ("unet", *clip)
+    losses = train_steps(m, fixed_batch(), 10, 3e-3)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    export = tmp_path / "export"
+    m.export(export)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.load_lora_weights(str(export))
+    for name in clip:
+        tok = getattr(pipe, name.replace("text_encoder", "tokenizer"))
+        ids = tok("a red circle", padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        ours, theirs = getattr(m, name).eval(), getattr(pipe, name)
+        assert count_lora_modules(theirs) == count_lora_modules(ours) > 0
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids)[0], ours(ids)[0], rtol=1e-4, atol=1e-5)
+    assert m.validate(1) is not None

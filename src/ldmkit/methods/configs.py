@@ -140,10 +140,6 @@ class _SDTrainConfig(MethodConfig):
             "flow_resolution_shift": self.flow_resolution_shift,
             "guidance_scale": self.guidance_scale is not None,
         }
-        if flow and self.train_text_encoder:
-            raise UserError(
-                f"method.train_text_encoder is not available on {family.name} yet: train the transformer only"
-            )
         wrong = [k for k, on in (ddpm_set if flow else flow_set).items() if on]
         if wrong:
             kind = "a rectified-flow model (the flow loss has no such knob)" if flow else "a DDPM model (flow knobs)"

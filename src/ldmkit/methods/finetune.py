@@ -77,11 +77,15 @@ class _SDMethod(Method):
         if m.prediction_type:
             self.family.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
         self.unet = self.family.denoiser
-        self.text_encoder_names: tuple[str, ...] = ()
+        self.text_encoder_names: tuple[str, ...] = ()  # the trained ones
         if m.train_text_encoder:
-            self.text_encoder_names = self.family.text_encoder_names
-            for name, te in zip(self.text_encoder_names, self.family.text_encoders):
-                setattr(self, name, te)
+            # Every encoder; on SD3 / FLUX the CLIP ones only, T5 stays frozen (diffusers' dreambooth SD3 / FLUX
+            # scripts: CLIP-L and -G / CLIP-L; their LoRA loaders take no T5 adapters).
+            encoders = zip(self.family.text_encoder_names, self.family.text_encoders)
+            for name, te in encoders:
+                if not (self.is_flow and type(te).__name__.startswith("T5")):
+                    self.text_encoder_names += (name,)
+                    setattr(self, name, te)
         self.trainable_names = ("unet", *self.text_encoder_names)
         self._make_trainable()  # gradient checkpointing of trainable modules is enabled by the loop
         for name in self.trainable_names:
@@ -129,8 +133,18 @@ class _SDMethod(Method):
             mse = mse * min_snr_weights(sched, t, m.snr_gamma, sched.config.prediction_type)
         return mse.mean(), logs
 
+    def _text_encoders(self, unwrap: bool = False) -> list[torch.nn.Module] | None:
+        """The family's encoders in order with the trained ones as this method holds them (accelerate-wrapped,
+        or ``unwrap``-ped), None when none is trained."""
+        if not self.text_encoder_names:
+            return None
+        return [
+            (self.unwrap(getattr(self, n)) if unwrap else getattr(self, n)) if n in self.text_encoder_names else te
+            for n, te in zip(self.family.text_encoder_names, self.family.text_encoders)
+        ]
+
     def _condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        encoders = [getattr(self, n) for n in self.text_encoder_names] or None
+        encoders = self._text_encoders()
         if encoders and "prompt_embeds" in batch:  # e.g. a features folder found by format: auto
             raise UserError("method.train_text_encoder needs captions, but the data gives fixed prompt_embeds")
         return self.family.condition(
@@ -210,7 +224,7 @@ class _SDMethod(Method):
         scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
         if self.mcfg.prediction_type:
             scheduler.register_to_config(prediction_type=self.mcfg.prediction_type)
-        text = [self.unwrap(getattr(self, n)) for n in self.text_encoder_names] or None
+        text = self._text_encoders(unwrap=True)
         pipe = self.family.pipeline(unet=self.unwrap(self.unet), scheduler=scheduler, text_encoders=text)
         pipe.set_progress_bar_config(disable=True)
         return pipe
