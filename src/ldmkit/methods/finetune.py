@@ -79,11 +79,12 @@ class _SDMethod(Method):
         self.unet = self.family.denoiser
         self.text_encoder_names: tuple[str, ...] = ()  # the trained ones
         if m.train_text_encoder:
-            # Every encoder; on SD3 / FLUX the CLIP ones only, T5 stays frozen (diffusers' dreambooth SD3 / FLUX
-            # scripts: CLIP-L and -G / CLIP-L; their LoRA loaders take no T5 adapters).
-            encoders = zip(self.family.text_encoder_names, self.family.text_encoders)
-            for name, te in encoders:
-                if not (self.is_flow and type(te).__name__.startswith("T5")):
+            # The encoders the pipeline's LoRA loader takes: every one on SD / SDXL, the CLIP ones on SD3 / FLUX
+            # (T5 stays frozen, as diffusers' dreambooth SD3 / FLUX scripts train CLIP-L and -G / CLIP-L only).
+            names = self.family.text_encoder_names
+            loadable = getattr(self.family.pipeline_class, "_lora_loadable_modules", None) or names
+            for name, te in zip(names, self.family.text_encoders):
+                if name in loadable:
                     self.text_encoder_names += (name,)
                     setattr(self, name, te)
         self.trainable_names = ("unet", *self.text_encoder_names)
