@@ -69,7 +69,7 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """weight [B] times the per-sample MSE in fp32, [B] (the scripts' mean over each sample of weight * (pred - target)^2)."""
-    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    return weight.float() * mse
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The MSE of each sample in fp32, [B]; times the sample's weight it is the scripts' per-sample mean of
+    weight * (pred - target)^2 (one weight per sample)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)

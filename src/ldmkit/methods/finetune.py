@@ -198,9 +198,8 @@ class _SDMethod(Method):
         # 5. The velocity at (x_t, sigma * T) vs. its target eps - x0: per-sample MSE times the scheme's weight.
         with self._forward_rng(batch["seed"]), self.accelerator.autocast():
             pred = self.family.denoise(self.unet, noisy, schedule.timestep(t), cond, guidance)
-        target = flow_loss.flow_target(latents, noise)
-        mse = flow_loss.weighted_mse(pred, target, torch.ones_like(sigma))
-        loss = flow_loss.weighted_mse(pred, target, flow_loss.loss_weighting(m.weighting_scheme, sigma))
+        mse = flow_loss.per_sample_mse(pred, flow_loss.flow_target(latents, noise))  # (B,)
+        loss = flow_loss.loss_weighting(m.weighting_scheme, sigma).float() * mse
         return loss.mean(), {"mse": mse.detach().mean().item()}
 
     @contextlib.contextmanager
