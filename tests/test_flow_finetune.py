@@ -85,7 +85,8 @@ def scripts_loss(m, batch, scheme: str, guidance: float = 3.5, mu: float | None 
     noise, u (compute_density_for_timestep_sampling), timesteps = scheduler.timesteps[(u * T).long()], sigmas,
     x_t = (1 - sigma) x0 + sigma noise, the transformer (FLUX.1-dev: guidance input), weighting, target noise - x0."""
     fam = m.family
-    sched = FlowMatchEulerDiscreteScheduler.from_config(fam.noise_scheduler.config)
+    shift = {"shift": m.mcfg.flow_shift} if m.mcfg.flow_shift else {}  # the scripts' scheduler, shift overridden
+    sched = FlowMatchEulerDiscreteScheduler.from_config(fam.noise_scheduler.config, **shift)
     if mu is not None:  # flow_resolution_shift: the pipeline's sigmas at the batch's token count
         sched.set_timesteps(sigmas=list(torch.linspace(1.0, 1 / 1000, 1000).numpy()), mu=mu)
     rng = SampleRNG(batch["seed"])
@@ -112,6 +113,7 @@ def scripts_loss(m, batch, scheme: str, guidance: float = 3.5, mu: float | None 
         ("sd3", "none", ()),
         ("sd3", "logit_normal", ()),
         ("sd3", "cosmap", ()),
+        ("sd3", "mode", ("--method.flow_shift=1.5",)),
         ("flux", "none", ()),
         ("flux", "mode", ("--method.guidance_scale=2.0",)),
         ("flux", "sigma_sqrt", ()),
@@ -218,6 +220,7 @@ def test_ddpm_knobs_are_refused_on_a_flow_family(arg, tiny_flux, tmp_path):
 
 
 def test_flow_knobs_are_refused_where_they_do_not_apply(tiny_sd15, tiny_sd3, tmp_path):
+    assert make("lora", tiny_sd15, tmp_path).mcfg.validation_guidance == 7.5  # SD: as before
     with pytest.raises(UserError, match="method.weighting_scheme does not apply to SD"):
         make("lora", tiny_sd15, tmp_path, "--method.weighting_scheme=cosmap")
     with pytest.raises(UserError, match="method.guidance_scale feeds a guidance-distilled"):
