@@ -105,9 +105,9 @@ class _SDTrainConfig(MethodConfig):
     """SD3 / FLUX (rectified flow): the timestep density (logit_normal, mode) or loss weight (cosmap, sigma_sqrt) of
     diffusers' train_dreambooth_lora_sd3.py / _flux.py; none: uniform sigma, unweighted (their default)."""
     logit_mean: float = 0.0
-    """SD3 / FLUX, weighting_scheme logit_normal: mean m of sigma = sigmoid(N(m, s^2))."""
+    """SD3 / FLUX, weighting_scheme logit_normal: mean m of u = sigmoid(N(m, s^2)), where u picks the (shifted) sigma."""
     logit_std: float = 1.0
-    """SD3 / FLUX, weighting_scheme logit_normal: std s of sigma = sigmoid(N(m, s^2))."""
+    """SD3 / FLUX, weighting_scheme logit_normal: std s of u = sigmoid(N(m, s^2))."""
     mode_scale: float = 1.29
     """SD3 / FLUX, weighting_scheme mode: scale c of the mode density (SD3 paper eq. 20)."""
     flow_shift: float | None = None
