@@ -71,6 +71,9 @@ class LoraKnobs:
 # ----------------------------------------------------------------------------- finetune
 
 
+PIPELINE_GUIDANCE = {"SD3": 7.0, "FLUX": 3.5}
+"""guidance_scale defaults of StableDiffusion3Pipeline and FluxPipeline, by family name (the others: 7.5)."""
+
 # CLIP attention projections (diffusers' text-encoder LoRA default).
 DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -91,15 +94,65 @@ class _SDTrainConfig(MethodConfig):
     """SDXL: condition on (h, w, 0, 0, h, w) of the crop (res x res, or the bucket with data.buckets) instead of each image's original size and crop."""
     validation_steps: list[int] = field(default_factory=lambda: [25])
     """Sampling step counts of the validation grids, one column each (the folder's own scheduler)."""
-    validation_guidance: float = 7.5
-    """Guidance scale of the validation images."""
+    validation_guidance: float | None = None
+    """Guidance scale of the validation images; null: the family's pipeline default (SD3 7.0, FLUX 3.5; SD1.x/2.x
+    and SDXL 7.5)."""
     validation_width: int | None = None
     """Width of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
     validation_height: int | None = None
     """Height of the validation images; default: the data's most common bucket with data.buckets, else data.resolution."""
+    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = "none"
+    """SD3 / FLUX (rectified flow): the timestep density (logit_normal, mode) or loss weight (cosmap, sigma_sqrt) of
+    diffusers' train_dreambooth_lora_sd3.py / _flux.py; none: uniform sigma, unweighted (their default)."""
+    logit_mean: float = 0.0
+    """SD3 / FLUX, weighting_scheme logit_normal: mean m of u = sigmoid(N(m, s^2)), where u picks the (shifted) sigma."""
+    logit_std: float = 1.0
+    """SD3 / FLUX, weighting_scheme logit_normal: std s of u = sigmoid(N(m, s^2))."""
+    mode_scale: float = 1.29
+    """SD3 / FLUX, weighting_scheme mode: scale c of the mode density (SD3 paper eq. 20)."""
+    flow_shift: float | None = None
+    """SD3 / FLUX: shift s of the trained sigmas, s sigma / (1 + (s - 1) sigma); null: as the scheduler trains (and
+    diffusers' scripts): its static shift (SD3: 3.0), none on a scheduler that shifts by resolution (FLUX.1-dev)."""
+    flow_resolution_shift: bool = False
+    """SD3 / FLUX: shift the trained sigmas by the batch's image token count as the pipeline samples (FLUX.1-dev's
+    dynamic shifting, calculate_shift; SD3 paper section 5.3.2; kohya's --timestep_sampling flux_shift)."""
+    guidance_scale: float | None = None
+    """FLUX.1-dev (a guidance-distilled transformer): the guidance embedding's input while training (diffusers'
+    train_dreambooth_lora_flux.py --guidance_scale); null: 3.5, theirs and FluxPipeline's default."""
+
+    def resolve_flow(self, family: type | None) -> None:
+        """Against the family's objective (when known): a flow family (SD3, FLUX) refuses the DDPM knobs, a DDPM family
+        the flow knobs; ``validation_guidance`` null becomes the family's pipeline default."""
+        if family is None:
+            return
+        if self.validation_guidance is None:
+            self.validation_guidance = PIPELINE_GUIDANCE.get(family.name, 7.5)
+        flow = getattr(family, "objective", "diffusion") == "flow"
+        ddpm_set = {
+            "prediction_type": self.prediction_type is not None,
+            "snr_gamma": self.snr_gamma is not None,
+            "noise_offset": self.noise_offset != 0.0,
+            "input_perturbation": self.input_perturbation != 0.0,
+        }
+        flow_set = {
+            "weighting_scheme": self.weighting_scheme != "none",
+            "flow_shift": self.flow_shift is not None,
+            "flow_resolution_shift": self.flow_resolution_shift,
+            "guidance_scale": self.guidance_scale is not None,
+        }
+        wrong = [k for k, on in (ddpm_set if flow else flow_set).items() if on]
+        if wrong:
+            kind = "a rectified-flow model (the flow loss has no such knob)" if flow else "a DDPM model (flow knobs)"
+            raise UserError(f"method.{wrong[0]} does not apply to {family.name}, {kind}: unset it")
 
     def check(self, cfg) -> None:
         """Value checks (ldmkit.config.validate_config calls this)."""
+        if self.logit_std <= 0:
+            raise UserError(f"method.logit_std must be > 0, got {self.logit_std}")
+        if self.flow_shift is not None and not self.flow_shift > 0:
+            raise UserError(f"method.flow_shift must be > 0 (or null), got {self.flow_shift}")
+        if self.flow_shift is not None and self.flow_resolution_shift:
+            raise UserError("method.flow_shift and method.flow_resolution_shift both shift the sigmas: set one")
         if self.train_text_encoder and (cfg.data.cache or cfg.data.format == "features"):
             raise UserError(
                 "method.train_text_encoder needs captions, but data.cache / features data give fixed text embeddings; disable one"

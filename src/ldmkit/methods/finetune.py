@@ -1,8 +1,11 @@
-"""Fine-tuning Stable Diffusion 1.x/2.x and SDXL: the full UNet (``finetune``) or LoRA adapters (``lora``).
+"""Fine-tuning Stable Diffusion 1.x/2.x, SDXL, SD3 and FLUX.1: the full denoiser (``finetune``) or LoRA adapters
+(``lora``).
 
 The denoising loss of diffusers' examples/text_to_image (train_text_to_image*.py), with min-SNR weights
 per sample (Hang et al. 2023, arXiv:2303.09556), and no VAE / text-encoder work per step when the batch
-carries cached latents and embeddings.
+carries cached latents and embeddings. On a rectified-flow family (SD3, FLUX.1) the loss is instead the
+flow-matching loss of diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py / _flux.py
+(``ldmkit.diffusion.flow_loss``: the SD3 paper's timestep densities and loss weights, velocity target).
 
 The model family (ldmkit.families) loads the VAE and text encoders only when a batch without cached
 tensors needs them; validation and export load what is missing and drop it afterwards, so with cached data
@@ -21,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ldmkit.diffusion import flow_loss
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
+from ldmkit.diffusion.schedule import Schedule, dynamic_shift_mu
 from ldmkit.errors import UserError
 from ldmkit.families import Family, load_family
 from ldmkit.methods.base import Method
@@ -60,14 +65,28 @@ class _SDMethod(Method):
             text_dtype=self._text_load_dtype(),
             encode_batch_size=cfg.data.encode_batch_size,
         )
+        m.resolve_flow(type(self.family))  # filled at config time unless the family was not known then
+        self.is_flow = self.family.objective == "flow"
+        if self.is_flow:
+            self._static_schedule = self._flow_schedule_static()
+            if m.guidance_scale is not None and not self.family.guidance_embedded:
+                raise UserError(
+                    f"method.guidance_scale feeds a guidance-distilled transformer (FLUX.1-dev), but this "
+                    f"{self.family.name} transformer has no guidance embedding: unset it"
+                )
         if m.prediction_type:
             self.family.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
         self.unet = self.family.denoiser
-        self.text_encoder_names: tuple[str, ...] = ()
+        self.text_encoder_names: tuple[str, ...] = ()  # the trained ones
         if m.train_text_encoder:
-            self.text_encoder_names = self.family.text_encoder_names
-            for name, te in zip(self.text_encoder_names, self.family.text_encoders):
-                setattr(self, name, te)
+            # The encoders the pipeline's LoRA loader takes: every one on SD / SDXL, the CLIP ones on SD3 / FLUX
+            # (T5 stays frozen, as diffusers' dreambooth SD3 / FLUX scripts train CLIP-L and -G / CLIP-L only).
+            names = self.family.text_encoder_names
+            loadable = getattr(self.family.pipeline_class, "_lora_loadable_modules", None) or names
+            for name, te in zip(names, self.family.text_encoders):
+                if name in loadable:
+                    self.text_encoder_names += (name,)
+                    setattr(self, name, te)
         self.trainable_names = ("unet", *self.text_encoder_names)
         self._make_trainable()  # gradient checkpointing of trainable modules is enabled by the loop
         for name in self.trainable_names:
@@ -88,6 +107,8 @@ class _SDMethod(Method):
 
     # ---- training ---------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.is_flow:
+            return self._flow_loss(batch)
         m, sched = self.mcfg, self.family.noise_scheduler
         rng = SampleRNG(batch["seed"], self.device)
         # 1. x0 ~ q(z | image): cached moments or the VAE; then the per-sample noise and timestep.
@@ -102,15 +123,7 @@ class _SDMethod(Method):
         # 2. z_t = alpha_t x0 + sigma_t eps.
         noisy = sched.add_noise(latents, model_noise, t)
         # 3. Conditioning: cached embeddings or the (maybe trained) text encoders.
-        encoders = [getattr(self, n) for n in self.text_encoder_names] or None
-        if encoders and "prompt_embeds" in batch:  # e.g. a features folder found by format: auto
-            raise UserError("method.train_text_encoder needs captions, but the data gives fixed prompt_embeds")
-        cond = self.family.condition(
-            batch,
-            resolution=self.cfg.data.resolution,
-            fix_crop_and_size=m.use_fix_crop_and_size,
-            text_encoders=encoders,
-        )
+        cond = self._condition(batch)
         # 4. Prediction vs. target, MSE in fp32, per-sample min-SNR weights.
         with self._forward_rng(batch["seed"]), self.accelerator.autocast():
             pred = self.family.denoise(self.unet, noisy, t, cond)
@@ -120,6 +133,74 @@ class _SDMethod(Method):
         if m.snr_gamma:
             mse = mse * min_snr_weights(sched, t, m.snr_gamma, sched.config.prediction_type)
         return mse.mean(), logs
+
+    def _text_encoders(self, unwrap: bool = False) -> list[torch.nn.Module] | None:
+        """The family's encoders in order with the trained ones as this method holds them (accelerate-wrapped,
+        or ``unwrap``-ped), None when none is trained."""
+        if not self.text_encoder_names:
+            return None
+        return [
+            (self.unwrap(getattr(self, n)) if unwrap else getattr(self, n)) if n in self.text_encoder_names else te
+            for n, te in zip(self.family.text_encoder_names, self.family.text_encoders)
+        ]
+
+    def _condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        encoders = self._text_encoders()
+        if encoders and "prompt_embeds" in batch:  # e.g. a features folder found by format: auto
+            raise UserError("method.train_text_encoder needs captions, but the data gives fixed prompt_embeds")
+        return self.family.condition(
+            batch,
+            resolution=self.cfg.data.resolution,
+            fix_crop_and_size=self.mcfg.use_fix_crop_and_size,
+            text_encoders=encoders,
+        )
+
+    def _flow_schedule_static(self) -> Schedule:
+        """The sigmas the flow loss trains on when they do not depend on the image size: the scheduler's training
+        sigmas (its static shift; unshifted on a scheduler that shifts by resolution at sampling, as diffusers'
+        scripts train FLUX.1) or method.flow_shift."""
+        cfg, shift = self.family.noise_scheduler.config, self.mcfg.flow_shift
+        if shift is None:
+            shift = 1.0 if cfg.get("use_dynamic_shifting") else cfg.shift
+        return Schedule.flow(cfg.num_train_timesteps, shift).to(self.device)
+
+    def _flow_schedule(self, latents: torch.Tensor) -> Schedule:
+        """The sigmas for this batch: with method.flow_resolution_shift, shifted by its latents' token count
+        (h/2 * w/2: 2x2 patches) as the pipelines' ``calculate_shift``; else the static ones."""
+        if not self.mcfg.flow_resolution_shift:
+            return self._static_schedule
+        cfg = self.family.noise_scheduler.config
+        h, w = latents.shape[-2:]
+        return Schedule.flow(cfg.num_train_timesteps, mu=dynamic_shift_mu((h // 2) * (w // 2), cfg)).to(self.device)
+
+    def _flow_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rectified-flow matching as diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py and
+        train_dreambooth_lora_flux.py (ldmkit.diffusion.flow_loss), every draw from the sample's own seed."""
+        m = self.mcfg
+        rng = SampleRNG(batch["seed"], self.device)
+        # 1. x0 ~ q(z | image) (cached moments or the VAE; scaled and shifted) and eps ~ N(0, I).
+        latents = self.family.latents(batch, rng)  # (B, C, h, w) fp32
+        noise = rng.randn(*latents.shape[1:])  # (B, C, h, w)
+        # 2. u ~ the weighting scheme's density, the scheduler's index floor(u T), its (shifted) sigma.
+        draw = rng.randn() if flow_loss.draws_normal(m.weighting_scheme) else rng.rand()  # (B,)
+        u = flow_loss.timestep_density(m.weighting_scheme, draw, m.logit_mean, m.logit_std, m.mode_scale)
+        schedule = self._flow_schedule(latents)
+        t = flow_loss.train_index(u, schedule.num_train_timesteps)  # (B,) ascending index
+        sigma = schedule.sigma[t]  # (B,)
+        # 3. x_t = (1 - sigma) x0 + sigma eps.
+        noisy = schedule.add_noise(latents, noise, t)
+        # 4. Conditioning: cached embeddings or the text encoders; FLUX.1-dev's guidance input.
+        cond = self._condition(batch)
+        guidance = None
+        if self.family.guidance_embedded:
+            g = flow_loss.DEFAULT_GUIDANCE if m.guidance_scale is None else m.guidance_scale
+            guidance = torch.full((latents.shape[0],), g, device=self.device)
+        # 5. The velocity at (x_t, sigma * T) vs. its target eps - x0: per-sample MSE times the scheme's weight.
+        with self._forward_rng(batch["seed"]), self.accelerator.autocast():
+            pred = self.family.denoise(self.unet, noisy, schedule.timestep(t), cond, guidance)
+        mse = flow_loss.per_sample_mse(pred, flow_loss.flow_target(latents, noise))  # (B,)
+        loss = flow_loss.loss_weighting(m.weighting_scheme, sigma).float() * mse
+        return loss.mean(), {"mse": mse.detach().mean().item()}
 
     @contextlib.contextmanager
     def _forward_rng(self, seeds: torch.Tensor):
@@ -143,7 +224,7 @@ class _SDMethod(Method):
         scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
         if self.mcfg.prediction_type:
             scheduler.register_to_config(prediction_type=self.mcfg.prediction_type)
-        text = [self.unwrap(getattr(self, n)) for n in self.text_encoder_names] or None
+        text = self._text_encoders(unwrap=True)
         pipe = self.family.pipeline(unet=self.unwrap(self.unet), scheduler=scheduler, text_encoders=text)
         pipe.set_progress_bar_config(disable=True)
         return pipe
