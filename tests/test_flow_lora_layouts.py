@@ -12,7 +12,7 @@ Labs) and SD3's (SAI MMDiT).
   widths) reads the FLUX copy with the diffusers file's output on a transformer of FLUX.1's width and one block
   of each kind, every module but BFL's top-level ones, which its converter drops;
 - ldmkit reads either copy back to the adapted transformer, and ``ldmkit merge-lora`` merges it as the diffusers
-  file; ``ldmkit generate --lora`` with the tiny FLUX twin's copy waits for inference.py (xfail, see there).
+  file, and ``ldmkit generate --lora`` samples with it (inference.load_lora hands diffusers the modules ldmkit read).
 """
 
 from __future__ import annotations
@@ -312,13 +312,6 @@ def test_merge_lora_takes_the_copy(tiny_flux, tiny_export, tmp_path):
     assert changed >= n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="inference.load_lora hands the file to stock load_lora_weights, whose kohya FLUX reader splits linear1 at "
-    "FLUX.1's fixed widths (3072 / 12288) and asserts on the tiny twin's; it should load "
-    "formats.peft_state_dict(formats.read_for_pipeline(pipe, state)) as merge-lora does",
-)
 def test_generate_takes_the_copy(tiny_flux, tiny_export, tmp_path):
     _, _, folder = tiny_export
     gen = tmp_path / "gen"

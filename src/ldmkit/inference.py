@@ -118,9 +118,14 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
         raise UserError(f"--lora-scale must be a finite number, got {scale}")
     folder, weight_name = lora_location(path)
     state = formats.load_lora_file(folder / weight_name)
-    if not any("lora_magnitude_vector" in k or "dora_scale" in k for k in state):
-        formats.read_for_pipeline(pipe, state)
-    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="default")
+    dora = any("lora_magnitude_vector" in k or "dora_scale" in k for k in state)
+    components = None if dora else formats.read_for_pipeline(pipe, state)
+    if components is not None and getattr(pipe, "unet", None) is None:
+        # SD3 / FLUX: ldmkit's reader knows the original (SAI / BFL) layouts, which diffusers reads only at the
+        # released widths and without the top-level modules: hand diffusers the modules already read.
+        pipe.load_lora_weights(formats.peft_state_dict(components), adapter_name="default")
+    else:
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="default")
     if scale != 1.0:
         pipe.set_adapters(["default"], adapter_weights=[scale])
     adopt_lcm_settings(pipe, folder)
