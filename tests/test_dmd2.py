@@ -190,16 +190,13 @@ def test_full_dmd2_trains_and_exports_a_pipeline(tiny_sd15, tmp_path):
 def test_bad_knobs_are_one_line(tiny_sd15, tmp_path):
     from ldmkit.methods import load_config
 
+    base = [f"--model.pretrained={tiny_sd15}", "--method.num_denoising_steps=1", "--method.validation_steps=[1]"]
     for bad, match in (
-        ("--method.dfake_gen_update_ratio=0", "dfake_gen_update_ratio must be >= 1"),
-        ("--method.min_step_percent=0.99", "min_step_percent and max_step_percent"),
-        ("--method.validation_steps=[4]", "validation_steps must lie in 1..num_denoising_steps"),
+        (["--method.dfake_gen_update_ratio=0"], "dfake_gen_update_ratio must be >= 1"),
+        (["--method.min_step_percent=0.99"], "min_step_percent and max_step_percent"),
+        (["--method.validation_steps=[4]"], r"validation_steps must lie in 1..sampler_grid \(1\)"),
+        (["--method.num_denoising_steps=2", "--method.sampler_grid=3"], r"sampler_grid \(3\) must be a multiple"),
     ):
         with pytest.raises(UserError, match=match):
-            base = [
-                f"--model.pretrained={tiny_sd15}",
-                "--method.num_denoising_steps=1",
-                "--method.validation_steps=[1]",
-            ]
-            load_config("dmd2_lora/debug", [*base, bad])
+            load_config("dmd2_lora/debug", [*base, *bad])
     assert isinstance(make(tiny_sd15, tmp_path), DMD2LoraMethod)

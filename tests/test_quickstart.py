@@ -197,6 +197,23 @@ def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path
         assert student in (out / "reports" / method / "report.html").read_text()
 
 
+def test_quickstart_offers_dmd2_lora_and_samples_it_as_its_record_says(tmp_path, shapes_folder, monkeypatch):
+    """--method dmd2_lora end to end at a tiny size: a method offered by its class (quickstart_student), its
+    4-step generator sampled at 1, 2 and 4 steps with the LCMScheduler its export records."""
+    from ldmkit.quickstart import stages, student_methods
+
+    assert {"lcm_lora", "tcd_lora", "pcm", "dmd2_lora"} <= set(student_methods())
+    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (_tiny_plan(), "A tiny plan for a test."))
+    out = tmp_path / "qs"
+    assert _run_quickstart(["--method", "dmd2_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"] == "DMD2-LoRA" and report["sampling"]["scheduler"] == "lcm"
+    assert report["sampling"]["recorded"] and report["sampling"]["guidance"] == 1.0
+    for n in (1, 2, 4):
+        assert report["figures"][f"lcm_{n}"]["method"] == "dmd2_lora"
+        assert report["figures"][f"lcm_{n}"]["unet_evals_per_image"] == n
+
+
 # ----------------------------------------------------------------------------------------------------
 # plan_for: the steps follow the data and the minutes
 

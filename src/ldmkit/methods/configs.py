@@ -421,6 +421,10 @@ class DMD2Knobs(MethodConfig):
     num_denoising_steps: int = 1
     """Steps of the generator: 1 (one step from pure noise at t = T - 1) or K (the timesteps a K-step
     LCMScheduler visits, [999, 749, 499, 249] for 4: the reference's SDXL 4-step schedule)."""
+    sampler_grid: int | None = None
+    """original_inference_steps of the exported LCMScheduler; null: num_denoising_steps, so K steps visit exactly
+    the generator's timesteps. A multiple of K also samples at more steps than K (at timesteps between the trained
+    ones, e.g. 8 for the quickstart's 8-step row of a 4-step generator)."""
     backward_simulation: bool = False
     """Multi-step generators: the input at step k is the generator's own k-step sample re-noised (no gradient),
     not a noised training image (--backward_simulation; the reference's 4-step SDXL model uses it)."""
@@ -452,11 +456,14 @@ class DMD2Knobs(MethodConfig):
             raise UserError(f"method.guidance_lr must be > 0 (or null), got {self.guidance_lr}")
         if self.diffusion_gan_max_timestep < 0:
             raise UserError(f"method.diffusion_gan_max_timestep must be >= 0, got {self.diffusion_gan_max_timestep}")
-        bad = [s for s in self.validation_steps if not 1 <= s <= max(self.num_denoising_steps, 1)]
-        if bad:
+        grid = self.sampler_grid or self.num_denoising_steps
+        if grid % self.num_denoising_steps:
             raise UserError(
-                f"method.validation_steps must lie in 1..num_denoising_steps ({self.num_denoising_steps}), got {bad}"
+                f"method.sampler_grid ({grid}) must be a multiple of num_denoising_steps ({self.num_denoising_steps})"
             )
+        bad = [s for s in self.validation_steps if not 1 <= s <= grid]
+        if bad:
+            raise UserError(f"method.validation_steps must lie in 1..sampler_grid ({grid}), got {bad}")
         check_validation_size(self)
 
 

@@ -342,7 +342,7 @@ class _DMD2Base(Method):
             return FlowMatchLCMScheduler.from_config(self.family.noise_scheduler.config)
         return lcm.lcm_scheduler(
             self.family.noise_scheduler.config,
-            self.mcfg.num_denoising_steps,
+            self.mcfg.sampler_grid or self.mcfg.num_denoising_steps,
             10.0,
             prediction_type=self.schedule.prediction_type,
         )
