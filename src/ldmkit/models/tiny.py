@@ -232,5 +232,5 @@ def build_tiny_pipeline(arch: Literal["sd15", "sd2v", "sdxl"], out_dir: str | Pa
         _write_slow_tokenizer_files(out / name)
     # The exact keys of the real folders (from_config dropped the ones the class does not take).
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
-    log.info("wrote tiny %s pipeline to %s", arch, out)
+    log.debug("wrote tiny %s pipeline to %s", arch, out)  # the command prints its own line
     return out
