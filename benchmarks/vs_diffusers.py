@@ -51,6 +51,7 @@ import gc
 import json
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -244,6 +245,9 @@ def run_child(
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as f:
+        # The command first, so a run can be repeated by hand (e.g. under a profiler).
+        f.write(f"$ {shlex.join(full)}\n")
+        f.flush()
         r = subprocess.run(full, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
