@@ -214,7 +214,17 @@ def test_generate_passes_allow_pickle(tmp_path, single_file, tiny_sd15, capsys):
 
     ckpt = tmp_path / "m.ckpt"
     torch.save({"state_dict": load_file(str(single_file))}, ckpt)
-    base = ["generate", "--model", str(ckpt), "--tokenizer", str(tiny_sd15), "--prompt", "x", "--out", "g"]
+    base = [
+        "generate",
+        "--model",
+        str(ckpt),
+        "--tokenizer",
+        str(tiny_sd15),
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "g"),
+    ]
     assert cli(base) == 2
     assert "pickle" in capsys.readouterr().err
     # Let through, the pickle is read: a pickle carries no configs, and the tiny weights do not fit the released ones.

@@ -157,5 +157,5 @@ def _check_diffusers_folder(folder: Path, ref: str, what: str, *, deep: bool) ->
     kind = "the cached repo" if deep else "the folder"
     raise UserError(
         f"{what} {ref}: {kind} is not a diffusers folder (no model_index.json) but holds single-file checkpoints; "
-        f"pass one of them as the model: {shown}"
+        f"pass one of them instead: {shown}"
     )
