@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+BUSY_LOAD = 0.5  # a 1-minute load average above this before a run: other work shared the cores
+
 
 def machine() -> str:
     """CPU model, logical cores, torch version (the facts a timing needs next to it)."""
@@ -72,14 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     what = "ldmkit quickstart" + ("" if args.full else " --quick") + "".join(f" {a}" for a in extra)
     threads = args.threads or os.environ.get("OMP_NUM_THREADS") or "torch's default"
     print(f"{what}: {args.runs} run(s) from an empty folder; {machine()}; threads: {threads}", flush=True)
-    walls, stages = [], []
+    walls, stages, loads = [], [], []
     for i in range(args.runs):
         wall, stage, load = one_run(args, extra)
         walls.append(wall)
         stages.append(stage)
+        loads.append(load)
         per_stage = ", ".join(f"{k} {v:.1f}" for k, v in stage.items())
         print(f"run {i + 1}: {wall:.1f} s (load average before: {load:.2f}; stages, s: {per_stage})", flush=True)
     print(f"median wall time: {statistics.median(walls):.1f} s (min {min(walls):.1f}, max {max(walls):.1f})")
+    if max(loads) > BUSY_LOAD:
+        print(f"note: the machine was busy (load average up to {max(loads):.2f}): not a figure measured alone")
     names = list(dict.fromkeys(k for s in stages for k in s))
     print(
         "median stage seconds: "
