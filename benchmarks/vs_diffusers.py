@@ -29,11 +29,19 @@ thread each and one data-loader worker each, in one invocation, interleaved (pee
   the data-loader's host memory. One optimizer step is tracked (the 4th), in a separate run, since the
   tracking slows the step.
 
-Two settings each: ``fp32`` (both in float32: the like-for-like figure) and ``best`` (each tool at its best
-for the device: the peer with ``--mixed_precision=bf16 --cast_teacher_unet`` (PyTorch SDPA attention, its
-default; xformers has no CPU kernels), ldmkit with ``--ldmkit-best``, by default its data cache and bf16
-autocast). bf16 is chosen for "best" when the CPU has bf16 matrix instructions (AMX / AVX512-BF16) or a
-CUDA device is present; ``--best-precision`` overrides it.
+Three settings: ``fp32`` (both tools at ``--mixed_precision no``: weights, student and optimizer in float32),
+``matched`` and ``best``. At ``no`` the peer still runs its teacher passes under ``torch.autocast(device)``
+(bf16 on a CPU, fp16 on CUDA: autocast's default dtype), and the LoRA script its target pass too (read in
+diffusers' scripts at 58eb52c: the LoRA script's ``autocast_ctx = torch.autocast(accelerator.device.type)``
+around the teacher and the target; the full script's teacher the same, its target under
+``torch.autocast(..., dtype=weight_dtype)``, which at ``no`` is float32, i.e. off), while ldmkit runs every
+pass in float32: ``fp32`` is not like for like. ``matched`` runs ldmkit at ``no`` with the same passes under
+the same autocast (PEER_AUTOCAST; ldmkit's teacher context and target wrapped in this script's child process,
+nothing of ldmkit changed). ``best``: each tool at its best for the device: the peer with
+``--mixed_precision=bf16 --cast_teacher_unet`` (PyTorch SDPA attention, its default; xformers has no CPU
+kernels), ldmkit with ``--ldmkit-best``, by default its data cache and bf16 autocast. bf16 is chosen for
+"best" when the CPU has bf16 matrix instructions (AMX / AVX512-BF16) or a CUDA device is present;
+``--best-precision`` overrides it.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import gc
 import json
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -60,6 +69,13 @@ PEER_SCRIPTS = {
 # ldmkit's best settings on this kind of machine, as --section.key=value overrides (see the README's table for
 # what each contributed). "{bf16}" is replaced by the chosen precision.
 LDMKIT_BEST = "data.cache=true,train.mixed_precision={bf16}"
+SETTINGS = ("fp32", "matched", "best")
+# The passes each peer runs under torch.autocast(device) with autocast's default dtype whatever its
+# --mixed_precision (diffusers 58eb52c, examples/consistency_distillation): the LoRA script's one autocast_ctx
+# wraps the teacher's two passes and the target pass; the full script's teacher passes the same, its target
+# pass dtype=weight_dtype (float32 at "no": autocast off).
+PEER_AUTOCAST = {"lcm_lora": ("teacher", "target"), "lcd": ("teacher",)}
+PEER_AUTOCAST_LINE = "torch.autocast(accelerator.device.type)"
 MEMORY_STEP = 4  # the optimizer step whose memory is tracked (after warm-up: optimizer state exists)
 WARMUP_STEPS = 3  # optimizer steps left out of the step-interval figure
 
@@ -92,6 +108,12 @@ def peer_copy(where: str, method: str, tmp: Path) -> Path:
     text = peer_source(where, method)
     if text.count(PEER_FIX_FROM) != 1:
         raise SystemExit(f"the {method} peer changed: its tar reader line was not found once; update PEER_FIX_FROM")
+    if PEER_AUTOCAST_LINE not in text:
+        print(
+            f"warning: the {method} peer has no {PEER_AUTOCAST_LINE} any more: the notes on its autocast at fp32 "
+            "and the 'matched' setting may be out of date (PEER_AUTOCAST)",
+            file=sys.stderr,
+        )
     out = tmp / Path(PEER_SCRIPTS[method]).name
     out.write_text(text.replace(PEER_FIX_FROM, PEER_FIX_TO))
     return out
@@ -197,10 +219,17 @@ def ldmkit_args(args, method: str, model: Path, shards: str, steps: int, overrid
     ]
 
 
-def run_child(args, cmd: list[str], memory_json: Path | None = None, step_times: Path | None = None) -> float:
+def run_child(
+    args,
+    cmd: list[str],
+    memory_json: Path | None = None,
+    step_times: Path | None = None,
+    autocast: tuple[str, ...] = (),
+) -> float:
     """Run one training in a fresh process; returns its wall time (s). ``step_times``: where the child writes the
-    time stamps of its optimizer steps."""
+    time stamps of its optimizer steps; ``autocast``: ldmkit's passes to run under the peer's autocast."""
     env = {
+        "LDMKIT_BENCH_AUTOCAST": ",".join(autocast),
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
         "MKL_NUM_THREADS": str(args.threads),
@@ -216,6 +245,9 @@ def run_child(args, cmd: list[str], memory_json: Path | None = None, step_times:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as f:
+        # The command first, so a run can be repeated by hand (e.g. under a profiler).
+        f.write(f"$ {shlex.join(full)}\n")
+        f.flush()
         r = subprocess.run(full, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
@@ -315,6 +347,9 @@ def child(memory_json: str, cmd: list[str]) -> int:
         if out:
             atexit.register(lambda: Path(out).write_text(json.dumps(stamps)))
     kind, rest = cmd[0], cmd[1:]
+    passes = tuple(p for p in os.environ.get("LDMKIT_BENCH_AUTOCAST", "").split(",") if p)
+    if kind == "ldmkit" and passes:
+        match_peer_autocast(passes)
     try:
         if kind == "peer":
             sys.argv = rest
@@ -328,7 +363,83 @@ def child(memory_json: str, cmd: list[str]) -> int:
     return 0
 
 
+# ---- the peer's autocast, matched on ldmkit's side ------------------------------------------------------
+class AutocastModule(torch.nn.Module):
+    """``module`` called under ``torch.autocast(device_type)`` with autocast's default dtype, as the peer calls
+    its target (``with autocast_ctx: unet(...)``)."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str):
+        super().__init__()
+        self.module, self.device_type = module, device_type
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type):
+            return self.module(*args, **kwargs)
+
+
+def match_peer_autocast(passes: tuple[str, ...]) -> None:
+    """Run ldmkit's LCD-family teacher passes (``teacher``) and target pass (``target``) under
+    ``torch.autocast(device)`` as the peer does at every --mixed_precision (PEER_AUTOCAST). Patched in the
+    child process only: the method's Roles (methods/lcd.py) get an autocast teacher context and a wrapped
+    target; the student, the loss and everything else stay as they are."""
+    import contextlib
+    import dataclasses
+
+    from ldmkit.methods.lcd import _LCDBase
+
+    unknown = set(passes) - {"teacher", "target"}
+    if unknown:
+        raise SystemExit(f"unknown autocast passes {sorted(unknown)}: teacher, target")
+    original = _LCDBase.consistency_pair
+
+    def consistency_pair(self, batch, roles):
+        device_type = self.device.type
+        if "teacher" in passes:
+            inner = roles.teacher_context
+
+            @contextlib.contextmanager
+            def teacher_context():
+                with inner(), torch.autocast(device_type):
+                    yield
+
+            roles = dataclasses.replace(roles, teacher_context=teacher_context)
+        if "target" in passes:
+            roles = dataclasses.replace(roles, target=AutocastModule(roles.target, device_type))
+        return original(self, batch, roles)
+
+    _LCDBase.consistency_pair = consistency_pair
+
+
+def autocast_note(method: str, device_type: str) -> str:
+    """What the peer runs under autocast at --mixed_precision=no, in words."""
+    dtype = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+    passes = " and ".join(PEER_AUTOCAST[method])
+    return f"the peer's {passes} passes run under torch.autocast({device_type}) = {dtype}"
+
+
 # ---- the benchmark ---------------------------------------------------------------------------------
+def label(setting: str) -> str:
+    """The setting as the tables print it: fp32 with a star, pointing at the note on the peer's autocast."""
+    return "fp32*" if setting == "fp32" else setting
+
+
+def supported_torch() -> tuple[str, bool] | None:
+    """(ldmkit's torch requirement, whether this torch meets it), or None when ldmkit's metadata is not installed."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = [Requirement(r) for r in metadata.requires("ldmkit") or []]
+    except metadata.PackageNotFoundError:
+        return None
+    torch_req = next((r for r in reqs if r.name == "torch" and not r.marker), None)
+    if torch_req is None:
+        return None
+    version = torch.__version__.split("+")[0]
+    return f"torch{torch_req.specifier}", torch_req.specifier.contains(version, prereleases=True)
+
+
 def best_precision(choice: str) -> str:
     if choice != "auto":
         return choice
@@ -353,7 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="10,40", help="A,B: steady state = (B - A) steps over wall(B) - wall(A).")
     p.add_argument("--rounds", type=int, default=1, help="Interleaved rounds (the median is reported).")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process.")
-    p.add_argument("--settings", default="fp32,best", help="Comma-separated subset of fp32,best.")
+    p.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help="Comma-separated subset of fp32 (both at --mixed_precision=no; the peer's teacher / target passes still "
+        "autocast), matched (fp32 with ldmkit's same passes under the same autocast), best.",
+    )
     p.add_argument(
         "--best-precision", default="auto", choices=("auto", "no", "bf16", "fp16"), help="Precision of 'best'."
     )
@@ -386,13 +502,21 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args, work: Path) -> int:
     methods = args.methods.split(",")
     settings = args.settings.split(",")
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise SystemExit(f"unknown --settings {sorted(unknown)}: choose from {', '.join(SETTINGS)}")
     a, b = (int(s) for s in args.steps.split(","))
     prec = best_precision(args.best_precision)
-    precision = {"fp32": "no", "best": prec}
+    precision = {"fp32": "no", "matched": "no", "best": prec}
     ldmkit_over = {
         "fp32": [],
+        "matched": [],
         "best": [o.replace("{bf16}", prec) for o in args.ldmkit_best.split(",") if o],
     }
+
+    def autocast(tool: str, method: str, setting: str) -> tuple[str, ...]:
+        return PEER_AUTOCAST[method] if (tool, setting) == ("ldmkit", "matched") else ()
+
     model = work / ("model-full" if args.full_size else "model")
     if not (model / "model_index.json").exists():
         print(f"building the model in {model} ...", file=sys.stderr, flush=True)
@@ -422,9 +546,13 @@ def benchmark(args, work: Path) -> int:
                                 f"round {r + 1}: {tool} {method} {setting} {steps} steps", file=sys.stderr, flush=True
                             )
                             stamps = out.with_name(out.name + "-steps.json")
-                            walls.setdefault((method, setting, tool, steps), []).append(
-                                run_child(args, cmd(tool, method, setting, steps, out), step_times=stamps)
+                            wall = run_child(
+                                args,
+                                cmd(tool, method, setting, steps, out),
+                                step_times=stamps,
+                                autocast=autocast(tool, method, setting),
                             )
+                            walls.setdefault((method, setting, tool, steps), []).append(wall)
                             # intervals between optimizer steps, after WARMUP_STEPS (first data, lazy init)
                             t = json.loads(stamps.read_text())[WARMUP_STEPS:]
                             intervals.setdefault((method, setting, tool), []).extend(y - x for x, y in zip(t, t[1:]))
@@ -436,7 +564,12 @@ def benchmark(args, work: Path) -> int:
                     out = runs / f"{method}-{setting}-{tool}-memory"
                     print(f"memory: {tool} {method} {setting}", file=sys.stderr, flush=True)
                     js = runs / f"{method}-{setting}-{tool}-memory.json"
-                    run_child(args, cmd(tool, method, setting, MEMORY_STEP + 2, out), memory_json=js)
+                    run_child(
+                        args,
+                        cmd(tool, method, setting, MEMORY_STEP + 2, out),
+                        memory_json=js,
+                        autocast=autocast(tool, method, setting),
+                    )
                     memory[(method, setting, tool)] = json.loads(js.read_text())
 
     device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} torch thread(s) per tool"
@@ -445,6 +578,21 @@ def benchmark(args, work: Path) -> int:
         f"batch {args.batch}, LoRA rank {args.rank}, torch {torch.__version__}, {device}"
     )
     print(f"  best: peer --mixed_precision={prec} --cast_teacher_unet; ldmkit {', '.join(ldmkit_over['best']) or '-'}")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    for method in methods:
+        note = autocast_note(method, device_type)
+        if "fp32" in settings:
+            print(f"  fp32* ({method}): both --mixed_precision=no, but {note}; ldmkit runs every pass in fp32")
+        if "matched" in settings:
+            print(
+                f"  matched ({method}): fp32 with ldmkit's {' and '.join(PEER_AUTOCAST[method])} under the same autocast"
+            )
+    supported = supported_torch()
+    if supported is not None and not supported[1]:
+        print(
+            f"  torch {torch.__version__} is outside ldmkit's supported range ({supported[0]}): ldmkit's figures here are "
+            "not of a supported install"
+        )
     if walls:
         print(
             f"\nsamples/s, steady state = ({b} - {a}) steps / (wall({b}) - wall({a})), median of {args.rounds} round(s)"
@@ -463,7 +611,8 @@ def benchmark(args, work: Path) -> int:
                     )
                     sps[tool] = per[len(per) // 2] if per else float("nan")
                 print(
-                    f"  {method:9} {setting:8} {sps['peer']:8.2f} {sps['ldmkit']:8.2f} {sps['ldmkit'] / sps['peer']:6.2f}x"
+                    f"  {method:9} {label(setting):8} {sps['peer']:8.2f} {sps['ldmkit']:8.2f} "
+                    f"{sps['ldmkit'] / sps['peer']:6.2f}x"
                 )
         print(
             f"\nsamples/s from the median time between optimizer steps (every run's steps after the first "
@@ -478,7 +627,7 @@ def benchmark(args, work: Path) -> int:
                     n[tool] = len(x)
                     sps[tool] = args.batch / x[len(x) // 2] if x else float("nan")
                 print(
-                    f"  {method:9} {setting:8} {sps['peer']:8.2f} {sps['ldmkit']:8.2f} "
+                    f"  {method:9} {label(setting):8} {sps['peer']:8.2f} {sps['ldmkit']:8.2f} "
                     f"{sps['ldmkit'] / sps['peer']:6.2f}x {min(n.values()):6d}"
                 )
     if memory:
@@ -497,7 +646,7 @@ def benchmark(args, work: Path) -> int:
                     m = memory[(method, setting, tool)]
                     res = m["resident"]
                     print(
-                        f"  {method:9} {setting:8} {tool:7} {res['weights'] / gib:8.3f} {res['grads'] / gib:7.3f} "
+                        f"  {method:9} {label(setting):8} {tool:7} {res['weights'] / gib:8.3f} {res['grads'] / gib:7.3f} "
                         f"{res['optimizer'] / gib:7.3f} {m['peak_bytes'] / gib:7.3f} {m['peak_bytes'] / peer_peak:6.2f}x"
                     )
     return 0

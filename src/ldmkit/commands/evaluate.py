@@ -27,6 +27,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", required=True, help="Local diffusers pipeline folder (SD1.5, SDXL, U-ViT, or an ldmkit export).")
     add("--lora", default=None, help="LoRA file or folder to load on top (e.g. an LCM-LoRA).")
+    add("--tokenizer", default=None, help="Tokenizer folder for a single-file --model (default: the HF cache).")
+    add("--allow-pickle", action="store_true", help="Allow a pickled .ckpt --model (it can run code when loaded).")
     add(
         "--no-fuse-lora",
         action="store_true",
@@ -259,17 +261,23 @@ def _read_inputs(args: argparse.Namespace, device) -> _Inputs:
     return _Inputs(prompts, reference, features, clip, probe)
 
 
+def _single_file_options(args: argparse.Namespace) -> dict:
+    """What a single-file --model (or --teacher) needs: --tokenizer, --allow-pickle."""
+    return dict(allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
+
+
 def _load_model(args: argparse.Namespace, dtype):
     """The model as its export's sampling record says (ldmkit.inference.load_export), the LoRA fused unless
     --no-fuse-lora; --guidance and --eta default to the record's."""
     from ldmkit.inference import load_export
 
+    single = _single_file_options(args)
     if args.lora:
-        pipe, sampling = load_export(args.lora, base=args.model, dtype=dtype, scheduler=args.scheduler)
+        pipe, sampling = load_export(args.lora, base=args.model, dtype=dtype, scheduler=args.scheduler, **single)
         if not args.no_fuse_lora:
             pipe.fuse_lora()  # time the model as a merged export runs (ldmkit merge-lora)
     else:
-        pipe, sampling = load_export(args.model, dtype=dtype, scheduler=args.scheduler)
+        pipe, sampling = load_export(args.model, dtype=dtype, scheduler=args.scheduler, **single)
     args.guidance = sampling.guidance if args.guidance is None else args.guidance
     args.eta = sampling.eta if args.eta is None else args.eta
     return pipe, sampling
@@ -281,7 +289,7 @@ def _evaluate_teacher(args, solvers, steps, inputs: _Inputs, metrics, adherence,
     from ldmkit.eval.evaluate import evaluate_solvers
     from ldmkit.inference import load_pipeline, set_scheduler
 
-    teacher = load_pipeline(args.teacher or args.model, dtype)
+    teacher = load_pipeline(args.teacher or args.model, dtype, **_single_file_options(args))
     teacher.to(device)
     teacher.set_progress_bar_config(disable=True)
     metrics["teacher"] = evaluate_solvers(

@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lora", default=None, help="LoRA file or folder (diffusers/peft or kohya format) to load on top."
     )
     parser.add_argument("--lora-scale", type=float, default=1.0, help="Strength of the LoRA.")
+    parser.add_argument(
+        "--tokenizer", default=None, help="Tokenizer folder for a single-file --model (default: the HF cache)."
+    )
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="Allow a pickled .ckpt --model (it can run code when loaded)."
+    )
     parser.add_argument("--prompt", action="append", required=True, help="Prompt (repeat for several).")
     parser.add_argument("--negative-prompt", default=None, help="Negative prompt for every image.")
     parser.add_argument(
@@ -95,12 +101,13 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     # The export's sampling record (scheduler, steps, guidance, eta) decides what the flags leave open.
+    single = dict(allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)  # a single-file base's needs
     if args.lora:
         pipe, sampling = load_export(
-            args.lora, base=args.model, dtype=dtype, scheduler=args.scheduler, lora_scale=args.lora_scale
+            args.lora, base=args.model, dtype=dtype, scheduler=args.scheduler, lora_scale=args.lora_scale, **single
         )
     else:
-        pipe, sampling = load_export(args.model, dtype=dtype, scheduler=args.scheduler)
+        pipe, sampling = load_export(args.model, dtype=dtype, scheduler=args.scheduler, **single)
     args.steps = sampling.steps if args.steps is None else args.steps
     args.guidance = sampling.guidance if args.guidance is None else args.guidance
     args.eta = sampling.eta if args.eta is None else args.eta

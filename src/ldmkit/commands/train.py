@@ -61,8 +61,8 @@ def run_summary(cfg, export: Path) -> str:
         rows.append(("logs", f"{out / 'logs'}  (tensorboard --logdir {shlex.quote(str(out / 'logs'))})"))
     prompt = (cfg.train.validation_prompts or ["a photo of a cat"])[0]
     if (export / "pytorch_lora_weights.safetensors").is_file():
-        model = Path(cfg.model.pretrained).resolve()
-        rows.append(("try it", f"ldmkit generate --model {shlex.quote(str(model))} --lora {shlex.quote(str(export))}"))
+        base = " ".join(shlex.quote(a) for a in base_model_args(cfg.model))
+        rows.append(("try it", f"ldmkit generate {base} --lora {shlex.quote(str(export))}"))
     elif (export / "model_index.json").is_file():
         rows.append(("try it", f"ldmkit generate --model {shlex.quote(str(export))}"))
     if rows[-1][0] == "try it":
@@ -72,6 +72,23 @@ def run_summary(cfg, export: Path) -> str:
         )
     lines += [f"  {k + ':':<11} {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def base_model_args(model_cfg) -> list[str]:
+    """``--model`` (and what a single file needs) for ``ldmkit generate`` on the base a LoRA was trained on:
+    a repo id as the user typed it (revision included: the cache resolves it again), a local folder or file
+    as an absolute path (so the line works from any folder)."""
+    from ldmkit.families.hub import split_repo_id
+
+    text = str(model_cfg.pretrained)
+    path = Path(text).expanduser()
+    model = text if split_repo_id(text) and not path.exists() else str(path.resolve())
+    args = ["--model", model]
+    if getattr(model_cfg, "tokenizer", None):
+        args += ["--tokenizer", str(Path(model_cfg.tokenizer).expanduser().resolve())]
+    if getattr(model_cfg, "allow_pickle", False):
+        args.append("--allow-pickle")
+    return args
 
 
 def _duration(seconds: float) -> str:

@@ -23,6 +23,7 @@ The sample's size (width, height) is read from the image header (EXIF orientatio
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -36,9 +37,13 @@ from ldmkit.errors import UserError
 if TYPE_CHECKING:
     from ldmkit.config import DataConfig
 
+logger = logging.getLogger(__name__)
+
 Size = tuple[int, int]  # (width, height)
 DEFAULT_STEP = 64
 _SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+_WARNED_SINGLE: set[tuple[int, int, float]] = set()  # settings already warned about (the loader and the
+# methods' validation size both build the buckets; one warning is enough)
 
 
 def bucket_step(cfg: DataConfig, encoders: Any = None) -> int:
@@ -85,7 +90,31 @@ class Buckets:
         """None when ``data.buckets`` is off (square crops)."""
         if not cfg.buckets:
             return None
-        return cls(cfg.resolution, bucket_step(cfg, encoders), cfg.bucket_max_aspect)
+        buckets = cls(cfg.resolution, bucket_step(cfg, encoders), cfg.bucket_max_aspect)
+        buckets.warn_if_single()
+        return buckets
+
+    def warn_if_single(self) -> None:
+        """One warning (once per resolution and step in a process) when these settings give one bucket: every
+        image is then cropped to that square, as without data.buckets, which the user asked not to happen."""
+        sizes = self.sizes
+        if len(sizes) > 1 or (self.resolution, self.step, self.max_aspect) in _WARNED_SINGLE:
+            return
+        _WARNED_SINGLE.add((self.resolution, self.step, self.max_aspect))
+        # The next multiple of the step that gives several buckets (one of them square).
+        (w, h), bigger = sizes[0], (self.resolution // self.step + 1) * self.step
+        while len(Buckets(bigger, self.step, self.max_aspect).sizes) == 1 and bigger < 8 * self.step:
+            bigger += self.step
+        logger.warning(
+            "data.buckets: data.resolution %d with a bucket step of %d px gives one bucket (%dx%d), so every image "
+            "is cropped to that square as without buckets; for several aspect ratios raise data.resolution to at "
+            "least %d or lower data.bucket_step",
+            self.resolution,
+            self.step,
+            w,
+            h,
+            bigger,
+        )
 
     @property
     def sizes(self) -> list[Size]:

@@ -90,6 +90,7 @@ def resolve_model(
         raise UserError(f"{what} is empty: set it to a diffusers folder, a .safetensors checkpoint or a repo id")
     path = Path(text).expanduser()
     if path.is_dir():
+        _check_diffusers_folder(path, text, what, deep=False)
         return path
     if path.suffix in SUFFIXES:
         if not path.is_file():
@@ -102,15 +103,59 @@ def resolve_model(
             _publish(tmp, out)
             log.info("converted %s into the diffusers folder %s", path, out)
         return out
+    if path.exists():
+        raise UserError(
+            f"{what} {text} is a file but not a checkpoint ({', '.join(SUFFIXES)}): give a diffusers folder, a "
+            ".safetensors file or a repo id"
+        )
     repo = split_repo_id(text)
-    if repo is None or path.exists():
-        raise UserError(f"{what} not found: {path} (give a diffusers folder, a .safetensors file or a repo id)")
+    if repo is None:
+        raise UserError(
+            f"{what} not found: {_no_such_path(path)} (give a diffusers folder, a .safetensors file or a repo id)"
+        )
     folder = cached_folder(*repo)
     if folder is None:
         from huggingface_hub import constants
 
+        # The folder comes first: "models/sd15" or "my/model" mistyped is far more often a path than a repo id.
         raise UserError(
-            f"{what} {text} is neither a local path nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            f"download it first (hf download {repo[0]}) or give a local folder"
+            f"{what} {text} not found: {_no_such_path(path)}, and no repo {repo[0]} in the Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or constants.HF_HUB_CACHE}); check the path, or download the repo "
+            f"first (hf download {repo[0]})"
         )
+    _check_diffusers_folder(folder, text, what, deep=True)
     return folder
+
+
+def _no_such_path(path: Path) -> str:
+    """``no folder or file /abs/path``, with the nearest name in its parent folder when one is close (a typo)."""
+    import difflib
+
+    full = path.absolute()
+    parent = full.parent
+    names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    close = difflib.get_close_matches(full.name, names, n=1, cutoff=0.75)
+    hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+    return f"no folder or file {full}{hint}"
+
+
+def _check_diffusers_folder(folder: Path, ref: str, what: str, *, deep: bool) -> None:
+    """A folder (or cached repo: ``deep``, its subfolders too) that holds single-file checkpoints but no
+    diffusers layout (model_index.json for a pipeline, config.json for one model) stops with the files to
+    pass instead, rather than with a missing model_index.json further on."""
+    if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
+        return
+    # Files next to a config.json are a diffusers component's weights (unet/, vae/), not single files.
+    files = sorted(
+        f
+        for f in (folder.rglob("*") if deep else folder.iterdir())
+        if f.suffix in SUFFIXES and f.is_file() and not (f.parent / "config.json").is_file()
+    )
+    if not files:
+        return
+    shown = ", ".join(str(f) for f in files[:4]) + (f" (and {len(files) - 4} more)" if len(files) > 4 else "")
+    kind = "the cached repo" if deep else "the folder"
+    raise UserError(
+        f"{what} {ref}: {kind} is not a diffusers folder (no model_index.json) but holds single-file checkpoints; "
+        f"pass one of them instead: {shown}"
+    )

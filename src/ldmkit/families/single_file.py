@@ -13,6 +13,7 @@ conversion of our file gives back every tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -183,7 +184,8 @@ def load_single_file(
             (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
             (Path(tmp) / rel).write_text(json.dumps(cfg))
         try:
-            pipe = cls.from_single_file(str(path), config=tmp, local_files_only=True, torch_dtype=dtype, **extra)
+            with _quiet_component_bar():
+                pipe = cls.from_single_file(str(path), config=tmp, local_files_only=True, torch_dtype=dtype, **extra)
         except ValueError as e:
             if CONFIG_KEY in metadata or "shape" not in str(e):
                 raise
@@ -192,6 +194,23 @@ def load_single_file(
             ) from None
         pipe.save_pretrained(out_dir)
     return kind
+
+
+@contextlib.contextmanager
+def _quiet_component_bar():
+    """Without debug logging, no "Loading pipeline components..." bar from ``from_single_file`` (it runs once
+    per file and says nothing the "detected a ... checkpoint" line does not; -v shows it). diffusers' switch
+    is global, so the previous state is restored."""
+    from diffusers.utils import logging as dlogging
+
+    was = dlogging.is_progress_bar_enabled()
+    if not log.isEnabledFor(logging.DEBUG):
+        dlogging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            dlogging.enable_progress_bar()
 
 
 # ---- writing ----------------------------------------------------------------------------------------
