@@ -66,3 +66,36 @@ def test_unknown_adapter_is_one_line():
 
     with pytest.raises(UserError, match="adapter"):
         load_config(None, ["--method.name=lora", "--method.adapter=ia3"])
+
+
+def test_loha_kohya_copy_of_an_sdxl_layout_names_modules_as_the_lora_path(tiny_sdxl, tmp_path):
+    """LoHa / LoKr kohya copies of SDXL models take the UNet's own config for their original-SD names, as the LoRA
+    path does: on the tiny SDXL layout (not the released one) both name the same modules."""
+    from safetensors.torch import load_file
+
+    from ldmkit.lora.export import kohya_state_dict, layers_from_peft_model
+
+    def kohya_modules(kind: str):
+        mcfg = LoraMethodConfig(adapter=kind, lora_rank=2, lora_alpha=2.0, lora_target_modules=LCM_LORA_TARGETS)
+        method = LoraMethod(make_cfg(tiny_sdxl, mcfg), accelerator())
+        with torch.no_grad():  # LoHa starts as the base model (one factor zero): give the update a value
+            for p in method.unet.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        method.export(tmp_path / kind)
+        keys = load_file(tmp_path / kind / KOHYA_WEIGHT_NAME)
+        return {k.split(".")[0] for k in keys if k.startswith("lora_unet_")}, method
+
+    lora, method = kohya_modules("lora")
+    loha, _ = kohya_modules("loha")
+    assert lora == loha and any("input_blocks" in m or "output_blocks" in m for m in lora)
+    # negative control: with the released SDXL layout (what the LoHa path used) this UNet's modules get other
+    # names, or none at all
+    from ldmkit.errors import UserError
+
+    try:
+        layers = {"unet": layers_from_peft_model(method.unet)}
+        released = {k.split(".")[0] for k in kohya_state_dict(layers, True, None)}
+    except UserError:
+        released = None
+    assert released != lora

@@ -52,6 +52,7 @@ def _report(results: dict) -> dict:
     return {
         "quick": True,
         "method": "lcm_lora",
+        "student": "LCM-LoRA",
         "plan": PLAN,
         "exports": {"teacher": "/runs/teacher", "distilled": "/runs/lcm_lora"},
         "text_separation": {"probe_color": 1.0},

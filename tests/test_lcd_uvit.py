@@ -289,14 +289,14 @@ def test_kohya_copy_of_a_uvit_lora_loads_the_same(trained, uvit_teacher, tmp_pat
     method.export(tmp_path)
     peft_file = load_file(str(tmp_path / LORA_WEIGHT_NAME))
     inputs = uvit_inputs(method.unet)
-    kohya = tmp_path / "kohya.safetensors"
-    for model in ([], ["--model", str(uvit_teacher)]):
+    for i, model in enumerate(([], ["--model", str(uvit_teacher)])):
+        kohya = tmp_path / f"kohya-{i}.safetensors"  # convert-lora replaces no file (without --overwrite)
         parser = argparse.ArgumentParser()
         convert_cmd.add_arguments(parser)
         args = ["--in", str(tmp_path), "--to", "kohya", "--out", str(kohya), *model]
         assert convert_cmd.run(parser.parse_args(args)) == 0
         assert all(k.startswith("lora_unet_") for k in load_file(str(kohya)))
-        back = tmp_path / "back.safetensors"
+        back = tmp_path / f"back-{i}.safetensors"
         args = ["--in", str(kohya), "--to", "diffusers", "--out", str(back), *model]
         assert convert_cmd.run(parser.parse_args(args)) == 0  # no model: names of a U-ViT of the file's depth
         assert set(load_file(str(back))) == set(peft_file)

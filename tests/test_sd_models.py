@@ -69,7 +69,7 @@ def test_tiny_pipeline_is_seeded_and_leaves_global_rng_alone(tmp_path):
     assert all(torch.equal(w["a"][k], w["b"][k]) for k in w["a"])
     assert not all(torch.equal(w["a"][k], w["c"][k]) for k in w["a"])
     with pytest.raises(UserError, match="arch"):
-        build_tiny_pipeline("sd3", tmp_path / "d")
+        build_tiny_pipeline("sd4", tmp_path / "d")
 
 
 def test_byte_tokenizer_is_one_token_per_character(tiny_sd15):

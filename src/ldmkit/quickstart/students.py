@@ -46,8 +46,12 @@ def student_label(method: str) -> str:
 
 
 def student_is_lora(method: str) -> bool:
-    """Whether the student is a LoRA of the teacher (else a whole pipeline)."""
-    return bool(getattr(_cls(method), "is_lora", False))
+    """Whether the student is a LoRA of the teacher (else a whole pipeline): its config is a LoRA config
+    (``LoraKnobs``). Read from the config class, which imports no torch (the planner runs for ``--help``)."""
+    from ldmkit.methods import get_config_class
+    from ldmkit.methods.configs import LoraKnobs
+
+    return issubclass(get_config_class(method), LoraKnobs)
 
 
 def _record(student: Path):
