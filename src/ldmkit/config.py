@@ -404,24 +404,29 @@ def validate_config(cfg: Config) -> None:
     value stops at once (``--dry-run`` included) with one line naming the key, never after hours of
     training or as a traceback. Checks that need the model live with the method (``check``) and the
     model family."""
-    t, d = cfg.train, cfg.data
     _finite_floats(cfg)
     if not cfg.output_dir.strip():
         raise UserError("output_dir is empty: name the folder the run writes to (--output_dir=...)")
+    _check_train(cfg.train)
+    _check_data(cfg.data)
+    for key in ("lora_alpha",):  # a knob of several methods: checked here once for all of them
+        value = getattr(cfg.method, key, None)
+        if value is not None and not value > 0:
+            raise UserError(f"method.{key} must be positive, got {value} (alpha / rank scales the LoRA update)")
+    _folder_path("output_dir", cfg.output_dir)
+    _folder_path("data.cache_dir", cfg.data.cache_dir)
+    check = getattr(cfg.method, "check", None)
+    if check is not None:
+        check(cfg)
+
+
+def _check_train(t: TrainConfig) -> None:
+    """The values of the ``train`` section (validate_config)."""
     if not 0 <= t.seed < 2**32:
         # numpy (seeded by accelerate's set_seed) takes seeds in [0, 2**32)
         raise UserError(f"train.seed must be in [0, 2**32), got {t.seed}")
     if not 0 <= t.validation_seed < 2**63:  # a torch.Generator seed
         raise UserError(f"train.validation_seed must be in [0, 2**63), got {t.validation_seed}")
-    for key in ("lora_alpha",):  # a knob of several methods: checked here once for all of them
-        value = getattr(cfg.method, key, None)
-        if value is not None and not value > 0:
-            raise UserError(f"method.{key} must be positive, got {value} (alpha / rank scales the LoRA update)")
-    if d.bucket_step is not None and d.bucket_step % VAE_FACTOR:
-        raise UserError(
-            f"data.bucket_step={d.bucket_step} gives bucket sides the VAE cannot take: it must be a multiple of "
-            f"{VAE_FACTOR} (the VAE's downsampling; 64 also keeps every UNet level whole)"
-        )
     for key, value, low in (
         ("train.batch_size", t.batch_size, 1),
         ("train.max_steps", t.max_steps, 1),
@@ -431,20 +436,9 @@ def validate_config(cfg: Config) -> None:
         ("train.validate_every", t.validate_every, 0),
         ("train.lr_warmup_steps", t.lr_warmup_steps, 0),
         ("train.adam_weight_decay", t.adam_weight_decay, 0.0),
-        ("data.resolution", d.resolution, 8),
-        ("data.num_workers", d.num_workers, 0),
-        ("data.encode_batch_size", d.encode_batch_size, 1),
-        ("data.shuffle_buffer", d.shuffle_buffer, 1),
-        ("data.bucket_max_aspect", d.bucket_max_aspect, 1.0),
     ):
         _at_least(key, value, low)
-    for key, value in (
-        ("train.checkpoints_total_limit", t.checkpoints_total_limit),
-        ("data.max_samples", d.max_samples),
-        ("data.num_samples", d.num_samples),
-        ("data.bucket_step", d.bucket_step),
-    ):
-        _at_least(key, value, 1, none_ok=True)
+    _at_least("train.checkpoints_total_limit", t.checkpoints_total_limit, 1, none_ok=True)
     for key, value in (("train.learning_rate", t.learning_rate), ("train.adam_epsilon", t.adam_epsilon)):
         if not value > 0 or value != value or value == float("inf"):
             raise UserError(f"{key} must be a positive finite number, got {value}")
@@ -454,19 +448,6 @@ def validate_config(cfg: Config) -> None:
     for key, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
         if not 0.0 <= value < 1.0:
             raise UserError(f"{key} must be in [0, 1), got {value}")
-    if not 0.0 <= d.proportion_empty_prompts <= 1.0:
-        raise UserError(f"data.proportion_empty_prompts must be in [0, 1], got {d.proportion_empty_prompts}")
-    if not 0.0 <= d.tag_dropout <= 1.0:
-        raise UserError(f"data.tag_dropout must be in [0, 1], got {d.tag_dropout}")
-    _at_least("data.keep_tokens", d.keep_tokens, 0)
-    tags = [k for k, on in (("shuffle_tags", d.shuffle_tags), ("tag_dropout", d.tag_dropout > 0),
-                            ("caption_prefix", bool(d.caption_prefix.strip()))) if on]  # fmt: skip
-    if d.cache and tags:
-        # the cache holds one text embedding per caption, and these change the caption every step
-        raise UserError(
-            f"data.{tags[0]} changes captions per step, but data.cache stores one text embedding per caption: "
-            "turn one of them off"
-        )
     if t.mixed_precision == "fp16":
         import torch
 
@@ -482,13 +463,44 @@ def validate_config(cfg: Config) -> None:
         lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
         t.validation_prompts = [*t.validation_prompts, *[line for line in lines if line]]
         t.validation_prompts_file = None
-    _folder_path("output_dir", cfg.output_dir)
-    _folder_path("data.cache_dir", d.cache_dir)
     if t.resume_from not in ("latest", "none") and not Path(t.resume_from).is_dir():
         raise UserError(f"train.resume_from must be latest, none or a checkpoint folder, got {t.resume_from!r}")
-    check = getattr(cfg.method, "check", None)
-    if check is not None:
-        check(cfg)
+
+
+def _check_data(d: DataConfig) -> None:
+    """The values of the ``data`` section (validate_config)."""
+    if d.bucket_step is not None and d.bucket_step % VAE_FACTOR:
+        raise UserError(
+            f"data.bucket_step={d.bucket_step} gives bucket sides the VAE cannot take: it must be a multiple of "
+            f"{VAE_FACTOR} (the VAE's downsampling; 64 also keeps every UNet level whole)"
+        )
+    for key, value, low in (
+        ("data.resolution", d.resolution, 8),
+        ("data.num_workers", d.num_workers, 0),
+        ("data.encode_batch_size", d.encode_batch_size, 1),
+        ("data.shuffle_buffer", d.shuffle_buffer, 1),
+        ("data.bucket_max_aspect", d.bucket_max_aspect, 1.0),
+    ):
+        _at_least(key, value, low)
+    for key, value in (
+        ("data.max_samples", d.max_samples),
+        ("data.num_samples", d.num_samples),
+        ("data.bucket_step", d.bucket_step),
+    ):
+        _at_least(key, value, 1, none_ok=True)
+    if not 0.0 <= d.proportion_empty_prompts <= 1.0:
+        raise UserError(f"data.proportion_empty_prompts must be in [0, 1], got {d.proportion_empty_prompts}")
+    if not 0.0 <= d.tag_dropout <= 1.0:
+        raise UserError(f"data.tag_dropout must be in [0, 1], got {d.tag_dropout}")
+    _at_least("data.keep_tokens", d.keep_tokens, 0)
+    tags = [k for k, on in (("shuffle_tags", d.shuffle_tags), ("tag_dropout", d.tag_dropout > 0),
+                            ("caption_prefix", bool(d.caption_prefix.strip()))) if on]  # fmt: skip
+    if d.cache and tags:
+        # the cache holds one text embedding per caption, and these change the caption every step
+        raise UserError(
+            f"data.{tags[0]} changes captions per step, but data.cache stores one text embedding per caption: "
+            "turn one of them off"
+        )
 
 
 # Keys that change how a run is watched or stored, not what it computes: a re-run may change them freely.
