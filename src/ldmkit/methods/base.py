@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from ldmkit.inference import SamplingRecord
 
-__all__ = ["Method", "MethodConfig", "StepCounter", "check_validation_size"]
+__all__ = ["Method", "MethodConfig", "StepCounter", "check_validation_size", "export_denoiser_lora"]
 logger = logging.getLogger(__name__)
 
 
@@ -32,6 +32,17 @@ def check_validation_size(mcfg: MethodConfig) -> None:
         value = getattr(mcfg, key, None)
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"method.{key} must be a multiple of 8 (at least 8), got {value}")
+
+
+def export_denoiser_lora(out_dir: Path, denoiser, family, adapter: str, scheduler) -> None:
+    """A distilled LoRA as every client loads it: ``pytorch_lora_weights.safetensors`` (stock
+    ``load_lora_weights``), the kohya / original-layout copy where the family's clients read one, and the
+    scheduler that samples it in ``scheduler/`` (its config carries the run's settings)."""
+    from ldmkit.lora import adapters
+
+    out_dir = Path(out_dir)
+    adapters.export_adapter(out_dir, {"unet": denoiser}, family.pipeline_class, adapter, kohya=family.exports_kohya)
+    scheduler.save_pretrained(out_dir / "scheduler")
 
 
 class StepCounter:
@@ -140,6 +151,35 @@ class Method:
             self._validation_size = (width or default[0], height or default[1])
             logger.info("validation images: %dx%d (width x height, from %s)", *self._validation_size, source)
         return self._validation_size
+
+    @torch.no_grad()
+    def few_step_grid(self, unet: torch.nn.Module, scheduler, guidance: float, eta: float | None = None):
+        """The validation grid of a distilled denoiser: a row per ``train.validation_prompts``, a column per
+        ``method.validation_steps``, the family's pipeline around ``unet`` with ``scheduler`` (fixed seed). The
+        VAE and text encoders the training did not need are loaded for this and dropped afterwards."""
+        from ldmkit.inference import generate_images, image_grid
+
+        prompts = self.cfg.train.validation_prompts
+        if not prompts:
+            return None
+        family, steps = self.family, self.mcfg.validation_steps
+        (width, height), seed = self.validation_size(), self.cfg.train.validation_seed
+        was_training = unet.training
+        unet.eval()
+        try:
+            with family.transient(), self.accelerator.autocast():
+                pipe = family.pipeline(unet=unet, scheduler=scheduler)
+                pipe.set_progress_bar_config(disable=True)
+                columns = [
+                    generate_images(pipe, prompts, n, guidance, seed, height=height, width=width, eta=eta)
+                    for n in steps
+                ]
+                del pipe
+        finally:
+            unet.train(was_training)
+        images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
+        labels = [f"{n} step{'s' * (n > 1)}" for n in steps]
+        return image_grid(images, len(steps), row_labels=prompts, col_labels=labels)
 
     def export(self, out_dir: Path) -> None:
         raise NotImplementedError

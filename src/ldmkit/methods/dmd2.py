@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
-from ldmkit.methods.base import Method, StepCounter
+from ldmkit.methods.base import Method, StepCounter, export_denoiser_lora
 from ldmkit.methods.configs import DMD2Config, DMD2Knobs, DMD2LoraConfig  # noqa: F401 (help needs no torch)
 from ldmkit.methods.lcd import _sharing_weights, _WithWeights
 from ldmkit.models import discriminator
@@ -168,10 +168,12 @@ class _DMD2Base(Method):
 
     # ---- the roles ----------------------------------------------------------------------------------
     def generator(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """G: ``self.unet`` (LoRA on the base, or a trainable copy), accelerate-prepared."""
+        return self.unet
 
     def real_score(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """The frozen teacher (``dmd2_lora``: the base tensors without adapters)."""
+        return self.teacher_unet
 
     def fake_score(self, detach: bool = False) -> torch.nn.Module:
         """The fake score (trainable); ``detach``: the same with its weights detached (the GAN's generator side)."""
@@ -356,40 +358,9 @@ class _DMD2Base(Method):
     def _sampling_denoiser(self) -> torch.nn.Module:
         return self.unwrap(self.generator())
 
-    @torch.no_grad()
     def validate(self, step: int):
-        from ldmkit.inference import generate_images, image_grid
-
-        prompts = self.cfg.train.validation_prompts
-        if not prompts:
-            return None
-        unet = self._sampling_denoiser()
-        was_training = unet.training
-        unet.eval()
-        steps, (width, height) = self.mcfg.validation_steps, self.validation_size()
-        try:
-            with self.family.transient(), self.accelerator.autocast():
-                pipe = self.family.pipeline(unet=unet, scheduler=self._sampling_scheduler())
-                pipe.set_progress_bar_config(disable=True)
-                columns = [
-                    generate_images(
-                        pipe,
-                        prompts,
-                        n,
-                        self._default_guidance(),
-                        self.cfg.train.validation_seed,
-                        height=height,
-                        width=width,
-                    )
-                    for n in steps
-                ]
-                del pipe
-        finally:
-            unet.train(was_training)
-        images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]
-        return image_grid(
-            images, len(steps), row_labels=prompts, col_labels=[f"{n} step{'s' * (n > 1)}" for n in steps]
-        )
+        """Rows: cfg.train.validation_prompts; columns: the generator at method.validation_steps (fixed seed)."""
+        return self.few_step_grid(self._sampling_denoiser(), self._sampling_scheduler(), self._default_guidance())
 
     def sampling_record(self):
         from ldmkit.inference import SamplingRecord
@@ -442,12 +413,6 @@ class DMD2LoraMethod(_DMD2Base):
         self._build_classifier(self.unet)
         self.trainable_names = ("unet", "fake") + (("classifier",) if self.classifier is not None else ())
 
-    def generator(self):
-        return self.unet
-
-    def real_score(self):
-        return self.teacher_unet
-
     def fake_score(self, detach: bool = False):
         if detach:
             fake = self.unwrap(self.fake)
@@ -459,17 +424,9 @@ class DMD2LoraMethod(_DMD2Base):
 
     def export(self, out_dir: Path) -> None:
         """The generator's LoRA (diffusers file and, where clients read it, the kohya copy) and its sampler."""
-        from ldmkit.lora import adapters
-
-        out_dir = Path(out_dir)
-        adapters.export_adapter(
-            out_dir,
-            {"unet": self.unwrap(self.unet)},
-            self.family.pipeline_class,
-            self.mcfg.adapter,
-            kohya=self.family.exports_kohya,
+        export_denoiser_lora(
+            out_dir, self.unwrap(self.unet), self.family, self.mcfg.adapter, self._sampling_scheduler()
         )
-        self._sampling_scheduler().save_pretrained(out_dir / "scheduler")
 
 
 class DMD2Method(_DMD2Base):
@@ -487,12 +444,6 @@ class DMD2Method(_DMD2Base):
         self.fake = self.family.load_denoiser(torch.float32).requires_grad_(True).train()
         self._build_classifier(self.fake)
         self.trainable_names = ("unet", "fake") + (("classifier",) if self.classifier is not None else ())
-
-    def generator(self):
-        return self.unet
-
-    def real_score(self):
-        return self.teacher_unet
 
     def fake_score(self, detach: bool = False):
         if detach:

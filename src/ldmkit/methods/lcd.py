@@ -42,7 +42,7 @@ from ldmkit.errors import UserError
 from ldmkit.families.sd import UNET_LORA_TARGET_MODULES as LCM_LORA_TARGET_MODULES
 from ldmkit.families.uvit import UVIT_LORA_TARGET_MODULES
 from ldmkit.lora.adapters import adapters_disabled
-from ldmkit.methods.base import Method
+from ldmkit.methods.base import Method, export_denoiser_lora
 from ldmkit.methods.configs import LCDCommonConfig, LCDConfig, LCMLoraConfig  # noqa: F401 (help needs no torch)
 from ldmkit.methods.ema import EMA
 from ldmkit.rng import SampleRNG
@@ -292,37 +292,9 @@ class _LCDBase(Method):
     @torch.no_grad()
     def validate(self, step: int):
         """Rows: cfg.train.validation_prompts; columns: few-step samples at method.validation_steps (fixed seed)."""
-        from ldmkit.inference import generate_images, image_grid
-
-        prompts = self.cfg.train.validation_prompts
-        if not prompts:
-            return None
-        unet = self._sampling_unet()
-        was_training = unet.training
-        unet.eval()
         guidance = self.mcfg.validation_guidance
         guidance = self._default_guidance() if guidance is None else guidance
-        (width, height), seed, steps = (
-            self.validation_size(),
-            self.cfg.train.validation_seed,
-            self.mcfg.validation_steps,
-        )
-        # VAE and text encoders the training did not need are loaded for this and dropped afterwards.
-        try:
-            with self.family.transient(), self.accelerator.autocast():
-                pipe = self.family.pipeline(unet=unet, scheduler=self._sampling_scheduler())
-                pipe.set_progress_bar_config(disable=True)
-                eta = self._sampling_eta()
-                columns = [
-                    generate_images(pipe, prompts, n, guidance, seed, height=height, width=width, eta=eta)
-                    for n in steps
-                ]
-                del pipe
-        finally:
-            unet.train(was_training)
-        images = [columns[j][i] for i in range(len(prompts)) for j in range(len(steps))]  # prompt-major rows
-        labels = [f"{n} step{'s' * (n > 1)}" for n in steps]
-        return image_grid(images, len(steps), row_labels=prompts, col_labels=labels)
+        return self.few_step_grid(self._sampling_unet(), self._sampling_scheduler(), guidance, self._sampling_eta())
 
     # ---- how the export is sampled (the record next to it; the model card) ----------------------------
     quickstart_student = True
@@ -473,18 +445,10 @@ class LCMLoraMethod(_LCDBase):
         """``pytorch_lora_weights.safetensors`` (stock ``load_lora_weights``), a kohya copy (not for DoRA),
         and the sampling scheduler's config with the run's settings (LCM: N and s); the model card:
         ldmkit.methods.card."""
-        from ldmkit.lora import adapters
-
-        out_dir = Path(out_dir)
         with self._exported_weights():
-            n, _ = adapters.export_adapter(
-                out_dir,
-                {"unet": self.unwrap(self.unet)},
-                self.family.pipeline_class,
-                self.mcfg.adapter,
-                kohya=self.family.exports_kohya,
+            export_denoiser_lora(
+                out_dir, self.unwrap(self.unet), self.family, self.mcfg.adapter, self._sampling_scheduler()
             )
-        self._sampling_scheduler().save_pretrained(out_dir / "scheduler")
 
 
 class LCDMethod(_LCDBase):
