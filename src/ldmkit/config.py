@@ -22,7 +22,7 @@ class MethodConfig:
     """Base of every method's config; ``name`` selects the method."""
 
     name: str = ""
-    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | uvit | vae."""
+    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | dmd2_lora | dmd2 | uvit | vae."""
 
 
 @dataclass

@@ -167,7 +167,7 @@ class _SDTrainConfig(MethodConfig):
 @dataclass
 class FinetuneConfig(_SDTrainConfig):
     name: str = "finetune"
-    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | uvit | vae."""
+    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | dmd2_lora | dmd2 | uvit | vae."""
     use_ema: bool = False
     """Keep an EMA of the UNet weights, used for validation and export."""
     ema_decay: float = 0.9999
@@ -177,7 +177,7 @@ class FinetuneConfig(_SDTrainConfig):
 @dataclass
 class LoraMethodConfig(LoraKnobs, _SDTrainConfig):
     name: str = "lora"
-    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | uvit | vae."""
+    """Training method: finetune | lora | lcm_lora | lcd | tcd_lora | tcd | pcm_lora | pcm | dmd2_lora | dmd2 | uvit | vae."""
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_TARGETS))
     """Text-encoder modules that get adapters when train_text_encoder is true."""
 
@@ -431,7 +431,7 @@ class DMD2Knobs(MethodConfig):
     guidance_lr: float | None = None
     """Learning rate of the fake score and classifier; null: train.learning_rate (the reference uses equal ones)."""
     validation_steps: list[int] = field(default_factory=lambda: [1])
-    """Sampling step counts in each validation grid (at most num_denoising_steps, plus 1)."""
+    """Sampling step counts in each validation grid (1 to sampler_grid)."""
     validation_guidance: float | None = None
     """Pipeline guidance_scale of validation and of the export's record; null: the family's no-CFG value."""
     validation_width: int | None = None
