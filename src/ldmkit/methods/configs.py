@@ -398,6 +398,10 @@ class DMD2Knobs(MethodConfig):
     unless said otherwise; its SDXL scripts (experiments/sdxl/) use real_guidance_scale 8, ratio 5, GAN 5e-3 and
     a 4-step generator with backward simulation."""
 
+    quickstart_step_cost: ClassVar[float] = 2.13
+    """Seconds of a step per LCM-LoRA step on the quickstart's teacher (the planner's estimate): 1068 s against
+    501 s for 1500 steps of dmd2_lora and lcm_lora, one run each in one --out on the same machine."""
+
     real_guidance_scale: float = 1.75
     """Classifier-free guidance of the real score (the frozen teacher), in diffusers' form u + g (c - u) (the
     reference's --real_guidance_scale; SDXL 8). A teacher with a guidance input (FLUX.1-dev) takes it as input."""

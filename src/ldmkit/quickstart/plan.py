@@ -106,7 +106,11 @@ MAX_PASSES = {"vae": 20, "teacher": 60, "distill": 40}
 
 
 def _step_seconds(method: str) -> dict[str, float]:
-    distill = LORA_STEP_SECONDS * (1.0 if student_is_lora(method) else FULL_STUDENT_RATIO)
+    from ldmkit.methods import get_config_class
+
+    # A method whose steps cost more than LCM's says so on its config (a ClassVar: no torch for --help).
+    cost = getattr(get_config_class(method), "quickstart_step_cost", 1.0)
+    distill = LORA_STEP_SECONDS * (1.0 if student_is_lora(method) else FULL_STUDENT_RATIO) * cost
     return {"vae": VAE_STEP_SECONDS, "teacher": TEACHER_STEP_SECONDS, "distill": distill}
 
 
