@@ -441,6 +441,10 @@ def test_sdxl_kohya_file_with_original_sd_block_names_and_text_encoders(tmp_path
     assert {k.split(".")[0] for k in keys if k.startswith("lora_unet_")} == expected
     assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
+    # text-encoder modules under text_model_, as A1111 / ComfyUI / sd-scripts name them (transformers 5's
+    # CLIPTextModel has no text_model in its module paths)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
 
     stock = _loaded(tiny_sdxl, path, sdxl=True)  # diffusers reads every module of the file
     for c in layers:
@@ -477,7 +481,8 @@ def test_text_encoder_lora_files_merge_and_convert(tmp_path, tiny_sd15):
         "kohya": export.save_kohya(tmp_path / "k", layers, sdxl=False),
     }
     assert any(k.startswith("text_encoder.") for k in load_file(str(files["diffusers"])))
-    assert any(k.startswith("lora_te_") for k in load_file(str(files["kohya"])))
+    te_keys = {k.split(".")[0] for k in load_file(str(files["kohya"])) if k.startswith("lora_te_")}
+    assert te_keys and all(k.startswith("lora_te_text_model_encoder_layers_") for k in te_keys), sorted(te_keys)[:3]
     plain = _pipe(tiny_sd15)
     for fmt, path in files.items():
         stock = _loaded(tiny_sd15, path)

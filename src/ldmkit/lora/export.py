@@ -168,7 +168,21 @@ def kohya_name(component: str, module: str, sdxl: bool, unet_config: Mapping | N
     writes them."""
     if component == "unet" and sdxl:
         module = original_sd_name(module, unet_config)
+    elif component in ("text_encoder", "text_encoder_2"):
+        module = clip_text_model_path(module)
     return kohya_prefix(component, sdxl) + module.replace(".", "_")
+
+
+_CLIP_INNER = ("encoder.", "embeddings.", "final_layer_norm")
+
+
+def clip_text_model_path(module: str) -> str:
+    """A CLIP text-encoder module's path under ``text_model.``, as kohya's files name it
+    (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``: what A1111's ``networks.py``, ComfyUI's
+    ``model_lora_keys_clip`` and sd-scripts map). transformers 5's CLIPTextModel has no ``text_model``
+    wrapper in its module paths (``encoder.layers.0...``), so the name is put back; diffusers strips it again
+    when it loads such a file into an encoder without the wrapper (``lora_base.py``)."""
+    return "text_model." + module if module.startswith(_CLIP_INNER) else module
 
 
 def kohya_state_dict(

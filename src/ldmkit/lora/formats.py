@@ -307,5 +307,9 @@ def read_for_pipeline(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict:
         model = getattr(pipe, name, None)
         if model is None:
             raise UserError(f"the LoRA adapts {name}, which {type(pipe).__name__} does not have")
+        if name.startswith("text_encoder") and not hasattr(model, "text_model"):
+            # kohya files name CLIP modules under text_model. (export.clip_text_model_path); transformers 5's
+            # CLIPTextModel has no such wrapper, so the prefix goes, as diffusers' lora_base.py drops it
+            components[name] = {m.removeprefix("text_model."): layer for m, layer in components[name].items()}
         check_modules(components, name, (n for n, _ in model.named_modules()))
     return components
