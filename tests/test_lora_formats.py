@@ -504,3 +504,41 @@ def test_text_encoder_lora_files_merge_and_convert(tmp_path, tiny_sd15):
         ids = torch.tensor([[49406, 1, 2, 3, 49407]]) % conv.text_encoder.config.vocab_size
         with torch.no_grad():
             torch.testing.assert_close(conv.text_encoder(ids)[0], stock.text_encoder(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_flattened_1x1_conv_lora_loads_and_merges_like_the_conv_shaped_file(tmp_path, tiny_sd15):
+    """SD1.x's proj_in is a 1x1 convolution; a LoRA with flat (linear) factors for it is the same map and loads
+    (generate) and merges exactly as the conv-shaped file; factors of the wrong size are one line, exit 2."""
+    from ldmkit.inference import load_lora
+
+    base = _pipe(tiny_sd15)
+    module = "down_blocks.0.attentions.0.proj_in"
+    weight = base.unet.get_submodule(module).weight
+    assert weight.shape[2:] == (1, 1)
+    gen = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, weight.shape[1], generator=gen), torch.randn(weight.shape[0], 4, generator=gen)
+    key = "lora_unet_" + module.replace(".", "_")
+    files = {}
+    for name, (d, u) in {"flat": (down, up), "conv": (down[:, :, None, None], up[:, :, None, None])}.items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({f"{key}.lora_down.weight": d, f"{key}.lora_up.weight": u, f"{key}.alpha": torch.tensor(2.0)},
+                  str(files[name]))  # fmt: skip
+    merged = {name: _merged(tmp_path, tiny_sd15, path) for name, path in files.items()}
+    _assert_same_weights(merged["flat"].unet, merged["conv"].unet)
+    expected = weight + 0.5 * (up @ down)[:, :, None, None]
+    torch.testing.assert_close(merged["flat"].unet.get_submodule(module).weight, expected)
+
+    inputs = unet_inputs(base.unet)
+    outs = []
+    for path in files.values():
+        pipe = _pipe(tiny_sd15)
+        load_lora(pipe, path)
+        assert count_lora_modules(pipe.unet) == 1
+        outs.append(unet_out(pipe.unet, inputs))
+    torch.testing.assert_close(outs[0], outs[1])
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({f"{key}.lora_down.weight": down[:, :-1].contiguous(), f"{key}.lora_up.weight": up}, str(wrong))
+    with pytest.raises(UserError, match="proj_in maps .* the LoRA is for another model"):
+        load_lora(_pipe(tiny_sd15), wrong)
+    assert cli(["merge-lora", "--model", str(tiny_sd15), "--lora", str(wrong), "--out", str(tmp_path / "w")]) == 2

@@ -105,7 +105,8 @@ def lora_location(path: str | Path) -> tuple[Path, str]:
 
 
 def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
-    """Load a diffusers/peft- or kohya-format LoRA file into ``pipe`` (diffusers converts kohya keys).
+    """Load a diffusers/peft- or kohya-format LoRA file into ``pipe`` (read by ``lora.formats``, which uses
+    diffusers' converters for the kohya layouts it knows, then handed to ``load_lora_weights`` as peft keys).
 
     The file is read and checked against the pipeline first (an unreadable file, or a LoRA of another
     model, is one UserError naming it or its missing modules: diffusers would raise deep inside, or skip
@@ -120,9 +121,9 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
     state = formats.load_lora_file(folder / weight_name)
     dora = any("lora_magnitude_vector" in k or "dora_scale" in k for k in state)
     components = None if dora else formats.read_for_pipeline(pipe, state)
-    if components is not None and getattr(pipe, "unet", None) is None:
-        # SD3 / FLUX: ldmkit's reader knows the original (SAI / BFL) layouts, which diffusers reads only at the
-        # released widths and without the top-level modules: hand diffusers the modules already read.
+    if components is not None:
+        # diffusers gets the modules ldmkit read: its reader knows the original (SAI / BFL) layouts that
+        # diffusers reads only at the released widths, and has fitted 1x1-conv / linear factors to their modules
         pipe.load_lora_weights(formats.peft_state_dict(components), adapter_name="default")
     else:
         pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="default")

@@ -312,4 +312,30 @@ def read_for_pipeline(pipe, state_dict: Mapping[str, torch.Tensor]) -> dict:
             # CLIPTextModel has no such wrapper, so the prefix goes, as diffusers' lora_base.py drops it
             components[name] = {m.removeprefix("text_model."): layer for m, layer in components[name].items()}
         check_modules(components, name, (n for n, _ in model.named_modules()))
+        components[name] = fit_module_shapes(components[name], model, name)
     return components
+
+
+def fit_module_shapes(layers: Layers, model: torch.nn.Module, component: str) -> Layers:
+    """``layers`` shaped like the modules they adapt. A 1x1 convolution and a linear layer are the same map,
+    and LoRAs meet both for one module (SD1.x's conv ``proj_in`` / ``proj_out`` against SD2.x's linear
+    ones, files written by tools that flatten 1x1 kernels): the factors are reshaped, exactly. A LoRA whose
+    sizes are not the module's is one UserError naming it (peft's load would end in a size-mismatch
+    traceback)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for path, layer in layers.items():
+        module = modules.get(path) or next(m for n, m in modules.items() if n.endswith("." + path))
+        weight = getattr(module, "weight", None)
+        down, up = layer.down, layer.up
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1) and down.ndim == 2 == up.ndim:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        elif isinstance(module, torch.nn.Linear) and down.ndim == 4 == up.ndim and down.shape[2:] == (1, 1):
+            down, up = down[:, :, 0, 0], up[:, :, 0, 0]
+        if weight is not None and (up.shape[0], down.shape[1]) != tuple(weight.shape[:2]):
+            raise UserError(
+                f"LoRA module {component}.{path} maps {down.shape[1]} -> {up.shape[0]} features, the model's "
+                f"{type(module).__name__} {weight.shape[1]} -> {weight.shape[0]}: the LoRA is for another model"
+            )
+        out[path] = LoraLayer(down, up, layer.alpha) if down is not layer.down else layer
+    return out
