@@ -165,6 +165,13 @@ class SamplingRecord:
     few_step: bool = False
     """A distilled few-step model (1-8 steps)."""
     version: int = 1
+    sampler: str | None = None
+    """ldmkit's own sampler when no stock diffusers scheduler samples the method (TCD on a rectified flow:
+    ``FlowMatchTCDScheduler`` with ``eta`` as gamma); ``scheduler`` is then the closest stock one, whose config
+    the export holds."""
+    flow_grid: int | None = None
+    """PCM on a rectified flow: N of the solver grid. At n steps the pipeline call's ``sigmas`` are the grid's
+    points (``ldmkit.diffusion.pcm.flow_sampling_sigmas``; the phase edges at n = K)."""
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / SAMPLING_RECORD
@@ -213,6 +220,19 @@ class Sampling:
     guidance: float
     eta: float | None
     record: SamplingRecord | None = None
+    flow_grid: int | None = None
+    """The record's ``flow_grid`` while the model samples with the record's scheduler (None otherwise)."""
+
+    def sigmas(self, steps: int) -> list[float] | None:
+        """The pipeline call's ``sigmas`` at ``steps`` (a flow PCM model: its grid points), else None."""
+        if self.flow_grid is None:
+            return None
+        from ldmkit.diffusion.pcm import flow_sampling_sigmas
+
+        try:
+            return flow_sampling_sigmas(self.flow_grid, steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def _export_scheduler(folder: Path, record: SamplingRecord | None):
@@ -270,8 +290,20 @@ def load_export(
     if record is None:
         return pipe, Sampling(*sampling_defaults(pipe), eta=None)
     # The record's eta belongs to its own sampler (TCD's gamma); another --scheduler gets the pipeline's default.
-    eta = record.eta if type(pipe.scheduler).__name__ == record.scheduler or record.scheduler is None else None
-    return pipe, Sampling(record.steps, record.guidance, eta, record)
+    own = type(pipe.scheduler).__name__ == record.scheduler or record.scheduler is None
+    eta = record.eta if own else None
+    if own and record.sampler:
+        pipe.scheduler = ldmkit_sampler(record.sampler, pipe.scheduler.config, eta)
+    return pipe, Sampling(record.steps, record.guidance, eta, record, record.flow_grid if own else None)
+
+
+def ldmkit_sampler(name: str, config, eta: float | None):
+    """ldmkit's own sampler ``name`` (a record's ``sampler``) on a stock scheduler's config."""
+    from ldmkit.diffusion.tcd import DEFAULT_GAMMA, FlowMatchTCDScheduler
+
+    if name != "FlowMatchTCDScheduler":
+        raise UserError(f"the export's sampling record names an unknown ldmkit sampler {name!r}")
+    return FlowMatchTCDScheduler.with_gamma(config, DEFAULT_GAMMA if eta is None else eta)
 
 
 def sampling_defaults(pipe) -> tuple[int, float]:
@@ -336,6 +368,7 @@ def generate_images(
     height: int | None = None,
     width: int | None = None,
     eta: float | None = None,
+    sigmas: list[float] | None = None,
 ) -> list[Any]:
     """``num_images`` PIL images per prompt, prompt-major.
 
@@ -345,7 +378,8 @@ def generate_images(
     through one pipeline call (their ``num_images`` each); diffusers pipelines lay the batch out
     prompt-major (``num_images_per_prompt`` copies of each prompt in turn) and draw row k's noise from
     generator k, so the generators are listed in that order. ``guidance`` None (and any other None)
-    means the pipeline's default; ``eta`` goes to schedulers that take it (DDIM's eta, TCD's gamma).
+    means the pipeline's default; ``eta`` goes to schedulers that take it (DDIM's eta, TCD's gamma; ldmkit's flow
+    TCD sampler as its gamma, and it draws from the images' generators); ``sigmas`` to the flow pipelines.
     """
     if batch_size < 1 or num_images < 1:
         raise UserError(f"batch_size and num_images must be at least 1, got {batch_size} and {num_images}")
@@ -356,6 +390,9 @@ def generate_images(
         chunk = prompts[start : start + batch_size]
         first = start * num_images
         gens = [torch.Generator("cpu").manual_seed(seed + first + k) for k in range(len(chunk) * num_images)]
+        if hasattr(pipe.scheduler, "use_generators"):  # ldmkit's flow TCD sampler: the pipelines pass it none
+            pipe.scheduler.use_generators(gens)
+            pipe.scheduler.gamma = pipe.scheduler.gamma if eta is None else eta
         kwargs: dict[str, Any] = dict(
             prompt=chunk,
             num_inference_steps=steps,
@@ -367,6 +404,7 @@ def generate_images(
             height=height,
             width=width,
             eta=eta,
+            sigmas=sigmas,
             output_type="pil",
         )
         # Only pass what this pipeline takes (U-ViT's pipeline has a smaller signature).

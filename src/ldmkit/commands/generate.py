@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         eta=args.eta,
+        sigmas=sampling.sigmas(args.steps),
     )
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
