@@ -164,7 +164,12 @@ def _end_index(name: str, m, index, t, u) -> torch.Tensor:
     return torch.tensor([lowers[next(i for i, e in enumerate(uppers) if e >= ti)] for ti in grid[index].tolist()])
 
 
-CASES = [("tcd_lora", "sd3", "euler"), ("pcm_lora", "flux", "euler"), ("pcm_lora", "sd3", "heun"), ("lcd", "flux", "euler")]
+CASES = [
+    ("tcd_lora", "sd3", "euler"),
+    ("pcm_lora", "flux", "euler"),
+    ("pcm_lora", "sd3", "heun"),
+    ("lcd", "flux", "euler"),
+]
 
 
 @pytest.mark.parametrize("name,arch,solver", CASES, ids=["-".join(c) for c in CASES])
@@ -321,7 +326,8 @@ def test_full_lcd_export_is_a_stock_pipeline_that_samples(arch, request, tmp_pat
     assert isinstance(pipe.scheduler, FlowMatchLCMScheduler)
     pipe.set_progress_bar_config(disable=True)
     torch.testing.assert_close(
-        dict(pipe.transformer.named_parameters())["proj_out.weight"], dict(m.target_unet.named_parameters())["proj_out.weight"]
+        dict(pipe.transformer.named_parameters())["proj_out.weight"],
+        dict(m.target_unet.named_parameters())["proj_out.weight"],
     )
     for steps in (1, 2, 4, 8):
         _generate(pipe, steps, record.guidance)

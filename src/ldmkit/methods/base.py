@@ -173,7 +173,14 @@ class Method:
                 pipe.set_progress_bar_config(disable=True)
                 columns = [
                     generate_images(
-                        pipe, prompts, n, guidance, seed, height=height, width=width, eta=eta,
+                        pipe,
+                        prompts,
+                        n,
+                        guidance,
+                        seed,
+                        height=height,
+                        width=width,
+                        eta=eta,
                         sigmas=None if sigmas is None else sigmas(n),
                     )
                     for n in steps

@@ -208,7 +208,9 @@ def _webui_text(card: _Card) -> str:
         return "A1111 and ComfyUI do not know the U-ViT architecture: use diffusers with ldmkit's UViTPipeline."
     sampler = ""
     if card.few_step:
-        name = {"LCMScheduler": "LCM", "TCDScheduler": "TCD"}.get(card.record.scheduler or "", card.record.scheduler)
+        names = {"LCMScheduler": "LCM", "TCDScheduler": "TCD", "FlowMatchLCMScheduler": "LCM"}
+        names["FlowMatchEulerDiscreteScheduler"] = "Euler"  # flow PCM (at its phase edges), flow TCD at gamma 0
+        name = names.get(card.record.scheduler or "", card.record.scheduler)
         sampler = f" Sample with the {name} sampler, {card.steps} steps, CFG {max(1.0, card.guidance)}."
     if card.is_lora:
         kohya = card.export_dir / "pytorch_lora_weights_kohya.safetensors"

@@ -139,7 +139,9 @@ class _LCDBase(Method):
                 f"method {m.name} does not distil {self.family.name} (a rectified-flow model) yet; lcm_lora does"
             )
         if m.teacher_solver == "heun" and not self.schedule.is_flow:
-            raise UserError("method.teacher_solver heun needs a rectified-flow teacher (SD3, FLUX.1); DDPM teachers use ddim")
+            raise UserError(
+                "method.teacher_solver heun needs a rectified-flow teacher (SD3, FLUX.1); DDPM teachers use ddim"
+            )
         T = self.schedule.num_train_timesteps
         if m.num_ddim_timesteps > T:
             raise UserError(f"method.num_ddim_timesteps ({m.num_ddim_timesteps}) exceeds the teacher's {T} timesteps")
@@ -218,7 +220,6 @@ class _LCDBase(Method):
                 batch, resolution=self.cfg.data.resolution, fix_crop_and_size=m.use_fix_crop_and_size
             )
             cond, uncond = ({k: v.float() for k, v in c.items()} for c in (cond, uncond))
-            nd = z.ndim
 
             # 2. Sample n ~ U{0..N-1}: t_{n+k} = ddim_timesteps[n] and t_n = max(t_{n+k} - k, 0).
             index = rng.randint(0, m.num_ddim_timesteps).to(self.device)  # (B,)

@@ -81,7 +81,9 @@ class PhasedTarget(TrajectoryTarget):
         super().__init__(cfg, accelerator)
         m = self.mcfg
         if m.adv_weight > 0 and self.schedule.is_flow:
-            raise UserError(f"method.adv_weight: {m.name}'s adversarial term does not run on {self.family.name} yet (set 0)")
+            raise UserError(
+                f"method.adv_weight: {m.name}'s adversarial term does not run on {self.family.name} yet (set 0)"
+            )
         if m.adv_weight > 0:
             layout = m.adv_heads or self.family.pcm_adv_heads
             self._taps = discriminator.feature_taps(self.roles().teacher, layout)
