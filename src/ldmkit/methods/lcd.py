@@ -140,7 +140,7 @@ class _LCDBase(Method):
             )
         if m.teacher_solver == "heun" and not self.schedule.is_flow:
             raise UserError(
-                "method.teacher_solver heun needs a rectified-flow teacher (SD3, FLUX.1); DDPM teachers use ddim"
+                "method.teacher_solver heun needs a rectified-flow teacher (SD3, FLUX.1); DDPM teachers take euler (DDIM)"
             )
         T = self.schedule.num_train_timesteps
         if m.num_ddim_timesteps > T:
@@ -363,6 +363,8 @@ class _LCDBase(Method):
         return facts
 
     def _scheduler_note(self) -> str:
+        if self.schedule.is_flow:
+            return "FlowMatchLCMScheduler with the teacher's shift (the export's scheduler config)"
         return (
             f"LCMScheduler, original_inference_steps={self.mcfg.num_ddim_timesteps}, "
             f"timestep_scaling={self.mcfg.timestep_scaling_factor} (use these at inference)"
