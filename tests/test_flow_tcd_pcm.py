@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -279,7 +280,7 @@ def test_debug_recipe_resumes_and_its_export_samples_everywhere(name, arch, requ
     """The debug recipe resumes exactly; its export loads in stock diffusers with every module adapted and
     generates at 1/2/4/8 steps as its sampling record says (TCD: the stock Euler scheduler = gamma 0, and ldmkit's
     gamma sampler; PCM: the stock Euler scheduler at the grid's sigmas); ldmkit generate and merge-lora run on it."""
-    from ldmkit.inference import load_export, read_sampling_record
+    from ldmkit.inference import FLOW_GRID, generate_images, load_export, read_sampling_record
 
     model = request.getfixturevalue(f"tiny_{arch}")
     assert_debug_recipe_resumes(name, arch, model, shapes_folder, tmp_path)
@@ -291,13 +292,20 @@ def test_debug_recipe_resumes_and_its_export_samples_everywhere(name, arch, requ
     for steps in (1, 2, 4, 8):
         sigmas = pcm.flow_sampling_sigmas(record.flow_grid, steps) if record.flow_grid else None
         _generate(pipe, steps, record.guidance, sigmas=sigmas)
-    loaded, sampling = load_export(export)
+    loaded, _ = load_export(export)
     if name == "tcd_lora":
         assert (record.sampler, record.eta, record.flow_grid) == ("FlowMatchTCDScheduler", 0.3, None)
         assert isinstance(loaded.scheduler, tcd.FlowMatchTCDScheduler) and loaded.scheduler.gamma == 0.3
     else:
         assert (record.sampler, record.eta, record.flow_grid) == (None, None, 100)
-        assert sampling.sigmas(4) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+        assert getattr(loaded, FLOW_GRID) == 100  # generate_images passes the grid's sigmas (generate, evaluate)
+        loaded.set_progress_bar_config(disable=True)
+        kw = dict(height=RES, width=RES)
+        grid = np.asarray(generate_images(loaded, ["a red circle"], 4, 1.0, 0, **kw)[0])
+        given = np.asarray(generate_images(loaded, ["a red circle"], 4, 1.0, 0, sigmas=[1.0, 0.75, 0.5, 0.25], **kw)[0])
+        delattr(loaded, FLOW_GRID)
+        default = np.asarray(generate_images(loaded, ["a red circle"], 4, 1.0, 0, **kw)[0])
+        assert np.array_equal(grid, given) and not np.array_equal(grid, default)
     _run_cli("generate", "--model", str(model), "--lora", str(export), "--prompt", "a red circle",
              "--height", str(RES), "--width", str(RES), "--out", str(tmp_path / "gen"))  # fmt: skip
     assert json.loads((tmp_path / "gen" / "generate.json").read_text())["scheduler_class"] == (

@@ -220,19 +220,11 @@ class Sampling:
     guidance: float
     eta: float | None
     record: SamplingRecord | None = None
-    flow_grid: int | None = None
-    """The record's ``flow_grid`` while the model samples with the record's scheduler (None otherwise)."""
 
-    def sigmas(self, steps: int) -> list[float] | None:
-        """The pipeline call's ``sigmas`` at ``steps`` (a flow PCM model: its grid points), else None."""
-        if self.flow_grid is None:
-            return None
-        from ldmkit.diffusion.pcm import flow_sampling_sigmas
 
-        try:
-            return flow_sampling_sigmas(self.flow_grid, steps)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+FLOW_GRID = "ldmkit_flow_grid"
+"""Attribute ``load_export`` sets on a pipeline that samples a flow PCM model with its record's scheduler: N of the
+solver grid, from which ``generate_images`` passes the call's ``sigmas`` (``SamplingRecord.flow_grid``)."""
 
 
 def _export_scheduler(folder: Path, record: SamplingRecord | None):
@@ -294,7 +286,9 @@ def load_export(
     eta = record.eta if own else None
     if own and record.sampler:
         pipe.scheduler = ldmkit_sampler(record.sampler, pipe.scheduler.config, eta)
-    return pipe, Sampling(record.steps, record.guidance, eta, record, record.flow_grid if own else None)
+    if own and record.flow_grid:  # every caller of generate_images (generate, evaluate, ...) samples the grid
+        setattr(pipe, FLOW_GRID, record.flow_grid)
+    return pipe, Sampling(record.steps, record.guidance, eta, record)
 
 
 def ldmkit_sampler(name: str, config, eta: float | None):
@@ -379,11 +373,14 @@ def generate_images(
     prompt-major (``num_images_per_prompt`` copies of each prompt in turn) and draw row k's noise from
     generator k, so the generators are listed in that order. ``guidance`` None (and any other None)
     means the pipeline's default; ``eta`` goes to schedulers that take it (DDIM's eta, TCD's gamma; ldmkit's flow
-    TCD sampler as its gamma, and it draws from the images' generators); ``sigmas`` to the flow pipelines.
+    TCD sampler as its gamma, and it draws from the images' generators); ``sigmas`` to the flow pipelines (default:
+    the grid points of a flow PCM export, when ``load_export`` loaded it).
     """
     if batch_size < 1 or num_images < 1:
         raise UserError(f"batch_size and num_images must be at least 1, got {batch_size} and {num_images}")
     accepted = inspect.signature(pipe.__call__).parameters
+    if sigmas is None and getattr(pipe, FLOW_GRID, None):
+        sigmas = _flow_grid_sigmas(pipe, steps)
     prompts = list(prompts)
     images: list[Any] = []
     for start in range(0, len(prompts), batch_size):
@@ -411,6 +408,15 @@ def generate_images(
         kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
         images += pipe(**kwargs).images
     return images
+
+
+def _flow_grid_sigmas(pipe, steps: int) -> list[float]:
+    from ldmkit.diffusion.pcm import flow_sampling_sigmas
+
+    try:
+        return flow_sampling_sigmas(getattr(pipe, FLOW_GRID), steps, pipe.scheduler.config.num_train_timesteps)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def image_grid(

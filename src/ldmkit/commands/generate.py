@@ -125,7 +125,6 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         eta=args.eta,
-        sigmas=sampling.sigmas(args.steps),
     )
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
