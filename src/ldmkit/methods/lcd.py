@@ -18,7 +18,10 @@ Differences from the references, on purpose:
 Any teacher: the algorithm talks to the model only through its family (``ldmkit.families``):
 ``family.denoise`` calls the denoiser, ``family.conditions`` gives (cond, uncond), ``family.pipeline``
 samples, and the family's defaults (LoRA targets, w_min, guidance) fill what the config leaves open. SD1.x,
-SDXL and ldmkit's U-ViT (a ``UViTPipeline`` folder, e.g. the export of a ``uvit`` run) are families.
+SDXL and ldmkit's U-ViT (a ``UViTPipeline`` folder, e.g. the export of a ``uvit`` run) are families, and so are
+the rectified-flow SD3 and FLUX.1 (``Family.schedule``: the DDIM step becomes the Euler step over the shifted
+sigmas, or Heun's with ``method.teacher_solver``; the full LCD student is then the teacher's transformer as it is:
+FLUX.1-dev reads w through its own guidance input, SD3 bakes w in as the LoRAs do).
 lcm_lora and lcd differ only in who plays student, teacher and target (``Roles``); TCD and PCM
 (methods/tcd.py, methods/pcm.py) reuse both and override only the target point s, the consistency function
 and the sampling scheduler (``_end_timesteps``, ``_f``, ``_sampling_scheduler``, ``_sampling_eta``).
