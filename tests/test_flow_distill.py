@@ -1,6 +1,7 @@
 """LCM-LoRA from rectified-flow teachers (tiny SD3 and FLUX.1-dev twins): Algorithm 1 on the flow schedule by
 hand, the loss decreases, the export loads in stock diffusers with every module adapted and samples with
-FlowMatchLCMScheduler at 1/2/4/8 steps, a re-run resumes exactly, and what does not distil flows yet says so."""
+FlowMatchLCMScheduler at 1/2/4/8 steps, and a re-run resumes exactly. TCD, PCM and full LCD on flows:
+tests/test_flow_tcd_pcm.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 
 from ldmkit.diffusion import lcm
-from ldmkit.errors import UserError
 from ldmkit.families.flux import pack, unpack  # noqa: F401 (the family's packing, used by denoise)
 from ldmkit.lora.adapters import adapters_disabled
 from ldmkit.rng import SampleRNG
@@ -121,9 +121,3 @@ def test_loss_decreases_and_the_export_loads_in_stock_diffusers(arch, request, t
 @pytest.mark.parametrize("arch", ARCHS)
 def test_debug_recipe_resumes_exactly(arch, request, shapes_folder, tmp_path):
     assert_debug_recipe_resumes("lcm_lora", arch, request.getfixturevalue(f"tiny_{arch}"), shapes_folder, tmp_path)
-
-
-def test_what_does_not_distil_flows_yet_says_so(tiny_flux, tmp_path):
-    for name in ("tcd_lora", "pcm_lora", "lcd"):
-        with pytest.raises(UserError, match=f"method {name} does not distil FLUX"):
-            make_distill_method(name, tiny_flux, tmp_path / name)

@@ -184,7 +184,7 @@ def test_recipes_validate(path, monkeypatch):
 def test_recipe_set_is_complete():
     assert {f"{p.parent.name}/{p.stem}" for p in RECIPES} == {
         f"{m}/{r}" for m in ("lcm_lora", "lcd") for r in ("sd15", "sdxl", "debug", "debug_sdxl", "quickstart")
-    } | {"lcm_lora/debug_sd3", "lcm_lora/debug_flux"}  # flow teachers: tests/test_flow_distill.py
+    } | {f"{m}/debug_{a}" for m in ("lcm_lora", "lcd") for a in ("sd3", "flux")}  # flow teachers: test_flow_*.py
 
 
 @pytest.mark.parametrize(

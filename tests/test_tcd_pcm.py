@@ -178,7 +178,7 @@ def test_recipes_validate(path, monkeypatch):
 def test_recipe_set_is_complete():
     assert {f"{p.parent.name}/{p.stem}" for p in RECIPES} == {
         f"{m}/{r}" for m in NAMES for r in ("sd15", "sdxl", "debug", "debug_sdxl", "quickstart")
-    }
+    } | {f"{m}/debug_{a}" for m in ("tcd_lora", "pcm_lora") for a in ("sd3", "flux")}  # test_flow_tcd_pcm.py
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,13 @@ class SamplingRecord:
     few_step: bool = False
     """A distilled few-step model (1-8 steps)."""
     version: int = 1
+    sampler: str | None = None
+    """ldmkit's own sampler when no stock diffusers scheduler samples the method (TCD on a rectified flow:
+    ``FlowMatchTCDScheduler`` with ``eta`` as gamma); ``scheduler`` is then the closest stock one, whose config
+    the export holds."""
+    flow_grid: int | None = None
+    """PCM on a rectified flow: N of the solver grid. At n steps the pipeline call's ``sigmas`` are the grid's
+    points (``ldmkit.diffusion.pcm.flow_sampling_sigmas``; the phase edges at n = K)."""
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / SAMPLING_RECORD
@@ -214,6 +221,11 @@ class Sampling:
     guidance: float
     eta: float | None
     record: SamplingRecord | None = None
+
+
+FLOW_GRID = "ldmkit_flow_grid"
+"""Attribute ``load_export`` sets on a pipeline that samples a flow PCM model with its record's scheduler: N of the
+solver grid, from which ``generate_images`` passes the call's ``sigmas`` (``SamplingRecord.flow_grid``)."""
 
 
 def _export_scheduler(folder: Path, record: SamplingRecord | None):
@@ -271,8 +283,22 @@ def load_export(
     if record is None:
         return pipe, Sampling(*sampling_defaults(pipe), eta=None)
     # The record's eta belongs to its own sampler (TCD's gamma); another --scheduler gets the pipeline's default.
-    eta = record.eta if type(pipe.scheduler).__name__ == record.scheduler or record.scheduler is None else None
+    own = type(pipe.scheduler).__name__ == record.scheduler or record.scheduler is None
+    eta = record.eta if own else None
+    if own and record.sampler:
+        pipe.scheduler = ldmkit_sampler(record.sampler, pipe.scheduler.config, eta)
+    if own and record.flow_grid:  # every caller of generate_images (generate, evaluate, ...) samples the grid
+        setattr(pipe, FLOW_GRID, record.flow_grid)
     return pipe, Sampling(record.steps, record.guidance, eta, record)
+
+
+def ldmkit_sampler(name: str, config, eta: float | None):
+    """ldmkit's own sampler ``name`` (a record's ``sampler``) on a stock scheduler's config."""
+    from ldmkit.diffusion.tcd import DEFAULT_GAMMA, FlowMatchTCDScheduler
+
+    if name != "FlowMatchTCDScheduler":
+        raise UserError(f"the export's sampling record names an unknown ldmkit sampler {name!r}")
+    return FlowMatchTCDScheduler.with_gamma(config, DEFAULT_GAMMA if eta is None else eta)
 
 
 def sampling_defaults(pipe) -> tuple[int, float]:
@@ -337,6 +363,7 @@ def generate_images(
     height: int | None = None,
     width: int | None = None,
     eta: float | None = None,
+    sigmas: list[float] | None = None,
 ) -> list[Any]:
     """``num_images`` PIL images per prompt, prompt-major.
 
@@ -346,17 +373,24 @@ def generate_images(
     through one pipeline call (their ``num_images`` each); diffusers pipelines lay the batch out
     prompt-major (``num_images_per_prompt`` copies of each prompt in turn) and draw row k's noise from
     generator k, so the generators are listed in that order. ``guidance`` None (and any other None)
-    means the pipeline's default; ``eta`` goes to schedulers that take it (DDIM's eta, TCD's gamma).
+    means the pipeline's default; ``eta`` goes to schedulers that take it (DDIM's eta, TCD's gamma; ldmkit's flow
+    TCD sampler as its gamma, and it draws from the images' generators); ``sigmas`` to the flow pipelines (default:
+    the grid points of a flow PCM export, when ``load_export`` loaded it).
     """
     if batch_size < 1 or num_images < 1:
         raise UserError(f"batch_size and num_images must be at least 1, got {batch_size} and {num_images}")
     accepted = inspect.signature(pipe.__call__).parameters
+    if sigmas is None and getattr(pipe, FLOW_GRID, None):
+        sigmas = _flow_grid_sigmas(pipe, steps)
     prompts = list(prompts)
     images: list[Any] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         first = start * num_images
         gens = [torch.Generator("cpu").manual_seed(seed + first + k) for k in range(len(chunk) * num_images)]
+        if hasattr(pipe.scheduler, "use_generators"):  # ldmkit's flow TCD sampler: the pipelines pass it none
+            pipe.scheduler.use_generators(gens)
+            pipe.scheduler.gamma = pipe.scheduler.gamma if eta is None else eta
         kwargs: dict[str, Any] = dict(
             prompt=chunk,
             num_inference_steps=steps,
@@ -368,12 +402,22 @@ def generate_images(
             height=height,
             width=width,
             eta=eta,
+            sigmas=sigmas,
             output_type="pil",
         )
         # Only pass what this pipeline takes (U-ViT's pipeline has a smaller signature).
         kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
         images += pipe(**kwargs).images
     return images
+
+
+def _flow_grid_sigmas(pipe, steps: int) -> list[float]:
+    from ldmkit.diffusion.pcm import flow_sampling_sigmas
+
+    try:
+        return flow_sampling_sigmas(getattr(pipe, FLOW_GRID), steps, pipe.scheduler.config.num_train_timesteps)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def image_grid(

@@ -19,12 +19,20 @@ The optional adversarial consistency loss compares the student's and the target'
 both are diffused forward to a time t_adv inside the phase above s (``adversarial_timesteps``,
 ``noise_travel``; reference code/text_to_image_sd15/train_pcm_lora_sd15_adv.py and its
 scheduling_ddpm_modified.py ``noise_travel``).
+
+On a rectified flow (SD3, FLUX.1) the phases are the same index ranges of the same solver grid, now over the
+shifted sigmas (diffusion/schedule.py), and the consistency function is the Euler step to the edge. Sampling is
+deterministic Euler from edge to edge, as the authors' SD3 sampler (code/text_to_image_sd3/
+pcm_fm_deterministic_scheduler.py: the descending N-point grid at floor(linspace(0, N, n)), then sigma 0). Stock
+``FlowMatchEulerDiscreteScheduler`` does exactly that when the pipeline call is given those points as ``sigmas``
+(``flow_sampling_sigmas``: unshifted, since the scheduler applies the shift, static or FLUX's dynamic one).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ldmkit.diffusion import lcm
 from ldmkit.diffusion.lcm import append_dims
 
 
@@ -71,3 +79,14 @@ def noise_travel(
     ac = alphas_cumprod.to(sample.device)
     ratio = append_dims(ac[to_timesteps.to(sample.device)] / ac[timesteps.to(sample.device)], sample.ndim)
     return ratio.sqrt() * sample + (1 - ratio).sqrt() * noise
+
+
+def flow_sampling_sigmas(num_ddim_timesteps: int, steps: int, num_train_timesteps: int = 1000) -> list[float]:
+    """The ``sigmas`` argument of a flow pipeline call (StableDiffusion3Pipeline, FluxPipeline) that makes its
+    ``FlowMatchEulerDiscreteScheduler`` visit the N-point solver grid at ``steps`` points, descending, before the
+    final step to sigma 0: grid indices N-1-floor(j N / steps), as unshifted sigmas (t + 1) / T. At ``steps`` = K
+    these are exactly the K phases' upper ends (``phase_edges``); the scheduler shifts them as training did."""
+    if not 1 <= steps <= num_ddim_timesteps:
+        raise ValueError(f"a PCM flow model samples 1..{num_ddim_timesteps} steps (its solver grid), got {steps}")
+    grid = lcm.ddim_timesteps(num_train_timesteps, num_ddim_timesteps)
+    return [(grid[int(i)].item() + 1) / num_train_timesteps for i in phase_starts(num_ddim_timesteps, steps).flip(0)]

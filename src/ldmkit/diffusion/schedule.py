@@ -18,6 +18,10 @@ TCD's trajectory consistency function and PCM's phase map carry over unchanged (
 each against diffusers). Only the consistency function at the origin differs: LCM's boundary scalings
 (c_skip, c_out) on DDPM, x_0 itself on a flow (what ``FlowMatchLCMScheduler.step`` samples with; f(x, 0) = x
 holds since sigma_0 is ~0).
+
+Two flow-only pieces: the teacher's second-order step (``heun_step``: Heun over the same sigmas, as
+``FlowMatchHeunDiscreteScheduler`` and the PCM authors' SD3 scripts offer), and forward noising from one point of a
+flow to a noisier one (``flow_noise_travel``), which TCD's stochastic sampling step needs (diffusion/tcd.py).
 """
 
 from __future__ import annotations
@@ -53,6 +57,28 @@ def dynamic_shift_mu(image_seq_len: int, config) -> float:
     y1, y2 = config["base_shift"], config["max_shift"]
     m = (y2 - y1) / (x2 - x1)
     return image_seq_len * m + (y1 - m * x1)
+
+
+def heun_step(
+    sample: torch.Tensor, v: torch.Tensor, v_next: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
+    """Heun's (improved Euler) step of the flow ODE dx/dsigma = v from sigma to sigma_next: the Euler step's
+    end point is ``sample + (sigma_next - sigma) v``; ``v_next`` is the velocity predicted there, and the step
+    uses their mean, x + (sigma_next - sigma) (v + v_next) / 2 (``FlowMatchHeunDiscreteScheduler.step``'s two
+    calls). ``sigma`` / ``sigma_next`` broadcast against ``sample``."""
+    return sample + (sigma_next - sigma) * 0.5 * (v + v_next)
+
+
+def flow_noise_travel(
+    sample: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, sigma_to: torch.Tensor
+) -> torch.Tensor:
+    """Forward noising of a flow sample x_sigma to sigma_to >= sigma: with r = (1 - sigma_to) / (1 - sigma),
+    x_to = r x_sigma + sqrt(sigma_to^2 - r^2 sigma^2) z. If x_sigma = (1 - sigma) x0 + sigma eps', x_to has the
+    marginal (1 - sigma_to) x0 + sigma_to eps of the rectified-flow interpolation (its noise variance is
+    r^2 sigma^2 + sigma_to^2 - r^2 sigma^2). The flow form of DDPM's sqrt(a_t / a_s) x_s + sqrt(1 - a_t / a_s) z
+    (diffusion/pcm.py ``noise_travel``)."""
+    r = (1 - sigma_to) / (1 - sigma)
+    return r * sample + (sigma_to**2 - (r * sigma) ** 2).clamp(min=0).sqrt() * noise
 
 
 @dataclass
@@ -155,6 +181,18 @@ class Schedule:
             append_dims(c, x.ndim).to(x) for c in lcm.scalings_for_boundary_conditions(t, 0.5, timestep_scaling)
         )
         return c_skip * x + c_out * x0
+
+    def velocity(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The flow velocity v = eps - x0 of a (guided) prediction (the ODE's dx/dsigma)."""
+        return eps - x0
+
+    def heun(
+        self, x: torch.Tensor, v: torch.Tensor, v_next: torch.Tensor, t: torch.Tensor, s: torch.Tensor
+    ) -> torch.Tensor:
+        """Heun's step (``heun_step``) from index t to s on a flow; ``v_next`` is predicted at the Euler point."""
+        if not self.is_flow:
+            raise ValueError("heun steps are defined on a rectified-flow schedule only")
+        return heun_step(x, v, v_next, self.scales(t, x)[1], self.scales(s, x)[1])
 
     def trajectory(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """TCD's f(x_t, t, s) = alpha_s x_0 + sigma_s eps; x_t itself where s == t (the boundary condition)."""

@@ -16,6 +16,13 @@ sampling is ``TCDScheduler`` with its stochastic parameter gamma (``eta`` of ``T
 Algorithm 4, "strategic stochastic sampling"; gamma 0 is deterministic).
 
 Symbols as in ``ldmkit.diffusion.lcm``: alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t]).
+
+On a rectified flow (SD3, FLUX.1; x_s = (1 - s) x0 + s eps, diffusion/schedule.py) the trajectory function is the
+same formula (an Euler step of the flow), and the stochastic sampling step becomes ``flow_gamma_step``: predict
+x0 and eps at sigma, move along the straight path to s' = (1 - gamma) s, re-noise forward from s' to s. No stock
+diffusers scheduler does this (``FlowMatchEulerDiscreteScheduler`` is gamma 0, ``FlowMatchLCMScheduler`` and
+the Euler scheduler's ``stochastic_sampling`` are gamma 1), so ldmkit samples flow TCD models with its own
+``FlowMatchTCDScheduler`` (tested against both ends in tests/test_flow_tcd_pcm.py).
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ import inspect
 from typing import Any
 
 import torch
-from diffusers import TCDScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, TCDScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ldmkit.diffusion.lcm import append_dims, predicted_noise, predicted_origin
+from ldmkit.diffusion.schedule import flow_noise_travel
 
 DEFAULT_GAMMA = 0.3
 """The paper's (and ``TCDScheduler.step``'s) default stochasticity gamma for sampling."""
@@ -87,3 +97,58 @@ def tcd_scheduler(scheduler_config: dict, original_inference_steps: int, **overr
     # TCDScheduler's own defaults where the saved config had none.
     config = {k: v for k, v in dict(scheduler_config).items() if k in accepted or k.startswith("_")}
     return TCDScheduler.from_config(config, original_inference_steps=original_inference_steps, **overrides)
+
+
+# ------------------------------------------------------------------------------------------- rectified flow
+def flow_gamma_step(
+    x0: torch.Tensor, eps: torch.Tensor, sigma_next: torch.Tensor | float, gamma: float, noise: torch.Tensor
+) -> torch.Tensor:
+    """TCD's strategic stochastic step (paper Algorithm 4; ``TCDScheduler.step`` with eta = gamma) on a rectified
+    flow: x_{s'} = (1 - s') x0 + s' eps at s' = (1 - gamma) s along the straight path through the prediction, then
+    forward noising from s' to s with fresh ``noise`` (``flow_noise_travel``). gamma 0: the deterministic Euler
+    step to s; gamma 1: x0 re-noised to s (LCM's multistep sampling)."""
+    sigma_next = torch.as_tensor(sigma_next, dtype=x0.dtype, device=x0.device)
+    sigma_prime = (1 - gamma) * sigma_next
+    x_prime = (1 - sigma_prime) * x0 + sigma_prime * eps
+    return flow_noise_travel(x_prime, noise, sigma_prime, sigma_next)
+
+
+class FlowMatchTCDScheduler(FlowMatchEulerDiscreteScheduler):
+    """``FlowMatchEulerDiscreteScheduler``'s sigmas (shift, dynamic shifting: the pipelines set them as for the
+    Euler scheduler) with TCD's gamma step (``flow_gamma_step``). ldmkit's, since no stock diffusers flow scheduler
+    has the step: exports save the Euler scheduler's config (exact at gamma 0) and their sampling record names
+    this sampler and gamma (``ldmkit.inference.load_export`` builds it). ``gamma`` is an attribute, not config,
+    so the config stays the stock one's. The re-noising draws come from ``generator`` when the pipeline passes one
+    (the flow pipelines do not), else from the generators handed over by ``use_generators`` (ldmkit's
+    ``generate_images``: the images' own seeds), else torch's global generator."""
+
+    gamma: float = DEFAULT_GAMMA
+    _generators = None
+
+    @classmethod
+    def with_gamma(cls, config, gamma: float) -> FlowMatchTCDScheduler:
+        scheduler = cls.from_config(config)
+        scheduler.gamma = float(gamma)
+        return scheduler
+
+    def use_generators(self, generators) -> None:
+        self._generators = generators
+
+    def step(self, model_output, timestep, sample, *args, generator=None, return_dict: bool = True, **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        x = sample.to(torch.float32)
+        v = model_output.to(torch.float32)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        x0, eps = x - sigma * v, x + (1 - sigma) * v  # the flow's x0 and eps (diffusion/schedule.py)
+        gens = generator if generator is not None else self._generators
+        if isinstance(gens, list) and len(gens) != x.shape[0]:
+            gens = gens[0]  # a batch laid out otherwise: one stream
+        noise = randn_tensor(x.shape, generator=gens, device=x.device, dtype=x.dtype)
+        prev = flow_gamma_step(x0, eps, sigma_next, self.gamma, noise).to(model_output.dtype)
+        self._step_index += 1
+        return (prev,) if not return_dict else _output(prev)
+
+
+def _output(prev: torch.Tensor) -> FlowMatchEulerDiscreteSchedulerOutput:
+    return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)

@@ -153,10 +153,11 @@ class Method:
         return self._validation_size
 
     @torch.no_grad()
-    def few_step_grid(self, unet: torch.nn.Module, scheduler, guidance: float, eta: float | None = None):
+    def few_step_grid(self, unet: torch.nn.Module, scheduler, guidance: float, eta: float | None = None, sigmas=None):
         """The validation grid of a distilled denoiser: a row per ``train.validation_prompts``, a column per
         ``method.validation_steps``, the family's pipeline around ``unet`` with ``scheduler`` (fixed seed). The
-        VAE and text encoders the training did not need are loaded for this and dropped afterwards."""
+        VAE and text encoders the training did not need are loaded for this and dropped afterwards. ``sigmas``:
+        steps -> the pipeline call's sigmas (flow PCM's grid points), or None."""
         from ldmkit.inference import generate_images, image_grid
 
         prompts = self.cfg.train.validation_prompts
@@ -171,7 +172,17 @@ class Method:
                 pipe = family.pipeline(unet=unet, scheduler=scheduler)
                 pipe.set_progress_bar_config(disable=True)
                 columns = [
-                    generate_images(pipe, prompts, n, guidance, seed, height=height, width=width, eta=eta)
+                    generate_images(
+                        pipe,
+                        prompts,
+                        n,
+                        guidance,
+                        seed,
+                        height=height,
+                        width=width,
+                        eta=eta,
+                        sigmas=None if sigmas is None else sigmas(n),
+                    )
                     for n in steps
                 ]
                 del pipe

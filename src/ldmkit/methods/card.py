@@ -185,10 +185,19 @@ def _diffusers_snippet(card: _Card) -> str:
         cls = _class_name(card.export_dir) or "DiffusionPipeline"
         note = f"  # scheduler: {sampler}" if sampler else ""
         lines = [_import_line(cls), "", f'pipe = {cls}.from_pretrained("{card.export_dir}"){note}']
-    eta = "" if card.record.eta is None else f", eta={card.record.eta}"
+    eta = "" if card.record.eta is None or card.record.sampler else f", eta={card.record.eta}"
+    if card.record.flow_grid:  # flow PCM: the solver grid's points as the call's sigmas (the phase edges)
+        from ldmkit.diffusion.pcm import flow_sampling_sigmas
+
+        eta += f", sigmas={[round(x, 6) for x in flow_sampling_sigmas(card.record.flow_grid, card.steps)]}"
     lines.append(
         f"image = pipe({prompt}, num_inference_steps={card.steps}, guidance_scale={card.guidance}{eta}).images[0]"
     )
+    if card.record.sampler:
+        lines.append(
+            f"# the stock scheduler is {card.record.label}'s gamma 0 (deterministic); the trained gamma "
+            f"{card.record.eta} samples with `ldmkit generate` ({card.record.sampler})"
+        )
     return "\n".join(lines)
 
 
@@ -199,7 +208,9 @@ def _webui_text(card: _Card) -> str:
         return "A1111 and ComfyUI do not know the U-ViT architecture: use diffusers with ldmkit's UViTPipeline."
     sampler = ""
     if card.few_step:
-        name = {"LCMScheduler": "LCM", "TCDScheduler": "TCD"}.get(card.record.scheduler or "", card.record.scheduler)
+        names = {"LCMScheduler": "LCM", "TCDScheduler": "TCD", "FlowMatchLCMScheduler": "LCM"}
+        names["FlowMatchEulerDiscreteScheduler"] = "Euler"  # flow PCM (at its phase edges), flow TCD at gamma 0
+        name = names.get(card.record.scheduler or "", card.record.scheduler)
         sampler = f" Sample with the {name} sampler, {card.steps} steps, CFG {max(1.0, card.guidance)}."
     if card.is_lora:
         kohya = card.export_dir / "pytorch_lora_weights_kohya.safetensors"

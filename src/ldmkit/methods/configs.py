@@ -215,6 +215,10 @@ class LCDCommonConfig(MethodConfig):
     """SDXL: condition on (h, w, 0, 0, h, w) of the crop (res x res, or the bucket with data.buckets) instead of each image's original size and crop."""
     batch_teacher_passes: bool = True
     """Run the teacher's conditional and unconditional passes as one batched forward (false: two passes, as the references)."""
+    teacher_solver: Literal["euler", "heun"] = "euler"
+    """The teacher's ODE step t_{n+k} -> t_n: euler (first order: the DDIM step, on a rectified flow the Euler step
+    over the shifted sigmas, as the references) or heun (flow teachers only: a second teacher evaluation, as the
+    PCM authors' SD3 scripts offer)."""
     validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """LCM sampling step counts shown in each validation grid (columns)."""
     validation_guidance: float | None = None

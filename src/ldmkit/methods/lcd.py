@@ -18,7 +18,10 @@ Differences from the references, on purpose:
 Any teacher: the algorithm talks to the model only through its family (``ldmkit.families``):
 ``family.denoise`` calls the denoiser, ``family.conditions`` gives (cond, uncond), ``family.pipeline``
 samples, and the family's defaults (LoRA targets, w_min, guidance) fill what the config leaves open. SD1.x,
-SDXL and ldmkit's U-ViT (a ``UViTPipeline`` folder, e.g. the export of a ``uvit`` run) are families.
+SDXL and ldmkit's U-ViT (a ``UViTPipeline`` folder, e.g. the export of a ``uvit`` run) are families, and so are
+the rectified-flow SD3 and FLUX.1 (``Family.schedule``: the DDIM step becomes the Euler step over the shifted
+sigmas, or Heun's with ``method.teacher_solver``; the full LCD student is then the teacher's transformer as it is:
+FLUX.1-dev reads w through its own guidance input, SD3 bakes w in as the LoRAs do).
 lcm_lora and lcd differ only in who plays student, teacher and target (``Roles``); TCD and PCM
 (methods/tcd.py, methods/pcm.py) reuse both and override only the target point s, the consistency function
 and the sampling scheduler (``_end_timesteps``, ``_f``, ``_sampling_scheduler``, ``_sampling_eta``).
@@ -138,6 +141,10 @@ class _LCDBase(Method):
             raise UserError(
                 f"method {m.name} does not distil {self.family.name} (a rectified-flow model) yet; lcm_lora does"
             )
+        if m.teacher_solver == "heun" and not self.schedule.is_flow:
+            raise UserError(
+                "method.teacher_solver heun needs a rectified-flow teacher (SD3, FLUX.1); DDPM teachers take euler (DDIM)"
+            )
         T = self.schedule.num_train_timesteps
         if m.num_ddim_timesteps > T:
             raise UserError(f"method.num_ddim_timesteps ({m.num_ddim_timesteps}) exceeds the teacher's {T} timesteps")
@@ -188,6 +195,19 @@ class _LCDBase(Method):
         """``eta`` for the pipeline call (TCD's gamma); None: the pipeline's default."""
         return None
 
+    def _export_scheduler(self):
+        """The scheduler saved with the export: the sampling one, unless only ldmkit implements that (flow TCD),
+        then the closest stock diffusers scheduler."""
+        return self._sampling_scheduler()
+
+    def _sampling_sigmas(self, steps: int) -> list[float] | None:
+        """The pipeline call's ``sigmas`` at ``steps`` (flow PCM: its grid points); None: the pipeline's own."""
+        return None
+
+    def _record_extras(self) -> dict[str, Any]:
+        """SamplingRecord fields a method sets beyond the common ones (``sampler``, ``flow_grid``)."""
+        return {}
+
     # ---- the loss: LCM paper, Algorithm 1 ---------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.consistency_distance(self.consistency_pair(batch, self.roles())), {}
@@ -203,7 +223,6 @@ class _LCDBase(Method):
                 batch, resolution=self.cfg.data.resolution, fix_crop_and_size=m.use_fix_crop_and_size
             )
             cond, uncond = ({k: v.float() for k, v in c.items()} for c in (cond, uncond))
-            nd = z.ndim
 
             # 2. Sample n ~ U{0..N-1}: t_{n+k} = ddim_timesteps[n] and t_n = max(t_{n+k} - k, 0).
             index = rng.randint(0, m.num_ddim_timesteps).to(self.device)  # (B,)
@@ -230,37 +249,46 @@ class _LCDBase(Method):
             # 5. Online consistency function f_theta(z_{t_{n+k}}, w, c, t_{n+k} -> s).
             model_pred = self._f(family.denoise(roles.student, z_start, time_start, cond, w_emb), z_start, t_start, end)
 
-            # 6. Teacher ODE solver with CFG: z_hat_{t_n} = Psi(z_{t_{n+k}}, t_{n+k}, t_n, c, w) (one DDIM step).
+            # 6. Teacher ODE solver with CFG: z_hat_{t_n} = Psi(z_{t_{n+k}}, t_{n+k}, t_n, c, w) (one DDIM step;
+            #    on a flow the Euler step, or Heun's with method.teacher_solver=heun).
             with torch.no_grad(), roles.teacher_context():
-                teacher = roles.teacher
-                if self.embedded_guidance:  # guidance-distilled teacher: w is its input, one pass
-                    out = family.denoise(teacher, z_start, time_start, cond, w)
-                    x0_hat, eps_hat = schedule.x0(out, z_start, t_start), schedule.eps(out, z_start, t_start)
-                    out_c = out_u = None
-                elif m.batch_teacher_passes:
-                    both = family.denoise(
-                        teacher,
-                        torch.cat([z_start, z_start]),
-                        torch.cat([time_start, time_start]),
-                        _cat_cond(cond, uncond),
-                    )
-                    out_c, out_u = both.chunk(2)
-                else:
-                    out_c = family.denoise(teacher, z_start, time_start, cond)
-                    out_u = family.denoise(teacher, z_start, time_start, uncond)
-                if out_c is not None:  # classifier-free guidance in the LCM paper's form: c + w (c - u)
-                    x0_c, x0_u = (schedule.x0(o, z_start, t_start) for o in (out_c, out_u))
-                    eps_c, eps_u = (schedule.eps(o, z_start, t_start) for o in (out_c, out_u))
-                    wb = lcm.append_dims(w, nd)
-                    x0_hat = x0_c + wb * (x0_c - x0_u)
-                    eps_hat = eps_c + wb * (eps_c - eps_u)
-                # one DDIM step to t_n: alpha_{t_n} x0_hat + sigma_{t_n} eps_hat (on a flow: the Euler step)
-                z_prev = schedule.point(x0_hat, eps_hat, t).float()
+                z_prev = self._teacher_step(roles.teacher, z_start, t_start, t, cond, uncond, w).float()
 
             # 7. Target f_theta^-(z_hat_{t_n}, w, c, t_n -> s), no gradient.
             with torch.no_grad():
                 target = self._f(family.denoise(roles.target, z_prev, time_n, cond, w_emb), z_prev, t, end)
         return ConsistencyPair(model_pred, target, end, cond, rng)
+
+    def _guided(self, teacher, x: torch.Tensor, t: torch.Tensor, cond, uncond, w: torch.Tensor):
+        """The teacher's (x0_hat, eps_hat) at x_t with guidance w: one pass with w as its input (FLUX.1-dev), or
+        classifier-free guidance in the LCM paper's form c + w (c - u) on both."""
+        m, schedule, family, time = self.mcfg, self.schedule, self.family, self.schedule.timestep(t)
+        if self.embedded_guidance:  # guidance-distilled teacher: w is its input, one pass
+            out = family.denoise(teacher, x, time, cond, w)
+            return schedule.x0(out, x, t), schedule.eps(out, x, t)
+        if m.batch_teacher_passes:
+            both = family.denoise(teacher, torch.cat([x, x]), torch.cat([time, time]), _cat_cond(cond, uncond))
+            out_c, out_u = both.chunk(2)
+        else:
+            out_c = family.denoise(teacher, x, time, cond)
+            out_u = family.denoise(teacher, x, time, uncond)
+        x0_c, x0_u = (schedule.x0(o, x, t) for o in (out_c, out_u))
+        eps_c, eps_u = (schedule.eps(o, x, t) for o in (out_c, out_u))
+        wb = lcm.append_dims(w, x.ndim)
+        return x0_c + wb * (x0_c - x0_u), eps_c + wb * (eps_c - eps_u)
+
+    def _teacher_step(self, teacher, x: torch.Tensor, t_start, t, cond, uncond, w: torch.Tensor) -> torch.Tensor:
+        """Psi: one step of the teacher's guided ODE from t_{n+k} to t_n: alpha_{t_n} x0_hat + sigma_{t_n} eps_hat
+        (DDIM; on a flow the Euler step x + (sigma_n - sigma_{n+k}) v_hat). Heun (flow only) evaluates the teacher
+        again at the Euler point and steps with the mean velocity (diffusion/schedule.py ``heun_step``)."""
+        schedule = self.schedule
+        x0_hat, eps_hat = self._guided(teacher, x, t_start, cond, uncond, w)
+        x_euler = schedule.point(x0_hat, eps_hat, t)
+        if self.mcfg.teacher_solver != "heun":
+            return x_euler
+        v = schedule.velocity(x0_hat, eps_hat)
+        v_next = schedule.velocity(*self._guided(teacher, x_euler, t, cond, uncond, w))
+        return schedule.heun(x, v, v_next, t_start, t)
 
     def consistency_distance(self, pair: ConsistencyPair) -> torch.Tensor:
         """Step 8: the consistency distillation loss d(f_theta, f_theta^-) in fp32."""
@@ -294,7 +322,8 @@ class _LCDBase(Method):
         """Rows: cfg.train.validation_prompts; columns: few-step samples at method.validation_steps (fixed seed)."""
         guidance = self.mcfg.validation_guidance
         guidance = self._default_guidance() if guidance is None else guidance
-        return self.few_step_grid(self._sampling_unet(), self._sampling_scheduler(), guidance, self._sampling_eta())
+        unet, scheduler, eta = self._sampling_unet(), self._sampling_scheduler(), self._sampling_eta()
+        return self.few_step_grid(unet, scheduler, guidance, eta, sigmas=self._sampling_sigmas)
 
     # ---- how the export is sampled (the record next to it; the model card) ----------------------------
     quickstart_student = True
@@ -313,13 +342,14 @@ class _LCDBase(Method):
             method=self.mcfg.name,
             label=self.label,
             kind="lora" if self.is_lora else "pipeline",
-            scheduler=type(self._sampling_scheduler()).__name__,
+            scheduler=type(self._export_scheduler()).__name__,
             steps=self._default_steps(),
             guidance=self._default_guidance() if guidance is None else guidance,
             eta=self._sampling_eta(),
             base=self.base_reference() if self.is_lora else None,
-            guidance_embedded=not self.is_lora or self.embedded_guidance,
+            guidance_embedded=self.embedded_guidance or not (self.is_lora or self.schedule.is_flow),
             few_step=True,
+            **self._record_extras(),
         )
 
     def card_facts(self) -> list[str]:
@@ -336,6 +366,8 @@ class _LCDBase(Method):
         return facts
 
     def _scheduler_note(self) -> str:
+        if self.schedule.is_flow:
+            return "FlowMatchLCMScheduler with the teacher's shift (the export's scheduler config)"
         return (
             f"LCMScheduler, original_inference_steps={self.mcfg.num_ddim_timesteps}, "
             f"timestep_scaling={self.mcfg.timestep_scaling_factor} (use these at inference)"
@@ -447,7 +479,7 @@ class LCMLoraMethod(_LCDBase):
         ldmkit.methods.card."""
         with self._exported_weights():
             export_denoiser_lora(
-                out_dir, self.unwrap(self.unet), self.family, self.mcfg.adapter, self._sampling_scheduler()
+                out_dir, self.unwrap(self.unet), self.family, self.mcfg.adapter, self._export_scheduler()
             )
 
 
@@ -458,18 +490,23 @@ class LCDMethod(_LCDBase):
     mcfg: LCDConfig
     label, title = "LCM", "Latent Consistency Model"
     tags = ("lcm", "latent-consistency")
+    supports_flow = True
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         m = self.mcfg
         self.teacher_unet = self.family.denoiser  # frozen, weight dtype
-        have = self.teacher_unet.config.time_cond_proj_dim
-        if have is not None and have != m.unet_time_cond_proj_dim:
+        # On a flow transformer (SD3, FLUX.1) the student is the teacher's architecture as it is: FLUX.1-dev takes
+        # w through its own guidance embedding (the teacher's input, kept by the student), SD3 has no w input and
+        # the student bakes the sampled w in as the LoRA methods do. Elsewhere the UNet / U-ViT student gets the
+        # w-embedding projection (time_embedding.cond_proj, U-ViT cond_proj).
+        self.w_input = not self.schedule.is_flow
+        extra = {"time_cond_proj_dim": m.unet_time_cond_proj_dim} if self.w_input else {}
+        have = self.teacher_unet.config.get("time_cond_proj_dim")
+        if self.w_input and have is not None and have != m.unet_time_cond_proj_dim:
             raise UserError(f"teacher already has time_cond_proj_dim={have}; set method.unet_time_cond_proj_dim={have}")
-        # The student: the teacher's class and config plus the w-embedding projection (UNet
-        # time_embedding.cond_proj, U-ViT cond_proj).
         cls = type(self.teacher_unet)
-        student = cls.from_config(self.teacher_unet.config, time_cond_proj_dim=m.unet_time_cond_proj_dim)
+        student = cls.from_config(self.teacher_unet.config, **extra)
         source = self.teacher_unet
         if self.teacher_unet.dtype != torch.float32:  # initialise the fp32 student from the fp32 weights on disk
             source = self.family.load_denoiser(torch.float32)
@@ -490,15 +527,17 @@ class LCDMethod(_LCDBase):
         return lcm.guidance_scale_embedding(w, self.mcfg.unet_time_cond_proj_dim)
 
     def roles(self) -> Roles:
-        return Roles(
-            student=self.unet, teacher=self.teacher_unet, target=self.target_unet, w_embedding=self._w_embedding
-        )
+        embedding = self._w_embedding if self.w_input else None
+        return Roles(student=self.unet, teacher=self.teacher_unet, target=self.target_unet, w_embedding=embedding)
 
     def _sampling_unet(self):
         return self.target_unet
 
     def _default_guidance(self) -> float:
-        """8.0 (w = 7) as the references when w = 7 was trained, else the middle of the trained range."""
+        """8.0 (w = 7) as the references when w = 7 was trained, else the middle of the trained range; a flow
+        student samples as the LoRAs do (SD3: w baked in, no CFG; FLUX.1-dev: the pipeline's guidance input)."""
+        if not self.w_input:
+            return self.family.lcm_lora_guidance
         if self.w_min <= 7.0 <= self.mcfg.w_max:
             return 8.0
         return 1.0 + (self.w_min + self.mcfg.w_max) / 2
@@ -515,5 +554,5 @@ class LCDMethod(_LCDBase):
         denoiser (with time_cond_proj_dim) + the sampling scheduler with the run's settings (LCM: N and s)."""
         out_dir = Path(out_dir)
         self.family.export_pipeline(
-            out_dir, unet=self.target_unet, scheduler=self._sampling_scheduler(), safety_checker=False
+            out_dir, unet=self.target_unet, scheduler=self._export_scheduler(), safety_checker=False
         )

@@ -10,6 +10,11 @@ Sampling is deterministic, edge to edge: the export carries a ``TCDScheduler`` w
 eta (gamma) 0; at K steps it visits exactly the trained edges. Not implemented here: solvers other than
 DDIM inside a phase.
 
+Rectified-flow teachers (SD3, FLUX.1): the phases over the shifted sigmas, the Euler step to the edge as the
+consistency function (diffusion/pcm.py); sampled by the stock ``FlowMatchEulerDiscreteScheduler`` given the grid's
+points as the pipeline call's ``sigmas`` (``pcm.flow_sampling_sigmas``, recorded as the record's ``flow_grid``),
+as the authors' SD3 sampler. The adversarial term is not done on flows (its discriminator taps are the UNets').
+
 The optional adversarial consistency loss (``method.adv_weight`` > 0; reference code/text_to_image_sd15/
 train_pcm_lora_sd15_adv.py and discriminator_sd15.py, code/text_to_image_sdxl/ the same for SDXL). After
 steps 1-8 of the shared frame (the consistency loss):
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ldmkit.diffusion import pcm
+from ldmkit.errors import UserError
 from ldmkit.methods.base import StepCounter
 from ldmkit.methods.configs import PCMConfig, PCMKnobs, PCMLoraConfig  # noqa: F401 (help needs no torch)
 from ldmkit.methods.lcd import ConsistencyPair, LCDMethod, LCMLoraMethod, Roles
@@ -74,6 +80,10 @@ class PhasedTarget(TrajectoryTarget):
     def __init__(self, cfg: Config, accelerator: Accelerator):
         super().__init__(cfg, accelerator)
         m = self.mcfg
+        if m.adv_weight > 0 and self.schedule.is_flow:
+            raise UserError(
+                f"method.adv_weight: {m.name}'s adversarial term does not run on {self.family.name} yet (set 0)"
+            )
         if m.adv_weight > 0:
             layout = m.adv_heads or self.family.pcm_adv_heads
             self._taps = discriminator.feature_taps(self.roles().teacher, layout)
@@ -85,14 +95,39 @@ class PhasedTarget(TrajectoryTarget):
     def _end_timesteps(self, index: torch.Tensor, t: torch.Tensor, rng: SampleRNG) -> torch.Tensor:
         return pcm.phase_end_timesteps(index, self.ddim_timesteps, self.mcfg.num_phases)
 
-    def _sampling_eta(self) -> float:
-        return 0.0
+    def _sampling_eta(self) -> float | None:
+        return None if self.schedule.is_flow else 0.0
+
+    def _sampling_scheduler(self):
+        if self.schedule.is_flow:  # deterministic Euler, at the grid points the call's sigmas name
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            return FlowMatchEulerDiscreteScheduler.from_config(self.family.noise_scheduler.config)
+        return super()._sampling_scheduler()
+
+    def _export_scheduler(self):
+        return self._sampling_scheduler()
+
+    def _record_extras(self) -> dict[str, Any]:
+        return {"flow_grid": self.mcfg.num_ddim_timesteps} if self.schedule.is_flow else {}
+
+    def _sampling_sigmas(self, steps: int) -> list[float] | None:
+        if not self.schedule.is_flow:
+            return None
+        return pcm.flow_sampling_sigmas(self.mcfg.num_ddim_timesteps, steps, self.schedule.num_train_timesteps)
 
     def _default_steps(self) -> int:
         """K steps visit exactly the K trained phase edges (4 when K is above 8)."""
         return self.mcfg.num_phases if self.mcfg.num_phases <= 8 else 4
 
     def _scheduler_note(self) -> str:
+        if self.schedule.is_flow:
+            sigmas = pcm.flow_sampling_sigmas(self.mcfg.num_ddim_timesteps, self._default_steps())
+            return (
+                f"FlowMatchEulerDiscreteScheduler (deterministic), with the pipeline call's sigmas at the solver grid: "
+                f"sigmas={[round(x, 6) for x in sigmas]} at {self._default_steps()} steps visit exactly the trained "
+                f"phase edges (other step counts: ldmkit.diffusion.pcm.flow_sampling_sigmas; ldmkit generate passes them)"
+            )
         return (
             f"TCDScheduler, original_inference_steps={self.mcfg.num_ddim_timesteps}, eta=0 (deterministic); "
             f"{self.mcfg.num_phases} steps visit exactly the {self.mcfg.num_phases} trained phase edges"
