@@ -29,7 +29,7 @@ this one. ldmkit always runs with this Python.
 3. Every saved LoRA is evaluated by ldmkit's evaluator (``ldmkit evaluate``: 4 steps, held-out shapes
    prompts, the same seeds; adherence and FD to the data): the peer's LoRA as diffusers samples it
    (LCMScheduler, guidance 1.0: its validation's), ldmkit's as its export's sampling record says.
-4. A table and a plot (matplotlib, if installed) of quality against time, medians over rounds, and the
+4. A table and a plot (ldmkit's Pillow charts, eval/plot.py) of quality against time, medians over rounds, and the
    last line: the fraction of the peer's time at which ldmkit's median curve first reaches the peer's
    final median adherence AND FD.
 """
@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +76,6 @@ class Size:
     ldmkit_steps: int = 1500
     save_every: float = 120.0
     eval_images: int = 64
-    unet: dict = field(default_factory=dict)
 
 
 TOY = Size(
@@ -93,7 +92,7 @@ TOY = Size(
     peer_steps=6,
     peer_checkpoint_every=3,
     ldmkit_steps=8,
-    save_every=2.0,
+    save_every=1.0,
     eval_images=8,
 )
 
