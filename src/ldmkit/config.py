@@ -151,7 +151,8 @@ class TrainConfig:
     """Keep at most this many checkpoints (oldest removed)."""
     save_every_seconds: float = 0.0
     """Also export the trained weights (a LoRA: its file) every N seconds of training time (validation and saving
-    excluded) to output_dir/timed/, listed in timed/index.jsonl, for quality-vs-time curves (0: off)."""
+    excluded; a resumed run starts its clock again) to output_dir/timed/, listed in timed/index.jsonl, for
+    quality-vs-time curves (0: off)."""
     validate_every: int = 0
     """Write a validation grid every N steps (0: only at the end)."""
     validation_prompts: list[str] = field(default_factory=list)
