@@ -13,8 +13,8 @@ Rows, each a fresh training of ``--steps`` optimizer steps, bf16, random weights
   then lcm_lora/quickstart.yaml and lcd/quickstart.yaml at their batch and resolution).
 samples/s = batch / the median time between optimizer steps after ``--warmup`` (every step is stamped by a
 global optimizer post-hook in the child process); peak memory = ``torch.cuda.max_memory_allocated`` over
-the run (reset before it). ldmkit's runs share one child process (one import; ``torch.cuda`` peak reset
-and caches emptied between runs), the peer runs in its own.
+the run (reset before it). Every training runs in its own child process (``--dry-run``: ldmkit's share one,
+to stay fast).
 
 ``--dry-run``: the same chain on the CPU at toy size (ldmkit's tiny SD1.5 pipeline, 32 px, a few steps, fp32),
 for the test and to check an install before renting a GPU; memory prints as "-" there (no CUDA).
@@ -78,16 +78,30 @@ def child(kind: str, plan_file: str) -> int:
     return 0
 
 
-def run_child(kind: str, plan: list[dict], work: Path, python: str) -> dict:
-    plan_file = work / f"plan-{kind}.json"
-    plan_file.write_text(json.dumps(plan))
-    log = work / f"{kind}.log"
-    with log.open("w") as f:
-        r = subprocess.run([python, __file__, "--child", kind, str(plan_file)], stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SystemExit(f"the {kind} runs failed (exit {r.returncode}); log {log}:\n{tail}")
-    return json.loads(plan_file.with_suffix(".results.json").read_text())
+def run_children(kind: str, plan: list[dict], work: Path, python: str, per_process: bool) -> dict:
+    """The plan in child processes: one per training (each with the build steps before it) when
+    ``per_process`` (the GPU: nothing of an earlier run is left in the CUDA allocator), else all in one."""
+    groups, current = [], []
+    for run in plan:
+        current.append(run)
+        if per_process and "argv" in run:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    results = {}
+    for i, group in enumerate(groups):
+        plan_file = work / f"plan-{kind}-{i}.json"
+        plan_file.write_text(json.dumps(group))
+        log = plan_file.with_suffix(".log")
+        with log.open("w") as f:
+            cmd = [python, __file__, "--child", kind, str(plan_file)]
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+            raise SystemExit(f"the {kind} runs failed (exit {r.returncode}); log {log}:\n{tail}")
+        results |= json.loads(plan_file.with_suffix(".results.json").read_text())
+    return results
 
 
 # ---- models, data and the commands ----------------------------------------------------------------
@@ -214,6 +228,8 @@ def table(args, cfg: dict, results: dict) -> None:
         f"(samples/s from the median step after {cfg['warmup']}); SD1.5: {cfg['resolution']} px, batch {cfg['batch']}, "
         f"LoRA rank {cfg['rank']}; U-ViT: the quickstart's, 32 px, batch {cfg['uvit_batch']}"
     )
+    if args.peer_python != sys.executable and args.diffusers:
+        print(f"  the peer ran with {args.peer_python} (its own torch)")
     print(f"  {'model':6} {'tool':7} {'method':9} {'samples/s':>10} {'peak GiB':>9} {'vs peer':>8}")
     peer = results.get("sd15-peer-lcm_lora")
     for model, tool, method in ROWS:
@@ -268,9 +284,9 @@ def check(args, cfg: dict, work: Path) -> int:
     start = time.perf_counter()
     peer, ours = sd_runs(args, cfg, work)
     ours += uvit_steps(work, cfg)
-    results = run_child("ldmkit", ours, work, sys.executable)
+    results = run_children("ldmkit", ours, work, sys.executable, per_process=not args.dry_run)
     if peer:
-        results |= run_child("peer", peer, work, args.peer_python)
+        results |= run_children("peer", peer, work, args.peer_python, per_process=True)
     table(args, cfg, results)
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
