@@ -37,6 +37,7 @@ this one. ldmkit always runs with this Python.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -505,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tools", default="peer,ldmkit", help=argparse.SUPPRESS)  # tests: ldmkit only
     args = p.parse_args(argv)
-    size = TOY if args.toy else Size()
+    if shutil.which(args.peer_python) is None:
+        p.error(f"--peer-python {args.peer_python}: no such Python")
+    size = dataclasses.replace(TOY if args.toy else Size())
     for key in ("save_every", "peer_steps", "peer_checkpoint_every", "ldmkit_steps"):
         if getattr(args, key) is not None:
             setattr(size, key, getattr(args, key))
