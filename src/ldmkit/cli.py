@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ldmkit import __version__
@@ -39,6 +40,38 @@ GROUPS: dict[str, dict[str, tuple[str, str]]] = {
         "features": ("ldmkit.commands.prepare_features", "Encode a dataset into the MS-COCO feature layout for U-ViT.")
     },
 }
+
+
+# How the OpenMP runtime of torch's CPU kernels waits and how many threads it runs, when the user has not said
+# (README, "A CPU shared with other work"; measured by benchmarks/shared_cpu.py). torch's PyPI wheels load GNU
+# libgomp (torch/lib/libgomp.so.1), whose idle threads spin GOMP_SPINCOUNT iterations (300000 when
+# OMP_WAIT_POLICY is unset) before sleeping (libgomp manual, "GOMP_SPINCOUNT"). With one other busy process
+# on the cores, a spinning thread takes the core the thread it waits for needs, and every parallel region
+# waits for the slowest thread: a conv ran 3.7x slower (issue 26). A bounded spin keeps the quick hand-off of
+# short waits and sleeps in long ones. Change this after measuring; {} turns it off.
+OPENMP_DEFAULTS: dict[str, str] = {"GOMP_SPINCOUNT": "10000"}
+# Variables that say how OpenMP should wait or how many threads: if the user set any of a group, ldmkit sets
+# nothing of that group (GOMP_SPINCOUNT would override a user's OMP_WAIT_POLICY in libgomp).
+OPENMP_GROUPS = (
+    frozenset({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"}),
+    frozenset({"OMP_NUM_THREADS", "MKL_NUM_THREADS"}),
+)
+OPENMP_OPT_OUT = "LDMKIT_OPENMP_DEFAULTS"  # =0: leave the OpenMP runtime at its own defaults
+
+
+def set_openmp_defaults(environ=os.environ) -> dict[str, str]:
+    """Put OPENMP_DEFAULTS into the environment where the user set nothing of their group; returns what was set.
+    Only before torch is imported: libgomp reads these once, when torch loads it (after that a change
+    would only mislead)."""
+    if "torch" in sys.modules or environ.get(OPENMP_OPT_OUT, "1") == "0":
+        return {}
+    chosen = {}
+    for key, value in OPENMP_DEFAULTS.items():
+        group = next((g for g in OPENMP_GROUPS if key in g), frozenset({key}))
+        if not any(k in environ for k in group):
+            chosen[key] = value
+    environ.update(chosen)
+    return chosen
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -154,6 +187,7 @@ def setup_output(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_openmp_defaults()  # first: before any command imports torch
     level, argv = verbosity(list(sys.argv[1:] if argv is None else argv))
     setup_output(level)
     try:

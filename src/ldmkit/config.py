@@ -149,6 +149,10 @@ class TrainConfig:
     """Save resume state every N steps (0: only at the end)."""
     checkpoints_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest removed)."""
+    save_every_seconds: float = 0.0
+    """Also export the trained weights (a LoRA: its file) every N seconds of training time (validation and saving
+    excluded; a resumed run starts its clock again) to output_dir/timed/, listed in timed/index.jsonl, for
+    quality-vs-time curves (0: off)."""
     validate_every: int = 0
     """Write a validation grid every N steps (0: only at the end)."""
     validation_prompts: list[str] = field(default_factory=list)
@@ -433,6 +437,7 @@ def _check_train(t: TrainConfig) -> None:
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
         ("train.log_every", t.log_every, 1),
         ("train.checkpoint_every", t.checkpoint_every, 0),
+        ("train.save_every_seconds", t.save_every_seconds, 0.0),
         ("train.validate_every", t.validate_every, 0),
         ("train.lr_warmup_steps", t.lr_warmup_steps, 0),
         ("train.adam_weight_decay", t.adam_weight_decay, 0.0),
@@ -508,6 +513,7 @@ BOOKKEEPING_KEYS = frozenset(
     {
         "train.checkpoint_every",
         "train.checkpoints_total_limit",
+        "train.save_every_seconds",
         "train.validate_every",
         "train.validation_prompts",
         "train.validation_prompts_file",

@@ -207,6 +207,41 @@ def save_validation(accelerator, method, cfg: Config, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
+class TimedExports:
+    """``train.save_every_seconds``: the trained weights exported (``method.export``, what the run's final export
+    holds) each time training time passes a multiple of N s, into ``timed/NNNNNNs/``, with one line per export
+    in ``timed/index.jsonl``: the mark, the training seconds and step reached, the Unix time the save started and
+    the seconds all timed saves took before it (so a caller can put the export on its own clock, saves excluded).
+    For quality-vs-time curves (benchmarks/time_to_quality.py); not resume state (that is checkpoint_every)."""
+
+    def __init__(self, cfg: Config, accelerator, method):
+        self.every, self.accelerator, self.method = cfg.train.save_every_seconds, accelerator, method
+        self.root = Path(cfg.output_dir) / "timed"
+        self.next_mark, self.save_seconds = self.every, 0.0
+
+    def after_step(self, step: int, training_seconds: float, optimizer) -> None:
+        if not self.every or training_seconds < self.next_mark:
+            return
+        mark = self.next_mark
+        # Marks passed during one long step collapse into one export (the weights are the same).
+        self.next_mark = (math.floor(training_seconds / self.every) + 1) * self.every
+        if self.accelerator.is_main_process:
+            start_unix, start = time.time(), time.perf_counter()
+            folder = self.root / f"{int(mark):06d}s"
+            folder.mkdir(parents=True, exist_ok=True)
+            with evaluation_weights(optimizer):
+                self.method.export(folder)
+            sampling = self.method.sampling_record()  # how it is sampled (scheduler, guidance), as the final export
+            if sampling is not None:
+                sampling.save(folder)
+            record = {"mark": mark, "training_seconds": training_seconds, "step": step, "folder": folder.name}
+            record |= {"unix_time": start_unix, "save_seconds_before": self.save_seconds}
+            with (self.root / "index.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.save_seconds += time.perf_counter() - start
+        self.accelerator.wait_for_everyone()
+
+
 def train(cfg: Config, accelerator=None) -> Path:
     """Run (or resume) the training described by ``cfg``; returns the export folder."""
     out = Path(cfg.output_dir)
@@ -345,6 +380,7 @@ def _run_steps(
     tick = time.perf_counter()
     window_steps = 0
     started, paused_total = tick, 0.0  # training time of this run: validation and saving excluded
+    timed = TimedExports(cfg, accelerator, method)
     try:
         with StopSignals() as stop:
             while step < t.max_steps:
@@ -370,6 +406,7 @@ def _run_steps(
 
                 signum = stop.requested(accelerator)
                 paused = time.perf_counter()  # samples/s counts training only, not validation or saving
+                timed.after_step(step, paused - started - paused_total, optimizer)
                 if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and not signum:
                     with evaluation_weights(optimizer):
                         save_validation(accelerator, method, cfg, step)

@@ -1,0 +1,557 @@
+"""Time to quality: how soon ldmkit's LCM-LoRA reaches the quality of diffusers' LCM-LoRA script (issue 26).
+
+    python benchmarks/time_to_quality.py DIFFUSERS [--rounds 3] [--peer-python PY] [--work FOLDER]
+    python benchmarks/time_to_quality.py DIFFUSERS --toy          # the whole chain at toy size, minutes
+
+DIFFUSERS: a diffusers checkout, its bare git directory, or the peer script
+``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`` itself (vs_diffusers.py reads it and
+applies its one webdataset 1.x fix to a temporary copy). ``--peer-python``: the Python that runs the peer
+(one with torch, torchvision, diffusers, peft, accelerate, webdataset, braceexpand, tensorboard); default
+this one. ldmkit always runs with this Python.
+
+1. The teacher (built once, cached in ``--work``): an SD1.5-layout pipeline (small widths: the UNet of
+   benchmarks/lcm_throughput.py, a KL-f8 VAE trained by ldmkit's ``vae`` recipe on the data, a small CLIP
+   text encoder) whose UNet ldmkit's ``finetune`` trains from random weights on ``ldmkit data synth``
+   shapes, in chunks, until its guided 50-step DDIM adherence is >= 0.8 (``--toy``: tiny, a few steps, no
+   threshold). Both tools load it: the peer takes only SD folders.
+2. Distillation, one process at a time, one after the other, ``--threads`` torch threads each, the same
+   WebDataset shards, resolution, batch, LoRA rank (alpha = rank), seed (= the round) and precision:
+   - the peer with its own defaults otherwise (learning rate, warm-up, w range, L2 loss, ...; its
+     validation off), checkpointing every ``--peer-checkpoint-every`` steps; each checkpoint's time is
+     read from its own step log (the TensorBoard events it writes by default), minus the time its
+     checkpoint saves took (a checkpoint step's excess over the median step);
+   - ldmkit with its recipe for a small shapes teacher (configs/lcm_lora/quickstart.yaml, the family and
+     sizes set for this teacher; ``--ldmkit-set section.key=value`` to change it), its LoRA exported every
+     ``--save-every`` seconds of training time (``train.save_every_seconds``), on the same clock, saves
+     excluded.
+   Times are seconds from the process's launch (imports, model loading and data caching included: what a
+   user waits), on each tool's own log.
+3. Every saved LoRA is evaluated by ldmkit's evaluator (``ldmkit evaluate``: 4 steps, held-out shapes
+   prompts, the same seeds; adherence and FD to the data): the peer's LoRA as diffusers samples it
+   (LCMScheduler, guidance 1.0: its validation's), ldmkit's as its export's sampling record says.
+4. A table and a plot (ldmkit's Pillow charts, eval/plot.py) of quality against time, medians over rounds, and the
+   last line: the fraction of the peer's time at which ldmkit's median curve first reaches the peer's
+   final median adherence AND FD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+RECIPES = SRC / "ldmkit" / "recipes"
+EVAL_STEPS = 4
+TEACHER_GUIDANCE = 3.0  # diffusers' scale; LCM's w = scale - 1 = 2.0, the quickstart recipe's w_min = w_max
+PEER_GUIDANCE = 1.0  # the peer's LoRA has w baked in: its log_validation samples at guidance_scale=1.0
+NEVER = 10**9  # a step cadence that never comes (the peer's validation)
+
+
+@dataclass
+class Size:
+    """Everything that scales with --toy."""
+
+    resolution: int = 64
+    num_images: int = 2000
+    vae_steps: int = 2000
+    teacher_chunk: int = 1000  # finetune steps between adherence checks
+    teacher_max_steps: int = 10000
+    teacher_threshold: float | None = 0.8
+    teacher_batch: int = 32
+    teacher_eval_images: int = 64
+    batch: int = 16
+    rank: int = 32
+    peer_steps: int = 600
+    peer_checkpoint_every: int = 100
+    ldmkit_steps: int = 1500
+    save_every: float = 120.0
+    eval_images: int = 64
+
+
+TOY = Size(
+    resolution=32,
+    num_images=64,
+    vae_steps=10,
+    teacher_chunk=10,
+    teacher_max_steps=10,
+    teacher_threshold=None,
+    teacher_batch=8,
+    teacher_eval_images=8,
+    batch=4,
+    rank=4,
+    peer_steps=6,
+    peer_checkpoint_every=3,
+    ldmkit_steps=8,
+    save_every=1.0,
+    eval_images=8,
+)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def env(threads: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def run(cmd: list[str], log: Path, threads: int, python: str = sys.executable) -> float:
+    """One process, its output to ``log``; returns the Unix time it was launched. Fails with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    launched = time.time()
+    with log.open("w") as f:
+        r = subprocess.run([python, *cmd], env=env(threads), stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {r.returncode}); log {log}:\n{tail}")
+    return launched
+
+
+def ldmkit(*args: str) -> list[str]:
+    return ["-m", "ldmkit", *args]
+
+
+def evaluate(model: Path, out: Path, args, lora: Path | None = None, **how) -> tuple[float, float | None]:
+    """(adherence, FD to the data) of ``model`` (+ ``lora``) by ``ldmkit evaluate`` on held-out shapes
+    prompts; cached in ``out``. ``how``: steps, scheduler, guidance (None: the export's own)."""
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        cmd = ["evaluate", "--model", str(model), "--shapes", "--reference", args.reference, "--out", str(out)]
+        cmd += ["--steps", str(how.get("steps", EVAL_STEPS)), "--num-images", str(how["images"]), "--seed", "0"]
+        cmd += ["--no-caption-adherence", "--overwrite", "--device", "cpu", "--dtype", "fp32"]
+        if lora is not None:
+            cmd += ["--lora", str(lora)]
+        for key in ("scheduler", "guidance"):
+            if how.get(key) is not None:
+                cmd += [f"--{key}", str(how[key])]
+        # in this process (no timing here): one import of torch and diffusers for every evaluation
+        from ldmkit.cli import main as ldmkit_main
+
+        if ldmkit_main(cmd) != 0:
+            raise SystemExit(f"ldmkit evaluate {' '.join(cmd[1:])} failed")
+    m = json.loads(metrics.read_text())
+    setting = m["settings"][0]
+    return float(setting["adherence"]["all"]), setting.get("fd")  # all four attributes right
+
+
+# ---- 1. data and teacher -----------------------------------------------------------------------------
+def build_data(args, size: Size) -> tuple[str, str]:
+    """The training data as WebDataset shards (a brace pattern: both tools read them) and the same samples
+    as an image folder (the FD reference: ``ldmkit evaluate --reference`` takes a folder)."""
+    sys.path.insert(0, str(HERE))
+    from vs_diffusers import write_shards
+
+    from ldmkit.data.synth import write_dataset
+
+    name = f"shapes-{size.resolution}-{size.num_images}"
+    shards = write_shards(args.work / name, size.num_images, size.resolution)
+    folder = args.work / f"{name}-folder"
+    if not (folder / "metadata.jsonl").is_file():
+        write_dataset(folder, num=size.num_images, fmt="folder", size=size.resolution, seed=0)
+    return shards, str(folder)
+
+
+def build_base(args, size: Size, vae_export: Path) -> Path:
+    """The random SD1.5-layout pipeline the teacher starts from, with the trained VAE."""
+    base = args.work / "teacher-base"
+    if (base / "model_index.json").is_file():
+        return base
+    tmp = args.work / "teacher-base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.toy:
+        from ldmkit.models.tiny import build_tiny_pipeline
+
+        build_tiny_pipeline("sd15", tmp)
+    else:
+        from lcm_throughput import build_model
+
+        build_model(tmp)
+    shutil.rmtree(tmp / "vae")
+    shutil.copytree(vae_export, tmp / "vae", ignore=shutil.ignore_patterns("ldmkit_config.yaml", "*.md", "*.png"))
+    unet_cfg = tmp / "unet" / "config.json"
+    cfg = json.loads(unet_cfg.read_text())
+    cfg["sample_size"] = size.resolution // 8  # the trained VAE is f8
+    unet_cfg.write_text(json.dumps(cfg, indent=2))
+    tmp.rename(base)
+    return base
+
+
+def build_teacher(args, size: Size) -> tuple[Path, dict]:
+    """The cached teacher export and its record (adherence, steps); built in chunks until the threshold."""
+    record_file = args.work / "teacher.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        return Path(record["export"]), record
+    vae_out = args.work / "vae"
+    vae = [f"--data.path={args.shards}", f"--data.resolution={size.resolution}", f"--output_dir={vae_out}"]
+    vae += [f"--train.max_steps={size.vae_steps}", "--data.random_flip=false", "--train.report_to=none"]
+    vae += ["--data.num_workers=1"]
+    print(f"teacher: training the VAE ({size.vae_steps} steps) ...", file=sys.stderr, flush=True)
+    # vae/shapes.yaml: SD's latent layout (KL-f8, 4 channels), which the SD1.5-layout UNet takes
+    if not (vae_out / "export" / "config.json").is_file():
+        run(
+            ldmkit("train", str(RECIPES / "vae" / "shapes.yaml"), "--method.name=vae", *vae),
+            vae_out / "train.log",
+            args.threads,
+        )
+    base = build_base(args, size, vae_out / "export")
+    out = args.work / "teacher"
+    common = [
+        "--method.name=finetune",
+        "--method.use_ema=true",
+        "--method.ema_decay=0.999",
+        f"--model.pretrained={base}",
+        f"--data.path={args.shards}",
+        f"--data.resolution={size.resolution}",
+        "--data.random_flip=false",  # flips move "left" shapes to the right: captions would lie
+        "--data.cache=true",
+        "--data.num_workers=1",
+        f"--train.batch_size={size.teacher_batch}",
+        "--train.learning_rate=3e-4",
+        "--train.lr_warmup_steps=0",
+        "--train.validate_every=0",
+        f"--train.checkpoint_every={size.teacher_chunk}",
+        "--train.checkpoints_total_limit=1",
+        "--train.report_to=none",
+        f"--output_dir={out}",
+    ]
+    steps, adherence, fd = 0, 0.0, None
+    while steps < size.teacher_max_steps:
+        steps += size.teacher_chunk
+        print(f"teacher: finetune to step {steps} ...", file=sys.stderr, flush=True)
+        recipe = str(RECIPES / "finetune" / "debug.yaml")
+        run(ldmkit("train", recipe, *common, f"--train.max_steps={steps}"), out / f"train-{steps}.log", args.threads)
+        adherence, fd = evaluate(
+            out / "export",
+            args.work / "teacher-eval" / f"step-{steps}",
+            args,
+            steps=50,
+            scheduler="ddim",
+            guidance=TEACHER_GUIDANCE,
+            images=size.teacher_eval_images,
+        )
+        print(f"teacher: step {steps}: guided 50-step adherence {adherence:.3f}", file=sys.stderr, flush=True)
+        if size.teacher_threshold is None or adherence >= size.teacher_threshold:
+            break
+    if size.teacher_threshold is not None and adherence < size.teacher_threshold:
+        raise SystemExit(f"the teacher reached adherence {adherence:.3f} < {size.teacher_threshold} in {steps} steps")
+    record = {"export": str(out / "export"), "steps": steps, "adherence_50": adherence, "fd_50": fd}
+    record_file.write_text(json.dumps(record, indent=2))
+    return out / "export", record
+
+
+# ---- 2. distillation ---------------------------------------------------------------------------------
+@dataclass
+class Point:
+    """One saved LoRA: its time on the tool's clock, step, where it is, and (after evaluation) its quality."""
+
+    seconds: float
+    step: int
+    lora: str
+    adherence: float | None = None
+    fd: float | None = None
+
+
+def peer_run(args, size: Size, teacher: Path, script: Path, seed: int, out: Path) -> list[Point]:
+    """diffusers' LCM-LoRA script; its checkpoints on the clock of its TensorBoard step log."""
+    if not (out / "points.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [
+            str(script),
+            f"--pretrained_teacher_model={teacher}",
+            f"--output_dir={out}",
+            f"--train_shards_path_or_url={args.shards}",
+            f"--resolution={size.resolution}",
+            f"--train_batch_size={size.batch}",
+            f"--lora_rank={size.rank}",
+            f"--lora_alpha={size.rank}",
+            f"--seed={seed}",
+            f"--mixed_precision={args.precision}",
+            f"--max_train_steps={size.peer_steps}",
+            f"--max_train_samples={size.num_images}",
+            f"--checkpointing_steps={size.peer_checkpoint_every}",
+            f"--validation_steps={NEVER}",  # validation is not training (ldmkit's is off too)
+            "--dataloader_num_workers=1",  # 0 divides by zero in its dataset sizing
+            "--report_to=tensorboard",  # its default, spelled out: its step log
+        ]
+        launched = run(cmd, out.with_suffix(".log"), args.threads, python=args.peer_python)
+        points = peer_points(out, launched)
+        (out / "points.json").write_text(json.dumps([p.__dict__ for p in points], indent=2))
+    return [Point(**p) for p in json.loads((out / "points.json").read_text())]
+
+
+def read_step_log(out: Path) -> dict[int, float]:
+    """{step: Unix time} of the peer's logged steps (TensorBoard scalars it logs every optimizer step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stamps: dict[int, float] = {}
+    for events in sorted(out.glob("logs/**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "loss" in acc.Tags().get("scalars", []):
+            stamps.update({e.step: e.wall_time for e in acc.Scalars("loss")})
+    if not stamps:
+        raise SystemExit(f"no step log (TensorBoard 'loss' scalars) under {out / 'logs'}")
+    return stamps
+
+
+def peer_points(out: Path, launched: float) -> list[Point]:
+    stamps = read_step_log(out)
+    steps = sorted(stamps)
+    intervals = {s: stamps[s] - stamps[p] for p, s in zip(steps, steps[1:])}
+    typical = statistics.median(intervals.values()) if intervals else 0.0
+    points, saves = [], 0.0
+    for ckpt in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        step = int(ckpt.name.split("-")[1])
+        # the step is logged after its checkpoint is saved: that save's excess over a typical step is not training
+        saves += max(0.0, intervals.get(step, typical) - typical)
+        points.append(Point(stamps[step] - launched - saves, step, str(loadable_peer_lora(ckpt / "unet_lora"))))
+    return points
+
+
+PEFT_WRAPPER = "unet.base_model.model."
+
+
+def loadable_peer_lora(folder: Path) -> Path:
+    """The peer's LoRA as stock ``load_lora_weights`` reads it. Its save hook takes the state dict of the peft
+    wrapper (``get_peft_model(unet)``), so with current peft every key reads ``unet.base_model.model.<module>``
+    and diffusers finds no such module; the same tensors under ``unet.<module>`` (nothing else changed)."""
+    from safetensors.torch import load_file, save_file
+
+    name = "pytorch_lora_weights.safetensors"
+    state = load_file(str(folder / name))
+    if not any(k.startswith(PEFT_WRAPPER) for k in state):
+        return folder
+    out = folder.with_name(folder.name + "_loadable")
+    out.mkdir(exist_ok=True)
+    save_file({"unet." + k.removeprefix(PEFT_WRAPPER): v for k, v in state.items()}, str(out / name))
+    return out
+
+
+def ldmkit_run(args, size: Size, teacher: Path, seed: int, out: Path) -> list[Point]:
+    """ldmkit's lcm_lora with its recipe for a small shapes teacher; its LoRA exported on its training clock."""
+    if not (out / "points.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [
+            "train",
+            str(RECIPES / "lcm_lora" / "quickstart.yaml"),
+            "--method.name=lcm_lora",
+            "--model.family=sd",
+            f"--model.pretrained={teacher}",
+            f"--data.path={args.shards}",
+            f"--data.resolution={size.resolution}",
+            f"--data.cache_dir={out / 'cache'}",  # built in the run: its time counts
+            f"--train.batch_size={size.batch}",
+            f"--method.lora_rank={size.rank}",
+            f"--method.lora_alpha={size.rank}",
+            f"--train.seed={seed}",
+            f"--train.mixed_precision={args.precision}",
+            f"--train.max_steps={size.ldmkit_steps}",
+            f"--train.save_every_seconds={size.save_every}",
+            "--train.validate_every=0",
+            "--train.checkpoint_every=0",
+            f"--output_dir={out}",
+            *[f"--{o}" for o in args.ldmkit_set],
+        ]
+        launched = run(ldmkit(*cmd), out.with_suffix(".log"), args.threads)
+        points = ldmkit_points(out, launched)
+        (out / "points.json").write_text(json.dumps([p.__dict__ for p in points], indent=2))
+    return [Point(**p) for p in json.loads((out / "points.json").read_text())]
+
+
+def ldmkit_points(out: Path, launched: float) -> list[Point]:
+    index = out / "timed" / "index.jsonl"
+    if not index.is_file():
+        raise SystemExit(f"ldmkit saved no LoRA at a time mark ({index}): lower --save-every")
+    points = []
+    for line in index.read_text().splitlines():
+        r = json.loads(line)
+        points.append(
+            Point(r["unix_time"] - launched - r["save_seconds_before"], r["step"], str(out / "timed" / r["folder"]))
+        )
+    return points
+
+
+# ---- 3. evaluation -----------------------------------------------------------------------------------
+def evaluate_points(args, size: Size, teacher: Path, tool: str, points: list[Point]) -> None:
+    for p in points:
+        how = {"scheduler": "lcm", "guidance": PEER_GUIDANCE} if tool == "peer" else {}
+        # ldmkit's LoRA folder carries its sampling record (scheduler, guidance): evaluate reads it
+        p.adherence, p.fd = evaluate(
+            teacher,
+            Path(p.lora).parent / f"eval-{Path(p.lora).name}",
+            args,
+            Path(p.lora),
+            images=size.eval_images,
+            **how,
+        )
+
+
+# ---- 4. the table, the plot and the headline ---------------------------------------------------------
+def median_curve(rounds: list[list[Point]]) -> list[Point]:
+    """Point i of every round (the peer's i-th checkpoint step, ldmkit's i-th time mark), medians over rounds;
+    as many points as the shortest round has."""
+    n = min(len(r) for r in rounds)
+    curve = []
+    for i in range(n):
+        at = [r[i] for r in rounds]
+        fds = [p.fd for p in at if p.fd is not None]
+        curve.append(
+            Point(
+                statistics.median(p.seconds for p in at),
+                int(statistics.median(p.step for p in at)),
+                at[0].lora,
+                statistics.median(p.adherence for p in at),
+                statistics.median(fds) if fds else None,
+            )
+        )
+    return curve
+
+
+def headline(curves: dict[str, list[Point]]) -> str:
+    """The fraction of the peer's time at which ldmkit's curve first has the peer's final adherence and FD."""
+    final = curves["peer"][-1]
+    for p in curves["ldmkit"]:
+        fd_ok = final.fd is None or (p.fd is not None and p.fd <= final.fd)
+        if p.adherence >= final.adherence and fd_ok:
+            return f"{p.seconds / final.seconds:.2f}"
+    return "not reached"
+
+
+def print_table(curves: dict[str, list[Point]], rounds: int) -> None:
+    print(
+        f"\nquality against training time ({EVAL_STEPS} steps; median of {rounds} round(s); time from launch, saves excluded)"
+    )
+    print(f"  {'tool':7} {'seconds':>8} {'step':>6} {'adherence':>9} {'FD':>8}")
+    for tool, curve in curves.items():
+        for p in curve:
+            fd = f"{p.fd:8.4f}" if p.fd is not None else f"{'-':>8}"
+            print(f"  {tool:7} {p.seconds:8.1f} {p.step:6d} {p.adherence:9.3f} {fd}")
+
+
+def plot(curves: dict[str, list[Point]], path: Path) -> None:
+    """Adherence and FD against seconds, both tools (ldmkit's Pillow charts: matplotlib is no dependency)."""
+    from PIL import Image
+
+    from ldmkit.eval.plot import line_chart
+
+    panels = [
+        line_chart(
+            {t: [(p.seconds, p.adherence) for p in c] for t, c in curves.items()},
+            f"adherence at {EVAL_STEPS} steps",
+            y_range=(0.0, 1.0),
+            x_label="seconds from launch",
+            log_x=False,
+        ),
+        line_chart(
+            {t: [(p.seconds, p.fd) for p in c if p.fd is not None] for t, c in curves.items()},
+            f"FD to the data at {EVAL_STEPS} steps",
+            x_label="seconds from launch",
+            log_x=False,
+        ),
+    ]
+    img = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
+    x = 0
+    for p in panels:
+        img.paste(p, (x, 0))
+        x += p.width
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def report(curves: dict[str, list[Point]], rounds: int, plot_path: Path, teacher: dict) -> None:
+    fd = teacher.get("fd_50")
+    print(
+        f"\nteacher: {teacher['steps']} finetune steps, guided 50-step DDIM adherence {teacher['adherence_50']:.3f}"
+        + (f", FD {fd:.4f}" if fd is not None else "")
+    )
+    print_table(curves, rounds)
+    plot(curves, plot_path)
+    print(f"plot: {plot_path}")
+    print(f"time-to-quality: ldmkit reaches the peer's final quality in {headline(curves)} of its time")
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("diffusers", help="diffusers checkout, its bare git directory, or the peer script.")
+    p.add_argument("--toy", action="store_true", help="Tiny teacher, a few steps each: the chain in minutes.")
+    p.add_argument("--rounds", type=int, default=3, help="Rounds (seed = round); medians are reported.")
+    p.add_argument("--peer-python", default=sys.executable, help="Python that runs the peer script.")
+    p.add_argument("--work", default=None, help="Work folder (teacher cached there); default ./time_to_quality[-toy].")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every process.")
+    p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="Both tools' mixed precision.")
+    p.add_argument("--save-every", type=float, default=None, help="ldmkit's export cadence, training seconds.")
+    p.add_argument("--peer-steps", type=int, default=None, help="The peer's max_train_steps.")
+    p.add_argument("--peer-checkpoint-every", type=int, default=None, help="The peer's checkpointing_steps.")
+    p.add_argument("--ldmkit-steps", type=int, default=None, help="ldmkit's train.max_steps.")
+    p.add_argument(
+        "--ldmkit-set", action="append", default=[], help="More ldmkit overrides, section.key=value (repeatable)."
+    )
+    p.add_argument("--tools", default="peer,ldmkit", help=argparse.SUPPRESS)  # tests: ldmkit only
+    args = p.parse_args(argv)
+    if shutil.which(args.peer_python) is None:
+        p.error(f"--peer-python {args.peer_python}: no such Python")
+    size = dataclasses.replace(TOY if args.toy else Size())
+    for key in ("save_every", "peer_steps", "peer_checkpoint_every", "ldmkit_steps"):
+        if getattr(args, key) is not None:
+            setattr(size, key, getattr(args, key))
+    args.work = Path(args.work or f"time_to_quality{'-toy' if args.toy else ''}").resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    tools = args.tools.split(",")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="ldmkit-ttq-peer-") as tmp:
+        return benchmark(args, size, tools, Path(tmp))
+
+
+def benchmark(args, size: Size, tools: list[str], tmp: Path) -> int:
+    sys.path.insert(0, str(HERE))
+    from vs_diffusers import peer_copy
+
+    script = peer_copy(args.diffusers, "lcm_lora", tmp) if "peer" in tools else None
+    args.shards, args.reference = build_data(args, size)
+    teacher, record = build_teacher(args, size)
+    runs = args.work / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    rounds: dict[str, list[list[Point]]] = {t: [] for t in tools}
+    for r in range(args.rounds):
+        for tool in tools:
+            print(f"round {r + 1}: {tool} ...", file=sys.stderr, flush=True)
+            out = runs / f"{tool}-r{r}"
+            if tool == "peer":
+                points = peer_run(args, size, teacher, script, r, out)
+            else:
+                points = ldmkit_run(args, size, teacher, r, out)
+            evaluate_points(args, size, teacher, tool, points)
+            rounds[tool].append(points)
+    curves = {t: median_curve(rs) for t, rs in rounds.items()}
+    (runs / "rounds.json").write_text(
+        json.dumps({t: [[p.__dict__ for p in r] for r in rs] for t, rs in rounds.items()}, indent=2)
+    )
+    if "peer" not in curves:
+        print_table(curves, args.rounds)
+        return 0
+    report(curves, args.rounds, runs / "time_to_quality.png", record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
