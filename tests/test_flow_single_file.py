@@ -156,7 +156,64 @@ def test_single_file_trains_an_lcm_lora_and_generates(arch, shapes_folder, tmp_p
     assert f"--components-from {folder}" in capsys.readouterr().out  # the "try it" line names the components
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+    card = (run / "export" / "README.md").read_text()
+    assert "## Use it in ComfyUI / Forge" in card and "A1111" not in card  # A1111 runs no FLUX / SD3
     out = tmp_path / "gen"
     gen = ["generate", "--model", str(file), "--components-from", str(folder), "--lora", str(run / "export")]
     assert main([*gen, "--prompt", "a red circle", "--steps", "2", "--out", str(out)]) == 0
     assert (out / "000.png").is_file()
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_convert_lora_round_trips_flow_loras_through_the_original_layout(arch, request, tmp_path, capsys):
+    """``convert-lora --model <FLUX/SD3 folder>``: diffusers -> original (BFL / SAI) writes the copy ``ldmkit train``
+    writes, tensor for tensor, and original -> diffusers gives back every module's update (up @ down * scale)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from peft import LoraConfig
+
+    from ldmkit.families.flux import FLUX_LORA_TARGET_MODULES
+    from ldmkit.families.sd3 import SD3_LORA_TARGET_MODULES
+    from ldmkit.lora import export, formats
+
+    folder = request.getfixturevalue(f"tiny_{arch}")
+    cls = getattr(diffusers, KINDS[arch][2])
+    transformer = cls.from_pretrained(folder, subfolder="transformer")
+    targets = SD3_LORA_TARGET_MODULES if arch == "sd3" else FLUX_LORA_TARGET_MODULES
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=list(targets)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pipeline_cls = StableDiffusion3Pipeline if arch == "sd3" else FluxPipeline
+    export.export_lora(tmp_path / "lora", {"transformer": transformer}, pipeline_cls)
+    diffusers_file = tmp_path / "lora" / export.LORA_WEIGHT_NAME
+
+    kohya = tmp_path / "kohya.safetensors"
+    assert (
+        main(
+            ["convert-lora", "--in", str(diffusers_file), "--to", "kohya", "--model", str(folder), "--out", str(kohya)]
+        )
+        == 0
+    )
+    written, shipped = load_file(str(kohya)), load_file(str(tmp_path / "lora" / export.KOHYA_WEIGHT_NAME))
+    assert set(written) == set(shipped) and all(torch.equal(written[k], shipped[k]) for k in shipped)
+    prefix = "lora_unet_joint_blocks_" if arch == "sd3" else "lora_unet_double_blocks_"
+    assert any(k.startswith(prefix) for k in written)
+
+    back = tmp_path / "back.safetensors"
+    assert (
+        main(["convert-lora", "--in", str(kohya), "--to", "diffusers", "--model", str(folder), "--out", str(back)]) == 0
+    )
+
+    def updates(path):
+        layers = formats.read_lora(load_file(str(path)))["transformer"]
+        return {m: layer.folded_up().float() @ layer.down.float() for m, layer in layers.items()}
+
+    a, b = updates(diffusers_file), updates(back)
+    assert set(a) == set(b) and len(a) > 10
+    assert all(torch.allclose(a[m], b[m], atol=1e-6) for m in a)
+    assert (
+        main(["convert-lora", "--in", str(kohya), "--to", "diffusers", "--out", str(tmp_path / "x.safetensors")]) == 2
+    )
+    assert "FLUX / SD3 LoRA: give the model it is for (--model" in capsys.readouterr().err
