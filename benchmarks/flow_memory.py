@@ -18,8 +18,8 @@ context and the allocator). How each column is obtained:
 - activations: MEASURED with the tracker of benchmarks/vs_diffusers.py (``LiveTensorBytes``: every tensor an op
   creates, until its storage is freed), on one LCM-LoRA step as ldmkit's lcm_lora runs it (teacher pass without the
   adapters, FLUX one pass with its guidance input, SD3 a conditional and an unconditional pass; target pass; student
-  pass with gradient checkpointing and backward), the peak above what was resident before it, less the LoRA's
-  gradients (counted above). Not at full size (a CPU cannot run a 12B step in reasonable time): at 1/4 of the width
+  pass with gradient checkpointing and backward), the peak above what was resident before it (weights, the LoRA, its
+  gradients, which stay allocated between steps, and AdamW's state: counted above). Not at full size (a CPU cannot run a 12B step in reasonable time): at 1/4 of the width
   (heads / 4, the same head size), 1 and 3 repeating units of blocks, two sequence lengths, batch 1; then scaled
   linearly in width, units, tokens and batch (per-block activations are linear in width and tokens with the
   memory-efficient attention kernels used on both CPU and GPU, which never hold the tokens x tokens matrix; the
@@ -153,7 +153,8 @@ def weights_and_lora(m: Model, precision: str, rank: int, cache: dict) -> tuple[
 
 
 def step_activations(m: Model, units: int, shrink: int, image_tokens: int, rank: int) -> int:
-    """Peak bytes above the resident ones of one LCM-LoRA step (batch 1), less the LoRA's gradients."""
+    """Peak bytes above the resident ones (weights, LoRA, its gradients and AdamW state) of one LCM-LoRA step
+    (batch 1)."""
     from peft import LoraConfig
 
     from ldmkit.families.flux import FluxFamily
@@ -197,7 +198,7 @@ def step_activations(m: Model, units: int, shrink: int, image_tokens: int, rank:
         loss = (student.float() - target.float()).pow(2).mean()
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)  # gradients stay allocated: resident, as LoRA + optimizer counts them
 
     one_step()  # the optimizer state exists from here on, as in a run's steady state
     tracker = LiveTensorBytes()
@@ -205,8 +206,7 @@ def step_activations(m: Model, units: int, shrink: int, image_tokens: int, rank:
     tracker.peak = tracker.current
     with tracker.mode:
         one_step()
-    grads = sum(p.numel() * 4 for p in lora)
-    return tracker.peak - tracker.current - grads
+    return tracker.peak - tracker.current
 
 
 def activations(m: Model, rank: int, image_tokens: int, batch: int, shrink: int = 4) -> tuple[int, float]:
