@@ -184,7 +184,10 @@ def test_recipes_validate(path, monkeypatch):
 def test_recipe_set_is_complete():
     assert {f"{p.parent.name}/{p.stem}" for p in RECIPES} == {
         f"{m}/{r}" for m in ("lcm_lora", "lcd") for r in ("sd15", "sdxl", "debug", "debug_sdxl", "quickstart")
-    } | {f"{m}/debug_{a}" for m in ("lcm_lora", "lcd") for a in ("sd3", "flux")}  # flow teachers: test_flow_*.py
+    } | {f"{m}/debug_{a}" for m in ("lcm_lora", "lcd") for a in ("sd3", "flux")} | {  # flow: test_flow_*.py
+        f"lcm_lora/{r}"
+        for r in ("flux_dev", "flux_dev_int8", "sd35_medium", "sd35_large")  # tests/test_flow_memory.py
+    }
 
 
 @pytest.mark.parametrize(

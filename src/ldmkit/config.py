@@ -39,6 +39,10 @@ class ModelConfig:
     """Tokenizer folder for a single-file checkpoint (a diffusers folder with tokenizer/, or one tokenizer); default: the HF cache."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Prediction type of a single-file checkpoint that does not say (SD2.x); default: its v_pred key, else v-prediction for SD2.x."""
+    components_from: str | None = None
+    """For a single original-layout FLUX / SD3 transformer file as model.pretrained (what ComfyUI keeps in models/diffusion_models): the diffusers folder or cached repo id its text encoders, tokenizers, VAE and scheduler come from; default: the released model in the HF cache."""
+    quantize: Literal["int8", "int4"] | None = None
+    """Store the frozen base transformer's linear weights in 8 or 4 bits (torchao weight-only quantisation; pip install ldmkit[quant]) for LoRA methods on FLUX / SD3; null: the mixed-precision dtype."""
     family: Literal["sd", "sdxl", "uvit", "sd3", "flux"] | None = None
     """The model family a recipe is written for (SD1.x/2.x, SDXL, ldmkit U-ViT); a model of another family stops with one line. null: any."""
 
@@ -417,6 +421,12 @@ def validate_config(cfg: Config) -> None:
         value = getattr(cfg.method, key, None)
         if value is not None and not value > 0:
             raise UserError(f"method.{key} must be positive, got {value} (alpha / rank scales the LoRA update)")
+    if cfg.model.quantize and not hasattr(cfg.method, "lora_rank"):
+        # only the frozen base is quantised; a method that trains the whole denoiser has no frozen one to shrink
+        raise UserError(
+            f"model.quantize={cfg.model.quantize} stores a frozen base in fewer bits, but method {cfg.method.name} "
+            "trains the whole denoiser: use a LoRA method (lcm_lora, tcd_lora, pcm_lora, dmd2_lora, lora) or unset it"
+        )
     _folder_path("output_dir", cfg.output_dir)
     _folder_path("data.cache_dir", cfg.data.cache_dir)
     check = getattr(cfg.method, "check", None)

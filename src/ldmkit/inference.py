@@ -51,6 +51,7 @@ def load_pipeline(
     allow_pickle: bool = False,
     tokenizer: str | None = None,
     variant: str | None = None,
+    components_from: str | None = None,
 ):
     """A diffusers pipeline for a model reference, resolved as ``model.pretrained`` is (families.hub): a
     diffusers folder, a single-file SD1.x/SD2.x/SDXL checkpoint (``.ckpt`` only with ``allow_pickle``) or a
@@ -66,7 +67,9 @@ def load_pipeline(
 
     from ldmkit.families import resolve_model
 
-    root = resolve_model(model, what="--model", allow_pickle=allow_pickle, tokenizer=tokenizer)
+    root = resolve_model(
+        model, what="--model", allow_pickle=allow_pickle, tokenizer=tokenizer, components_from=components_from
+    )
     if not (root / "model_index.json").exists():
         raise UserError(f"--model is not a diffusers pipeline folder (no model_index.json): {root}")
     cls_name = json.loads((root / "model_index.json").read_text()).get("_class_name")
@@ -250,6 +253,7 @@ def load_export(
     lora_scale: float = 1.0,
     allow_pickle: bool = False,
     tokenizer: str | None = None,
+    components_from: str | None = None,
 ) -> tuple[Any, Sampling]:
     """A ready pipeline for an export, sampled as its record says, and the sampling defaults.
 
@@ -269,7 +273,9 @@ def load_export(
         base = base or record.base  # type: ignore[union-attr]
         if not base:
             raise UserError(f"{p} is a LoRA and its record names no base model: give the model to load it onto")
-        pipe = load_pipeline(base, dtype, allow_pickle=allow_pickle, tokenizer=tokenizer)
+        pipe = load_pipeline(
+            base, dtype, allow_pickle=allow_pickle, tokenizer=tokenizer, components_from=components_from
+        )
         saved = _export_scheduler(lora_location(p)[0], record)
         if saved is not None:
             pipe.scheduler = saved
@@ -277,7 +283,9 @@ def load_export(
             set_scheduler(pipe, scheduler)
         load_lora(pipe, p, lora_scale)
     else:
-        pipe = load_pipeline(path, dtype, allow_pickle=allow_pickle, tokenizer=tokenizer)
+        pipe = load_pipeline(
+            path, dtype, allow_pickle=allow_pickle, tokenizer=tokenizer, components_from=components_from
+        )
         if scheduler:
             set_scheduler(pipe, scheduler)
     if record is None:

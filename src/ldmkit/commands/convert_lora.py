@@ -4,6 +4,11 @@ Reads what ``ldmkit.lora.formats`` reads (every layout diffusers' ``load_lora_we
 diffusers, old diffusers, mixed files, kohya with diffusers or original-SD block names, text-encoder
 keys, PaddleMIX ``lcm_lora.safetensors``; plus the reference script's ``base_model.model.`` keys and U-ViT
 kohya files) and writes with ``ldmkit.lora.export``, the exporter of ``ldmkit train``.
+
+FLUX.1 and SD3 LoRAs (``--model`` a FLUX / SD3 folder or cached repo id) convert between diffusers' layout and
+the original (BFL / SAI MMDiT) one that ComfyUI, Forge and sd-scripts read (``--to kohya``: fused projections,
+``ldmkit.lora.flux_layout`` / ``sd3_layout``, the copy ``ldmkit train`` writes); the model's configs lay out the
+names, its weights are never loaded (the modules are built on the meta device).
 """
 
 from __future__ import annotations
@@ -38,6 +43,54 @@ def _model_info(model_dir: str) -> tuple[list[str], object | None, bool]:
     return names, model.config, model.config.addition_embed_type == "text_time"
 
 
+FLOW_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+
+
+def _flow_pipeline(model: str):
+    """A stand-in for the FLUX / SD3 pipeline of ``model`` for reading and writing its LoRAs: the transformer and
+    text encoders built from their configs on the meta device (no weights), the pipeline class's LoRA reader;
+    None when ``model`` is not a FLUX / SD3 folder."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from ldmkit.families import resolve_model
+
+    root = resolve_model(model, what="--model")
+    index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
+    if index.get("_class_name") not in FLOW_PIPELINES:
+        return None
+    cls = getattr(diffusers, index["_class_name"])
+    pipe = type("MetaPipeline", (), {"lora_state_dict": staticmethod(cls.lora_state_dict), "pipeline_class": cls})()
+    with init_empty_weights():
+        for name, spec in index.items():
+            if name == "transformer" or name.startswith("text_encoder"):
+                lib = diffusers if spec[0] == "diffusers" else transformers
+                part_cls = getattr(lib, spec[1])
+                config = (
+                    part_cls.load_config(root / name)
+                    if lib is diffusers
+                    else part_cls.config_class.from_pretrained(root / name)
+                )
+                setattr(pipe, name, part_cls.from_config(config) if lib is diffusers else part_cls(config))
+    return pipe
+
+
+def _convert_flow(args, pipe, out: Path) -> tuple[dict, Path]:
+    """Read the file for the FLUX / SD3 stand-in ``pipe`` (either layout; every module checked against the
+    model) and write it in the layout ``--to`` names."""
+    from ldmkit import outputs
+    from ldmkit.lora import export, formats
+
+    components = formats.read_for_pipeline(pipe, formats.load_lora_file(args.input))
+    with outputs.staged(out, "convert-lora", kind="file") as tmp:
+        if args.to == "diffusers":
+            export.save_diffusers(tmp, components, pipe.pipeline_class)
+        else:
+            export.save_kohya_copy(tmp, components, pipe.pipeline_class, pipe.transformer)
+    return components, out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--in",
@@ -60,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="Optional model folder: check the LoRA's modules exist in its UNet / U-ViT; needed for kohya files "
-        "with original SD block names (input_blocks_*); lays out the SDXL kohya names written (default: SDXL's UNet).",
+        "with original SD block names (input_blocks_*); lays out the SDXL kohya names written (default: SDXL's UNet). "
+        "Required for FLUX / SD3 LoRAs (a folder or cached repo id): --to kohya writes the original BFL / SAI layout.",
     )
     add_overwrite_argument(parser)
 
@@ -77,7 +131,16 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix != ".safetensors":
         out = out / (export.KOHYA_WEIGHT_NAME if args.to == "kohya" else export.LORA_WEIGHT_NAME)
     outputs.check(out, "convert-lora", kind="file", overwrite=args.overwrite)
+    flow = _flow_pipeline(args.model) if args.model else None
+    if flow is not None:
+        components, _ = _convert_flow(args, flow, out)
+        return _report(out, args.to, components)
     state_dict = formats.load_lora_file(args.input)
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_joint_blocks_", "transformer.")) for k in state_dict):
+        raise UserError(
+            "this is a FLUX / SD3 LoRA: give the model it is for (--model, a diffusers folder or cached repo id), "
+            "whose config lays out the original names"
+        )
     names, unet_config, sdxl = _model_info(args.model) if args.model else (None, None, None)
     components = formats.read_lora(
         state_dict, unet_config=unet_config, uvit_names=names if unet_config is None else None
@@ -91,11 +154,14 @@ def run(args: argparse.Namespace) -> int:
             export.save_diffusers(tmp, components, StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline)
         else:
             export.save_kohya(tmp, components, sdxl, unet_config)
+    return _report(out, args.to, components)
+
+
+def _report(out: Path, to: str, components: dict) -> int:
     layers = [layer for c in components.values() for layer in c.values()]
     ranks = sorted({layer.rank for layer in layers})
     scales = sorted({round(layer.scale, 6) for layer in layers})
     print(
-        f"wrote {out}: {len(layers)} modules ({', '.join(components)}), {args.to} layout, rank {ranks}, "
-        f"alpha/rank {scales}"
+        f"wrote {out}: {len(layers)} modules ({', '.join(components)}), {to} layout, rank {ranks}, alpha/rank {scales}"
     )
     return 0

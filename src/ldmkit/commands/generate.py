@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", default=None, help="Tokenizer folder for a single-file --model (default: the HF cache)."
     )
     parser.add_argument(
+        "--components-from",
+        default=None,
+        help="For a single FLUX / SD3 transformer file as --model: the diffusers folder or cached repo id of its "
+        "text encoders, VAE and scheduler (default: the released model in the HF cache).",
+    )
+    parser.add_argument(
         "--allow-pickle", action="store_true", help="Allow a pickled .ckpt --model (it can run code when loaded)."
     )
     parser.add_argument("--prompt", action="append", required=True, help="Prompt (repeat for several).")
@@ -101,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     # The export's sampling record (scheduler, steps, guidance, eta) decides what the flags leave open.
-    single = dict(allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)  # a single-file base's needs
+    single = dict(
+        allow_pickle=args.allow_pickle, tokenizer=args.tokenizer, components_from=args.components_from
+    )  # a single-file base's needs
     if args.lora:
         pipe, sampling = load_export(
             args.lora, base=args.model, dtype=dtype, scheduler=args.scheduler, lora_scale=args.lora_scale, **single

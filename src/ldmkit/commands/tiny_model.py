@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ldmkit.errors import UserError
 from ldmkit.outputs import add_overwrite_argument
 
 # ldmkit.models.tiny.ARCHS (tests/test_cli.py checks they agree), without torch
@@ -20,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="Folder to write the diffusers pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    parser.add_argument(
+        "--single-file",
+        default=None,
+        metavar="FILE.safetensors",
+        help="sd3 / flux / flux-schnell: also write the transformer as one original-layout file (BFL / SAI key "
+        "names, what ComfyUI keeps); train on it with model.pretrained=FILE model.components_from=<--out folder>.",
+    )
     add_overwrite_argument(parser)
 
 
@@ -29,7 +37,25 @@ def run(args: argparse.Namespace) -> int:
 
     inputs.check_seed("--seed", args.seed)
     out = outputs.check(args.out, "tiny-model", overwrite=args.overwrite)
+    single = None
+    if args.single_file:
+        if args.arch not in ("sd3", "flux", "flux-schnell"):
+            raise UserError(f"--single-file writes a FLUX / SD3 transformer file; --arch {args.arch} has a UNet")
+        single = outputs.check(
+            args.single_file, "tiny-model", kind="file", overwrite=args.overwrite, option="--single-file"
+        )
+        if single.suffix != ".safetensors":
+            raise UserError(f"--single-file must end in .safetensors: {single}")
     with outputs.staged(out, "tiny-model") as tmp:
         build_tiny_pipeline(args.arch, tmp, seed=args.seed)
     print(f"tiny {args.arch} pipeline written to {out}")
+    if single is not None:  # from the finished folder (the file may sit inside it)
+        import diffusers
+
+        from ldmkit.families.transformer_file import KINDS, save_transformer_file
+
+        transformer = getattr(diffusers, KINDS[args.arch][2]).from_pretrained(out, subfolder="transformer")
+        with outputs.staged(single, "tiny-model", kind="file") as tmp_file:
+            save_transformer_file(transformer, tmp_file)
+        print(f"its transformer in the original layout: {single}")
     return 0

@@ -86,6 +86,10 @@ def base_model_args(model_cfg) -> list[str]:
     args = ["--model", model]
     if getattr(model_cfg, "tokenizer", None):
         args += ["--tokenizer", str(Path(model_cfg.tokenizer).expanduser().resolve())]
+    components = getattr(model_cfg, "components_from", None)
+    if components:  # a single FLUX / SD3 transformer file: where its other parts come from
+        local = Path(components).expanduser()
+        args += ["--components-from", str(local.resolve()) if local.exists() else components]
     if getattr(model_cfg, "allow_pickle", False):
         args.append("--allow-pickle")
     return args

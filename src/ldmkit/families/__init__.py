@@ -23,6 +23,7 @@ from ldmkit.families.sd import SDFamily
 from ldmkit.families.sd3 import SD3Family
 from ldmkit.families.sdxl import SDXLFamily
 from ldmkit.families.single_file import FAMILY_NAMES, SUFFIXES, detect_kind, read_keys
+from ldmkit.families.transformer_file import KINDS, transformer_kind
 from ldmkit.families.uvit import UViTFamily
 
 __all__ = [
@@ -50,7 +51,12 @@ def detect_family(pretrained: str | Path, *, allow_pickle: bool = False) -> type
         raise UserError("model.pretrained is empty: set it to a diffusers folder, a .safetensors file or a repo id")
     root = Path(pretrained)
     if root.suffix in SUFFIXES and root.is_file():
-        kind = detect_kind(read_keys(root, allow_pickle)[0])
+        keys = read_keys(root, allow_pickle)[0]
+        flow = transformer_kind(keys)
+        if flow is not None:  # a single FLUX / SD3 transformer file (its other parts: model.components_from)
+            log.info("%s: detected a %s transformer", root.name, KINDS[flow][0])
+            return SD3Family if flow == "sd3" else FluxFamily
+        kind = detect_kind(keys)
         log.info("%s: detected a %s checkpoint", root.name, FAMILY_NAMES[kind])
         return SDXLFamily if kind == "sdxl" else SDFamily
     if not root.is_dir():
@@ -71,6 +77,7 @@ def resolve_model_cfg(model_cfg: Any) -> tuple[Path, str | None]:
         allow_pickle=getattr(model_cfg, "allow_pickle", False),
         tokenizer=getattr(model_cfg, "tokenizer", None),
         prediction_type=getattr(model_cfg, "prediction_type", None),
+        components_from=getattr(model_cfg, "components_from", None),
     )
     root = resolve_model(model_cfg.pretrained, **opts)
     vae = model_cfg.vae and str(resolve_vae(model_cfg.vae, root, allow_pickle=opts["allow_pickle"]))
@@ -89,4 +96,5 @@ def load_family(
     ``text_dtype``, ``encode_batch_size``."""
     root, vae = resolve_model_cfg(model_cfg)
     cls = detect_family(root)
+    kwargs.setdefault("quantize", getattr(model_cfg, "quantize", None))
     return cls(str(root), vae=vae, variant=model_cfg.variant, dtype=dtype, device=device, **kwargs)

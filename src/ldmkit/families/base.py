@@ -105,6 +105,7 @@ class Family:
         denoiser_dtype: torch.dtype | None = None,
         text_dtype: torch.dtype | None = None,
         encode_batch_size: int = 32,
+        quantize: str | None = None,
     ):
         """Check the folder and read its configs; nothing is loaded yet.
 
@@ -117,6 +118,8 @@ class Family:
         self.device = torch.device(device)
         self.denoiser_dtype = denoiser_dtype or dtype
         self.text_dtype = text_dtype or dtype
+        self.quantize = quantize
+        """int8 / int4: the frozen denoiser's linear weights are stored quantised (families/quantize.py)."""
         self.vae_batch_size = encode_batch_size
         """Images per VAE forward in encode_images (memory bound)."""
         require(root / "scheduler" / "scheduler_config.json", "scheduler of model.pretrained")
@@ -162,8 +165,17 @@ class Family:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        """The frozen denoiser in ``denoiser_dtype`` (loaded on first use)."""
-        return self._get("denoiser", lambda: self.load_denoiser(self.denoiser_dtype))
+        """The frozen denoiser in ``denoiser_dtype`` (loaded on first use), its linear weights quantised when
+        ``quantize`` says so (only this shared frozen copy: ``load_denoiser`` copies, which methods train, never)."""
+        return self._get("denoiser", self._frozen_denoiser)
+
+    def _frozen_denoiser(self) -> torch.nn.Module:
+        model = self.load_denoiser(self.denoiser_dtype)
+        if self.quantize:
+            from ldmkit.families.quantize import quantize_weights
+
+            quantize_weights(model, self.quantize)
+        return model
 
     def load_denoiser(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
         """A fresh copy of the denoiser from disk, frozen, in eval mode, on the family's device."""

@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from ldmkit.errors import UserError
-from ldmkit.families.single_file import SUFFIXES, cached_folder, load_single_file
+from ldmkit.families.single_file import SUFFIXES, cached_folder, load_single_file, read_keys
+from ldmkit.families.transformer_file import KINDS, build_folder, released_repo, transformer_kind
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("LDMKIT_CACHE") or Path.home() / ".cache" / "ldmkit")
 
 
-def _file_key(path: Path, tokenizer: str | None, prediction_type: str | None) -> str:
+def _file_key(path: Path, tokenizer: str | None, prediction_type: str | None, components: Path | None = None) -> str:
     from ldmkit.families.base import _file_identity
 
     h = hashlib.sha256(_file_identity(path))
     h.update(f"{tokenizer and Path(tokenizer).resolve()}|{prediction_type}".encode())
+    if components is not None:  # a transformer file's folder depends on where its other parts come from
+        h.update(f"|{components.resolve()}".encode())
     return h.hexdigest()[:16]
 
 
@@ -83,8 +86,10 @@ def resolve_model(
     allow_pickle: bool = False,
     tokenizer: str | None = None,
     prediction_type: str | None = None,
+    components_from: str | None = None,
 ) -> Path:
-    """The local diffusers folder ``ref`` stands for (a folder, a single file, or a cached repo id)."""
+    """The local diffusers folder ``ref`` stands for (a folder, a single file, or a cached repo id); a single
+    original-layout FLUX / SD3 transformer file takes its other parts from ``components_from``."""
     text = str(ref)
     if not text:
         raise UserError(f"{what} is empty: set it to a diffusers folder, a .safetensors checkpoint or a repo id")
@@ -95,6 +100,9 @@ def resolve_model(
     if path.suffix in SUFFIXES:
         if not path.is_file():
             raise UserError(f"{what} checkpoint file not found: {path}")
+        keys = read_keys(path)[0] if path.suffix == ".safetensors" else {}  # the header only
+        if transformer_kind(keys) is not None:
+            return _transformer_file(path, keys, what, components_from)
         out = cache_root() / "single-file" / f"{path.stem}-{_file_key(path, tokenizer, prediction_type)}"
         if not (out / "model_index.json").is_file():
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -125,6 +133,33 @@ def resolve_model(
         )
     _check_diffusers_folder(folder, text, what, deep=True)
     return folder
+
+
+def _transformer_file(path: Path, keys: dict, what: str, components_from: str | None) -> Path:
+    """The diffusers folder of a single original-layout FLUX / SD3 transformer file (transformer_file.py): its
+    other parts from ``components_from`` (a diffusers folder or cached repo id), else from the released model's
+    repo in the Hugging Face cache; converted once into the ldmkit cache, keyed by the file and the components."""
+    kind = transformer_kind(keys)
+    if components_from:
+        components = resolve_model(components_from, what="model.components_from")
+    else:
+        repo = released_repo(kind, keys)
+        components = cached_folder(repo)
+        if components is None:
+            raise UserError(
+                f"{what} {path.name} is a single {KINDS[kind][0]} transformer file: its text encoders, VAE and "
+                f"scheduler come from a diffusers folder; set model.components_from (--components-from) to one, or "
+                f"put {repo} in the Hugging Face cache"
+            )
+    out = cache_root() / "single-file" / f"{path.stem}-{_file_key(path, None, None, components)}"
+    if not (out / "model_index.json").is_file():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dtype = next(d for k, d in keys.items() if transformer_kind([k]) is not None)
+        build_folder(path, kind, dtype, components, tmp)
+        _publish(tmp, out)
+        log.info("converted %s into the diffusers folder %s", path, out)
+    return out
 
 
 def _no_such_path(path: Path) -> str:

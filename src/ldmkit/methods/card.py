@@ -110,7 +110,8 @@ def write_model_card(method, cfg, export_dir: Path, samples_dir: Path) -> Path:
             f"## Samples\n\n![samples]({SAMPLES_NAME})\n\n{rows} (step {grids[-1].stem[5:].lstrip('0') or 0}).\n"
         )
     parts.append("## Use it in diffusers\n\n```python\n" + _diffusers_snippet(card) + "\n```\n")
-    parts.append("## Use it in A1111 / ComfyUI\n\n" + _webui_text(card) + "\n")
+    clients = "ComfyUI / Forge" if _is_flow(card) else "A1111 / ComfyUI"  # A1111 runs no FLUX / SD3 model
+    parts.append(f"## Use it in {clients}\n\n" + _webui_text(card) + "\n")
     parts.append("## ldmkit\n\n```bash\n" + _ldmkit_lines(card) + "\n```\n")
     knobs = json.dumps(asdict(cfg.method), indent=2)
     parts.append(
@@ -201,6 +202,24 @@ def _diffusers_snippet(card: _Card) -> str:
     return "\n".join(lines)
 
 
+def _is_flow(card: _Card) -> bool:
+    """A FLUX / SD3 export (or LoRA of one): ComfyUI and Forge run these, A1111 does not."""
+    return _class_name(card.export_dir if not card.is_lora else card.base_folder) in FLOW_PIPELINES
+
+
+FLOW_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+
+
+def _flow_webui_text(card: _Card, sampler: str) -> str:
+    if card.is_lora:
+        return (
+            "`pytorch_lora_weights_kohya.safetensors` is the LoRA in the original (BFL / SAI MMDiT) layout: copy it into "
+            "ComfyUI's `models/loras/` (a LoraLoaderModelOnly node after the model loader) or Forge's `models/Lora/` "
+            "(`<lora:pytorch_lora_weights_kohya:1>` in the prompt)." + sampler
+        )
+    return "ComfyUI reads this diffusers folder (put it in `models/diffusers/`, then a DiffusersLoader node)." + sampler
+
+
 def _webui_text(card: _Card) -> str:
     if card.record is None:
         return "A1111 / ComfyUI take a single-file VAE; convert with diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py."
@@ -212,6 +231,8 @@ def _webui_text(card: _Card) -> str:
         names["FlowMatchEulerDiscreteScheduler"] = "Euler"  # flow PCM (at its phase edges), flow TCD at gamma 0
         name = names.get(card.record.scheduler or "", card.record.scheduler)
         sampler = f" Sample with the {name} sampler, {card.steps} steps, CFG {max(1.0, card.guidance)}."
+    if _is_flow(card):
+        return _flow_webui_text(card, sampler)
     if card.is_lora:
         kohya = card.export_dir / "pytorch_lora_weights_kohya.safetensors"
         if not kohya.is_file():
