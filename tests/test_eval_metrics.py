@@ -121,6 +121,20 @@ def test_clip_score_is_the_library_formula(tiny_clip):
     assert got == pytest.approx(max(mean, 0.0), rel=1e-4)
 
 
+def test_fid_without_torch_fidelity_says_what_to_install(inception_pth, monkeypatch):
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch_fidelity" else real(name, *a)
+    )
+    for name in [n for n in sys.modules if n.startswith("torch_fidelity")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(UserError, match=r"pip install 'ldmkit\[metrics\]'"):
+        metrics.InceptionFID(inception_pth)
+
+
 def test_clip_model_not_found():
     with pytest.raises(UserError, match="not in the Hugging Face cache.*huggingface-cli download"):
         metrics.resolve_clip_model("nobody-here/no-such-clip")

@@ -126,6 +126,7 @@ class InceptionFID:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"--fid-weights {path} is not a PyTorch state dict ({str(e).splitlines()[0]})") from e
+        _torch_fidelity()  # a UserError when it is not installed (torchmetrics' FID needs its network)
         _torchmetrics("--metrics fid")
         from torchmetrics.image.fid import FrechetInceptionDistance
 
