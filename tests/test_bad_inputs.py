@@ -429,7 +429,27 @@ ARGUMENT_CASES = [
         evaluate("--feature-net={empty}", "--out={tmp}/e"),
         r"--feature-net .* is a folder",
     ),
-    Case("evaluate clip missing", evaluate("--clip=/no/clip", "--out={tmp}/e"), r"--clip /no/clip not found"),
+    Case("evaluate clip missing", evaluate("--clip=/no/clip", "--out={tmp}/e"), r"--clip-model /no/clip not found"),
+    Case(
+        "evaluate clip model not in the HF cache",
+        evaluate("--metrics=clip_score", "--clip-model=nobody-here/no-such-clip", "--out={tmp}/e"),
+        r"--clip-model nobody-here/no-such-clip is not in the Hugging Face cache: download it once with",
+    ),
+    Case(
+        "evaluate unknown metric",
+        evaluate("--metrics=fid,is", "--out={tmp}/e"),
+        r"--metrics: unknown metric\(s\) \['is'\]",
+    ),
+    Case(
+        "evaluate fid without reference images",
+        evaluate("--metrics=fid", "--out={tmp}/e"),
+        r"--metrics fid needs reference images: pass --reference",
+    ),
+    Case(
+        "evaluate fid weights missing",
+        evaluate("--metrics=fid", "--reference={shapes}", "--fid-weights=/no/inception.pth", "--out={tmp}/e"),
+        r"--fid-weights /no/inception.pth not found \(the Inception-v3 FID weights",
+    ),
     Case("evaluate device foo", evaluate("--device=foo", "--out={tmp}/e"), r"--device 'foo'"),
     Case("evaluate width 1e8", evaluate("--width=100000000", "--out={tmp}/e"), r"would need about"),
     Case("evaluate out is a file", evaluate("--out={file}"), r"--out .* is a file; give a folder"),

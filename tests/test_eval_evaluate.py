@@ -159,58 +159,6 @@ def test_errors(tiny_sd15, tmp_path):
         _run(["--model", str(tiny_sd15), "--shapes", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
-def test_clip_score(tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from ldmkit.models.tiny import byte_tokenizer, byte_vocab
-
-    n = len(byte_vocab())
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=n,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=n - 2,
-            eos_token_id=n - 1,
-            pad_token_id=n - 1,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(config).eval()
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=byte_tokenizer(),
-    )
-    model.save_pretrained(tmp_path / "clip")
-    processor.save_pretrained(tmp_path / "clip")
-
-    images = [synth.make_sample(i, 32, 0)[0] for i in range(3)]
-    prompts = [synth.caption(synth.make_sample(i, 32, 0)[1]) for i in range(3)]
-    got = evaluate.ClipScorer(tmp_path / "clip")(images, prompts, batch_size=2)
-    with torch.no_grad():
-        inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-        img = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        txt = model.get_text_features(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).pooler_output
-        expected = (100 * torch.cosine_similarity(img, txt).clamp(min=0)).mean().item()
-    assert got == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(UserError, match="CLIP"):
-        evaluate.ClipScorer(tmp_path)
-
-
 def test_uvit_pipeline(ddim_pipe):
     """The quickstart's pipeline: U-ViT denoiser (``pipe.unet``), CFG batched; an LCM U-ViT takes w as an embedding."""
     from ldmkit.models.uvit import UViT

@@ -36,7 +36,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         "speed figures measure the model rather than the unfused adapter's extra matmuls.",
     )
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", default=None, help="Text file with one prompt per line.")
+    src.add_argument(
+        "--prompts",
+        default=None,
+        help="Text file with one prompt per line, or a JSON file: COCO's captions file (e.g. captions_val2014.json: "
+        "the first caption of each image) or a list of captions.",
+    )
     src.add_argument(
         "--data",
         default=None,
@@ -109,7 +114,8 @@ def _measure_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--reference",
         default=None,
-        help="Reference images for FD/KID: an image folder or a dataset (default with --data: the data's images).",
+        help="Reference images for FD/KID/FID: an image folder (e.g. COCO val2014 images) or a dataset (default with "
+        "--data: the data's images).",
     )
     add("--max-reference", type=int, default=2000, help="Use at most this many reference images.")
     add(
@@ -118,7 +124,28 @@ def _measure_arguments(parser: argparse.ArgumentParser) -> None:
         help="Local TorchScript (.pt) or torch.export (.pt2) feature network for FD/KID, e.g. StyleGAN2-ADA's "
         "inception-2015-12-05.pt; default: ldmkit's weight-free random conv features (comparable only within ldmkit).",
     )
-    add("--clip", default=None, help="Local transformers CLIP folder for CLIP score.")
+    add(
+        "--metrics",
+        default="fd",
+        help="Comma-separated quality metrics: fd (ldmkit's built-in FD and KID on weight-free random conv features, "
+        "comparable only within ldmkit; the offline default), fid (FID with the standard Inception-v3 features, "
+        "comparable with published FIDs: needs --fid-weights), clip_score (CLIP score: --clip-model). fd and fid need "
+        "reference images (--reference or --data).",
+    )
+    add(
+        "--fid-weights",
+        default=None,
+        help="The Inception-v3 FID weights file (weights-inception-2015-12-05-6726825d.pth, the TF weights as "
+        "torch-fidelity / torchmetrics / pytorch-fid use them); default: torch hub's cache.",
+    )
+    add(
+        "--clip-model",
+        "--clip",
+        dest="clip",
+        default=None,
+        help="CLIP for clip_score: a local transformers folder or a Hugging Face id in the local cache (offline); "
+        "default with --metrics clip_score: openai/clip-vit-large-patch14. Given alone, adds clip_score.",
+    )
     add("--save-images", action="store_true", help="Also write every generated image (steps-N/IIIII.png).")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     add(
@@ -209,7 +236,7 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
     from ldmkit import inputs, outputs
 
     inputs.check_arguments(args, devices=("--device",), seeds=("--seed",), files=("--feature-net",),
-                           finite=("--guidance", "--teacher-guidance"), folders=("--clip",))  # fmt: skip
+                           finite=("--guidance", "--teacher-guidance"))  # fmt: skip
     inputs.check_image_size(args.height, args.width, args.batch_size, args.device)
     outputs.verify(("--model", args.model), ("--lora", args.lora), ("--teacher", args.teacher))  # exports unchanged
     outputs.claim(args.out, "evaluate", overwrite=args.overwrite, own=("metrics.json",))  # resumed: teacher/ cache
@@ -218,13 +245,16 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
 
 @dataclass
 class _Inputs:
-    """The prompts, the FD/KID reference and its feature network, the CLIP scorer, the adherence probe."""
+    """The prompts, the FD/KID/FID reference, the metrics' networks (built-in FD features, Inception FID, CLIP
+    scorer), the adherence probe."""
 
     prompts: list[str]
     reference: list | None
     features: Any
     clip: Any
     probe: _Probe | None
+    fid: Any = None
+    fd: bool = True
 
     def common(self, args: argparse.Namespace) -> dict[str, Any]:
         """The settings every evaluated model shares."""
@@ -233,6 +263,8 @@ class _Inputs:
             reference=self.reference,
             feature_extractor=self.features,
             clip=self.clip,
+            fid=self.fid,
+            fd=self.fd,
             height=args.height,
             width=args.width,
         )
@@ -240,7 +272,7 @@ class _Inputs:
 
 def _read_inputs(args: argparse.Namespace, device) -> _Inputs:
     from ldmkit.data.synth import heldout_prompts
-    from ldmkit.eval.evaluate import ClipScorer, read_data, read_images, read_prompts
+    from ldmkit.eval.evaluate import read_data, read_images, read_prompts
     from ldmkit.eval.fid import load_feature_extractor
 
     reference, data_images, captions = None, None, None
@@ -256,9 +288,28 @@ def _read_inputs(args: argparse.Namespace, device) -> _Inputs:
     probe = None if args.no_caption_adherence else _adherence_probe(args, captions or prompts, data_images)
     if args.reference:
         reference = read_images(args.reference, args.max_reference)
-    features = load_feature_extractor(args.feature_net, device) if reference is not None else None
-    clip = ClipScorer(args.clip, device) if args.clip else None
-    return _Inputs(prompts, reference, features, clip, probe)
+    metrics = _metric_networks(args, reference is not None, device)
+    features = load_feature_extractor(args.feature_net, device) if reference is not None and metrics["fd"] else None
+    return _Inputs(prompts, reference, features, metrics["clip"], probe, fid=metrics["fid"], fd=metrics["fd"])
+
+
+def _metric_networks(args: argparse.Namespace, has_reference: bool, device) -> dict[str, Any]:
+    """--metrics: whether to compute the built-in FD, and the FID and CLIP-score networks (None when not asked);
+    a UserError naming what is missing (reference images, weights, library) before anything is generated."""
+    from ldmkit.eval.metrics import DEFAULT_CLIP, InceptionFID, LibraryClipScore, parse_metrics
+
+    names = parse_metrics(args.metrics)
+    if args.clip and "clip_score" not in names:
+        names.append("clip_score")  # --clip-model alone asks for it (as --clip did)
+    if "fid" in names and not has_reference:
+        raise UserError(
+            "--metrics fid needs reference images: pass --reference DIR (e.g. COCO val2014 images) or --data"
+        )
+    return {
+        "fd": "fd" in names,
+        "fid": InceptionFID(args.fid_weights, device) if "fid" in names else None,
+        "clip": LibraryClipScore(args.clip or DEFAULT_CLIP, device) if "clip_score" in names else None,
+    }
 
 
 def _single_file_options(args: argparse.Namespace) -> dict:
@@ -319,6 +370,7 @@ def _write_outputs(out: Path, metrics, runs, label, adherence, probe, args: argp
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     quality_vs_steps(runs).save(out / "quality_vs_steps.png")
     quality_vs_steps(runs, x="unet_evals_per_image").save(out / "quality_vs_unet_evals.png")
+    print(_metric_legend(metrics))
     _print_table(label, metrics["settings"])
     for name, m in metrics.get("teacher", {}).items():
         _print_table(f"teacher {name} (guidance {m['guidance']})", m["settings"])
@@ -459,17 +511,39 @@ def _print_adherence(adherence: dict[str, Any] | None, probe: _Probe | None, arg
             print(f"WARNING {name}: {e['warning']}")
 
 
+# The columns of the tables: (header, settings key, width, format); a column shows when any row has a value.
+COLUMNS = (
+    ("adherence", "adherence", 9, ".3f"),
+    ("FD(ldmkit)", "fd", 10, ".3f"),
+    ("KID(ldmkit)", "kid", 11, ".4f"),
+    ("FID", "fid", 9, ".2f"),
+    ("CLIP", "clip_score", 6, ".2f"),
+)
+
+
+def _metric_legend(metrics: dict[str, Any]) -> str:
+    """Which metric each column shows (features, networks, reference size)."""
+    parts = []
+    if metrics.get("feature_net"):
+        parts.append(f"FD/KID(ldmkit): {metrics['feature_net']} features (comparable only within ldmkit)")
+    if metrics.get("fid_features"):
+        parts.append(f"FID: {metrics['fid_features']}")
+    if metrics.get("feature_net") or metrics.get("fid_features"):
+        parts.append(f"against {metrics['reference_images']} reference images")
+    if metrics.get("clip_model"):
+        parts.append(f"CLIP: 100 x cos, {metrics['clip_model']}")
+    return "metrics: " + "; ".join(parts) if parts else "metrics: none against references"
+
+
 def _print_table(label: str, settings: list[dict]) -> None:
+    def value(s: dict, key: str):
+        return (s["adherence"] or {}).get("all") if key == "adherence" else s.get(key)
+
+    columns = [c for c in COLUMNS if any(value(s, c[1]) is not None for s in settings)]
     print(label)
-    print(f"{'steps':>5} {'s/img':>8} {'evals/img':>9} {'adherence':>9} {'FD':>9} {'KID':>9} {'CLIP':>6}")
+    print(f"{'steps':>5} {'s/img':>8} {'evals/img':>9} " + " ".join(f"{h:>{w}}" for h, _, w, _ in columns))
     for s in settings:
-        adh = s["adherence"]["all"] if s["adherence"] else None
-        cells = [
-            _cell(adh, 9, ".3f"),
-            _cell(s["fd"], 9, ".3f"),
-            _cell(s["kid"], 9, ".4f"),
-            _cell(s["clip_score"], 6, ".2f"),
-        ]
+        cells = [_cell(value(s, key), w, fmt) for _, key, w, fmt in columns]
         print(f"{s['steps']:>5} {s['seconds_per_image']:>8.4f} {s['unet_evals_per_image']:>9.1f} " + " ".join(cells))
 
 

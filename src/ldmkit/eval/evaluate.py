@@ -2,7 +2,8 @@
 
 Per step count: images/s, seconds per image, denoiser evaluations per image, and quality: shapes
 prompt adherence (``ldmkit.eval.scorer``, when every prompt is a shapes caption), FD and KID against
-reference images (``ldmkit.eval.fid``), CLIP score with a local CLIP folder. Every setting uses the
+reference images (``ldmkit.eval.fid``: ldmkit's built-in features unless a feature network is given), FID with the
+standard Inception-v3 features and CLIP score (``ldmkit.eval.metrics``: torchmetrics, weights from local files). Every setting uses the
 same per-prompt seeds (image i: CPU generator seeded ``seed + i``, ``ldmkit.inference.generate_images``
 with one image per prompt), so the settings differ only in the sampler's step count.
 
@@ -35,6 +36,8 @@ from ldmkit.data.synth import parse_caption
 from ldmkit.diffusion.samplers import TEACHER_SOLVERS  # noqa: F401 (re-exported)
 from ldmkit.errors import UserError
 from ldmkit.eval.fid import frechet_distance, kernel_inception_distance, load_feature_extractor
+from ldmkit.eval.metrics import InceptionFID
+from ldmkit.eval.metrics import LibraryClipScore as ClipScorer  # re-exported: the CLIP score of --clip-model
 from ldmkit.eval.scorer import adherence
 from ldmkit.inference import (
     generate_images,
@@ -96,39 +99,6 @@ class EvalCounter:
         self._handle.remove()
 
 
-class ClipScorer:
-    """CLIP score of (image, prompt) pairs with a local transformers CLIP folder: mean of 100 * max(cos, 0)
-    between image and text embeddings (the torchmetrics convention; Hessel et al. 2021 scale by 2.5 instead)."""
-
-    def __init__(self, path: str | Path, device: torch.device | str | None = None):
-        from transformers import CLIPModel, CLIPProcessor
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise UserError(f"--clip is not a local CLIP model folder (no config.json): {path}")
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
-        self.name = path.name
-
-    @torch.no_grad()
-    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str], batch_size: int = 32) -> float:
-        scores = []
-        for i in range(0, len(images), batch_size):
-            inputs = self.processor(
-                text=list(prompts[i : i + batch_size]),
-                images=list(images[i : i + batch_size]),
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-            ).to(self.device)
-            out = self.model(**inputs)
-            img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)  # (B, D)
-            txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)  # (B, D)
-            scores.append((100.0 * (img * txt).sum(-1).clamp(min=0)).cpu())
-        return float(torch.cat(scores).mean())
-
-
 def _match_size(images: Sequence[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
     """Resize (shorter side) and centre-crop to ``size`` = (width, height), so features see one size."""
     out = []
@@ -156,6 +126,8 @@ def evaluate_pipeline(
     reference: Sequence[Image.Image] | None = None,
     feature_extractor=None,
     clip: ClipScorer | None = None,
+    fid: InceptionFID | None = None,
+    fd: bool = True,
     height: int | None = None,
     width: int | None = None,
     out_dir: str | Path | None = None,
@@ -168,9 +140,9 @@ def evaluate_pipeline(
     """Generate ``prompts`` at every step count and measure speed and quality; returns the metrics dict.
 
     ``reference`` images enable FD/KID (features from ``feature_extractor``, default the weight-free
-    ``RandomConvFeatures``); they are resized and centre-cropped to the generated size first.
-    With ``out_dir``, a 4-column sample grid of the first 16 images per setting is written
-    (``grid-steps-N.png``), and with ``save_images`` every image (``steps-N/IIIII.png``).
+    ``RandomConvFeatures``; ``fd=False`` skips them) and, with ``fid``, FID with the Inception-v3 features; they
+    are resized and centre-cropped to the generated size first. With ``out_dir``, a 4-column sample grid of the
+    first 16 images per setting is written (``grid-steps-N.png``), with ``save_images`` every image.
     One untimed warm-up call (one prompt, fewest steps) comes first unless ``warmup`` is False.
     ``eta`` goes to schedulers that take it (TCD's gamma); None: the pipeline's default.
     """
@@ -181,8 +153,8 @@ def evaluate_pipeline(
     ref_feats = None
     if reference is not None:
         if len(reference) < 2 or len(prompts) < 2:
-            raise UserError("FD/KID need at least 2 reference and 2 generated images")
-        feature_extractor = feature_extractor or load_feature_extractor(None)
+            raise UserError("FD/KID/FID need at least 2 reference and 2 generated images")
+        feature_extractor = (feature_extractor or load_feature_extractor(None)) if fd else None
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -191,18 +163,18 @@ def evaluate_pipeline(
     sample = functools.partial(
         generate_images, pipe, guidance=guidance, seed=seed, batch_size=batch_size, height=height, width=width, eta=eta
     )
-    if warmup:
-        # A full batch, so first-call allocations do not land in the first timed setting.
+    if warmup:  # a full batch, so first-call allocations do not land in the first timed setting
         sample(prompts[:batch_size], min(steps_list))
 
     settings = []
     for steps in steps_list:
         images, result = _timed_setting(sample, counter_module, prompts, steps, batch_size)
-        if reference is not None and ref_feats is None:  # at the size of the generated images
+        if feature_extractor is not None and ref_feats is None:  # at the size of the generated images
             ref_feats = feature_extractor(_match_size(reference, images[0].size))
         result.update(
             _quality(images, prompts, shapes, clip, feature_extractor, ref_feats, kid_subsets, kid_subset_size, seed)
         )
+        result["fid"] = fid(images, reference, _match_size) if fid is not None and reference is not None else None
         _log_setting(result)
         if out is not None:
             _save_setting(out, steps, images, save_images)
@@ -215,7 +187,9 @@ def evaluate_pipeline(
         "eta": eta,
         "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
         "shapes_prompts": shapes,
-        "feature_net": getattr(feature_extractor, "name", None) if reference is not None else None,
+        # Which features each distance used: "fd"/"kid" ldmkit's (or --feature-net's), "fid" Inception-v3's.
+        "feature_net": getattr(feature_extractor, "name", None) if feature_extractor is not None else None,
+        "fid_features": fid.name if fid is not None and reference is not None else None,
         "reference_images": len(reference) if reference is not None else 0,
         "clip_model": clip.name if clip is not None else None,
         "settings": settings,
@@ -327,14 +301,41 @@ def evaluate_solvers(
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Non-empty lines of a text file."""
+    """The prompts of a text file (non-empty lines) or a JSON file: COCO's captions file (``captions_val2014.json``:
+    the first caption of each image, in the order of its ``images``, as COCO FID protocols take one caption per
+    image), a list of strings, or a list of objects with a ``caption`` (or ``prompt``)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--prompts file not found: {p}")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if p.suffix.lower() == ".json":
+        prompts = _json_prompts(p)
+    else:
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"--prompts file has no prompts: {p}")
     return prompts
+
+
+def _json_prompts(p: Path) -> list[str]:
+    import json
+
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts {p} is not valid JSON ({e})") from e
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):  # COCO captions
+        first: dict = {}
+        for a in data["annotations"]:
+            if isinstance(a, dict) and isinstance(a.get("caption"), str):
+                first.setdefault(a.get("image_id"), a["caption"].strip())
+        order = [im.get("id") for im in data.get("images", []) if isinstance(im, dict)] or list(first)
+        return [first[i] for i in order if i in first and first[i]]
+    if isinstance(data, list):
+        out = [
+            d if isinstance(d, str) else d.get("caption") or d.get("prompt") for d in data if isinstance(d, (str, dict))
+        ]
+        return [x.strip() for x in out if isinstance(x, str) and x.strip()]
+    raise UserError(f"--prompts {p}: expected COCO's captions JSON (with 'annotations') or a list of captions")
 
 
 def read_data(path: str | Path, limit: int, option: str = "--data") -> tuple[list[Image.Image], list[str]]:

@@ -13,8 +13,9 @@ COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 10
 # (title, value of one setting or None, fixed y range or None). Panels whose values are all None are left out.
 PANELS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], tuple[float, float] | None], ...] = (
     ("shapes adherence (all 4 attributes)", lambda s: (s.get("adherence") or {}).get("all"), (0.0, 1.0)),
-    ("FD (lower is better)", lambda s: s.get("fd"), None),
-    ("KID (lower is better)", lambda s: s.get("kid"), None),
+    ("FD, ldmkit's random conv features (lower is better)", lambda s: s.get("fd"), None),
+    ("KID, ldmkit's random conv features (lower is better)", lambda s: s.get("kid"), None),
+    ("FID, Inception-v3 (lower is better)", lambda s: s.get("fid"), None),
     ("CLIP score", lambda s: s.get("clip_score"), None),
     ("seconds per image", lambda s: s.get("seconds_per_image"), None),
 )
