@@ -1,7 +1,8 @@
 """Text-to-image pipeline for a U-ViT (models/uvit.py): diffusers has none, so this is ours (docs/DESIGN.md).
 
 It follows diffusers' StableDiffusionPipeline: same component names, classifier-free guidance
-``uncond + g * (cond - uncond)`` (the original U-ViT's ``cond + s * (cond - uncond)`` is g = s + 1), latents
+``uncond + g * (cond - uncond)`` (the original U-ViT's ``cond + s * (cond - uncond)`` is g = s + 1; on a flow U-ViT
+the same combination of velocities, as StableDiffusion3Pipeline), latents
 divided by ``vae.config.scaling_factor`` before decoding (the exported VAE config carries the factor the
 model was trained with), and for a U-ViT with ``time_cond_proj_dim`` (an LCM student) the embedding of
 ``guidance_scale - 1`` as ``timestep_cond`` instead of CFG.
@@ -146,7 +147,8 @@ class UViTPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
-        latents = latents.to(device=device, dtype=cond.dtype) * self.scheduler.init_noise_sigma
+        # FlowMatch* schedulers start from unit noise and have neither init_noise_sigma nor scale_model_input.
+        latents = latents.to(device=device, dtype=cond.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
@@ -154,7 +156,8 @@ class UViTPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # 3. Denoise.
         for t in self.progress_bar(self.scheduler.timesteps):
             x = torch.cat([latents] * 2) if do_cfg else latents
-            x = self.scheduler.scale_model_input(x, t)
+            if hasattr(self.scheduler, "scale_model_input"):
+                x = self.scheduler.scale_model_input(x, t)
             pred = self.unet(x, t, encoder_hidden_states=cond, timestep_cond=timestep_cond, return_dict=False)[0]
             if do_cfg:
                 pred_uncond, pred_cond = pred.chunk(2)
