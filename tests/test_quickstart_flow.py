@@ -113,7 +113,8 @@ def test_flow_teacher_exports_a_flow_uvit_its_family_and_solvers_know(tiny_sd15,
 
 def test_flow_uvit_pipeline_equals_flow_match_euler_by_hand(tiny_sd15):
     """UViTPipeline with FlowMatchEulerDiscreteScheduler: x <- x + (sigma_{i+1} - sigma_i) v, v the guided velocity
-    v_u + g (v_c - v_u) of the U-ViT at the scheduler's timesteps (sigma * 1000), from the same initial noise."""
+    v_u + g (v_c - v_u) of the U-ViT at the scheduler's timesteps (sigma * 1000), from the same initial noise, on
+    FluxPipeline's grid (sigmas evenly from 1 to 1 / N, then shifted)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(0)
@@ -124,7 +125,9 @@ def test_flow_uvit_pipeline_equals_flow_match_euler_by_hand(tiny_sd15):
     out = pipe(prompts, num_inference_steps=steps, guidance_scale=g, latents=noise.clone(), output_type="latent")
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])  # pipeline_flux.py: np.linspace(1.0, 1 / N, N)
+    shifted = [SHIFT * s / (1 + (SHIFT - 1) * s) for s in (1.0, 0.75, 0.5, 0.25)]
+    torch.testing.assert_close(scheduler.sigmas, torch.tensor([*shifted, 0.0]))
     cond, uncond = pipe.encode_prompt(prompts, "cpu"), pipe.encode_prompt(["", ""], "cpu")
     x = noise
     with torch.no_grad():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
@@ -85,6 +86,18 @@ class UViTPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise UserError(f"the U-ViT already has a LoRA adapter named {adapter_name!r}")
         names = [n for n, _ in self.unet.named_modules()]
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name, uvit_names=names, **kwargs)
+
+    def _set_timesteps(self, steps: int, device: torch.device) -> None:
+        """The scheduler's timesteps for ``steps`` steps. A FlowMatch* scheduler that takes ``sigmas`` (Euler, LCM)
+        gets FluxPipeline's grid, ``steps`` sigmas evenly from 1 to 1 / steps before its shift (pipeline_flux.py):
+        its own default grid runs from 1 to sigma_min ~ 0, so its last step moves almost nothing (2 steps would
+        sample like 1). The multistep solvers on flow sigmas space theirs evenly already; FlowMatchHeun takes none."""
+        scheduler = self.scheduler
+        takes_sigmas = "sigmas" in inspect.signature(scheduler.set_timesteps).parameters
+        if type(scheduler).__name__.startswith("FlowMatch") and takes_sigmas:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), device=device)
+        else:
+            scheduler.set_timesteps(steps, device=device)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
@@ -149,7 +162,7 @@ class UViTPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
         # FlowMatch* schedulers start from unit noise and have neither init_noise_sigma nor scale_model_input.
         latents = latents.to(device=device, dtype=cond.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._set_timesteps(num_inference_steps, device)
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
 
