@@ -370,9 +370,10 @@ def stage_evaluate(
 def _evaluate_teacher(
     out: Path, plan: Plan, teacher: Path, prompts: list[str], reference, seed: int, data: str
 ) -> dict[str, Any]:
-    """The teacher, guided, with DDIM at ``plan.lcm_steps`` and ``plan.teacher_steps_full`` (the reference set
-    of every distance) and with each other solver of ``plan.teacher_solvers`` (DPM-Solver++ 2M, UniPC) at
-    ``plan.lcm_steps``: the training-free way to sample in few steps that distillation has to beat. Cached in
+    """The teacher, guided, with ``plan.reference_solver`` (DDIM; a flow teacher's Euler) at ``plan.lcm_steps`` and
+    ``plan.teacher_steps_full`` (the reference set of every distance) and with each other solver of
+    ``plan.teacher_solvers`` (DPM-Solver++ 2M, UniPC; a flow teacher's Heun, DPM-Solver++ 2M and UniPC on flow
+    sigmas) at ``plan.lcm_steps``: the training-free way to sample in few steps that distillation has to beat. Cached in
     ``evaluate/teacher/`` under a key of the teacher's weights, prompts, seeds and steps, so every ``--method``
     distilled from this teacher in the same --out reuses it."""
     from ldmkit.eval.distances import distances_to
