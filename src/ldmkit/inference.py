@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ldmkit.compat import dtype_kwargs
-from ldmkit.diffusion.samplers import SCHEDULERS  # noqa: F401 (the commands' sampler names)
+from ldmkit.diffusion.samplers import FLOW_SCHEDULERS, SCHEDULERS  # noqa: F401 (the commands' sampler names)
 from ldmkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,27 @@ def set_scheduler(pipe, name: str) -> None:
     an LCM folder) original_inference_steps / timestep_scaling carry over."""
     import diffusers
 
+    if is_flow_scheduler(pipe.scheduler):  # a rectified-flow model: the name's flow form (samplers.FLOW_SCHEDULERS)
+        if name not in FLOW_SCHEDULERS:
+            raise UserError(
+                f"scheduler {name!r} has no flow-matching form; choose one of: {', '.join(FLOW_SCHEDULERS)}"
+            )
+        config = dict(pipe.scheduler.config)
+        shift = config.get("shift", config.get("flow_shift", 1.0))  # FlowMatch*'s shift is the solvers' flow_shift
+        cls_name, extra = FLOW_SCHEDULERS[name]
+        cls = getattr(diffusers, cls_name)
+        key = "flow_shift" if "flow_shift" in inspect.signature(cls.__init__).parameters else "shift"
+        config = {k: v for k, v in config.items() if k not in ("shift", "flow_shift")}
+        pipe.scheduler = cls.from_config(config, **extra, **{key: shift})
+        return
     if name not in SCHEDULERS:
         raise UserError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether ``scheduler`` samples a rectified flow: a FlowMatch* class, or a multistep solver on flow sigmas."""
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas"))
 
 
 def lora_location(path: str | Path) -> tuple[Path, str]:

@@ -9,8 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SOLVER_LABELS = {"ddim": "DDIM", "dpm": "DPM++ 2M", "unipc": "UniPC", "euler": "Euler"}
-"""How the report names the teacher's training-free solvers (ldmkit.diffusion.samplers.SCHEDULERS names)."""
+SOLVER_LABELS = {"ddim": "DDIM", "euler": "Euler", "heun": "Heun", "dpm": "DPM++ 2M", "unipc": "UniPC"}
+"""How the report names the teacher's training-free solvers (ldmkit.diffusion.samplers.SCHEDULERS names; on a flow
+teacher the same names are the flow solvers, samplers.FLOW_SCHEDULERS), in the report's order."""
+
+
+def reference_solver(plan: Mapping[str, Any]) -> str:
+    """The solver of the teacher's full-step reference set (``plan["reference_solver"]``: DDIM, a flow teacher's
+    Euler; reports of older releases: DDIM)."""
+    return plan.get("reference_solver", "ddim")
+
 
 DISTANCE_ALIASES = {"teacher_ddim_4": ("teacher_4",)}
 """Figures that are the same setting under a second, older key (teacher_4 is teacher_ddim_4)."""
@@ -33,6 +41,7 @@ def summarise(results: dict[str, Any], plan: Mapping[str, Any], method: str | No
     """
     runs = results["runs"]
     full = plan["teacher_steps_full"]
+    ref = reference_solver(plan)
     figures: dict[str, Any] = {}
 
     def put(name: str, s: dict[str, Any] | None) -> None:
@@ -48,20 +57,21 @@ def summarise(results: dict[str, Any], plan: Mapping[str, Any], method: str | No
             "kid": s.get("kid"),
         }
 
-    put("teacher_50", _setting(runs["teacher_ddim"], full))
-    put("teacher_4", _setting(runs["teacher_ddim"], 4))
+    put("teacher_50", _setting(runs[f"teacher_{ref}"], full))
+    put("teacher_4", _setting(runs[f"teacher_{ref}"], 4))
     for run_name, run in runs.items():
         if run_name.startswith("teacher_"):
             solver = run_name.removeprefix("teacher_")
             for s in run["settings"]:
-                if (solver, s["steps"]) != ("ddim", full):
+                if (solver, s["steps"]) != (ref, full):
                     put(f"teacher_{solver}_{s['steps']}", s)
     for steps in plan["lcm_steps"]:
         put(f"lcm_{steps}", _setting(runs["lcm"], steps))
         if method is not None and f"lcm_{steps}" in figures:
             figures[f"lcm_{steps}"]["method"] = method
+    aliases = {**DISTANCE_ALIASES, f"teacher_{ref}_4": ("teacher_4",)}
     for name, d in results["distance_to_teacher_50"].items():
-        for target in (name, *DISTANCE_ALIASES.get(name, ())):
+        for target in (name, *aliases.get(name, ())):
             if target in figures:
                 figures[target]["rms_to_teacher_50"], figures[target]["fd_to_teacher_50"] = d["rms"], d["fd"]
     lcm4 = figures.get("lcm_4")
@@ -89,7 +99,7 @@ def setting_label(key: str, report: Mapping[str, Any]) -> str:
     if key.startswith("lcm_"):
         return student_label(report)
     parts = key.split("_")
-    solver = parts[1] if len(parts) == 3 else "ddim"
+    solver = parts[1] if len(parts) == 3 else reference_solver(report.get("plan", {}))
     return f"teacher {SOLVER_LABELS.get(solver, solver)}"
 
 
@@ -130,7 +140,9 @@ def write_report(out: Path, report: dict[str, Any], results: dict[str, Any], eva
     """
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _sample_grid(_grid_rows(report, results, eval_dir), results["prompts"]).save(out / "grids.png")
-    quality_charts(report["figures"], report["plan"]["lcm_steps"], student_label(report)).save(out / "quality.png")
+    quality_charts(
+        report["figures"], report["plan"]["lcm_steps"], student_label(report), reference_solver(report["plan"])
+    ).save(out / "quality.png")
     losses = loss_curves(report["exports"])
     if losses is not None:
         losses.save(out / "losses.png")
@@ -148,10 +160,12 @@ def _grid_rows(report: Mapping[str, Any], results: dict[str, Any], eval_dir: Pat
     def folder(run: str) -> Path:
         return Path(folders.get(run, ev / run))
 
-    full = plan["teacher_steps_full"]
+    full, ref = plan["teacher_steps_full"], reference_solver(plan)
     few = 4 if 4 in plan["lcm_steps"] else max(plan["lcm_steps"])  # the teacher's few-step row(s) of the grid
-    rows = [(f"teacher {full} steps (DDIM, guided)", folder("teacher_ddim") / f"steps-{full}")]
-    for solver in teacher_solvers(figs) or ["ddim"]:
+    rows = [
+        (f"teacher {full} steps ({SOLVER_LABELS.get(ref, ref)}, guided)", folder(f"teacher_{ref}") / f"steps-{full}")
+    ]
+    for solver in teacher_solvers(figs) or [ref]:
         images = folder(f"teacher_{solver}") / f"steps-{few}"
         if images.is_dir():
             rows.append((f"teacher {few} steps ({SOLVER_LABELS.get(solver, solver)}, guided)", images))
@@ -235,6 +249,14 @@ def _report_html(report: dict[str, Any], results: dict[str, Any], losses: bool) 
     )
     solvers = [SOLVER_LABELS.get(s, s) for s in teacher_solvers(figs)]
     guided = f" at guidance {plan['teacher_guidance']:g}" if plan.get("teacher_guidance") is not None else ""
+    flow = (
+        " The teacher predicts the rectified-flow velocity (trained with SD3's objective, --objective flow); its "
+        "solvers run on its shifted flow sigmas: Euler and Heun (diffusers' FlowMatchEulerDiscreteScheduler, "
+        "FlowMatchHeunDiscreteScheduler; Heun evaluates twice per step but the last), DPM++ 2M and UniPC with "
+        "use_flow_sigmas."
+        if plan.get("objective") == "flow"
+        else ""
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>ldmkit quickstart</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
 <h1>ldmkit quickstart report</h1>
@@ -252,7 +274,7 @@ solver ({html.escape(", ".join(solvers))}) and the {html.escape(student)}.</p><i
 <h2>Figures</h2><table><tr><th>setting</th><th>steps</th><th>adherence</th><th>colour</th><th>shape</th><th>size</th><th>position</th><th>RMS to teacher {full}</th><th>FD to teacher {full}</th><th>FD to data</th><th>KID to data</th><th>ms / image</th><th>UNet evals / image</th></tr>{table}</table>
 <p>Teacher rows: the teacher sampled without distillation, guided{guided} (a
 conditional and an unconditional UNet evaluation per step), with {html.escape(", ".join(solvers))} at the step counts of the
-{html.escape(student)}; the {html.escape(student)} needs one evaluation per step.
+{html.escape(student)}; the {html.escape(student)} needs one evaluation per step.{html.escape(flow)}
 Adherence: share of images whose colour, shape, size and position all match the prompt (ldmkit.eval.scorer).
 RMS to teacher {full}: root-mean-square pixel difference to the teacher's {full}-step image from the same noise
 (per image; a multistep consistency sampler re-noises between steps, so it leaves the teacher's path: read the 1-step row).
@@ -364,7 +386,7 @@ def what_next(report: dict[str, Any]) -> str:
     )
 
 
-def quality_charts(figs: dict[str, Any], lcm_steps: list[int], student: str = "LCM"):
+def quality_charts(figs: dict[str, Any], lcm_steps: list[int], student: str = "LCM", reference: str = "ddim"):
     """A row per measure (each attribute's adherence, FD to the data, FD to the teacher's full-step set) with
     two panels: against steps and against milliseconds per image; a line per teacher solver and the student."""
     from PIL import Image
@@ -378,9 +400,9 @@ def quality_charts(figs: dict[str, Any], lcm_steps: list[int], student: str = "L
         return per.get(measure)
 
     groups: dict[str, tuple[str, ...]] = {}
-    for solver in teacher_solvers(figs) or ["ddim"]:
+    for solver in teacher_solvers(figs) or [reference]:
         keys = [k for k in figs if k.startswith(f"teacher_{solver}_")]
-        if solver == "ddim" and "teacher_50" in figs:
+        if solver == reference and "teacher_50" in figs:
             keys.append("teacher_50")  # its full-step point
         groups[f"teacher ({SOLVER_LABELS.get(solver, solver)})"] = tuple(keys)
     groups[student] = tuple(f"lcm_{s}" for s in lcm_steps if f"lcm_{s}" in figs)

@@ -24,7 +24,7 @@ from ldmkit.families.sd3 import SD3Family
 from ldmkit.families.sdxl import SDXLFamily
 from ldmkit.families.single_file import FAMILY_NAMES, SUFFIXES, detect_kind, read_keys
 from ldmkit.families.transformer_file import KINDS, transformer_kind
-from ldmkit.families.uvit import UViTFamily
+from ldmkit.families.uvit import FlowUViTFamily, UViTFamily, uvit_family
 
 __all__ = [
     "Family",
@@ -32,6 +32,7 @@ __all__ = [
     "SD3Family",
     "SDFamily",
     "SDXLFamily",
+    "FlowUViTFamily",
     "UViTFamily",
     "detect_family",
     "load_family",
@@ -65,7 +66,8 @@ def detect_family(pretrained: str | Path, *, allow_pickle: bool = False) -> type
     index = json.loads((root / "model_index.json").read_text())
     by_class = {"UViTPipeline": UViTFamily, "StableDiffusion3Pipeline": SD3Family, "FluxPipeline": FluxFamily}
     if index.get("_class_name") in by_class:
-        return by_class[index["_class_name"]]
+        cls = by_class[index["_class_name"]]
+        return uvit_family(root) if cls is UViTFamily else cls  # a U-ViT's objective is in its unet config
     if (index.get("text_encoder_2") or [None])[0] is not None:
         return SDXLFamily
     return SDFamily

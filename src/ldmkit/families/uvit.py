@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -60,3 +62,45 @@ class UViTFamily(SDFamily):
 
     def _loader_class(self) -> type:
         return self.pipeline_class
+
+
+class FlowUViTFamily(UViTFamily):
+    """A U-ViT trained with the rectified-flow objective (``ldmkit quickstart --objective flow``; its unet config
+    says ``objective: flow``): x_t = (1 - sigma) x_0 + sigma eps on the shifted sigmas of the folder's
+    FlowMatchEulerDiscreteScheduler (its ``shift``, as SD3's folders carry theirs), the denoiser called at
+    sigma * 1000 predicts the velocity eps - x_0. Everything else is the U-ViT's (text, pipeline, LoRA targets);
+    its name stays "U-ViT", so U-ViT recipes (``model.family: uvit``) take it."""
+
+    objective: ClassVar[str] = "flow"
+
+    @classmethod
+    def _noise_scheduler_class(cls) -> type:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler
+
+    def schedule(self, prediction_type: str | None = None, resolution: int | None = None):
+        """The flow of the folder's scheduler config (static ``shift``; ``flow_shift`` when the folder ships a
+        multistep solver on flow sigmas instead)."""
+        from ldmkit.diffusion.schedule import FLOW, Schedule
+
+        if prediction_type not in (None, FLOW):
+            raise UserError(
+                f"this U-ViT predicts the flow velocity: prediction_type {prediction_type!r} does not apply"
+            )
+        cfg = self.noise_scheduler.config
+        saved = json.loads((self.root / "scheduler" / "scheduler_config.json").read_text())
+        shift = saved.get("shift", saved.get("flow_shift", cfg.shift))
+        return Schedule.flow(cfg.num_train_timesteps, float(shift))
+
+
+def uvit_objective(root: Path) -> str:
+    """What the U-ViT of a UViTPipeline folder was trained for: its unet config's ``objective`` (U-ViTs saved
+    before it existed: "diffusion")."""
+    config = Path(root) / "unet" / "config.json"
+    return json.loads(config.read_text()).get("objective", "diffusion") if config.is_file() else "diffusion"
+
+
+def uvit_family(root: Path) -> type[UViTFamily]:
+    """The family class of a UViTPipeline folder: FlowUViTFamily for a flow U-ViT, else UViTFamily."""
+    return FlowUViTFamily if uvit_objective(root) == "flow" else UViTFamily

@@ -522,11 +522,22 @@ class UViTConfig(MethodConfig):
     """Latent side length; default: data.resolution / the VAE's downsampling factor."""
     context_dim: int | None = None
     """Width of the text embeddings; default (and required value): the text encoder's hidden size."""
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    """What the network predicts (the original: epsilon)."""
+    prediction_type: Literal["epsilon", "v_prediction", "flow"] = "epsilon"
+    """What the network predicts (the original: epsilon); flow: the rectified-flow velocity eps - x_0 on x_t =
+    (1 - sigma) x_0 + sigma eps (SD3's objective: Esser et al. 2024), exported as a flow U-ViT with a
+    FlowMatchEulerDiscreteScheduler."""
     snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (Hang et al. 2023; they use 5); null: plain MSE, as the original. Short
-    from-scratch runs converge far faster with it (see configs/uvit/quickstart.yaml)."""
+    from-scratch runs converge far faster with it (see configs/uvit/quickstart.yaml). DDPM only."""
+    flow_shift: float = 1.0
+    """prediction_type flow: shift s of the sigmas, s sigma / (1 + (s - 1) sigma) (SD3 paper eq. 23; SD3's scheduler:
+    3.0 at 1024 px), used for training and saved as the exported scheduler's ``shift``."""
+    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = "logit_normal"
+    """prediction_type flow: the density of the training sigmas (SD3 paper section 3.1; its best: logit_normal)."""
+    logit_mean: float = 0.0
+    """prediction_type flow, logit_normal: mean m of u = sigmoid(N(m, s^2))."""
+    logit_std: float = 1.0
+    """prediction_type flow, logit_normal: std s of u = sigmoid(N(m, s^2))."""
     p_uncond: float | None = 0.1
     """Classifier-free guidance dropout; written into data.proportion_empty_prompts (null: leave that as set)."""
     scale_factor: float | None = None
@@ -565,6 +576,10 @@ class UViTConfig(MethodConfig):
             )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"method.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
+        if self.prediction_type == "flow" and self.snr_gamma is not None:
+            raise UserError("method.snr_gamma weights DDPM timesteps; with prediction_type flow set it to null")
+        if not self.flow_shift > 0 or not self.logit_std > 0:
+            raise UserError("method.flow_shift and method.logit_std must be > 0")
         if self.p_uncond is None:
             return
         if not 0.0 <= self.p_uncond <= 1.0:

@@ -6,6 +6,12 @@ Loss: epsilon (or v) MSE under SD's scaled-linear DDPM schedule; t ~ U{0..999} i
 VAE posterior (cached moments or the VAE) and multiplied by ``scale_factor``; the exported VAE config
 carries that same factor, so decoding divides by exactly what training multiplied by.
 
+With ``prediction_type: flow`` the same network learns the rectified flow instead (SD3's objective: Esser et
+al. 2024, arXiv:2403.03206, eq. 1-3 and section 3.1): x_t = (1 - sigma) x_0 + sigma eps on sigmas shifted by
+``flow_shift``, drawn by the SD3 paper's densities (diffusion/flow_loss.py, the helpers the SD3 / FLUX fine-tuning
+uses), target the velocity eps - x_0, timestep input sigma * 1000; the export is a flow U-ViT (``objective: flow``
+in its unet config) with a FlowMatchEulerDiscreteScheduler of that shift.
+
 Classifier-free guidance dropout is the data layer's ``proportion_empty_prompts`` (the dropped caption
 becomes "" and cached text becomes ``empty_context``, as the original's CFGDataset does): ``p_uncond`` is
 copied into it when the config is resolved, so --dry-run and config.yaml show the value in effect.
@@ -19,9 +25,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+from ldmkit.diffusion import flow_loss
 from ldmkit.diffusion.losses import diffusion_target, min_snr_weights
+from ldmkit.diffusion.schedule import FLOW, Schedule
 from ldmkit.errors import UserError
 from ldmkit.methods.base import Method
 from ldmkit.methods.configs import Arch, UViTConfig  # noqa: F401 (the configs import without torch: --help)
@@ -46,6 +54,11 @@ def training_scheduler(prediction_type: str) -> DDPMScheduler:
         clip_sample=False,
         prediction_type=prediction_type,
     )
+
+
+def flow_training_scheduler(shift: float) -> FlowMatchEulerDiscreteScheduler:
+    """The rectified flow's scheduler: 1000 sigmas shifted by ``shift`` (SD3's scheduler config, with its own shift)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
 class UViTMethod(Method):
@@ -80,6 +93,7 @@ class UViTMethod(Method):
         from ldmkit.families.sd import check_single_text_encoder
 
         m = self.mcfg
+        self.is_flow = m.prediction_type == FLOW
         m.check(cfg)  # idempotent; covers configs built in code rather than by load_config
         # The VAE and text encoder of model.pretrained (a U-ViT folder's or an SD1.x folder's), loaded when
         # a batch without cached tensors, validation or export needs them; the configs are read from files.
@@ -117,6 +131,7 @@ class UViTMethod(Method):
                 context_dim=width,
                 num_text_tokens=self.family.tokenizers[0].model_max_length,
                 pooled_context=m.pooled_context,
+                objective="flow" if self.is_flow else "diffusion",
             ).to(self.device)
         except ValueError as e:
             raise UserError(f"method uvit: {e}") from None
@@ -130,7 +145,11 @@ class UViTMethod(Method):
         if m.train_text_encoder:
             self.text_encoder = self.family.text_encoders[0].requires_grad_(True).train()
             self.trainable_names = ("unet", "text_encoder")
-        self.noise_scheduler = training_scheduler(m.prediction_type)
+        if self.is_flow:
+            self.noise_scheduler = flow_training_scheduler(m.flow_shift)
+            self.schedule = Schedule.flow(self.noise_scheduler.config.num_train_timesteps, m.flow_shift).to(self.device)
+        else:
+            self.noise_scheduler = training_scheduler(m.prediction_type)
         self.ema = EMA(self._averaged(), decay=m.ema_decay, schedule="warmup", power=m.ema_power)
 
     def _averaged(self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None):
@@ -150,6 +169,8 @@ class UViTMethod(Method):
             context = self.family.encode_prompts(list(batch["captions"]), [self.text_encoder])["prompt_embeds"]
         else:
             context = self.family.text(batch)["prompt_embeds"]  # (B, L, D); empty context when dropped
+        if self.is_flow:
+            return self._flow_loss(x0, context, rng)
         noise = rng.randn(*x0.shape[1:])
         t = rng.randint(0, self.noise_scheduler.config.num_train_timesteps)  # (B,), diffusers 0..999
         xt = self.noise_scheduler.add_noise(x0, noise, t)
@@ -160,6 +181,22 @@ class UViTMethod(Method):
         weights = min_snr_weights(self.noise_scheduler, t, self.mcfg.snr_gamma, self.mcfg.prediction_type)  # (B,)
         per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))  # (B,)
         return (weights * per_sample).mean(), {}
+
+    def _flow_loss(self, x0: torch.Tensor, context: torch.Tensor, rng: SampleRNG):
+        """Rectified-flow matching (SD3 paper eq. 1-3): the loss of diffusers' train_dreambooth_lora_sd3.py."""
+        m = self.mcfg
+        # 1. eps ~ N(0, I); u ~ the weighting scheme's density; the shifted sigma of index floor(u T).
+        noise = rng.randn(*x0.shape[1:])  # (B, C, h, w)
+        draw = rng.randn() if flow_loss.draws_normal(m.weighting_scheme) else rng.rand()  # (B,)
+        u = flow_loss.timestep_density(m.weighting_scheme, draw, m.logit_mean, m.logit_std)
+        t = flow_loss.train_index(u, self.schedule.num_train_timesteps)  # (B,) ascending index
+        # 2. x_t = (1 - sigma) x_0 + sigma eps; the U-ViT is called at sigma * 1000.
+        xt = self.schedule.add_noise(x0, noise, t)
+        pred = self.unet(xt, self.schedule.timestep(t), encoder_hidden_states=context).sample
+        # 3. The velocity target eps - x_0, the scheme's per-sample weight, MSE in fp32.
+        weights = flow_loss.loss_weighting(m.weighting_scheme, self.schedule.sigma[t])  # (B,)
+        mse = flow_loss.per_sample_mse(pred, flow_loss.flow_target(x0, noise))  # (B,)
+        return (weights * mse).mean(), {}
 
     def after_step(self, step: int) -> None:
         self.ema.step(self._averaged())
@@ -176,12 +213,14 @@ class UViTMethod(Method):
         from ldmkit.pipelines.uvit import UViTPipeline
 
         vae.register_to_config(scaling_factor=self.scale)
+        # Sampling: DPM-Solver on the training betas; a flow U-ViT: flow-matching Euler on the training shift.
+        sampler = FlowMatchEulerDiscreteScheduler if self.is_flow else DPMSolverMultistepScheduler
         return UViTPipeline(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=self.family.tokenizers[0],
             unet=unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config),
+            scheduler=sampler.from_config(self.noise_scheduler.config),
         )
 
     @torch.no_grad()
@@ -213,13 +252,14 @@ class UViTMethod(Method):
                     )
         k = m.validation_images_per_prompt
         images = [columns[j][i * k + c] for i in range(len(prompts)) for j in range(len(columns)) for c in range(k)]
-        labels = [f"DPM {n} steps" for n in m.validation_steps for _ in range(k)]
+        labels = [f"{'Euler' if self.is_flow else 'DPM'} {n} steps" for n in m.validation_steps for _ in range(k)]
         return image_grid(images, len(columns) * k, row_labels=prompts, col_labels=labels)
 
     def export(self, out_dir: Path) -> None:
         """A UViTPipeline folder with the EMA weights, the VAE (config carrying the training scale factor),
         text encoder (the trained one's EMA weights with method.train_text_encoder) and tokenizer of
-        model.pretrained, and a DPM-Solver scheduler with the training betas."""
+        model.pretrained, and a DPM-Solver scheduler with the training betas (a flow U-ViT: FlowMatchEulerDiscrete-
+        Scheduler with the training shift)."""
         from ldmkit.families import load_family
 
         unet = UViT.from_config(self.unwrap(self.unet).config)

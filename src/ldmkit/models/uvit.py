@@ -7,7 +7,8 @@ in-block i to out-block depth//2-1-i (last in, first out). The class is a diffus
 the arguments a diffusers pipeline gives a UNet: ``model(latents, t, encoder_hidden_states=...,
 timestep_cond=..., return_dict=False)[0]``.
 
-Timesteps follow diffusers (0..999). The original samples n in 1..1000 for the same noise level
+Timesteps follow diffusers (0..999; a flow U-ViT, ``objective="flow"``: sigma * 1000 in [0, 1000], embedded the
+same way). The original samples n in 1..1000 for the same noise level
 (its alphas_cumprod[n] is diffusers' alphas_cumprod[n-1]); ``forward`` embeds ``t + 1`` so weights and
 sinusoid phases match the original. This is the only place the two conventions meet.
 """
@@ -97,6 +98,11 @@ class UViT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     embedding) onto the time token, the U-ViT counterpart of UNet2DConditionModel's ``cond_proj``.
     diffusers' ``PeftAdapterMixin`` gives it the UNet's LoRA methods (add_adapter, disable_adapters,
     load_lora_adapter, fuse_lora, unload_lora, ...).
+
+    ``objective`` records what the network was trained for (the network itself is the same): "diffusion" (DDPM:
+    eps or v, timesteps 0..999) or "flow" (rectified flow: the velocity eps - x_0 at timestep sigma * 1000, as
+    SD3's transformer). Saved in the config, it tells ``ldmkit.families`` which family (and forward process) a
+    U-ViT folder is, for every stage and command that loads it.
     """
 
     _supports_gradient_checkpointing = True
@@ -115,8 +121,11 @@ class UViT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         num_text_tokens: int = 77,
         time_cond_proj_dim: int | None = None,
         pooled_context: bool = False,
+        objective: str = "diffusion",
     ):
         super().__init__()
+        if objective not in ("diffusion", "flow"):
+            raise ValueError(f"U-ViT objective must be 'diffusion' or 'flow', got {objective!r}")
         if sample_size % patch_size or depth % 2 or embed_dim % num_heads:
             raise ValueError(
                 f"U-ViT needs sample_size % patch_size == 0, even depth and embed_dim % num_heads == 0; got "

@@ -1,7 +1,8 @@
 """Text-to-image pipeline for a U-ViT (models/uvit.py): diffusers has none, so this is ours (docs/DESIGN.md).
 
 It follows diffusers' StableDiffusionPipeline: same component names, classifier-free guidance
-``uncond + g * (cond - uncond)`` (the original U-ViT's ``cond + s * (cond - uncond)`` is g = s + 1), latents
+``uncond + g * (cond - uncond)`` (the original U-ViT's ``cond + s * (cond - uncond)`` is g = s + 1; on a flow U-ViT
+the same combination of velocities, as StableDiffusion3Pipeline), latents
 divided by ``vae.config.scaling_factor`` before decoding (the exported VAE config carries the factor the
 model was trained with), and for a U-ViT with ``time_cond_proj_dim`` (an LCM student) the embedding of
 ``guidance_scale - 1`` as ``timestep_cond`` instead of CFG.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
@@ -84,6 +86,18 @@ class UViTPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise UserError(f"the U-ViT already has a LoRA adapter named {adapter_name!r}")
         names = [n for n, _ in self.unet.named_modules()]
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name, uvit_names=names, **kwargs)
+
+    def _set_timesteps(self, steps: int, device: torch.device) -> None:
+        """The scheduler's timesteps for ``steps`` steps. A FlowMatch* scheduler that takes ``sigmas`` (Euler, LCM)
+        gets FluxPipeline's grid, ``steps`` sigmas evenly from 1 to 1 / steps before its shift (pipeline_flux.py):
+        its own default grid runs from 1 to sigma_min ~ 0, so its last step moves almost nothing (2 steps would
+        sample like 1). The multistep solvers on flow sigmas space theirs evenly already; FlowMatchHeun takes none."""
+        scheduler = self.scheduler
+        takes_sigmas = "sigmas" in inspect.signature(scheduler.set_timesteps).parameters
+        if type(scheduler).__name__.startswith("FlowMatch") and takes_sigmas:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), device=device)
+        else:
+            scheduler.set_timesteps(steps, device=device)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
@@ -146,15 +160,17 @@ class UViTPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
-        latents = latents.to(device=device, dtype=cond.dtype) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # FlowMatch* schedulers start from unit noise and have neither init_noise_sigma nor scale_model_input.
+        latents = latents.to(device=device, dtype=cond.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        self._set_timesteps(num_inference_steps, device)
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
 
         # 3. Denoise.
         for t in self.progress_bar(self.scheduler.timesteps):
             x = torch.cat([latents] * 2) if do_cfg else latents
-            x = self.scheduler.scale_model_input(x, t)
+            if hasattr(self.scheduler, "scale_model_input"):
+                x = self.scheduler.scale_model_input(x, t)
             pred = self.unet(x, t, encoder_hidden_states=cond, timestep_cond=timestep_cond, return_dict=False)[0]
             if do_cfg:
                 pred_uncond, pred_cond = pred.chunk(2)

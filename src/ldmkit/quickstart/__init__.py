@@ -14,6 +14,9 @@ through the training loop's checkpoints when interrupted):
 7. ``report``   ``report.html`` (grids, plots, table) and ``report.json`` (figures + every stage's export)
 
 How many steps each stage trains is planned from the data and the time allowed (``plan_for``, ``--minutes``).
+``--objective flow`` trains the teacher with the rectified-flow objective instead (configs/uvit/quickstart_flow.yaml),
+distils it with the methods that take a flow teacher and compares it with flow Euler, Heun, DPM-Solver++ 2M and
+UniPC (``for_objective``); one objective per ``--out``.
 
 The package: ``plan`` (the planner and its measured constants), ``stages`` (each stage and their order,
 ``quickstart``), ``students`` (what the quickstart knows about each ``--method``), ``cache`` (the evaluation

@@ -45,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "in one word, as class-labelled data).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of data synthesis, training and evaluation.")
+    parser.add_argument(
+        "--objective",
+        choices=("eps", "flow"),
+        default="eps",
+        help="The teacher's training objective: eps (DDPM epsilon prediction) or flow (rectified flow with SD3's "
+        "time shift; compared with flow Euler / Heun / DPM-Solver++ / UniPC, distilled by the methods that take a "
+        "flow teacher). One objective per --out.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         kind=args.kind,
         method=args.method,
         minutes=args.minutes,
+        objective=args.objective,
     )
     print(f"plan: {report['plan_reason']}")
     figs = report["figures"]

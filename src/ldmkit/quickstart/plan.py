@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ldmkit.diffusion.samplers import TEACHER_SOLVERS
+from ldmkit.diffusion.samplers import FLOW_TEACHER_SOLVERS, TEACHER_SOLVERS
 from ldmkit.errors import UserError
 from ldmkit.quickstart.students import student_is_lora, student_label
 
@@ -27,8 +27,29 @@ class Plan:
     teacher_steps_full: int = 50
     lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
     teacher_solvers: tuple[str, ...] = TEACHER_SOLVERS
-    """Training-free solvers the teacher is evaluated with at ``lcm_steps`` (DDIM always: at
+    """Training-free solvers the teacher is evaluated with at ``lcm_steps`` (``reference_solver`` always: at
     ``teacher_steps_full`` it gives the reference set every distance is measured to)."""
+    objective: str = "eps"
+    """The teacher's training objective: eps (DDPM epsilon prediction) or flow (rectified flow, SD3's)."""
+    reference_solver: str = "ddim"
+    """The solver of the teacher's full-step reference set: DDIM on a DDPM teacher, flow-matching Euler on a flow."""
+
+
+OBJECTIVES = ("eps", "flow")
+"""``ldmkit quickstart --objective``: the teacher's training objective."""
+
+
+def for_objective(plan: Plan, objective: str) -> Plan:
+    """``plan`` for a teacher trained with ``objective``: a flow teacher is compared with the flow solvers
+    (FLOW_TEACHER_SOLVERS: Euler, Heun, DPM-Solver++ and UniPC on flow sigmas; a plan with one solver, --quick,
+    keeps one: Euler) and its reference set is Euler's. The steps stay: a flow step costs what an eps step does
+    (the same network and batch; the loss differs in a few elementwise operations)."""
+    if objective == "eps":
+        return plan
+    if objective != "flow":
+        raise UserError(f"unknown --objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    solvers = FLOW_TEACHER_SOLVERS if len(plan.teacher_solvers) > 1 else FLOW_TEACHER_SOLVERS[:1]
+    return replace(plan, objective="flow", reference_solver=FLOW_TEACHER_SOLVERS[0], teacher_solvers=solvers)
 
 
 FULL = Plan(

@@ -13,7 +13,7 @@ from typing import Any
 
 from ldmkit.errors import UserError
 from ldmkit.quickstart.cache import cached, fingerprint, read_json, text_fingerprint, write_json
-from ldmkit.quickstart.plan import FULL, QUICK, Plan, plan_for
+from ldmkit.quickstart.plan import FULL, QUICK, Plan, for_objective, plan_for
 from ldmkit.quickstart.students import (
     load_student,
     resolve_method,
@@ -210,9 +210,42 @@ def stage_vae(out: Path, data: Path, plan: Plan, base: Path) -> Path:
     return export
 
 
+def _recipe(method: str, objective: str) -> str:
+    """The quickstart recipe of ``method`` for a teacher of ``objective``: ``<method>/quickstart_flow.yaml`` for a
+    flow teacher where the method ships one, else ``<method>/quickstart.yaml``."""
+    from ldmkit.config import RECIPES
+
+    if objective == "flow" and (RECIPES / method / "quickstart_flow.yaml").is_file():
+        return f"{method}/quickstart_flow.yaml"
+    return f"{method}/quickstart.yaml"
+
+
+OBJECTIVE_FILE = "objective.txt"
+"""In --out: the objective its teacher was trained with (eps, flow), so that runs of the other one are refused."""
+
+
+def check_objective(out: Path, objective: str) -> None:
+    """Refuse to mix objectives in one --out (its teacher, and every student and evaluation built on it, is of
+    one); record the objective of a new --out. An --out of an earlier release (a teacher, no record) is eps."""
+    record = out / OBJECTIVE_FILE
+    if record.is_file():
+        held = record.read_text().strip()
+    elif (out / "teacher").exists():
+        held = "eps"
+    else:
+        record.write_text(objective + "\n")
+        return
+    if held != objective:
+        raise UserError(
+            f"--out {out} holds a quickstart with --objective {held}; use another --out for --objective {objective}"
+        )
+    if not record.is_file():
+        record.write_text(held + "\n")
+
+
 def stage_teacher(out: Path, data: Path, plan: Plan, base: Path) -> Path:
     return _train(
-        "uvit/quickstart.yaml",
+        _recipe("uvit", plan.objective),
         [
             "--method.name=uvit",
             f"--model.pretrained={base}",
@@ -231,7 +264,7 @@ def stage_distill(
 ) -> Path:
     """``overrides``: more ``--section.key=value`` for the recipe (benchmarks/quickstart_spread.py: train.seed)."""
     return _train(
-        f"{method}/quickstart.yaml",
+        _recipe(method, plan.objective),
         [
             f"--method.name={method}",
             f"--model.pretrained={teacher}",
@@ -337,9 +370,10 @@ def stage_evaluate(
 def _evaluate_teacher(
     out: Path, plan: Plan, teacher: Path, prompts: list[str], reference, seed: int, data: str
 ) -> dict[str, Any]:
-    """The teacher, guided, with DDIM at ``plan.lcm_steps`` and ``plan.teacher_steps_full`` (the reference set
-    of every distance) and with each other solver of ``plan.teacher_solvers`` (DPM-Solver++ 2M, UniPC) at
-    ``plan.lcm_steps``: the training-free way to sample in few steps that distillation has to beat. Cached in
+    """The teacher, guided, with ``plan.reference_solver`` (DDIM; a flow teacher's Euler) at ``plan.lcm_steps`` and
+    ``plan.teacher_steps_full`` (the reference set of every distance) and with each other solver of
+    ``plan.teacher_solvers`` (DPM-Solver++ 2M, UniPC; a flow teacher's Heun, DPM-Solver++ 2M and UniPC on flow
+    sigmas) at ``plan.lcm_steps``: the training-free way to sample in few steps that distillation has to beat. Cached in
     ``evaluate/teacher/`` under a key of the teacher's weights, prompts, seeds and steps, so every ``--method``
     distilled from this teacher in the same --out reuses it."""
     from ldmkit.eval.distances import distances_to
@@ -347,8 +381,9 @@ def _evaluate_teacher(
     from ldmkit.inference import load_pipeline
 
     folder = out / "evaluate" / "teacher"
-    solvers = ["ddim", *[s for s in plan.teacher_solvers if s != "ddim"]]
-    steps = {s: sorted({*plan.lcm_steps, *([plan.teacher_steps_full] if s == "ddim" else [])}) for s in solvers}
+    ref = plan.reference_solver
+    solvers = [ref, *[s for s in plan.teacher_solvers if s != ref]]
+    steps = {s: sorted({*plan.lcm_steps, *([plan.teacher_steps_full] if s == ref else [])}) for s in solvers}
     key = {
         "teacher": fingerprint(teacher),
         "prompts": text_fingerprint(prompts),
@@ -368,17 +403,17 @@ def _evaluate_teacher(
     pipe = load_pipeline(teacher)
     pipe.set_progress_bar_config(disable=True)
     common = dict(save_images=True, batch_size=24, reference=reference(), out_dir=folder)
-    metrics = evaluate_solvers(pipe, ["ddim"], prompts, steps["ddim"], plan.teacher_guidance, seed, **common)
+    metrics = evaluate_solvers(pipe, [ref], prompts, steps[ref], plan.teacher_guidance, seed, **common)
     if len(solvers) > 1:  # one call: the same steps for each
         metrics.update(
             evaluate_solvers(pipe, solvers[1:], prompts, steps[solvers[1]], plan.teacher_guidance, seed, **common)
         )
-    reference_set = folder / "ddim" / f"steps-{plan.teacher_steps_full}"
+    reference_set = folder / ref / f"steps-{plan.teacher_steps_full}"
     sets = {
         f"teacher_{s}_{n}": folder / s / f"steps-{n}"
         for s in solvers
         for n in steps[s]
-        if (s, n) != ("ddim", plan.teacher_steps_full)
+        if (s, n) != (ref, plan.teacher_steps_full)
     }
     results = {
         "key": key,
@@ -422,7 +457,7 @@ def stage_adherence(
         write_json(result_file, result)
         return result
     teacher_pipe = load_pipeline(teacher)
-    set_scheduler(teacher_pipe, "ddim")
+    set_scheduler(teacher_pipe, plan.reference_solver)
     models = {
         f"teacher_{plan.teacher_steps_full}": (teacher_pipe, plan.teacher_steps_full, plan.teacher_guidance, None),
         f"lcm_{lcm_steps}": (
@@ -488,15 +523,19 @@ def quickstart(
     kind: str = "shapes",
     method: str | None = None,
     minutes: float | None = None,
+    objective: str = "eps",
 ) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the report dict written to report.json.
     ``method``: one of ``student_methods()`` (default lcm_lora; ``lcd=True`` is ``method="lcd"``); ``minutes``: the
-    budget ``plan_for`` plans the training steps within (default: what the full plan takes)."""
+    budget ``plan_for`` plans the training steps within (default: what the full plan takes); ``objective``: the
+    teacher's, eps or flow (one per --out)."""
     from ldmkit.eval.report import summarise, write_report
 
-    method = resolve_method(method, lcd)
+    for_objective(FULL, objective)  # an unknown objective: one line, before any work
+    method = resolve_method(method, lcd, objective)
     out = Path(out).resolve()  # stage configs hold absolute paths: a re-run from another folder resumes
     out.mkdir(parents=True, exist_ok=True)
+    check_objective(out, objective)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -513,6 +552,7 @@ def quickstart(
     plan, plan_reason = plan_for(
         num_images, num_captions, minutes, quick, method=method, done=_started_stages(out, method), labelled=labelled
     )
+    plan = for_objective(plan, objective)
     logger.info("quickstart plan: %s", plan_reason)
     base, text_stats = timed("text", stage_text, out, data_dir, seed)
     if text_stats.get("encoder", {}).get("why"):
@@ -525,6 +565,7 @@ def quickstart(
     adherence = timed("adherence", stage_adherence, out, plan, teacher, student, method, data_dir, seed)
     report = {
         "quick": quick,
+        "objective": objective,
         "method": method,
         "student": student_label(method),
         "sampling": student_sampling(student, method, plan.teacher_guidance),
@@ -538,7 +579,7 @@ def quickstart(
             "distilled": str(student),
         },
         "text_separation": text_stats,
-        "feature_net": results["runs"]["teacher_ddim"].get("feature_net"),
+        "feature_net": results["runs"][f"teacher_{plan.reference_solver}"].get("feature_net"),
         "stage_seconds": times,
         "caption_adherence": adherence,
     }

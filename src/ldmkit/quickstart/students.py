@@ -15,16 +15,22 @@ from ldmkit.errors import UserError
 DEFAULT_METHOD = "lcm_lora"
 
 
-def student_methods() -> dict[str, type]:
-    """``--method`` -> its Method class: every registered method that distils the quickstart's teacher."""
+def student_methods(objective: str = "eps") -> dict[str, type]:
+    """``--method`` -> its Method class: every registered method that distils the quickstart's teacher; for a
+    flow teacher (``objective`` flow) those whose class says ``supports_flow``."""
     from ldmkit.methods import get_method, registered_methods
 
     classes = {name: get_method(name) for name in registered_methods()}
-    return {name: cls for name, cls in classes.items() if getattr(cls, "quickstart_student", False)}
+    return {
+        name: cls
+        for name, cls in classes.items()
+        if getattr(cls, "quickstart_student", False) and (objective != "flow" or getattr(cls, "supports_flow", False))
+    }
 
 
-def resolve_method(method: str | None, lcd: bool) -> str:
-    """The ``--method`` a run distils with (``--lcd`` is ``--method lcd``; default lcm_lora)."""
+def resolve_method(method: str | None, lcd: bool, objective: str = "eps") -> str:
+    """The ``--method`` a run distils with (``--lcd`` is ``--method lcd``; default lcm_lora); with ``objective``
+    flow one that distils a rectified-flow teacher."""
     asked = {m for m in (method, "lcd" if lcd else None) if m}  # --lcd is the older spelling of --method lcd
     if len(asked) > 1:
         raise UserError(f"--lcd is --method lcd; it cannot go with --method {method}")
@@ -32,6 +38,12 @@ def resolve_method(method: str | None, lcd: bool) -> str:
     methods = student_methods()
     if method not in methods:
         raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(methods)}")
+    flow = student_methods(objective)
+    if method not in flow:
+        raise UserError(
+            f"--method {method} does not distil a rectified-flow teacher (--objective {objective}) yet; "
+            f"choose one of: {', '.join(flow)}"
+        )
     return method
 
 

@@ -1,0 +1,213 @@
+"""``ldmkit quickstart --objective flow``: the U-ViT teacher trained with the rectified-flow objective (its loss by
+hand, as diffusers' SD3 script draws its sigmas), a flow U-ViT sampled by ldmkit's pipeline against diffusers'
+FlowMatchEulerDiscreteScheduler stepped by hand, its family and solvers, and the quickstart end to end at a tiny
+size (the flow solver rows, one objective per --out, the methods that take a flow teacher)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldmkit.errors import UserError
+from ldmkit.methods import load_config
+
+from helpers.uvit import features_dir, pinned_threads, seeded, shapes_dir, tiny_pipeline, tiny_uvit  # noqa: F401
+
+ROOT = Path(__file__).parents[1]
+DEBUG = ROOT / "configs" / "uvit" / "debug.yaml"
+SHIFT = 3.0  # SD3's shift: the sigmas differ from unshifted ones everywhere but at the ends
+
+
+def _flow_method(tiny_sd15, features_dir, out: Path, *extra: str):
+    from accelerate import Accelerator
+
+    from ldmkit.methods.uvit import UViTMethod
+
+    cfg = load_config(
+        str(DEBUG),
+        [
+            f"--model.pretrained={tiny_sd15}",
+            f"--data.path={features_dir}",
+            f"--output_dir={out}",
+            "--method.prediction_type=flow",
+            "--method.snr_gamma=null",
+            f"--method.flow_shift={SHIFT}",
+            *extra,
+        ],
+    )
+    torch.manual_seed(0)
+    return UViTMethod(cfg, Accelerator(cpu=True))
+
+
+def _batch(n: int = 8) -> dict:
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(n, 4, 4, 4, generator=g), torch.full((n, 4, 4, 4), -3.0)
+    return {
+        "latent_moments": torch.cat([mean, logvar], 1),
+        "prompt_embeds": torch.randn(n, 77, 32, generator=g),
+        "seed": torch.arange(n) + 7,
+    }
+
+
+def test_flow_teacher_loss_is_the_rectified_flow_loss_by_hand(tiny_sd15, features_dir, tmp_path):
+    """SD3's objective as diffusers' train_dreambooth_lora_sd3.py computes it: u = sigmoid(N(0, 1)), the scheduler's
+    sigma at index floor(u T) of FlowMatchEulerDiscreteScheduler(shift).sigmas, x_t = (1 - sigma) x_0 + sigma eps,
+    the U-ViT at sigma * 1000, MSE to eps - x_0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ldmkit.rng import SampleRNG
+
+    method = _flow_method(tiny_sd15, features_dir, tmp_path)
+    batch = _batch()
+    loss, _ = method.loss(batch)
+
+    rng = SampleRNG(batch["seed"])
+    mean, logvar = batch["latent_moments"].chunk(2, dim=1)
+    x0 = (mean + torch.exp(0.5 * logvar) * rng.randn(4, 4, 4)) * 0.2301  # the debug recipe's scale factor
+    noise, u = rng.randn(4, 4, 4), torch.sigmoid(rng.randn())
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+    indices = (u * 1000).long()
+    sigma = scheduler.sigmas[indices].view(-1, 1, 1, 1)
+    assert not torch.allclose(sigma.flatten(), 1 - indices / 1000)  # shifted
+    xt = (1 - sigma) * x0 + sigma * noise
+    pred = method.unet(xt, scheduler.timesteps[indices], batch["prompt_embeds"]).sample
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, noise - x0))
+
+
+def test_flow_teacher_exports_a_flow_uvit_its_family_and_solvers_know(tiny_sd15, features_dir, tmp_path):
+    """The export says objective flow (unet config) and carries a FlowMatchEulerDiscreteScheduler of the training
+    shift: detect_family gives the flow U-ViT family, whose schedule is that scheduler's sigmas, and the sampler
+    names become the flow solvers (Euler, Heun, DPM-Solver++ / UniPC on flow sigmas, same shift); DDIM is refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ldmkit.families import FlowUViTFamily, UViTFamily, detect_family
+    from ldmkit.inference import load_pipeline, set_scheduler
+
+    method = _flow_method(tiny_sd15, features_dir, tmp_path)
+    method.export(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "unet" / "config.json").read_text())["objective"] == "flow"
+    assert detect_family(tmp_path / "export") is FlowUViTFamily and FlowUViTFamily.objective == "flow"
+    assert detect_family(tiny_sd15) is not FlowUViTFamily and UViTFamily.objective == "diffusion"
+    cfg = load_config(str(DEBUG), [f"--model.pretrained={tmp_path / 'export'}", f"--data.path={features_dir}"])
+    schedule = FlowUViTFamily(cfg.model.pretrained).schedule(None, 32)
+    reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+    torch.testing.assert_close(schedule.sigma, reference.sigmas.flip(0))
+    torch.testing.assert_close(schedule.model_t, reference.timesteps.flip(0))
+
+    pipe = load_pipeline(tmp_path / "export")
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == SHIFT
+    for name, cls in (("heun", "FlowMatchHeunDiscreteScheduler"), ("dpm", "DPMSolverMultistepScheduler")):
+        set_scheduler(pipe, name)
+        assert type(pipe.scheduler).__name__ == cls
+    assert pipe.scheduler.config.use_flow_sigmas and pipe.scheduler.config.prediction_type == "flow_prediction"
+    assert pipe.scheduler.config.flow_shift == SHIFT
+    set_scheduler(pipe, "unipc")
+    assert pipe.scheduler.config.flow_shift == SHIFT and pipe.scheduler.config.use_flow_sigmas
+    with pytest.raises(UserError, match="no flow-matching form"):
+        set_scheduler(pipe, "ddim")
+
+
+def test_flow_uvit_pipeline_equals_flow_match_euler_by_hand(tiny_sd15):
+    """UViTPipeline with FlowMatchEulerDiscreteScheduler: x <- x + (sigma_{i+1} - sigma_i) v, v the guided velocity
+    v_u + g (v_c - v_u) of the U-ViT at the scheduler's timesteps (sigma * 1000), from the same initial noise, on
+    FluxPipeline's grid (sigmas evenly from 1 to 1 / N, then shifted)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    unet = tiny_uvit(objective="flow")
+    pipe = tiny_pipeline(tiny_sd15, unet, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT))
+    prompts, steps, g = ["a red circle", "a blue square"], 4, 3.0
+    noise = torch.randn(2, 4, 4, 4, generator=seeded(3))
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=g, latents=noise.clone(), output_type="latent")
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+    scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])  # pipeline_flux.py: np.linspace(1.0, 1 / N, N)
+    shifted = [SHIFT * s / (1 + (SHIFT - 1) * s) for s in (1.0, 0.75, 0.5, 0.25)]
+    torch.testing.assert_close(scheduler.sigmas, torch.tensor([*shifted, 0.0]))
+    cond, uncond = pipe.encode_prompt(prompts, "cpu"), pipe.encode_prompt(["", ""], "cpu")
+    x = noise
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            v_c, v_u = (unet(x, t, c).sample for c in (cond, uncond))
+            x = x + (scheduler.sigmas[i + 1] - scheduler.sigmas[i]) * (v_u + g * (v_c - v_u))
+    assert scheduler.sigmas[-1] == 0
+    torch.testing.assert_close(out.images, x, rtol=1e-5, atol=1e-5)
+
+
+# ---- the quickstart end to end at a tiny size -------------------------------------------------------------
+
+
+def _tiny_plan():
+    from ldmkit.quickstart import Plan
+
+    return Plan(
+        num_images=32,
+        image_size=32,
+        vae_steps=4,
+        teacher_steps=6,
+        distill_steps=3,
+        eval_prompts=4,
+        teacher_guidance=3.0,
+        reference_images=8,
+        teacher_steps_full=8,
+        lcm_steps=(1, 2, 4),
+        teacher_solvers=("ddim", "dpm", "unipc"),
+    )
+
+
+def _run_quickstart(argv: list[str]) -> int:
+    from ldmkit import quickstart as qs
+
+    parser = argparse.ArgumentParser()
+    qs.add_arguments(parser)
+    return qs.run(parser.parse_args(argv))
+
+
+def test_quickstart_flow_end_to_end(tmp_path, shapes_folder, monkeypatch, capsys):
+    """--objective flow at a tiny size: a flow teacher (objective in its config, FlowMatchEuler scheduler), its
+    Euler / Heun / DPM++ / UniPC rows at the student's steps (Euler's full-step run the reference set), the
+    LCM-LoRA sampled with FlowMatchLCMScheduler; the --out refuses an eps run, and a method without a flow form
+    is refused in one line. (That a second --method in one --out reuses the teacher and its evaluation is
+    tests/test_quickstart.py's, the same code for both objectives.)"""
+    from ldmkit.quickstart import stages, student_methods
+
+    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (_tiny_plan(), "A tiny plan for a test."))
+    out = tmp_path / "qs"
+    base = ["--data", str(shapes_folder), "--out", str(out)]
+    assert _run_quickstart(["--objective", "flow", *base]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["objective"] == "flow" and report["plan"]["reference_solver"] == "euler"
+    teacher = Path(report["exports"]["teacher"])
+    assert json.loads((teacher / "unet" / "config.json").read_text())["objective"] == "flow"
+    assert json.loads((teacher / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == (
+        "FlowMatchEulerDiscreteScheduler"
+    )
+    student = json.loads((out / "evaluate" / "lcm_lora" / "results.json").read_text())["run"]
+    assert student["scheduler"] == "FlowMatchLCMScheduler"
+    figs = report["figures"]
+    assert figs["teacher_50"]["steps"] == 8 and figs["teacher_50"]["unet_evals_per_image"] == 16  # Euler, guided
+    for n in (1, 2, 4):
+        for solver, evals in (("euler", 2 * n), ("heun", 2 * (2 * n - 1)), ("dpm", 2 * n), ("unipc", 2 * n)):
+            f = figs[f"teacher_{solver}_{n}"]
+            assert f["unet_evals_per_image"] == evals, (solver, n)
+            assert f["fd"] is not None and f["fd_to_teacher_50"] is not None and f["adherence"] is not None
+        assert figs[f"lcm_{n}"]["unet_evals_per_image"] == n and figs[f"lcm_{n}"]["fd"] is not None
+    assert not any(k.startswith("teacher_ddim") for k in figs)
+    assert figs["teacher_4"]["fd_to_teacher_50"] == figs["teacher_euler_4"]["fd_to_teacher_50"]
+    html = (out / "report.html").read_text()
+    assert "Heun" in html and "rectified-flow" in html and "teacher 8 steps (Euler, guided)" not in html
+    for row in ("teacher Euler", "teacher Heun", "teacher DPM++ 2M", "teacher UniPC", "LCM-LoRA"):
+        assert row in printed
+
+    # One objective per --out (the check comes before any stage: nothing of the flow run is touched).
+    with pytest.raises(UserError, match="--objective flow; use another --out"):
+        _run_quickstart(base)
+    refused = sorted(set(student_methods()) - set(student_methods("flow")))
+    assert "lcm_lora" in student_methods("flow") and refused  # dmd2_lora has no flow form yet
+    with pytest.raises(UserError, match=f"--method {refused[0]} does not distil a rectified-flow teacher"):
+        _run_quickstart(["--objective", "flow", "--method", refused[0], *base])
