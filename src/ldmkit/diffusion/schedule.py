@@ -199,3 +199,18 @@ class Schedule:
         x_s = self.point(self.x0(out, x, t), self.eps(out, x, t), s)
         same = append_dims(s.to(x.device) == t.to(x.device), x.ndim)
         return torch.where(same, x, x_s)
+
+
+def pipeline_flow_timesteps(scheduler, steps: int, mu: float | None, linear_sigmas: bool) -> torch.Tensor:
+    """The timesteps (sigma * T) a stock flow pipeline sets on ``scheduler`` (a FlowMatch* scheduler) for
+    ``steps`` steps, so that a distilled model can be trained at exactly what it will be sampled at.
+    ``linear_sigmas``: FluxPipeline's way, sigmas linspace(1, 1/K, K) passed in with ``mu`` (pipeline_flux.py
+    ``__call__``, "Prepare timesteps"); otherwise StableDiffusion3Pipeline's, which lets the scheduler space its
+    own sigma range (``set_timesteps(K)``) and passes ``mu`` only with dynamic shifting."""
+    import numpy as np
+
+    kwargs: dict = {"mu": mu} if mu is not None else {}
+    if linear_sigmas:
+        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    scheduler.set_timesteps(steps, **kwargs)
+    return scheduler.timesteps[:steps].float()

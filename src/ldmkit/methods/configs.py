@@ -432,7 +432,8 @@ class DMD2Knobs(MethodConfig):
     sampler_grid: int | None = None
     """original_inference_steps of the exported LCMScheduler; null: num_denoising_steps, so K steps visit exactly
     the generator's timesteps. A multiple of K also samples at more steps than K (at timesteps between the trained
-    ones, e.g. 8 for the quickstart's 8-step row of a 4-step generator)."""
+    ones, e.g. 8 for the quickstart's 8-step row of a 4-step generator). DDPM teachers only: a flow pipeline
+    spaces its own sigmas (FlowMatchLCMScheduler), the generator is trained at those."""
     backward_simulation: bool = False
     """Multi-step generators: the input at step k is the generator's own k-step sample re-noised (no gradient),
     not a noised training image (--backward_simulation; the reference's 4-step SDXL model uses it)."""

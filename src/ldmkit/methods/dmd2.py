@@ -42,11 +42,20 @@ Differences from the reference, on purpose:
   is checkpointed); backward simulation picks the step per sample, not one per step for all GPUs;
 - the real score of ``dmd2_lora`` is the base without adapters: one denoiser's weights in memory instead of three.
 No regression loss (DMD2 drops DMD's).
+
+Rectified-flow teachers (SD3, FLUX.1; diffusion/schedule.py): the same steps on the flow's forward process
+x_t = (1 - s) x0 + s eps over the family's shifted sigmas s, every x0 from the velocity (x0 = x_t - s v), the fake
+score's denoising target the velocity eps - x0, the DM normaliser on x0 as above. The generator's timesteps are
+the sigmas FlowMatchLCMScheduler visits in the stock pipeline (sigma = 1 for one step), which samples exactly as
+backward simulation does (x0, then re-noised to the next sigma). SD3's real score runs CFG; FLUX.1-dev's takes g
+as its guidance embedding (one pass), and generator and fake score are called with the same g (the export is
+sampled at guidance_scale g, the embedding). The GAN head reads the transformer's middle block.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,21 +134,45 @@ class _DMD2Base(Method):
         self.family = load_family(
             cfg.model, dtype=self.weight_dtype, device=self.device, encode_batch_size=cfg.data.encode_batch_size
         )
+        # The forward process (diffusion/schedule.py): DDPM's, or a rectified flow's x_t = (1 - s) x0 + s eps over
+        # the family's shifted sigmas, where x0 = x_t - s v; every step below is written in its terms.
         self.schedule = self.family.schedule(None, cfg.data.resolution).to(self.device)
-        if self.schedule.is_flow:  # the math is the schedule's; the generator's flow sampler grid is not done yet
-            raise UserError(f"method {m.name} does not distil {self.family.name} (a rectified-flow model) yet")
+        if self.schedule.is_flow and m.sampler_grid not in (None, m.num_denoising_steps):
+            raise UserError(
+                f"method.sampler_grid sets LCMScheduler's grid (DDPM teachers); {self.family.name}'s pipeline spaces "
+                "its own sigmas: leave it unset"
+            )
         T = self.schedule.num_train_timesteps
         self.min_step, self.max_step = int(m.min_step_percent * T), int(m.max_step_percent * T)
-        # The generator's timesteps: those its exported sampler visits at K steps (LCMScheduler with K grid points:
-        # [999, 749, 499, 249] for K = 4, the reference's denoising_step_list; [999] for one step).
-        sampler = self._sampling_scheduler()
-        sampler.set_timesteps(m.num_denoising_steps)
-        self.generator_steps = self.schedule.index_of(torch.as_tensor(sampler.timesteps[: m.num_denoising_steps]))
+        self.generator_steps = self.schedule.index_of(self._sampler_timesteps(m.num_denoising_steps).to(self.device))
         self.gen_steps = StepCounter()
         self.classifier: torch.nn.Module | None = None
 
+    def _sampler_timesteps(self, steps: int) -> torch.Tensor:
+        """The generator's timesteps: those its exported sampler visits at ``steps`` steps in the stock pipeline.
+        DDPM: LCMScheduler with K grid points, [999, 749, 499, 249] for K = 4 (the reference's
+        denoising_step_list), [999] for one step. Flow: FlowMatchLCMScheduler as the family's pipeline sets it
+        (diffusion/schedule.py ``pipeline_flow_timesteps``): sigma = 1 for one step; FLUX's K-step sigmas
+        linspace(1, 1/K, K) shifted, SD3's the scheduler's own spacing; for K = 4 the 1- and 2-step grids are
+        subsets of the 4-step one in both, so the export samples 1, 2 or 4 steps at trained timesteps. The loss
+        uses the nearest index of the training grid (flow: an exact match for FLUX's K | T, within one index
+        otherwise)."""
+        sampler = self._sampling_scheduler()
+        if not self.schedule.is_flow:
+            sampler.set_timesteps(steps)
+            return torch.as_tensor(sampler.timesteps[:steps])
+        from ldmkit.diffusion.schedule import dynamic_shift_mu, pipeline_flow_timesteps
+        from ldmkit.families.flux import FluxFamily
+
+        config = sampler.config
+        mu = None
+        if config.get("use_dynamic_shifting"):
+            mu = dynamic_shift_mu(self.family.image_seq_len(self.cfg.data.resolution), config)
+        return pipeline_flow_timesteps(sampler, steps, mu, linear_sigmas=isinstance(self.family, FluxFamily))
+
     def _build_classifier(self, fake: torch.nn.Module) -> None:
-        """DMD2's classifier on the fake score's bottleneck (the UNet's mid block, the U-ViT's mid-block tokens)."""
+        """DMD2's classifier on the fake score's bottleneck (the UNet's mid block, the U-ViT's mid-block tokens,
+        a flow transformer's middle block's image tokens: models/discriminator.py ``feature_taps``)."""
         m = self.mcfg
         if m.gen_cls_loss_weight <= 0 and m.guidance_cls_loss_weight <= 0:
             return
@@ -147,7 +180,8 @@ class _DMD2Base(Method):
             self._taps = discriminator.feature_taps(fake, "light")[-1:]  # the pass stops at the bottleneck
         except TypeError:
             raise UserError(
-                f"DMD2's GAN term reads a UNet's or U-ViT's bottleneck; {self.family.name} has none here: set "
+                f"DMD2's GAN term reads a UNet's, U-ViT's or transformer's bottleneck; {self.family.name} has none "
+                "here: set "
                 "method.gen_cls_loss_weight=0 and method.guidance_cls_loss_weight=0"
             ) from None
         self.classifier = discriminator.BottleneckClassifier(self._taps[0][1], self._bottleneck_side(fake))
@@ -155,10 +189,12 @@ class _DMD2Base(Method):
 
     def _bottleneck_side(self, model: torch.nn.Module) -> int:
         """Side of the bottleneck's feature map at data.resolution: the latent side halved by every UNet
-        downsampler, or the U-ViT's patch grid."""
+        downsampler, the U-ViT's patch grid, or a flow transformer's token grid (2x2 latent patches)."""
         vae_factor = 2 ** (len(self.family.vae_config.get("block_out_channels", [0])) - 1)
         side = self.cfg.data.resolution // vae_factor
         cfg = model.config
+        if hasattr(model, "transformer_blocks"):
+            return math.isqrt(self.family.image_seq_len(self.cfg.data.resolution))
         if hasattr(model, "down_blocks"):
             return max(1, side // 2 ** sum(getattr(b, "downsamplers", None) is not None for b in model.down_blocks))
         return cfg.sample_size // cfg.patch_size
@@ -337,7 +373,8 @@ class _DMD2Base(Method):
     def _sampling_scheduler(self):
         """LCMScheduler with K grid points (original_inference_steps = K): at K steps it visits the generator's
         timesteps, at fewer a subset (the reference samples its models with LCMScheduler); on a flow
-        FlowMatchLCMScheduler, whose K sigmas are then the generator's."""
+        FlowMatchLCMScheduler (x0 = x_t - s v, re-noised to the next sigma), whose K sigmas in the family's
+        pipeline are the generator's (``_sampler_timesteps``)."""
         if self.schedule.is_flow:
             from diffusers import FlowMatchLCMScheduler
 

@@ -22,7 +22,8 @@ at the outputs of its blocks, each feature map with small trainable heads: conv-
 ``full`` (SD1.5 file): every down, mid and up block output, 4 heads each, 3x3 convolutions;
 ``light`` (SDXL file, "to save memory"): the down and mid block outputs only, 1 head each, 1x1 convolutions.
 ``feature_taps`` says where those outputs are in a diffusers UNet2DConditionModel and in ldmkit's U-ViT, whose
-counterparts are its in-, mid- and out-block token features, the patch tokens laid out as their latent grid.
+counterparts are its in-, mid- and out-block token features, the patch tokens laid out as their latent grid,
+and in the flow transformers (SD3, FLUX), whose blocks' image tokens are laid out the same way.
 """
 
 from __future__ import annotations
@@ -158,7 +159,35 @@ def feature_taps(model: nn.Module, layout: str) -> list[Tap]:
 
         blocks = [*model.in_blocks, model.mid_block, *(model.out_blocks if full else [])]
         return [(b, cfg.embed_dim, grid) for b in blocks]
-    raise TypeError(f"no feature taps known for {type(model).__name__} (a UNet2DConditionModel or U-ViT is)")
+    if hasattr(model, "transformer_blocks"):  # SD3Transformer2DModel, FluxTransformer2DModel
+        return _transformer_taps(model, full)
+    raise TypeError(
+        f"no feature taps known for {type(model).__name__} (a UNet2DConditionModel, U-ViT, SD3 or FLUX transformer is)"
+    )
+
+
+def _transformer_taps(model: nn.Module, full: bool) -> list[Tap]:
+    """An MMDiT's (SD3) or FLUX's blocks: ``light`` the middle block of the whole stack (FLUX: double blocks
+    then single blocks), ``full`` every block. A transformer keeps one token grid through its depth, so it has
+    no bottleneck in the UNet's sense; the middle block is where DMD2's classifier reads it (our choice: the
+    reference defines its head on UNets' mid block only; half-way through the stack is its counterpart in
+    depth, and the forward pass stops there). Each block returns (text states, image states) in diffusers >= 0.32; the image tokens, patches in
+    row-major order (SD3's PatchEmbed, FLUX's 2x2 packing), become a square grid."""
+    blocks = [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
+    cfg = model.config
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    chosen = blocks if full else [blocks[(len(blocks) - 1) // 2]]
+    return [(b, width, _image_token_grid) for b in chosen]
+
+
+def _image_token_grid(output) -> Tensor:
+    """A transformer block's image tokens (B, side^2, D) -> (B, D, side, side)."""
+    tokens = output[1] if isinstance(output, tuple) else output
+    n = tokens.shape[1]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{n} image tokens are not a square grid (square training images are needed here)")
+    return tokens.reshape(tokens.shape[0], side, side, -1).permute(0, 3, 1, 2)
 
 
 def _first(output) -> Tensor:  # a UNet down block returns (hidden_states, skip connections)
