@@ -414,9 +414,10 @@ def generate_images(
         chunk = prompts[start : start + batch_size]
         first = start * num_images
         gens = [torch.Generator("cpu").manual_seed(seed + first + k) for k in range(len(chunk) * num_images)]
-        if hasattr(pipe.scheduler, "use_generators"):  # ldmkit's flow TCD sampler: the pipelines pass it none
-            pipe.scheduler.use_generators(gens)
-            pipe.scheduler.gamma = pipe.scheduler.gamma if eta is None else eta
+        scheduler = getattr(pipe, "scheduler", None)
+        if hasattr(scheduler, "use_generators"):  # ldmkit's flow TCD sampler: the pipelines pass it none
+            scheduler.use_generators(gens)
+            scheduler.gamma = scheduler.gamma if eta is None else eta
         kwargs: dict[str, Any] = dict(
             prompt=chunk,
             num_inference_steps=steps,
