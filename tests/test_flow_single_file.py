@@ -19,21 +19,11 @@ from safetensors.torch import load_file, save_file
 from ldmkit.cli import main
 from ldmkit.errors import UserError
 from ldmkit.families import FluxFamily, SD3Family, detect_family
+from ldmkit.families.configs import FLUX_DEV, SD35_MEDIUM
 from ldmkit.families.hub import resolve_model
 from ldmkit.families.transformer_file import KINDS, save_transformer_file, to_original
 
 from helpers.sd import pinned_threads  # noqa: F401  (autouse fixture)
-
-# FLUX.1-dev's and SD3.5 Medium's transformer configs (their repos' transformer/config.json).
-FLUX_DEV = dict(
-    num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-    pooled_projection_dim=768, guidance_embeds=True, in_channels=64,
-)  # fmt: skip
-SD35_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)  # fmt: skip
 
 
 def row_labels(model: torch.nn.Module) -> dict[str, torch.Tensor]:

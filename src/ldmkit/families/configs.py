@@ -158,3 +158,24 @@ def released_configs(kind: str) -> dict[str, dict[str, Any]]:
             },
         }
     raise ValueError(f"unknown model kind {kind!r}")
+
+
+# The released rectified-flow transformers' configs (keys left out take the classes' defaults): the full-size
+# shapes that benchmarks/flow_memory.py and the single-file layout tests build on the meta device.
+FLUX_DEV = dict(
+    num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+    pooled_projection_dim=768, guidance_embeds=True, in_channels=64, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+"""black-forest-labs/FLUX.1-dev transformer/config.json."""
+SD35_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)  # fmt: skip
+"""stabilityai/stable-diffusion-3.5-medium transformer/config.json."""
+SD35_LARGE = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+    joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)  # fmt: skip
+"""stabilityai/stable-diffusion-3.5-large transformer/config.json."""
