@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers.quickstart import run_quickstart, tiny_plan
+
 STAGES = ("data", "base", "vae", "teacher", "distilled")
 SETTINGS = ("teacher_50", "teacher_4", "lcm_1", "lcm_2", "lcm_4")
 
@@ -113,33 +115,6 @@ def test_shapes_data_passed_with_data_is_recognised(shapes_folder, tmp_path):
     assert not is_shapes_data(other)
 
 
-# A plan small enough for a test: every stage runs, every evaluation row exists, in seconds.
-def _tiny_plan():
-    from ldmkit.quickstart import Plan
-
-    return Plan(
-        num_images=32,
-        image_size=32,
-        vae_steps=4,
-        teacher_steps=6,
-        distill_steps=3,
-        eval_prompts=4,
-        teacher_guidance=3.0,
-        reference_images=8,
-        teacher_steps_full=8,
-        lcm_steps=(1, 2, 4),
-        teacher_solvers=("ddim", "dpm", "unipc"),
-    )
-
-
-def _run_quickstart(argv: list[str]) -> int:
-    from ldmkit import quickstart as qs
-
-    parser = argparse.ArgumentParser()
-    qs.add_arguments(parser)
-    return qs.run(parser.parse_args(argv))
-
-
 def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path, shapes_folder, monkeypatch, capsys):
     """--method tcd_lora end to end at a tiny size: the report names TCD, the student samples with TCDScheduler
     at gamma 0.3, the teacher has DDIM / DPM++ / UniPC rows at the student's steps, and a second --method in
@@ -147,9 +122,9 @@ def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path
     from ldmkit.eval import evaluate
     from ldmkit.quickstart import stages
 
-    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (_tiny_plan(), "A tiny plan for a test."))
+    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (tiny_plan(), "A tiny plan for a test."))
     out = tmp_path / "qs"
-    assert _run_quickstart(["--method", "tcd_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
+    assert run_quickstart(["--method", "tcd_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "tcd_lora" and report["student"] == "TCD-LoRA"
@@ -185,7 +160,7 @@ def test_quickstart_tcd_lora_reports_the_method_and_the_teacher_solvers(tmp_path
         raise AssertionError("the teacher was evaluated again")
 
     monkeypatch.setattr(evaluate, "evaluate_solvers", no_teacher_evaluation)
-    assert _run_quickstart(["--method", "pcm_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
+    assert run_quickstart(["--method", "pcm_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
     second = json.loads((out / "report.json").read_text())
     assert second["student"] == "PCM-LoRA" and second["sampling"]["eta"] == 0.0
     assert second["figures"]["teacher_unipc_2"] == figs["teacher_unipc_2"]
@@ -203,9 +178,9 @@ def test_quickstart_offers_dmd2_lora_and_samples_it_as_its_record_says(tmp_path,
     from ldmkit.quickstart import stages, student_methods
 
     assert {"lcm_lora", "tcd_lora", "pcm", "dmd2_lora"} <= set(student_methods())
-    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (_tiny_plan(), "A tiny plan for a test."))
+    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (tiny_plan(), "A tiny plan for a test."))
     out = tmp_path / "qs"
-    assert _run_quickstart(["--method", "dmd2_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
+    assert run_quickstart(["--method", "dmd2_lora", "--data", str(shapes_folder), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["student"] == "DMD2-LoRA" and report["sampling"]["scheduler"] == "lcm"
     assert report["sampling"]["recorded"] and report["sampling"]["guidance"] == 1.0

@@ -15,6 +15,7 @@ import torch
 from ldmkit.errors import UserError
 from ldmkit.methods import load_config
 
+from helpers.quickstart import run_quickstart, tiny_plan
 from helpers.uvit import features_dir, pinned_threads, seeded, shapes_dir, tiny_pipeline, tiny_uvit  # noqa: F401
 
 ROOT = Path(__file__).parents[1]
@@ -141,32 +142,6 @@ def test_flow_uvit_pipeline_equals_flow_match_euler_by_hand(tiny_sd15):
 # ---- the quickstart end to end at a tiny size -------------------------------------------------------------
 
 
-def _tiny_plan():
-    from ldmkit.quickstart import Plan
-
-    return Plan(
-        num_images=32,
-        image_size=32,
-        vae_steps=4,
-        teacher_steps=6,
-        distill_steps=3,
-        eval_prompts=4,
-        teacher_guidance=3.0,
-        reference_images=8,
-        teacher_steps_full=8,
-        lcm_steps=(1, 2, 4),
-        teacher_solvers=("ddim", "dpm", "unipc"),
-    )
-
-
-def _run_quickstart(argv: list[str]) -> int:
-    from ldmkit import quickstart as qs
-
-    parser = argparse.ArgumentParser()
-    qs.add_arguments(parser)
-    return qs.run(parser.parse_args(argv))
-
-
 def test_quickstart_flow_end_to_end(tmp_path, shapes_folder, monkeypatch, capsys):
     """--objective flow at a tiny size: a flow teacher (objective in its config, FlowMatchEuler scheduler), its
     Euler / Heun / DPM++ / UniPC rows at the student's steps (Euler's full-step run the reference set), the
@@ -175,10 +150,10 @@ def test_quickstart_flow_end_to_end(tmp_path, shapes_folder, monkeypatch, capsys
     tests/test_quickstart.py's, the same code for both objectives.)"""
     from ldmkit.quickstart import stages, student_methods
 
-    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (_tiny_plan(), "A tiny plan for a test."))
+    monkeypatch.setattr(stages, "plan_for", lambda *a, **k: (tiny_plan(), "A tiny plan for a test."))
     out = tmp_path / "qs"
     base = ["--data", str(shapes_folder), "--out", str(out)]
-    assert _run_quickstart(["--objective", "flow", *base]) == 0
+    assert run_quickstart(["--objective", "flow", *base]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["objective"] == "flow" and report["plan"]["reference_solver"] == "euler"
@@ -206,8 +181,8 @@ def test_quickstart_flow_end_to_end(tmp_path, shapes_folder, monkeypatch, capsys
 
     # One objective per --out (the check comes before any stage: nothing of the flow run is touched).
     with pytest.raises(UserError, match="--objective flow; use another --out"):
-        _run_quickstart(base)
+        run_quickstart(base)
     refused = sorted(set(student_methods()) - set(student_methods("flow")))
     assert "lcm_lora" in student_methods("flow") and refused  # dmd2_lora has no flow form yet
     with pytest.raises(UserError, match=f"--method {refused[0]} does not distil a rectified-flow teacher"):
-        _run_quickstart(["--objective", "flow", "--method", refused[0], *base])
+        run_quickstart(["--objective", "flow", "--method", refused[0], *base])
