@@ -15,9 +15,11 @@ one script, and printed side by side with the ratio beside / alone:
 Competitors: ``python`` (one Python busy loop: one core taken) and ``torch`` (a 2-thread torch matmul loop
 at torch's own OpenMP defaults: two spinning threads, what a second training does). Candidates: ``torch``
 (the OpenMP runtime's defaults: ldmkit's turned off), ``ldmkit`` (whatever src/ldmkit/cli.py OPENMP_DEFAULTS
-holds now), ``passive`` (OMP_WAIT_POLICY=PASSIVE), ``spin10k`` / ``spin100k`` (GOMP_SPINCOUNT: libgomp's
-spin before sleeping, 300000 when the policy is unset), ``1thread`` (OMP_NUM_THREADS=1), ``free``
-(OMP_NUM_THREADS = cores in the affinity mask minus the 1-minute load average, at least 1). The inherited
+holds now, and the thread governor of src/ldmkit/threads.py: torch's threads follow the idle cores),
+``governor`` (the governor at libgomp's own spin), ``passive`` (OMP_WAIT_POLICY=PASSIVE), ``spin10k`` /
+``spin100k`` (GOMP_SPINCOUNT: libgomp's spin before sleeping, 300000 when the policy is unset; these three with
+OMP_NUM_THREADS = the cores, a fixed count, so no governor), ``1thread`` (OMP_NUM_THREADS=1), ``free``
+(OMP_NUM_THREADS = cores in the affinity mask minus the 1-minute load average at start, at least 1). The inherited
 OMP_* / GOMP_* / MKL_NUM_THREADS of this shell are removed from the measured processes, so every candidate
 is what its name says; candidates other than ``torch`` leave ldmkit's own defaults on for the variables they do not
 set (e.g. ``1thread`` keeps its GOMP_SPINCOUNT). A figure "alone" needs an otherwise idle machine: the load average before each run
@@ -42,16 +44,20 @@ BUSY_LOAD = 0.5  # 1-minute load average above which "alone" was not alone
 
 def free_threads() -> int:
     """Cores this process may use (affinity mask) minus the ones other work keeps busy (1-minute load)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - round(os.getloadavg()[0]))
+    return max(1, cores() - round(os.getloadavg()[0]))
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 CANDIDATES = {
     "torch": lambda: {"LDMKIT_OPENMP_DEFAULTS": "0"},
     "ldmkit": lambda: {},
-    "passive": lambda: {"OMP_WAIT_POLICY": "PASSIVE"},
-    "spin10k": lambda: {"GOMP_SPINCOUNT": "10000"},
-    "spin100k": lambda: {"GOMP_SPINCOUNT": "100000"},
+    "passive": lambda: {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(cores())},
+    "spin10k": lambda: {"GOMP_SPINCOUNT": "10000", "OMP_NUM_THREADS": str(cores())},
+    "spin100k": lambda: {"GOMP_SPINCOUNT": "100000", "OMP_NUM_THREADS": str(cores())},
+    "governor": lambda: {"GOMP_SPINCOUNT": "300000"},
     "1thread": lambda: {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     "free": lambda: {"OMP_NUM_THREADS": str(free_threads()), "MKL_NUM_THREADS": str(free_threads())},
 }
@@ -64,11 +70,14 @@ COMPETITORS = {
     ],
 }
 
-# The measured step: what the microbenchmark child runs (ldmkit's entry-point defaults first, then torch).
+# The measured step: what the microbenchmark child runs (ldmkit's entry-point defaults first, then torch; the
+# training loop's thread governor ticked every step, warm-up of at least WARMUP_SECONDS so that it settles).
 MICRO = """
 import sys, time, statistics
+from ldmkit import threads
 from ldmkit.cli import set_openmp_defaults
 set_openmp_defaults()
+threads.enable()
 import torch
 iters, warmup = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
@@ -77,16 +86,25 @@ net = torch.nn.Sequential(
     torch.nn.Conv2d(32, 4, 3, padding=1))
 opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 x, y = torch.randn(8, 4, 32, 32), torch.randn(8, 4, 32, 32)
-times = []
-for i in range(warmup + iters):
-    t = time.perf_counter()
+def step():
     loss = torch.nn.functional.mse_loss(net(x), y)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+done, start = 0, time.perf_counter()
+while done < warmup or time.perf_counter() - start < WARMUP_SECONDS:
+    threads.tick()
+    step()
+    done += 1
+times = []
+for i in range(iters):
+    threads.tick()
+    t = time.perf_counter()
+    step()
     times.append(time.perf_counter() - t)
-print(1000 * statistics.median(times[warmup:]), torch.get_num_threads())
+print(1000 * statistics.median(times), torch.get_num_threads())
 """
+WARMUP_SECONDS = 3.0
 
 
 def child_env(candidate: str) -> dict[str, str]:
@@ -97,7 +115,10 @@ def child_env(candidate: str) -> dict[str, str]:
 
 def micro(candidate: str, iters: int, warmup: int) -> tuple[float, int]:
     r = subprocess.run(
-        [sys.executable, "-c", MICRO, str(iters), str(warmup)], env=child_env(candidate), capture_output=True, text=True
+        [sys.executable, "-c", f"WARMUP_SECONDS = {WARMUP_SECONDS}\n" + MICRO, str(iters), str(warmup)],
+        env=child_env(candidate),
+        capture_output=True,
+        text=True,
     )
     if r.returncode != 0:
         raise SystemExit(f"microbenchmark ({candidate}) failed:\n{r.stderr[-2000:]}")
@@ -203,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown {name} {bad[0]!r}: choose from {', '.join(known)}")
     args.rounds = args.rounds or (1 if args.short else 3)
     args.iters = args.iters or (10 if args.short else 30)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"shared CPU: {cores} cores in the affinity mask, load average now {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"shared CPU: {cores()} cores in the affinity mask, load average now {os.getloadavg()[0]:.2f}", flush=True)
     results, busiest = measure(args)
     table(args, results, busiest)
     return 0

@@ -81,3 +81,110 @@ def test_set_openmp_defaults_rules(monkeypatch):
     for user_key in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY"):
         assert set_openmp_defaults({user_key: "0"}) == {"OMP_NUM_THREADS": "1"}
     assert set_openmp_defaults({OPENMP_OPT_OUT: "0"}) == {}
+
+
+# ---- the thread governor (ldmkit/threads.py) --------------------------------------------------------------
+
+
+class _Machine:
+    """A fake /proc/stat and clock: ``run(seconds, busy_cores)`` advances both as if the rest of the machine
+    (and this process, whose CPU time the governor subtracts) kept ``busy_cores`` cores busy."""
+
+    def __init__(self, path: Path, hz: int):
+        self.path, self.hz, self.now, self.busy, self.idle = path, hz, 100.0, 0.0, 0.0
+        self.write()
+
+    def write(self):
+        b, i = int(self.busy * self.hz), int(self.idle * self.hz)
+        self.path.write_text(f"cpu  {b} 0 0 {i} 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n")
+
+    def run(self, seconds: float, busy_cores: float, cores: int = 2):
+        self.now += seconds
+        self.busy += seconds * busy_cores
+        self.idle += seconds * (cores - busy_cores)
+        self.write()
+
+
+def test_governor_follows_the_idle_cores_after_two_agreeing_looks(tmp_path, monkeypatch):
+    """Beside one busy process (1 of 2 cores taken by others) torch gets 1 thread, back to 2 when it stops; one
+    look that disagrees changes nothing; looks closer than a second apart are not taken."""
+    import torch
+
+    from ldmkit import threads
+
+    monkeypatch.setattr(threads, "own_cpu_seconds", lambda hz: 0.0)  # this process: counted in busy_cores below
+    machine = _Machine(tmp_path / "stat", hz=100)
+    gov = threads.Governor(2, stat=machine.path, clock=lambda: machine.now)
+    gov.cores = 2
+    before = torch.get_num_threads()
+    try:
+        assert gov.tick() == 2  # the first look only remembers
+        machine.run(1.5, busy_cores=1.0)
+        assert gov.tick() == 2  # one look wants 1 thread: not yet
+        machine.run(0.5, busy_cores=1.0)
+        assert gov.tick() == 2  # under a second since the last look: not looked
+        machine.run(1.0, busy_cores=1.0)
+        assert gov.tick() == 1 and torch.get_num_threads() == 1  # two agreeing looks: set
+        machine.run(1.0, busy_cores=0.0)
+        assert gov.tick() == 1
+        machine.run(1.0, busy_cores=1.0)  # the idle look is not confirmed by the next one
+        assert gov.tick() == 1
+        machine.run(1.0, busy_cores=0.1)
+        machine_looks = [gov.tick()]
+        machine.run(1.0, busy_cores=0.2)
+        machine_looks.append(gov.tick())
+        assert machine_looks == [1, 2] and torch.get_num_threads() == 2
+        machine.run(1.0, busy_cores=2.0)  # both cores taken elsewhere: never below 1 thread
+        gov.tick()
+        machine.run(1.0, busy_cores=2.0)
+        assert gov.tick() == 1
+        assert [t for _, t in gov.changes] == [1, 2, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_governor_subtracts_this_process_and_never_exceeds_its_start(tmp_path, monkeypatch):
+    """The machine's busy time includes this process's own threads (and its children): only the rest counts.
+    A machine with more idle cores than torch started with does not raise the thread count past it."""
+    from ldmkit import threads
+
+    own = {"s": 0.0}
+    monkeypatch.setattr(threads, "own_cpu_seconds", lambda hz: own["s"])
+    machine = _Machine(tmp_path / "stat", hz=100)
+    gov = threads.Governor(2, stat=machine.path, clock=lambda: machine.now)
+    gov.cores = 4
+    gov.others()
+    machine.run(2.0, busy_cores=2.0, cores=4)
+    own["s"] += 3.0  # this process used 1.5 cores of the 2 busy ones
+    assert gov.others() == pytest.approx(0.5)
+    assert gov.want(0.5) == 2  # 4 cores, 0.5 busy elsewhere: 3.5 idle, but torch started with 2
+
+
+def test_governor_is_off_when_the_user_chose_threads_and_measures_real_children(tmp_path, monkeypatch):
+    from ldmkit import threads
+
+    monkeypatch.setattr(threads, "_governor", None)
+    assert threads.enable({"OMP_NUM_THREADS": "2"}) is None and threads._governor is None
+    assert threads.enable({"MKL_NUM_THREADS": "1"}) is None
+    assert threads.enable({OPENMP_OPT_OUT: "0"}) is None
+    gov = threads.enable({})
+    assert gov is not None and threads._governor is gov and gov.max_threads is None  # torch's own, at first tick
+    # own CPU includes a live child's: a busy child raises it by about its CPU time
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\nimport sys; sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        start = threads.own_cpu_seconds(os.sysconf("SC_CLK_TCK"))
+        import time
+
+        deadline = time.monotonic() + 20
+        while threads.own_cpu_seconds(os.sysconf("SC_CLK_TCK")) - start < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert threads.own_cpu_seconds(os.sysconf("SC_CLK_TCK")) - start >= 0.5
+    finally:
+        child.communicate(b"")

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from ldmkit import __version__
+from ldmkit import __version__, threads
 from ldmkit.errors import Interrupted, UserError
 
 # command -> (module, one-line help). Two-word commands are nested ("data synth").
@@ -188,6 +188,7 @@ def setup_output(level: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     set_openmp_defaults()  # first: before any command imports torch
+    threads.enable()  # torch's thread count follows the idle cores unless the user chose one
     level, argv = verbosity(list(sys.argv[1:] if argv is None else argv))
     setup_output(level)
     try:

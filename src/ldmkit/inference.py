@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ldmkit import threads
 from ldmkit.compat import dtype_kwargs
 from ldmkit.diffusion.samplers import FLOW_SCHEDULERS, SCHEDULERS  # noqa: F401 (the commands' sampler names)
 from ldmkit.errors import UserError
@@ -411,6 +412,7 @@ def generate_images(
     prompts = list(prompts)
     images: list[Any] = []
     for start in range(0, len(prompts), batch_size):
+        threads.tick()  # torch's threads follow the idle cores (ldmkit/threads.py)
         chunk = prompts[start : start + batch_size]
         first = start * num_images
         gens = [torch.Generator("cpu").manual_seed(seed + first + k) for k in range(len(chunk) * num_images)]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ldmkit import threads
 from ldmkit.config import Config, dump_config
 from ldmkit.errors import Interrupted, UserError
 from ldmkit.train import checkpoint as ckpt
@@ -393,6 +394,7 @@ def _run_steps(
                 samples_seen += global_batch
                 window_steps += 1
                 method.after_step(step)
+                threads.tick()  # torch's threads follow the idle cores (ldmkit/threads.py; off when the user chose)
 
                 if step % t.log_every == 0 or step == t.max_steps:
                     loss_mean = accelerator.gather(loss_sum[None]).mean().item() / t.gradient_accumulation_steps
