@@ -5,8 +5,9 @@ generator, real score, fake score), as a GPU would hold it, in one run (issue 24
 
 Both methods are ldmkit's own (``ldmkit.methods.dmd2``), built by the training loop's calls (config, accelerate
 at bf16: frozen weights bf16, trainable weights and optimizer state fp32, the loop's optimizer and per-group
-clipping), on SD1.5's UNet config (diffusers' ``UNet2DConditionModel`` defaults + SD1.5's cross-attention width,
-as ``benchmarks/vs_diffusers.py --full-size`` builds it) with SD1.5's CLIP text encoder layout (random weights).
+clipping, its gradient checkpointing, its step with peft's input cast off under autocast), on SD1.5's UNet config
+(diffusers' ``UNet2DConditionModel`` defaults + SD1.5's cross-attention width, as ``benchmarks/vs_diffusers.py
+--full-size`` builds it) with SD1.5's CLIP text encoder layout (random weights).
 
 Memory is counted by ``benchmarks/vs_diffusers.py``'s tracker (``LiveTensorBytes``: module weights, gradients and
 optimizer state at the end of a step, then every tensor an op creates until it is freed, at its peak), over

@@ -41,7 +41,8 @@ def input_casts_off_under_autocast(models: list[torch.nn.Module], mixed_precisio
     """peft's adapter layers cast their input to the adapter's dtype (fp32 here) before its matmul
     (``BaseTunerLayer._cast_input_dtype``); under autocast (``mixed_precision`` bf16 / fp16) that matmul runs in
     the autocast dtype again, so bf16 -> fp32 -> bf16 changes no number, but every adapted layer keeps its own
-    fp32 copy of its input for the backward (issue 24: 4 GB of dmd2_lora's activations at SD1.5 size, batch 8).
+    copy of its input for the backward (dmd2_lora at SD1.5 size, batch 32: 118 GB of activations with it, 96
+    without; README "Memory at SD1.5 size").
     For the block (a training step's forward and backward, where checkpointed blocks recompute) the cast is
     off, with peft's switch for it (``peft.helpers.disable_input_dtype_casting``). Left on in fp32 training
     (nothing to save there: the input is fp32 already) and where a LoRA's dropout acts on its input (it would
