@@ -1,12 +1,13 @@
 """DMD2's memory at SD1.5 size: ``dmd2_lora`` (one frozen UNet + two LoRAs) against ``dmd2`` (three UNets:
 generator, real score, fake score), as a GPU would hold it, in one run (issue 24).
 
-    python benchmarks/dmd2_memory.py [--settings 2:off,32:off] [--latent 64] [--rank 64]
+    python benchmarks/dmd2_memory.py [--settings 2:off,2:on,32:off,32:on] [--latent 64] [--rank 64]
 
 Both methods are ldmkit's own (``ldmkit.methods.dmd2``), built by the training loop's calls (config, accelerate
 at bf16: frozen weights bf16, trainable weights and optimizer state fp32, the loop's optimizer and per-group
-clipping), on SD1.5's UNet config (diffusers' ``UNet2DConditionModel`` defaults + SD1.5's cross-attention width,
-as ``benchmarks/vs_diffusers.py --full-size`` builds it) with SD1.5's CLIP text encoder layout (random weights).
+clipping, its gradient checkpointing, its step with peft's input cast off under autocast), on SD1.5's UNet config
+(diffusers' ``UNet2DConditionModel`` defaults + SD1.5's cross-attention width, as ``benchmarks/vs_diffusers.py
+--full-size`` builds it) with SD1.5's CLIP text encoder layout (random weights).
 
 Memory is counted by ``benchmarks/vs_diffusers.py``'s tracker (``LiveTensorBytes``: module weights, gradients and
 optimizer state at the end of a step, then every tensor an op creates until it is freed, at its peak), over
@@ -38,6 +39,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from ldmkit.lora.adapters import input_casts_off_under_autocast
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lcm_throughput import build_model as build_small  # noqa: E402
@@ -122,10 +125,7 @@ def build_method(name: str, model: Path, out: Path, batch: int, latent: int, ran
     cfg = load_config(None, overrides)
     method = get_method(name)(cfg, Accelerator(mixed_precision="bf16"))
     if checkpointing:  # as the loop's _prepare does
-        for n in method.trainable_names:
-            module = getattr(method, n)
-            if hasattr(module, "enable_gradient_checkpointing"):
-                module.enable_gradient_checkpointing()
+        method.enable_gradient_checkpointing()
     # The loop's optimizer: AdamW with torch's fused kernel (train/optim.py), on a GPU as here; no temporaries.
     return method, make_optimizer(cfg, method.param_groups(), 1)
 
@@ -146,9 +146,12 @@ def one_step(method, optimizer, batch, tracker: LiveTensorBytes | None = None) -
     """One optimizer step as the loop takes it (loss, backward, per-group clipping, step, zero_grad); (bytes the
     loss holds for its backward: activations, bytes of the trainable parameters' gradients after the backward)."""
     start = tracker.current if tracker is not None else 0
-    loss, _ = method.loss(batch)
-    held = tracker.current - start if tracker is not None else 0
-    loss.backward()
+    trainable = [getattr(method, n) for n in method.trainable_names]
+    # the loop's _optimizer_step: peft's input cast off under autocast (ldmkit.lora.adapters)
+    with input_casts_off_under_autocast(trainable, method.accelerator.mixed_precision):
+        loss, _ = method.loss(batch)
+        held = tracker.current - start if tracker is not None else 0
+        loss.backward()
     grads = 0
     for group in method.clip_groups():
         grads += sum(p.grad.untyped_storage().nbytes() for p in group if p.grad is not None)
@@ -204,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--settings",
-        default="2:off,32:off",
-        help="Comma-separated BATCH:CHECKPOINTING[:nogan] settings (checkpointing on/off; nogan: without the GAN "
-        "term); default: batch 2 and the reference's batch 32 per GPU (tianweiy/DMD2 experiments/sdv1.5), both "
-        "without gradient checkpointing: the reference checkpoints, but ldmkit's DMD2 with the GAN term does not "
-        "recompute alike yet (torch.utils.checkpoint.CheckpointError; without it, it does: 32:on:nogan).",
+        default="2:off,2:on,32:off,32:on",
+        help="Comma-separated BATCH:CHECKPOINTING[:nogan] settings (checkpointing on/off, as "
+        "train.gradient_checkpointing; nogan: without the GAN term); default: batch 2 and the reference's batch "
+        "32 per GPU (tianweiy/DMD2 experiments/sdv1.5, which trains with gradient checkpointing), each without "
+        "and with gradient checkpointing.",
     )
     p.add_argument("--latent", type=int, default=64, help="Latent side (64: SD1.5's 512 px).")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (alpha = rank) of dmd2_lora's two adapters.")

@@ -36,6 +36,35 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
         model.enable_adapters()
 
 
+@contextlib.contextmanager
+def input_casts_off_under_autocast(models: list[torch.nn.Module], mixed_precision: str) -> Iterator[None]:
+    """peft's adapter layers cast their input to the adapter's dtype (fp32 here) before its matmul
+    (``BaseTunerLayer._cast_input_dtype``); under autocast (``mixed_precision`` bf16 / fp16) that matmul runs in
+    the autocast dtype again, so bf16 -> fp32 -> bf16 changes no number, but every adapted layer keeps its own
+    copy of its input for the backward (dmd2_lora at SD1.5 size, batch 32: 118 GB of activations with it, 96
+    without; README "Memory at SD1.5 size").
+    For the block (a training step's forward and backward, where checkpointed blocks recompute) the cast is
+    off, with peft's switch for it (``peft.helpers.disable_input_dtype_casting``). Left on in fp32 training
+    (nothing to save there: the input is fp32 already) and where a LoRA's dropout acts on its input (it would
+    then run on the bf16 input: other roundings)."""
+    from peft.helpers import disable_input_dtype_casting
+    from peft.tuners.lora import LoraLayer
+
+    def lossless(model: torch.nn.Module) -> bool:
+        return not any(
+            isinstance(d, torch.nn.Dropout) and d.p > 0
+            for m in model.modules()
+            if isinstance(m, LoraLayer)
+            for d in m.lora_dropout.values()
+        )
+
+    with contextlib.ExitStack() as stack:
+        if mixed_precision in ("bf16", "fp16"):
+            for model in models:
+                stack.enter_context(disable_input_dtype_casting(model, active=lossless(model)))
+        yield
+
+
 ADAPTERS = ("lora", "dora", "loha", "lokr")
 """Adapter kinds of method.adapter (peft's tuners). How each is exported (``export_adapter``):
 lora: the diffusers file + kohya copy; dora: the diffusers file with the magnitude vectors (diffusers'

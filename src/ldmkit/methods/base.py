@@ -121,6 +121,16 @@ class Method:
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def enable_gradient_checkpointing(self) -> None:
+        """train.gradient_checkpointing: every trainable network that can recomputes its blocks' activations in
+        the backward (diffusers' and transformers' own switches)."""
+        for name in self.trainable_names:
+            module = getattr(self, name)
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            elif hasattr(module, "gradient_checkpointing_enable"):
+                module.gradient_checkpointing_enable()
+
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (EMA updates)."""
 

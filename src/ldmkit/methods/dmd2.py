@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
@@ -89,6 +90,25 @@ def distribution_matching_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake:
         grad = (p_real - p_fake) / p_real.abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
         grad = torch.nan_to_num(grad)
     return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="mean")
+
+
+def checkpoint_with_the_forwards_tensors(module: torch.nn.Module, *args):
+    """diffusers' gradient checkpointing function (non-reentrant ``torch.utils.checkpoint``, as its default),
+    except that the recomputation in the backward runs ``module`` with the tensors its forward ran with.
+
+    DMD2 calls one network with several sets of weights through ``torch.func.functional_call`` (``dmd2_lora``'s
+    fake score: the denoiser with the fake LoRA's tensors; the GAN's generator side: detached weights). That swap
+    lasts for the call only, but the checkpointed blocks recompute later, in the backward, and would read the
+    module's own tensors then: the generator's LoRA in place of the fake one (other gradients, silently), live
+    weights in place of detached ones (other saved tensors: ``CheckpointError``). The block's tensors are read
+    at the forward (a swapped-in tensor is what ``named_parameters`` gives during the call) and swapped in again
+    for the recomputation."""
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+    def run(*inputs):
+        return torch.func.functional_call(module, tensors, inputs)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 class FakeScore(torch.nn.Module):
@@ -201,6 +221,15 @@ class _DMD2Base(Method):
 
     def encoders(self):
         return self.family
+
+    def enable_gradient_checkpointing(self) -> None:
+        """train.gradient_checkpointing on every trainable denoiser, recomputing with the weights each call ran
+        with (``checkpoint_with_the_forwards_tensors``)."""
+        for model in self._denoisers():
+            model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_the_forwards_tensors)
+
+    def _denoisers(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
 
     # ---- the roles ----------------------------------------------------------------------------------
     def generator(self) -> torch.nn.Module:
@@ -459,6 +488,9 @@ class DMD2LoraMethod(_DMD2Base):
     def _generator_parameters(self):
         return self._lora
 
+    def _denoisers(self):
+        return [self.unet]  # the fake score is the same network
+
     def export(self, out_dir: Path) -> None:
         """The generator's LoRA (diffusers file and, where clients read it, the kohya copy) and its sampler."""
         export_denoiser_lora(
@@ -490,6 +522,9 @@ class DMD2Method(_DMD2Base):
 
     def _generator_parameters(self):
         return list(self.unet.parameters())
+
+    def _denoisers(self):
+        return [self.unet, self.fake]
 
     def export(self, out_dir: Path) -> None:
         """A full pipeline folder: the generator + its sampler."""

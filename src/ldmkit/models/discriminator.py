@@ -205,7 +205,14 @@ class _Enough(Exception):
 @contextlib.contextmanager
 def tapped(taps: list[Tap]) -> Iterator[list[Tensor]]:
     """Collects the tapped feature maps of the forward pass run inside the block into the list it yields. The
-    pass stops at the last tap (``light`` skips the up blocks, as the reference's SDXL discriminator does)."""
+    pass stops at the last tap (``light`` skips the up blocks, as the reference's SDXL discriminator does).
+
+    Under gradient checkpointing (non-reentrant ``torch.utils.checkpoint``, diffusers' and the U-ViT's) the
+    stop may be raised inside a checkpointed block (the U-ViT's and the transformers' blocks are checkpointed
+    whole, so their hooks run inside): the checkpoint closes its region and passes the exception on, and the
+    block's recomputation in the backward runs without these hooks (removed when the block ends) and matches
+    the forward, the hook's own ops being views that save nothing for the backward (tests/test_dmd2_memory.py
+    checks the gradients of the UNet, U-ViT, SD3 and FLUX taps with and without checkpointing)."""
     features: list[Tensor] = []
 
     def hook(to_map: Callable[[object], Tensor], last: bool):

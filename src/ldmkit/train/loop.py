@@ -24,6 +24,7 @@ import torch
 from ldmkit import threads
 from ldmkit.config import Config, dump_config
 from ldmkit.errors import Interrupted, UserError
+from ldmkit.lora.adapters import input_casts_off_under_autocast
 from ldmkit.train import checkpoint as ckpt
 from ldmkit.train.optim import evaluation_weights, make_lr_scheduler, make_optimizer, weights_mode  # noqa: F401
 from ldmkit.train.runs import RunLock, StopSignals, check_rerun, resume_point, set_aside
@@ -307,12 +308,7 @@ def _prepare(cfg: Config, method, accelerator) -> tuple[Any, Any]:
     their optimizer and LR schedule."""
     apply_speed_levers(cfg, method)
     if cfg.train.gradient_checkpointing:
-        for name in method.trainable_names:
-            module = getattr(method, name)
-            if hasattr(module, "enable_gradient_checkpointing"):
-                module.enable_gradient_checkpointing()
-            elif hasattr(module, "gradient_checkpointing_enable"):
-                module.gradient_checkpointing_enable()
+        method.enable_gradient_checkpointing()
 
     optimizer = make_optimizer(cfg, method.param_groups(), accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
@@ -436,9 +432,11 @@ def _optimizer_step(cfg: Config, accelerator, method, optimizer, data_iter, clip
     grad_norm = None
     for _ in range(t.gradient_accumulation_steps):
         batch = _to_device(next(data_iter), accelerator.device)
-        with accelerator.accumulate(*[getattr(method, n) for n in method.trainable_names]):
-            loss, logs = method.loss(batch)
-            accelerator.backward(loss)
+        trainable = [getattr(method, n) for n in method.trainable_names]
+        with accelerator.accumulate(*trainable):
+            with input_casts_off_under_autocast(trainable, accelerator.mixed_precision):
+                loss, logs = method.loss(batch)
+                accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm:
                 # accelerate clips the first group (and unscales fp16 gradients, once); the
                 # others (e.g. a GAN's discriminator) keep norms of their own
