@@ -348,3 +348,20 @@ def test_labelled_captions_get_a_layerless_encoder_with_a_caption_long_context(t
         hidden = encoder(ids)[0]  # (10, 8, 64)
     differs = (hidden - hidden[:1]).abs().amax(dim=(0, 2)) > 1e-6  # per position: any caption differs from the first
     assert differs.tolist() == [False] * 6 + [True, False]  # only the label's token (position 6) tells them apart
+
+
+def test_a_method_with_a_shorter_useful_distillation_gets_its_share_of_the_full_plan():
+    """dmd2_lora's quickstart_distill_factor (measured: its 1-step FD rises with longer distillation) scales the
+    full plan's distillation steps and the default budget; the other stages keep the full plan's steps."""
+    from ldmkit.methods.configs import DMD2LoraConfig
+    from ldmkit.quickstart import FULL, full_plan_minutes, plan_for
+
+    factor = DMD2LoraConfig.quickstart_distill_factor
+    assert 0 < factor < 1
+    plan, reason = plan_for(4000, 120, None, False, method="dmd2_lora")
+    assert plan == replace(FULL, distill_steps=int(round(FULL.distill_steps * factor / 10)) * 10) == replace(
+        FULL, distill_steps=400
+    )
+    assert "distillation 400" in reason
+    assert full_plan_minutes("dmd2_lora") < full_plan_minutes("lcm_lora") * 1.5  # its steps cost more, fewer run
+    assert plan_for(4000, 120, 60, False, method="dmd2_lora")[0].distill_steps == 400  # more minutes: no more steps

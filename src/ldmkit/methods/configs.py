@@ -482,6 +482,11 @@ class DMD2LoraConfig(LoraKnobs, DMD2Knobs):
     is the base itself (one set of base weights; the reference keeps three whole UNets)."""
 
     lora_targets: ClassVar[str] = "distill"
+    quickstart_distill_factor: ClassVar[float] = 400 / 1500
+    """The quickstart distils dmd2_lora for this share of LCM-LoRA's steps (quickstart/plan.py): on the full
+    quickstart's teacher (seed 0, configs/dmd2_lora/quickstart.yaml) the 1-step FD to the data rose with the
+    length, 0.113 / 0.157 / 0.172 after 400 / 800 / 1500 steps (4 steps: 0.075 / 0.084 / 0.099), while the
+    1-step adherence stayed within its noise (0.758 / 0.800 / 0.775; README "One step: DMD2")."""
 
     name: str = "dmd2_lora"
     lora_rank: int = 64

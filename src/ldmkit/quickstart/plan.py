@@ -148,7 +148,7 @@ def full_plan_minutes(method: str = "lcm_lora", labelled: bool = False) -> float
     """What the full plan takes on the reference machine: the default budget of ``--minutes`` (``labelled``: the
     full plan for class-labelled data, whose teacher trains LABELLED_TEACHER_FACTOR times longer)."""
     teacher = FULL.teacher_steps * (LABELLED_TEACHER_FACTOR if labelled else 1.0)
-    steps = {"vae": FULL.vae_steps, "teacher": teacher, "distill": FULL.distill_steps}
+    steps = {"vae": FULL.vae_steps, "teacher": teacher, "distill": FULL.distill_steps * _distill_factor(method)}
     return _seconds(steps, method, REFERENCE_IMAGES) / 60
 
 
@@ -183,7 +183,8 @@ def plan_for(
     useful steps take longer than the budget, every stage still to train is scaled by one factor to fit it
     (not below its floor); more minutes than the data needs do not grow the plan past what was measured (on the
     shapes, full LCD gained nothing from 1500 to 3000 steps: configs/lcd/quickstart.yaml).
-    The default (no minutes, 4000 images, 120 captions) is exactly FULL.
+    The default (no minutes, 4000 images, 120 captions) is exactly FULL (a method with a
+    ``quickstart_distill_factor``: FULL with that share of its distillation steps).
     """
     if quick:
         return _quick_plan(num_images)
@@ -194,7 +195,7 @@ def plan_for(
     done = done or {}
     n = num_images
     captions = min(max(num_distinct_captions, 1), n)
-    wanted = _useful_steps(n, captions, labelled)
+    wanted = _useful_steps(n, captions, labelled, method)
     useful = dict(wanted.steps)
     for stage, (steps, _) in done.items():
         useful[stage] = steps
@@ -259,12 +260,24 @@ class _Wanted:
     """Stages whose floor alone passes over the data more often than that."""
 
 
-def _useful_steps(n: int, captions: int, labelled: bool) -> _Wanted:
+def _distill_factor(method: str) -> float:
+    from ldmkit.methods import get_config_class
+
+    # A method whose useful distillation is shorter than LCM's says so on its config (a ClassVar, measured).
+    return getattr(get_config_class(method), "quickstart_distill_factor", 1.0)
+
+
+def _useful_steps(n: int, captions: int, labelled: bool, method: str = "lcm_lora") -> _Wanted:
     """Each stage's useful steps for ``n`` images with ``captions`` distinct captions (``plan_for``'s rules:
-    FULL's steps grown with roots of the data, held to MAX_PASSES, not below MIN_STEPS)."""
+    FULL's steps grown with roots of the data, held to MAX_PASSES, not below MIN_STEPS; the distillation's
+    scaled by the method's ``quickstart_distill_factor``)."""
     image_factor = math.sqrt(n / REFERENCE_IMAGES)
     caption_factor = math.sqrt(max(1.0, captions / REFERENCE_CAPTIONS))
-    full = {"vae": FULL.vae_steps, "teacher": FULL.teacher_steps, "distill": FULL.distill_steps}
+    full = {
+        "vae": FULL.vae_steps,
+        "teacher": FULL.teacher_steps,
+        "distill": FULL.distill_steps * _distill_factor(method),
+    }
     label_factor = LABELLED_TEACHER_FACTOR if labelled else 1.0
     growth = {"vae": image_factor, "teacher": image_factor * caption_factor * label_factor}
     growth["distill"] = image_factor * math.sqrt(caption_factor)
