@@ -2,7 +2,8 @@
 
     python benchmarks/shared_cpu.py                 # microbenchmark + ldmkit quickstart --quick (about an hour)
     python benchmarks/shared_cpu.py --short         # microbenchmark only, fewer repeats (a few minutes)
-    python benchmarks/shared_cpu.py --competitors python,torch --candidates default,passive,spin10k
+    python benchmarks/shared_cpu.py --competitors python,torch --candidates ldmkit,passive,spin10k
+    python benchmarks/shared_cpu.py --candidates torch,ldmkit --alone torch --rounds 1   # today vs the default
 
 For each candidate setting (environment variables given to the measured process, so the OpenMP runtime
 reads them when torch loads it) the same work is timed ALONE and BESIDE one competing busy process, in
@@ -165,7 +166,7 @@ def measure(args) -> tuple[dict, float]:
     for r in range(args.rounds):
         for workload in workloads:
             for cand in args.candidates:
-                for comp in [None, *args.competitors]:
+                for comp in [None, *([] if cand in args.alone else args.competitors)]:
                     if comp is None:
                         busiest = max(busiest, os.getloadavg()[0])
                     with Competitor(comp):
@@ -196,8 +197,8 @@ def table(args, results: dict, busiest: float) -> None:
             threads = med.get(("threads", cand, None), float("nan"))
             line = f"  {cand:10} {threads:7.0f} {alone:9.2f}"
             for comp in args.competitors:
-                beside = med[(workload, cand, comp)]
-                line += f" {beside:14.2f} {beside / alone:5.2f}x"
+                beside = med.get((workload, cand, comp))
+                line += f" {'-':>14} {'-':>6}" if beside is None else f" {beside:14.2f} {beside / alone:5.2f}x"
             print(line)
     envs = ", ".join(f"{c}: {' '.join(f'{k}={v}' for k, v in CANDIDATES[c]().items()) or '-'}" for c in args.candidates)
     print(f"\ncandidates: {envs}")
@@ -212,12 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         "--candidates", default=",".join(CANDIDATES), help=f"Comma-separated subset of {','.join(CANDIDATES)}."
     )
     p.add_argument("--competitors", default="python", help=f"Comma-separated subset of {','.join(COMPETITORS)}.")
+    p.add_argument(
+        "--alone",
+        default="",
+        help="Candidates measured alone only (e.g. torch: its quickstart beside a busy process takes 15 min).",
+    )
     p.add_argument("--rounds", type=int, default=None, help="Rounds (medians printed); default 3, --short 1.")
     p.add_argument("--iters", type=int, default=None, help="Timed microbenchmark steps; default 30, --short 10.")
     p.add_argument("--warmup", type=int, default=3, help="Microbenchmark steps left out first.")
     args = p.parse_args(argv)
     args.candidates = args.candidates.split(",")
     args.competitors = [c for c in args.competitors.split(",") if c]
+    args.alone = [c for c in args.alone.split(",") if c]
     for name, known in (("candidate", CANDIDATES), ("competitor", COMPETITORS)):
         bad = [x for x in (args.candidates if name == "candidate" else args.competitors) if x not in known]
         if bad:
