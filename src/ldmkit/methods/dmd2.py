@@ -287,6 +287,10 @@ class _DMD2Base(Method):
         if m.backward_simulation:  # G's own k-step sample, from fresh noise, without gradient
             x = rng.randn(*z.shape[1:]).to(z)
             clean = x
+            # Every sample draws its K - 1 re-noisings, used or not: a draw per loop pass (up to the batch's
+            # largest k) would advance a sample's stream by its batch-mates' k, and two ranks would not
+            # reproduce one process (tests/test_distributed_methods.py).
+            renoise = rng.randn(K - 1, *z.shape[1:]).to(z)
             w = self._guidance_input(t)
             with torch.no_grad():
                 for j in range(int(k.max())):
@@ -295,7 +299,7 @@ class _DMD2Base(Method):
                     active = (j < k).view(-1, *[1] * (z.ndim - 1))
                     clean = torch.where(active, x0, clean)
                     t_next = self.generator_steps[torch.full_like(k, j + 1)]
-                    x = torch.where(active, self.schedule.add_noise(x0, rng.randn(*z.shape[1:]).to(z), t_next), x)
+                    x = torch.where(active, self.schedule.add_noise(x0, renoise[:, j], t_next), x)
         else:
             clean = z  # a training latent (the reference's "denoising" data)
         x_t = self.schedule.add_noise(clean, noise, t)
