@@ -64,11 +64,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
-from ldmkit.methods.base import Method, StepCounter, export_denoiser_lora
+from ldmkit.methods.base import Method, StepCounter, checkpoint_with_the_forwards_tensors, export_denoiser_lora
 from ldmkit.methods.configs import DMD2Config, DMD2Knobs, DMD2LoraConfig  # noqa: F401 (help needs no torch)
 from ldmkit.methods.lcd import _sharing_weights, _WithWeights
 from ldmkit.models import discriminator
@@ -93,25 +92,6 @@ def distribution_matching_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake:
         grad = (p_real - p_fake) / p_real.abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
         grad = torch.nan_to_num(grad)
     return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="mean")
-
-
-def checkpoint_with_the_forwards_tensors(module: torch.nn.Module, *args):
-    """diffusers' gradient checkpointing function (non-reentrant ``torch.utils.checkpoint``, as its default),
-    except that the recomputation in the backward runs ``module`` with the tensors its forward ran with.
-
-    DMD2 calls one network with several sets of weights through ``torch.func.functional_call`` (``dmd2_lora``'s
-    fake score: the denoiser with the fake LoRA's tensors; the GAN's generator side: detached weights). That swap
-    lasts for the call only, but the checkpointed blocks recompute later, in the backward, and would read the
-    module's own tensors then: the generator's LoRA in place of the fake one (other gradients, silently), live
-    weights in place of detached ones (other saved tensors: ``CheckpointError``). The block's tensors are read
-    at the forward (a swapped-in tensor is what ``named_parameters`` gives during the call) and swapped in again
-    for the recomputation."""
-    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-
-    def run(*inputs):
-        return torch.func.functional_call(module, tensors, inputs)
-
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 class FakeScore(torch.nn.Module):
