@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ldmkit.errors import UserError
 from ldmkit.methods import load_config
@@ -139,13 +140,52 @@ def test_flow_uvit_pipeline_equals_flow_match_euler_by_hand(tiny_sd15):
     torch.testing.assert_close(out.images, x, rtol=1e-5, atol=1e-5)
 
 
+def test_flow_dmd2_samples_the_pipelines_sigmas_at_any_step_count(tiny_sd15, features_dir, tmp_path):
+    """DMD2-LoRA of a flow U-ViT (shift 3): the 1-step generator is trained at sigma = 1, and its export, sampled as
+    its record says (FlowMatchLCMScheduler), visits the U-ViT pipeline's N sigmas at N = 1, 2, 4, 8 steps:
+    linspace(1, 1/N, N) shifted (pipelines/uvit.py, FluxPipeline's grid), where a 4-step generator is trained too.
+    On a flow, validation_steps beyond the generator's are accepted and sampler_grid is refused."""
+    from ldmkit.inference import load_export
+
+    from helpers.lcm import make_distill_method
+
+    _flow_method(tiny_sd15, features_dir, tmp_path).export(tmp_path / "teacher")
+    teacher = tmp_path / "teacher"
+    m = make_distill_method("dmd2_lora", teacher, tmp_path / "one", "--method.validation_steps=[1,2,4,8]")
+    assert m.schedule.is_flow and m.generator_steps.tolist() == [999] and float(m.schedule.sigma[999]) == 1.0
+    assert m.classifier is not None  # the GAN term reads the U-ViT's mid-block tokens
+
+    def shifted(n: int) -> list[float]:
+        return [SHIFT * s / (1 + (SHIFT - 1) * s) for s in torch.linspace(1.0, 1 / n, n).tolist()]
+
+    m.export(tmp_path / "export")  # the training loop writes the record next to it; here it is read from the method
+    record = m.sampling_record()
+    assert record.scheduler == "FlowMatchLCMScheduler" and record.steps == 1
+    pipe, _ = load_export(tmp_path / "export", base=teacher)
+    assert type(pipe.scheduler).__name__ == record.scheduler
+    seen: list[float] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _, args: seen.extend(args[1].flatten().tolist()))
+    for n in (1, 2, 4, 8):
+        seen.clear()
+        pipe("a red circle", num_inference_steps=n, guidance_scale=record.guidance, output_type="latent")
+        torch.testing.assert_close(torch.tensor(seen), torch.tensor(shifted(n)) * 1000, rtol=0, atol=1e-3)
+    hook.remove()
+
+    four = make_distill_method("dmd2_lora", teacher, tmp_path / "four", "--method.num_denoising_steps=4")
+    trained = four.schedule.sigma[four.generator_steps].double()
+    torch.testing.assert_close(trained, torch.tensor(shifted(4), dtype=torch.float64), rtol=0, atol=2e-3)
+    with pytest.raises(UserError, match="sampler_grid sets LCMScheduler's grid"):
+        make_distill_method("dmd2_lora", teacher, tmp_path / "grid", "--method.sampler_grid=8")
+
+
 # ---- the quickstart end to end at a tiny size -------------------------------------------------------------
 
 
 def test_quickstart_flow_end_to_end(tmp_path, shapes_folder, monkeypatch, capsys):
     """--objective flow at a tiny size: a flow teacher (objective in its config, FlowMatchEuler scheduler), its
     Euler / Heun / DPM++ / UniPC rows at the student's steps (Euler's full-step run the reference set), the
-    LCM-LoRA sampled with FlowMatchLCMScheduler; the --out refuses an eps run, and a method without a flow form
+    LCM-LoRA sampled with FlowMatchLCMScheduler; the --out refuses an eps run; DMD2-LoRA in the same --out (its
+    flow recipe, GAN term on) sampled at 1, 2 and 4 steps with FlowMatchLCMScheduler; a method without a flow form
     is refused in one line. (That a second --method in one --out reuses the teacher and its evaluation is
     tests/test_quickstart.py's, the same code for both objectives.)"""
     from ldmkit.quickstart import stages, student_methods
@@ -182,7 +222,24 @@ def test_quickstart_flow_end_to_end(tmp_path, shapes_folder, monkeypatch, capsys
     # One objective per --out (the check comes before any stage: nothing of the flow run is touched).
     with pytest.raises(UserError, match="--objective flow; use another --out"):
         run_quickstart(base)
-    refused = sorted(set(student_methods()) - set(student_methods("flow")))
-    assert "lcm_lora" in student_methods("flow") and refused  # dmd2_lora has no flow form yet
-    with pytest.raises(UserError, match=f"--method {refused[0]} does not distil a rectified-flow teacher"):
-        run_quickstart(["--objective", "flow", "--method", refused[0], *base])
+    assert {"lcm_lora", "dmd2_lora", "dmd2"} <= set(student_methods("flow")) == set(student_methods())
+
+    # DMD2-LoRA on the flow teacher in the same --out (teacher and its rows reused): its 1-step generator with the
+    # GAN term on, sampled by FlowMatchLCMScheduler at 1, 2 and 4 steps as its export records.
+    assert run_quickstart(["--objective", "flow", "--method", "dmd2_lora", *base]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"] == "DMD2-LoRA" and report["sampling"]["recorded"]
+    run = json.loads((out / "evaluate" / "dmd2_lora" / "results.json").read_text())["run"]
+    assert run["scheduler"] == "FlowMatchLCMScheduler"
+    saved = yaml.safe_load((out / "dmd2_lora" / "config.yaml").read_text())["method"]
+    assert saved["sampler_grid"] is None and saved["gen_cls_loss_weight"] > 0  # the flow recipe, GAN term on
+    for n in (1, 2, 4):
+        f = report["figures"][f"lcm_{n}"]
+        assert f["method"] == "dmd2_lora" and f["unet_evals_per_image"] == n and f["fd"] is not None
+
+    # A method whose class does not say supports_flow is refused in one line, before any stage.
+    from ldmkit.methods.tcd import TCDMethod
+
+    monkeypatch.setattr(TCDMethod, "supports_flow", False)
+    with pytest.raises(UserError, match="--method tcd does not distil a rectified-flow teacher"):
+        run_quickstart(["--objective", "flow", "--method", "tcd", *base])

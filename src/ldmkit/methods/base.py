@@ -21,8 +21,48 @@ if TYPE_CHECKING:
 
     from ldmkit.inference import SamplingRecord
 
-__all__ = ["Method", "MethodConfig", "StepCounter", "check_validation_size", "export_denoiser_lora"]
+__all__ = [
+    "Method",
+    "MethodConfig",
+    "StepCounter",
+    "check_validation_size",
+    "checkpoint_with_the_forwards_tensors",
+    "export_denoiser_lora",
+]
 logger = logging.getLogger(__name__)
+
+
+def checkpoint_with_the_forwards_tensors(module: torch.nn.Module, *args):
+    """diffusers' gradient checkpointing function (non-reentrant ``torch.utils.checkpoint``, as its default),
+    except that the recomputation in the backward runs ``module`` as its forward ran: with the same tensors and
+    the same peft adapter switches.
+
+    A method may call one network in several states within a step, each lasting for its call only: other
+    weights through ``torch.func.functional_call`` (``dmd2_lora``'s fake score: the denoiser with the fake LoRA's
+    tensors; DMD2's GAN generator side: detached weights), or the LoRA switched off (``pcm_lora``'s teacher with
+    ``plain_teacher`` off, whose feature pass for the adversarial term carries the student's gradient). The
+    checkpointed blocks recompute later, in the backward, and would read the module's state then: the generator's
+    LoRA in place of the fake one (other gradients, silently), live weights in place of detached ones, adapters on
+    where they were off (other saved tensors: ``CheckpointError``). The block's tensors (a swapped-in tensor is
+    what ``named_parameters`` gives during the call) and its adapter layers' off switches (peft's
+    ``BaseTunerLayer._disable_adapters``, what ``disable_adapters()`` sets) are read at the forward and put back
+    for the recomputation."""
+    import torch.utils.checkpoint
+
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    switches = {m: m._disable_adapters for m in module.modules() if hasattr(m, "_disable_adapters")}
+
+    def run(*inputs):
+        now = {m: m._disable_adapters for m in switches}
+        try:
+            for m, off in switches.items():
+                m._disable_adapters = off
+            return torch.func.functional_call(module, tensors, inputs)
+        finally:
+            for m, off in now.items():
+                m._disable_adapters = off
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def check_validation_size(mcfg: MethodConfig) -> None:

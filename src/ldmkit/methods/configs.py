@@ -440,7 +440,7 @@ class DMD2Knobs(MethodConfig):
     guidance_lr: float | None = None
     """Learning rate of the fake score and classifier; null: train.learning_rate (the reference uses equal ones)."""
     validation_steps: list[int] = field(default_factory=lambda: [1])
-    """Sampling step counts in each validation grid (1 to sampler_grid)."""
+    """Sampling step counts in each validation grid (1 to sampler_grid; any on a rectified flow)."""
     validation_guidance: float | None = None
     """Pipeline guidance_scale of validation and of the export's record; null: the family's no-CFG value."""
     validation_width: int | None = None
@@ -470,10 +470,29 @@ class DMD2Knobs(MethodConfig):
             raise UserError(
                 f"method.sampler_grid ({grid}) must be a multiple of num_denoising_steps ({self.num_denoising_steps})"
             )
+        check_validation_size(self)
+
+    def resolve_flow(self, family: type | None) -> None:
+        """The sampling grid against the family's objective, once it is known (config time for a model folder,
+        else the method's start). DDPM: the export's LCMScheduler has sampler_grid points and samples 1 to
+        sampler_grid steps. Rectified flow: the pipeline spaces its own sigmas, where FlowMatchLCMScheduler
+        samples any step count (x0, re-noised to the next sigma): sampler_grid stays unset, any step count goes."""
+        if family is None:
+            return
+        if getattr(family, "objective", "diffusion") == "flow":
+            if self.sampler_grid not in (None, self.num_denoising_steps):
+                raise UserError(
+                    f"method.sampler_grid sets LCMScheduler's grid (DDPM teachers); {family.name}'s pipeline spaces "
+                    "its own sigmas: leave it unset"
+                )
+            bad = [s for s in self.validation_steps if s < 1]
+            if bad:
+                raise UserError(f"method.validation_steps must be >= 1, got {bad}")
+            return
+        grid = self.sampler_grid or self.num_denoising_steps
         bad = [s for s in self.validation_steps if not 1 <= s <= grid]
         if bad:
             raise UserError(f"method.validation_steps must lie in 1..sampler_grid ({grid}), got {bad}")
-        check_validation_size(self)
 
 
 @dataclass

@@ -43,13 +43,16 @@ Differences from the reference, on purpose:
 - the real score of ``dmd2_lora`` is the base without adapters: one denoiser's weights in memory instead of three.
 No regression loss (DMD2 drops DMD's).
 
-Rectified-flow teachers (SD3, FLUX.1; diffusion/schedule.py): the same steps on the flow's forward process
-x_t = (1 - s) x0 + s eps over the family's shifted sigmas s, every x0 from the velocity (x0 = x_t - s v), the fake
-score's denoising target the velocity eps - x0, the DM normaliser on x0 as above. The generator's timesteps are
-the sigmas FlowMatchLCMScheduler visits in the stock pipeline (sigma = 1 for one step), which samples exactly as
-backward simulation does (x0, then re-noised to the next sigma). SD3's real score runs CFG; FLUX.1-dev's takes g
-as its guidance embedding (one pass), and generator and fake score are called with the same g (the export is
-sampled at guidance_scale g, the embedding). The GAN head reads the transformer's middle block.
+Rectified-flow teachers (SD3, FLUX.1, the flow U-ViT of ``ldmkit quickstart --objective flow``;
+diffusion/schedule.py): the same steps on the flow's forward process x_t = (1 - s) x0 + s eps over the family's
+shifted sigmas s, every x0 from the velocity (x0 = x_t - s v), the fake score's denoising target the velocity
+eps - x0, the DM normaliser on x0 as above. The generator's timesteps are the sigmas FlowMatchLCMScheduler visits
+in the stock pipeline (sigma = 1 for one step), which samples exactly as backward simulation does (x0, then
+re-noised to the next sigma); at N > K steps it visits the pipeline's N sigmas the same way (off the generator's
+training grid, as LCMScheduler's sampler_grid points between the trained timesteps on DDPM), so ``sampler_grid``
+stays unset on a flow (``DMD2Knobs.resolve_flow``). SD3's real score runs CFG; FLUX.1-dev's takes g as its
+guidance embedding (one pass), and generator and fake score are called with the same g (the export is sampled at
+guidance_scale g, the embedding). The GAN head reads the transformer's (or the U-ViT's) middle block.
 """
 
 from __future__ import annotations
@@ -61,11 +64,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from ldmkit.diffusion import lcm
 from ldmkit.errors import UserError
-from ldmkit.methods.base import Method, StepCounter, export_denoiser_lora
+from ldmkit.methods.base import Method, StepCounter, checkpoint_with_the_forwards_tensors, export_denoiser_lora
 from ldmkit.methods.configs import DMD2Config, DMD2Knobs, DMD2LoraConfig  # noqa: F401 (help needs no torch)
 from ldmkit.methods.lcd import _sharing_weights, _WithWeights
 from ldmkit.models import discriminator
@@ -90,25 +92,6 @@ def distribution_matching_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake:
         grad = (p_real - p_fake) / p_real.abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
         grad = torch.nan_to_num(grad)
     return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="mean")
-
-
-def checkpoint_with_the_forwards_tensors(module: torch.nn.Module, *args):
-    """diffusers' gradient checkpointing function (non-reentrant ``torch.utils.checkpoint``, as its default),
-    except that the recomputation in the backward runs ``module`` with the tensors its forward ran with.
-
-    DMD2 calls one network with several sets of weights through ``torch.func.functional_call`` (``dmd2_lora``'s
-    fake score: the denoiser with the fake LoRA's tensors; the GAN's generator side: detached weights). That swap
-    lasts for the call only, but the checkpointed blocks recompute later, in the backward, and would read the
-    module's own tensors then: the generator's LoRA in place of the fake one (other gradients, silently), live
-    weights in place of detached ones (other saved tensors: ``CheckpointError``). The block's tensors are read
-    at the forward (a swapped-in tensor is what ``named_parameters`` gives during the call) and swapped in again
-    for the recomputation."""
-    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-
-    def run(*inputs):
-        return torch.func.functional_call(module, tensors, inputs)
-
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 class FakeScore(torch.nn.Module):
@@ -139,6 +122,7 @@ class _DMD2Base(Method):
     mcfg: DMD2Knobs
     is_lora: bool = False
     quickstart_student = True
+    supports_flow = True  # SD3, FLUX.1 and the flow U-ViT (ldmkit quickstart --objective flow)
 
     @classmethod
     def check_model(cls, cfg) -> None:
@@ -157,11 +141,7 @@ class _DMD2Base(Method):
         # The forward process (diffusion/schedule.py): DDPM's, or a rectified flow's x_t = (1 - s) x0 + s eps over
         # the family's shifted sigmas, where x0 = x_t - s v; every step below is written in its terms.
         self.schedule = self.family.schedule(None, cfg.data.resolution).to(self.device)
-        if self.schedule.is_flow and m.sampler_grid not in (None, m.num_denoising_steps):
-            raise UserError(
-                f"method.sampler_grid sets LCMScheduler's grid (DDPM teachers); {self.family.name}'s pipeline spaces "
-                "its own sigmas: leave it unset"
-            )
+        m.resolve_flow(type(self.family))  # the sampling grid: checked at config time unless the family was unknown
         T = self.schedule.num_train_timesteps
         self.min_step, self.max_step = int(m.min_step_percent * T), int(m.max_step_percent * T)
         self.generator_steps = self.schedule.index_of(self._sampler_timesteps(m.num_denoising_steps).to(self.device))
@@ -172,9 +152,10 @@ class _DMD2Base(Method):
         """The generator's timesteps: those its exported sampler visits at ``steps`` steps in the stock pipeline.
         DDPM: LCMScheduler with K grid points, [999, 749, 499, 249] for K = 4 (the reference's
         denoising_step_list), [999] for one step. Flow: FlowMatchLCMScheduler as the family's pipeline sets it
-        (diffusion/schedule.py ``pipeline_flow_timesteps``): sigma = 1 for one step; FLUX's K-step sigmas
-        linspace(1, 1/K, K) shifted, SD3's the scheduler's own spacing; for K = 4 the 1- and 2-step grids are
-        subsets of the 4-step one in both, so the export samples 1, 2 or 4 steps at trained timesteps. The loss
+        (diffusion/schedule.py ``pipeline_flow_timesteps``): sigma = 1 for one step; FLUX's and the flow U-ViT's
+        K-step sigmas linspace(1, 1/K, K) shifted (pipeline_flux.py; pipelines/uvit.py ``_set_timesteps``), SD3's
+        the scheduler's own spacing; for K = 4 the 1- and 2-step grids are subsets of the 4-step one in all, so
+        the export samples 1, 2 or 4 steps at trained timesteps. The loss
         uses the nearest index of the training grid (flow: an exact match for FLUX's K | T, within one index
         otherwise)."""
         sampler = self._sampling_scheduler()
@@ -183,12 +164,15 @@ class _DMD2Base(Method):
             return torch.as_tensor(sampler.timesteps[:steps])
         from ldmkit.diffusion.schedule import dynamic_shift_mu, pipeline_flow_timesteps
         from ldmkit.families.flux import FluxFamily
+        from ldmkit.families.uvit import FlowUViTFamily
 
         config = sampler.config
         mu = None
         if config.get("use_dynamic_shifting"):
             mu = dynamic_shift_mu(self.family.image_seq_len(self.cfg.data.resolution), config)
-        return pipeline_flow_timesteps(sampler, steps, mu, linear_sigmas=isinstance(self.family, FluxFamily))
+        return pipeline_flow_timesteps(
+            sampler, steps, mu, linear_sigmas=isinstance(self.family, (FluxFamily, FlowUViTFamily))
+        )
 
     def _build_classifier(self, fake: torch.nn.Module) -> None:
         """DMD2's classifier on the fake score's bottleneck (the UNet's mid block, the U-ViT's mid-block tokens,
@@ -404,10 +388,11 @@ class _DMD2Base(Method):
 
     # ---- sampling, validation, export ---------------------------------------------------------------
     def _sampling_scheduler(self):
-        """LCMScheduler with K grid points (original_inference_steps = K): at K steps it visits the generator's
-        timesteps, at fewer a subset (the reference samples its models with LCMScheduler); on a flow
-        FlowMatchLCMScheduler (x0 = x_t - s v, re-noised to the next sigma), whose K sigmas in the family's
-        pipeline are the generator's (``_sampler_timesteps``)."""
+        """LCMScheduler with K grid points (original_inference_steps = K, or sampler_grid): at K steps it visits
+        the generator's timesteps, at fewer a subset (the reference samples its models with LCMScheduler); on a
+        flow FlowMatchLCMScheduler (x0 = x_t - s v, re-noised to the next sigma), whose K sigmas in the family's
+        pipeline are the generator's (``_sampler_timesteps``) and which samples any other N at the pipeline's N
+        sigmas (validation_steps, the quickstart's rows)."""
         if self.schedule.is_flow:
             from diffusers import FlowMatchLCMScheduler
 
@@ -448,9 +433,12 @@ class _DMD2Base(Method):
         )
 
     def card_facts(self) -> list[str]:
-        m = self.mcfg
+        m, K = self.mcfg, self.mcfg.num_denoising_steps
+        # Steps other than the generator's are off its training grid (re-noised x0 at untrained timesteps): they
+        # work, as the quickstart's rows show, but are not what it was distilled for.
+        more = "any other step count works" if self.schedule.is_flow else f"1 to {m.sampler_grid or K} steps work"
         return [
-            f"{m.num_denoising_steps}-step generator (1 to {m.num_denoising_steps} steps work) with "
+            f"{K}-step generator (distilled for {K} step{'s' * (K > 1)}; {more}) with "
             f"{type(self._sampling_scheduler()).__name__}, guidance_scale {self._default_guidance()} (no CFG pass)",
             f"distilled with real guidance {m.real_guidance_scale}, fake-score/generator update ratio "
             f"{m.dfake_gen_update_ratio}" + (", GAN term on" if self.classifier is not None else ""),

@@ -42,7 +42,7 @@ import torch
 
 from ldmkit.diffusion import pcm
 from ldmkit.errors import UserError
-from ldmkit.methods.base import StepCounter
+from ldmkit.methods.base import StepCounter, checkpoint_with_the_forwards_tensors
 from ldmkit.methods.configs import PCMConfig, PCMKnobs, PCMLoraConfig  # noqa: F401 (help needs no torch)
 from ldmkit.methods.lcd import ConsistencyPair, LCDMethod, LCMLoraMethod, Roles
 from ldmkit.methods.tcd import TrajectoryTarget
@@ -187,6 +187,13 @@ class PhasedTarget(TrajectoryTarget):
         return features
 
     # ---- what the loop needs of the discriminator ---------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """train.gradient_checkpointing on the student, recomputing each block as its forward ran
+        (``checkpoint_with_the_forwards_tensors``): ``pcm_lora``'s teacher with ``plain_teacher`` off is the student
+        with its LoRA switched off, and its feature pass (step 10) carries the student's gradient, so its blocks
+        recompute in the backward, when the LoRA is on again. The heads have nothing to checkpoint."""
+        self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_the_forwards_tensors)
+
     def _student_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
