@@ -40,8 +40,9 @@ def model_family(cfg: Config) -> type | None:
 def fill_family_defaults(cfg: Config) -> None:
     """Settings whose default depends on the model family, filled in when the config is resolved so that
     ``--dry-run`` and config.yaml show what runs, and checked against the value in effect: LCD's w_min
-    (``resolve_w_min``), the LoRA's alpha and targets (``resolve_lora``) and fine-tuning's objective knobs and
-    validation guidance (``resolve_flow``), for every method config that has them."""
+    (``resolve_w_min``), the LoRA's alpha and targets (``resolve_lora``) and what a flow teacher changes
+    (``resolve_flow``: fine-tuning's objective knobs and validation guidance, DMD2's sampler grid and validation
+    steps), for every method config that has them."""
     family = model_family(cfg)
     for resolve in ("resolve_w_min", "resolve_lora", "resolve_flow"):
         if hasattr(cfg.method, resolve):
