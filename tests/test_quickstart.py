@@ -188,6 +188,10 @@ def test_quickstart_offers_dmd2_lora_and_samples_it_as_its_record_says(tmp_path,
     for n in (1, 2, 4):
         assert report["figures"][f"lcm_{n}"]["method"] == "dmd2_lora"
         assert report["figures"][f"lcm_{n}"]["unet_evals_per_image"] == n
+    # caption adherence judges the student at 4 steps and at the one step one-step methods are made for
+    models = report["caption_adherence"]["models"]
+    assert set(models) == {"teacher_8", "lcm_4", "lcm_1"}
+    assert models["lcm_1"]["sensitivity"] != models["lcm_4"]["sensitivity"]  # two samplings, not one copied
 
 
 # ----------------------------------------------------------------------------------------------------
