@@ -48,7 +48,6 @@ def test_quickstart_quick_writes_a_valid_report(tmp_path):
     assert report["text_separation"]["probe_color"] >= 0.9
 
 
-
 def test_quickstart_on_user_data_with_lcd_and_a_rerun_that_skips_every_stage(tmp_path, monkeypatch, capsys):
     """``--data`` takes the user's own image-caption folder (captions that are not shapes captions, so no
     adherence, but FD/KID to the data and speed), and ``--lcd`` distills a full LCD student (tiny plan,
@@ -363,8 +362,10 @@ def test_a_method_with_a_shorter_useful_distillation_gets_its_share_of_the_full_
     factor = DMD2LoraConfig.quickstart_distill_factor
     assert 0 < factor < 1
     plan, reason = plan_for(4000, 120, None, False, method="dmd2_lora")
-    assert plan == replace(FULL, distill_steps=int(round(FULL.distill_steps * factor / 10)) * 10) == replace(
-        FULL, distill_steps=400
+    assert (
+        plan
+        == replace(FULL, distill_steps=int(round(FULL.distill_steps * factor / 10)) * 10)
+        == replace(FULL, distill_steps=400)
     )
     assert "distillation 400" in reason
     assert full_plan_minutes("dmd2_lora") < full_plan_minutes("lcm_lora") * 1.5  # its steps cost more, fewer run
