@@ -12,8 +12,10 @@ this one. ldmkit always runs with this Python.
 1. The teacher (built once, cached in ``--work``): an SD1.5-layout pipeline (small widths: the UNet of
    benchmarks/lcm_throughput.py, a KL-f8 VAE trained by ldmkit's ``vae`` recipe on the data, the quickstart's
    frozen random word-level CLIP text encoder) whose UNet ldmkit's ``finetune`` trains from random weights on ``ldmkit data synth``
-   shapes, in chunks, until its guided 50-step DDIM adherence is >= 0.8 (``--toy``: tiny, a few steps, no
-   threshold). Both tools load it: the peer takes only SD folders.
+   shapes, in chunks, until its guided 50-step DDIM adherence is >= 0.8 (``--teacher-threshold``; ``--toy``:
+   tiny, a few steps, no threshold). Its record also has the adherence of the VAE's reconstructions of the
+   data, which no teacher decoded by that VAE can exceed. Both tools load it: the peer takes only SD folders
+   (the copy pads its unconditional prompt to the tokenizer's length, not a literal 77: ``pad_to_tokenizer``).
 2. Distillation, one process at a time, one after the other, ``--threads`` torch threads each, the same
    WebDataset shards, resolution, batch, LoRA rank (alpha = rank), seed (= the round) and precision:
    - the peer with its own defaults otherwise (learning rate, warm-up, w range, L2 loss, ...; its
@@ -254,17 +256,22 @@ def build_teacher(args, size: Size) -> tuple[Path, dict]:
     ]
     threshold = size.teacher_threshold if args.teacher_threshold is None else args.teacher_threshold
     steps, adherence, fd = 0, 0.0, None
+    # The step of the export on disk: a re-run skips the chunks before it. (The latest checkpoint does not say:
+    # a stopped run checkpoints where it stopped, after the export it wrote.)
+    marker = out / "export_step"
+    exported = int(marker.read_text()) if marker.is_file() else 0
     while steps < size.teacher_max_steps:
         steps += size.teacher_chunk
-        print(f"teacher: finetune to step {steps} ...", file=sys.stderr, flush=True)
-        recipe = str(RECIPES / "finetune" / "debug.yaml")
-        trained = max((int(c.name.split("-")[-1]) for c in (out / "checkpoints").glob("step-*")), default=0)
-        if trained < steps:  # a re-run after a stop resumes the chunk from the loop's checkpoint
+        if exported > steps:
+            continue
+        if exported < steps:  # the loop resumes the chunk from its checkpoint after a stop
+            print(f"teacher: finetune to step {steps} ...", file=sys.stderr, flush=True)
+            recipe = str(RECIPES / "finetune" / "debug.yaml")
             run(
                 ldmkit("train", recipe, *common, f"--train.max_steps={steps}"), out / f"train-{steps}.log", args.threads
             )
-        elif trained > steps:
-            continue  # the export is past this chunk (a re-run): judge the latest one
+            exported = steps
+            marker.write_text(str(steps))
         adherence, fd = evaluate(
             out / "export",
             args.work / "teacher-eval" / f"step-{steps}",
@@ -304,6 +311,20 @@ def vae_ceiling(vae_export: Path, reference: str, n: int) -> float:
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample
     y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return adherence(list(y), prompts)["all"]
+
+
+# The peer pads its unconditional prompt to a literal 77 tokens (CLIP's length: the same as
+# tokenizer.model_max_length for every SD model); the teacher's text encoder has 32 positions. The copy pads to
+# the tokenizer's length, as its prompts are: a no-op on SD itself.
+PEER_UNCOND_FROM = 'padding="max_length", max_length=77'
+PEER_UNCOND_TO = 'padding="max_length", max_length=tokenizer.model_max_length'
+
+
+def pad_to_tokenizer(script: Path) -> None:
+    text = script.read_text()
+    if text.count(PEER_UNCOND_FROM) != 1:
+        raise SystemExit("the lcm_lora peer changed: its unconditional tokenisation was not found once")
+    script.write_text(text.replace(PEER_UNCOND_FROM, PEER_UNCOND_TO))
 
 
 # ---- 2. distillation ---------------------------------------------------------------------------------
@@ -584,6 +605,8 @@ def benchmark(args, size: Size, tools: list[str], tmp: Path) -> int:
     from vs_diffusers import peer_copy
 
     script = peer_copy(args.diffusers, "lcm_lora", tmp) if "peer" in tools else None
+    if script is not None:
+        pad_to_tokenizer(script)
     args.shards, args.reference = build_data(args, size)
     teacher, record = build_teacher(args, size)
     if args.rounds == 0:  # the teacher only (it is cached: build it once, time the rounds when the machine is idle)
