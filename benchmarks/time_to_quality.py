@@ -11,8 +11,8 @@ this one. ldmkit always runs with this Python.
 
 1. The teacher (built once, cached in ``--work``): an SD1.5-layout pipeline (small widths: the UNet of
    benchmarks/lcm_throughput.py, a KL-f8 VAE trained by ldmkit's ``vae`` recipe on the data, the quickstart's
-   frozen random word-level CLIP text encoder) whose UNet ldmkit's ``finetune`` trains from random weights on ``ldmkit data synth``
-   shapes, in chunks, until its guided 50-step DDIM adherence is >= 0.8 (``--teacher-threshold``; ``--toy``:
+   frozen random word-level CLIP text encoder) whose UNet ldmkit's ``finetune`` trains from random weights on
+   ``ldmkit data synth`` shapes, in chunks, until its guided 50-step DDIM adherence is >= 0.8 (``--teacher-threshold``; ``--toy``:
    tiny, a few steps, no threshold). Its record also has the adherence of the VAE's reconstructions of the
    data, which no teacher decoded by that VAE can exceed. Both tools load it: the peer takes only SD folders
    (the copy pads its unconditional prompt to the tokenizer's length, not a literal 77: ``pad_to_tokenizer``).
@@ -495,14 +495,21 @@ def median_curve(rounds: list[list[Point]]) -> list[Point]:
     return curve
 
 
-def headline(curves: dict[str, list[Point]]) -> str:
-    """The fraction of the peer's time at which ldmkit's curve first has the peer's final adherence and FD."""
-    final = curves["peer"][-1]
+def headline(curves: dict[str, list[Point]], target: Point | None = None) -> str:
+    """The fraction of the peer's time (to ``target``, default its final point) at which ldmkit's curve first
+    has the target's adherence and FD."""
+    final = curves["peer"][-1] if target is None else target
     for p in curves["ldmkit"]:
         fd_ok = final.fd is None or (p.fd is not None and p.fd <= final.fd)
         if p.adherence >= final.adherence and fd_ok:
             return f"{p.seconds / final.seconds:.2f}"
     return "not reached"
+
+
+def best_point(curve: list[Point]) -> Point:
+    """The peer's best saved LoRA: the lowest FD to the data (the highest adherence among equal FDs). Its
+    final one need not be: with its defaults (guidance w drawn from [3, 15], no decay) it can get worse."""
+    return min(curve, key=lambda p: (float("inf") if p.fd is None else p.fd, -p.adherence))
 
 
 def print_table(curves: dict[str, list[Point]], rounds: int) -> None:
@@ -556,6 +563,12 @@ def report(curves: dict[str, list[Point]], rounds: int, plot_path: Path, teacher
     print_table(curves, rounds)
     plot(curves, plot_path)
     print(f"plot: {plot_path}")
+    best = best_point(curves["peer"])
+    if best is not curves["peer"][-1]:
+        print(
+            f"the peer's best quality (step {best.step}, {best.seconds:.0f} s: adherence {best.adherence:.3f}, FD "
+            f"{best.fd:.4f}): ldmkit reaches it in {headline(curves, best)} of the peer's time to it"
+        )
     print(f"time-to-quality: ldmkit reaches the peer's final quality in {headline(curves)} of its time")
 
 

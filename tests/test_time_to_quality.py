@@ -27,6 +27,12 @@ def test_headline_is_the_first_ldmkit_point_with_both_qualities():
     # adherence alone at 20 s, FD alone at 40 s: both first at 60 s
     assert ttq.headline({"peer": peer, "ldmkit": ldmkit}) == "0.60"
     assert ttq.headline({"peer": peer, "ldmkit": ldmkit[:2]}) == "not reached"
+    # a peer that gets worse: its best point (lowest FD) is its first, which ldmkit reaches later or never
+    worse = [P(50.0, 100, "a", 0.5, 0.8), P(100.0, 200, "b", 0.1, 3.0)]
+    assert ttq.best_point(worse) is worse[0]
+    assert ttq.headline({"peer": worse, "ldmkit": ldmkit}) == "0.20"  # the final point: reached at once
+    assert ttq.headline({"peer": worse, "ldmkit": ldmkit}, worse[0]) == "not reached"  # adherence 0.5, FD 0.8
+    assert ttq.headline({"peer": worse, "ldmkit": [*ldmkit, P(70.0, 40, "h", 0.5, 0.8)]}, worse[0]) == "1.40"
     # medians over rounds, point by point, as long as the shortest round
     curve = ttq.median_curve([ldmkit, [P(30.0, 12, "f", 0.2, 1.0), P(50.0, 22, "g", 0.8, 0.7)]])
     got = [x for p in curve for x in (p.seconds, p.step, p.adherence, p.fd)]
