@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 ttq = pytest.importorskip("time_to_quality")
@@ -94,3 +97,29 @@ def test_toy_chain_ldmkit_side_and_report(tmp_path, tiny_sd15, shapes_folder, ca
     assert sum(line.startswith("  peer") for line in lines) == 2
     assert sum(line.startswith("  ldmkit") for line in lines) == 3
     assert (tmp_path / "plot.png").is_file()
+
+    # --reevaluate: the same LoRAs scored again after the teacher's decoder changed; cached per decoder
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_sd15, teacher)
+    runs = tmp_path / "run"
+    runs.mkdir()
+    ttq.finish(runs, {"peer": [peer], "ldmkit": [points]}, {"steps": 0, "adherence_50": 0.0}, "")
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(teacher / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)  # a brighter decoder: the same latents, other images
+    vae.save_pretrained(teacher / "vae")
+    old, new = ttq.teacher_tag(tiny_sd15), ttq.teacher_tag(teacher)
+    assert old != new
+    args.reevaluate = runs
+    capsys.readouterr()
+    assert ttq.reevaluate(args, size, teacher, {"steps": 0, "adherence_50": 0.0}) == 0
+    assert LAST_LINE.match(capsys.readouterr().out.strip().splitlines()[-1])
+    again = json.loads((runs / f"rounds-{new}.json").read_text())["ldmkit"][0]
+    assert [p["lora"] for p in again] == [p.lora for p in points]
+    assert all(p["fd"] != q.fd for p, q in zip(again, points))  # not the cached figures of the old decoder
+    for p in points:
+        for tag in (old, new):
+            assert (Path(p.lora).parent / f"eval-{tag}-{Path(p.lora).name}" / "metrics.json").is_file()
+    assert (runs / f"time_to_quality-{new}.png").is_file()

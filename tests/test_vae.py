@@ -87,6 +87,37 @@ def test_fine_tune_starts_from_the_given_vae(tiny_sd15, shapes_folder, tmp_path)
         make_method(debug_cfg(shapes_folder, tmp_path, "--method.norm_num_groups=3"))
 
 
+def test_decoder_only_fine_tuning_keeps_the_latent_space(tiny_sd15, shapes_folder, tmp_path):
+    """train_encoder=false (sd-vae-ft-mse's recipe): the encoder's latents stay bit for bit, the decoder learns."""
+    m = make_method(
+        debug_cfg(shapes_folder, tmp_path, f"--model.pretrained={tiny_sd15}", "--method.train_encoder=false")
+    )
+    ref = AutoencoderKL.from_pretrained(tiny_sd15, subfolder="vae")
+    trainable = {id(p) for p in m.parameters()}
+    assert trainable == {id(p) for p in m.vae.decoder.parameters()} | {
+        id(p) for p in m.vae.post_quant_conv.parameters()
+    }
+    batch = _batch()
+    with torch.no_grad():
+        before = m.vae.encode(batch["pixel_values"]).latent_dist.mean
+        dec_before = m.vae.decode(before).sample
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    for step in range(5):
+        loss, _ = m.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        m.after_step(step)
+    with torch.no_grad():
+        assert torch.equal(m.vae.encode(batch["pixel_values"]).latent_dist.mean, before)
+        assert torch.equal(
+            m.vae.encode(batch["pixel_values"]).latent_dist.mean, ref.encode(batch["pixel_values"]).latent_dist.mean
+        )
+        assert not torch.allclose(m.vae.decode(before).sample, dec_before)
+    with pytest.raises(UserError, match="train_encoder=false fine-tunes a VAE's decoder"):
+        debug_cfg(shapes_folder, tmp_path, "--method.train_encoder=false")
+
+
 def test_train_export_loads_in_stock_pipelines(tiny_sd15, shapes_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
 

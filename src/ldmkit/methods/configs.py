@@ -643,6 +643,11 @@ class VAEConfig(MethodConfig):
     """Momentum of the running latent statistics that give the exported scaling_factor."""
     validation_images: int = 4
     """Images of the originals-vs-reconstructions grid (taken from the first training batch)."""
+    train_encoder: bool = True
+    """false: freeze the encoder (and its quant_conv) and fine-tune only the decoder, as Stability's
+    sd-vae-ft-ema / sd-vae-ft-mse were fine-tuned from SD's kl-f8 VAE: the latent space stays what it was,
+    so every UNet trained on the VAE's latents keeps working with the new decoder. Needs a VAE to fine-tune
+    (model.vae or model.pretrained)."""
     recompute_scaling_factor: bool | None = None
     """Write 1/std of the training latents as the exported scaling_factor. null: yes for a VAE trained from
     scratch, no when fine-tuning an existing VAE (every SD pipeline it is dropped into decodes with the given
@@ -672,6 +677,10 @@ class VAEConfig(MethodConfig):
 
     def check(self, cfg: Config) -> None:
         """Called when the config is resolved: the perceptual term's file and weight, the GAN's settings."""
+        if not self.train_encoder and cfg.model.vae is None and not cfg.model.pretrained:
+            raise UserError(
+                "method.train_encoder=false fine-tunes a VAE's decoder: name the VAE (model.vae or model.pretrained)"
+            )
         if self.lpips_weights is not None and not Path(self.lpips_weights).is_file():
             raise UserError(f"method.lpips_weights: no such file: {self.lpips_weights}")
         if self.perceptual_weight is None:

@@ -83,12 +83,18 @@ class LatentStats:
 class AutoencoderStep(nn.Module):
     """Encode, sample with the given noise, decode: in ``forward`` so DDP synchronises gradients."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, train_encoder: bool = True):
         super().__init__()
         self.vae = vae
+        self.train_encoder = train_encoder
+        if not train_encoder:  # decoder-only fine-tuning: the latent space is frozen
+            for part in (vae.encoder, vae.quant_conv):
+                if part is not None:
+                    part.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)  # (B, C, h, w)
         return self.vae.decode(z).sample, z, posterior.kl()  # (B, 3, H, W), (B, C, h, w), (B,)
 
@@ -180,7 +186,7 @@ class VAEMethod(Method):
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if cfg.data.resolution % self.factor:
             raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor {self.factor}")
-        self.net = AutoencoderStep(vae.to(self.device).train())
+        self.net = AutoencoderStep(vae.to(self.device).train(), m.train_encoder)
         self.perceptual = _load_perceptual(m.lpips_weights, self.device) if m.perceptual_weight else None
         # The discriminator is trained by the loop's one optimizer, next to the autoencoder. AdamW keeps
         # its state per parameter, so one AdamW over both is two AdamWs with the same learning rate and
