@@ -42,20 +42,26 @@ def _batch(n: int = 4) -> dict:
     return {"pixel_values": x * 2 - 1, "seed": torch.arange(n)}
 
 
-def test_loss_decreases_and_is_rec_plus_weighted_kl(shapes_folder, tmp_path):
-    m = make_method(debug_cfg(shapes_folder, tmp_path, "--method.kl_weight=0.5"))
-    batch = _batch()
-    loss, logs = m.loss(batch)
-    assert loss.item() == pytest.approx(logs["rec_loss"] + 0.5 * logs["kl"], rel=1e-5)
+def _train(m, batch: dict, steps: int) -> list[float]:
+    """``steps`` AdamW steps (lr 2e-3) of the method on one batch; the reconstruction loss of each."""
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     losses = []
-    for step in range(30):
+    for step in range(steps):
         loss, logs = m.loss(batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
         m.after_step(step)
         losses.append(logs["rec_loss"])
+    return losses
+
+
+def test_loss_decreases_and_is_rec_plus_weighted_kl(shapes_folder, tmp_path):
+    m = make_method(debug_cfg(shapes_folder, tmp_path, "--method.kl_weight=0.5"))
+    batch = _batch()
+    loss, logs = m.loss(batch)
+    assert loss.item() == pytest.approx(logs["rec_loss"] + 0.5 * logs["kl"], rel=1e-5)
+    losses = _train(m, batch, 30)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     grid = m.validate(30)
     left, _, s = label_margins((32, 32), True, False)
@@ -101,13 +107,7 @@ def test_decoder_only_fine_tuning_keeps_the_latent_space(tiny_sd15, shapes_folde
     with torch.no_grad():
         before = m.vae.encode(batch["pixel_values"]).latent_dist.mean
         dec_before = m.vae.decode(before).sample
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
-    for step in range(5):
-        loss, _ = m.loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        m.after_step(step)
+    _train(m, batch, 5)
     with torch.no_grad():
         assert torch.equal(m.vae.encode(batch["pixel_values"]).latent_dist.mean, before)
         assert torch.equal(
