@@ -65,7 +65,13 @@ def fake_peer_run(out: Path, launched: float, lora_file: Path) -> None:
 
 def test_toy_chain_ldmkit_side_and_report(tmp_path, tiny_sd15, shapes_folder, capsys):
     args = argparse.Namespace(
-        shards=str(shapes_folder), reference=str(shapes_folder), threads=1, precision="no", ldmkit_set=[]
+        shards=str(shapes_folder),
+        reference=str(shapes_folder),
+        threads=1,
+        precision="no",
+        ldmkit_set=[],
+        eval_steps=4,
+        work=tmp_path,
     )
     size = dataclasses.replace(ttq.TOY, batch=2, rank=4, ldmkit_steps=3, save_every=1e-3, eval_images=4)
     points = ttq.ldmkit_run(args, size, tiny_sd15, 0, tmp_path / "ldmkit-r0")
@@ -103,7 +109,12 @@ def test_toy_chain_ldmkit_side_and_report(tmp_path, tiny_sd15, shapes_folder, ca
     shutil.copytree(tiny_sd15, teacher)
     runs = tmp_path / "run"
     runs.mkdir()
-    ttq.finish(runs, {"peer": [peer], "ldmkit": [points]}, {"steps": 0, "adherence_50": 0.0}, "")
+    capsys.readouterr()
+    ttq.finish(args, size, tiny_sd15, runs, {"peer": [peer], "ldmkit": [points]}, {"steps": 0, "adherence_50": 0.0}, "")
+    # the teacher without a LoRA at the same steps, each solver, and when each tool first beats the best one
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("the teacher without a LoRA at 4 steps") and "unipc" in line for line in lines)
+    assert sum(" beats the teacher's best 4-step solver " in line for line in lines) == 2
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(teacher / "vae")
@@ -116,10 +127,20 @@ def test_toy_chain_ldmkit_side_and_report(tmp_path, tiny_sd15, shapes_folder, ca
     capsys.readouterr()
     assert ttq.reevaluate(args, size, teacher, {"steps": 0, "adherence_50": 0.0}) == 0
     assert LAST_LINE.match(capsys.readouterr().out.strip().splitlines()[-1])
-    again = json.loads((runs / f"rounds-{new}.json").read_text())["ldmkit"][0]
+    again = json.loads((runs / f"rounds-{new}-4steps.json").read_text())["ldmkit"][0]
     assert [p["lora"] for p in again] == [p.lora for p in points]
     assert all(p["fd"] != q.fd for p, q in zip(again, points))  # not the cached figures of the old decoder
     for p in points:
         for tag in (old, new):
-            assert (Path(p.lora).parent / f"eval-{tag}-{Path(p.lora).name}" / "metrics.json").is_file()
-    assert (runs / f"time_to_quality-{new}.png").is_file()
+            assert (Path(p.lora).parent / ttq.eval_folder(tag, 4, Path(p.lora).name) / "metrics.json").is_file()
+    assert (runs / f"time_to_quality-{new}-4steps.png").is_file()
+
+    # --eval-steps: the same LoRAs at 1 step, cached apart from the 4-step figures
+    args.eval_steps = 1
+    assert ttq.reevaluate(args, size, teacher, {"steps": 0, "adherence_50": 0.0}) == 0
+    one = json.loads((runs / f"rounds-{new}-1steps.json").read_text())["ldmkit"][0]
+    assert all(p["fd"] != q["fd"] for p, q in zip(one, again))
+    metrics = json.loads(
+        (Path(points[0].lora).parent / ttq.eval_folder(new, 1, Path(points[0].lora).name) / "metrics.json").read_text()
+    )
+    assert [s["steps"] for s in metrics["settings"]] == [1]
