@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,12 @@ from helpers.threads import THREADS  # noqa: E402 (needs TESTS on sys.path)
 
 torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
+# A suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and every run a test
+# starts would too (an ignored signal stays ignored across exec): the Ctrl-C tests would meet train/runs.py's
+# "ignores Ctrl-C" case instead of a terminal's. With a handler here, children start with the default, as
+# from a terminal; the ignored case has its own test (test_reliability, preexec_fn=SIG_IGN).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
